@@ -1,0 +1,35 @@
+SHELL := /bin/bash
+PY := .venv/bin/python
+PYTEST_ARGS ?= -q -ra
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test demo bench lint clean
+
+help: ## list targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-6s %s\n", $$1, $$2 }'
+
+setup: ## apt packages, mounts, kernel headers, .venv (needs root)
+	@bash scripts/setup.sh
+
+# pytest exits 5 when it collected no tests; make that an explicit failure.
+test: setup ## run the tests (pass options with PYTEST_ARGS='...', default -q -ra)
+	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "test: FAILED: pytest collected no tests (exit 5)" >&2; fi; \
+	exit $$rc
+
+demo: setup ## start a daemon and show its maps
+	@bash scripts/demo.sh
+
+bench: setup ## run every bench/bench_*.py in turn
+	@shopt -s nullglob; files=(bench/bench_*.py); \
+	if [ $${#files[@]} -eq 0 ]; then echo "bench: no bench/bench_*.py files"; fi; \
+	for f in "$${files[@]}"; do echo "== $$f"; $(PY) "$$f" || exit $$?; done
+
+lint: ## ruff check (skipped when ruff is not installed in .venv)
+	@if [ -x $(PY) ] && $(PY) -m ruff --version >/dev/null 2>&1; then \
+		$(PY) -m ruff check watcher consumers tests; \
+	else echo "lint: ruff not installed in .venv; skipped"; fi
+
+clean: ## remove .venv and caches
+	rm -rf .venv .pytest_cache .ruff_cache build *.egg-info
+	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,208 @@
+"""The ``pymap`` command line: a thin layer over :mod:`consumers.client`.
+
+Every command talks to the daemon through the same client library other
+consumers use; only ``daemon`` (which starts it) and ``doctor`` (which checks
+the host) reach further.  Errors are one line on stderr and a non-zero exit,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Optional
+
+import trio
+import typer
+from rich.console import Console
+
+from ..client import DEFAULT_ENDPOINT, Client, DaemonError
+from ..decoding import entry_formatter
+from . import render
+
+app = typer.Typer(
+    name="pymap",
+    help="Watch eBPF maps: list them, dump them decoded, stream their changes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+class Output(str, enum.Enum):
+    table = "table"
+    json = "json"
+
+
+EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar="PYMAP_ENDPOINT",
+                                          help="Daemon request endpoint (ipc:// or tcp://).")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon.")]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for machines.")]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    stderr.print(f"pymap: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run(fn: Callable[[], Awaitable[int | None]]) -> None:
+    """Run an async command; turn daemon errors and Ctrl-C into clean exits."""
+    try:
+        code = trio.run(fn)
+    except DaemonError as e:
+        message = str(e)
+        if e.candidates:
+            message += "\n" + "\n".join(
+                f"  id:{c.id}  {c.name}  {c.type}  {' '.join(c.pinned) or '(not pinned)'}"
+                for c in e.candidates)
+        fail(message)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        sys.stderr.close()  # reader went away (| head): not an error worth a line
+        raise typer.Exit(0) from None
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0) -> None:
+    """Check that the daemon answers; print its version, epoch and uptime."""
+
+    async def main():
+        async with Client(endpoint, timeout) as client:
+            pong = await client.ping()
+        stdout.print(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
+                     f"up {pong.uptime:.0f} s", highlight=False)
+
+    run(main)
+
+
+@app.command("list")
+def list_(
+    pattern: Annotated[Optional[str], typer.Argument(
+        help="Shell glob on map names and pin paths, e.g. 'cilium_*'.")] = None,
+    output: OutputOpt = Output.table,
+    no_entries: Annotated[bool, typer.Option(
+        "--no-entries", help="Skip counting entries (counting dumps every map).")] = False,
+    endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 60.0,
+) -> None:
+    """Every BPF map on the host, like `bpftool map show` and `cilium map list`."""
+
+    async def main():
+        async with Client(endpoint, timeout) as client:
+            if output is Output.table and stderr.is_terminal:
+                with stderr.status("reading maps from the daemon..."):
+                    maps = await client.list_maps(pattern, entries=not no_entries)
+            else:
+                maps = await client.list_maps(pattern, entries=not no_entries)
+        if output is Output.json:
+            import orjson
+
+            sys.stdout.write(orjson.dumps([render.map_json(m) for m in maps]).decode() + "\n")
+        else:
+            stdout.print(render.maps_table(maps))
+        if pattern and not maps:
+            stderr.print(f"pymap: no map matches {pattern!r}", highlight=False)
+            return EXIT_ERROR
+
+    run(main)
+
+
+@app.command()
+def get(
+    selector: Annotated[str, typer.Argument(
+        help="Map name (full pinned name or kernel name), id:N, or a pin path.")],
+    output: OutputOpt = Output.table,
+    limit: Annotated[int, typer.Option(
+        "--limit", "-n", help="Table rows to show (0: all). JSON always has every entry.")] = 100,
+    raw: Annotated[bool, typer.Option("--raw", help="Show hex even where entries decode.")] = False,
+    endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 60.0,
+) -> None:
+    """A map's entries: decoded where its BTF allows, raw hex otherwise."""
+
+    async def main():
+        async with Client(endpoint, timeout) as client, client.get(selector) as dump:
+            formatter = None if raw else entry_formatter(dump.map, dump.btf)
+            if output is Output.json:
+                writer = render.JsonDumpWriter(dump.map, sys.stdout, formatter)
+                async for chunk in dump.chunks():
+                    writer.chunk(chunk)
+                writer.close()
+                return
+            rows = []
+            m = dump.map
+            async for chunk in dump.chunks():
+                for i in range(chunk.count):
+                    if limit and len(rows) >= limit:
+                        break
+                    key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
+                    value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
+                    rows.append((key, value, formatter(key, value) if formatter else None))
+            stdout.print(render.entries_table(m, rows, dump.total or 0, raw))
+
+    run(main)
+
+
+@app.command()
+def daemon(
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="TOML config file (default: /etc/pymap/pymap.toml if present).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(
+        "--endpoint", "-e", help="Request endpoint (overrides daemon.endpoint).")] = None,
+    socket_mode: Annotated[Optional[str], typer.Option(
+        help="Octal mode of ipc:// socket files, e.g. 0660 (overrides daemon.socket_mode).")] = None,
+    socket_group: Annotated[Optional[str], typer.Option(
+        help="Group owning ipc:// socket files (overrides daemon.socket_group).")] = None,
+    bpffs: Annotated[Optional[list[str]], typer.Option(
+        help="bpffs directory to search for pins; repeatable (overrides daemon.bpffs).")] = None,
+    log_level: Annotated[Optional[str], typer.Option(
+        help="debug, info, warning or error (overrides daemon.log_level).")] = None,
+) -> None:
+    """Run the pymap daemon (as root) until SIGINT or SIGTERM."""
+    from watcher.daemon import main as daemon_main
+    from watcher.daemon.config import ConfigError, load_config
+
+    mode = None
+    if socket_mode is not None:
+        try:
+            mode = int(socket_mode, 8)
+        except ValueError:
+            fail(f"--socket-mode {socket_mode!r} is not an octal mode", EXIT_USAGE)
+    overrides = {"endpoint": endpoint, "socket_mode": mode, "socket_group": socket_group,
+                 "bpffs": bpffs or None, "log_level": log_level}
+    try:
+        conf = load_config(config, overrides)
+    except ConfigError as e:
+        fail(str(e), EXIT_USAGE)
+    daemon_main.setup_logging(conf.daemon.log_level)
+    try:
+        trio.run(daemon_main.run, conf)
+    except ConfigError as e:
+        fail(str(e))
+    except PermissionError as e:
+        fail(f"{e.filename or ''}: permission denied (the daemon must run as root)")
+    except OSError as e:
+        fail(f"cannot start: {e}")
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def doctor(endpoint: EndpointOpt = DEFAULT_ENDPOINT) -> None:
+    """Check this host's prerequisites, each with its fix."""
+    from .doctor import run_checks
+
+    raise typer.Exit(run_checks(stdout, endpoint))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,2 @@
+def run_checks(console, endpoint):
+    return 0

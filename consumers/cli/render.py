@@ -1,0 +1,150 @@
+"""Output for people (rich tables) and for machines (JSON, streamed).
+
+The JSON writer works a chunk at a time on the flat key/value buffers: it
+hex-encodes each buffer once and slices the text, because per-entry bytes
+objects and per-entry JSON serialisation are what make a million-entry dump
+slow in Python.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import IO
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from watcher.wire.schema import MapInfo
+
+from ..client import Chunk
+
+MAP_FIELDS = ("id", "name", "type", "key_size", "value_size", "max_entries", "entries", "flags",
+              "pinned", "kernel_name", "btf_id", "memlock", "frozen", "holders")
+
+
+def map_json(m: MapInfo) -> dict:
+    d = {f: getattr(m, f) for f in MAP_FIELDS}
+    d["holders"] = [{"pid": h.pid, "comm": h.comm} for h in m.holders]
+    if not m.dumpable:
+        d["not_dumpable_reason"] = m.not_dumpable_reason
+    return d
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def maps_table(maps: list[MapInfo]) -> Table:
+    table = Table(title=f"{len(maps)} BPF maps", title_justify="left")
+    for col, just in (("ID", "right"), ("Name", "left"), ("Type", "left"),
+                      ("Key/Value", "right"), ("Max entries", "right"), ("Entries", "right"),
+                      ("Memlock", "right"), ("Pinned", "left"), ("Held by", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    for m in maps:
+        entries = "-" if m.entries is None else str(m.entries)
+        held = ", ".join(f"{h.comm}({h.pid})" for h in m.holders[:3])
+        if len(m.holders) > 3:
+            held += f" +{len(m.holders) - 3}"
+        table.add_row(str(m.id), m.name, m.type, f"{m.key_size}/{m.value_size}",
+                      str(m.max_entries), entries, _size(m.memlock), "\n".join(m.pinned), held)
+    return table
+
+
+def _spaced_hex(b: bytes) -> str:
+    return b.hex(" ")
+
+
+Formatter = Callable[[bytes, bytes], dict]
+
+
+def entries_table(m: MapInfo, rows: list[tuple[bytes, bytes, dict | None]], total: int,
+                  raw: bool) -> Table:
+    shown = len(rows)
+    caption = f"showing {shown} of {total} entries; -o json prints all" if shown < total else None
+    table = Table(title=f"{m.name} (id {m.id}, {m.type}, {total} entries)",
+                  title_justify="left", caption=caption, caption_justify="left")
+    table.add_column("Key", overflow="fold")
+    if m.percpu:
+        table.add_column("CPU", justify="right")
+    table.add_column("Value", overflow="fold")
+    slot = (m.value_size + 7) & ~7
+    for key, value, formatted in rows:
+        use_fmt = formatted is not None and not raw
+        k = _compact(formatted["key"]) if use_fmt else _spaced_hex(key)
+        if m.percpu:
+            for cpu in range(m.ncpus):
+                v = (_compact(formatted["values"][cpu]["value"]) if use_fmt
+                     else _spaced_hex(value[cpu * slot:cpu * slot + m.value_size]))
+                table.add_row(k if cpu == 0 else "", str(cpu), v)
+        else:
+            table.add_row(k, _compact(formatted["value"]) if use_fmt else _spaced_hex(value))
+    return table
+
+
+def _compact(obj) -> str:
+    if isinstance(obj, (dict, list)):
+        return orjson.dumps(obj).decode()
+    return str(obj)
+
+
+class JsonDumpWriter:
+    """Writes ``{"map": {...}, "entries": [...], "count": N}`` one chunk at a time.
+
+    ``map.entries`` is null here: the count is known only once the stream ends,
+    so it follows the entries as ``count``.
+    """
+
+    def __init__(self, m: MapInfo, out: IO[str] = sys.stdout, formatter: Formatter | None = None):
+        self.m = m
+        self.out = out
+        self.formatter = formatter
+        self._first = True
+        self._count = 0
+        out.write('{"map":' + orjson.dumps(map_json(m)).decode() + ',"entries":[')
+
+    def chunk(self, chunk: Chunk) -> None:
+        m = self.m
+        n = chunk.count
+        if n == 0:
+            return
+        kw, vw = 2 * m.key_size, 2 * m.value_stride
+        khex, vhex = chunk.keys.hex(), chunk.values.hex()
+        if m.percpu:
+            slot, vs = 2 * ((m.value_size + 7) & ~7), 2 * m.value_size
+            cpus = range(m.ncpus)
+
+            def value_json(i: int) -> str:
+                base = i * vw
+                return '"values":[' + ",".join(
+                    f'{{"cpu":{c},"value":"{vhex[base + c * slot:base + c * slot + vs]}"}}'
+                    for c in cpus) + "]"
+        else:
+            def value_json(i: int) -> str:
+                return f'"value":"{vhex[i * vw:(i + 1) * vw]}"'
+
+        if self.formatter is None:
+            lines = [f'{{"key":"{khex[i * kw:(i + 1) * kw]}",{value_json(i)}}}' for i in range(n)]
+        else:
+            lines = []
+            ks, vs_ = m.key_size, m.value_stride
+            keys, values, fmt = chunk.keys, chunk.values, self.formatter
+            for i in range(n):
+                formatted = fmt(keys[i * ks:(i + 1) * ks], values[i * vs_:(i + 1) * vs_])
+                lines.append(f'{{"key":"{khex[i * kw:(i + 1) * kw]}",{value_json(i)},'
+                             f'"formatted":{orjson.dumps(formatted).decode()}}}')
+        self._count += n
+        sep = "\n" if self._first else ",\n"
+        self._first = False
+        self.out.write(sep + ",\n".join(lines))
+
+    def close(self) -> None:
+        self.out.write(f'\n],"count":{self._count}}}\n')
+        self.out.flush()

@@ -1,0 +1,199 @@
+"""The pymap client library: what the CLI, SIEM outputs and your tools use.
+
+Async (trio).  One :class:`Client` owns one ZeroMQ DEALER socket and runs
+one request at a time; open several clients for concurrency.  Errors from
+the daemon arrive as :class:`DaemonError` with a stable ``code``; a daemon
+that is not there, or does not answer within ``timeout``, raises
+:class:`DaemonUnavailable`.
+
+Example::
+
+    async with Client() as client:
+        for m in await client.list_maps("cilium_*"):
+            print(m.name, m.entries)
+        async with client.get("cilium_ipcache") as dump:
+            async for entry in dump.entries():
+                print(entry.key.hex(), entry.formatted)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import AsyncIterator, Callable
+
+import attrs
+import trio
+import zmq
+
+from watcher.wire import schema
+from watcher.wire.schema import MapInfo
+from watcher.wire.transport import recv_multipart, send_multipart
+
+DEFAULT_ENDPOINT = os.environ.get("PYMAP_ENDPOINT", "ipc:///run/pymap/pymap.sock")
+
+
+class DaemonError(Exception):
+    """The daemon refused a request; ``code`` is one of schema.ErrorReply's codes."""
+
+    def __init__(self, code: str, message: str, candidates: list[MapInfo] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.candidates = candidates or []
+
+
+class DaemonUnavailable(DaemonError):
+    """No daemon at the endpoint, or it did not answer in time."""
+
+    def __init__(self, message: str):
+        super().__init__("unavailable", message)
+
+
+@attrs.frozen
+class Entry:
+    """One map entry: raw bytes, per-CPU values split, and its decoded form when known."""
+
+    key: bytes
+    value: bytes | None  # None for per-CPU maps: see ``values``
+    values: list[bytes] | None = None
+    formatted: dict | None = None
+
+
+@attrs.frozen
+class Chunk:
+    """``count`` entries as two flat buffers: slice with ``key_size`` and ``value_stride``."""
+
+    keys: bytes
+    values: bytes
+    count: int
+
+
+class Dump:
+    """A ``get`` in progress: the map's metadata, its BTF, then chunks of entries."""
+
+    def __init__(self, client: Client, begin: schema.GetBegin, btf: bytes | None):
+        self.map: MapInfo = begin.map
+        self.btf = btf
+        self.total: int | None = None  # set when the stream ends
+        self._client = client
+        self._req = begin.req
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        while True:
+            message, frames = await self._client._recv(self._req)
+            if isinstance(message, schema.GetEnd):
+                self.total = message.entries
+                return
+            if not isinstance(message, schema.GetChunk) or len(frames) != 2:
+                raise DaemonError("bad_reply", f"unexpected {type(message).__name__} in a get")
+            yield Chunk(frames[0], frames[1], message.count)
+
+    async def entries(self, formatter: Callable[[bytes, bytes], dict] | None = None
+                      ) -> AsyncIterator[Entry]:
+        """Entry by entry; slower than :meth:`chunks`, simpler to use."""
+        m = self.map
+        ks, vs = m.key_size, m.value_stride
+        slot = (m.value_size + 7) & ~7
+        async for chunk in self.chunks():
+            for i in range(chunk.count):
+                key = chunk.keys[i * ks:(i + 1) * ks]
+                raw = chunk.values[i * vs:(i + 1) * vs]
+                formatted = formatter(key, raw) if formatter else None
+                if m.percpu:
+                    per_cpu = [raw[c * slot:c * slot + m.value_size] for c in range(m.ncpus)]
+                    yield Entry(key, None, per_cpu, formatted)
+                else:
+                    yield Entry(key, raw, None, formatted)
+
+
+class Client:
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> Client:
+        self._check_endpoint()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+        self._sock = self._ctx = None
+
+    def _check_endpoint(self) -> None:
+        """Fail fast and clearly where ZeroMQ would just wait (ipc:// only)."""
+        if not self.endpoint.startswith("ipc://"):
+            return
+        path = self.endpoint[len("ipc://"):]
+        if not os.path.exists(path):
+            raise DaemonUnavailable(f"pymap daemon is not running: no socket at {path} "
+                                    "(start it with: pymap daemon)")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise DaemonUnavailable(f"permission denied on {path}: run as root or as a member "
+                                    "of the daemon's socket_group")
+
+    # --- plumbing ---
+
+    async def _send(self, message) -> int:
+        assert self._sock is not None, "use Client as an async context manager"
+        message.req = next(self._ids)
+        await send_multipart(self._sock, [schema.encode(message)])
+        return message.req
+
+    async def _recv(self, req: int):
+        """The next reply to request ``req``; replies to abandoned requests are skipped."""
+        assert self._sock is not None
+        while True:
+            with trio.move_on_after(self.timeout) as scope:
+                frames = await recv_multipart(self._sock)
+            if scope.cancelled_caught:
+                raise DaemonUnavailable(f"pymap daemon at {self.endpoint} did not answer "
+                                        f"within {self.timeout:g} s")
+            try:
+                message = schema.decode(frames[0])
+            except schema.WireError as e:
+                raise DaemonError("bad_reply", f"daemon sent {e}") from None
+            if message.req != req:
+                continue
+            if isinstance(message, schema.ErrorReply):
+                raise DaemonError(message.code, message.message, message.candidates)
+            return message, frames[1:]
+
+    async def _call(self, message, expect: type):
+        async with self._lock:
+            req = await self._send(message)
+            reply, _ = await self._recv(req)
+        if not isinstance(reply, expect):
+            raise DaemonError("bad_reply", f"expected {expect.__name__}, got {type(reply).__name__}")
+        return reply
+
+    # --- requests ---
+
+    async def ping(self) -> schema.Pong:
+        return await self._call(schema.Ping(), schema.Pong)
+
+    async def list_maps(self, pattern: str | None = None, entries: bool = True) -> list[MapInfo]:
+        reply = await self._call(schema.ListRequest(pattern=pattern, entries=entries),
+                                 schema.ListReply)
+        return reply.maps
+
+    @contextlib.asynccontextmanager
+    async def get(self, selector: str) -> AsyncIterator[Dump]:
+        """Dump one map: ``async with client.get("name") as dump: ...``."""
+        async with self._lock:
+            req = await self._send(schema.GetRequest(selector=selector))
+            begin, frames = await self._recv(req)
+            if not isinstance(begin, schema.GetBegin):
+                raise DaemonError("bad_reply", f"expected get_begin, got {type(begin).__name__}")
+            yield Dump(self, begin, frames[0] if begin.btf and frames else None)

@@ -1,0 +1,127 @@
+"""The request endpoint: a ZeroMQ ROUTER answering ``ping``, ``list`` and ``get``.
+
+One :class:`~watcher.wire.transport.SocketOwner` task owns the socket; each
+request runs in its own task in the server's nursery, so a long ``get``
+never delays another client's ``ping``.  Every request is validated before
+anything touches the kernel, and every failure becomes an ``error`` reply:
+the server itself only stops when cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import trio
+import zmq
+
+from ..kernel.dump import NotDumpable, dump
+from ..wire import schema
+from ..wire.transport import PeerGone, SocketOwner
+from . import catalog
+from .config import DaemonConfig
+
+log = logging.getLogger("pymap.server")
+
+MAX_REQUEST_BYTES = 64 * 1024  # requests are small; anything larger is refused unread
+
+
+class RequestServer:
+    def __init__(self, sock: zmq.Socket, config: DaemonConfig, epoch: str, version: str):
+        self.owner = SocketOwner(sock)
+        self.config = config
+        self.bpffs = tuple(config.bpffs)
+        self.epoch = epoch
+        self.version = version
+        self.started = time.monotonic()
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.owner.serve(self._on_message)
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._handle, frames[0], frames[1:])
+
+    async def _handle(self, peer: bytes, frames: list[bytes]) -> None:
+        req = 0
+        try:
+            request = self._parse(frames)
+            req = request.req
+            if isinstance(request, schema.Ping):
+                await self._reply(peer, schema.Pong(self.version, self.epoch,
+                                                    time.monotonic() - self.started, req=req))
+            elif isinstance(request, schema.ListRequest):
+                await self._list(peer, request)
+            elif isinstance(request, schema.GetRequest):
+                await self._get(peer, request)
+            else:
+                raise catalog.SelectError("bad_request",
+                                          f"{schema.KINDS[type(request)]!r} is a reply, not a request")
+        except PeerGone:
+            log.debug("client went away before its reply")
+        except catalog.SelectError as e:
+            await self._error(peer, req, e.code, str(e), e.candidates)
+        except Exception as e:  # one request's failure must not stop the server
+            log.exception("request failed: %s", e)
+            await self._error(peer, req, "internal", f"internal error: {e}")
+        finally:
+            self.owner.forget(peer)
+
+    def _parse(self, frames: list[bytes]):
+        if len(frames) != 1:
+            raise catalog.SelectError("bad_request", f"a request is 1 frame, got {len(frames)}")
+        if len(frames[0]) > MAX_REQUEST_BYTES:
+            raise catalog.SelectError("bad_request", "request too large")
+        try:
+            request = schema.decode(frames[0])
+        except schema.WireError as e:
+            raise catalog.SelectError("bad_request", str(e)) from None
+        if request.v != schema.SCHEMA_VERSION:
+            raise catalog.SelectError("version", f"schema version {request.v} is not supported; "
+                                      f"this daemon speaks {schema.SCHEMA_VERSION}")
+        return request
+
+    async def _reply(self, peer: bytes, message, *extra: bytes) -> None:
+        await self.owner.send(peer, [schema.encode(message), *extra])
+
+    async def _error(self, peer, req, code, message, candidates=()) -> None:
+        log.info("error reply %s: %s", code, message)
+        try:
+            await self._reply(peer, schema.ErrorReply(code, message, list(candidates), req=req))
+        except PeerGone:
+            pass
+
+    async def _list(self, peer: bytes, request: schema.ListRequest) -> None:
+        maps = await trio.to_thread.run_sync(
+            catalog.list_maps, self.bpffs, request.pattern, request.entries)
+        await self._reply(peer, schema.ListReply(maps, req=request.req))
+
+    async def _get(self, peer: bytes, request: schema.GetRequest) -> None:
+        if not request.selector or "\0" in request.selector:
+            raise catalog.SelectError("bad_request", "get needs a selector: name, id:N or pin path")
+        fd, record = await trio.to_thread.run_sync(
+            catalog.open_selected, request.selector, self.bpffs)
+        try:
+            info = catalog.to_wire(record)
+            if not info.dumpable:
+                raise catalog.SelectError(
+                    "not_dumpable", f"{record.name} ({record.type}) has no entries to show: "
+                    f"{info.not_dumpable_reason}")
+            btf = await trio.to_thread.run_sync(catalog.btf_blob, record)
+            begin = schema.GetBegin(info, btf=btf is not None, req=request.req)
+            await self._reply(peer, begin, *([btf] if btf else []))
+            chunks = dump(fd, record, self.config.chunk_entries)
+            total = 0
+            while (chunk := await trio.to_thread.run_sync(next, chunks, None)) is not None:
+                total += chunk.count
+                await self._reply(peer, schema.GetChunk(chunk.count, req=request.req),
+                                  chunk.keys, chunk.values)
+            await self._reply(peer, schema.GetEnd(total, req=request.req))
+        except NotDumpable:
+            raise catalog.SelectError("not_dumpable", f"{record.type} maps hold no entries") from None
+        finally:
+            os.close(fd)

@@ -1,0 +1,226 @@
+"""Finding maps: every map on the host by id, every pin under bpffs, metadata.
+
+A map has three handles and none is perfect: its **id** is unique but changes
+when the map is recreated; its **name** is cut to 15 characters by the kernel
+and repeats (every bcc tool has an ``events``); its **pin path** is stable but
+only pinned maps have one.  :class:`MapRecord` carries all three, and the
+display name is the pin file's name when the kernel's name is a cut-down
+prefix of it (``cilium_lb4_serv`` -> ``cilium_lb4_services_v2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+
+import attrs
+
+from . import syscall
+from .maptypes import PERCPU_TYPES, type_name
+
+KERNEL_NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1
+DEFAULT_BPFFS = "/sys/fs/bpf"
+
+
+@attrs.frozen
+class MapRecord:
+    """What the kernel says about one map, plus its pins."""
+
+    id: int
+    name: str  # display name: full pin name when the kernel's is cut short
+    kernel_name: str
+    type: str
+    type_id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    btf_id: int
+    btf_key_type_id: int
+    btf_value_type_id: int
+    memlock: int | None
+    frozen: bool
+    pinned: tuple[str, ...] = ()
+
+    @property
+    def percpu(self) -> bool:
+        return self.type in PERCPU_TYPES
+
+
+@contextlib.contextmanager
+def open_fd(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_map(map_id: int | None = None, pin: str | None = None) -> int:
+    """A read-only fd for a map given by id or pin path.
+
+    Read-only on purpose: pymap observes, and the kernel enforces that for us.
+    """
+    if pin is not None:
+        return syscall.obj_get(pin)
+    assert map_id is not None
+    return syscall.map_get_fd_by_id(map_id)
+
+
+def _fdinfo(fd: int) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                fields[k.strip()] = v.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def display_name(kernel_name: str, pins: tuple[str, ...]) -> str:
+    """The name users know a map by (see the module docstring)."""
+    for pin in pins:
+        base = os.path.basename(pin)
+        if not kernel_name or (len(kernel_name) >= KERNEL_NAME_MAX and base.startswith(kernel_name)):
+            return base
+    return kernel_name
+
+
+def record_from_fd(fd: int, pins: tuple[str, ...] = ()) -> MapRecord:
+    info = syscall.map_info(fd)
+    fdinfo = _fdinfo(fd)
+    kname = info.name.decode(errors="replace")
+    memlock = fdinfo.get("memlock")
+    return MapRecord(
+        id=info.id,
+        name=display_name(kname, pins),
+        kernel_name=kname,
+        type=type_name(info.type),
+        type_id=info.type,
+        key_size=info.key_size,
+        value_size=info.value_size,
+        max_entries=info.max_entries,
+        flags=info.map_flags,
+        btf_id=info.btf_id,
+        btf_key_type_id=info.btf_key_type_id,
+        btf_value_type_id=info.btf_value_type_id,
+        memlock=int(memlock) if memlock and memlock.isdigit() else None,
+        frozen=fdinfo.get("frozen", "0") == "1",
+        pinned=tuple(sorted(pins)),
+    )
+
+
+def map_ids() -> Iterator[int]:
+    """Every map id on the host, in increasing order."""
+    current = 0
+    while (nxt := syscall.map_get_next_id(current)) is not None:
+        yield nxt
+        current = nxt
+
+
+def walk_pins(roots: tuple[str, ...] = (DEFAULT_BPFFS,)) -> dict[int, list[str]]:
+    """Map id -> pin paths, for every map pinned under ``roots`` (recursively).
+
+    Pinned programs, links and unreadable entries are skipped: a pin walk must
+    not fail because of one odd file.
+    """
+    found: dict[int, list[str]] = {}
+    for root in roots:
+        for dirpath, _dirnames, filenames in os.walk(root, onerror=lambda e: None):
+            for filename in filenames:
+                path = os.path.join(dirpath, filename)
+                try:
+                    fd = syscall.obj_get(path)
+                except OSError:
+                    continue
+                with open_fd(fd):
+                    try:
+                        info = syscall.map_info(fd)
+                    except OSError:
+                        continue  # a program or link pin, not a map
+                    found.setdefault(info.id, []).append(path)
+    return found
+
+
+def list_maps(roots: tuple[str, ...] = (DEFAULT_BPFFS,)) -> list[MapRecord]:
+    """Every map on the host, with its pins; maps that vanish meanwhile are left out."""
+    pins = walk_pins(roots)
+    records = []
+    for map_id in map_ids():
+        try:
+            fd = syscall.map_get_fd_by_id(map_id)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                continue  # freed between GET_NEXT_ID and GET_FD_BY_ID
+            if e.errno == errno.EPERM:
+                # Maps created write-only refuse a read-only open; show them anyway.
+                try:
+                    fd = syscall.map_get_fd_by_id(map_id, flags=0)
+                except OSError:
+                    continue
+            else:
+                raise
+        with open_fd(fd):
+            records.append(record_from_fd(fd, tuple(pins.get(map_id, ()))))
+    return records
+
+
+def map_holders() -> dict[int, list[tuple[int, str]]]:
+    """Map id -> [(pid, comm)] of processes holding an fd to it.
+
+    Reads ``/proc/*/fd`` and ``fdinfo``: cheap next to a dump, and it needs no
+    BPF iterator program.  pymap's own process is left out.
+    """
+    holders: dict[int, list[tuple[int, str]]] = {}
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        pid = int(entry.name)
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        seen: set[int] = set()
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") != "anon_inode:bpf-map":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("map_id:"):
+                            seen.add(int(line.split()[1]))
+                            break
+            except (OSError, ValueError):
+                continue
+        if seen:
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            for map_id in seen:
+                holders.setdefault(map_id, []).append((pid, comm))
+    return holders
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs: the stride of per-CPU values."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count
+
+
+def btf_raw(btf_id: int) -> bytes:
+    """The raw BTF object ``btf_id`` (header, types, strings), as the kernel holds it."""
+    fd = syscall.btf_get_fd_by_id(btf_id)
+    with open_fd(fd):
+        return syscall.btf_raw_data(fd)

@@ -1,0 +1,381 @@
+"""The bpf(2) syscall, through ctypes.
+
+This is the lowest layer of pymap and the only module that issues ``bpf()``.
+libbcc wraps some of these commands, but not the ones a watcher needs most
+(enumerating maps by id, opening pins read-only, object info), so every
+command pymap uses goes through here, with one calling convention and one
+error type.
+
+Each function builds the command's slice of ``union bpf_attr`` (see
+``include/uapi/linux/bpf.h``) and returns plain Python values.  Raised errors
+are :class:`BpfError` (an ``OSError`` carrying ``errno``), so callers can
+tell "gone" (``ENOENT``) from "not allowed" (``EPERM``) without parsing text.
+
+The write commands (create, update, delete) exist for tests, benchmarks and
+the fixture tools only: the daemon opens every map with ``BPF_F_RDONLY``, so
+the kernel itself refuses writes through its file descriptors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+
+__all__ = [
+    "BpfError",
+    "BPF_F_RDONLY",
+    "MapInfoStruct",
+    "map_get_next_id",
+    "map_get_fd_by_id",
+    "obj_get",
+    "obj_pin",
+    "map_info",
+    "btf_get_fd_by_id",
+    "btf_raw_data",
+    "map_lookup_elem",
+    "map_get_next_key",
+    "map_lookup_batch",
+    "map_create",
+    "map_update_elem",
+    "map_update_batch",
+    "map_delete_elem",
+]
+
+# Commands (enum bpf_cmd).
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_MAP_GET_NEXT_ID = 12
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_BTF_GET_FD_BY_ID = 19
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
+
+# Open/file flags.
+BPF_F_RDONLY = 1 << 3
+BPF_F_WRONLY = 1 << 4
+
+_SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "armv7l": 386, "ppc64le": 361}
+try:
+    _NR_BPF = _SYSCALL_NUMBERS[platform.machine()]
+except KeyError:  # pragma: no cover - depends on the host
+    raise ImportError(f"pymap does not know the bpf syscall number on {platform.machine()}")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
+
+
+class BpfError(OSError):
+    """A bpf() command failed; ``errno`` says why, ``command`` says which."""
+
+    def __init__(self, err: int, command: str, detail: str = ""):
+        message = f"{command}: {os.strerror(err)}"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(err, message)
+        self.command = command
+
+
+class _Attr(ctypes.Union):
+    """``union bpf_attr`` padded to a size every supported kernel accepts.
+
+    The kernel checks that bytes past the part it knows are zero, so one
+    zeroed 128-byte buffer serves every command.
+    """
+
+    _fields_ = [("raw", ctypes.c_uint8 * 128)]
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, name: str, detail: str = "") -> int:
+    ret = _syscall(_NR_BPF, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        raise BpfError(ctypes.get_errno(), name, detail)
+    return ret
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+        ("map_ifindex", ctypes.c_uint32),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),  # also next_key
+        ("flags", ctypes.c_uint64),
+        ("pad", ctypes.c_uint8 * 96),
+    ]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("pad", ctypes.c_uint8 * 72),
+    ]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 112),
+    ]
+
+
+class _IdAttr(ctypes.Structure):
+    _fields_ = [
+        ("start_id", ctypes.c_uint32),  # also map_id / btf_id
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 116),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+        ("pad", ctypes.c_uint8 * 112),
+    ]
+
+
+class MapInfoStruct(ctypes.Structure):
+    """``struct bpf_map_info`` as of Linux 6.x."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_id", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+    ]
+
+
+class _BtfInfoStruct(ctypes.Structure):
+    _fields_ = [
+        ("btf", ctypes.c_uint64),
+        ("btf_size", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("name", ctypes.c_uint64),
+        ("name_len", ctypes.c_uint32),
+        ("kernel_btf", ctypes.c_uint32),
+    ]
+
+
+def _addr(buf) -> int:
+    return ctypes.addressof(buf) if buf is not None else 0
+
+
+# --- enumeration and opening -------------------------------------------------
+
+
+def map_get_next_id(start_id: int) -> int | None:
+    """The next map id after ``start_id``, or None when there is none."""
+    attr = _IdAttr(start_id=start_id)
+    try:
+        _bpf(BPF_MAP_GET_NEXT_ID, attr, "BPF_MAP_GET_NEXT_ID")
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return attr.next_id
+
+
+def map_get_fd_by_id(map_id: int, flags: int = BPF_F_RDONLY) -> int:
+    """Open map ``map_id``; read-only unless told otherwise."""
+    return _bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(start_id=map_id, open_flags=flags),
+                "BPF_MAP_GET_FD_BY_ID", f"id {map_id}")
+
+
+def obj_get(path: str, flags: int = BPF_F_RDONLY) -> int:
+    """Open the object pinned at ``path`` in bpffs; read-only unless told otherwise."""
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=_addr(cpath), file_flags=flags),
+                "BPF_OBJ_GET", path)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=_addr(cpath), bpf_fd=fd), "BPF_OBJ_PIN", path)
+
+
+def _obj_info(fd: int, info: ctypes.Structure) -> None:
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+
+
+def map_info(fd: int) -> MapInfoStruct:
+    """``struct bpf_map_info`` of an open map (``EINVAL`` if ``fd`` is not a map)."""
+    info = MapInfoStruct()
+    _obj_info(fd, info)
+    return info
+
+
+def btf_get_fd_by_id(btf_id: int) -> int:
+    return _bpf(BPF_BTF_GET_FD_BY_ID, _IdAttr(start_id=btf_id), "BPF_BTF_GET_FD_BY_ID",
+                f"btf id {btf_id}")
+
+
+def btf_raw_data(fd: int) -> bytes:
+    """The raw BTF blob (header, types, strings) behind a BTF fd."""
+    info = _BtfInfoStruct()
+    _obj_info(fd, info)
+    size = info.btf_size
+    buf = ctypes.create_string_buffer(size)
+    info = _BtfInfoStruct(btf=_addr(buf), btf_size=size)
+    _obj_info(fd, info)
+    return buf.raw[: info.btf_size]
+
+
+# --- reading -------------------------------------------------------------------
+
+
+def map_lookup_elem(fd: int, key: bytes, value_len: int) -> bytes | None:
+    """The value at ``key``, or None when the key is not there."""
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value_len)
+    attr = _ElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf))
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr, "BPF_MAP_LOOKUP_ELEM")
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return vbuf.raw
+
+
+def map_get_next_key(fd: int, key: bytes | None, key_len: int) -> bytes | None:
+    """The key after ``key`` (the first key when ``key`` is None), or None at the end."""
+    kbuf = ctypes.create_string_buffer(key, key_len) if key is not None else None
+    nbuf = ctypes.create_string_buffer(key_len)
+    attr = _ElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(nbuf))
+    try:
+        _bpf(BPF_MAP_GET_NEXT_KEY, attr, "BPF_MAP_GET_NEXT_KEY")
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return nbuf.raw
+
+
+class BatchCursor:
+    """State for one ``BPF_MAP_LOOKUP_BATCH`` walk over a map.
+
+    The kernel's batch token is opaque: for hash maps it is a bucket index
+    (4 bytes), for arrays an index.  A ``key_size``-sized buffer (at least 8
+    bytes) holds either.
+    """
+
+    def __init__(self, fd: int, key_size: int):
+        self.fd = fd
+        size = max(key_size, 8)
+        self._in = ctypes.create_string_buffer(size)
+        self._out = ctypes.create_string_buffer(size)
+        self.started = False
+        self.done = False
+
+
+def map_lookup_batch(cursor: BatchCursor, keys, values, max_count: int) -> int:
+    """Copy the next batch of entries into ``keys``/``values`` (ctypes buffers).
+
+    Returns how many entries were copied.  Sets ``cursor.done`` at the end of
+    the map (``ENOENT``, which may come with a last few entries).  ``ENOSPC``
+    (a hash bucket larger than ``max_count``) propagates so the caller can grow
+    its buffers and retry from the same cursor.
+    """
+    attr = _BatchAttr(
+        in_batch=_addr(cursor._in) if cursor.started else 0,
+        out_batch=_addr(cursor._out),
+        keys=_addr(keys),
+        values=_addr(values),
+        count=max_count,
+        map_fd=cursor.fd,
+    )
+    ret = _syscall(_NR_BPF, BPF_MAP_LOOKUP_BATCH, ctypes.addressof(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOENT:
+            cursor.done = True
+            return attr.count
+        # ENOSPC comes with nothing copied: the kernel copies whole buckets only.
+        raise BpfError(err, "BPF_MAP_LOOKUP_BATCH")
+    ctypes.memmove(cursor._in, cursor._out, ctypes.sizeof(cursor._in))
+    cursor.started = True
+    return attr.count
+
+
+# --- writing (tests, benchmarks, fixtures; never the daemon) -----------------
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               name: str = "", flags: int = 0, btf_fd: int = 0, btf_key_type_id: int = 0,
+               btf_value_type_id: int = 0) -> int:
+    attr = _MapCreateAttr(
+        map_type=map_type, key_size=key_size, value_size=value_size,
+        max_entries=max_entries, map_flags=flags, map_name=name.encode()[:15],
+        btf_fd=btf_fd, btf_key_type_id=btf_key_type_id, btf_value_type_id=btf_value_type_id,
+    )
+    return _bpf(BPF_MAP_CREATE, attr, "BPF_MAP_CREATE", name)
+
+
+def map_update_elem(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    _bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf),
+                                        flags=flags), "BPF_MAP_UPDATE_ELEM")
+
+
+def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    vbuf = ctypes.create_string_buffer(values, len(values))
+    attr = _BatchAttr(keys=_addr(kbuf), values=_addr(vbuf), count=count, map_fd=fd)
+    _bpf(BPF_MAP_UPDATE_BATCH, attr, "BPF_MAP_UPDATE_BATCH")
+
+
+def map_delete_elem(fd: int, key: bytes) -> None:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    _bpf(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=_addr(kbuf)), "BPF_MAP_DELETE_ELEM")

@@ -1,0 +1,150 @@
+"""pyzmq under trio: waiting on ZeroMQ sockets without blocking the loop.
+
+There is no maintained trio binding for pyzmq, so this module is the one
+place that knows the rules:
+
+- ``zmq.FD`` is edge-triggered and only means "events may have changed".
+  After every wake, and after every send or recv, ``zmq.EVENTS`` must be
+  re-read and the socket drained until ``POLLIN`` is clear, or a wake-up is
+  lost and the socket hangs.
+- Sockets are not thread-safe: each has exactly one owner task.  Other tasks
+  talk to the owner through :meth:`SocketOwner.send` and the callback given
+  to :meth:`SocketOwner.serve`.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+from collections.abc import Callable
+
+import trio
+import zmq
+
+Frames = list[bytes]
+
+
+async def recv_multipart(sock: zmq.Socket) -> Frames:
+    """Receive one multipart message, for a socket used by a single task."""
+    while True:
+        try:
+            return sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            continue
+        await trio.lowlevel.wait_readable(sock.getsockopt(zmq.FD))
+
+
+async def send_multipart(sock: zmq.Socket, frames: Frames) -> None:
+    """Send one multipart message, waiting while the socket is at its high-water mark."""
+    while True:
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return
+        except zmq.Again:
+            pass
+        if sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            continue
+        await trio.lowlevel.wait_readable(sock.getsockopt(zmq.FD))
+
+
+class PeerGone(Exception):
+    """The ROUTER peer a message was addressed to has disconnected."""
+
+
+class SocketOwner:
+    """The one task that touches a ROUTER socket, with a bounded outbox per peer.
+
+    Handlers run in their own tasks and call :meth:`send`, which waits while
+    that peer's outbox is full: a slow client slows only its own replies, and
+    memory stays bounded.  The socket runs with ``ROUTER_MANDATORY`` so a
+    full peer queue is reported (and retried) instead of dropped silently,
+    and a vanished peer fails its handler with :class:`PeerGone`.
+    """
+
+    RETRY_INTERVAL = 0.005  # how soon to retry a peer whose zmq queue was full
+
+    def __init__(self, sock: zmq.Socket, outbox_limit: int = 8):
+        self.sock = sock
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._fd = sock.getsockopt(zmq.FD)
+        self._limit = outbox_limit
+        self._outboxes: dict[bytes, collections.deque[Frames]] = {}
+        self._space: dict[bytes, trio.Event] = {}
+        self._gone: set[bytes] = set()
+        self._wake = trio.Event()
+        self._fd_checked = trio.Event()
+
+    async def send(self, peer: bytes, frames: Frames) -> None:
+        """Queue ``frames`` for ``peer``; waits while its outbox is full."""
+        while True:
+            if peer in self._gone:
+                raise PeerGone(peer)
+            box = self._outboxes.setdefault(peer, collections.deque())
+            if len(box) < self._limit:
+                box.append([peer, *frames])
+                self._wake.set()
+                return
+            event = self._space.setdefault(peer, trio.Event())
+            await event.wait()
+
+    def forget(self, peer: bytes) -> None:
+        """Drop a peer's bookkeeping once nothing more will be sent to it."""
+        self._gone.discard(peer)
+        if not self._outboxes.get(peer):
+            self._outboxes.pop(peer, None)
+
+    async def serve(self, on_message: Callable[[Frames], None]) -> None:
+        """Own the socket until cancelled; ``on_message`` must not block."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_fd)
+            while True:
+                self._wake = trio.Event()
+                blocked = self._pump(on_message)
+                self._fd_checked.set()
+                if blocked:
+                    with trio.move_on_after(self.RETRY_INTERVAL):
+                        await self._wake.wait()
+                else:
+                    await self._wake.wait()
+
+    async def _watch_fd(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self._fd)
+            self._fd_checked = trio.Event()
+            self._wake.set()
+            # Wait until the owner has read EVENTS, which resets the fd.
+            await self._fd_checked.wait()
+
+    def _pump(self, on_message: Callable[[Frames], None]) -> bool:
+        """Receive and send until neither can progress; True if a peer is blocked."""
+        sock = self.sock
+        while True:
+            progressed = False
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                on_message(sock.recv_multipart(zmq.NOBLOCK))
+                progressed = True
+            blocked = False
+            for peer in list(self._outboxes):
+                box = self._outboxes[peer]
+                while box:
+                    try:
+                        sock.send_multipart(box[0], zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        blocked = True
+                        break
+                    except zmq.ZMQError as e:
+                        if e.errno != errno.EHOSTUNREACH:
+                            raise
+                        box.clear()
+                        self._gone.add(peer)
+                        break
+                    box.popleft()
+                    progressed = True
+                if len(box) < self._limit and (event := self._space.pop(peer, None)):
+                    event.set()
+                if not box and peer not in self._gone:
+                    del self._outboxes[peer]
+            if not progressed:
+                return blocked
