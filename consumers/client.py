@@ -76,6 +76,8 @@ class Dump:
         self.map: MapInfo = begin.map
         self.btf = btf
         self.total: int | None = None  # set when the stream ends
+        self.seq: int | None = begin.seq
+        self.epoch: str = begin.epoch
         self._client = client
         self._req = begin.req
 
@@ -108,8 +110,10 @@ class Dump:
 
 
 class Client:
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0,
+                 events_endpoint: str | None = None):
         self.endpoint = endpoint
+        self.events_endpoint = events_endpoint  # None: ask the daemon (ping) when needed
         self.timeout = timeout
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
@@ -131,11 +135,12 @@ class Client:
             self._ctx.term()
         self._sock = self._ctx = None
 
-    def _check_endpoint(self) -> None:
+    def _check_endpoint(self, endpoint: str | None = None) -> None:
         """Fail fast and clearly where ZeroMQ would just wait (ipc:// only)."""
-        if not self.endpoint.startswith("ipc://"):
+        endpoint = endpoint or self.endpoint
+        if not endpoint.startswith("ipc://"):
             return
-        path = self.endpoint[len("ipc://"):]
+        path = endpoint[len("ipc://"):]
         if not os.path.exists(path):
             raise DaemonUnavailable(f"pymap daemon is not running: no socket at {path} "
                                     "(start it with: pymap daemon)")
@@ -151,8 +156,11 @@ class Client:
         await send_multipart(self._sock, [schema.encode(message)])
         return message.req
 
-    async def _recv(self, req: int):
-        """The next reply to request ``req``; replies to abandoned requests are skipped."""
+    async def _recv(self, req: int, any_req: bool = False):
+        """The next reply to request ``req``; replies to abandoned requests are skipped.
+
+        Stream messages replayed by ``recent`` carry no ``req``: ``any_req`` accepts them.
+        """
         assert self._sock is not None
         while True:
             with trio.move_on_after(self.timeout) as scope:
@@ -164,7 +172,8 @@ class Client:
                 message = schema.decode(frames[0])
             except schema.WireError as e:
                 raise DaemonError("bad_reply", f"daemon sent {e}") from None
-            if message.req != req:
+            if getattr(message, "req", None) != req and not (
+                    any_req and not hasattr(message, "req")):
                 continue
             if isinstance(message, schema.ErrorReply):
                 raise DaemonError(message.code, message.message, message.candidates)
@@ -188,11 +197,49 @@ class Client:
                                  schema.ListReply)
         return reply.maps
 
-    @contextlib.asynccontextmanager
-    async def get(self, selector: str) -> AsyncIterator[Dump]:
-        """Dump one map: ``async with client.get("name") as dump: ...``."""
+    async def status(self) -> schema.StatusReply:
+        return await self._call(schema.StatusRequest(), schema.StatusReply)
+
+    async def report_gap(self, name: str, missed: int) -> None:
+        await self._call(schema.GapReport(name, missed), schema.Ack)
+
+    async def describe(self, selector: str) -> tuple[MapInfo, bytes | None]:
+        """A map's metadata and raw BTF blob (None without BTF), without its entries."""
+        async with self.get(selector, entries=False) as dump:
+            async for _ in dump.chunks():
+                pass
+        return dump.map, dump.btf
+
+    async def recent(self, selector: str) -> tuple[list[tuple[object, list[bytes]]], schema.RecentEnd]:
+        """Recent stream messages the daemon kept for maps matching ``selector`` (a glob)."""
         async with self._lock:
-            req = await self._send(schema.GetRequest(selector=selector))
+            req = await self._send(schema.RecentRequest(selector=selector))
+            messages = []
+            while True:
+                message, frames = await self._recv(req, any_req=True)
+                if isinstance(message, schema.RecentEnd):
+                    return messages, message
+                messages.append((message, frames))
+
+    def events(self, selectors: list[str], snapshot: bool = False,
+               heartbeat_timeout: float | None = None):
+        """Stream events of the maps ``selectors`` name (names or globs); see EventStream."""
+        from .stream import EventStream
+
+        return EventStream(self, selectors, snapshot=snapshot,
+                           heartbeat_timeout=heartbeat_timeout)
+
+    @contextlib.asynccontextmanager
+    async def get(self, selector: str, snapshot: bool = False, entries: bool = True,
+                  reason: str = "") -> AsyncIterator[Dump]:
+        """Dump one map: ``async with client.get("name") as dump: ...``.
+
+        With ``snapshot``, the entries are the daemon's watched state and
+        ``dump.seq`` the topic sequence they reflect (see docs/protocol.md).
+        """
+        async with self._lock:
+            req = await self._send(schema.GetRequest(selector=selector, snapshot=snapshot,
+                                                     entries=entries, reason=reason))
             begin, frames = await self._recv(req)
             if not isinstance(begin, schema.GetBegin):
                 raise DaemonError("bad_reply", f"expected get_begin, got {type(begin).__name__}")

@@ -153,11 +153,104 @@ def get(
 
 
 @app.command()
+def events(
+    selectors: Annotated[list[str], typer.Argument(
+        help="Map names or globs ('cilium_policy_*'); id:N and pin paths work too.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until Ctrl-C.")] = False,
+    snapshot: Annotated[bool, typer.Option(
+        "--snapshot", help="First print current entries as 'added' lines (full state).")] = False,
+    output: OutputOpt = Output.table,
+    raw: Annotated[bool, typer.Option("--raw", help="No decoding, hex only.")] = False,
+    count: Annotated[int, typer.Option(
+        "--count", "-c", help="Exit after this many events (0: no limit).")] = 0,
+    endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 30.0,
+) -> None:
+    """A map's changes: recent ones, or live with -f (added, updated, removed, ...)."""
+    from .eventsout import EventPrinter, MapCache
+
+    async def main():
+        async with Client(endpoint, timeout) as client:
+            names = [await _name_of(client, s) for s in selectors]
+            printer = EventPrinter(MapCache(client, decode=not raw), output is Output.json)
+            if not follow:
+                return await _print_recent(client, names, printer, snapshot)
+            async with client.events(names, snapshot=snapshot) as stream:
+                async for event in stream:
+                    await printer.print(event)
+                    if count and printer.count >= count:
+                        return
+
+    run(main)
+
+
+async def _name_of(client: Client, selector: str) -> str:
+    """Stream topics are map names: resolve id:N and pin paths to one."""
+    if selector.startswith("id:") or selector.startswith("/"):
+        info, _ = await client.describe(selector)
+        return info.name
+    return selector
+
+
+async def _print_recent(client: Client, names: list[str], printer, snapshot: bool) -> int | None:
+    from watcher.wire import schema
+
+    from ..stream import EventStream, event_from_map_event, events_from_batch
+
+    if snapshot:
+        for event in await EventStream(client, names, snapshot=True).read_snapshot():
+            await printer.print(event)
+        return None
+    for name in names:
+        messages, end = await client.recent(name)
+        for message, frames in messages:
+            batch = (events_from_batch(message, frames) if isinstance(message, schema.EventBatch)
+                     else [event_from_map_event(message)])
+            for event in batch:
+                await printer.print(event)
+        if not end.watched:
+            stderr.print(f"pymap: {name} is not being watched, so the daemon has no recent "
+                         "events for it; follow it with -f (or list it under watch.always)",
+                         highlight=False, markup=False)
+    return None
+
+
+@app.command()
+def status(
+    output: OutputOpt = Output.table,
+    endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 5.0,
+) -> None:
+    """The daemon's epoch, uptime, watched maps, poll timings, subscribers, events and drops."""
+
+    async def main():
+        async with Client(endpoint, timeout) as client:
+            st = await client.status()
+        if output is Output.json:
+            import orjson
+            from watcher.wire.schema import converter
+
+            data = converter.unstructure(st)
+            data.pop("req", None)
+            sys.stdout.write(orjson.dumps(data).decode() + "\n")
+            return
+        stdout.print(render.status_view(st))
+
+    run(main)
+
+
+@app.command()
 def daemon(
     config: Annotated[Optional[str], typer.Option(
         "--config", "-c", help="TOML config file (default: /etc/pymap/pymap.toml if present).")] = None,
     endpoint: Annotated[Optional[str], typer.Option(
         "--endpoint", "-e", help="Request endpoint (overrides daemon.endpoint).")] = None,
+    events_endpoint: Annotated[Optional[str], typer.Option(
+        help="Event stream endpoint (overrides daemon.events_endpoint).")] = None,
+    interval: Annotated[Optional[float], typer.Option(
+        help="Seconds between polls of a watched map (overrides watch.interval).")] = None,
+    always: Annotated[Optional[list[str]], typer.Option(
+        help="Map name glob to watch even without subscribers; repeatable (watch.always).")] = None,
     socket_mode: Annotated[Optional[str], typer.Option(
         help="Octal mode of ipc:// socket files, e.g. 0660 (overrides daemon.socket_mode).")] = None,
     socket_group: Annotated[Optional[str], typer.Option(
@@ -177,10 +270,11 @@ def daemon(
             mode = int(socket_mode, 8)
         except ValueError:
             fail(f"--socket-mode {socket_mode!r} is not an octal mode", EXIT_USAGE)
-    overrides = {"endpoint": endpoint, "socket_mode": mode, "socket_group": socket_group,
-                 "bpffs": bpffs or None, "log_level": log_level}
+    overrides = {"endpoint": endpoint, "events_endpoint": events_endpoint, "socket_mode": mode,
+                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level}
+    watch_overrides = {"interval": interval, "always": always or None}
     try:
-        conf = load_config(config, overrides)
+        conf = load_config(config, overrides, watch_overrides)
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     daemon_main.setup_logging(conf.daemon.log_level)

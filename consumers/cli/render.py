@@ -148,3 +148,25 @@ class JsonDumpWriter:
     def close(self) -> None:
         self.out.write(f'\n],"count":{self._count}}}\n')
         self.out.flush()
+
+
+def status_view(st) -> Table:
+    """``pymap status``: the daemon, then one row per watched map."""
+    table = Table(title=(f"pymap {st.version}  epoch {st.epoch}  up {st.uptime:.0f} s  "
+                         f"seq {st.seq}  events {st.events_published}  "
+                         f"messages {st.messages_published}  drops reported {st.drops_reported}  "
+                         f"resyncs {st.resyncs}  poll errors {st.poll_errors}"),
+                  title_justify="left",
+                  caption="subscriptions: " + (", ".join(
+                      f"{p or '(all)'}×{n}" for p, n in sorted(st.subscriptions.items())) or "none"),
+                  caption_justify="left")
+    for col, just in (("ID", "right"), ("Name", "left"), ("Type", "left"), ("Entries", "right"),
+                      ("Every", "right"), ("Polls", "right"), ("Last poll", "right"),
+                      ("Max poll", "right"), ("Events", "right"), ("State", "right"),
+                      ("Why", "left")):
+        table.add_column(col, justify=just)
+    for w in st.watched:
+        table.add_row(str(w.id), w.name, w.type, str(w.entries), f"{w.interval:g} s",
+                      str(w.polls), f"{w.last_poll_ms:.1f} ms", f"{w.max_poll_ms:.1f} ms",
+                      str(w.events), _size(w.state_bytes), w.reason)
+    return table

@@ -6,6 +6,7 @@ one clear line instead of failing later in some task.  See docs/config.md.
 
 from __future__ import annotations
 
+import fnmatch
 import grp
 import os
 import tomllib
@@ -27,6 +28,21 @@ def _check_endpoint(_inst, attribute, value: str) -> None:
         raise ConfigError(f"{attribute.name}: {value!r} must start with ipc:// or tcp://")
 
 
+def events_endpoint_for(endpoint: str) -> str:
+    """ipc://DIR/x.sock pairs with ipc://DIR/events.sock; tcp://HOST:PORT with PORT+1."""
+    if endpoint.startswith("ipc://"):
+        return "ipc://" + os.path.join(os.path.dirname(endpoint[len("ipc://"):]), "events.sock")
+    host, _, port = endpoint.rpartition(":")
+    if port.isdigit():
+        return f"{host}:{int(port) + 1}"
+    raise ConfigError(f"endpoint {endpoint!r}: set events_endpoint explicitly")
+
+
+def _positive(_inst, attribute, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{attribute.name}: {value!r} must be a positive number of seconds")
+
+
 def _check_mode(_inst, attribute, value: int) -> None:
     if not 0 <= value <= 0o777:
         raise ConfigError(f"{attribute.name}: {value!r} is not a file mode")
@@ -39,6 +55,10 @@ def _check_mode(_inst, attribute, value: int) -> None:
 class DaemonConfig:
     # ZeroMQ ROUTER endpoint for requests (list, get, ping).
     endpoint: str = attrs.field(default=DEFAULT_ENDPOINT, validator=_check_endpoint)
+    # ZeroMQ XPUB endpoint for the event stream; default: events.sock beside an ipc://
+    # endpoint, or the next port after a tcp:// one.
+    events_endpoint: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_check_endpoint))
     # File mode and group of ipc:// socket files: root only, or a group of readers.
     socket_mode: int = attrs.field(default=0o660, validator=_check_mode)
     socket_group: str | None = None
@@ -46,8 +66,22 @@ class DaemonConfig:
     bpffs: list[str] = attrs.Factory(lambda: ["/sys/fs/bpf"])
     # Entries per get chunk on the wire.
     chunk_entries: int = attrs.field(default=16384, validator=attrs.validators.in_(range(1, 1 << 20)))
+    # Seconds between heartbeats on the stream.
+    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
+    # Events kept per map for `pymap events NAME` without --follow.
+    recent_events: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
+    # Stream messages queued per subscriber before ZeroMQ drops (seen as gaps).
+    stream_hwm: int = attrs.field(default=10000, validator=attrs.validators.ge(1))
+    # Entry events per stream message at most.
+    batch_events: int = attrs.field(default=4096, validator=attrs.validators.in_(range(1, 1 << 20)))
     log_level: str = attrs.field(default="info",
                                  validator=attrs.validators.in_(["debug", "info", "warning", "error"]))
+
+    def __attrs_post_init__(self) -> None:
+        if self.events_endpoint is None:
+            self.events_endpoint = events_endpoint_for(self.endpoint)
+        if self.events_endpoint == self.endpoint:
+            raise ConfigError("events_endpoint must differ from endpoint")
 
     def socket_gid(self) -> int | None:
         if self.socket_group is None:
@@ -59,8 +93,33 @@ class DaemonConfig:
 
 
 @attrs.define
+class IntervalRule:
+    pattern: str  # shell glob on map names
+    interval: float = attrs.field(validator=_positive)
+
+
+@attrs.define
+class WatchConfig:
+    # Seconds between polls of a watched map.
+    interval: float = attrs.field(default=1.0, validator=_positive)
+    # Per-map intervals by name glob; the first matching rule wins.
+    intervals: list[IntervalRule] = attrs.Factory(list)
+    # Name globs of maps watched even when nobody subscribes.
+    always: list[str] = attrs.Factory(list)
+    # Seconds a map stays watched after its last subscriber left (keeps recent events).
+    linger: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+
+    def interval_for(self, name: str) -> float:
+        for rule in self.intervals:
+            if fnmatch.fnmatchcase(name, rule.pattern):
+                return rule.interval
+        return self.interval
+
+
+@attrs.define
 class Config:
     daemon: DaemonConfig = attrs.Factory(DaemonConfig)
+    watch: WatchConfig = attrs.Factory(WatchConfig)
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
@@ -78,10 +137,12 @@ def _describe(error: BaseException) -> list[str]:
     return [str(error)]
 
 
-def load_config(path: str | None, overrides: dict | None = None) -> Config:
+def load_config(path: str | None, overrides: dict | None = None,
+                watch_overrides: dict | None = None) -> Config:
     """Read ``path`` (None: defaults, or the default file when it exists), then apply flags.
 
-    ``overrides`` maps ``daemon`` keys to values given on the command line.
+    ``overrides`` and ``watch_overrides`` map ``daemon`` and ``watch`` keys to
+    values given on the command line (None: not given).
     """
     data: dict = {}
     if path is None and os.path.exists(DEFAULT_CONFIG):
@@ -94,8 +155,12 @@ def load_config(path: str | None, overrides: dict | None = None) -> Config:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config {path} is not valid TOML: {e}") from None
-    if overrides:
-        data.setdefault("daemon", {}).update({k: v for k, v in overrides.items() if v is not None})
+    for section, values in (("daemon", overrides), ("watch", watch_overrides)):
+        given = {k: v for k, v in (values or {}).items() if v is not None}
+        if given:
+            if not isinstance(data.setdefault(section, {}), dict):
+                raise ConfigError(f"config {path}: [{section}] must be a table")
+            data[section].update(given)
     try:
         config = _converter.structure(data, Config)
     except ConfigError:

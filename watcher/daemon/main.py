@@ -20,9 +20,11 @@ import trio
 import zmq
 
 from ..wire import schema
-from ..wire.transport import recv_multipart, send_multipart
+from ..wire.transport import PublisherOwner, recv_multipart, send_multipart
 from .config import Config, ConfigError, DaemonConfig
+from .engine import Engine
 from .server import RequestServer
+from .stream import Stream
 
 log = logging.getLogger("pymap.daemon")
 
@@ -96,15 +98,30 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    bound = False
+    xpub = ctx.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.LINGER, 0)
+    xpub.setsockopt(zmq.SNDHWM, dconf.stream_hwm)
+    # Every subscribe and unsubscribe, duplicates included: demand is counted exactly.
+    xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+    bound: list[str] = []
     try:
         await bind_endpoint(ctx, router, dconf.endpoint, dconf)
-        bound = True
-        server = RequestServer(router, dconf, epoch, _version())
-        log.info("pymap %s serving %s (epoch %s)", server.version, dconf.endpoint, epoch)
+        bound.append(dconf.endpoint)
+        await bind_endpoint(ctx, xpub, dconf.events_endpoint, dconf)
+        bound.append(dconf.events_endpoint)
+        publisher = PublisherOwner(xpub)
+        stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
+                        dconf.heartbeat_interval)
+        engine = Engine(config, stream)
+        server = RequestServer(router, dconf, epoch, _version(), engine)
+        log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
+                 dconf.endpoint, dconf.events_endpoint, epoch)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.serve)
+                nursery.start_soon(publisher.serve, engine.on_subscription)
+                nursery.start_soon(engine.run)
+                nursery.start_soon(_heartbeats, engine, dconf.heartbeat_interval)
 
                 async def stop_on_signal():
                     async for signum in signals:
@@ -116,10 +133,17 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 task_status.started()
     finally:
         router.close(linger=0)
-        if bound:
-            _unlink_socket(dconf.endpoint)
+        xpub.close(linger=0)
+        for endpoint in bound:
+            _unlink_socket(endpoint)
         ctx.term()
     log.info("stopped")
+
+
+async def _heartbeats(engine: Engine, interval: float) -> None:
+    while True:
+        engine.stream.heartbeat(engine.watched_topics())
+        await trio.sleep(interval)
 
 
 def setup_logging(level: str) -> None:

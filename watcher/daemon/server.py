@@ -9,6 +9,7 @@ the server itself only stops when cancelled.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from ..wire import schema
 from ..wire.transport import PeerGone, SocketOwner
 from . import catalog
 from .config import DaemonConfig
+from .engine import Engine
 
 log = logging.getLogger("pymap.server")
 
@@ -28,8 +30,10 @@ MAX_REQUEST_BYTES = 64 * 1024  # requests are small; anything larger is refused 
 
 
 class RequestServer:
-    def __init__(self, sock: zmq.Socket, config: DaemonConfig, epoch: str, version: str):
+    def __init__(self, sock: zmq.Socket, config: DaemonConfig, epoch: str, version: str,
+                 engine: Engine):
         self.owner = SocketOwner(sock)
+        self.engine = engine
         self.config = config
         self.bpffs = tuple(config.bpffs)
         self.epoch = epoch
@@ -53,11 +57,24 @@ class RequestServer:
             req = request.req
             if isinstance(request, schema.Ping):
                 await self._reply(peer, schema.Pong(self.version, self.epoch,
-                                                    time.monotonic() - self.started, req=req))
+                                                    time.monotonic() - self.started,
+                                                    self.config.events_endpoint, req=req))
             elif isinstance(request, schema.ListRequest):
                 await self._list(peer, request)
             elif isinstance(request, schema.GetRequest):
-                await self._get(peer, request)
+                if request.snapshot:
+                    await self._snapshot(peer, request)
+                else:
+                    await self._get(peer, request)
+            elif isinstance(request, schema.RecentRequest):
+                await self._recent(peer, request)
+            elif isinstance(request, schema.StatusRequest):
+                await self._status(peer, request)
+            elif isinstance(request, schema.GapReport):
+                if request.missed < 0 or len(request.map) > 4096:
+                    raise catalog.SelectError("bad_request", "missed must be >= 0")
+                self.engine.report_gap(request.map, request.missed)
+                await self._reply(peer, schema.Ack(req=request.req))
             else:
                 raise catalog.SelectError("bad_request",
                                           f"{schema.KINDS[type(request)]!r} is a reply, not a request")
@@ -100,9 +117,51 @@ class RequestServer:
             catalog.list_maps, self.bpffs, request.pattern, request.entries)
         await self._reply(peer, schema.ListReply(maps, req=request.req))
 
+    @staticmethod
+    def _check_selector(selector: str) -> None:
+        if not selector or "\0" in selector or len(selector) > 4096:
+            raise catalog.SelectError("bad_request", "a selector is a name, id:N or pin path")
+
+    async def _snapshot(self, peer: bytes, request: schema.GetRequest) -> None:
+        self._check_selector(request.selector)
+        record, snap, seq = await self.engine.snapshot(request.selector, request.reason)
+        info = catalog.to_wire(record, entries=snap.count)
+        btf = await trio.to_thread.run_sync(catalog.btf_blob, record)
+        await self._reply(peer, schema.GetBegin(info, btf=btf is not None, seq=seq,
+                                                epoch=self.epoch, req=request.req),
+                          *([btf] if btf else []))
+        step = self.config.chunk_entries
+        ks, vs = snap.key_size, snap.stride
+        for start in range(0, snap.count, step):
+            n = min(step, snap.count - start)
+            await self._reply(peer, schema.GetChunk(n, req=request.req),
+                              snap.keys[start * ks:(start + n) * ks],
+                              snap.values[start * vs:(start + n) * vs])
+        await self._reply(peer, schema.GetEnd(snap.count, req=request.req))
+
+    async def _recent(self, peer: bytes, request: schema.RecentRequest) -> None:
+        self._check_selector(request.selector)
+        messages = self.engine.stream.recent(request.selector)
+        watched = sorted({w.record.name for w in self.engine.watches.values()
+                          if fnmatch.fnmatchcase(w.record.name, request.selector)})
+        events = 0
+        for header, frames in messages:
+            events += getattr(header, "count", 1)
+            await self.owner.send(peer, [schema.encode(header), *frames])
+        await self._reply(peer, schema.RecentEnd(events, watched, req=request.req))
+
+    async def _status(self, peer: bytes, request: schema.StatusRequest) -> None:
+        engine, stream = self.engine, self.engine.stream
+        await self._reply(peer, schema.StatusReply(
+            version=self.version, epoch=self.epoch, uptime=time.monotonic() - self.started,
+            seq=stream.seq, messages_published=stream.messages_published,
+            events_published=stream.events_published,
+            subscriptions={p.decode(errors="replace"): n for p, n in engine.demand.prefixes.items()},
+            drops_reported=engine.drops_reported, resyncs=engine.resyncs,
+            poll_errors=engine.poll_errors, watched=engine.status(), req=request.req))
+
     async def _get(self, peer: bytes, request: schema.GetRequest) -> None:
-        if not request.selector or "\0" in request.selector:
-            raise catalog.SelectError("bad_request", "get needs a selector: name, id:N or pin path")
+        self._check_selector(request.selector)
         fd, record = await trio.to_thread.run_sync(
             catalog.open_selected, request.selector, self.bpffs)
         try:
@@ -114,6 +173,9 @@ class RequestServer:
             btf = await trio.to_thread.run_sync(catalog.btf_blob, record)
             begin = schema.GetBegin(info, btf=btf is not None, req=request.req)
             await self._reply(peer, begin, *([btf] if btf else []))
+            if not request.entries:
+                await self._reply(peer, schema.GetEnd(0, req=request.req))
+                return
             chunks = dump(fd, record, self.config.chunk_entries)
             total = 0
             while (chunk := await trio.to_thread.run_sync(next, chunks, None)) is not None:

@@ -85,12 +85,44 @@ class ListRequest:
 
 @attrs.define
 class GetRequest:
+    """Dump a map.  With ``snapshot``, the entries are the daemon's watched state and
+    ``get_begin.seq`` tells which stream sequence they reflect (snapshot sync); the map
+    is watched from then on.  ``reason`` says why a client resyncs, for the daemon's counters."""
+
     selector: str  # name, id:N, or a pin path
+    snapshot: bool = False
+    entries: bool = True  # False: only get_begin (metadata, BTF) and get_end
+    reason: str = ""  # why a client asks for a snapshot: "", "start", "gap", "epoch"
     req: int = 0
     v: int = SCHEMA_VERSION
 
 
-Request = Union[Ping, ListRequest, GetRequest]
+@attrs.define
+class RecentRequest:
+    """The recent events the daemon keeps for the maps ``selector`` matches (a glob)."""
+
+    selector: str
+    req: int = 0
+    v: int = SCHEMA_VERSION
+
+
+@attrs.define
+class StatusRequest:
+    req: int = 0
+    v: int = SCHEMA_VERSION
+
+
+@attrs.define
+class GapReport:
+    """A subscriber missed ``missed`` events of ``map``: counted in the daemon's status."""
+
+    map: str
+    missed: int
+    req: int = 0
+    v: int = SCHEMA_VERSION
+
+
+Request = Union[Ping, ListRequest, GetRequest, RecentRequest, StatusRequest, GapReport]
 
 # --- replies (daemon -> client) --------------------------------------------------
 
@@ -100,6 +132,7 @@ class Pong:
     version: str
     epoch: str
     uptime: float
+    events_endpoint: str = ""  # where the event stream is published
     req: int = 0
     v: int = SCHEMA_VERSION
 
@@ -117,6 +150,8 @@ class GetBegin:
 
     map: MapInfo
     btf: bool = False
+    seq: int | None = None  # snapshot gets: the last topic_seq this state includes
+    epoch: str = ""
     req: int = 0
     v: int = SCHEMA_VERSION
 
@@ -152,8 +187,136 @@ class ErrorReply:
     v: int = SCHEMA_VERSION
 
 
-Reply = Union[Pong, ListReply, GetBegin, GetChunk, GetEnd, ErrorReply]
-Message = Union[Request, Reply]
+@attrs.define
+class Ack:
+    req: int = 0
+    v: int = SCHEMA_VERSION
+
+
+@attrs.define
+class RecentEnd:
+    """Ends a recent-events reply (its events came as ``events`` messages before it)."""
+
+    events: int
+    watched: list[str] = attrs.Factory(list)  # names of matching maps being watched
+    req: int = 0
+    v: int = SCHEMA_VERSION
+
+
+@attrs.define
+class WatchStatus:
+    id: int
+    name: str
+    type: str
+    entries: int
+    interval: float
+    polls: int
+    last_poll_ms: float
+    max_poll_ms: float
+    events: int
+    state_bytes: int
+    reason: str  # why it is watched: "subscribed", "always", "lingering", "snapshot"
+
+
+@attrs.define
+class StatusReply:
+    version: str
+    epoch: str
+    uptime: float
+    seq: int
+    messages_published: int
+    events_published: int
+    subscriptions: dict[str, int]  # topic prefix -> subscriber count
+    drops_reported: int  # events subscribers reported missing (gaps)
+    resyncs: int
+    poll_errors: int
+    watched: list[WatchStatus]
+    req: int = 0
+    v: int = SCHEMA_VERSION
+
+
+# --- the stream (daemon PUB -> subscribers) --------------------------------------
+
+
+@attrs.define
+class MapRef:
+    id: int
+    name: str
+
+
+@attrs.define
+class EventBatch:
+    """``count`` entry events of one map.
+
+    They are numbered ``seq`` .. ``seq + count - 1`` in the daemon-wide
+    sequence (total order across maps) and ``topic_seq`` .. ``topic_seq +
+    count - 1`` on their topic: a subscriber whose next ``topic_seq`` is not
+    one more than the last it saw has missed exactly the difference.
+    Frames after the header: actions (1 byte per event: 0 added, 1 updated,
+    2 removed), keys, values, old values — each back to back, ``key_size`` and
+    ``value_stride`` bytes per event.
+    """
+
+    epoch: str
+    seq: int
+    count: int
+    topic_seq: int
+    time: float  # unix seconds of the poll that found the changes
+    map: MapRef
+    key_size: int
+    value_stride: int
+    v: int = SCHEMA_VERSION
+
+
+@attrs.define
+class MapEvent:
+    """A map appeared (``map_created``) or disappeared (``map_removed``); one sequence number."""
+
+    epoch: str
+    seq: int
+    topic_seq: int
+    time: float
+    action: str
+    map: MapInfo
+    v: int = SCHEMA_VERSION
+
+
+@attrs.define
+class Heartbeat:
+    """Sent every ``heartbeat_interval`` and right after a new subscription.
+
+    ``topics`` maps each watched topic name to its last ``topic_seq``, so a
+    subscriber can notice that it missed the tail of a quiet topic.
+    """
+
+    epoch: str
+    seq: int
+    time: float
+    interval: float
+    topics: dict[str, int] = attrs.Factory(dict)
+    v: int = SCHEMA_VERSION
+
+
+Reply = Union[Pong, ListReply, GetBegin, GetChunk, GetEnd, ErrorReply, RecentEnd, StatusReply,
+              Ack]
+Stream = Union[EventBatch, MapEvent, Heartbeat]
+Message = Union[Request, Reply, Stream]
+
+# Topic frames: "map:<name>\0" for a map's events (subscribe to "map:<prefix>" for a
+# family of maps, "map:<name>\0" for exactly one), "hb" for heartbeats.
+MAP_TOPIC_PREFIX = b"map:"
+HEARTBEAT_TOPIC = b"hb"
+
+
+def map_topic(name: str) -> bytes:
+    return MAP_TOPIC_PREFIX + name.encode() + b"\0"
+
+
+def topic_name(topic: bytes) -> str | None:
+    """The map name in a map topic, or None for other topics."""
+    if topic.startswith(MAP_TOPIC_PREFIX) and topic.endswith(b"\0"):
+        return topic[len(MAP_TOPIC_PREFIX):-1].decode(errors="replace")
+    return None
 
 KINDS: dict[type, str] = {
     Ping: "ping",
@@ -165,6 +328,15 @@ KINDS: dict[type, str] = {
     GetChunk: "get_chunk",
     GetEnd: "get_end",
     ErrorReply: "error",
+    RecentRequest: "recent",
+    StatusRequest: "status",
+    GapReport: "gap_report",
+    Ack: "ack",
+    RecentEnd: "recent_end",
+    StatusReply: "status_reply",
+    EventBatch: "events",
+    MapEvent: "map_event",
+    Heartbeat: "heartbeat",
 }
 
 converter = make_converter()

@@ -53,47 +53,23 @@ class PeerGone(Exception):
     """The ROUTER peer a message was addressed to has disconnected."""
 
 
-class SocketOwner:
-    """The one task that touches a ROUTER socket, with a bounded outbox per peer.
+class OwnedSocket:
+    """Base for the one task that owns a socket: wake on the fd or on new work, then pump.
 
-    Handlers run in their own tasks and call :meth:`send`, which waits while
-    that peer's outbox is full: a slow client slows only its own replies, and
-    memory stays bounded.  The socket runs with ``ROUTER_MANDATORY`` so a
-    full peer queue is reported (and retried) instead of dropped silently,
-    and a vanished peer fails its handler with :class:`PeerGone`.
+    Subclasses implement :meth:`_pump`, which must receive until ``POLLIN`` is
+    clear and send what it can; :meth:`serve` handles the edge-triggered fd.
     """
 
-    RETRY_INTERVAL = 0.005  # how soon to retry a peer whose zmq queue was full
+    RETRY_INTERVAL = 0.005  # how soon to retry when a send could not proceed
 
-    def __init__(self, sock: zmq.Socket, outbox_limit: int = 8):
+    def __init__(self, sock: zmq.Socket):
         self.sock = sock
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._fd = sock.getsockopt(zmq.FD)
-        self._limit = outbox_limit
-        self._outboxes: dict[bytes, collections.deque[Frames]] = {}
-        self._space: dict[bytes, trio.Event] = {}
-        self._gone: set[bytes] = set()
         self._wake = trio.Event()
         self._fd_checked = trio.Event()
 
-    async def send(self, peer: bytes, frames: Frames) -> None:
-        """Queue ``frames`` for ``peer``; waits while its outbox is full."""
-        while True:
-            if peer in self._gone:
-                raise PeerGone(peer)
-            box = self._outboxes.setdefault(peer, collections.deque())
-            if len(box) < self._limit:
-                box.append([peer, *frames])
-                self._wake.set()
-                return
-            event = self._space.setdefault(peer, trio.Event())
-            await event.wait()
-
-    def forget(self, peer: bytes) -> None:
-        """Drop a peer's bookkeeping once nothing more will be sent to it."""
-        self._gone.discard(peer)
-        if not self._outboxes.get(peer):
-            self._outboxes.pop(peer, None)
+    def _poke(self) -> None:
+        self._wake.set()
 
     async def serve(self, on_message: Callable[[Frames], None]) -> None:
         """Own the socket until cancelled; ``on_message`` must not block."""
@@ -117,20 +93,64 @@ class SocketOwner:
             # Wait until the owner has read EVENTS, which resets the fd.
             await self._fd_checked.wait()
 
+    def _receive_all(self, on_message: Callable[[Frames], None]) -> bool:
+        received = False
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            on_message(self.sock.recv_multipart(zmq.NOBLOCK))
+            received = True
+        return received
+
+    def _pump(self, on_message: Callable[[Frames], None]) -> bool:
+        raise NotImplementedError
+
+
+class SocketOwner(OwnedSocket):
+    """The one task that touches a ROUTER socket, with a bounded outbox per peer.
+
+    Handlers run in their own tasks and call :meth:`send`, which waits while
+    that peer's outbox is full: a slow client slows only its own replies, and
+    memory stays bounded.  The socket runs with ``ROUTER_MANDATORY`` so a
+    full peer queue is reported (and retried) instead of dropped silently,
+    and a vanished peer fails its handler with :class:`PeerGone`.
+    """
+
+    def __init__(self, sock: zmq.Socket, outbox_limit: int = 8):
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        super().__init__(sock)
+        self._limit = outbox_limit
+        self._outboxes: dict[bytes, collections.deque[Frames]] = {}
+        self._space: dict[bytes, trio.Event] = {}
+        self._gone: set[bytes] = set()
+
+    async def send(self, peer: bytes, frames: Frames) -> None:
+        """Queue ``frames`` for ``peer``; waits while its outbox is full."""
+        while True:
+            if peer in self._gone:
+                raise PeerGone(peer)
+            box = self._outboxes.setdefault(peer, collections.deque())
+            if len(box) < self._limit:
+                box.append([peer, *frames])
+                self._poke()
+                return
+            event = self._space.setdefault(peer, trio.Event())
+            await event.wait()
+
+    def forget(self, peer: bytes) -> None:
+        """Drop a peer's bookkeeping once nothing more will be sent to it."""
+        self._gone.discard(peer)
+        if not self._outboxes.get(peer):
+            self._outboxes.pop(peer, None)
+
     def _pump(self, on_message: Callable[[Frames], None]) -> bool:
         """Receive and send until neither can progress; True if a peer is blocked."""
-        sock = self.sock
         while True:
-            progressed = False
-            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                on_message(sock.recv_multipart(zmq.NOBLOCK))
-                progressed = True
+            progressed = self._receive_all(on_message)
             blocked = False
             for peer in list(self._outboxes):
                 box = self._outboxes[peer]
                 while box:
                     try:
-                        sock.send_multipart(box[0], zmq.NOBLOCK, copy=False)
+                        self.sock.send_multipart(box[0], zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         blocked = True
                         break
@@ -148,3 +168,36 @@ class SocketOwner:
                     del self._outboxes[peer]
             if not progressed:
                 return blocked
+
+
+class PublisherOwner(OwnedSocket):
+    """The one task that touches an XPUB socket.
+
+    :meth:`publish` never waits: PUB semantics are that a subscriber too slow
+    to keep up loses messages at its high-water mark (it sees a sequence gap),
+    and nobody else is slowed down.  Subscription messages from the XPUB go
+    to the ``on_message`` callback given to :meth:`serve`.
+    """
+
+    def __init__(self, sock: zmq.Socket):
+        super().__init__(sock)
+        self._outbox: collections.deque[Frames] = collections.deque()
+        self.sent = 0
+
+    def publish(self, frames: Frames) -> None:
+        self._outbox.append(frames)
+        self._poke()
+
+    def _pump(self, on_message: Callable[[Frames], None]) -> bool:
+        while True:
+            progressed = self._receive_all(on_message)
+            while self._outbox:
+                try:
+                    self.sock.send_multipart(self._outbox[0], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return True  # only with XPUB_NODROP; retried shortly
+                self._outbox.popleft()
+                self.sent += 1
+                progressed = True
+            if not progressed:
+                return False

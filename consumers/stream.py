@@ -1,0 +1,315 @@
+"""Following the daemon's event stream, with snapshot sync and gap handling built in.
+
+The Clone pattern (zguide ch. 5): subscribe first, wait for a heartbeat (it
+proves the subscription is live), then ask for a snapshot of each map with
+the topic sequence it reflects, and apply only stream events past it.
+
+What can go wrong, and what the stream yields then:
+- A gap (``topic_seq`` jumps, or a heartbeat shows a later ``topic_seq``
+  than the last event seen): a ``lost`` event with the exact count, which is
+  also reported to the daemon; with ``snapshot=True`` the map is then
+  re-snapshotted and the differences come as corrective events after a
+  ``resync`` event.
+- A restarted daemon (new epoch): a ``resync`` event; with ``snapshot=True``
+  every map is re-snapshotted the same way.
+- A silent daemon (no heartbeat for ``heartbeat_timeout``): DaemonUnavailable.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import AsyncIterator
+
+import attrs
+import trio
+import zmq
+
+from watcher.wire import schema
+from watcher.wire.schema import MapInfo, MapRef
+from watcher.wire.transport import recv_multipart
+
+from .client import Client, DaemonError, DaemonUnavailable
+
+ACTIONS = ("added", "updated", "removed")
+GLOB_CHARS = "*?["
+
+
+@attrs.frozen
+class Event:
+    """One thing that happened to a map, or to the stream itself.
+
+    ``action``: added, updated, removed (entries); map_created, map_removed;
+    resync (state was re-read: ``reason`` says why); lost (``missed`` events
+    never arrived).  ``seq`` is the daemon-wide sequence (0 for events the
+    client made: snapshot rows, lost, resync); values are raw bytes, per-CPU
+    maps' values hold every CPU's slot (see MapInfo.value_stride).
+    """
+
+    action: str
+    map: MapRef
+    seq: int = 0
+    topic_seq: int = 0
+    time: float = 0.0
+    key: bytes | None = None
+    value: bytes | None = None
+    old_value: bytes | None = None
+    info: MapInfo | None = None
+    missed: int = 0
+    reason: str = ""
+    snapshot: bool = False
+
+
+class Selection:
+    """Which maps a list of selectors (names or globs) covers, and what to subscribe."""
+
+    def __init__(self, selectors: list[str]):
+        if not selectors:
+            raise ValueError("at least one map name or glob is needed")
+        self.selectors = selectors
+
+    def subscriptions(self) -> list[bytes]:
+        subs = []
+        for sel in self.selectors:
+            cut = min((i for i, ch in enumerate(sel) if ch in GLOB_CHARS), default=None)
+            if cut is None:
+                subs.append(schema.map_topic(sel))
+            else:
+                subs.append(schema.MAP_TOPIC_PREFIX + sel[:cut].encode())
+        return subs
+
+    def matches(self, name: str) -> bool:
+        return any(name == s or fnmatch.fnmatchcase(name, s) for s in self.selectors)
+
+
+def events_from_batch(batch: schema.EventBatch, frames: list[bytes]) -> list[Event]:
+    if len(frames) != 4 or len(frames[0]) != batch.count:
+        raise DaemonError("bad_reply", "malformed events message")
+    actions, keys, values, olds = frames
+    ks, vs = batch.key_size, batch.value_stride
+    out = []
+    for i in range(batch.count):
+        action = ACTIONS[actions[i]]
+        value = values[i * vs:(i + 1) * vs]
+        out.append(Event(action, batch.map, batch.seq + i, batch.topic_seq + i, batch.time,
+                         key=keys[i * ks:(i + 1) * ks], value=value,
+                         old_value=olds[i * vs:(i + 1) * vs] if action == "updated" else None))
+    return out
+
+
+def event_from_map_event(message: schema.MapEvent) -> Event:
+    return Event(message.action, MapRef(message.map.id, message.map.name), message.seq,
+                 message.topic_seq, message.time, info=message.map)
+
+
+class EventStream:
+    """``async with client.events([...]) as stream: async for event in stream: ...``"""
+
+    def __init__(self, client: Client, selectors: list[str], snapshot: bool = False,
+                 heartbeat_timeout: float | None = None):
+        self.client = client
+        self.selection = Selection(selectors)
+        self.snapshot = snapshot
+        self.heartbeat_timeout = heartbeat_timeout
+        self.epoch: str | None = None
+        self.lost = 0  # events missed so far (all maps)
+        self.resyncs = 0
+        self._topic_seq: dict[str, int] = {}
+        self._state: dict[str, dict[bytes, bytes]] = {}  # snapshot mode: name -> entries
+        self._ctx: zmq.Context | None = None
+        self._sub: zmq.Socket | None = None
+
+    async def __aenter__(self) -> EventStream:
+        pong = await self.client.ping()
+        endpoint = self.client.events_endpoint or pong.events_endpoint
+        self.client._check_endpoint(endpoint)
+        self._ctx = zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RCVHWM, 100000)
+        self._sub.connect(endpoint)
+        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
+        for topic in self.selection.subscriptions():
+            self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._sub is not None:
+            self._sub.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    # --- receiving ---
+
+    async def _next_message(self, timeout: float):
+        assert self._sub is not None
+        with trio.move_on_after(timeout) as scope:
+            frames = await recv_multipart(self._sub)
+        if scope.cancelled_caught:
+            raise DaemonUnavailable(f"no heartbeat from the pymap daemon for {timeout:g} s "
+                                    "(is it still running?)")
+        if len(frames) < 2:
+            raise DaemonError("bad_reply", "stream message without a header")
+        try:
+            return schema.decode(frames[1]), frames[2:]
+        except schema.WireError as e:
+            raise DaemonError("bad_reply", f"daemon sent {e}") from None
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        timeout = self.heartbeat_timeout or 10.0
+        # Until the first heartbeat, the subscription may not be live yet.
+        queued: list[tuple[object, list[bytes]]] = []
+        while True:
+            message, frames = await self._next_message(timeout)
+            if isinstance(message, schema.Heartbeat):
+                break
+            queued.append((message, frames))
+        self.epoch = message.epoch
+        timeout = self.heartbeat_timeout or 3 * message.interval + 2.0
+        if self.snapshot:
+            for event in await self._snapshot_all(reason="start"):
+                yield event
+        else:
+            self._baseline(message)
+        for item in queued:
+            for event in await self._handle(*item):
+                yield event
+        while True:
+            message, frames = await self._next_message(timeout)
+            for event in await self._handle(message, frames):
+                yield event
+
+    def _baseline(self, beat: schema.Heartbeat) -> None:
+        for name, tseq in beat.topics.items():
+            if self.selection.matches(name):
+                self._topic_seq.setdefault(name, tseq)
+
+    # --- applying ---
+
+    async def _handle(self, message, frames: list[bytes]) -> list[Event]:
+        out: list[Event] = []
+        if getattr(message, "epoch", self.epoch) != self.epoch:
+            out += await self._epoch_changed(message.epoch)
+        if isinstance(message, schema.Heartbeat):
+            for name, tseq in message.topics.items():
+                if not self.selection.matches(name):
+                    continue
+                last = self._topic_seq.get(name)
+                if last is None:
+                    self._topic_seq[name] = tseq
+                elif tseq > last:
+                    out += await self._gap(name, MapRef(0, name), tseq - last)
+            return out
+        if isinstance(message, schema.EventBatch):
+            name, first, count = message.map.name, message.topic_seq, message.count
+        elif isinstance(message, schema.MapEvent):
+            name, first, count = message.map.name, message.topic_seq, 1
+        else:
+            return out
+        if not self.selection.matches(name):
+            return out
+        last = self._topic_seq.get(name)
+        if last is not None and first > last + 1:
+            out += await self._gap(name, message.map if isinstance(message, schema.EventBatch)
+                                   else MapRef(message.map.id, name), first - last - 1)
+            last = self._topic_seq.get(name)
+        if last is not None and first + count - 1 <= last:
+            return out  # already reflected in a snapshot
+        events = (events_from_batch(message, frames) if isinstance(message, schema.EventBatch)
+                  else [event_from_map_event(message)])
+        if last is not None:
+            events = [e for e in events if e.topic_seq > last]
+        self._topic_seq[name] = first + count - 1
+        if self.snapshot:
+            self._apply(name, events)
+        return out + events
+
+    def _apply(self, name: str, events: list[Event]) -> None:
+        state = self._state.setdefault(name, {})
+        for e in events:
+            if e.action in ("added", "updated"):
+                state[e.key] = e.value
+            elif e.action == "removed":
+                state.pop(e.key, None)
+            elif e.action in ("map_created", "map_removed"):
+                state.clear()
+
+    async def _gap(self, name: str, ref: MapRef, missed: int) -> list[Event]:
+        self.lost += missed
+        out = [Event("lost", ref, time=time.time(), missed=missed)]
+        try:
+            await self.client.report_gap(name, missed)
+        except DaemonError:
+            pass  # the report is a courtesy; the subscriber has already been told
+        if self.snapshot:
+            out += await self._resync(name, "gap")
+        else:
+            # Nothing to resync against: carry on from where the stream is now.
+            self._topic_seq.pop(name, None)
+        return out
+
+    async def _epoch_changed(self, epoch: str) -> list[Event]:
+        self.epoch = epoch
+        self._topic_seq.clear()
+        self.resyncs += 1
+        out = [Event("resync", MapRef(0, ""), time=time.time(), reason="epoch")]
+        if self.snapshot:
+            out += await self._snapshot_all(reason="epoch", announce=False)
+        return out
+
+    async def read_snapshot(self) -> list[Event]:
+        """Every current entry of the selected maps as ``added`` events (no stream needed)."""
+        return await self._snapshot_all(reason="start")
+
+    async def _snapshot_all(self, reason: str, announce: bool = True) -> list[Event]:
+        out: list[Event] = []
+        names = set()
+        for sel in self.selection.selectors:
+            pattern = sel if any(c in sel for c in GLOB_CHARS) else None
+            for m in await self.client.list_maps(pattern or sel, entries=False):
+                if m.dumpable and self.selection.matches(m.name):
+                    names.add(m.name)
+        for name in sorted(names):
+            out += await self._resync(name, reason, announce=announce)
+        return out
+
+    async def _resync(self, name: str, reason: str, announce: bool = True) -> list[Event]:
+        """Re-read one map's state; return the differences as events."""
+        try:
+            async with self.client.get(name, snapshot=True, reason=reason) as dump:
+                fresh: dict[bytes, bytes] = {}
+                m = dump.map
+                async for chunk in dump.chunks():
+                    for i in range(chunk.count):
+                        fresh[chunk.keys[i * m.key_size:(i + 1) * m.key_size]] = \
+                            chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
+        except DaemonError as e:
+            if e.code in ("not_found", "not_dumpable", "ambiguous"):
+                return []
+            raise
+        ref = MapRef(m.id, m.name)
+        old = self._state.get(name, {})
+        now = time.time()
+        is_start = reason == "start"
+        out = [] if is_start or not announce else [Event("resync", ref, time=now, reason=reason)]
+        if not is_start and reason != "epoch":
+            self.resyncs += 1
+        for key, value in fresh.items():
+            before = old.get(key)
+            if before is None:
+                out.append(Event("added", ref, time=now, key=key, value=value,
+                                 reason=reason, snapshot=True, info=m))
+            elif before != value:
+                out.append(Event("updated", ref, time=now, key=key, value=value,
+                                 old_value=before, reason=reason, snapshot=True, info=m))
+        for key, value in old.items():
+            if key not in fresh:
+                out.append(Event("removed", ref, time=now, key=key, value=value,
+                                 reason=reason, snapshot=True, info=m))
+        self._state[name] = fresh
+        self._topic_seq[name] = dump.seq or 0
+        return out
+

@@ -1,0 +1,268 @@
+"""The watch engine: which maps to poll, polling them, turning dumps into events.
+
+Demand-driven: a map is polled only while someone subscribes to a topic
+covering it (learned from the XPUB socket), a snapshot of it was asked for,
+the config lists it under ``watch.always``, or it is lingering after its
+last subscriber left (so ``pymap events NAME`` still has recent events).
+
+Each cycle enumerates the host's maps (cheap: ids and pins, no dumps) to
+notice maps appearing and disappearing, then polls the watched maps that
+are due.  A map recreated under the same name gets a new id, so it shows as
+``map_removed`` of the old id and ``map_created`` of the new one.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fnmatch
+import logging
+import os
+import time
+
+import attrs
+import trio
+
+from ..kernel import maps as kmaps
+from ..kernel.dump import dump, value_stride
+from ..kernel.maptypes import DumpMethod, dump_method
+from ..wire import schema
+from . import catalog
+from .config import Config
+from .delta import Snapshot, diff, snapshot_as_added
+from .stream import Stream
+
+log = logging.getLogger("pymap.engine")
+
+
+class MapGone(Exception):
+    """The map was freed since it was listed."""
+
+
+@attrs.define(eq=False)
+class Watch:
+    record: kmaps.MapRecord
+    interval: float
+    stride: int
+    lock: trio.Lock = attrs.Factory(trio.Lock)
+    snapshot: Snapshot | None = None
+    next_due: float = 0.0
+    polls: int = 0
+    last_poll_ms: float = 0.0
+    max_poll_ms: float = 0.0
+    events: int = 0
+    reason: str = ""
+
+    @property
+    def pollable(self) -> bool:
+        return dump_method(self.record.type) is not DumpMethod.NONE
+
+
+class Demand:
+    """Topic prefixes subscribers asked for, counted (XPUB_VERBOSER reports each)."""
+
+    def __init__(self):
+        self.prefixes: collections.Counter[bytes] = collections.Counter()
+
+    def update(self, message: bytes) -> bool:
+        """Apply one XPUB subscription message; True if it was a new subscription."""
+        if not message or message[0] not in (0, 1):
+            return False
+        prefix = bytes(message[1:])
+        if message[0] == 1:
+            self.prefixes[prefix] += 1
+            return True
+        self.prefixes[prefix] -= 1
+        if self.prefixes[prefix] <= 0:
+            del self.prefixes[prefix]
+        return False
+
+    def wants(self, name: str) -> bool:
+        topic = schema.map_topic(name)
+        return any(topic.startswith(p) for p in self.prefixes)
+
+
+class Engine:
+    def __init__(self, config: Config, stream: Stream):
+        self.config = config
+        self.bpffs = tuple(config.daemon.bpffs)
+        self.stream = stream
+        self.demand = Demand()
+        self.watches: dict[int, Watch] = {}
+        self._known_ids: set[int] | None = None
+        self._holds: dict[str, tuple[float, str]] = {}  # name -> (until, reason)
+        self._wake = trio.Event()
+        self.poll_errors = 0
+        self.drops_reported = 0
+        self.resyncs = 0
+
+    # --- demand ---
+
+    def on_subscription(self, frames: list[bytes]) -> None:
+        """XPUB callback: a subscription changed; re-evaluate soon, greet new subscribers."""
+        if self.demand.update(frames[0]):
+            self.stream.heartbeat(self.watched_topics())
+        self.poke()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def _why_watched(self, name: str, now: float) -> str | None:
+        linger = self.config.watch.linger
+        if self.demand.wants(name):
+            self._holds[name] = (now + linger, "lingering")
+            return "subscribed"
+        if any(fnmatch.fnmatchcase(name, p) for p in self.config.watch.always):
+            return "always"
+        until, reason = self._holds.get(name, (0.0, ""))
+        if until > now:
+            return reason
+        self._holds.pop(name, None)
+        return None
+
+    def watched_topics(self) -> list[str]:
+        return sorted({w.record.name for w in self.watches.values()})
+
+    # --- the loop ---
+
+    async def run(self) -> None:
+        while True:
+            self._wake = trio.Event()
+            started = trio.current_time()
+            try:
+                await self.cycle()
+            except OSError as e:  # enumeration itself failed: log, count, keep going
+                self.poll_errors += 1
+                log.error("enumerating maps failed: %s", e)
+            due = min((w.next_due for w in self.watches.values() if w.pollable),
+                      default=started + self.config.watch.interval)
+            tick = max(min(due, started + self.config.watch.interval) - trio.current_time(), 0.01)
+            with trio.move_on_after(tick):
+                await self._wake.wait()
+
+    async def cycle(self) -> None:
+        records = await trio.to_thread.run_sync(kmaps.list_maps, self.bpffs)
+        now = time.monotonic()
+        current = {r.id: r for r in records}
+        for map_id in [i for i in self.watches if i not in current]:
+            watch = self.watches.pop(map_id)
+            self.stream.publish_map_event("map_removed", catalog.to_wire(watch.record))
+        for record in records:
+            reason = self._why_watched(record.name, now)
+            watch = self.watches.get(record.id)
+            if reason is None:
+                if watch is not None:
+                    del self.watches[record.id]  # nobody wants it any more
+                continue
+            if watch is None:
+                created = self._known_ids is not None and record.id not in self._known_ids
+                watch = self._start(record)
+                if created:
+                    self.stream.publish_map_event("map_created", catalog.to_wire(record))
+                    await self.poll(watch, report_all=True)
+            watch.reason = reason
+        self._known_ids = set(current)
+        for watch in list(self.watches.values()):
+            if watch.pollable and watch.next_due <= trio.current_time():
+                await self.poll(watch)
+
+    def _start(self, record: kmaps.MapRecord) -> Watch:
+        watch = Watch(record, self.config.watch.interval_for(record.name),
+                      value_stride(record) if dump_method(record.type) is not DumpMethod.NONE else 0)
+        self.watches[record.id] = watch
+        log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval)
+        return watch
+
+    # --- polling ---
+
+    async def poll(self, watch: Watch, report_all: bool = False) -> None:
+        """Dump the map and publish what changed since the last poll.
+
+        The first poll of a map only records its state, unless ``report_all``
+        (a map created while watched: its entries are new, so they are events).
+        """
+        if not watch.pollable:
+            return
+        async with watch.lock:
+            watch.next_due = trio.current_time() + watch.interval
+            t0 = time.perf_counter()
+            when = time.time()
+            try:
+                snap = await trio.to_thread.run_sync(self._read, watch)
+            except MapGone:
+                return  # the next cycle reports map_removed
+            except OSError as e:
+                self.poll_errors += 1
+                log.error("polling %s (id %d) failed: %s", watch.record.name, watch.record.id, e)
+                return
+            if watch.snapshot is None and not report_all:
+                watch.snapshot = snap
+            else:
+                prev = watch.snapshot or Snapshot.empty(snap.key_size, snap.stride)
+                delta = (snapshot_as_added(snap) if watch.snapshot is None
+                         else await trio.to_thread.run_sync(diff, prev, snap))
+                watch.snapshot = snap
+                if delta.count:
+                    self.stream.publish_delta(watch.record, snap.key_size, snap.stride,
+                                              delta, when)
+                    watch.events += delta.count
+            elapsed = (time.perf_counter() - t0) * 1000
+            watch.polls += 1
+            watch.last_poll_ms = elapsed
+            watch.max_poll_ms = max(watch.max_poll_ms, elapsed)
+
+    def _read(self, watch: Watch) -> Snapshot:
+        record = watch.record
+        try:
+            fd = kmaps.open_map(map_id=record.id)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise MapGone from None
+            raise
+        with kmaps.open_fd(fd):
+            keys, values, count = [], [], 0
+            for chunk in dump(fd, record):
+                keys.append(chunk.keys)
+                values.append(chunk.values)
+                count += chunk.count
+        return Snapshot(b"".join(keys), b"".join(values), count, record.key_size, watch.stride)
+
+    # --- requests from the server ---
+
+    def report_gap(self, name: str, missed: int) -> None:
+        self.drops_reported += missed
+        log.warning("a subscriber of %s missed %d events", name, missed)
+
+    async def snapshot(self, selector: str, reason: str = ""
+                       ) -> tuple[kmaps.MapRecord, Snapshot, int]:
+        """The watched state of one map and the stream sequence it reflects.
+
+        Starts watching the map (held for ``watch.linger``) if nobody did yet.
+        """
+        if reason in ("gap", "epoch"):
+            self.resyncs += 1
+        fd, record = await trio.to_thread.run_sync(catalog.open_selected, selector, self.bpffs)
+        os.close(fd)  # the watch reopens the map by id at each poll
+        if dump_method(record.type) is DumpMethod.NONE:
+            raise catalog.SelectError("not_dumpable", f"{record.name} ({record.type}) has no "
+                                      "entries to snapshot")
+        self._holds[record.name] = (time.monotonic() + max(self.config.watch.linger, 10.0),
+                                    "snapshot")
+        watch = self.watches.get(record.id)
+        if watch is None:
+            watch = self._start(record)
+            watch.reason = "snapshot"
+        if watch.snapshot is None:
+            await self.poll(watch)
+        async with watch.lock:
+            if watch.snapshot is None:
+                raise catalog.SelectError("vanished", f"{record.name} could not be read")
+            return watch.record, watch.snapshot, self.stream.topic_seq.get(record.name, 0)
+
+    def status(self) -> list[schema.WatchStatus]:
+        return [schema.WatchStatus(
+            id=w.record.id, name=w.record.name, type=w.record.type,
+            entries=w.snapshot.count if w.snapshot else 0, interval=w.interval, polls=w.polls,
+            last_poll_ms=round(w.last_poll_ms, 3), max_poll_ms=round(w.max_poll_ms, 3),
+            events=w.events, state_bytes=w.snapshot.nbytes() if w.snapshot else 0,
+            reason=w.reason) for w in sorted(self.watches.values(), key=lambda w: w.record.id)]

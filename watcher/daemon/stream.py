@@ -1,0 +1,99 @@
+"""The event stream: sequence numbers, topics, batching, recent events, heartbeats.
+
+Every event gets its place in one daemon-wide sequence (total order across
+maps) and in its topic's own sequence, so a subscriber of any subset of
+topics can tell a quiet topic from lost events, and count them exactly.  The epoch, random per daemon run,
+tells a restarted daemon from a continuing one.  See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import time
+
+from ..kernel.maps import MapRecord
+from ..wire import schema
+from ..wire.transport import PublisherOwner
+from .delta import Delta
+
+Frames = list[bytes]
+
+
+class Stream:
+    def __init__(self, publisher: PublisherOwner, epoch: str, recent_limit: int,
+                 batch_events: int, heartbeat_interval: float):
+        self.publisher = publisher
+        self.epoch = epoch
+        self.recent_limit = recent_limit
+        self.batch_events = batch_events
+        self.heartbeat_interval = heartbeat_interval
+        self.seq = 0
+        self.topic_seq: dict[str, int] = {}  # topic name -> last topic_seq published on it
+        self.events_published = 0
+        self.messages_published = 0
+        # topic name -> recent (header, frames) messages, bounded by total events
+        self._recent: dict[str, collections.deque[tuple[object, Frames]]] = {}
+        self._recent_counts: dict[str, int] = {}
+
+    def _send(self, name: str, header, frames: Frames, events: int) -> None:
+        topic = schema.map_topic(name)
+        self.publisher.publish([topic, schema.encode(header), *frames])
+        self.messages_published += 1
+        self.events_published += events
+        self._remember(name, header, frames, max(events, 1))
+
+    def _remember(self, name: str, header, frames: Frames, weight: int) -> None:
+        if self.recent_limit <= 0:
+            return
+        ring = self._recent.setdefault(name, collections.deque())
+        ring.append((header, frames))
+        self._recent_counts[name] = self._recent_counts.get(name, 0) + weight
+        while self._recent_counts[name] > self.recent_limit and len(ring) > 1:
+            old, _ = ring.popleft()
+            self._recent_counts[name] -= max(getattr(old, "count", 1), 1)
+
+    def publish_delta(self, record: MapRecord, key_size: int, stride: int, delta: Delta,
+                      when: float) -> None:
+        """Publish ``delta`` as one or more batches of at most ``batch_events`` events."""
+        name = record.name
+        ref = schema.MapRef(record.id, name)
+        step = self.batch_events
+        for start in range(0, delta.count, step):
+            n = min(step, delta.count - start)
+            header = schema.EventBatch(
+                epoch=self.epoch, seq=self.seq + 1, count=n,
+                topic_seq=self.topic_seq.get(name, 0) + 1,
+                time=when, map=ref, key_size=key_size, value_stride=stride)
+            self.seq += n
+            self.topic_seq[name] = header.topic_seq + n - 1
+            ks, vs = start * key_size, start * stride
+            frames = [delta.actions[start:start + n],
+                      delta.keys[ks:ks + n * key_size],
+                      delta.values[vs:vs + n * stride],
+                      delta.old_values[vs:vs + n * stride]]
+            self._send(name, header, frames, n)
+
+    def publish_map_event(self, action: str, info: schema.MapInfo, when: float | None = None) -> None:
+        self.seq += 1
+        tseq = self.topic_seq.get(info.name, 0) + 1
+        header = schema.MapEvent(epoch=self.epoch, seq=self.seq, topic_seq=tseq,
+                                 time=time.time() if when is None else when,
+                                 action=action, map=info)
+        self.topic_seq[info.name] = tseq
+        self._send(info.name, header, [], 1)
+
+    def heartbeat(self, watched_topics: list[str]) -> None:
+        topics = {name: self.topic_seq.get(name, 0) for name in watched_topics}
+        beat = schema.Heartbeat(epoch=self.epoch, seq=self.seq, time=time.time(),
+                                interval=self.heartbeat_interval, topics=topics)
+        self.publisher.publish([schema.HEARTBEAT_TOPIC, schema.encode(beat)])
+
+    def recent(self, pattern: str) -> list[tuple[object, Frames]]:
+        """Recent messages of every topic whose name matches ``pattern``, in sequence order."""
+        found = []
+        for name, ring in self._recent.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                found.extend(ring)
+        found.sort(key=lambda item: item[0].seq)
+        return found
