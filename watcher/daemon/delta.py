@@ -3,9 +3,13 @@
 Why numpy: a watched map is dumped every interval, and most polls change
 nothing or little.  Comparing a million entries as Python objects costs
 about a second and 200 MB; comparing flat buffers costs a ``memcmp`` when
-nothing changed, a vectorised row compare when only values changed (the
-kernel's iteration order is then identical), and a sort + binary search when
-keys came or went.  State per watched entry is its key and value bytes plus a
+nothing changed, a vectorised row compare when the keys came back in the
+same order (arrays; hash maps whose values BPF programs change in place
+through a lookup pointer, as counters do), and a sort + binary search
+otherwise (keys came or went, or user space updated an entry, which moves
+it to the front of its hash bucket).  Value rows are compared as the widest
+machine words that divide the value size, in slices, to keep temporaries
+small.  State per watched entry is its key and value bytes plus a
 4-byte sort index: ``key_size + value_stride + 4`` bytes (docs/architecture.md).
 """
 
@@ -46,6 +50,12 @@ class Snapshot:
 
     def value_rows(self) -> np.ndarray:
         return np.frombuffer(self.values, dtype=np.uint8).reshape(self.count, self.stride)
+
+    def value_words(self) -> np.ndarray:
+        """Values as rows of the widest unsigned words dividing the stride (for comparing)."""
+        width = next(w for w in (8, 4, 2, 1) if self.stride % w == 0)
+        return np.frombuffer(self.values, dtype=f"u{width}").reshape(
+            self.count, self.stride // width)
 
     def sorted_order(self) -> np.ndarray:
         if self.order is None:
@@ -93,9 +103,9 @@ def diff(prev: Snapshot, cur: Snapshot) -> Delta:
         cur.order = prev.order  # same keys in the same order: the sort carries over
         if prev.values == cur.values:
             return _empty_delta()
-        pv, cv = prev.value_rows(), cur.value_rows()
-        changed = np.flatnonzero((pv != cv).any(axis=1))
-        ck = cur.key_array()
+        everyone = np.arange(cur.count)
+        changed = everyone[_rows_differ(prev.value_words(), everyone, cur.value_words(), everyone)]
+        pv, cv, ck = prev.value_rows(), cur.value_rows(), cur.key_array()
         return _assemble(cur.stride, None, (ck[changed], cv[changed], pv[changed]), None)
 
     pk, ck = prev.key_array(), cur.key_array()
@@ -114,10 +124,23 @@ def diff(prev: Snapshot, cur: Snapshot) -> Delta:
     present = np.zeros(prev.count, dtype=bool)
     present[matched_p] = True
     removed = po[~present[po]]  # in key order
-    changed = (pv[matched_p] != cv[matched_c]).any(axis=1)
+    changed = _rows_differ(prev.value_words(), matched_p, cur.value_words(), matched_c)
     upd_p, upd_c = matched_p[changed], matched_c[changed]
     return _assemble(cur.stride, (ck[added], cv[added]), (ck[upd_c], cv[upd_c], pv[upd_p]),
                      (pk[removed], pv[removed]))
+
+
+_SLICE = 1 << 17  # rows compared at a time: bounds the temporaries to a few MB
+
+
+def _rows_differ(pw: np.ndarray, p_idx: np.ndarray, cw: np.ndarray, c_idx: np.ndarray
+                 ) -> np.ndarray:
+    """Boolean mask: does row ``p_idx[i]`` of ``pw`` differ from row ``c_idx[i]`` of ``cw``?"""
+    out = np.empty(len(p_idx), dtype=bool)
+    for start in range(0, len(p_idx), _SLICE):
+        sl = slice(start, start + _SLICE)
+        np.any(pw[p_idx[sl]] != cw[c_idx[sl]], axis=1, out=out[sl])
+    return out
 
 
 def _assemble(stride: int, added, updated, removed) -> Delta:
