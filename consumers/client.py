@@ -75,6 +75,7 @@ class Dump:
     def __init__(self, client: Client, begin: schema.GetBegin, btf: bytes | None):
         self.map: MapInfo = begin.map
         self.btf = btf
+        self.layout: dict | None = begin.layout  # the config's declared layout for this map
         self.total: int | None = None  # set when the stream ends
         self.seq: int | None = begin.seq
         self.epoch: str = begin.epoch
@@ -125,7 +126,11 @@ class Client:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
+        try:
+            self._sock.connect(self.endpoint)
+        except zmq.ZMQError as e:
+            await self.__aexit__(None, None, None)
+            raise DaemonUnavailable(f"cannot connect to {self.endpoint}: {e}") from None
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -141,9 +146,14 @@ class Client:
         if not endpoint.startswith("ipc://"):
             return
         path = endpoint[len("ipc://"):]
-        if not os.path.exists(path):
+        try:
+            os.stat(path)
+        except PermissionError:
+            raise DaemonUnavailable(f"permission denied on {path}: run as root or as a member "
+                                    "of the daemon's socket_group") from None
+        except OSError:
             raise DaemonUnavailable(f"pymap daemon is not running: no socket at {path} "
-                                    "(start it with: pymap daemon)")
+                                    "(start it with: pymap daemon)") from None
         if not os.access(path, os.R_OK | os.W_OK):
             raise DaemonUnavailable(f"permission denied on {path}: run as root or as a member "
                                     "of the daemon's socket_group")
@@ -222,12 +232,12 @@ class Client:
                 messages.append((message, frames))
 
     def events(self, selectors: list[str], snapshot: bool = False,
-               heartbeat_timeout: float | None = None):
+               heartbeat_timeout: float | None = None, record_batches: bool = False):
         """Stream events of the maps ``selectors`` name (names or globs); see EventStream."""
         from .stream import EventStream
 
         return EventStream(self, selectors, snapshot=snapshot,
-                           heartbeat_timeout=heartbeat_timeout)
+                           heartbeat_timeout=heartbeat_timeout, record_batches=record_batches)
 
     @contextlib.asynccontextmanager
     async def get(self, selector: str, snapshot: bool = False, entries: bool = True,

@@ -30,6 +30,7 @@ from watcher.wire.schema import MapInfo, MapRef
 from watcher.wire.transport import recv_multipart
 
 from .client import Client, DaemonError, DaemonUnavailable
+from .records import FormatterCache, MalformedRecords, RecordSet, record_set
 
 ACTIONS = ("added", "updated", "removed")
 GLOB_CHARS = "*?["
@@ -44,6 +45,12 @@ class Event:
     never arrived).  ``seq`` is the daemon-wide sequence (0 for events the
     client made: snapshot rows, lost, resync); values are raw bytes, per-CPU
     maps' values hold every CPU's slot (see MapInfo.value_stride).
+
+    Buffers (event sources, docs/sources.md): ``record`` (``value`` is the raw
+    record, ``formatted`` its fields when the daemon sent a layout); ``lost``
+    with ``reason`` "perf" or "producer" (``missed`` records never reached
+    pymap); with ``record_batches=True``, one ``records`` event per batch
+    (``records``: a consumers.records.RecordSet) instead of one per record.
     """
 
     action: str
@@ -58,6 +65,8 @@ class Event:
     missed: int = 0
     reason: str = ""
     snapshot: bool = False
+    formatted: dict | None = None
+    records: RecordSet | None = None
 
 
 class Selection:
@@ -76,7 +85,7 @@ class Selection:
                 subs.append(schema.map_topic(sel))
             else:
                 subs.append(schema.MAP_TOPIC_PREFIX + sel[:cut].encode())
-        return subs
+        return list(dict.fromkeys(subs))  # a repeat would leak demand (XPUB_VERBOSER)
 
     def matches(self, name: str) -> bool:
         return any(name == s or fnmatch.fnmatchcase(name, s) for s in self.selectors)
@@ -102,14 +111,52 @@ def event_from_map_event(message: schema.MapEvent) -> Event:
                  message.topic_seq, message.time, info=message.map)
 
 
+def events_from_records(batch: schema.RecordBatch, frames: list[bytes],
+                        formatters: FormatterCache | None = None,
+                        as_batch: bool = False) -> list[Event]:
+    """A buffer's batch as ``record`` events (or one ``records`` event with ``as_batch``)."""
+    try:
+        records = record_set(batch, frames)
+    except MalformedRecords as e:
+        raise DaemonError("bad_reply", f"malformed records message: {e}") from None
+    if as_batch:
+        return [Event("records", batch.map, batch.seq, batch.topic_seq, batch.time,
+                      records=records)]
+    fmt = (formatters or FormatterCache()).get(batch.map.name, batch.layout)
+    return [Event("record", batch.map, batch.seq + i, batch.topic_seq + i, batch.time,
+                  value=raw, formatted=fmt(raw) if fmt else None)
+            for i, raw in enumerate(records)]
+
+
+def event_from_lost(message: schema.LostRecords) -> Event:
+    return Event("lost", message.map, message.seq, message.topic_seq, message.time,
+                 missed=message.lost, reason=message.reason)
+
+
+def events_of(message, frames: list[bytes], formatters: FormatterCache | None = None,
+              record_batches: bool = False) -> list[Event]:
+    """The events one stream message carries (as replayed by ``recent`` too)."""
+    if isinstance(message, schema.EventBatch):
+        return events_from_batch(message, frames)
+    if isinstance(message, schema.RecordBatch):
+        return events_from_records(message, frames, formatters, record_batches)
+    if isinstance(message, schema.LostRecords):
+        return [event_from_lost(message)]
+    if isinstance(message, schema.MapEvent):
+        return [event_from_map_event(message)]
+    return []
+
+
 class EventStream:
     """``async with client.events([...]) as stream: async for event in stream: ...``"""
 
     def __init__(self, client: Client, selectors: list[str], snapshot: bool = False,
-                 heartbeat_timeout: float | None = None):
+                 heartbeat_timeout: float | None = None, record_batches: bool = False):
         self.client = client
         self.selection = Selection(selectors)
         self.snapshot = snapshot
+        self.record_batches = record_batches  # one "records" event per buffer batch
+        self._formatters = FormatterCache()
         self.heartbeat_timeout = heartbeat_timeout
         self.epoch: str | None = None
         self.lost = 0  # events missed so far (all maps)
@@ -203,9 +250,9 @@ class EventStream:
                 elif tseq > last:
                     out += await self._gap(name, MapRef(0, name), tseq - last)
             return out
-        if isinstance(message, schema.EventBatch):
+        if isinstance(message, (schema.EventBatch, schema.RecordBatch)):
             name, first, count = message.map.name, message.topic_seq, message.count
-        elif isinstance(message, schema.MapEvent):
+        elif isinstance(message, (schema.MapEvent, schema.LostRecords)):
             name, first, count = message.map.name, message.topic_seq, 1
         else:
             return out
@@ -213,14 +260,13 @@ class EventStream:
             return out
         last = self._topic_seq.get(name)
         if last is not None and first > last + 1:
-            out += await self._gap(name, message.map if isinstance(message, schema.EventBatch)
+            out += await self._gap(name, message.map if isinstance(message.map, MapRef)
                                    else MapRef(message.map.id, name), first - last - 1)
             last = self._topic_seq.get(name)
         if last is not None and first + count - 1 <= last:
             return out  # already reflected in a snapshot
-        events = (events_from_batch(message, frames) if isinstance(message, schema.EventBatch)
-                  else [event_from_map_event(message)])
-        if last is not None:
+        events = events_of(message, frames, self._formatters, self.record_batches)
+        if last is not None and not (self.record_batches and isinstance(message, schema.RecordBatch)):
             events = [e for e in events if e.topic_seq > last]
         self._topic_seq[name] = first + count - 1
         if self.snapshot:
@@ -246,6 +292,8 @@ class EventStream:
             pass  # the report is a courtesy; the subscriber has already been told
         if self.snapshot:
             out += await self._resync(name, "gap")
+            if name not in self._state:  # nothing to resync against (a buffer): carry on
+                self._topic_seq.pop(name, None)
         else:
             # Nothing to resync against: carry on from where the stream is now.
             self._topic_seq.pop(name, None)

@@ -15,10 +15,11 @@ from typing import Annotated, Optional
 
 import trio
 import typer
+import zmq
 from rich.console import Console
 
 from ..client import DEFAULT_ENDPOINT, Client, DaemonError
-from ..decoding import entry_formatter
+from ..decoding import choose_decoding
 from . import render
 
 app = typer.Typer(
@@ -79,7 +80,7 @@ def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0) ->
         async with Client(endpoint, timeout) as client:
             pong = await client.ping()
         stdout.print(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
-                     f"up {pong.uptime:.0f} s", highlight=False)
+                     f"up {pong.uptime:.0f} s", highlight=False, soft_wrap=True)
 
     run(main)
 
@@ -124,16 +125,25 @@ def get(
     limit: Annotated[int, typer.Option(
         "--limit", "-n", help="Table rows to show (0: all). JSON always has every entry.")] = 100,
     raw: Annotated[bool, typer.Option("--raw", help="Show hex even where entries decode.")] = False,
+    layout_file: Annotated[Optional[str], typer.Option(
+        "--layout", help="TOML file of declared layouts (layouts tables as in the config, or "
+        "one layout) to decode with, before the daemon's config.")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
-    """A map's entries: decoded where its BTF allows, raw hex otherwise."""
+    """A map's entries, decoded (declared layout, built-in Cilium decoder, BTF) or as hex."""
+    own_layouts = _read_layouts(layout_file) if layout_file else []
 
     async def main():
         async with Client(endpoint, timeout) as client, client.get(selector) as dump:
-            formatter = None if raw else entry_formatter(dump.map, dump.btf)
+            layout = next((x for x in own_layouts
+                           if x.matches([dump.map.name, dump.map.kernel_name], dump.map.pinned)),
+                          dump.layout)
+            decoding = None if raw else choose_decoding(dump.map, dump.btf, layout)
+            formatter = decoding.formatter if decoding else None
             if output is Output.json:
-                writer = render.JsonDumpWriter(dump.map, sys.stdout, formatter)
+                writer = render.JsonDumpWriter(dump.map, sys.stdout, formatter,
+                                               decoding.as_json() if decoding else None)
                 async for chunk in dump.chunks():
                     writer.chunk(chunk)
                 writer.close()
@@ -147,9 +157,33 @@ def get(
                     key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
                     value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
                     rows.append((key, value, formatter(key, value) if formatter else None))
-            stdout.print(render.entries_table(m, rows, dump.total or 0, raw))
+            stdout.print(render.entries_table(
+                m, rows, dump.total or 0, raw,
+                decoding.describe() if decoding else "shown as hex (--raw)"))
 
     run(main)
+
+
+def _read_layouts(path: str) -> list:
+    """``--layout FILE``: [[layouts]] tables, or one layout table (match defaults to "*")."""
+    import tomllib
+
+    from watcher.decode.layout import LayoutError, parse_layout
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        fail(f"cannot read layout file {path}: {e.strerror}", EXIT_USAGE)
+    except tomllib.TOMLDecodeError as e:
+        fail(f"layout file {path} is not valid TOML: {e}", EXIT_USAGE)
+    raw = data.get("layouts", [{"match": "*", **data}])
+    if not isinstance(raw, list):
+        fail(f"{path}: layouts must be an array of tables ([[layouts]])", EXIT_USAGE)
+    try:
+        return [parse_layout(item, i) for i, item in enumerate(raw)]
+    except LayoutError as e:
+        fail(f"{path}: {e}", EXIT_USAGE)
 
 
 @app.command()
@@ -193,9 +227,7 @@ async def _name_of(client: Client, selector: str) -> str:
 
 
 async def _print_recent(client: Client, names: list[str], printer, snapshot: bool) -> int | None:
-    from watcher.wire import schema
-
-    from ..stream import EventStream, event_from_map_event, events_from_batch
+    from ..stream import EventStream, events_of
 
     if snapshot:
         for event in await EventStream(client, names, snapshot=True).read_snapshot():
@@ -204,9 +236,7 @@ async def _print_recent(client: Client, names: list[str], printer, snapshot: boo
     for name in names:
         messages, end = await client.recent(name)
         for message, frames in messages:
-            batch = (events_from_batch(message, frames) if isinstance(message, schema.EventBatch)
-                     else [event_from_map_event(message)])
-            for event in batch:
+            for event in events_of(message, frames):
                 await printer.print(event)
         if not end.watched:
             stderr.print(f"pymap: {name} is not being watched, so the daemon has no recent "
@@ -235,6 +265,8 @@ def status(
             sys.stdout.write(orjson.dumps(data).decode() + "\n")
             return
         stdout.print(render.status_view(st))
+        if (sources := render.sources_view(st)) is not None:
+            stdout.print(sources)
 
     run(main)
 
@@ -259,6 +291,10 @@ def daemon(
         help="bpffs directory to search for pins; repeatable (overrides daemon.bpffs).")] = None,
     log_level: Annotated[Optional[str], typer.Option(
         help="debug, info, warning or error (overrides daemon.log_level).")] = None,
+    source: Annotated[Optional[list[str]], typer.Option(
+        "--source", help="Event source: FILE.c[:buf1,buf2] (load with bcc, publish those "
+        "buffers; default all) or a pinned buffer's path; repeatable, added to "
+        "[[sources]] (docs/sources.md).")] = None,
 ) -> None:
     """Run the pymap daemon (as root) until SIGINT or SIGTERM."""
     from watcher.daemon import main as daemon_main
@@ -274,7 +310,7 @@ def daemon(
                  "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level}
     watch_overrides = {"interval": interval, "always": always or None}
     try:
-        conf = load_config(config, overrides, watch_overrides)
+        conf = load_config(config, overrides, watch_overrides, sources=source or None)
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     daemon_main.setup_logging(conf.daemon.log_level)
@@ -284,6 +320,8 @@ def daemon(
         fail(str(e))
     except PermissionError as e:
         fail(f"{e.filename or ''}: permission denied (the daemon must run as root)")
+    except zmq.ZMQError as e:
+        fail(f"cannot start: {e}")
     except OSError as e:
         fail(f"cannot start: {e}")
     except KeyboardInterrupt:

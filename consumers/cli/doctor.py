@@ -1,2 +1,117 @@
-def run_checks(console, endpoint):
-    return 0
+"""``pymap doctor``: check this host and the daemon, and say how to fix each problem.
+
+The host checks live in :mod:`watcher.kernel.probe` (they touch the kernel);
+the daemon check is a ``ping`` through the client library, like any consumer.
+Every check runs, even after a failure, so one run shows every problem.
+Failures of required checks make the exit code 1; optional ones (bcc,
+kernel headers, tracefs, ...) are warnings.  Never a traceback.
+"""
+
+from __future__ import annotations
+
+import trio
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from watcher.kernel.probe import Check, host_checks
+
+from ..client import DEFAULT_ENDPOINT, Client, DaemonError, DaemonUnavailable
+
+PING_TIMEOUT = 2.0
+
+
+def _start_fix(endpoint: str) -> str:
+    if endpoint == DEFAULT_ENDPOINT:
+        return "start it: pymap daemon"
+    return f"start it: pymap daemon -e {endpoint}"
+
+
+def daemon_check(endpoint: str, timeout: float = PING_TIMEOUT) -> Check:
+    """Ping the daemon at ``endpoint``: the CLI's other commands all need it."""
+    name = "daemon"
+
+    if not endpoint.startswith(("ipc://", "tcp://")):
+        return Check(name, False, f"{endpoint!r} is not a pymap endpoint",
+                     "give ipc://PATH or tcp://HOST:PORT (as the daemon's -e)")
+
+    async def ping():
+        client = Client(endpoint, timeout=timeout)
+        try:
+            async with client:
+                return await client.ping()
+        finally:
+            # Also when entering failed halfway (connect refused the endpoint): a ZeroMQ
+            # context left to the garbage collector can hang the process in term().
+            await client.__aexit__(None, None, None)
+
+    try:
+        pong = trio.run(ping)
+    except DaemonUnavailable as e:
+        message = str(e).removesuffix(" (start it with: pymap daemon)")
+        if "permission denied" in message:
+            fix = "run as root, or as a member of the daemon's socket_group"
+        elif message.startswith("cannot connect"):
+            fix = "check the endpoint (ipc://PATH or tcp://HOST:PORT)"
+        else:
+            fix = _start_fix(endpoint)
+        return Check(name, False, message, fix)
+    except DaemonError as e:
+        fix = ("use the same pymap version for the CLI and the daemon" if e.code == "version"
+               else "check the daemon's log (stderr)")
+        return Check(name, False, f"{endpoint} answered with an error ({e.code}): {e}", fix)
+    except Exception as e:  # noqa: BLE001 - e.g. a malformed endpoint refused by ZeroMQ
+        return Check(name, False, f"cannot reach {endpoint}: {type(e).__name__}: {e}",
+                     f"check the endpoint (ipc://PATH or tcp://HOST:PORT); {_start_fix(endpoint)}")
+    events = f", events on {pong.events_endpoint}" if pong.events_endpoint else ""
+    return Check(name, True, f"pymap {pong.version} at {endpoint}{events}: epoch {pong.epoch}, "
+                 f"up {pong.uptime:.0f} s")
+
+
+def _status(check: Check) -> Text:
+    if check.ok:
+        return Text("ok", style="green")
+    if check.required:
+        return Text("FAIL", style="bold red")
+    return Text("warn", style="yellow")
+
+
+def render(checks: list[Check]) -> Table:
+    table = Table(title="pymap doctor", title_justify="left")
+    table.add_column("Check", no_wrap=True)
+    table.add_column("Status", no_wrap=True)
+    table.add_column("Detail", overflow="fold")
+    table.add_column("Fix", overflow="fold")
+    for c in checks:
+        # Text, not str: details quote paths and errors that rich would read as markup.
+        table.add_row(Text(c.name), _status(c), Text(c.detail), Text(c.fix))
+    return table
+
+
+def exit_code(checks: list[Check]) -> int:
+    return 1 if any(not c.ok and c.required for c in checks) else 0
+
+
+def summary(checks: list[Check]) -> str:
+    failed = [c.name for c in checks if not c.ok and c.required]
+    warned = [c.name for c in checks if not c.ok and not c.required]
+    if failed:
+        text = f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}"
+    elif warned:
+        text = "every required check passed"
+    else:
+        text = f"all {len(checks)} checks passed"
+    if warned:
+        text += f"; {len(warned)} warning{'s' if len(warned) > 1 else ''}: {', '.join(warned)}"
+    return text
+
+
+def run_checks(console: Console, endpoint: str) -> int:
+    """Run every check, print the table and a summary; 0 if the daemon has all it needs."""
+    try:
+        checks = [*host_checks(), daemon_check(endpoint)]
+    except KeyboardInterrupt:
+        return 130
+    console.print(render(checks))
+    console.print(Text(summary(checks)))
+    return exit_code(checks)

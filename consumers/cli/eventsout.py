@@ -23,7 +23,8 @@ from ..stream import Event
 
 ACTION_STYLES = {"added": "green", "updated": "yellow", "removed": "red",
                  "map_created": "bold green", "map_removed": "bold red",
-                 "resync": "bold magenta", "lost": "bold red"}
+                 "resync": "bold magenta", "lost": "bold red", "record": "cyan",
+                 "records": "cyan"}
 
 
 def rfc3339(ts: float) -> str:
@@ -39,9 +40,10 @@ class MapCache:
         self.decode = decode
         self._cache: dict[int, tuple[MapInfo | None, EntryFormatter | None]] = {}
 
-    def remember(self, info: MapInfo, btf: bytes | None = None) -> None:
-        if info.id not in self._cache or btf is not None:
-            self._cache[info.id] = (info, entry_formatter(info, btf) if self.decode else None)
+    def remember(self, info: MapInfo, btf: bytes | None = None, layout: dict | None = None) -> None:
+        if info.id not in self._cache or btf is not None or layout is not None:
+            self._cache[info.id] = (info, entry_formatter(info, btf, layout) if self.decode
+                                    else None)
 
     async def lookup(self, event: Event) -> tuple[MapInfo | None, EntryFormatter | None]:
         map_id = event.map.id
@@ -49,8 +51,11 @@ class MapCache:
             if event.info is not None and event.action in ("map_created", "map_removed"):
                 self._cache[map_id] = (event.info, None)
             try:
-                info, btf = await self.client.describe(f"id:{map_id}")
-                self.remember(info, btf)
+                async with self.client.get(f"id:{map_id}", entries=False) as dump:
+                    async for _ in dump.chunks():
+                        pass
+                self._cache.pop(map_id, None)  # built-in and declared decoders need no BTF
+                self.remember(dump.map, dump.btf, dump.layout)
             except DaemonError:
                 self._cache.setdefault(map_id, (event.info, None))
         return self._cache.get(map_id, (event.info, None))
@@ -81,17 +86,29 @@ def event_json(event: Event, info: MapInfo | None, fmt: EntryFormatter | None) -
                 old = fmt(event.key, event.old_value)
                 out["formatted"]["old_value" if not percpu else "old_values"] = (
                     old.get("values") if percpu else old.get("value"))
+                if "text" in old:
+                    out["formatted"]["old_text"] = old["text"]
     if event.action in ("map_created", "map_removed") and event.info is not None:
         out["map"].update({"type": event.info.type, "key_size": event.info.key_size,
                            "value_size": event.info.value_size,
                            "max_entries": event.info.max_entries, "pinned": event.info.pinned})
     if event.action == "lost":
         out["missed"] = event.missed
+    if event.action == "record" and event.value is not None:
+        out["value"] = event.value.hex()
+        if event.formatted is not None:
+            out["formatted"] = event.formatted
+    if event.action == "records" and event.records is not None:
+        out["count"] = len(event.records)
     if event.reason:
         out["reason"] = event.reason
     if event.snapshot:
         out["snapshot"] = True
     return out
+
+
+# Why a buffer lost records (LostRecords.reason), as the table output says it.
+LOSS_REASONS = {"perf": "perf ring full", "producer": "counted by the producer: ring full"}
 
 
 class EventPrinter:
@@ -103,7 +120,9 @@ class EventPrinter:
         self.count = 0
 
     async def print(self, event: Event) -> None:
-        info, fmt = await self.cache.lookup(event)
+        # Buffer records carry their own layout; there is no map entry format to look up.
+        buffer_event = event.action in ("record", "records") or event.reason in LOSS_REASONS
+        info, fmt = (None, None) if buffer_event else await self.cache.lookup(event)
         record = event_json(event, info, fmt)
         self.count += 1
         if self.as_json:
@@ -119,14 +138,26 @@ class EventPrinter:
         head = (f"{r['time'][11:23]} {r['seq']:>8} {escape(r['map']['name'] or '-'):<20} "
                 f"[{style}]{r['action']:<11}[/]")
         if r["action"] == "lost":
+            if r.get("reason") in LOSS_REASONS:
+                return head + f" {r['missed']} records lost ({LOSS_REASONS[r['reason']]})"
             return head + f" {r['missed']} events missed"
+        if r["action"] == "record":
+            formatted = r.get("formatted")
+            text = (" ".join(f"{k}={_compact(v)}" for k, v in formatted.items()) if formatted
+                    else r["value"])
+            return head + " " + escape(text)
+        if r["action"] == "records":
+            return head + f" {r.get('count', 0)} records"
         if r["action"] == "resync":
             return head + f" state re-read ({escape(r.get('reason', ''))})"
         if r["action"] in ("map_created", "map_removed"):
             m = r["map"]
             return head + f" id {m['id']} {m.get('type', '')} {' '.join(m.get('pinned', []))}"
         formatted = r.get("formatted")
-        if formatted and "key" in formatted:
+        if formatted and "text" in formatted:  # built-in decoders: "KEY -> VALUE"
+            key, _, value = formatted["text"].partition(" -> ")
+            old = formatted.get("old_text", "").partition(" -> ")[2] or None
+        elif formatted and "key" in formatted:
             key = _compact(formatted["key"])
             value = _compact(formatted.get("value", formatted.get("values")))
             old = formatted.get("old_value", formatted.get("old_values"))

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import IO
 
 import orjson
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from watcher.wire.schema import MapInfo
 
@@ -66,9 +66,11 @@ Formatter = Callable[[bytes, bytes], dict]
 
 
 def entries_table(m: MapInfo, rows: list[tuple[bytes, bytes, dict | None]], total: int,
-                  raw: bool) -> Table:
+                  raw: bool, decoder: str | None = None) -> Table:
+    """Entries as rows; ``decoder`` (which decoder was used, and why) goes in the caption."""
     shown = len(rows)
-    caption = f"showing {shown} of {total} entries; -o json prints all" if shown < total else None
+    more = f"showing {shown} of {total} entries; -o json prints all" if shown < total else None
+    caption = "\n".join(x for x in (decoder, more) if x) or None
     table = Table(title=f"{m.name} (id {m.id}, {m.type}, {total} entries)",
                   title_justify="left", caption=caption, caption_justify="left")
     table.add_column("Key", overflow="fold")
@@ -77,15 +79,21 @@ def entries_table(m: MapInfo, rows: list[tuple[bytes, bytes, dict | None]], tota
     table.add_column("Value", overflow="fold")
     slot = (m.value_size + 7) & ~7
     for key, value, formatted in rows:
-        use_fmt = formatted is not None and not raw
-        k = _compact(formatted["key"]) if use_fmt else _spaced_hex(key)
+        use_fmt = formatted is not None and not raw and "error" not in formatted
+        text_key, _, text_value = (formatted.get("text", "") if use_fmt else "").partition(" -> ")
+        k = (text_key or _compact(formatted["key"])) if use_fmt else _spaced_hex(key)
+        if formatted is not None and not raw and "error" in formatted:  # this entry failed
+            k += f"  (not decoded: {formatted['error']})"
         if m.percpu:
             for cpu in range(m.ncpus):
                 v = (_compact(formatted["values"][cpu]["value"]) if use_fmt
                      else _spaced_hex(value[cpu * slot:cpu * slot + m.value_size]))
-                table.add_row(k if cpu == 0 else "", str(cpu), v)
-        else:
-            table.add_row(k, _compact(formatted["value"]) if use_fmt else _spaced_hex(value))
+                table.add_row(Text(k if cpu == 0 else ""), str(cpu), Text(v))
+            if use_fmt and "total" in formatted:
+                table.add_row("", "all", Text(text_value or _compact(formatted["total"])))
+        else:  # Text: decoded data is not rich markup ("[fd00::1]:0" would vanish)
+            table.add_row(Text(k), Text((text_value or _compact(formatted["value"])) if use_fmt
+                                        else _spaced_hex(value)))
     return table
 
 
@@ -96,19 +104,23 @@ def _compact(obj) -> str:
 
 
 class JsonDumpWriter:
-    """Writes ``{"map": {...}, "entries": [...], "count": N}`` one chunk at a time.
+    """Writes ``{"map": {...}, "decoder": {...}, "entries": [...], "count": N}`` a chunk at a time.
 
     ``map.entries`` is null here: the count is known only once the stream ends,
     so it follows the entries as ``count``.
     """
 
-    def __init__(self, m: MapInfo, out: IO[str] = sys.stdout, formatter: Formatter | None = None):
+    def __init__(self, m: MapInfo, out: IO[str] = sys.stdout, formatter: Formatter | None = None,
+                 decoder: dict | None = None):
         self.m = m
         self.out = out
         self.formatter = formatter
         self._first = True
         self._count = 0
-        out.write('{"map":' + orjson.dumps(map_json(m)).decode() + ',"entries":[')
+        head = '{"map":' + orjson.dumps(map_json(m)).decode()
+        if decoder is not None:  # which decoder made "formatted", and notes on the others
+            head += ',"decoder":' + orjson.dumps(decoder).decode()
+        out.write(head + ',"entries":[')
 
     def chunk(self, chunk: Chunk) -> None:
         m = self.m
@@ -169,4 +181,21 @@ def status_view(st) -> Table:
         table.add_row(str(w.id), w.name, w.type, str(w.entries), f"{w.interval:g} s",
                       str(w.polls), f"{w.last_poll_ms:.1f} ms", f"{w.max_poll_ms:.1f} ms",
                       str(w.events), _size(w.state_bytes), w.reason)
+    return table
+
+
+def sources_view(st) -> Table | None:
+    """``pymap status``: one row per event source buffer (None when there are none)."""
+    if not getattr(st, "sources", None):
+        return None
+    table = Table(title="event sources", title_justify="left")
+    for col, just in (("Buffer", "left"), ("Kind", "left"), ("Map id", "right"),
+                      ("Records", "right"), ("Lost", "right"), ("Bytes", "right"),
+                      ("Wakeups", "right"), ("Max read", "right"), ("From", "left"),
+                      ("Drops map", "left")):
+        table.add_column(col, justify=just)
+    for s in st.sources:
+        table.add_row(s.name, s.kind, str(s.map_id), str(s.records), str(s.lost),
+                      _size(s.bytes), str(s.wakeups), f"{s.max_read_ms:.1f} ms", s.origin,
+                      s.drops_map or "-")
     return table

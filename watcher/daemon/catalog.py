@@ -23,10 +23,12 @@ from ..wire.schema import Holder, MapInfo
 class SelectError(Exception):
     """A selector that names no map, or several; ``code`` is the wire error code."""
 
-    def __init__(self, code: str, message: str, candidates: list[MapInfo] | None = None):
+    def __init__(self, code: str, message: str, candidates: list[MapInfo] | None = None,
+                 req: int = 0):
         super().__init__(message)
         self.code = code
         self.candidates = candidates or []
+        self.req = req  # set when the request's id is known although the request is refused
 
 
 def to_wire(record: kmaps.MapRecord, entries: int | None = None,
@@ -93,13 +95,16 @@ def open_selected(selector: str, bpffs: tuple[str, ...]) -> tuple[int, kmaps.Map
     Returns a read-only fd (the caller closes it) and the map's record.
     """
     if selector.startswith("id:"):
-        try:
-            map_id = int(selector[3:])
-        except ValueError:
-            raise SelectError("bad_request", f"{selector!r}: id:N needs a number") from None
+        if not selector[3:].isascii() or not selector[3:].isdigit():
+            raise SelectError("bad_request", f"{selector!r}: id:N needs a number")
+        map_id = int(selector[3:])
         return _open_by_id(map_id, bpffs, selector)
     if selector.startswith("/"):
         path = _check_pin_path(selector, bpffs)
+        if os.path.isdir(path):
+            raise SelectError("not_found", f"{selector} is a directory, not a pinned map")
+        if not os.path.exists(path):
+            raise SelectError("not_found", f"no map is pinned at {selector}")
         try:
             fd = kmaps.open_map(pin=path)
         except BpfError as e:

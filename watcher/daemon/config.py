@@ -11,8 +11,13 @@ import grp
 import os
 import tomllib
 
+from typing import NewType
+
 import attrs
 import cattrs
+
+from ..decode.layout import LayoutError, layout_matches, parse_layout
+from .sourceconf import SourceConfig, SourceError, load_sources
 
 DEFAULT_RUN_DIR = "/run/pymap"
 DEFAULT_ENDPOINT = f"ipc://{DEFAULT_RUN_DIR}/pymap.sock"
@@ -43,6 +48,24 @@ def _positive(_inst, attribute, value: float) -> None:
         raise ConfigError(f"{attribute.name}: {value!r} must be a positive number of seconds")
 
 
+_list_of_str = attrs.validators.deep_iterable(attrs.validators.instance_of(str),
+                                             attrs.validators.instance_of(list))
+
+# A file mode: TOML integers (0o660) as they are, strings ("0660") as octal.
+FileMode = NewType("FileMode", int)
+
+
+def _structure_mode(value, _type) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"socket_mode: {value!r} is not a file mode (write 0o660 or \"0660\")")
+    if isinstance(value, str):
+        try:
+            return int(value, 8)
+        except ValueError:
+            raise ConfigError(f"socket_mode: {value!r} is not an octal mode") from None
+    return value
+
+
 def _check_mode(_inst, attribute, value: int) -> None:
     if not 0 <= value <= 0o777:
         raise ConfigError(f"{attribute.name}: {value!r} is not a file mode")
@@ -60,10 +83,10 @@ class DaemonConfig:
     events_endpoint: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_check_endpoint))
     # File mode and group of ipc:// socket files: root only, or a group of readers.
-    socket_mode: int = attrs.field(default=0o660, validator=_check_mode)
+    socket_mode: FileMode = attrs.field(default=FileMode(0o660), validator=_check_mode)
     socket_group: str | None = None
     # bpffs mount points to search for pinned maps (recursively).
-    bpffs: list[str] = attrs.Factory(lambda: ["/sys/fs/bpf"])
+    bpffs: list[str] = attrs.field(factory=lambda: ["/sys/fs/bpf"], validator=_list_of_str)
     # Entries per get chunk on the wire.
     chunk_entries: int = attrs.field(default=16384, validator=attrs.validators.in_(range(1, 1 << 20)))
     # Seconds between heartbeats on the stream.
@@ -105,7 +128,7 @@ class WatchConfig:
     # Per-map intervals by name glob; the first matching rule wins.
     intervals: list[IntervalRule] = attrs.Factory(list)
     # Name globs of maps watched even when nobody subscribes.
-    always: list[str] = attrs.Factory(list)
+    always: list[str] = attrs.field(factory=list, validator=_list_of_str)
     # Seconds a map stays watched after its last subscriber left (keeps recent events).
     linger: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
 
@@ -120,14 +143,53 @@ class WatchConfig:
 class Config:
     daemon: DaemonConfig = attrs.Factory(DaemonConfig)
     watch: WatchConfig = attrs.Factory(WatchConfig)
+    # [[layouts]]: declared key/value layouts for maps without BTF, validated and
+    # normalised at load (watcher/decode/layout.py, docs/decoding.md).
+    layouts: list[dict] = attrs.Factory(list)
+    # [[sources]] and --source: BPF programs and pinned buffers to publish
+    # (watcher/daemon/sourceconf.py, docs/sources.md).
+    sources: list[SourceConfig] = attrs.Factory(list)
+
+    def layout_for(self, names: list[str], pins: list[str]) -> dict | None:
+        """The first declared layout whose ``match`` fits a map's names or pin paths."""
+        for spec in self.layouts:
+            if layout_matches(spec["match"], names, pins):
+                return spec
+        return None
+
+
+def _load_layouts(raw, path: str | None) -> list[dict]:
+    where = f"config {path}" if path else "config"
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: layouts must be an array of tables ([[layouts]])")
+    try:
+        return [parse_layout(item, i).spec for i, item in enumerate(raw)]
+    except LayoutError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
+_converter.register_structure_hook(FileMode, _structure_mode)
+
+
+def _reject_str_as_list(value, type_):
+    # cattrs would turn "cilium_*" into ["c", "i", ...]: a one-glob typo must not watch everything.
+    if isinstance(value, str):
+        raise ConfigError(f"expected a list of strings, got the string {value!r} "
+                          f"(write [{value!r}])")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"expected a list of strings, got {value!r}")
+    return list(value)
+
+
+_converter.register_structure_hook_func(lambda t: t == list[str], _reject_str_as_list)
 
 
 def _format_one(error: BaseException, type_) -> str:
     if isinstance(error, ConfigError):
         return str(error)
+    if isinstance(error, (ValueError, TypeError)) and error.args and isinstance(error.args[0], str):
+        return error.args[0]  # attrs validators name the key and the allowed range
     return cattrs.v.format_exception(error, type_)
 
 
@@ -138,11 +200,12 @@ def _describe(error: BaseException) -> list[str]:
 
 
 def load_config(path: str | None, overrides: dict | None = None,
-                watch_overrides: dict | None = None) -> Config:
+                watch_overrides: dict | None = None, sources: list[str] | None = None) -> Config:
     """Read ``path`` (None: defaults, or the default file when it exists), then apply flags.
 
     ``overrides`` and ``watch_overrides`` map ``daemon`` and ``watch`` keys to
-    values given on the command line (None: not given).
+    values given on the command line (None: not given); ``sources`` are
+    ``--source`` flags, added to the config's ``[[sources]]``.
     """
     data: dict = {}
     if path is None and os.path.exists(DEFAULT_CONFIG):
@@ -161,6 +224,8 @@ def load_config(path: str | None, overrides: dict | None = None,
             if not isinstance(data.setdefault(section, {}), dict):
                 raise ConfigError(f"config {path}: [{section}] must be a table")
             data[section].update(given)
+    raw_layouts = data.pop("layouts", [])
+    raw_sources = data.pop("sources", [])
     try:
         config = _converter.structure(data, Config)
     except ConfigError:
@@ -169,4 +234,11 @@ def load_config(path: str | None, overrides: dict | None = None,
         where = f"config {path}" if path else "config"
         raise ConfigError(f"{where}: " + "; ".join(_describe(e))) from None
     config.daemon.socket_gid()
+    config.layouts = _load_layouts(raw_layouts, path)
+    try:
+        config.sources = load_sources(raw_sources, f"config {path}" if path else "config",
+                                      os.path.dirname(os.path.abspath(path)) if path else None,
+                                      sources)
+    except SourceError as e:
+        raise ConfigError(str(e)) from None
     return config

@@ -13,7 +13,6 @@ are due.  A map recreated under the same name gets a new id, so it shows as
 
 from __future__ import annotations
 
-import collections
 import errno
 import fnmatch
 import logging
@@ -52,30 +51,42 @@ class Watch:
     max_poll_ms: float = 0.0
     events: int = 0
     reason: str = ""
+    unreadable: str = ""  # why the map cannot be read (e.g. created write-only): not polled
 
     @property
     def pollable(self) -> bool:
-        return dump_method(self.record.type) is not DumpMethod.NONE
+        return not self.unreadable and dump_method(self.record.type) is not DumpMethod.NONE
 
 
 class Demand:
-    """Topic prefixes subscribers asked for, counted (XPUB_VERBOSER reports each)."""
+    """Topic prefixes that at least one subscriber holds.
+
+    The XPUB runs with ``XPUB_VERBOSE``: every subscribe reaches us (so each
+    new subscriber can be greeted with a heartbeat), but an unsubscribe only
+    when the last holder of that prefix leaves.  Demand is therefore a set;
+    ``seen`` counts subscribe requests per prefix, for ``pymap status``.
+    (``XPUB_VERBOSER`` would forward every unsubscribe too, but a subscriber
+    that subscribed twice and disconnects unsubscribes once: counts leak.)
+    """
 
     def __init__(self):
-        self.prefixes: collections.Counter[bytes] = collections.Counter()
+        self.prefixes: dict[bytes, int] = {}  # prefix -> subscribe requests seen
 
     def update(self, message: bytes) -> bool:
-        """Apply one XPUB subscription message; True if it was a new subscription."""
+        """Apply one XPUB subscription message; True if it was a subscribe."""
         if not message or message[0] not in (0, 1):
             return False
         prefix = bytes(message[1:])
         if message[0] == 1:
-            self.prefixes[prefix] += 1
+            self.prefixes[prefix] = self.prefixes.get(prefix, 0) + 1
             return True
-        self.prefixes[prefix] -= 1
-        if self.prefixes[prefix] <= 0:
-            del self.prefixes[prefix]
+        self.prefixes.pop(prefix, None)
         return False
+
+    def any_maps(self) -> bool:
+        """Could any subscription cover a map topic at all?"""
+        prefix = schema.MAP_TOPIC_PREFIX
+        return any(p.startswith(prefix) or prefix.startswith(p) for p in self.prefixes)
 
     def wants(self, name: str) -> bool:
         topic = schema.map_topic(name)
@@ -129,8 +140,13 @@ class Engine:
         while True:
             self._wake = trio.Event()
             started = trio.current_time()
+            idle = not (self.watches or self._holds or self.config.watch.always
+                        or self.demand.any_maps())
             try:
-                await self.cycle()
+                if idle:  # nobody watches anything: not even enumerate
+                    self._known_ids = None  # the next cycle is a fresh baseline
+                else:
+                    await self.cycle()
             except OSError as e:  # enumeration itself failed: log, count, keep going
                 self.poll_errors += 1
                 log.error("enumerating maps failed: %s", e)
@@ -193,6 +209,12 @@ class Engine:
                 return  # the next cycle reports map_removed
             except OSError as e:
                 self.poll_errors += 1
+                if e.errno in (errno.EPERM, errno.EACCES):
+                    # Maps created BPF_F_WRONLY refuse read-only opens: say so once, stop polling.
+                    watch.unreadable = str(e)
+                    log.error("cannot read %s (id %d): %s; not polling it", watch.record.name,
+                              watch.record.id, e)
+                    return
                 log.error("polling %s (id %d) failed: %s", watch.record.name, watch.record.id, e)
                 return
             if watch.snapshot is None and not report_all:

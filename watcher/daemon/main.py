@@ -9,21 +9,23 @@ socket files are removed on the way out.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import secrets
 import signal
+import socket
 from collections.abc import Iterator
 from importlib import metadata
 
 import trio
 import zmq
 
-from ..wire import schema
-from ..wire.transport import PublisherOwner, recv_multipart, send_multipart
+from ..wire.transport import PublisherOwner
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
 from .server import RequestServer
+from .sources import Sources
 from .stream import Stream
 
 log = logging.getLogger("pymap.daemon")
@@ -40,15 +42,23 @@ def _ipc_path(endpoint: str) -> str | None:
     return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
 
 
-async def _answers_ping(ctx: zmq.Context, endpoint: str) -> bool:
-    with ctx.socket(zmq.DEALER) as sock:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
-        with trio.move_on_after(0.5):
-            await send_multipart(sock, [schema.encode(schema.Ping())])
-            await recv_multipart(sock)
-            return True
-    return False
+def _someone_listens(path: str) -> bool:
+    """Is a process accepting connections on the unix socket ``path`` (or is it stale)?
+
+    A plain connect answers for any ZeroMQ socket type, so the request and the
+    stream endpoint are checked alike, without speaking the protocol.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # something is there that we cannot judge: do not steal it
+    finally:
+        probe.close()
 
 
 @contextlib.contextmanager
@@ -60,7 +70,7 @@ def _restrictive_umask() -> Iterator[None]:
         os.umask(old)
 
 
-async def bind_endpoint(ctx: zmq.Context, sock: zmq.Socket, endpoint: str,
+def bind_endpoint(sock: zmq.Socket, endpoint: str,
                         config: DaemonConfig) -> None:
     """Bind ``sock``; for ipc://, refuse to steal a live daemon's socket and fix permissions."""
     path = _ipc_path(endpoint)
@@ -74,8 +84,8 @@ async def bind_endpoint(ctx: zmq.Context, sock: zmq.Socket, endpoint: str,
         if gid is not None:
             os.chown(directory, -1, gid)
     if os.path.exists(path):
-        if await _answers_ping(ctx, endpoint):
-            raise ConfigError(f"another pymap daemon is serving {endpoint}")
+        if _someone_listens(path):
+            raise ConfigError(f"another process (a pymap daemon?) is serving {endpoint}")
         os.unlink(path)  # stale socket from a daemon that died
     with _restrictive_umask():
         sock.bind(endpoint)
@@ -91,9 +101,26 @@ def _unlink_socket(endpoint: str) -> None:
             os.unlink(path)
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt(3)
+
+
+def release_big_buffers_promptly() -> None:
+    """Serve allocations of 1 MiB and more from mmap, so freeing them returns memory.
+
+    Every poll of a big map allocates and frees dumps of tens of MB; with
+    glibc's default heap they stay in the process after free and resident
+    memory drifts up to twice the watched state.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation)."""
     dconf = config.daemon
+    release_big_buffers_promptly()
     epoch = secrets.token_hex(8)
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
@@ -101,19 +128,24 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.LINGER, 0)
     xpub.setsockopt(zmq.SNDHWM, dconf.stream_hwm)
-    # Every subscribe and unsubscribe, duplicates included: demand is counted exactly.
-    xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+    # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
+    xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
     bound: list[str] = []
+    sources: Sources | None = None
     try:
-        await bind_endpoint(ctx, router, dconf.endpoint, dconf)
+        bind_endpoint(router, dconf.endpoint, dconf)
         bound.append(dconf.endpoint)
-        await bind_endpoint(ctx, xpub, dconf.events_endpoint, dconf)
+        bind_endpoint(xpub, dconf.events_endpoint, dconf)
         bound.append(dconf.events_endpoint)
         publisher = PublisherOwner(xpub)
         stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                         dconf.heartbeat_interval)
         engine = Engine(config, stream)
-        server = RequestServer(router, dconf, epoch, _version(), engine)
+        # Event sources load before serving: once the daemon answers ping, they publish.
+        sources = Sources(config.sources, stream)
+        if config.sources:
+            await trio.to_thread.run_sync(sources.open)
+        server = RequestServer(router, dconf, epoch, _version(), engine, sources)
         log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                  dconf.endpoint, dconf.events_endpoint, epoch)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -121,6 +153,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 nursery.start_soon(server.serve)
                 nursery.start_soon(publisher.serve, engine.on_subscription)
                 nursery.start_soon(engine.run)
+                nursery.start_soon(sources.run)
                 nursery.start_soon(_heartbeats, engine, dconf.heartbeat_interval)
 
                 async def stop_on_signal():
@@ -132,6 +165,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 nursery.start_soon(stop_on_signal)
                 task_status.started()
     finally:
+        if sources is not None:
+            sources.close()
         router.close(linger=0)
         xpub.close(linger=0)
         for endpoint in bound:

@@ -17,6 +17,7 @@ import time
 import trio
 import zmq
 
+from ..kernel import maps as kmaps
 from ..kernel.dump import NotDumpable, dump
 from ..wire import schema
 from ..wire.transport import PeerGone, SocketOwner
@@ -31,9 +32,10 @@ MAX_REQUEST_BYTES = 64 * 1024  # requests are small; anything larger is refused 
 
 class RequestServer:
     def __init__(self, sock: zmq.Socket, config: DaemonConfig, epoch: str, version: str,
-                 engine: Engine):
+                 engine: Engine, sources=None):
         self.owner = SocketOwner(sock)
         self.engine = engine
+        self.sources = sources  # watcher.daemon.sources.Sources: event source buffers
         self.config = config
         self.bpffs = tuple(config.bpffs)
         self.epoch = epoch
@@ -54,7 +56,7 @@ class RequestServer:
         req = 0
         try:
             request = self._parse(frames)
-            req = request.req
+            req = getattr(request, "req", 0)  # stream kinds sent as requests have none
             if isinstance(request, schema.Ping):
                 await self._reply(peer, schema.Pong(self.version, self.epoch,
                                                     time.monotonic() - self.started,
@@ -71,8 +73,9 @@ class RequestServer:
             elif isinstance(request, schema.StatusRequest):
                 await self._status(peer, request)
             elif isinstance(request, schema.GapReport):
-                if request.missed < 0 or len(request.map) > 4096:
-                    raise catalog.SelectError("bad_request", "missed must be >= 0")
+                if not 0 <= request.missed <= 1 << 32 or not 0 < len(request.map) <= 4096:
+                    raise catalog.SelectError("bad_request", "gap_report needs a map name and "
+                                              "0 <= missed <= 2**32")
                 self.engine.report_gap(request.map, request.missed)
                 await self._reply(peer, schema.Ack(req=request.req))
             else:
@@ -81,10 +84,14 @@ class RequestServer:
         except PeerGone:
             log.debug("client went away before its reply")
         except catalog.SelectError as e:
-            await self._error(peer, req, e.code, str(e), e.candidates)
+            await self._error(peer, e.req or req, e.code, str(e), e.candidates)
         except Exception as e:  # one request's failure must not stop the server
             log.exception("request failed: %s", e)
             await self._error(peer, req, "internal", f"internal error: {e}")
+        except trio.Cancelled:
+            raise
+        except BaseException as e:  # noqa: BLE001 - an ExceptionGroup from a nested nursery
+            log.exception("request failed: %s", e)
         finally:
             self.owner.forget(peer)
 
@@ -97,9 +104,13 @@ class RequestServer:
             request = schema.decode(frames[0])
         except schema.WireError as e:
             raise catalog.SelectError("bad_request", str(e)) from None
+        req = getattr(request, "req", 0)
+        if isinstance(req, bool) or not isinstance(req, int) or not 0 <= req < 1 << 63:
+            raise catalog.SelectError("bad_request", "req must be an integer from 0 to 2**63-1")
         if request.v != schema.SCHEMA_VERSION:
             raise catalog.SelectError("version", f"schema version {request.v} is not supported; "
-                                      f"this daemon speaks {schema.SCHEMA_VERSION}")
+                                      f"this daemon speaks {schema.SCHEMA_VERSION}",
+                                      req=getattr(request, "req", 0))
         return request
 
     async def _reply(self, peer: bytes, message, *extra: bytes) -> None:
@@ -111,6 +122,8 @@ class RequestServer:
             await self._reply(peer, schema.ErrorReply(code, message, list(candidates), req=req))
         except PeerGone:
             pass
+        except Exception as e:  # an error that cannot even be reported is only logged
+            log.error("could not send an error reply: %s", e)
 
     async def _list(self, peer: bytes, request: schema.ListRequest) -> None:
         maps = await trio.to_thread.run_sync(
@@ -128,7 +141,8 @@ class RequestServer:
         info = catalog.to_wire(record, entries=snap.count)
         btf = await trio.to_thread.run_sync(catalog.btf_blob, record)
         await self._reply(peer, schema.GetBegin(info, btf=btf is not None, seq=seq,
-                                                epoch=self.epoch, req=request.req),
+                                                epoch=self.epoch, layout=self._layout_for(info),
+                                                req=request.req),
                           *([btf] if btf else []))
         step = self.config.chunk_entries
         ks, vs = snap.key_size, snap.stride
@@ -139,11 +153,16 @@ class RequestServer:
                               snap.values[start * vs:(start + n) * vs])
         await self._reply(peer, schema.GetEnd(snap.count, req=request.req))
 
+    def _layout_for(self, info: schema.MapInfo) -> dict | None:
+        """The config's declared layout for this map (first [[layouts]] match), if any."""
+        return self.engine.config.layout_for([info.name, info.kernel_name], info.pinned)
+
     async def _recent(self, peer: bytes, request: schema.RecentRequest) -> None:
         self._check_selector(request.selector)
         messages = self.engine.stream.recent(request.selector)
-        watched = sorted({w.record.name for w in self.engine.watches.values()
-                          if fnmatch.fnmatchcase(w.record.name, request.selector)})
+        names = {w.record.name for w in self.engine.watches.values()}
+        names |= set(self.sources.topics() if self.sources else ())  # always published
+        watched = sorted(n for n in names if fnmatch.fnmatchcase(n, request.selector))
         events = 0
         for header, frames in messages:
             events += getattr(header, "count", 1)
@@ -158,20 +177,23 @@ class RequestServer:
             events_published=stream.events_published,
             subscriptions={p.decode(errors="replace"): n for p, n in engine.demand.prefixes.items()},
             drops_reported=engine.drops_reported, resyncs=engine.resyncs,
-            poll_errors=engine.poll_errors, watched=engine.status(), req=request.req))
+            poll_errors=engine.poll_errors, watched=engine.status(),
+            sources=self.sources.status() if self.sources else [], req=request.req))
 
     async def _get(self, peer: bytes, request: schema.GetRequest) -> None:
         self._check_selector(request.selector)
         fd, record = await trio.to_thread.run_sync(
             catalog.open_selected, request.selector, self.bpffs)
         try:
-            info = catalog.to_wire(record)
+            holders = await trio.to_thread.run_sync(kmaps.map_holders)
+            info = catalog.to_wire(record, holders=holders.get(record.id))
             if not info.dumpable:
                 raise catalog.SelectError(
                     "not_dumpable", f"{record.name} ({record.type}) has no entries to show: "
                     f"{info.not_dumpable_reason}")
             btf = await trio.to_thread.run_sync(catalog.btf_blob, record)
-            begin = schema.GetBegin(info, btf=btf is not None, req=request.req)
+            begin = schema.GetBegin(info, btf=btf is not None, layout=self._layout_for(info),
+                                    req=request.req)
             await self._reply(peer, begin, *([btf] if btf else []))
             if not request.entries:
                 await self._reply(peer, schema.GetEnd(0, req=request.req))

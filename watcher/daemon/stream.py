@@ -35,6 +35,8 @@ class Stream:
         # topic name -> recent (header, frames) messages, bounded by total events
         self._recent: dict[str, collections.deque[tuple[object, Frames]]] = {}
         self._recent_counts: dict[str, int] = {}
+        # Topics always listed in heartbeats (event source buffers), watched or not.
+        self.source_topics: set[str] = set()
 
     def _send(self, name: str, header, frames: Frames, events: int) -> None:
         topic = schema.map_topic(name)
@@ -83,8 +85,29 @@ class Stream:
         self.topic_seq[info.name] = tseq
         self._send(info.name, header, [], 1)
 
+    def publish_records(self, name: str, map_id: int, count: int, lengths: bytes, data: bytes,
+                        layout: dict | None, when: float) -> None:
+        """One read of a buffer: ``count`` records as a lengths frame and a data frame."""
+        header = schema.RecordBatch(
+            epoch=self.epoch, seq=self.seq + 1, count=count,
+            topic_seq=self.topic_seq.get(name, 0) + 1, time=when,
+            map=schema.MapRef(map_id, name), layout=layout)
+        self.seq += count
+        self.topic_seq[name] = header.topic_seq + count - 1
+        self._send(name, header, [lengths, data], count)
+
+    def publish_lost(self, name: str, map_id: int, lost: int, reason: str, when: float) -> None:
+        """Records of buffer ``name`` that never reached pymap; takes one sequence number."""
+        self.seq += 1
+        tseq = self.topic_seq.get(name, 0) + 1
+        header = schema.LostRecords(epoch=self.epoch, seq=self.seq, topic_seq=tseq, time=when,
+                                    map=schema.MapRef(map_id, name), lost=lost, reason=reason)
+        self.topic_seq[name] = tseq
+        self._send(name, header, [], 1)
+
     def heartbeat(self, watched_topics: list[str]) -> None:
-        topics = {name: self.topic_seq.get(name, 0) for name in watched_topics}
+        topics = {name: self.topic_seq.get(name, 0)
+                  for name in (*watched_topics, *self.source_topics)}
         beat = schema.Heartbeat(epoch=self.epoch, seq=self.seq, time=time.time(),
                                 interval=self.heartbeat_interval, topics=topics)
         self.publisher.publish([schema.HEARTBEAT_TOPIC, schema.encode(beat)])

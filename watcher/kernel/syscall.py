@@ -41,6 +41,7 @@ __all__ = [
     "map_update_elem",
     "map_update_batch",
     "map_delete_elem",
+    "prog_test_run",
 ]
 
 # Commands (enum bpf_cmd).
@@ -210,11 +211,22 @@ def _addr(buf) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
 
 
+_U32_MAX = 0xFFFF_FFFF
+
+
+def _check_id(obj_id: int, command: str, detail: str) -> None:
+    """Object ids are u32: ctypes would silently wrap a larger one onto another object."""
+    if not 0 <= obj_id <= _U32_MAX:
+        raise BpfError(errno.ENOENT, command, detail)
+
+
 # --- enumeration and opening -------------------------------------------------
 
 
 def map_get_next_id(start_id: int) -> int | None:
     """The next map id after ``start_id``, or None when there is none."""
+    if start_id >= _U32_MAX:
+        return None
     attr = _IdAttr(start_id=start_id)
     try:
         _bpf(BPF_MAP_GET_NEXT_ID, attr, "BPF_MAP_GET_NEXT_ID")
@@ -227,6 +239,7 @@ def map_get_next_id(start_id: int) -> int | None:
 
 def map_get_fd_by_id(map_id: int, flags: int = BPF_F_RDONLY) -> int:
     """Open map ``map_id``; read-only unless told otherwise."""
+    _check_id(map_id, "BPF_MAP_GET_FD_BY_ID", f"id {map_id}")
     return _bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(start_id=map_id, open_flags=flags),
                 "BPF_MAP_GET_FD_BY_ID", f"id {map_id}")
 
@@ -256,6 +269,7 @@ def map_info(fd: int) -> MapInfoStruct:
 
 
 def btf_get_fd_by_id(btf_id: int) -> int:
+    _check_id(btf_id, "BPF_BTF_GET_FD_BY_ID", f"btf id {btf_id}")
     return _bpf(BPF_BTF_GET_FD_BY_ID, _IdAttr(start_id=btf_id), "BPF_BTF_GET_FD_BY_ID",
                 f"btf id {btf_id}")
 
@@ -379,3 +393,31 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
 def map_delete_elem(fd: int, key: bytes) -> None:
     kbuf = ctypes.create_string_buffer(key, len(key))
     _bpf(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=_addr(kbuf)), "BPF_MAP_DELETE_ELEM")
+
+
+BPF_PROG_TEST_RUN = 10
+
+
+class _TestRunAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 96),
+    ]
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> tuple[int, int]:
+    """Run a program ``repeat`` times on ``data`` in the kernel (benchmarks and tests:
+    a socket filter that writes records makes a producer with no syscall per record).
+    Returns (return value, average duration in ns)."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_in=_addr(buf),
+                        repeat=repeat)
+    _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
+    return attr.retval, attr.duration

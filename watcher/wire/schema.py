@@ -146,12 +146,18 @@ class ListReply:
 
 @attrs.define
 class GetBegin:
-    """Starts a get stream; a BTF blob follows as frame 2 when ``btf`` is true."""
+    """Starts a get stream; a BTF blob follows as frame 2 when ``btf`` is true.
+
+    ``layout``: the config's declared layout for this map (the first ``[[layouts]]``
+    entry whose ``match`` fits it, validated and normalised), for clients to decode
+    entries with; None when no layout is declared for it.
+    """
 
     map: MapInfo
     btf: bool = False
     seq: int | None = None  # snapshot gets: the last topic_seq this state includes
     epoch: str = ""
+    layout: dict | None = None
     req: int = 0
     v: int = SCHEMA_VERSION
 
@@ -219,6 +225,28 @@ class WatchStatus:
 
 
 @attrs.define
+class SourceStatus:
+    """One event source buffer: what it delivered and lost since the daemon started.
+
+    ``lost`` is the perf ring's lost-sample count, or for a ring buffer the
+    total of its ``drops_map`` counter (the kernel reports no ring buffer loss).
+    """
+
+    name: str  # the buffer's name, which is its topic
+    kind: str  # "ringbuf" or "perf"
+    origin: str  # the program file (bcc) or pin path it came from
+    map_id: int
+    records: int = 0
+    lost: int = 0
+    bytes: int = 0
+    wakeups: int = 0
+    reads: int = 0  # read slices (a wakeup with a long burst takes several)
+    max_read_ms: float = 0.0
+    drops_map: str = ""
+    maps: list[str] = attrs.Factory(list)  # the program's other maps, watchable by name
+
+
+@attrs.define
 class StatusReply:
     version: str
     epoch: str
@@ -226,11 +254,12 @@ class StatusReply:
     seq: int
     messages_published: int
     events_published: int
-    subscriptions: dict[str, int]  # topic prefix -> subscriber count
+    subscriptions: dict[str, int]  # topic prefix held by subscribers -> subscribe requests seen
     drops_reported: int  # events subscribers reported missing (gaps)
     resyncs: int
     poll_errors: int
     watched: list[WatchStatus]
+    sources: list[SourceStatus] = attrs.Factory(list)  # event sources (buffers); see docs/sources.md
     req: int = 0
     v: int = SCHEMA_VERSION
 
@@ -297,9 +326,50 @@ class Heartbeat:
     v: int = SCHEMA_VERSION
 
 
+@attrs.define
+class RecordBatch:
+    """``count`` records read from one buffer (ring buffer or perf event array) at once.
+
+    Numbered like an ``events`` batch: ``seq`` .. ``seq + count - 1`` daemon-wide,
+    ``topic_seq`` .. ``topic_seq + count - 1`` on the buffer's topic
+    (``map:<buffer name>\\0``).  Frames after the header: the record lengths
+    (one little-endian u32 per record), then the records back to back.
+    ``layout``: how to decode a record (the declared layout vocabulary, as in
+    ``get_begin.layout``, with the fields under ``value``), or None: hex only.
+    """
+
+    epoch: str
+    seq: int
+    count: int
+    topic_seq: int
+    time: float  # unix seconds of the read
+    map: MapRef  # the buffer: its map id and name
+    layout: dict | None = None
+    v: int = SCHEMA_VERSION
+
+
+@attrs.define
+class LostRecords:
+    """Records of a buffer that never reached pymap; one sequence number.
+
+    ``reason``: ``perf`` (the kernel's lost-sample count for a full perf ring) or
+    ``producer`` (the program's own count of failed ring buffer reserves, read
+    from the source's ``drops_map``).
+    """
+
+    epoch: str
+    seq: int
+    topic_seq: int
+    time: float
+    map: MapRef
+    lost: int
+    reason: str = "perf"
+    v: int = SCHEMA_VERSION
+
+
 Reply = Union[Pong, ListReply, GetBegin, GetChunk, GetEnd, ErrorReply, RecentEnd, StatusReply,
               Ack]
-Stream = Union[EventBatch, MapEvent, Heartbeat]
+Stream = Union[EventBatch, MapEvent, Heartbeat, RecordBatch, LostRecords]
 Message = Union[Request, Reply, Stream]
 
 # Topic frames: "map:<name>\0" for a map's events (subscribe to "map:<prefix>" for a
@@ -337,9 +407,26 @@ KINDS: dict[type, str] = {
     EventBatch: "events",
     MapEvent: "map_event",
     Heartbeat: "heartbeat",
+    RecordBatch: "records",
+    LostRecords: "lost",
 }
 
 converter = make_converter()
+
+
+def _strict(kind: type):
+    """Refuse what JSON would otherwise be coerced from: "1", true or 1.5 as an int, [..] as a str."""
+
+    def structure(value, _type):
+        if type(value) is not kind and not (kind is float and type(value) is int):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return value
+
+    return structure
+
+
+for _kind in (int, str, bool, float):
+    converter.register_structure_hook(_kind, _strict(_kind))
 configure_tagged_union(Message, converter, tag_generator=KINDS.__getitem__, tag_name="kind")
 
 

@@ -162,7 +162,7 @@ class SocketOwner(OwnedSocket):
                         break
                     box.popleft()
                     progressed = True
-                if len(box) < self._limit and (event := self._space.pop(peer, None)):
+                if len(box) < self._limit and (event := self._space.pop(peer, None)) is not None:
                     event.set()
                 if not box and peer not in self._gone:
                     del self._outboxes[peer]

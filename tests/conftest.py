@@ -1,0 +1,177 @@
+"""Shared fixtures: real kernel maps, a private bpffs directory, a real daemon.
+
+Tests never use the default /run/pymap endpoint: each daemon gets its own
+ipc:// socket in a temporary directory and its own bpffs subdirectory, and
+everything a test creates is removed at teardown.
+
+Kernel tests need root and the bpf syscall.  Elsewhere they skip with a
+reason; with PYMAP_REQUIRE_KERNEL=1 (CI) a missing kernel is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYMAP = str(Path(sys.executable).with_name("pymap"))
+BPFFS = "/sys/fs/bpf"
+
+
+def _kernel_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for the bpf syscall"
+    try:
+        from watcher.kernel import syscall
+
+        syscall.map_get_next_id(0)
+    except OSError as e:
+        return f"bpf syscall unusable: {e}"
+    if not os.path.ismount(BPFFS):
+        return f"bpffs is not mounted at {BPFFS} (run: make setup)"
+    return None
+
+
+def need_kernel() -> None:
+    problem = _kernel_problem()
+    if problem is None:
+        return
+    if os.environ.get("PYMAP_REQUIRE_KERNEL") == "1":
+        pytest.fail(f"PYMAP_REQUIRE_KERNEL=1 but {problem}")
+    pytest.skip(problem)
+
+
+def need_bcc():
+    need_kernel()
+    try:
+        import bcc  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("PYMAP_REQUIRE_KERNEL") == "1":
+            pytest.fail(f"PYMAP_REQUIRE_KERNEL=1 but bcc does not import: {e}")
+        pytest.skip(f"bcc does not import: {e}")
+    return bcc
+
+
+@pytest.fixture
+def kernel():
+    """Skip (or, in CI, fail) unless the real kernel is usable."""
+    need_kernel()
+
+
+@pytest.fixture
+def bpffs_dir(kernel):
+    """A fresh directory under bpffs for this test's pins, removed afterwards."""
+    path = Path(BPFFS) / f"pymap-test-{uuid.uuid4().hex[:10]}"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Maps:
+    """Creates real kernel maps for a test and closes them all at teardown."""
+
+    def __init__(self):
+        self.fds: list[int] = []
+
+    def create(self, type_name: str, key_size: int, value_size: int, max_entries: int,
+               name: str = "", flags: int = 0, pin: str | Path | None = None) -> tuple[int, int]:
+        """Returns (fd, map id)."""
+        from watcher.kernel import syscall
+        from watcher.kernel.maptypes import TYPE_IDS
+
+        fd = syscall.map_create(TYPE_IDS[type_name], key_size, value_size, max_entries,
+                                name=name, flags=flags)
+        self.fds.append(fd)
+        if pin is not None:
+            syscall.obj_pin(fd, str(pin))
+        return fd, syscall.map_info(fd).id
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+        self.fds.remove(fd)
+
+    def close_all(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+@pytest.fixture
+def maps(kernel):
+    m = Maps()
+    yield m
+    m.close_all()
+
+
+class Daemon:
+    def __init__(self, tmp: Path, bpffs: Path, extra: list[str]):
+        self.run_dir = tmp / "run"
+        self.endpoint = f"ipc://{self.run_dir}/pymap.sock"
+        self.socket = self.run_dir / "pymap.sock"
+        self.log = tmp / "daemon.log"
+        self.args = [PYMAP, "daemon", "--endpoint", self.endpoint, "--bpffs", str(bpffs), *extra]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self._log_file = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self._log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
+            if self.socket.exists() and self.cli("ping").returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"daemon did not answer ping: {self.log.read_text()}")
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYMAP_ENDPOINT": self.endpoint, "COLUMNS": "200"}
+        proc = subprocess.run([PYMAP, *args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"pymap {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, bpffs_dir):
+    started: list[Daemon] = []
+
+    def make(*extra: str, start: bool = True) -> Daemon:
+        d = Daemon(tmp_path / f"d{len(started)}", bpffs_dir, list(extra))
+        d.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        started.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in started:
+        if d.proc is not None:
+            d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    """A running daemon on a private endpoint, watching this test's bpffs directory."""
+    return daemon_factory()

@@ -1,0 +1,162 @@
+"""watcher.daemon.delta.diff against a brute-force dict diff, on random inputs.
+
+No kernel needed: snapshots are built from dicts, in a shuffled (kernel-like,
+arbitrary) order, so the same content in a different order must diff to nothing.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from watcher.daemon.delta import Action, Delta, Snapshot, diff, snapshot_as_added
+
+KEY_SIZES = (1, 2, 4, 8, 12, 16, 3)
+STRIDES = (1, 8, 13, 32)
+
+
+def snap(entries: dict[bytes, bytes], key_size: int, stride: int, rng: random.Random,
+         order: list[bytes] | None = None) -> Snapshot:
+    keys = list(entries) if order is None else order
+    if order is None:
+        rng.shuffle(keys)
+    return Snapshot(b"".join(keys), b"".join(entries[k] for k in keys), len(keys), key_size,
+                    stride)
+
+
+def expected(prev: dict, cur: dict) -> dict[str, set]:
+    return {
+        "added": {(k, cur[k]) for k in cur.keys() - prev.keys()},
+        "updated": {(k, cur[k], prev[k]) for k in cur.keys() & prev.keys() if cur[k] != prev[k]},
+        "removed": {(k, prev[k]) for k in prev.keys() - cur.keys()},
+    }
+
+
+def unpack(delta: Delta, key_size: int, stride: int) -> dict[str, set]:
+    assert len(delta.actions) == delta.count == len(delta)
+    assert len(delta.keys) == delta.count * key_size
+    assert len(delta.values) == len(delta.old_values) == delta.count * stride
+    assert list(delta.actions) == sorted(delta.actions), "added, then updated, then removed"
+    out: dict[str, set] = {"added": set(), "updated": set(), "removed": set()}
+    seen = set()
+    for i in range(delta.count):
+        key = delta.keys[i * key_size:(i + 1) * key_size]
+        value = delta.values[i * stride:(i + 1) * stride]
+        old = delta.old_values[i * stride:(i + 1) * stride]
+        assert key not in seen, f"key {key.hex()} reported twice"
+        seen.add(key)
+        action = Action(delta.actions[i])
+        if action is Action.UPDATED:
+            out["updated"].add((key, value, old))
+        else:
+            assert old == bytes(stride), "old values are zeros except for updates"
+            out["added" if action is Action.ADDED else "removed"].add((key, value))
+    return out
+
+
+def random_keys(rng: random.Random, n: int, key_size: int, dense: bool) -> list[bytes]:
+    """``n`` distinct keys; ``dense`` ones differ only in a few bytes (sort edge cases)."""
+    limit = 256 ** key_size
+    n = min(n, limit)
+    if dense:
+        base = rng.randrange(max(limit - n, 1))
+        nums = rng.sample(range(base, base + n), n) if n else []
+    else:
+        nums = set()
+        while len(nums) < n:
+            nums.add(rng.randrange(limit))
+        nums = list(nums)
+    return [x.to_bytes(key_size, rng.choice(("little", "big"))) for x in nums]
+
+
+def mutate(rng: random.Random, prev: dict, key_size: int, stride: int) -> dict:
+    cur = {}
+    for k, v in prev.items():
+        r = rng.random()
+        if r < 0.15:
+            continue  # removed
+        if r < 0.35:
+            v = bytes(rng.randrange(256) for _ in range(stride))
+            # an update that only touches the last byte
+            if rng.random() < 0.3:
+                v = prev[k][:-1] + bytes([(prev[k][-1] + 1) % 256])
+        cur[k] = v
+    for k in random_keys(rng, rng.randrange(0, 40), key_size, dense=rng.random() < 0.5):
+        if k not in prev:
+            cur[k] = bytes(rng.randrange(256) for _ in range(stride))
+    return cur
+
+
+def check(prev: dict, cur: dict, key_size: int, stride: int, rng: random.Random,
+          prev_snap: Snapshot | None = None, cur_order=None) -> Snapshot:
+    a = prev_snap or snap(prev, key_size, stride, rng)
+    b = snap(cur, key_size, stride, rng, order=cur_order)
+    assert unpack(diff(a, b), key_size, stride) == expected(prev, cur)
+    return b
+
+
+@pytest.mark.parametrize("key_size", KEY_SIZES)
+@pytest.mark.parametrize("stride", STRIDES)
+def test_diff_matches_brute_force(key_size, stride):
+    rng = random.Random(key_size * 1000 + stride)
+    for _ in range(30):
+        n = rng.choice((0, 1, 2, 5, 50, 300))
+        prev = {k: bytes(rng.randrange(256) for _ in range(stride))
+                for k in random_keys(rng, n, key_size, dense=rng.random() < 0.5)}
+        cur = mutate(rng, prev, key_size, stride)
+        check(prev, cur, key_size, stride, rng)
+
+
+@pytest.mark.parametrize("key_size", KEY_SIZES)
+def test_diff_chains_carry_sort_order(key_size):
+    """A watch diffs each dump against the previous one; sort orders carry over when
+    the keys did not change, so chains exercise both paths."""
+    rng = random.Random(key_size)
+    stride = 8
+    state = {k: bytes(8) for k in random_keys(rng, 100, key_size, dense=True)}
+    s = snap(state, key_size, stride, rng)
+    for step in range(40):
+        if step % 3 == 0:  # same keys, same kernel order, some values changed
+            order = [s.keys[i * key_size:(i + 1) * key_size] for i in range(s.count)]
+            cur = {k: (bytes(rng.randrange(256) for _ in range(stride))
+                       if rng.random() < 0.2 else v) for k, v in state.items()}
+            s = check(state, cur, key_size, stride, rng, prev_snap=s, cur_order=order)
+        else:
+            cur = mutate(rng, state, key_size, stride)
+            s = check(state, cur, key_size, stride, rng, prev_snap=s)
+        state = cur
+
+
+@pytest.mark.parametrize("key_size", KEY_SIZES)
+def test_reordered_keys_same_content_is_no_change(key_size):
+    rng = random.Random(7 + key_size)
+    entries = {k: bytes([len(k)]) * 4 for k in random_keys(rng, 200, key_size, dense=False)}
+    a = snap(entries, key_size, 4, rng)
+    b = snap(entries, key_size, 4, rng)
+    assert a.keys != b.keys or len(entries) < 2
+    assert diff(a, b).count == 0
+    assert diff(a, snap(entries, key_size, 4, rng, order=list(entries))).count == 0
+
+
+@pytest.mark.parametrize("key_size", KEY_SIZES)
+def test_empty_maps(key_size):
+    rng = random.Random(key_size)
+    entries = {k: b"\x01\x02" for k in random_keys(rng, 20, key_size, dense=True)}
+    empty = Snapshot.empty(key_size, 2)
+    assert diff(empty, Snapshot.empty(key_size, 2)).count == 0
+    assert unpack(diff(empty, snap(entries, key_size, 2, rng)), key_size, 2) == \
+        expected({}, entries)
+    assert unpack(diff(snap(entries, key_size, 2, rng), empty), key_size, 2) == \
+        expected(entries, {})
+
+
+def test_snapshot_as_added_and_shape_mismatch():
+    rng = random.Random(1)
+    entries = {k: k * 2 for k in random_keys(rng, 10, 4, dense=False)}
+    s = snap(entries, 4, 8, rng)
+    assert unpack(snapshot_as_added(s), 4, 8) == expected({}, entries)
+    with pytest.raises(ValueError):
+        diff(s, Snapshot.empty(8, 8))
+    with pytest.raises(ValueError):
+        diff(s, Snapshot.empty(4, 4))

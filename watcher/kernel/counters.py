@@ -1,0 +1,34 @@
+"""Reading a counter map: the sum of every value (every CPU's slot for per-CPU maps).
+
+Why: the kernel reports no loss for ring buffers, so a producing program
+counts its failed reserves itself, in an array or hash of u64 (or u32)
+counters (see examples/execsnoop-ringbuf).  pymap reads that map beside the
+buffer and reports the total as the buffer's loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dump import dump, value_stride
+from .maps import record_from_fd
+
+
+def counter_total(fd: int) -> int:
+    """Sum of all values of the counter map behind ``fd`` (u64 or u32 values)."""
+    record = record_from_fd(fd)
+    if record.value_size not in (4, 8):
+        raise ValueError(f"{record.name}: a counter map needs u32 or u64 values, "
+                         f"not {record.value_size} bytes")
+    dtype = np.uint64 if record.value_size == 8 else np.uint32
+    stride = value_stride(record)
+    total = 0
+    for chunk in dump(fd, record):
+        rows = np.frombuffer(chunk.values, dtype=np.uint8).reshape(chunk.count, stride)
+        if record.percpu:
+            slot = (record.value_size + 7) & ~7
+            rows = rows.reshape(-1, slot)[:, :record.value_size]
+        else:
+            rows = rows[:, :record.value_size]
+        total += int(np.ascontiguousarray(rows).view(dtype).astype(np.uint64).sum())
+    return total
