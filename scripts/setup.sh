@@ -6,7 +6,10 @@ set -euo pipefail
 say() { echo "setup: $*"; }
 die() { echo "setup: error: $*" >&2; exit 1; }
 # Run a command, prefixing everything it prints.
-run() { "$@" 2>&1 | sed -u 's/^/setup:   /'; }
+# (pip's "Location ... is ignored" lines come from this machine's pip config, not from us.)
+run() {
+    "$@" 2>&1 | { grep --line-buffered -v "^WARNING: Location 'file:" || true; } | sed -u 's/^/setup:   /'
+}
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (bpf, mounts and apt need it); try: sudo $0"
 

@@ -8,6 +8,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sys
 from collections.abc import Awaitable, Callable
@@ -150,18 +151,43 @@ def get(
                 return
             rows = []
             m = dump.map
-            async for chunk in dump.chunks():
-                for i in range(chunk.count):
-                    if limit and len(rows) >= limit:
-                        break
-                    key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
-                    value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
-                    rows.append((key, value, formatter(key, value) if formatter else None))
+            with _progress(f"reading {m.name}") as progress:
+                async for chunk in dump.chunks():
+                    progress.advance(chunk.count)
+                    for i in range(chunk.count):
+                        if limit and len(rows) >= limit:
+                            break
+                        key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
+                        value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
+                        rows.append((key, value, formatter(key, value) if formatter else None))
             stdout.print(render.entries_table(
                 m, rows, dump.total or 0, raw,
                 decoding.describe() if decoding else "shown as hex (--raw)"))
 
     run(main)
+
+
+class _Progress:
+    """Entries read so far, on stderr, for people waiting on a big map."""
+
+    def __init__(self, status):
+        self.status, self.label, self.count = status, "", 0
+
+    def advance(self, n: int) -> None:
+        self.count += n
+        if self.status is not None:
+            self.status.update(f"{self.label}: {self.count:,} entries")
+
+
+@contextlib.contextmanager
+def _progress(label: str):
+    if not stderr.is_terminal:
+        yield _Progress(None)
+        return
+    with stderr.status(label) as status:
+        progress = _Progress(status)
+        progress.label = label
+        yield progress
 
 
 def _read_layouts(path: str) -> list:
