@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -46,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import (  # noqa: I001 - _common puts the repository on sys.path
+# bench/_common.py (beside this file) puts the repository on sys.path.
+from _common import (
     BenchError,
     Daemon,
     check_root,
@@ -373,7 +373,7 @@ def run(args) -> int:
 
             # (a) + (b): flood.
             prod.set_tag(TAG_THROUGHPUT)
-            offered, secs = prod.flood(prod.fn, args.seconds)
+            _, secs = prod.flood(prod.fn, args.seconds)
             st = wait_accounted(daemon, prod, name)
             produced = prod.counter("produced", 0)
             dropped = prod.counter("dropped")

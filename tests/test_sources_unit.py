@@ -8,10 +8,10 @@ import pytest
 
 from consumers.records import FormatterCache, MalformedRecords, RecordSet, record_formatter
 from consumers.stream import events_of
+from watcher.daemon.sourceconf import SourceError, load_sources, parse_cli_source, parse_source
 from watcher.decode.layout import parse_layout
 from watcher.kernel.bccload import layout_from_bcc_fields
 from watcher.wire import schema
-from watcher.daemon.sourceconf import SourceError, load_sources, parse_cli_source, parse_source
 
 
 def test_cli_source_specs():
@@ -137,3 +137,22 @@ def test_status_reply_without_sources_still_parses():
     import orjson
 
     assert schema.decode(orjson.dumps(data)).sources == []
+
+
+def test_cli_prints_records_and_losses():
+    from consumers.cli.eventsout import EventPrinter, event_json
+    from consumers.stream import Event
+
+    ref = schema.MapRef(7, "buf")
+    rec = Event("record", ref, seq=3, time=0.0, value=b"\x01\x02",
+                formatted={"pid": 1, "comm": "sh"})
+    assert event_json(rec, None, None) == {
+        "seq": 3, "time": "1970-01-01T00:00:00.000000Z", "map": {"id": 7, "name": "buf"},
+        "action": "record", "value": "0102", "formatted": {"pid": 1, "comm": "sh"}}
+    lost = Event("lost", ref, seq=4, missed=96, reason="perf")
+    doc = event_json(lost, None, None)
+    assert (doc["action"], doc["missed"], doc["reason"]) == ("lost", 96, "perf")
+    assert "pid=1 comm=sh" in EventPrinter._line(event_json(rec, None, None))
+    assert "96 records lost (perf ring full)" in EventPrinter._line(doc)
+    raw = Event("record", ref, seq=5, value=b"\xff")
+    assert EventPrinter._line(event_json(raw, None, None)).endswith(" ff")

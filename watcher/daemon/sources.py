@@ -47,7 +47,10 @@ from .stream import Stream
 log = logging.getLogger("pymap.sources")
 
 DROPS_INTERVAL = 0.5  # seconds between reads of a drops_map counter
-MAX_READ_BYTES = 4 << 20  # bytes of records per read slice at most (one stream message)
+# Bytes of records per read slice at most (one stream message).  ZeroMQ's high-water
+# mark counts messages, not bytes: a subscriber that stops reading can hold up to
+# daemon.stream_hwm messages in the daemon, so messages must stay small.
+MAX_READ_BYTES = 1 << 20
 
 
 class SourceLoadError(ConfigError):
@@ -251,8 +254,8 @@ class Sources:
                     buf.max_read_ms = max(buf.max_read_ms, (time.perf_counter() - t0) * 1000)
                 if not chunk.more:
                     break
-                await trio.sleep(0)  # let the publisher and everyone else run between slices
-            await trio.sleep(0)
+                await trio.lowlevel.checkpoint()  # let the publisher and the rest run
+            await trio.lowlevel.checkpoint()
 
     async def _watch_drops(self, buf: Buffer) -> None:
         assert buf.drops_fd is not None

@@ -145,7 +145,7 @@ class BccProgram:
         flags = [f"-I{os.path.dirname(os.path.abspath(path))}", *cflags]
         try:
             self.bpf = BPF(text=text, cflags=flags)
-        except Exception as e:  # bcc raises bare Exceptions; the compiler wrote details to stderr
+        except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; details on stderr
             raise BccError(f"{path}: bcc could not load it: {e}") from None
         self.tables: dict[str, Table] = {}
         module = self.bpf.module

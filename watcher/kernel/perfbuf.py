@@ -196,7 +196,7 @@ class PerfBufReader:
         touched = []
         for i in range(count):
             ring = rings[(self._next + i) % count]
-            n, ring_lost, stopped = ring.read(limit - len(lengths), lengths, pieces)
+            _, ring_lost, stopped = ring.read(limit - len(lengths), lengths, pieces)
             touched.append(ring)
             lost += ring_lost
             if not stopped and i + 1 < count and sum(map(len, pieces)) >= max_bytes:
