@@ -208,6 +208,9 @@ async def test_pinned_ringbuf_with_layout_and_drops(daemon_factory, bpffs_dir, t
              f"layout = {REC_LAYOUT_TOML}")])
         d = daemon_factory("--config", conf)
         assert "consumes its records" in d.log.read_text()
+        doctor = d.cli("doctor")
+        assert doctor.returncode == 0, doctor.stdout  # caveats warn, they do not fail
+        assert f"source {name}" in doctor.stdout and "consumers" in doctor.stdout
         lib = LibFollower(d.endpoint, [name])
         async with trio.open_nursery() as nursery:
             await nursery.start(lib.run)
@@ -265,6 +268,8 @@ async def test_perf_overflow_is_reported_as_lost(daemon_factory, bpffs_dir, tmp_
             f'pin = "{pin}"\npage_cnt = 1\nlayout = {REC_LAYOUT_TOML}'])
         d = daemon_factory("--config", conf)
         assert "REPLACES any other reader" in d.log.read_text()
+        doctor = d.cli("doctor")
+        assert doctor.returncode == 0 and "its own per-CPU" in doctor.stdout, doctor.stdout
         stream = functools.partial(EventStream, record_batches=True)
         lib = LibFollower(d.endpoint, [name], stream_class=stream)
         async with trio.open_nursery() as nursery:

@@ -106,10 +106,44 @@ def summary(checks: list[Check]) -> str:
     return text
 
 
+def source_checks(endpoint: str, timeout: float = PING_TIMEOUT) -> list[Check]:
+    """Caveats of the daemon's event sources: shared or replaced readers, invisible loss.
+
+    Warnings, not failures: the daemon works, but another tool may not.
+    """
+
+    async def status():
+        async with Client(endpoint, timeout=timeout) as client:
+            return await client.status()
+
+    try:
+        sources = trio.run(status).sources
+    except DaemonError:
+        return []  # the daemon check already says what is wrong
+    checks = []
+    for src in sources:
+        name = f"source {src.name}"
+        attached = not src.origin.endswith(".c")
+        if attached and src.kind == "perf":
+            checks.append(Check(name, False, f"perf event array {src.origin}: pymap installed its "
+                                "own per-CPU rings, so any other reader gets nothing now",
+                                "let other tools subscribe to pymap instead", required=False))
+        elif attached:
+            checks.append(Check(name, False, f"ring buffer {src.origin}: consumers compete, so "
+                                "records are split between pymap and any other reader",
+                                "have one reader (pymap) and subscribe to it", required=False))
+        if src.kind == "ringbuf" and not src.drops_map:
+            checks.append(Check(name, False, "ring buffer loss is invisible: the kernel reports "
+                                "none", "count failed reserves in a map and name it as drops_map",
+                                required=False))
+    return checks
+
+
 def run_checks(console: Console, endpoint: str) -> int:
     """Run every check, print the table and a summary; 0 if the daemon has all it needs."""
     try:
-        checks = [*host_checks(), daemon_check(endpoint)]
+        daemon = daemon_check(endpoint)
+        checks = [*host_checks(), daemon, *(source_checks(endpoint) if daemon.ok else [])]
     except KeyboardInterrupt:
         return 130
     console.print(render(checks))

@@ -24,6 +24,8 @@ import ctypes
 import logging
 import os
 import re
+import subprocess
+import sys
 
 import attrs
 
@@ -124,6 +126,33 @@ def layout_from_bcc_fields(fields: list[str]) -> list[dict] | None:
     return out
 
 
+_TRIAL = """
+import sys
+from bcc import BPF
+BPF(text=open(sys.argv[1], "rb").read(), cflags=sys.argv[2:])
+"""
+
+
+def _trial_load(path: str, flags: list[str]) -> None:
+    """Load the program once in a throwaway process first.
+
+    bcc's compiler aborts the whole process on some C (a clang assertion, not
+    an exception); that must cost a clear error, not the daemon.  Everything
+    the trial loads is freed when it exits.
+    """
+    try:
+        proc = subprocess.run([sys.executable, "-c", _TRIAL, path, *flags],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise BccError(f"{path}: bcc took more than 120 s to load it") from None
+    if proc.returncode != 0:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()] or lines or ["no output"]
+        how = (f"exit {proc.returncode}" if proc.returncode > 0
+               else f"killed by signal {-proc.returncode}")
+        raise BccError(f"{path}: bcc could not load it ({how}): {errors[0][:300]}")
+
+
 class BccProgram:
     """One C file compiled and loaded by bcc; :meth:`cleanup` detaches and frees it."""
 
@@ -143,6 +172,7 @@ class BccProgram:
         except OSError as e:
             raise BccError(f"cannot read {path}: {e.strerror}") from None
         flags = [f"-I{os.path.dirname(os.path.abspath(path))}", *cflags]
+        _trial_load(path, flags)
         try:
             self.bpf = BPF(text=text, cflags=flags)
         except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; details on stderr
