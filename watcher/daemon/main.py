@@ -61,6 +61,12 @@ def _someone_listens(path: str) -> bool:
         probe.close()
 
 
+def _refuse_live_socket(endpoint: str) -> None:
+    path = _ipc_path(endpoint)
+    if path and os.path.exists(path) and _someone_listens(path):
+        raise ConfigError(f"another process (a pymap daemon?) is serving {endpoint}")
+
+
 @contextlib.contextmanager
 def _restrictive_umask() -> Iterator[None]:
     old = os.umask(0o177)
@@ -83,9 +89,8 @@ def bind_endpoint(sock: zmq.Socket, endpoint: str,
         os.makedirs(directory, mode=0o750 if gid is not None else 0o700)
         if gid is not None:
             os.chown(directory, -1, gid)
+    _refuse_live_socket(endpoint)
     if os.path.exists(path):
-        if _someone_listens(path):
-            raise ConfigError(f"another process (a pymap daemon?) is serving {endpoint}")
         os.unlink(path)  # stale socket from a daemon that died
     with _restrictive_umask():
         sock.bind(endpoint)
@@ -131,48 +136,62 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
     # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
     bound: list[str] = []
-    sources: Sources | None = None
+    publisher = PublisherOwner(xpub)
+    stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
+                    dconf.heartbeat_interval)
+    engine = Engine(config, stream)
+    sources = Sources(config.sources, stream)
     try:
-        bind_endpoint(router, dconf.endpoint, dconf)
-        bound.append(dconf.endpoint)
-        bind_endpoint(xpub, dconf.events_endpoint, dconf)
-        bound.append(dconf.events_endpoint)
-        publisher = PublisherOwner(xpub)
-        stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
-                        dconf.heartbeat_interval)
-        engine = Engine(config, stream)
+        for endpoint in (dconf.endpoint, dconf.events_endpoint):
+            _refuse_live_socket(endpoint)  # before seconds of compiling, not after
         # Event sources load before serving: once the daemon answers ping, they publish.
-        sources = Sources(config.sources, stream)
+        # Before the signal handlers, too: LLVM (inside bcc) installs its own for SIGINT
+        # and SIGTERM, which would kill the daemon without cleaning up.
         if config.sources:
             await trio.to_thread.run_sync(sources.open)
-        server = RequestServer(router, dconf, epoch, _version(), engine, sources)
-        log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
-                 dconf.endpoint, dconf.events_endpoint, epoch)
+        # From here signals are ours until cleanup is done, a second one included.
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.serve)
-                nursery.start_soon(publisher.serve, engine.on_subscription)
-                nursery.start_soon(engine.run)
-                nursery.start_soon(sources.run)
-                nursery.start_soon(_heartbeats, engine, dconf.heartbeat_interval)
+            bind_endpoint(router, dconf.endpoint, dconf)
+            bound.append(dconf.endpoint)
+            bind_endpoint(xpub, dconf.events_endpoint, dconf)
+            bound.append(dconf.events_endpoint)
+            server = RequestServer(router, dconf, epoch, _version(), engine, sources)
+            log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
+                     dconf.endpoint, dconf.events_endpoint, epoch)
+            try:
+                async with trio.open_nursery() as nursery:
 
-                async def stop_on_signal():
-                    async for signum in signals:
-                        log.info("%s: shutting down", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                        return
+                    async def stop_on_signal():
+                        async for signum in signals:
+                            log.info("%s: shutting down", signal.Signals(signum).name)
+                            nursery.cancel_scope.cancel()
+                            return
 
-                nursery.start_soon(stop_on_signal)
-                task_status.started()
+                    nursery.start_soon(stop_on_signal)
+                    nursery.start_soon(server.serve)
+                    nursery.start_soon(publisher.serve, engine.on_subscription)
+                    nursery.start_soon(engine.run)
+                    nursery.start_soon(sources.run)
+                    nursery.start_soon(_heartbeats, engine, dconf.heartbeat_interval)
+                    task_status.started()
+            finally:
+                _close(sources, router, xpub, bound, ctx)
+                bound.clear()
     finally:
-        if sources is not None:
-            sources.close()
-        router.close(linger=0)
-        xpub.close(linger=0)
-        for endpoint in bound:
-            _unlink_socket(endpoint)
-        ctx.term()
+        _close(sources, router, xpub, bound, ctx)
     log.info("stopped")
+
+
+def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[str],
+           ctx: zmq.Context) -> None:
+    """Free everything the daemon holds; safe to call twice."""
+    sources.close()
+    router.close(linger=0)
+    xpub.close(linger=0)
+    for endpoint in bound:
+        _unlink_socket(endpoint)
+    if not ctx.closed:
+        ctx.term()
 
 
 async def _heartbeats(engine: Engine, interval: float) -> None:
