@@ -386,3 +386,19 @@ def test_bad_program_ends_with_one_error_line(daemon_factory, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("pymap: error: ") and "no table named 'nosuch'" in last
+
+
+def test_two_signals_while_serving_sources_still_clean_up(daemon_factory):
+    """bcc's LLVM installs SIGINT/SIGTERM handlers of its own; the daemon must keep its own,
+    so Ctrl-C followed by a service manager's SIGTERM still removes the sockets."""
+    import signal
+
+    need_bcc()
+    d = daemon_factory("--source", f"{EXECSNOOP}:execs")
+    events_socket = d.socket.with_name("events.sock")
+    assert d.socket.exists() and events_socket.exists()
+    d.proc.send_signal(signal.SIGINT)
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.wait(30)
+    assert not d.socket.exists() and not events_socket.exists(), d.log.read_text()
+    assert "Traceback" not in d.log.read_text()
