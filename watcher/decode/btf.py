@@ -168,6 +168,58 @@ class Btf:
         return f
 
 
+    def flat_layout(self, type_id: int, stride: int
+                    ) -> tuple[struct.Struct, list[str] | None] | None:
+        """How to read values of the type with one ``struct`` unpack, or None.
+
+        Returns the ``Struct`` (one value per ``stride`` bytes) and the member
+        names (None for a plain scalar).  Offered only where a single unpack
+        gives exactly what :meth:`formatter` gives: a plain scalar, or a struct
+        of byte-aligned plain scalar members (no bitfields, enums, arrays or
+        nesting) -- the shape of most counters and flow tables.
+        """
+        comp = _Compiler(self)
+        try:
+            size = self.size_of(type_id)
+        except BtfError:
+            return None
+        if stride < size:
+            return None
+        tail = f"{stride - size}x" if stride > size else ""
+        code = comp.scalar_code(type_id)
+        if code is not None:
+            return struct.Struct(f"<{code}{tail}"), None
+        t = self.type(self.resolve(type_id))
+        if t.kind != Kind.STRUCT or not t.detail:
+            return None
+        fmt, names, pos = "<", [], 0
+        for m in t.detail:
+            code = comp.scalar_code(m.type)
+            if code is None or m.bitfield_size or m.bit_offset % 8 or m.bit_offset // 8 < pos:
+                return None
+            off = m.bit_offset // 8
+            fmt += (f"{off - pos}x" if off > pos else "") + code
+            names.append(m.name)
+            pos = off + struct.calcsize(f"<{code}")
+        fmt += (f"{t.size - pos}x" if t.size > pos else "") + tail
+        rows = struct.Struct(fmt)
+        return (rows, names) if rows.size == stride else None
+
+    def many_formatter(self, type_id: int, stride: int) -> Callable[[bytes], list] | None:
+        """``f(buf)`` -> every value in ``buf`` (one per ``stride`` bytes), or None.
+
+        The fast path for big dumps: one ``struct.iter_unpack`` over a whole chunk
+        instead of a Python call per value (see :meth:`flat_layout`).
+        """
+        flat = self.flat_layout(type_id, stride)
+        if flat is None:
+            return None
+        rows, names = flat
+        if names is None:
+            return lambda buf: [v for (v,) in rows.iter_unpack(buf)]
+        return lambda buf: [dict(zip(names, row)) for row in rows.iter_unpack(buf)]
+
+
 _VOID = BtfType(Kind.UNKN, "void", False, 0, 0)
 _MAX_DEPTH = 64
 

@@ -20,6 +20,7 @@ this module stays free of the wire schema.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -120,7 +121,35 @@ def _plain_entry(m, fmt_key: SideFormatter, fmt_value: SideFormatter) -> EntryFo
                 return {"key": fmt_key(key), "value": fmt_value(value)}
             except Exception as e:  # noqa: BLE001 -- one bad entry never stops the others
                 return _error(e)
+
+        _add_chunk_json(decode, getattr(fmt_key, "flat", None), getattr(fmt_value, "flat", None))
     return decode
+
+
+def _add_chunk_json(decode: EntryFormatter, key_flat, value_flat) -> None:
+    """Give ``decode`` a ``chunk_json(keys, values) -> [str]``: each entry's decoded form
+    as JSON text, from one unpack per chunk and a %-template (no dict per entry).
+
+    Only for integers, whose JSON and Python spellings agree; otherwise nothing is
+    added and callers use ``decode`` entry by entry.
+    """
+    if key_flat is None or value_flat is None:
+        return
+    parts = []
+    for rows, names in (key_flat, value_flat):
+        codes = rows.format.lstrip("<").replace("x", "")
+        if any(c not in "bBhHiIlLqQ0123456789" for c in codes):
+            return  # bool or float members: leave them to the per-entry path
+        if names is None:
+            parts.append("%d")
+        else:
+            parts.append("{" + ",".join(json.dumps(n).replace("%", "%%") + ":%d"
+                                        for n in names) + "}")
+    template = '{"key":' + parts[0] + ',"value":' + parts[1] + "}"
+    key_rows, value_rows = key_flat[0], value_flat[0]
+    decode.chunk_json = lambda keys, values: [
+        template % (k + v) for k, v in zip(key_rows.iter_unpack(keys),
+                                            value_rows.iter_unpack(values))]
 
 
 def _btf_sides(m, btf_blob: bytes | None, notes: list[str]
@@ -133,6 +162,10 @@ def _btf_sides(m, btf_blob: bytes | None, notes: list[str]
         fmt_value = btf.formatter(m.btf_value_type_id)
         fmt_key = (btf.formatter(m.btf_key_type_id) if m.btf_key_type_id
                    else lambda key: int.from_bytes(key, "little"))  # arrays: a u32 index
+        if m.btf_key_type_id and not m.percpu:
+            # Whole-chunk formatters where one struct unpack does it (see Btf.flat_layout).
+            fmt_key.flat = btf.flat_layout(m.btf_key_type_id, m.key_size)
+            fmt_value.flat = btf.flat_layout(m.btf_value_type_id, m.value_stride)
     except (BtfError, ValueError) as e:
         notes.append(f"BTF not usable: {e}")
         return None, None
