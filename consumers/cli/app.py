@@ -26,6 +26,10 @@ from . import render
 app = typer.Typer(
     name="pymap",
     help="Watch eBPF maps: list them, dump them decoded, stream their changes.",
+    epilog=("Examples:  pymap list 'cilium_*'  ·  pymap get cilium_ipcache_v2  ·  "
+            "pymap events cilium_lxc -f  ·  pymap events 'cilium_policy_*' -f -o json  ·  "
+            "pymap doctor.  The daemon (pymap daemon, as root) must be running; "
+            "see README.md and docs/."),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
