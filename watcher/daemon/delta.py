@@ -34,8 +34,8 @@ ACTION_NAMES = {Action.ADDED: "added", Action.UPDATED: "updated", Action.REMOVED
 class Snapshot:
     """One dump of a map: keys and values back to back, in the kernel's order."""
 
-    keys: bytes
-    values: bytes
+    keys: bytes | bytearray
+    values: bytes | bytearray
     count: int
     key_size: int
     stride: int
@@ -113,8 +113,10 @@ def diff(prev: Snapshot, cur: Snapshot) -> Delta:
     po, co = prev.sorted_order(), cur.sorted_order()
     if prev.count:
         pks, cks = pk[po], ck[co]
-        pos = np.minimum(np.searchsorted(pks, cks), prev.count - 1)
+        pos = np.searchsorted(pks, cks)
+        np.minimum(pos, prev.count - 1, out=pos)
         found = pks[pos] == cks
+        del pks, cks  # the biggest temporaries: free them before the next ones
     else:
         pos = np.zeros(cur.count, dtype=np.intp)
         found = np.zeros(cur.count, dtype=bool)

@@ -242,12 +242,14 @@ class Engine:
                 raise MapGone from None
             raise
         with kmaps.open_fd(fd):
-            keys, values, count = [], [], 0
+            # Grown in place (big buffers are mmap'd, so growing is mremap, not a copy):
+            # a list of chunks joined at the end would hold the map twice for a moment.
+            keys, values, count = bytearray(), bytearray(), 0
             for chunk in dump(fd, record):
-                keys.append(chunk.keys)
-                values.append(chunk.values)
+                keys += chunk.keys
+                values += chunk.values
                 count += chunk.count
-        return Snapshot(b"".join(keys), b"".join(values), count, record.key_size, watch.stride)
+        return Snapshot(keys, values, count, record.key_size, watch.stride)
 
     # --- requests from the server ---
 
