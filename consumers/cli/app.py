@@ -143,7 +143,13 @@ def get(
         async with Client(endpoint, timeout) as client, client.get(selector) as dump:
             layout = next((x for x in own_layouts
                            if x.matches([dump.map.name, dump.map.kernel_name], dump.map.pinned)),
-                          dump.layout)
+                          None)
+            if layout is None:
+                if own_layouts:
+                    stderr.print(f"pymap: note: no layout in {layout_file} matches "
+                                 f"{dump.map.name}; using the daemon's decoding",
+                                 highlight=False, markup=False)
+                layout = dump.layout
             decoding = None if raw else choose_decoding(dump.map, dump.btf, layout)
             formatter = decoding.formatter if decoding else None
             if output is Output.json:
