@@ -331,6 +331,10 @@ def daemon(
         "--source", help="Event source: FILE.c[:buf1,buf2] (load with bcc, publish those "
         "buffers; default all) or a pinned buffer's path; repeatable, added to "
         "[[sources]] (docs/sources.md).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Any config key: SECTION.KEY=VALUE, VALUE in TOML syntax (e.g. "
+        "daemon.stream_hwm=1000, watch.linger=60, 'watch.always=[\"cilium_*\"]'); "
+        "repeatable, applied after the file and the other flags.")] = None,
 ) -> None:
     """Run the pymap daemon (as root) until SIGINT or SIGTERM."""
     from watcher.daemon import main as daemon_main
@@ -346,7 +350,8 @@ def daemon(
                  "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level}
     watch_overrides = {"interval": interval, "always": always or None}
     try:
-        conf = load_config(config, overrides, watch_overrides, sources=source or None)
+        conf = load_config(config, overrides, watch_overrides, sources=source or None,
+                           settings=set_ or None)
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     daemon_main.setup_logging(conf.daemon.log_level)

@@ -199,13 +199,31 @@ def _describe(error: BaseException) -> list[str]:
     return [str(error)]
 
 
+def _apply_setting(data: dict, setting: str) -> None:
+    """``--set SECTION.KEY=VALUE`` (VALUE in TOML syntax, or a bare string)."""
+    name, eq, text = setting.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not eq or not dot or not section or not key or "." in key:
+        raise ConfigError(f"--set {setting!r}: write SECTION.KEY=VALUE, e.g. watch.linger=60")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string
+    table = data.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"--set {setting!r}: [{section}] is not a table")
+    table[key] = value
+
+
 def load_config(path: str | None, overrides: dict | None = None,
-                watch_overrides: dict | None = None, sources: list[str] | None = None) -> Config:
+                watch_overrides: dict | None = None, sources: list[str] | None = None,
+                settings: list[str] | None = None) -> Config:
     """Read ``path`` (None: defaults, or the default file when it exists), then apply flags.
 
     ``overrides`` and ``watch_overrides`` map ``daemon`` and ``watch`` keys to
     values given on the command line (None: not given); ``sources`` are
-    ``--source`` flags, added to the config's ``[[sources]]``.
+    ``--source`` flags, added to the config's ``[[sources]]``; ``settings`` are
+    ``--set SECTION.KEY=VALUE`` flags, which reach every key, applied last.
     """
     data: dict = {}
     if path is None and os.path.exists(DEFAULT_CONFIG):
@@ -224,6 +242,8 @@ def load_config(path: str | None, overrides: dict | None = None,
             if not isinstance(data.setdefault(section, {}), dict):
                 raise ConfigError(f"config {path}: [{section}] must be a table")
             data[section].update(given)
+    for setting in settings or ():
+        _apply_setting(data, setting)
     raw_layouts = data.pop("layouts", [])
     raw_sources = data.pop("sources", [])
     try:
