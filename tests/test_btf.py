@@ -21,20 +21,13 @@ import subprocess
 
 import attrs
 import pytest
+from conftest import require
 
 from watcher.kernel import btf as B
 from watcher.kernel import maps as M
 from watcher.kernel.dump import dump, value_stride
 
 pytestmark = pytest.mark.kernel
-
-
-def _need(problem: str | None) -> None:
-    if problem is None:
-        return
-    if os.environ.get("PYMAP_REQUIRE_KERNEL") == "1":
-        pytest.fail(f"PYMAP_REQUIRE_KERNEL=1 but {problem}")
-    pytest.skip(problem)
 
 
 def _kernel_problem() -> str | None:
@@ -47,7 +40,7 @@ def _kernel_problem() -> str | None:
 
 @pytest.fixture(scope="module")
 def kernel_and_bpftool():
-    _need(_kernel_problem())
+    require(_kernel_problem())
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +55,7 @@ def bcc_bpf(kernel_and_bpftool):
     try:
         import bcc
     except ImportError as e:
-        _need(f"bcc does not import: {e}")
+        require(f"bcc does not import: {e}")
     return bcc.BPF
 
 

@@ -7,14 +7,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import PYMAP, require
 
 from watcher.kernel import probe
 
-PYMAP = str(Path(sys.executable).with_name("pymap"))
 CHECKS = ("privileges", "bpf syscall", "bpffs", "kernel BTF", "batch lookup", "tracefs", "bcc",
           "kernel headers", "daemon")
 
@@ -119,11 +117,11 @@ def test_doctor_malformed_endpoint_is_a_failed_check_not_a_traceback(kernel, end
 def test_doctor_as_an_unprivileged_user(kernel, tmp_path):
     setpriv = shutil.which("setpriv")
     if setpriv is None:
-        pytest.skip("setpriv (util-linux) not installed")
+        require("setpriv (util-linux) not installed")
     proc = doctor(endpoint=f"ipc://{tmp_path}/none.sock",
                   prefix=(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"))
     if "Permission denied" in proc.stderr and "Traceback" not in proc.stderr:
-        pytest.skip(f"nobody cannot run {PYMAP}: {proc.stderr.strip()}")
+        require(f"nobody cannot run {PYMAP}: {proc.stderr.strip()}")
     assert_clean(proc)
     assert proc.returncode == 1
     table = rows(proc.stdout)

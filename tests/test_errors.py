@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 import zmq
-from conftest import PYMAP
+from conftest import PYMAP, require
 from helpers import one_error_line
 
 pytestmark = pytest.mark.kernel
@@ -175,7 +175,7 @@ def test_daemon_absent_stale_socket(tmp_path):
 
 def _as_nobody(*args: str) -> subprocess.CompletedProcess:
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv is not installed")
+        require("setpriv is not installed")
     return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                            PYMAP, *args], check=False, capture_output=True, text=True, timeout=60,
                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "COLUMNS": "200"})
