@@ -149,8 +149,12 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
         # and SIGTERM, which would kill the daemon without cleaning up.
         if config.sources:
             await trio.to_thread.run_sync(sources.open)
-        # From here signals are ours until cleanup is done, a second one included.
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    except BaseException:
+        _close(sources, router, xpub, bound, ctx)
+        raise
+    # From here signals are ours until cleanup is done, a second one included.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
             bind_endpoint(router, dconf.endpoint, dconf)
             bound.append(dconf.endpoint)
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
@@ -158,40 +162,35 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
             server = RequestServer(router, dconf, epoch, _version(), engine, sources)
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, dconf.events_endpoint, epoch)
-            try:
-                async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:
 
-                    async def stop_on_signal():
-                        async for signum in signals:
-                            log.info("%s: shutting down", signal.Signals(signum).name)
-                            nursery.cancel_scope.cancel()
-                            return
+                async def stop_on_signal():
+                    async for signum in signals:
+                        log.info("%s: shutting down", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
 
-                    nursery.start_soon(stop_on_signal)
-                    nursery.start_soon(server.serve)
-                    nursery.start_soon(publisher.serve, engine.on_subscription)
-                    nursery.start_soon(engine.run)
-                    nursery.start_soon(sources.run)
-                    nursery.start_soon(_heartbeats, engine, dconf.heartbeat_interval)
-                    task_status.started()
-            finally:
-                _close(sources, router, xpub, bound, ctx)
-                bound.clear()
-    finally:
-        _close(sources, router, xpub, bound, ctx)
+                nursery.start_soon(stop_on_signal)
+                nursery.start_soon(server.serve)
+                nursery.start_soon(publisher.serve, engine.on_subscription)
+                nursery.start_soon(engine.run)
+                nursery.start_soon(sources.run)
+                nursery.start_soon(_heartbeats, engine, dconf.heartbeat_interval)
+                task_status.started()
+        finally:
+            _close(sources, router, xpub, bound, ctx)
     log.info("stopped")
 
 
 def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[str],
            ctx: zmq.Context) -> None:
-    """Free everything the daemon holds; safe to call twice."""
+    """Free everything the daemon holds."""
     sources.close()
     router.close(linger=0)
     xpub.close(linger=0)
     for endpoint in bound:
         _unlink_socket(endpoint)
-    if not ctx.closed:
-        ctx.term()
+    ctx.term()
 
 
 async def _heartbeats(engine: Engine, interval: float) -> None:

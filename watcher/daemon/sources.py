@@ -37,6 +37,7 @@ import trio
 
 from ..decode.layout import LayoutError, parse_layout
 from ..kernel import attach
+from ..kernel import maps as kmaps
 from ..kernel.bccload import BccError, BccProgram
 from ..kernel.counters import counter_total
 from ..wire import schema
@@ -173,7 +174,7 @@ class Sources:
                            record.max_entries, cfg.layout)
         if cfg.drops_map:
             try:
-                dfd, _ = attach.open_pinned_readonly(cfg.drops_map)
+                dfd = kmaps.open_map(pin=cfg.drops_map)  # a counter: read-only
             except OSError as e:
                 raise SourceLoadError(f"source {cfg.pin}: drops_map {cfg.drops_map}: "
                                       f"{e.strerror or e}") from None

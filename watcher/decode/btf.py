@@ -205,20 +205,6 @@ class Btf:
         rows = struct.Struct(fmt)
         return (rows, names) if rows.size == stride else None
 
-    def many_formatter(self, type_id: int, stride: int) -> Callable[[bytes], list] | None:
-        """``f(buf)`` -> every value in ``buf`` (one per ``stride`` bytes), or None.
-
-        The fast path for big dumps: one ``struct.iter_unpack`` over a whole chunk
-        instead of a Python call per value (see :meth:`flat_layout`).
-        """
-        flat = self.flat_layout(type_id, stride)
-        if flat is None:
-            return None
-        rows, names = flat
-        if names is None:
-            return lambda buf: [v for (v,) in rows.iter_unpack(buf)]
-        return lambda buf: [dict(zip(names, row)) for row in rows.iter_unpack(buf)]
-
 
 _VOID = BtfType(Kind.UNKN, "void", False, 0, 0)
 _MAX_DEPTH = 64

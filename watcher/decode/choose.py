@@ -121,8 +121,6 @@ def _plain_entry(m, fmt_key: SideFormatter, fmt_value: SideFormatter) -> EntryFo
                 return {"key": fmt_key(key), "value": fmt_value(value)}
             except Exception as e:  # noqa: BLE001 -- one bad entry never stops the others
                 return _error(e)
-
-        _add_chunk_json(decode, getattr(fmt_key, "flat", None), getattr(fmt_value, "flat", None))
     return decode
 
 
@@ -153,23 +151,24 @@ def _add_chunk_json(decode: EntryFormatter, key_flat, value_flat) -> None:
 
 
 def _btf_sides(m, btf_blob: bytes | None, notes: list[str]
-               ) -> tuple[SideFormatter | None, SideFormatter | None]:
-    """Key and value formatters from BTF (None where BTF does not say)."""
+               ) -> tuple[SideFormatter | None, SideFormatter | None, tuple | None]:
+    """Key and value formatters from BTF (None where BTF does not say), and the
+    (key, value) flat layouts when both sides are flat (see Btf.flat_layout)."""
     if not btf_blob or not m.btf_value_type_id:
-        return None, None
+        return None, None, None
     try:
         btf = parse_btf(btf_blob)
         fmt_value = btf.formatter(m.btf_value_type_id)
         fmt_key = (btf.formatter(m.btf_key_type_id) if m.btf_key_type_id
                    else lambda key: int.from_bytes(key, "little"))  # arrays: a u32 index
+        flats = None
         if m.btf_key_type_id and not m.percpu:
-            # Whole-chunk formatters where one struct unpack does it (see Btf.flat_layout).
-            fmt_key.flat = btf.flat_layout(m.btf_key_type_id, m.key_size)
-            fmt_value.flat = btf.flat_layout(m.btf_value_type_id, m.value_stride)
+            flats = (btf.flat_layout(m.btf_key_type_id, m.key_size),
+                     btf.flat_layout(m.btf_value_type_id, m.value_stride))
     except (BtfError, ValueError) as e:
         notes.append(f"BTF not usable: {e}")
-        return None, None
-    return fmt_key, fmt_value
+        return None, None, None
+    return fmt_key, fmt_value, flats
 
 
 def _names(m) -> list[str]:
@@ -182,7 +181,7 @@ def _from_layout(m, layout: Layout, btf_blob: bytes | None, notes: list[str]
                  ) -> EntryFormatter:
     btf_key = btf_value = None
     if layout.key is None or layout.value is None:
-        btf_key, btf_value = _btf_sides(m, btf_blob, notes)
+        btf_key, btf_value, _ = _btf_sides(m, btf_blob, notes)
     fmt_key = layout.key.decode if layout.key is not None else (btf_key or _hex)
     fmt_value = layout.value.decode if layout.value is not None else (btf_value or _hex)
     return _plain_entry(m, fmt_key, fmt_value)
@@ -211,9 +210,12 @@ def choose(m, btf_blob: bytes | None = None,
     if note:
         notes.append(note)
 
-    fmt_key, fmt_value = _btf_sides(m, btf_blob, notes)
+    fmt_key, fmt_value, flats = _btf_sides(m, btf_blob, notes)
     if fmt_value is not None:
-        return Decoding(_plain_entry(m, fmt_key, fmt_value), "btf", tuple(notes))
+        decode = _plain_entry(m, fmt_key, fmt_value)
+        if flats is not None:
+            _add_chunk_json(decode, *flats)
+        return Decoding(decode, "btf", tuple(notes))
 
     if not notes:
         notes.append("no declared layout, no built-in decoder and no BTF")

@@ -42,12 +42,3 @@ def open_pinned(path: str) -> tuple[int, MapRecord]:
         os.close(fd)
         raise
 
-
-def open_pinned_readonly(path: str) -> tuple[int, MapRecord]:
-    """A read-only fd (counter maps read beside a buffer)."""
-    fd = syscall.obj_get(path)
-    try:
-        return fd, record_from_fd(fd, (path,))
-    except BaseException:
-        os.close(fd)
-        raise
