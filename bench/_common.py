@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from watcher.kernel import syscall
-from watcher.kernel.maptypes import TYPE_IDS
+from watcher.kernel import syscall  # noqa: E402 (after the sys.path line above)
+from watcher.kernel.maptypes import TYPE_IDS  # noqa: E402
 
 BPFFS = "/sys/fs/bpf"
 PYMAP = str(Path(sys.executable).with_name("pymap"))

@@ -309,7 +309,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     from watcher.daemon import engine as engine_mod
     from watcher.daemon.config import Config
     from watcher.daemon.engine import Engine
-    from watcher.daemon.stream import Stream
+    from watcher.daemon.publisher import Stream
     from watcher.kernel import maps as kmaps
     from watcher.wire.transport import PublisherOwner
 

@@ -234,7 +234,7 @@ class Client:
     def events(self, selectors: list[str], snapshot: bool = False,
                heartbeat_timeout: float | None = None, record_batches: bool = False):
         """Stream events of the maps ``selectors`` name (names or globs); see EventStream."""
-        from .stream import EventStream
+        from .subscriber import EventStream
 
         return EventStream(self, selectors, snapshot=snapshot,
                            heartbeat_timeout=heartbeat_timeout, record_batches=record_batches)

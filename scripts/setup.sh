@@ -18,17 +18,66 @@ root=$PWD
 
 # --- Debian packages -----------------------------------------------------------------
 # bcc comes from Debian (python3-bpfcc, libbpfcc); PyPI's `bcc` is an unrelated project.
-packages=(python3-bpfcc libbpfcc bpftool linux-headers-amd64 python3-venv)
+# The second line is what the tests run for real on loopback (receivers, brokers,
+# scrapers) and what the hardening uses (libseccomp's binding, strace for audits).
+packages=(python3-bpfcc libbpfcc bpftool linux-headers-amd64 python3-venv
+          rsyslog rsyslog-gnutls nats-server prometheus python3-seccomp strace openssl)
 missing=()
 for p in "${packages[@]}"; do
     status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
     [[ $status == installed ]] || missing+=("$p")
 done
+apt_updated=""
+apt_update_once() {
+    [[ -n $apt_updated ]] && return 0
+    run apt-get update -q
+    apt_updated=1
+}
+# Installing rsyslog, prometheus or nats-server must not start them as system
+# services: the tests start their own, on free loopback ports. policy-rc.d is
+# Debian's switch for that, in place only while apt runs.
+without_service_starts() {
+    local policy=/usr/sbin/policy-rc.d created=""
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"; created=1
+    fi
+    local rc=0
+    "$@" || rc=$?
+    [[ -n $created ]] && rm -f "$policy"
+    return $rc
+}
 if ((${#missing[@]})); then
     say "installing apt packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    run apt-get update -q
-    run apt-get install -y -q --no-install-recommends "${missing[@]}"
+    apt_update_once
+    without_service_starts run apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# --- syslog-ng, unpacked beside rsyslog ----------------------------------------------
+# Debian's syslog-ng-core conflicts with rsyslog (both provide system-log-daemon), yet
+# the export tests check the syslog framing against both receivers. So syslog-ng is
+# unpacked, not installed, under /opt/pymap-test/syslog-ng and run from there
+# (tests/support finds it through PYMAP_SYSLOG_NG_ROOT or that default).
+sng_root=/opt/pymap-test/syslog-ng
+sng_libs=(libivykis0 libnet1 libjson-c5 libwrap0 libglib2.0-0 libpcre3 libcap2)
+if [[ ! -x $sng_root/usr/sbin/syslog-ng ]]; then
+    missing=()
+    for p in "${sng_libs[@]}"; do
+        status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+        [[ $status == installed ]] || missing+=("$p")
+    done
+    export DEBIAN_FRONTEND=noninteractive
+    if ((${#missing[@]})); then
+        apt_update_once
+        run apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+    tmp=$(mktemp -d)
+    ( cd "$tmp" && apt-get download -q syslog-ng-core >/dev/null 2>&1 ) \
+        || { apt_update_once; ( cd "$tmp" && apt-get download -q syslog-ng-core >/dev/null ); }
+    mkdir -p "$sng_root"
+    dpkg-deb -x "$tmp"/syslog-ng-core_*.deb "$sng_root"
+    rm -rf "$tmp"
+    say "unpacked syslog-ng under $sng_root (it conflicts with rsyslog as a package)"
 fi
 
 # --- bpffs and tracefs -----------------------------------------------------------------

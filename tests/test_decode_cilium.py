@@ -12,8 +12,8 @@ import sys
 
 import pytest
 from conftest import REPO
-from helpers import NCPUS
-from test_events_support import FAST, Follower, wait_ready
+from support.events import FAST, Follower, wait_ready
+from support.kernel import NCPUS
 
 from watcher.decode import cilium
 from watcher.decode.choose import choose

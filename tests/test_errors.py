@@ -16,7 +16,7 @@ import orjson
 import pytest
 import zmq
 from conftest import PYMAP, require
-from helpers import one_error_line
+from support.kernel import one_error_line
 
 pytestmark = pytest.mark.kernel
 
@@ -132,7 +132,7 @@ def test_request_id_out_of_range(daemon):
 
 def test_abandoned_get_does_not_stop_the_daemon(daemon, maps, bpffs_dir):
     """A client that asks for a big dump and disconnects without reading it."""
-    from helpers import fill_batch, token, u64
+    from support.kernel import fill_batch, token, u64
 
     name = f"ab{token()}"
     fd, _ = maps.create("hash", 8, 8, 50_000, name=name, pin=bpffs_dir / name)

@@ -14,8 +14,7 @@ import re
 import time
 
 import pytest
-from helpers import NCPUS, bpftool_entries, lpm_key, pattern, percpu_value, token, u32
-from test_events_support import (
+from support.events import (
     FAST,
     Follower,
     changes,
@@ -26,6 +25,7 @@ from test_events_support import (
     wait_until,
     watch_of,
 )
+from support.kernel import NCPUS, bpftool_entries, lpm_key, pattern, percpu_value, token, u32
 
 from watcher.kernel import syscall
 

@@ -10,8 +10,7 @@ import time
 import pytest
 import trio
 import zmq
-from helpers import bpftool_entries, fill_batch, one_error_line, pattern, token, u32
-from test_events_support import (
+from support.events import (
     DEADLINE,
     FAST,
     Follower,
@@ -25,9 +24,10 @@ from test_events_support import (
     wait_ready,
     wait_until,
 )
+from support.kernel import bpftool_entries, fill_batch, one_error_line, pattern, token, u32
 
 from consumers.client import Client, DaemonUnavailable
-from consumers.stream import EventStream
+from consumers.subscriber import EventStream
 from watcher.kernel import syscall
 from watcher.wire import schema
 

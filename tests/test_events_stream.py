@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 import zmq
-from helpers import bpftool_entries, fill_batch, pattern, token, u32
-from test_events_support import (
+from support.events import (
     FAST,
     Follower,
     LibFollower,
@@ -20,6 +19,7 @@ from test_events_support import (
     replay_lines,
     topic_key,
 )
+from support.kernel import bpftool_entries, fill_batch, pattern, token, u32
 
 from consumers.client import Client
 from watcher.kernel import syscall

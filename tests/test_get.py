@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import PYMAP, need_bcc
-from helpers import (
+from support.kernel import (
     BccMaps,
     bpftool_entries,
     bpftool_formatted,

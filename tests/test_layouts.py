@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 from conftest import PYMAP
-from helpers import NCPUS, one_error_line, token
-from test_events_support import Follower
+from support.events import Follower
+from support.kernel import NCPUS, one_error_line, token
 
 from watcher.daemon.config import ConfigError, load_config
 from watcher.decode.choose import choose
@@ -276,7 +276,7 @@ def test_cli_layout_file_overrides(daemon, maps, bpffs_dir, tmp_path):
 
 @pytest.mark.kernel
 def test_events_use_the_configured_layout(daemon_factory, maps, bpffs_dir, tmp_path):
-    from test_events_support import FAST, wait_ready
+    from support.events import FAST, wait_ready
 
     from watcher.kernel import syscall
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from conftest import need_bcc
-from helpers import BccMaps, bpftool_dump, bpftool_show, build_zoo, token
+from support.kernel import BccMaps, bpftool_dump, bpftool_show, build_zoo, token
 
 pytestmark = pytest.mark.kernel
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import REPO, need_bcc
-from helpers import one_error_line, token
-from test_events_support import (
+from support.events import (
     DEADLINE,
     Follower,
     LibFollower,
@@ -25,9 +24,10 @@ from test_events_support import (
     topic_key,
     wait_until,
 )
-from test_sources_support import REC, REC_LAYOUT_TOML, OneCpu, Producer, source_config
+from support.kernel import one_error_line, token
+from support.sources import REC, REC_LAYOUT_TOML, OneCpu, Producer, source_config
 
-from consumers.stream import EventStream
+from consumers.subscriber import EventStream
 
 pytestmark = pytest.mark.kernel
 

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 from conftest import need_bcc
-from test_sources_support import PACKET, OneCpu
+from support.sources import PACKET, OneCpu
 
 from watcher.kernel import syscall
 from watcher.kernel.perfbuf import PerfBufReader

@@ -12,7 +12,7 @@ import contextlib
 import enum
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Optional
+from typing import Annotated
 
 import trio
 import typer
@@ -38,7 +38,7 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 
-class Output(str, enum.Enum):
+class Output(enum.StrEnum):
     table = "table"
     json = "json"
 
@@ -92,7 +92,7 @@ def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0) ->
 
 @app.command("list")
 def list_(
-    pattern: Annotated[Optional[str], typer.Argument(
+    pattern: Annotated[str | None, typer.Argument(
         help="Shell glob on map names and pin paths, e.g. 'cilium_*'.")] = None,
     output: OutputOpt = Output.table,
     no_entries: Annotated[bool, typer.Option(
@@ -130,7 +130,7 @@ def get(
     limit: Annotated[int, typer.Option(
         "--limit", "-n", help="Table rows to show (0: all). JSON always has every entry.")] = 100,
     raw: Annotated[bool, typer.Option("--raw", help="Show hex even where entries decode.")] = False,
-    layout_file: Annotated[Optional[str], typer.Option(
+    layout_file: Annotated[str | None, typer.Option(
         "--layout", help="TOML file of declared layouts (layouts tables as in the config, or "
         "one layout) to decode with, before the daemon's config.")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
@@ -263,7 +263,7 @@ async def _name_of(client: Client, selector: str) -> str:
 
 
 async def _print_recent(client: Client, names: list[str], printer, snapshot: bool) -> int | None:
-    from ..stream import EventStream, events_of
+    from ..subscriber import EventStream, events_of
 
     if snapshot:
         for event in await EventStream(client, names, snapshot=True).read_snapshot():
@@ -294,6 +294,7 @@ def status(
             st = await client.status()
         if output is Output.json:
             import orjson
+
             from watcher.wire.schema import converter
 
             data = converter.unstructure(st)
@@ -309,29 +310,29 @@ def status(
 
 @app.command()
 def daemon(
-    config: Annotated[Optional[str], typer.Option(
+    config: Annotated[str | None, typer.Option(
         "--config", "-c", help="TOML config file (default: /etc/pymap/pymap.toml if present).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option(
+    endpoint: Annotated[str | None, typer.Option(
         "--endpoint", "-e", help="Request endpoint (overrides daemon.endpoint).")] = None,
-    events_endpoint: Annotated[Optional[str], typer.Option(
+    events_endpoint: Annotated[str | None, typer.Option(
         help="Event stream endpoint (overrides daemon.events_endpoint).")] = None,
-    interval: Annotated[Optional[float], typer.Option(
+    interval: Annotated[float | None, typer.Option(
         help="Seconds between polls of a watched map (overrides watch.interval).")] = None,
-    always: Annotated[Optional[list[str]], typer.Option(
+    always: Annotated[list[str] | None, typer.Option(
         help="Map name glob to watch even without subscribers; repeatable (watch.always).")] = None,
-    socket_mode: Annotated[Optional[str], typer.Option(
+    socket_mode: Annotated[str | None, typer.Option(
         help="Octal mode of ipc:// socket files, e.g. 0660 (overrides daemon.socket_mode).")] = None,
-    socket_group: Annotated[Optional[str], typer.Option(
+    socket_group: Annotated[str | None, typer.Option(
         help="Group owning ipc:// socket files (overrides daemon.socket_group).")] = None,
-    bpffs: Annotated[Optional[list[str]], typer.Option(
+    bpffs: Annotated[list[str] | None, typer.Option(
         help="bpffs directory to search for pins; repeatable (overrides daemon.bpffs).")] = None,
-    log_level: Annotated[Optional[str], typer.Option(
+    log_level: Annotated[str | None, typer.Option(
         help="debug, info, warning or error (overrides daemon.log_level).")] = None,
-    source: Annotated[Optional[list[str]], typer.Option(
+    source: Annotated[list[str] | None, typer.Option(
         "--source", help="Event source: FILE.c[:buf1,buf2] (load with bcc, publish those "
         "buffers; default all) or a pinned buffer's path; repeatable, added to "
         "[[sources]] (docs/sources.md).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Any config key: SECTION.KEY=VALUE, VALUE in TOML syntax (e.g. "
         "daemon.stream_hwm=1000, watch.linger=60, 'watch.always=[\"cilium_*\"]'); "
         "repeatable, applied after the file and the other flags.")] = None,

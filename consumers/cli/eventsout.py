@@ -19,7 +19,7 @@ from watcher.wire.schema import MapInfo
 
 from ..client import Client, DaemonError
 from ..decoding import EntryFormatter, entry_formatter
-from ..stream import Event
+from ..subscriber import Event
 
 ACTION_STYLES = {"added": "green", "updated": "yellow", "removed": "red",
                  "map_created": "bold green", "map_removed": "bold red",
@@ -28,7 +28,7 @@ ACTION_STYLES = {"added": "green", "updated": "yellow", "removed": "red",
 
 
 def rfc3339(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
         timespec="microseconds").replace("+00:00", "Z")
 
 

@@ -10,7 +10,6 @@ import fnmatch
 import grp
 import os
 import tomllib
-
 from typing import NewType
 
 import attrs

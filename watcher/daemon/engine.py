@@ -29,7 +29,7 @@ from ..wire import schema
 from . import catalog
 from .config import Config
 from .delta import Snapshot, diff, snapshot_as_added
-from .stream import Stream
+from .publisher import Stream
 
 log = logging.getLogger("pymap.engine")
 

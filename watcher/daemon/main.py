@@ -24,9 +24,9 @@ import zmq
 from ..wire.transport import PublisherOwner
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
+from .publisher import Stream
 from .server import RequestServer
 from .sources import Sources
-from .stream import Stream
 
 log = logging.getLogger("pymap.daemon")
 

@@ -42,8 +42,8 @@ from ..kernel.bccload import BccError, BccProgram
 from ..kernel.counters import counter_total
 from ..wire import schema
 from .config import ConfigError
+from .publisher import Stream
 from .sourceconf import SourceConfig
-from .stream import Stream
 
 log = logging.getLogger("pymap.sources")
 

@@ -6,8 +6,7 @@ import functools
 import os
 from typing import TYPE_CHECKING
 
-from ..decode.btf import (  # noqa: F401  (re-exported: the kernel-facing BTF API)
-    Btf, BtfError, BtfType, Formatter, Kind, Member, parse_btf)
+from ..decode.btf import Btf, BtfError, BtfType, Formatter, Kind, Member, parse_btf  # noqa: F401  (re-exported: the kernel-facing BTF API)
 from . import syscall
 
 if TYPE_CHECKING:

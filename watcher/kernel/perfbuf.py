@@ -43,7 +43,7 @@ import numpy as np
 
 from . import perfevent, syscall
 from .mapping import PAGE_SIZE, PROT_READ, PROT_WRITE, Mapping
-from .records import EMPTY, RecordChunk
+from .recordchunk import EMPTY, RecordChunk
 
 PERF_RECORD_LOST = 2
 PERF_RECORD_SAMPLE = 9

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from .mapping import PAGE_SIZE, PROT_READ, PROT_WRITE, Mapping
-from .records import EMPTY, RecordChunk
+from .recordchunk import EMPTY, RecordChunk
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30

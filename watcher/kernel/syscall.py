@@ -67,7 +67,7 @@ _SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "armv7l": 386
 try:
     _NR_BPF = _SYSCALL_NUMBERS[platform.machine()]
 except KeyError:  # pragma: no cover - depends on the host
-    raise ImportError(f"pymap does not know the bpf syscall number on {platform.machine()}")
+    raise ImportError(f"pymap does not know the bpf syscall number on {platform.machine()}") from None
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall

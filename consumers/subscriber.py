@@ -30,7 +30,7 @@ from watcher.wire.schema import MapInfo, MapRef
 from watcher.wire.transport import recv_multipart
 
 from .client import Client, DaemonError, DaemonUnavailable
-from .records import FormatterCache, MalformedRecords, RecordSet, record_set
+from .recordsets import FormatterCache, MalformedRecords, RecordSet, record_set
 
 ACTIONS = ("added", "updated", "removed")
 GLOB_CHARS = "*?["
@@ -50,7 +50,7 @@ class Event:
     record, ``formatted`` its fields when the daemon sent a layout); ``lost``
     with ``reason`` "perf" or "producer" (``missed`` records never reached
     pymap); with ``record_batches=True``, one ``records`` event per batch
-    (``records``: a consumers.records.RecordSet) instead of one per record.
+    (``records``: a consumers.recordsets.RecordSet) instead of one per record.
     """
 
     action: str

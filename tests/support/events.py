@@ -6,7 +6,7 @@
 - Waiting helpers with generous deadlines (the test machine is small and noisy):
   tests wait for conditions, never for fixed times, and never assert on timings.
 - Replaying events into a ``{key hex: value}`` state, comparable with
-  :func:`helpers.bpftool_entries`.
+  :func:`support.kernel.bpftool_entries`.
 """
 
 from __future__ import annotations
