@@ -195,7 +195,7 @@ def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[s
 
 async def _heartbeats(engine: Engine, interval: float) -> None:
     while True:
-        engine.stream.heartbeat(engine.watched_topics())
+        engine.heartbeat()
         await trio.sleep(interval)
 
 
