@@ -175,9 +175,10 @@ class EventStream:
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 100000)
         self._sub.connect(endpoint)
-        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
         for topic in self.selection.subscriptions():
             self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+        # hb last: a heartbeat then proves the map subscriptions reached the daemon too.
+        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+import attrs
 import trio
 import zmq
 
@@ -92,16 +93,18 @@ class RequestServer:
             self.owner.forget(peer)
 
     def _parse(self, frames: list[bytes]):
+        if not frames or len(frames[0]) > MAX_REQUEST_BYTES:
+            raise errors.BadRequest("request too large" if frames else "an empty request")
         if len(frames) != 1:
-            raise errors.BadRequest(f"a request is 1 frame, got {len(frames)}")
-        if len(frames[0]) > MAX_REQUEST_BYTES:
-            raise errors.BadRequest("request too large")
+            raise errors.BadRequest(f"a request is 1 frame, got {len(frames)}",
+                                    req=schema.request_id(frames[0]))
         try:
             request = schema.decode(frames[0])
         except schema.WireError as e:
-            raise errors.BadRequest(str(e)) from None
+            # Echo the req when it can be read, or a client matching by req waits forever.
+            raise errors.BadRequest(str(e), req=schema.request_id(frames[0])) from None
         req = getattr(request, "req", 0)
-        if isinstance(req, bool) or not isinstance(req, int) or not 0 <= req < 1 << 63:
+        if not schema.valid_req(req):
             raise errors.BadRequest("req must be an integer from 0 to 2**63-1")
         if request.v != schema.SCHEMA_VERSION:
             raise errors.VersionMismatch(f"schema version {request.v} is not supported; "
@@ -154,7 +157,9 @@ class RequestServer:
         events = 0
         for header, frames in messages:
             events += getattr(header, "count", 1)
-            await self.owner.send(peer, [schema.encode(header), *frames])
+            # Tagged with this request's req: replays are told apart from other replies.
+            replay = attrs.evolve(header, req=request.req)
+            await self.owner.send(peer, [schema.encode(replay), *frames])
         await self._reply(peer, schema.RecentEnd(events, watched, req=request.req))
 
     async def _status(self, peer: bytes, request: schema.StatusRequest) -> None:
