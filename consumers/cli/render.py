@@ -192,12 +192,13 @@ def status_view(st) -> Table:
     for col, just in (("ID", "right"), ("Name", "left"), ("Type", "left"), ("Entries", "right"),
                       ("Every", "right"), ("Polls", "right"), ("Last poll", "right"),
                       ("Max poll", "right"), ("Events", "right"), ("State", "right"),
-                      ("Why", "left")):
+                      ("Kernel", "right"), ("Why", "left"), ("Engine", "left")):
         table.add_column(col, justify=just)
     for w in st.watched:
         table.add_row(str(w.id), w.name, w.type, str(w.entries), f"{w.interval:g} s",
                       str(w.polls), f"{w.last_poll_ms:.1f} ms", f"{w.max_poll_ms:.1f} ms",
-                      str(w.events), _size(w.state_bytes), w.reason)
+                      str(w.events), _size(w.state_bytes), _size(w.kernel_bytes), w.reason,
+                      w.engine)
     return table
 
 
