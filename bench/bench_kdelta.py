@@ -130,6 +130,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
     from watcher.wire.transport import PublisherOwner
 
     endpoint = f"ipc://{tmp}/kd-{kind}.sock"
+    bm_type = "hash" if kind == "hash" else "array"
     ctx = zmq.Context()
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.LINGER, 0)
@@ -147,6 +148,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                 config.watch.interval = 3600.0
                 config.watch.kernel_delta = "off" if engine_name == "user-space" else "auto"
                 config.watch.kernel_delta_min_entries = 0
+                config.watch.kernel_delta_types = [bm_type]
                 stream = Stream(publisher, secrets.token_hex(8), 100, 4096, 1.0)
                 engines[engine_name] = Engine(config, stream)
             nursery.start_soon(publisher.serve, lambda frames: [
@@ -217,11 +219,11 @@ def cpu_seconds(pid: int) -> float:
 
 def daemon_cpu(bm, tmp: Path, pin_dir: Path, engine_name: str) -> tuple[float, dict]:
     """(d): CPU seconds per second of a real daemon watching the unchanged map."""
-    sel = "watch.kernel_delta=off" if engine_name == "user-space" else \
-        "watch.kernel_delta_min_entries=0"
+    sel = ["watch.kernel_delta=off"] if engine_name == "user-space" else \
+        ["watch.kernel_delta_min_entries=0", 'watch.kernel_delta_types=["hash"]']
     run = tmp / f"daemon-{engine_name}"
     run.mkdir()
-    daemon = Daemon(run, pin_dir, "--interval", "1", "--set", sel)
+    daemon = Daemon(run, pin_dir, "--interval", "1", *(f for x in sel for f in ("--set", x)))
     sub = None
     try:
         daemon.wait_ready()

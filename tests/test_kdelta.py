@@ -144,7 +144,14 @@ def test_output_larger_than_one_read_is_complete(maps):
 
 
 def test_engine_choice_reasons(maps):
-    config = WatchConfig(kernel_delta_min_entries=100)
+    fd, _ = maps.create("hash", 8, 8, 100000, name="pymap_kd_types")
+    engine, why = choose_engine(kmaps.record_from_fd(fd), 8, WatchConfig(), 0)
+    assert engine is None and why.startswith("user-space: hash is not in watch.kernel_delta_types")
+    fd, _ = maps.create("array", 4, 8, 100000, name="pymap_kd_dflt")
+    engine, why = choose_engine(kmaps.record_from_fd(fd), 8, WatchConfig(), 0)
+    assert engine is not None and why.startswith("in-kernel: 100000 max entries"), why
+    engine.close()
+    config = WatchConfig(kernel_delta_min_entries=100, kernel_delta_types=["hash"])
     fd, _ = maps.create("lpm_trie", 8, 8, 100, name="pymap_kd_lpm", flags=1)
     engine, why = choose_engine(kmaps.record_from_fd(fd), 8, config, 0)
     assert engine is None and why == "user-space: lpm_trie maps have no bpf_map_elem iterator"
@@ -153,7 +160,9 @@ def test_engine_choice_reasons(maps):
     assert engine is None and "50 max entries < kernel_delta_min_entries 100" in why
     fd, _ = maps.create("hash", 8, 8, 1000, name="pymap_kd_cap")
     record = kmaps.record_from_fd(fd)
-    engine, why = choose_engine(record, 8, WatchConfig(kernel_delta_min_entries=100, kernel_delta_max_bytes=10000), 0)
+    engine, why = choose_engine(record, 8, WatchConfig(kernel_delta_min_entries=100,
+                                                       kernel_delta_types=["hash"],
+                                                       kernel_delta_max_bytes=10000), 0)
     assert engine is None and "over kernel_delta_max_bytes 10000" in why
     engine, why = choose_engine(record, 8, WatchConfig(kernel_delta="off"), 0)
     assert engine is None and why == "user-space: watch.kernel_delta is off"
@@ -197,7 +206,8 @@ def test_daemon_follows_a_map_in_the_kernel(daemon_factory, maps, bpffs_dir):
     )
     from support.kernel import bpftool_entries, token, u32
 
-    d = daemon_factory(*FAST, "--set", "watch.kernel_delta_min_entries=0")
+    d = daemon_factory(*FAST, "--set", "watch.kernel_delta_min_entries=0",
+                       "--set", 'watch.kernel_delta_types=["hash"]')
     name = f"kd{token()}"
     pin = bpffs_dir / name
     fd, map_id = maps.create("hash", 4, 8, 64, name=name, pin=pin)

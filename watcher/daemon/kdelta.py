@@ -137,6 +137,9 @@ def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_by
     why = unsupported_reason(record, stride)
     if why:
         return None, f"{USER}: {why}"
+    if record.type not in config.kernel_delta_types:
+        return None, (f"{USER}: {record.type} is not in watch.kernel_delta_types (an in-kernel "
+                      "walk of a hash map costs more than its batch read here: bench_kdelta)")
     if record.max_entries < config.kernel_delta_min_entries:
         return None, (f"{USER}: {record.max_entries} max entries < kernel_delta_min_entries "
                       f"{config.kernel_delta_min_entries}")
