@@ -271,3 +271,34 @@ def test_shadow_full_mid_walk_sweeps_and_walks_again(maps):
     finally:
         kernel.close()
         syscall.os.close(ro)
+
+
+def test_kernel_lets_an_iterator_write_through_a_read_only_fd(maps):
+    """Why the generated code is checked: attaching an iterator ignores the fd's mode,
+    and a bpf_map_elem program may store into ctx->value (docs/architecture.md)."""
+    from watcher.kernel import progload
+    from watcher.kernel.bpfasm import JEQ, R0, R1
+    from watcher.kernel.iterdelta import _map_elem_iter_btf_id, _read_iter
+
+    fd, map_id = maps.create("hash", 8, 8, 4, name="pymap_kd_ro")
+    syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 7))
+    a = Asm()
+    a.ldx(8, R8, R1, 24)
+    a.jmp(JEQ, R8, 0, "out")
+    a.st(8, R8, 0, 42)
+    a.label("out")
+    a.movi(R0, 0)
+    a.exit()
+    prog = progload.load_program(a.assemble(), "pymap_kd_rotest", progload.BPF_PROG_TYPE_TRACING,
+                                 progload.BPF_TRACE_ITER, _map_elem_iter_btf_id())
+    ro = kmaps.open_map(map_id=map_id)
+    try:
+        link = progload.attach_map_iter(prog, ro)
+        try:
+            _read_iter(link)
+        finally:
+            os.close(link)
+        assert syscall.map_lookup_elem(fd, struct.pack("<Q", 1), 8) == struct.pack("<Q", 42)
+    finally:
+        os.close(ro)
+        os.close(prog)
