@@ -40,13 +40,16 @@ stderr = Console(stderr=True)
 
 class Output(enum.StrEnum):
     table = "table"
+    wide = "wide"
     json = "json"
 
 
 EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar="PYMAP_ENDPOINT",
                                           help="Daemon request endpoint (ipc:// or tcp://).")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon.")]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for machines.")]
+OutputOpt = Annotated[Output, typer.Option(
+    "--output", "-o", help="table for people (plain columns when piped), wide for every "
+    "column, json for machines.")]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -104,7 +107,7 @@ def list_(
 
     async def main():
         async with Client(endpoint, timeout) as client:
-            if output is Output.table and stderr.is_terminal:
+            if output is not Output.json and stderr.is_terminal:
                 with stderr.status("reading maps from the daemon..."):
                     maps = await client.list_maps(pattern, entries=not no_entries)
             else:
@@ -114,7 +117,7 @@ def list_(
 
             sys.stdout.write(orjson.dumps([render.map_json(m) for m in maps]).decode() + "\n")
         else:
-            stdout.print(render.maps_table(maps))
+            render.print_maps(stdout, maps, wide=output is Output.wide)
         if pattern and not maps:
             stderr.print(f"pymap: no map matches {pattern!r}", highlight=False)
             return EXIT_ERROR
@@ -170,9 +173,9 @@ def get(
                         key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
                         value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
                         rows.append((key, value, formatter(key, value) if formatter else None))
-            stdout.print(render.entries_table(
-                m, rows, dump.total or 0, raw,
-                decoding.describe() if decoding else "shown as hex (--raw)"))
+            render.print_entries(stdout, m, rows, dump.total or 0, raw,
+                                 decoding.describe() if decoding else "shown as hex (--raw)",
+                                 wide=output is Output.wide)
 
     run(main)
 
@@ -323,9 +326,7 @@ def status(
             data.pop("req", None)
             sys.stdout.write(orjson.dumps(data).decode() + "\n")
             return
-        stdout.print(render.status_view(st))
-        if (sources := render.sources_view(st)) is not None:
-            stdout.print(sources)
+        render.print_status(stdout, st, wide=output is Output.wide)
 
     run(main)
 
