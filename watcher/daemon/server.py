@@ -43,6 +43,11 @@ class RequestServer:
         self.started = time.monotonic()
         self._nursery: trio.Nursery | None = None
 
+    def reconfigure(self, config) -> None:
+        """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
+        self.config = config.daemon  # its endpoints are the running ones (reload keeps them)
+        self.bpffs = tuple(config.daemon.bpffs)
+
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
