@@ -187,7 +187,8 @@ class Engine:
         watch = Watch(record, self.config.watch.interval_for(record.name),
                       value_stride(record) if dump_method(record.type) is not DumpMethod.NONE else 0)
         self.watches[record.id] = watch
-        log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval)
+        log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval,
+                 extra={"map": record.name, "map_id": record.id, "interval": watch.interval})
         return watch
 
     # --- polling ---

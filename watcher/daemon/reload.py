@@ -57,7 +57,8 @@ class Reloader:
             new = await trio.to_thread.run_sync(self.load)
         except ConfigError as e:
             self.counts["refused"] += 1
-            log.error("reload refused, keeping the running config: %s", e)
+            log.error("reload refused, keeping the running config: %s", e,
+                      extra={"error": str(e)})
             return False
         old = self.engine.config
         # Whatever changes must wait for a restart keeps its running value, so the

@@ -122,7 +122,7 @@ class RequestServer:
         await self.owner.send(peer, [schema.encode(message), *extra])
 
     async def _error(self, peer, req, code, message, candidates=()) -> None:
-        log.info("error reply %s: %s", code, message)
+        log.info("error reply %s: %s", code, message, extra={"code": code, "req": req})
         try:
             await self._reply(peer, schema.ErrorReply(code, message, list(candidates), req=req))
         except PeerGone:
