@@ -20,6 +20,8 @@ import typer
 import zmq
 from rich.console import Console
 
+from watcher.wire.globs import GlobError, check_glob
+
 from ..client import DEFAULT_ENDPOINT, Client, DaemonError
 from ..decoding import choose_decoding
 from . import render
@@ -61,10 +63,21 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     raise typer.Exit(code)
 
 
+def valid_glob(pattern: str) -> str:
+    """``pattern``, or a one-line usage error when it is not a glob that parses."""
+    try:
+        return check_glob(pattern)
+    except GlobError as e:
+        fail(str(e), EXIT_USAGE)
+        raise  # not reached: fail() exits
+
+
 def run(fn: Callable[[], Awaitable[int | None]]) -> None:
     """Run an async command; turn daemon errors and Ctrl-C into clean exits."""
     try:
         code = trio.run(fn)
+    except GlobError as e:
+        fail(str(e), EXIT_USAGE)
     except DaemonError as e:
         message = str(e)
         if e.candidates:
@@ -105,6 +118,8 @@ def list_(
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Every BPF map on the host, like `bpftool map show` and `cilium map list`."""
+    if pattern:
+        valid_glob(pattern)
 
     async def main():
         async with Client(endpoint, timeout) as client:
@@ -250,6 +265,9 @@ def events(
     so on stderr, waits, resyncs, and prints what it missed as lost/resync lines.
     """
     from .eventsout import EventPrinter, MapCache
+
+    for selector in selectors:
+        valid_glob(selector)
 
     async def main():
         async with Client(endpoint, timeout) as client:

@@ -218,6 +218,9 @@ STATUS_COLUMNS = (
     Column("Events", right=True, drop=2),
     Column("State", right=True, drop=6),
     Column("Why", drop=1),
+    Column("Kernel", right=True, drop=10),
+    Column("Engine", drop=3),
+    Column("Engine reason", drop=11),
 )
 
 SOURCE_COLUMNS = (
@@ -244,7 +247,8 @@ def print_status(console: Console, st, wide: bool = False) -> None:
         f"{p or '(all)'}×{n}" for p, n in sorted(st.subscriptions.items())) or "none")
     rows = [(str(w.id), w.name, w.type, str(w.entries), f"{w.interval:g}s", str(w.polls),
              f"{w.last_poll_ms:.1f}ms", f"{w.max_poll_ms:.1f}ms", str(w.events),
-             _size(w.state_bytes), w.reason) for w in st.watched]
+             _size(w.state_bytes), w.reason, _size(w.kernel_bytes),
+             w.engine.partition(":")[0], w.engine.partition(": ")[2]) for w in st.watched]
     print_table(console, STATUS_COLUMNS, rows, title=title, caption=caption, wide=wide)
     sources = getattr(st, "sources", None)
     if sources:

@@ -133,6 +133,21 @@ class WatchConfig:
     always: list[str] = attrs.field(factory=list, validator=_list_of_str)
     # Seconds a map stays watched after its last subscriber left (keeps recent events).
     linger: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    # In-kernel change detection (docs/architecture.md): "auto" uses it for supported
+    # maps of at least kernel_delta_min_entries (max_entries); "off" never.
+    kernel_delta: str = attrs.field(default="auto", validator=attrs.validators.in_(["auto", "off"]))
+    kernel_delta_min_entries: int = attrs.field(default=65536, validator=attrs.validators.ge(0))
+    # Map types the in-kernel engine may take.  Arrays only by default: on the kernels
+    # measured, a bpf_iter walk of a hash map costs more than its batch read.
+    kernel_delta_types: list[str] = attrs.field(
+        factory=lambda: ["array", "percpu_array"],
+        validator=attrs.validators.deep_iterable(attrs.validators.in_(
+            ["hash", "lru_hash", "percpu_hash", "lru_percpu_hash", "array", "percpu_array"]),
+            attrs.validators.instance_of(list)))
+    # Cap on the kernel memory (memlock) of all shadow maps together; maps beyond it
+    # stay on the user-space engine.
+    kernel_delta_max_bytes: int = attrs.field(default=512 << 20,
+                                              validator=attrs.validators.ge(0))
 
     def interval_for(self, name: str) -> float:
         for rule in self.intervals:

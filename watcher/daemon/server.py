@@ -164,6 +164,7 @@ class RequestServer:
 
     async def _recent(self, peer: bytes, request: schema.RecentRequest) -> None:
         self._check_selector(request.selector)
+        catalog.check_pattern(request.selector)
         messages = self.engine.stream.recent(request.selector)
         names = {w.record.name for w in self.engine.watches.values()}
         names |= set(self.sources.topics() if self.sources else ())  # always published
