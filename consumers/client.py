@@ -28,6 +28,7 @@ import trio
 import zmq
 
 from watcher.wire import schema
+from watcher.wire.globs import check_glob
 from watcher.wire.schema import MapInfo
 from watcher.wire.transport import recv_multipart, send_multipart
 
@@ -203,6 +204,12 @@ class Client:
         return await self._call(schema.Ping(), schema.Pong)
 
     async def list_maps(self, pattern: str | None = None, entries: bool = True) -> list[MapInfo]:
+        """Maps whose names or pin paths match the glob ``pattern`` (all with None).
+
+        An unparseable glob raises GlobError (a ValueError) before asking the daemon.
+        """
+        if pattern:
+            check_glob(pattern)
         reply = await self._call(schema.ListRequest(pattern=pattern, entries=entries),
                                  schema.ListReply)
         return reply.maps
@@ -222,6 +229,7 @@ class Client:
 
     async def recent(self, selector: str) -> tuple[list[tuple[object, list[bytes]]], schema.RecentEnd]:
         """Recent stream messages the daemon kept for maps matching ``selector`` (a glob)."""
+        check_glob(selector)
         async with self._lock:
             req = await self._send(schema.RecentRequest(selector=selector))
             messages = []

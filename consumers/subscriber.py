@@ -36,6 +36,7 @@ import trio
 import zmq
 
 from watcher.wire import schema
+from watcher.wire.globs import check_glob, is_glob, literal_prefix
 from watcher.wire.schema import MapInfo, MapRef
 from watcher.wire.transport import recv_multipart
 
@@ -43,7 +44,6 @@ from .client import Client, DaemonError, DaemonUnavailable
 from .recordsets import FormatterCache, MalformedRecords, RecordSet, record_set
 
 ACTIONS = ("added", "updated", "removed")
-GLOB_CHARS = "*?["
 FIRST_BEAT_TIMEOUT = 10.0  # seconds to wait for the first heartbeat, before the interval is known
 LATE = 1.0  # a timer this late (s) means this process was stopped or starved, not the daemon
 
@@ -87,18 +87,18 @@ class Selection:
     """Which maps a list of selectors (names or globs) covers, and what to subscribe."""
 
     def __init__(self, selectors: list[str]):
+        """Raises GlobError (a ValueError) for a selector that is not a valid glob."""
         if not selectors:
             raise ValueError("at least one map name or glob is needed")
-        self.selectors = selectors
+        self.selectors = [check_glob(s) for s in selectors]
 
     def subscriptions(self) -> list[bytes]:
         subs = []
         for sel in self.selectors:
-            cut = min((i for i, ch in enumerate(sel) if ch in GLOB_CHARS), default=None)
-            if cut is None:
-                subs.append(schema.map_topic(sel))
+            if is_glob(sel):
+                subs.append(schema.MAP_TOPIC_PREFIX + literal_prefix(sel).encode())
             else:
-                subs.append(schema.MAP_TOPIC_PREFIX + sel[:cut].encode())
+                subs.append(schema.map_topic(sel))
         return list(dict.fromkeys(subs))  # a repeat would leak demand (XPUB_VERBOSER)
 
     def matches(self, name: str) -> bool:
@@ -405,8 +405,7 @@ class EventStream:
         out: list[Event] = []
         names = set()
         for sel in self.selection.selectors:
-            pattern = sel if any(c in sel for c in GLOB_CHARS) else None
-            for m in await self.client.list_maps(pattern or sel, entries=False):
+            for m in await self.client.list_maps(sel, entries=False):
                 if m.dumpable and self.selection.matches(m.name):
                     names.add(m.name)
         for name in sorted(names):

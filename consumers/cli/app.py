@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated
@@ -18,6 +19,8 @@ import trio
 import typer
 import zmq
 from rich.console import Console
+
+from watcher.wire.globs import GlobError, check_glob
 
 from ..client import DEFAULT_ENDPOINT, Client, DaemonError
 from ..decoding import choose_decoding
@@ -60,10 +63,21 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     raise typer.Exit(code)
 
 
+def valid_glob(pattern: str) -> str:
+    """``pattern``, or a one-line usage error when it is not a glob that parses."""
+    try:
+        return check_glob(pattern)
+    except GlobError as e:
+        fail(str(e), EXIT_USAGE)
+        raise  # not reached: fail() exits
+
+
 def run(fn: Callable[[], Awaitable[int | None]]) -> None:
     """Run an async command; turn daemon errors and Ctrl-C into clean exits."""
     try:
         code = trio.run(fn)
+    except GlobError as e:
+        fail(str(e), EXIT_USAGE)
     except DaemonError as e:
         message = str(e)
         if e.candidates:
@@ -104,6 +118,8 @@ def list_(
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Every BPF map on the host, like `bpftool map show` and `cilium map list`."""
+    if pattern:
+        valid_glob(pattern)
 
     async def main():
         async with Client(endpoint, timeout) as client:
@@ -250,6 +266,9 @@ def events(
     """
     from .eventsout import EventPrinter, MapCache
 
+    for selector in selectors:
+        valid_glob(selector)
+
     async def main():
         async with Client(endpoint, timeout) as client:
             names = [await _name_of(client, s) for s in selectors]
@@ -351,6 +370,8 @@ def daemon(
         help="bpffs directory to search for pins; repeatable (overrides daemon.bpffs).")] = None,
     log_level: Annotated[str | None, typer.Option(
         help="debug, info, warning or error (overrides daemon.log_level).")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        help="text, or json: one JSON object per line (overrides daemon.log_format).")] = None,
     source: Annotated[list[str] | None, typer.Option(
         "--source", help="Event source: FILE.c[:buf1,buf2] (load with bcc, publish those "
         "buffers; default all) or a pinned buffer's path; repeatable, added to "
@@ -360,7 +381,7 @@ def daemon(
         "daemon.stream_hwm=1000, watch.linger=60, 'watch.always=[\"cilium_*\"]'); "
         "repeatable, applied after the file and the other flags.")] = None,
 ) -> None:
-    """Run the pymap daemon (as root) until SIGINT or SIGTERM."""
+    """Run the pymap daemon (as root) until SIGINT or SIGTERM; SIGHUP reloads the config."""
     from watcher.daemon import main as daemon_main
     from watcher.daemon.config import ConfigError, load_config
 
@@ -371,16 +392,21 @@ def daemon(
         except ValueError:
             fail(f"--socket-mode {socket_mode!r} is not an octal mode", EXIT_USAGE)
     overrides = {"endpoint": endpoint, "events_endpoint": events_endpoint, "socket_mode": mode,
-                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level}
+                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level,
+                 "log_format": log_format}
     watch_overrides = {"interval": interval, "always": always or None}
-    try:
-        conf = load_config(config, overrides, watch_overrides, sources=source or None,
+
+    def load():  # again on SIGHUP, with the same flags on top of the file
+        return load_config(config, overrides, watch_overrides, sources=source or None,
                            settings=set_ or None)
+
+    try:
+        conf = load()
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
-    daemon_main.setup_logging(conf.daemon.log_level)
+    daemon_main.setup_logging(conf.daemon.log_level, conf.daemon.log_format)
     try:
-        trio.run(daemon_main.run, conf)
+        trio.run(functools.partial(daemon_main.run, conf, reload=load))
     except ConfigError as e:
         fail(str(e))
     except PermissionError as e:
