@@ -18,6 +18,7 @@ from ..kernel import maps as kmaps
 from ..kernel.dump import Chunk, count_entries, dump, value_stride
 from ..kernel.maptypes import DumpMethod, dump_method, not_dumpable_reason
 from ..kernel.syscall import BpfError
+from ..wire.globs import GlobError, check_glob
 from ..wire.schema import Holder, MapInfo
 from . import errors
 
@@ -48,8 +49,18 @@ def _matches(record: kmaps.MapRecord, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
+def check_pattern(pattern: str) -> None:
+    """An unparseable glob is a bad request, not a pattern that matches nothing."""
+    try:
+        check_glob(pattern)
+    except GlobError as e:
+        raise errors.BadRequest(str(e)) from None
+
+
 def list_maps(bpffs: tuple[str, ...], pattern: str | None, with_entries: bool) -> list[MapInfo]:
     """Every map on the host (matching ``pattern``), entries counted if asked."""
+    if pattern:
+        check_pattern(pattern)
     records = kmaps.list_maps(bpffs)
     if pattern:
         records = [r for r in records if _matches(r, pattern)]
@@ -180,15 +191,18 @@ class Catalog:
     def open_selected(self, selector: str) -> kmaps.MapHandle:
         return open_selected(selector, self.bpffs)
 
-    def read_entries(self, record: kmaps.MapRecord) -> tuple[bytearray, bytearray, int]:
-        """All entries of ``record``'s map as flat keys and values; :class:`MapGone` if freed."""
+    def open_watched(self, record: kmaps.MapRecord) -> kmaps.MapHandle:
+        """Reopen a listed map by id; :class:`MapGone` if it was freed since."""
         try:
-            handle = kmaps.MapHandle.open_id(record.id, record.pinned)
+            return kmaps.MapHandle.open_id(record.id, record.pinned)
         except OSError as e:
             if e.errno == errno.ENOENT:
                 raise MapGone from None
             raise
-        with handle:
+
+    def read_entries(self, record: kmaps.MapRecord) -> tuple[bytearray, bytearray, int]:
+        """All entries of ``record``'s map as flat keys and values; :class:`MapGone` if freed."""
+        with self.open_watched(record) as handle:
             # Grown in place (big buffers are mmap'd, so growing is mremap, not a copy):
             # a list of chunks joined at the end would hold the map twice for a moment.
             keys, values, count = bytearray(), bytearray(), 0

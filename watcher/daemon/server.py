@@ -42,6 +42,11 @@ class RequestServer:
         self.started = time.monotonic()
         self._nursery: trio.Nursery | None = None
 
+    def reconfigure(self, config) -> None:
+        """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
+        self.config = config.daemon  # its endpoints are the running ones (reload keeps them)
+        self.bpffs = tuple(config.daemon.bpffs)
+
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -115,7 +120,8 @@ class RequestServer:
         await self.owner.send(peer, [schema.encode(message), *extra])
 
     async def _error(self, peer: bytes, reply: schema.ErrorReply) -> None:
-        log.info("error reply %s: %s", reply.code, reply.message)
+        log.info("error reply %s: %s", reply.code, reply.message,
+                 extra={"code": reply.code, "req": reply.req})
         try:
             await self._reply(peer, reply)
         except PeerGone:
@@ -153,6 +159,7 @@ class RequestServer:
 
     async def _recent(self, peer: bytes, request: schema.RecentRequest) -> None:
         self._check_selector(request.selector)
+        catalog.check_pattern(request.selector)
         messages, watched = self.engine.recent(request.selector)
         events = 0
         for header, frames in messages:
