@@ -142,7 +142,9 @@ def shadow_bytes_estimate(record: MapRecord, stride: int) -> int:
         return record.max_entries * value + ring
     n = shadow_entries(record)
     buckets = 1 << max(n - 1, 1).bit_length()
-    return n * (_HTAB_ELEM + ((record.key_size + 7) & ~7) + value) + buckets * _HTAB_BUCKET + ring
+    order = n * (((record.key_size + 7) & ~7) + value - 8) if uses_for_each(record) else 0
+    return (n * (_HTAB_ELEM + ((record.key_size + 7) & ~7) + value) + buckets * _HTAB_BUCKET
+            + ring + order)
 
 
 def ring_bytes(record: MapRecord, stride: int) -> int:
