@@ -96,6 +96,9 @@ class DaemonConfig:
     stream_hwm: int = attrs.field(default=10000, validator=attrs.validators.ge(1))
     # Entry events per stream message at most.
     batch_events: int = attrs.field(default=4096, validator=attrs.validators.in_(range(1, 1 << 20)))
+    # After start-up, limit bpf(2) to the commands the daemon reads with (seccomp;
+    # docs/operations.md).  Off only to debug the filter itself.
+    seccomp: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     log_level: str = attrs.field(default="info",
                                  validator=attrs.validators.in_(["debug", "info", "warning", "error"]))
 

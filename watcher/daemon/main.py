@@ -24,6 +24,7 @@ import zmq
 from ..wire.transport import PublisherOwner
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
+from .privileges import check_capabilities, harden
 from .publisher import Stream
 from .server import RequestServer
 from .sources import Sources
@@ -125,6 +126,7 @@ def release_big_buffers_promptly() -> None:
 async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation)."""
     dconf = config.daemon
+    check_capabilities()  # before anything is opened: one line naming what is missing
     release_big_buffers_promptly()
     epoch = secrets.token_hex(8)
     ctx = zmq.Context()
@@ -159,6 +161,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
             bound.append(dconf.endpoint)
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
+            harden(config)  # start-up is over: from here bpf() only reads (seccomp)
             server = RequestServer(router, dconf, epoch, _version(), engine, sources)
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, dconf.events_endpoint, epoch)
