@@ -261,3 +261,16 @@ def test_daemon_uses_only_read_commands_after_start_up(daemon_factory, maps, bpf
     assert set(calls) <= set(privileges.READ_COMMANDS), calls
     assert refused == {}
     assert d.stop() == 0
+
+
+def test_without_the_binding_the_daemon_says_so_and_serves(daemon_factory):
+    """A missing python3-seccomp is one clear log line, not a failed start."""
+    proc = subprocess.run([sys.executable, "-c", (
+        "import logging, sys; sys.modules['seccomp'] = None; logging.basicConfig(level='INFO')\n"
+        "from watcher.daemon import privileges; from watcher.daemon.config import Config\n"
+        "privileges.harden(Config())")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "seccomp filter NOT installed: libseccomp's Python binding does not import" in proc.stderr
+    assert "python3-seccomp" in proc.stderr
+    d = daemon_factory("--set", "daemon.seccomp=false")
+    assert "seccomp filter off (daemon.seccomp = false)" in d.log.read_text()

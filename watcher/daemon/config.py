@@ -187,6 +187,16 @@ def _reject_str_as_list(value, type_):
 _converter.register_structure_hook_func(lambda t: t == list[str], _reject_str_as_list)
 
 
+def _strict_bool(value, _type) -> bool:
+    # cattrs would take bool("false") == True: a switch is written true or false.
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}")
+    return value
+
+
+_converter.register_structure_hook(bool, _strict_bool)
+
+
 def _format_one(error: BaseException, type_) -> str:
     if isinstance(error, ConfigError):
         return str(error)
