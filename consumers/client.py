@@ -28,6 +28,7 @@ import trio
 import zmq
 
 from watcher.wire import schema
+from watcher.wire.globs import check_glob
 from watcher.wire.schema import MapInfo
 from watcher.wire.transport import recv_multipart, send_multipart
 
@@ -203,6 +204,12 @@ class Client:
         return await self._call(schema.Ping(), schema.Pong)
 
     async def list_maps(self, pattern: str | None = None, entries: bool = True) -> list[MapInfo]:
+        """Maps whose names or pin paths match the glob ``pattern`` (all with None).
+
+        An unparseable glob raises GlobError (a ValueError) before asking the daemon.
+        """
+        if pattern:
+            check_glob(pattern)
         reply = await self._call(schema.ListRequest(pattern=pattern, entries=entries),
                                  schema.ListReply)
         return reply.maps
@@ -222,6 +229,7 @@ class Client:
 
     async def recent(self, selector: str) -> tuple[list[tuple[object, list[bytes]]], schema.RecentEnd]:
         """Recent stream messages the daemon kept for maps matching ``selector`` (a glob)."""
+        check_glob(selector)
         async with self._lock:
             req = await self._send(schema.RecentRequest(selector=selector))
             messages = []
@@ -232,12 +240,18 @@ class Client:
                 messages.append((message, frames))
 
     def events(self, selectors: list[str], snapshot: bool = False,
-               heartbeat_timeout: float | None = None, record_batches: bool = False):
-        """Stream events of the maps ``selectors`` name (names or globs); see EventStream."""
+               heartbeat_timeout: float | None = None, record_batches: bool = False,
+               hold_on: bool = True, max_wait: float | None = None):
+        """Stream events of the maps ``selectors`` name (names or globs); see EventStream.
+
+        ``hold_on`` (default): a silent or restarted daemon is waited for, up to
+        ``max_wait`` seconds (None: for ever), like ``tail -F``.
+        """
         from .subscriber import EventStream
 
         return EventStream(self, selectors, snapshot=snapshot,
-                           heartbeat_timeout=heartbeat_timeout, record_batches=record_batches)
+                           heartbeat_timeout=heartbeat_timeout, record_batches=record_batches,
+                           hold_on=hold_on, max_wait=max_wait)
 
     @contextlib.asynccontextmanager
     async def get(self, selector: str, snapshot: bool = False, entries: bool = True,

@@ -102,16 +102,6 @@ def setpriv(caps: set[str]) -> list[str]:
             f"--inh-caps={wanted}", f"--ambient-caps={wanted}", "--"]
 
 
-def need_nobody_can_run_pymap() -> None:
-    if shutil.which("setpriv") is None:
-        require("setpriv is missing (Debian package util-linux)")
-    # The checkout and .venv must be readable by other users (not under a 0700 home).
-    proc = subprocess.run([*setpriv(set()), sys.executable, "-c", "import watcher.daemon.main"],
-                          capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        require(f"user nobody cannot import pymap from {REPO}: {proc.stderr.strip()[-200:]}")
-
-
 @pytest.fixture
 def shared_dir(kernel):
     """A temporary directory user nobody can enter, with a run directory it owns."""
@@ -123,9 +113,11 @@ def shared_dir(kernel):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def nonroot_daemon(shared_dir: Path, bpffs: Path, caps: set[str], *extra: str) -> Daemon:
+def nonroot_daemon(pymap: str, shared_dir: Path, bpffs: Path, caps: set[str],
+                   *extra: str) -> Daemon:
+    """A daemon run as nobody from ``pymap`` (tests/support/nobody.py: readable by nobody)."""
     d = Daemon(shared_dir, bpffs, list(extra))
-    d.args = setpriv(caps) + d.args
+    d.args = [*setpriv(caps), pymap, *d.args[1:]]
     return d
 
 
@@ -140,14 +132,13 @@ def proc_status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def test_nonroot_daemon_serves_list_get_events(shared_dir, bpffs_dir, maps):
-    need_nobody_can_run_pymap()
+def test_nonroot_daemon_serves_list_get_events(nobody_pymap, shared_dir, bpffs_dir, maps):
     name = f"lp_{token()}"
     fd, map_id = maps.create("hash", 4, 8, 32, name=name, pin=bpffs_dir / name)
     assert (bpffs_dir / name).stat().st_mode & 0o777 == 0o600  # root's pin: nobody can't read
     for i in range(5):
         syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", i * 7))
-    d = nonroot_daemon(shared_dir, bpffs_dir, NAMES, "--interval", "0.2")
+    d = nonroot_daemon(nobody_pymap, shared_dir, bpffs_dir, NAMES, "--interval", "0.2")
     d.start()
     try:
         st = proc_status(d.proc.pid)
@@ -172,21 +163,20 @@ def test_nonroot_daemon_serves_list_get_events(shared_dir, bpffs_dir, maps):
         assert d.stop() == 0
 
 
-def test_without_cap_sys_admin_the_daemon_names_it_and_exits(shared_dir, bpffs_dir):
-    need_nobody_can_run_pymap()
-    d = nonroot_daemon(shared_dir, bpffs_dir, NAMES - {"CAP_SYS_ADMIN"})
+def test_without_cap_sys_admin_the_daemon_names_it_and_exits(nobody_pymap, shared_dir,
+                                                             bpffs_dir):
+    d = nonroot_daemon(nobody_pymap, shared_dir, bpffs_dir, NAMES - {"CAP_SYS_ADMIN"})
     proc = subprocess.run(d.args, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("pymap: error: missing capability CAP_SYS_ADMIN, needed for listing")
 
 
-def test_without_an_optional_capability_the_daemon_says_what_it_cannot_do(shared_dir, bpffs_dir,
-                                                                          maps):
-    need_nobody_can_run_pymap()
+def test_without_an_optional_capability_the_daemon_says_what_it_cannot_do(
+        nobody_pymap, shared_dir, bpffs_dir, maps):
     name = f"lq_{token()}"
     _fd, map_id = maps.create("hash", 4, 8, 4, name=name, pin=bpffs_dir / name)
-    d = nonroot_daemon(shared_dir, bpffs_dir, NAMES - {"CAP_DAC_READ_SEARCH"})
+    d = nonroot_daemon(nobody_pymap, shared_dir, bpffs_dir, NAMES - {"CAP_DAC_READ_SEARCH"})
     d.start()
     try:
         assert ("WARNING pymap.daemon: without CAP_DAC_READ_SEARCH: no opening pins"

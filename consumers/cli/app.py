@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated
@@ -18,6 +19,8 @@ import trio
 import typer
 import zmq
 from rich.console import Console
+
+from watcher.wire.globs import GlobError, check_glob
 
 from ..client import DEFAULT_ENDPOINT, Client, DaemonError
 from ..decoding import choose_decoding
@@ -40,13 +43,16 @@ stderr = Console(stderr=True)
 
 class Output(enum.StrEnum):
     table = "table"
+    wide = "wide"
     json = "json"
 
 
 EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar="PYMAP_ENDPOINT",
                                           help="Daemon request endpoint (ipc:// or tcp://).")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon.")]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for machines.")]
+OutputOpt = Annotated[Output, typer.Option(
+    "--output", "-o", help="table for people (plain columns when piped), wide for every "
+    "column, json for machines.")]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -57,10 +63,21 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     raise typer.Exit(code)
 
 
+def valid_glob(pattern: str) -> str:
+    """``pattern``, or a one-line usage error when it is not a glob that parses."""
+    try:
+        return check_glob(pattern)
+    except GlobError as e:
+        fail(str(e), EXIT_USAGE)
+        raise  # not reached: fail() exits
+
+
 def run(fn: Callable[[], Awaitable[int | None]]) -> None:
     """Run an async command; turn daemon errors and Ctrl-C into clean exits."""
     try:
         code = trio.run(fn)
+    except GlobError as e:
+        fail(str(e), EXIT_USAGE)
     except DaemonError as e:
         message = str(e)
         if e.candidates:
@@ -101,10 +118,12 @@ def list_(
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Every BPF map on the host, like `bpftool map show` and `cilium map list`."""
+    if pattern:
+        valid_glob(pattern)
 
     async def main():
         async with Client(endpoint, timeout) as client:
-            if output is Output.table and stderr.is_terminal:
+            if output is not Output.json and stderr.is_terminal:
                 with stderr.status("reading maps from the daemon..."):
                     maps = await client.list_maps(pattern, entries=not no_entries)
             else:
@@ -114,7 +133,7 @@ def list_(
 
             sys.stdout.write(orjson.dumps([render.map_json(m) for m in maps]).decode() + "\n")
         else:
-            stdout.print(render.maps_table(maps))
+            render.print_maps(stdout, maps, wide=output is Output.wide)
         if pattern and not maps:
             stderr.print(f"pymap: no map matches {pattern!r}", highlight=False)
             return EXIT_ERROR
@@ -170,9 +189,9 @@ def get(
                         key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
                         value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
                         rows.append((key, value, formatter(key, value) if formatter else None))
-            stdout.print(render.entries_table(
-                m, rows, dump.total or 0, raw,
-                decoding.describe() if decoding else "shown as hex (--raw)"))
+            render.print_entries(stdout, m, rows, dump.total or 0, raw,
+                                 decoding.describe() if decoding else "shown as hex (--raw)",
+                                 wide=output is Output.wide)
 
     run(main)
 
@@ -233,11 +252,22 @@ def events(
     raw: Annotated[bool, typer.Option("--raw", help="No decoding, hex only.")] = False,
     count: Annotated[int, typer.Option(
         "--count", "-c", help="Exit after this many events (0: no limit).")] = 0,
+    max_wait: Annotated[float | None, typer.Option(
+        "--max-wait", min=0, metavar="SECONDS",
+        help="With -f: when the daemon falls silent, wait at most this long for it to "
+        "come back, then exit 1 (default: wait for ever, like tail -F).")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
-    """A map's changes: recent ones, or live with -f (added, updated, removed, ...)."""
+    """A map's changes: recent ones, or live with -f (added, updated, removed, ...).
+
+    A follower (-f) holds on like tail -F: if the daemon stops or restarts, it says
+    so on stderr, waits, resyncs, and prints what it missed as lost/resync lines.
+    """
     from .eventsout import EventPrinter, MapCache
+
+    for selector in selectors:
+        valid_glob(selector)
 
     async def main():
         async with Client(endpoint, timeout) as client:
@@ -245,13 +275,27 @@ def events(
             printer = EventPrinter(MapCache(client, decode=not raw), output is Output.json)
             if not follow:
                 return await _print_recent(client, names, printer, snapshot)
-            async with client.events(names, snapshot=snapshot) as stream:
+            async with client.events(names, snapshot=snapshot, max_wait=max_wait) as stream:
                 async for event in stream:
+                    if event.action in ("stalled", "resumed"):
+                        _say_daemon_state(event, endpoint, max_wait)
+                        continue
                     await printer.print(event)
                     if count and printer.count >= count:
                         return
 
     run(main)
+
+
+def _say_daemon_state(event, endpoint: str, max_wait: float | None) -> None:
+    """A follower's one line on stderr when its daemon falls silent, and when it is back."""
+    if event.action == "stalled":
+        how_long = "for ever" if max_wait is None else f"up to {max_wait:g} s"
+        text = (f"pymap: {event.reason} at {endpoint}; waiting {how_long} for it to come "
+                "back (Ctrl-C to stop)")
+    else:
+        text = f"pymap: the daemon is back ({event.reason}); catching up"
+    stderr.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 async def _name_of(client: Client, selector: str) -> str:
@@ -301,9 +345,7 @@ def status(
             data.pop("req", None)
             sys.stdout.write(orjson.dumps(data).decode() + "\n")
             return
-        stdout.print(render.status_view(st))
-        if (sources := render.sources_view(st)) is not None:
-            stdout.print(sources)
+        render.print_status(stdout, st, wide=output is Output.wide)
 
     run(main)
 
@@ -328,6 +370,8 @@ def daemon(
         help="bpffs directory to search for pins; repeatable (overrides daemon.bpffs).")] = None,
     log_level: Annotated[str | None, typer.Option(
         help="debug, info, warning or error (overrides daemon.log_level).")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        help="text, or json: one JSON object per line (overrides daemon.log_format).")] = None,
     source: Annotated[list[str] | None, typer.Option(
         "--source", help="Event source: FILE.c[:buf1,buf2] (load with bcc, publish those "
         "buffers; default all) or a pinned buffer's path; repeatable, added to "
@@ -337,7 +381,7 @@ def daemon(
         "daemon.stream_hwm=1000, watch.linger=60, 'watch.always=[\"cilium_*\"]'); "
         "repeatable, applied after the file and the other flags.")] = None,
 ) -> None:
-    """Run the pymap daemon (as root) until SIGINT or SIGTERM."""
+    """Run the pymap daemon (as root) until SIGINT or SIGTERM; SIGHUP reloads the config."""
     from watcher.daemon import main as daemon_main
     from watcher.daemon.config import ConfigError, load_config
 
@@ -348,16 +392,21 @@ def daemon(
         except ValueError:
             fail(f"--socket-mode {socket_mode!r} is not an octal mode", EXIT_USAGE)
     overrides = {"endpoint": endpoint, "events_endpoint": events_endpoint, "socket_mode": mode,
-                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level}
+                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level,
+                 "log_format": log_format}
     watch_overrides = {"interval": interval, "always": always or None}
-    try:
-        conf = load_config(config, overrides, watch_overrides, sources=source or None,
+
+    def load():  # again on SIGHUP, with the same flags on top of the file
+        return load_config(config, overrides, watch_overrides, sources=source or None,
                            settings=set_ or None)
+
+    try:
+        conf = load()
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
-    daemon_main.setup_logging(conf.daemon.log_level)
+    daemon_main.setup_logging(conf.daemon.log_level, conf.daemon.log_format)
     try:
-        trio.run(daemon_main.run, conf)
+        trio.run(functools.partial(daemon_main.run, conf, reload=load))
     except ConfigError as e:
         fail(str(e))
     except PermissionError as e:
