@@ -13,15 +13,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import REPO, need_bcc, need_kernel, require
-from support.events import Follower, status, wait_until
+from support.events import Follower, status, wait_ready, wait_until, watch_of
 from support.kernel import lpm_key, token
 
 from watcher.daemon import privileges
@@ -210,8 +212,14 @@ def _by_name(table) -> dict[str, int]:
     return {seccomp.BPF_COMMANDS[k.value]: v.value for k, v in table.items()}
 
 
-def _audit_tables(tracer) -> tuple[dict[str, int], dict[str, int]]:
-    return _by_name(tracer[b"calls"]), _by_name(tracer[b"refused"])
+@contextlib.contextmanager
+def audit(bcc, pid: int) -> Iterator[Callable[[], tuple[dict[str, int], dict[str, int]]]]:
+    """Count ``pid``'s bpf() calls by command, and those refused, from now until the end."""
+    tracer = bcc.BPF(text=AUDIT.replace("TGID", str(pid)).encode())
+    try:
+        yield lambda: (_by_name(tracer[b"calls"]), _by_name(tracer[b"refused"]))
+    finally:
+        tracer.cleanup()
 
 
 def test_daemon_uses_only_read_commands_after_start_up(daemon_factory, maps, bpffs_dir):
@@ -226,10 +234,9 @@ def test_daemon_uses_only_read_commands_after_start_up(daemon_factory, maps, bpf
     lpm, _ = maps.create("lpm_trie", 8, 8, 16, name=f"al_{tag}", flags=1)  # no batch: per key
     syscall.map_update_elem(lpm, lpm_key(24, bytes([10, 1, 2, 0])), bytes(8))
     d = daemon_factory("--source", f"{EXECSNOOP}:execs,drops=dropped", "--source", TCPCONNECT,
-                       "--interval", "0.2")
-    assert "seccomp filter installed" in d.log.read_text()
-    tracer = bcc.BPF(text=AUDIT.replace("TGID", str(d.proc.pid)).encode())
-    try:
+                       "--interval", "0.2", "--set", 'watch.kernel_delta="off"')
+    assert "seccomp filter installed: bpf() allows only MAP_GET_NEXT_ID, " in d.log.read_text()
+    with audit(bcc, d.proc.pid) as tables:
         listed = d.cli("list", "-o", "json", check=True)
         assert f"au_{tag}" in listed.stdout
         got = d.cli("get", f"au_{tag}", "-o", "json", check=True)
@@ -251,9 +258,7 @@ def test_daemon_uses_only_read_commands_after_start_up(daemon_factory, maps, bpf
         d.cli("events", f"au_{tag}", check=True)  # recent events
         d.cli("events", f"au_{tag}", "--snapshot", check=True)
         d.cli("status", check=True)
-        calls, refused = _audit_tables(tracer)
-    finally:
-        tracer.cleanup()
+        calls, refused = tables()
     print("daemon bpf() after start-up:", calls, "refused:", refused)
     assert calls.get("BPF_MAP_GET_NEXT_ID", 0) > 0 and calls.get("BPF_MAP_LOOKUP_BATCH", 0) > 0
     assert calls.get("BPF_BTF_GET_FD_BY_ID", 0) > 0 and calls.get("BPF_OBJ_GET", 0) > 0
@@ -274,3 +279,29 @@ def test_without_the_binding_the_daemon_says_so_and_serves(daemon_factory):
     assert "python3-seccomp" in proc.stderr
     d = daemon_factory("--set", "daemon.seccomp=false")
     assert "seccomp filter off (daemon.seccomp = false)" in d.log.read_text()
+
+
+def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_factory, maps,
+                                                                       bpffs_dir):
+    """With watch.kernel_delta on, the engine creates its objects after the filter is in:
+    they are made, events flow, and no command outside its profile is even tried."""
+    bcc = need_bcc()
+    need_binding()
+    name = f"ak_{token()}"
+    fd, _map_id = maps.create("hash", 4, 8, 64, name=name, pin=bpffs_dir / name)
+    d = daemon_factory("--interval", "0.2", "--set", "watch.kernel_delta_min_entries=0",
+                       "--set", 'watch.kernel_delta_types=["hash"]')
+    with audit(bcc, d.proc.pid) as tables:
+        with Follower(d, name, "-f") as f:
+            wait_ready(d, name)
+            watch = watch_of(status(d), name)
+            assert watch["engine"].startswith("in-kernel:"), watch
+            for i in range(4):
+                syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", i))
+            f.wait_count(4)
+        calls, refused = tables()
+    print("daemon bpf() with the in-kernel engine:", calls, "refused:", refused)
+    assert calls.get("BPF_MAP_CREATE", 0) > 0 and calls.get("BPF_PROG_LOAD", 0) > 0
+    assert set(calls) <= set(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS)
+    assert refused == {}
+    assert "in-kernel engine failed" not in d.log.read_text()

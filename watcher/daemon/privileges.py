@@ -56,13 +56,15 @@ READ_COMMANDS = (
     "BPF_BTF_GET_FD_BY_ID", "BPF_MAP_LOOKUP_ELEM", "BPF_MAP_GET_NEXT_KEY",
     "BPF_MAP_LOOKUP_BATCH",
 )
-# What the in-kernel delta engine (watch.kernel_delta) does while the daemon runs: it
-# creates its own shadow and state maps and iterator programs, and writes and
-# clears its own maps.  seccomp cannot tell pymap's maps from the watched ones, so
-# with the engine on these are allowed for every map; see docs/operations.md.
+# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/progload.py) does
+# while the daemon runs: it creates its own shadow, state and ring buffer maps, a BTF
+# blob and its programs when a watch starts, then per poll writes its state map, runs
+# an iterator (link, iter) or a for_each walk (test run), and clears removed keys from
+# its shadow map.  seccomp cannot tell pymap's maps from the watched ones, so with the
+# engine on these are allowed for every map; see docs/operations.md.
 KERNEL_DELTA_COMMANDS = (
-    "BPF_MAP_CREATE", "BPF_PROG_LOAD", "BPF_LINK_CREATE", "BPF_ITER_CREATE",
-    "BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_BATCH",
+    "BPF_MAP_CREATE", "BPF_BTF_LOAD", "BPF_PROG_LOAD", "BPF_LINK_CREATE", "BPF_ITER_CREATE",
+    "BPF_PROG_TEST_RUN", "BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_BATCH",
 )
 
 
