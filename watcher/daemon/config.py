@@ -17,10 +17,9 @@ import attrs
 import cattrs
 
 from ..decode.layout import LayoutError, layout_matches, parse_layout
+from ..wire.endpoints import DEFAULT_ENDPOINT
 from .sourceconf import SourceConfig, SourceError, load_sources
 
-DEFAULT_RUN_DIR = "/run/pymap"
-DEFAULT_ENDPOINT = f"ipc://{DEFAULT_RUN_DIR}/pymap.sock"
 DEFAULT_CONFIG = "/etc/pymap/pymap.toml"
 
 
