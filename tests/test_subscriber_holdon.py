@@ -78,9 +78,6 @@ class FakeClient:
         return schema.Pong(version="test", epoch="e1", uptime=0.0,
                            events_endpoint=self.events_endpoint)
 
-    def _check_endpoint(self, endpoint: str | None = None) -> None:
-        pass
-
     async def report_gap(self, name: str, missed: int) -> None:
         self.gaps.append((name, missed))
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Callable
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import orjson
 from rich.console import Console
 
 from watcher.wire.schema import MapInfo
 
-from ..client import Chunk
 from .columns import Column, print_table
+
+if TYPE_CHECKING:
+    from ..client import Chunk
 
 MAP_FIELDS = ("id", "name", "type", "key_size", "value_size", "max_entries", "entries", "flags",
               "pinned", "kernel_name", "btf_id", "memlock", "frozen", "holders")
