@@ -329,9 +329,7 @@ def check_program(key_size: int, stride: int, state_fd: int, order_fd: int, map_
     nw = fingerprint_words(stride)
     row = -8 * (nw + 1)
     a = Asm()
-    _each_main(a, map_fd)
-    a.mov(R7, R2)
-    a.mov(R8, R3)
+    _element(a, map_fd)
     if stride > EXACT_MAX:
         _fingerprint(a, stride, row)
     _order_step(a, key_size, stride, row, state_fd, order_fd, check=True)
@@ -351,6 +349,25 @@ def _each_main(a: Asm, map_fd: int) -> None:
     a.label("callback")  # (map, key, value, ctx): key and value are map memory
 
 
+def _element(a: Asm, each_map_fd: int | None) -> None:
+    """Start of the per-element code: key pointer in R7, value pointer in R8.
+
+    With ``each_map_fd``: a for_each main program over that map, then its
+    callback, whose arguments are the element.  Without: an iterator program,
+    whose context holds them (R6 keeps the context; "out" ends the element).
+    """
+    if each_map_fd is not None:
+        _each_main(a, each_map_fd)
+        a.mov(R7, R2)
+        a.mov(R8, R3)
+        return
+    a.mov(R6, R1)
+    a.ldx(8, R7, R6, _CTX_KEY)
+    a.jmp(JEQ, R7, 0, "out")  # the end-of-walk call has no element
+    a.ldx(8, R8, R6, _CTX_VALUE)
+    a.jmp(JEQ, R8, 0, "out")
+
+
 def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
                  array: bool, ring_fd: int | None = None, map_fd: int | None = None,
                  order_fd: int | None = None) -> bytes:
@@ -366,17 +383,9 @@ def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
     gen = row + 8 * nw
     a = Asm()
     each = ring_fd is not None
-    if each:
-        assert map_fd is not None
-        _each_main(a, map_fd)
-        a.mov(R7, R2)
-        a.mov(R8, R3)
-    else:
-        a.mov(R6, R1)
-        a.ldx(8, R7, R6, _CTX_KEY)
-        a.jmp(JEQ, R7, 0, "out")  # the end-of-walk call has no element
-        a.ldx(8, R8, R6, _CTX_VALUE)
-        a.jmp(JEQ, R8, 0, "out")
+    assert map_fd is not None or not each
+    _element(a, map_fd if each else None)
+    if not each:
         # Map helpers refuse the iterator's read-only key buffer: work on a stack copy.
         kcopy = row - ((key_size + 7) & ~7)
         _copy(a, R7, 0, R10, kcopy, key_size)
@@ -457,17 +466,8 @@ def sweep_program(key_size: int, nw: int, state_fd: int, ring_fd: int | None = N
     if the ring fills, ``overflow`` counts it and the iterator sweeps instead.
     """
     a = Asm()
-    if ring_fd is not None:
-        assert shadow_fd is not None
-        _each_main(a, shadow_fd)
-        a.mov(R7, R2)
-        a.mov(R8, R3)
-    else:
-        a.mov(R6, R1)
-        a.ldx(8, R7, R6, _CTX_KEY)
-        a.jmp(JEQ, R7, 0, "out")
-        a.ldx(8, R8, R6, _CTX_VALUE)
-        a.jmp(JEQ, R8, 0, "out")
+    assert shadow_fd is not None or ring_fd is None
+    _element(a, shadow_fd if ring_fd is not None else None)
     a.ldx(8, R1, R8, 8 * nw)
     a.ld_map_value(R2, state_fd)
     a.ldx(8, R2, R2, _STATE["gen"])
