@@ -18,7 +18,7 @@ import enum
 import functools
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -84,7 +84,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> None:
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     say(f"pymap: error: {message}")
     raise typer.Exit(code)
 
@@ -95,7 +95,6 @@ def valid_glob(pattern: str) -> str:
         return check_glob(pattern)
     except GlobError as e:
         fail(str(e), EXIT_USAGE)
-        raise  # not reached: fail() exits
 
 
 def run(fn: Callable[[], int | None]) -> None:
