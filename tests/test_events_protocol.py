@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from typing import ClassVar
 
 import pytest
 import trio
@@ -38,7 +39,7 @@ class TinyBufferStream(EventStream):
     """An EventStream whose SUB socket buffers one message: a subscriber that falls
     behind loses messages at once instead of after 100k."""
 
-    SOCKET_OPTIONS = {zmq.RCVHWM: 1, zmq.RCVBUF: 4096}
+    SOCKET_OPTIONS: ClassVar[dict[int, int]] = {zmq.RCVHWM: 1, zmq.RCVBUF: 4096}
 
 
 def _check_exact_losses(events: list, final_tseq: int) -> None:
