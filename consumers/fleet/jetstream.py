@@ -1,0 +1,79 @@
+"""Connecting to NATS and making sure the stream exists (runs on the asyncio side).
+
+Stream defaults when pymap creates it (docs/fleet.md): subjects ``<prefix>.>``,
+limits retention (by ``max_age`` and ``max_bytes``, oldest discarded first),
+file storage, ``replicas`` copies, a ``duplicate_window`` for message-id
+de-duplication.  With ``create=false`` the stream must exist and is used as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from .bridge import AsyncioThread
+from .options import FleetOptions
+
+
+class FleetUnavailable(Exception):
+    """The NATS servers cannot be reached, or JetStream does not answer."""
+
+
+class FleetError(Exception):
+    """JetStream refused something (a missing stream, bad credentials): no retry helps."""
+
+
+def stream_config(options: FleetOptions) -> StreamConfig:
+    return StreamConfig(name=options.stream, subjects=options.subjects,
+                        retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD,
+                        max_age=options.max_age, max_bytes=options.max_bytes,
+                        storage=StorageType.FILE, num_replicas=options.replicas,
+                        duplicate_window=options.duplicate_window,
+                        description="pymap fleet events (docs/fleet.md)")
+
+
+async def connect(options: FleetOptions, name: str) -> tuple[NATS, JetStreamContext]:
+    try:
+        nc = await nats.connect(name=name, **options.connect_kwargs())
+    except (OSError, nats.errors.NoServersError, TimeoutError) as e:
+        raise FleetUnavailable(f"cannot reach NATS at {', '.join(options.servers)}: "
+                               f"{e or type(e).__name__}") from None
+    except nats.errors.Error as e:
+        raise FleetError(f"NATS refused the connection: {e}") from None
+    return nc, nc.jetstream(timeout=options.ack_timeout)
+
+
+async def ensure_stream(js: JetStreamContext, options: FleetOptions) -> None:
+    """Create the stream if missing and allowed; otherwise check that it exists."""
+    try:
+        await js.stream_info(options.stream)
+        return
+    except nats.js.errors.NotFoundError:
+        if not options.create_stream:
+            raise FleetError(f"JetStream stream {options.stream!r} does not exist "
+                             "(and create=false)") from None
+    except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as e:
+        raise FleetUnavailable(f"JetStream does not answer: {e or type(e).__name__}") from None
+    try:
+        await js.add_stream(stream_config(options))
+    except nats.js.errors.BadRequestError as e:
+        raise FleetError(f"cannot create stream {options.stream!r}: {e.description}") from None
+    except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as e:
+        raise FleetUnavailable(f"JetStream did not create stream {options.stream!r}: "
+                               f"{e or type(e).__name__}") from None
+
+
+async def close_connection(thread: AsyncioThread, nc: NATS | None) -> None:
+    """Close ``nc`` (flushing what it still holds, 5 s at most), then stop ``thread``."""
+    if nc is not None:
+        try:
+            await thread.run(asyncio.wait_for(nc.close(), 5))
+        except (TimeoutError, nats.errors.Error, OSError):
+            pass  # closing a dead connection: nothing is left to flush
+    await thread.__aexit__(None, None, None)
