@@ -232,12 +232,18 @@ class Client:
                 messages.append((message, frames))
 
     def events(self, selectors: list[str], snapshot: bool = False,
-               heartbeat_timeout: float | None = None, record_batches: bool = False):
-        """Stream events of the maps ``selectors`` name (names or globs); see EventStream."""
+               heartbeat_timeout: float | None = None, record_batches: bool = False,
+               hold_on: bool = True, max_wait: float | None = None):
+        """Stream events of the maps ``selectors`` name (names or globs); see EventStream.
+
+        ``hold_on`` (default): a silent or restarted daemon is waited for, up to
+        ``max_wait`` seconds (None: for ever), like ``tail -F``.
+        """
         from .subscriber import EventStream
 
         return EventStream(self, selectors, snapshot=snapshot,
-                           heartbeat_timeout=heartbeat_timeout, record_batches=record_batches)
+                           heartbeat_timeout=heartbeat_timeout, record_batches=record_batches,
+                           hold_on=hold_on, max_wait=max_wait)
 
     @contextlib.asynccontextmanager
     async def get(self, selector: str, snapshot: bool = False, entries: bool = True,

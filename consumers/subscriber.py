@@ -12,12 +12,22 @@ What can go wrong, and what the stream yields then:
   ``resync`` event.
 - A restarted daemon (new epoch): a ``resync`` event; with ``snapshot=True``
   every map is re-snapshotted the same way.
-- A silent daemon (no heartbeat for ``heartbeat_timeout``): DaemonUnavailable.
+- A silent daemon (no heartbeat for ``heartbeat_timeout``): the stream holds
+  on like ``tail -F`` (``hold_on``, the default): a ``stalled`` event, then
+  it waits, ZeroMQ reconnecting underneath, until the daemon speaks again
+  (a ``resumed`` event, followed by ``lost``/``resync`` for what was
+  missed) or ``max_wait`` seconds have passed (DaemonUnavailable).  With
+  ``hold_on=False`` the first silence raises DaemonUnavailable.
+- A stopped subscriber (SIGSTOP, a suspended laptop) is not a silent
+  daemon: a timer that fires far too late means this process did not run,
+  so it looks again before declaring a stall, and what the daemon dropped
+  meanwhile shows as ``lost`` as usual.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -34,6 +44,8 @@ from .recordsets import FormatterCache, MalformedRecords, RecordSet, record_set
 
 ACTIONS = ("added", "updated", "removed")
 GLOB_CHARS = "*?["
+FIRST_BEAT_TIMEOUT = 10.0  # seconds to wait for the first heartbeat, before the interval is known
+LATE = 1.0  # a timer this late (s) means this process was stopped or starved, not the daemon
 
 
 @attrs.frozen
@@ -42,7 +54,9 @@ class Event:
 
     ``action``: added, updated, removed (entries); map_created, map_removed;
     resync (state was re-read: ``reason`` says why); lost (``missed`` events
-    never arrived).  ``seq`` is the daemon-wide sequence (0 for events the
+    never arrived); stalled (the daemon fell silent: ``reason`` says for how
+    long; the stream waits for it) and resumed (it speaks again: ``reason``
+    says after how long).  ``seq`` is the daemon-wide sequence (0 for events the
     client made: snapshot rows, lost, resync); values are raw bytes, per-CPU
     maps' values hold every CPU's slot (see MapInfo.value_stride).
 
@@ -151,18 +165,28 @@ class EventStream:
     """``async with client.events([...]) as stream: async for event in stream: ...``"""
 
     def __init__(self, client: Client, selectors: list[str], snapshot: bool = False,
-                 heartbeat_timeout: float | None = None, record_batches: bool = False):
+                 heartbeat_timeout: float | None = None, record_batches: bool = False,
+                 hold_on: bool = True, max_wait: float | None = None):
+        if max_wait is not None and max_wait < 0:
+            raise ValueError("max_wait must be >= 0 seconds (None: wait for ever)")
         self.client = client
         self.selection = Selection(selectors)
         self.snapshot = snapshot
         self.record_batches = record_batches  # one "records" event per buffer batch
         self._formatters = FormatterCache()
         self.heartbeat_timeout = heartbeat_timeout
+        self.hold_on = hold_on  # wait through a silent daemon instead of raising
+        self.max_wait = max_wait  # seconds to wait once stalled (None: for ever)
         self.epoch: str | None = None
         self.lost = 0  # events missed so far (all maps)
         self.resyncs = 0
         self._topic_seq: dict[str, int] = {}
         self._state: dict[str, dict[bytes, bytes]] = {}  # snapshot mode: name -> entries
+        self._silence = heartbeat_timeout or FIRST_BEAT_TIMEOUT  # seconds that mean "gone"
+        self._heard = 0.0  # trio time of the last message
+        self._stalled = False
+        self._pending: list[bytes] | None = None  # frames that ended a stall, not yet handled
+        self._retry: str | None = None  # a resync that failed: redo it (its reason) when heard
         self._ctx: zmq.Context | None = None
         self._sub: zmq.Socket | None = None
 
@@ -191,13 +215,52 @@ class EventStream:
 
     # --- receiving ---
 
-    async def _next_message(self, timeout: float):
+    async def _recv_within(self, seconds: float):
+        """The next message within ``seconds`` of silence, or None.
+
+        A timer that fires more than LATE after its deadline means this
+        process was not running (SIGSTOP, starved), not that the daemon was
+        silent: wait again, since the daemon's messages are likely queued.
+        """
         assert self._sub is not None
-        with trio.move_on_after(timeout) as scope:
-            frames = await recv_multipart(self._sub)
-        if scope.cancelled_caught:
-            raise DaemonUnavailable(f"no heartbeat from the pymap daemon for {timeout:g} s "
-                                    "(is it still running?)")
+        while True:
+            deadline = trio.current_time() + seconds
+            with trio.move_on_at(deadline):
+                frames = await recv_multipart(self._sub)
+                self._heard = trio.current_time()
+                return frames
+            if trio.current_time() - deadline < LATE:
+                return None
+
+    async def _next_item(self) -> tuple[object, list[bytes]] | Event:
+        """The next stream message as (message, frames), or a ``stalled`` or
+        ``resumed`` event about the daemon itself."""
+        if self._pending is not None:  # the message that ended a stall
+            frames, self._pending = self._pending, None
+            return self._decode(frames)
+        if self._stalled:
+            since = self._heard
+            frames = await self._recv_within(math.inf if self.max_wait is None
+                                             else self.max_wait)
+            if frames is None:
+                raise DaemonUnavailable(
+                    f"no heartbeat from the pymap daemon for {trio.current_time() - since:.0f} s; "
+                    f"gave up after waiting {self.max_wait:g} s for it to come back")
+            self._stalled = False
+            self._pending = frames
+            return Event("resumed", MapRef(0, ""), time=time.time(),
+                         reason=f"after {self._heard - since:.0f} s of silence")
+        frames = await self._recv_within(self._silence)
+        if frames is None:
+            silent = f"no heartbeat from the pymap daemon for {self._silence:g} s"
+            if not self.hold_on or self.max_wait == 0:
+                raise DaemonUnavailable(f"{silent} (is it still running?)")
+            self._stalled = True
+            return Event("stalled", MapRef(0, ""), time=time.time(), reason=silent)
+        return self._decode(frames)
+
+    @staticmethod
+    def _decode(frames: list[bytes]) -> tuple[object, list[bytes]]:
         if len(frames) < 2:
             raise DaemonError("bad_reply", "stream message without a header")
         try:
@@ -206,28 +269,50 @@ class EventStream:
             raise DaemonError("bad_reply", f"daemon sent {e}") from None
 
     async def _iterate(self) -> AsyncIterator[Event]:
-        timeout = self.heartbeat_timeout or 10.0
         # Until the first heartbeat, the subscription may not be live yet.
         queued: list[tuple[object, list[bytes]]] = []
         while True:
-            message, frames = await self._next_message(timeout)
-            if isinstance(message, schema.Heartbeat):
+            item = await self._next_item()
+            if isinstance(item, Event):
+                yield item
+            elif isinstance(item[0], schema.Heartbeat):
+                beat = item[0]
                 break
-            queued.append((message, frames))
-        self.epoch = message.epoch
-        timeout = self.heartbeat_timeout or 3 * message.interval + 2.0
+            else:
+                queued.append(item)
+        self.epoch = beat.epoch
+        self._heartbeat(beat)
         if self.snapshot:
-            for event in await self._snapshot_all(reason="start"):
+            for event in await self._guarded(self._snapshot_all, "start"):
                 yield event
         else:
-            self._baseline(message)
-        for item in queued:
-            for event in await self._handle(*item):
-                yield event
+            self._baseline(beat)
         while True:
-            message, frames = await self._next_message(timeout)
-            for event in await self._handle(message, frames):
+            item = queued.pop(0) if queued else await self._next_item()
+            if isinstance(item, Event):
+                yield item
+                continue
+            if self._retry is not None:  # the daemon is heard again: redo what it left undone
+                for event in await self._guarded(self._snapshot_all, self._retry):
+                    yield event
+                if self._retry is not None:
+                    continue  # still unanswered; the snapshot that succeeds covers this message
+            for event in await self._guarded(self._handle, *item):
                 yield event
+
+    def _heartbeat(self, beat: schema.Heartbeat) -> None:
+        self._silence = self.heartbeat_timeout or 3 * beat.interval + 2.0
+
+    async def _guarded(self, step, *args) -> list[Event]:
+        """Run a step that may ask the daemon; with hold_on, a daemon that does not
+        answer is a stall, and a snapshot it interrupted is redone once it is heard."""
+        try:
+            return await step(*args)
+        except DaemonUnavailable as e:
+            if not self.hold_on:
+                raise
+            self._stalled = True  # wait for the daemon to speak again before retrying
+            return [Event("stalled", MapRef(0, ""), time=time.time(), reason=str(e))]
 
     def _baseline(self, beat: schema.Heartbeat) -> None:
         for name, tseq in beat.topics.items():
@@ -241,6 +326,7 @@ class EventStream:
         if getattr(message, "epoch", self.epoch) != self.epoch:
             out += await self._epoch_changed(message.epoch)
         if isinstance(message, schema.Heartbeat):
+            self._heartbeat(message)
             for name, tseq in message.topics.items():
                 if not self.selection.matches(name):
                     continue
@@ -291,7 +377,9 @@ class EventStream:
         except DaemonError:
             pass  # the report is a courtesy; the subscriber has already been told
         if self.snapshot:
+            self._retry = self._retry or "gap"
             out += await self._resync(name, "gap")
+            self._retry = None
             if name not in self._state:  # nothing to resync against (a buffer): carry on
                 self._topic_seq.pop(name, None)
         else:
@@ -313,6 +401,7 @@ class EventStream:
         return await self._snapshot_all(reason="start")
 
     async def _snapshot_all(self, reason: str, announce: bool = True) -> list[Event]:
+        self._retry = reason  # until it completes: redone if the daemon does not answer
         out: list[Event] = []
         names = set()
         for sel in self.selection.selectors:
@@ -322,6 +411,7 @@ class EventStream:
                     names.add(m.name)
         for name in sorted(names):
             out += await self._resync(name, reason, announce=announce)
+        self._retry = None
         return out
 
     async def _resync(self, name: str, reason: str, announce: bool = True) -> list[Event]:

@@ -33,6 +33,8 @@ def describe(event: Event) -> str:
         return f"{head}: missed {event.missed} events"  # then resynced: snapshot=True
     if event.action == "resync":
         return f"{head} ({event.reason}): the lines after this correct our copy"
+    if event.action in ("stalled", "resumed"):  # the daemon went silent / is back
+        return f"{when} daemon {event.action}: {event.reason}"
     return f"{head} (map id {event.map.id})"  # map_created, map_removed
 
 

@@ -66,6 +66,19 @@ def need_bcc():
     return bcc
 
 
+@pytest.fixture(scope="session")
+def nobody_pymap():
+    """A ``pymap`` that ``nobody`` can run even when the checkout is private (0700):
+    a world-readable copy in the system temp dir, removed after the session."""
+    if shutil.which("setpriv") is None:
+        require("setpriv (util-linux) is not installed")
+    from support.nobody import make_runtime
+
+    tmp, pymap = make_runtime()
+    yield str(pymap)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture
 def kernel():
     """Skip (or, in CI, fail) unless the real kernel is usable."""

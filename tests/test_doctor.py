@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 
 import pytest
-from conftest import PYMAP, require
+from conftest import PYMAP
 
 from watcher.kernel import probe
 
@@ -17,13 +16,13 @@ CHECKS = ("privileges", "bpf syscall", "bpffs", "kernel BTF", "batch lookup", "t
           "kernel headers", "daemon")
 
 
-def doctor(*args: str, endpoint: str | None = None, prefix: tuple[str, ...] = ()
-           ) -> subprocess.CompletedProcess:
+def doctor(*args: str, endpoint: str | None = None, prefix: tuple[str, ...] = (),
+           pymap: str = PYMAP) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200", "PYTHONFAULTHANDLER": "1"}
     env.pop("PYMAP_ENDPOINT", None)
     if endpoint is not None:
         args = (*args, "--endpoint", endpoint)
-    cmd = [*prefix, PYMAP, "doctor", *args]
+    cmd = [*prefix, pymap, "doctor", *args]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -114,14 +113,9 @@ def test_doctor_malformed_endpoint_is_a_failed_check_not_a_traceback(kernel, end
     assert status == "FAIL" and words in detail and "ipc://" in fix
 
 
-def test_doctor_as_an_unprivileged_user(kernel, tmp_path):
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        require("setpriv (util-linux) not installed")
-    proc = doctor(endpoint=f"ipc://{tmp_path}/none.sock",
-                  prefix=(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"))
-    if "Permission denied" in proc.stderr and "Traceback" not in proc.stderr:
-        require(f"nobody cannot run {PYMAP}: {proc.stderr.strip()}")
+def test_doctor_as_an_unprivileged_user(kernel, tmp_path, nobody_pymap):
+    proc = doctor(endpoint=f"ipc://{tmp_path}/none.sock", pymap=nobody_pymap,
+                  prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
     assert_clean(proc)
     assert proc.returncode == 1
     table = rows(proc.stdout)

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 import zmq
-from conftest import PYMAP, require
+from conftest import PYMAP
 from support.kernel import one_error_line
 
 pytestmark = pytest.mark.kernel
@@ -173,11 +173,10 @@ def test_daemon_absent_stale_socket(tmp_path):
     one_error_line(proc.stderr)
 
 
-def _as_nobody(*args: str) -> subprocess.CompletedProcess:
-    if shutil.which("setpriv") is None:
-        require("setpriv is not installed")
+def _as_nobody(pymap: str, *args: str) -> subprocess.CompletedProcess:
+    """``pymap ARGS`` as nobody, from a copy nobody can read (see support/nobody.py)."""
     return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                           PYMAP, *args], check=False, capture_output=True, text=True, timeout=60,
+                           pymap, *args], check=False, capture_output=True, text=True, timeout=60,
                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "COLUMNS": "200"})
 
 
@@ -207,16 +206,16 @@ def test_socket_mode(daemon, open_dir_daemon):
     assert stat.S_IMODE(os.stat(daemon.run_dir).st_mode) & 0o007 == 0
 
 
-def test_permission_denied(open_dir_daemon):
+def test_permission_denied(open_dir_daemon, nobody_pymap):
     for args in (["list"], ["get", "anything"], ["ping"]):
-        proc = _as_nobody(*args, "-e", open_dir_daemon.endpoint)
+        proc = _as_nobody(nobody_pymap, *args, "-e", open_dir_daemon.endpoint)
         assert proc.returncode != 0, args
         assert "permission denied" in one_error_line(proc.stderr).lower()
     _assert_serving(open_dir_daemon)
 
 
-def test_permission_denied_in_private_dir(daemon):
-    proc = _as_nobody("list", "-e", daemon.endpoint)
+def test_permission_denied_in_private_dir(daemon, nobody_pymap):
+    proc = _as_nobody(nobody_pymap, "list", "-e", daemon.endpoint)
     assert proc.returncode != 0
     assert "permission denied" in one_error_line(proc.stderr).lower()
 

@@ -405,23 +405,33 @@ def test_heartbeats_and_status(daemon_factory, maps, bpffs_dir):
 
 @pytest.mark.kernel
 async def test_daemon_death_is_noticed(daemon_factory, maps, bpffs_dir):
+    """Without hold-on (library ``hold_on=False``, CLI ``--max-wait 0``) a dead daemon
+    ends the stream with one clear error; with it, a ``stalled`` event and the wait."""
     d = daemon_factory(*FAST)
     name = f"ev{token()}_dd"
     maps.create("hash", 4, 8, 16, name=name, pin=bpffs_dir / name)
-    lib = LibFollower(d.endpoint, [name])
-    with Follower(d, name, "-f") as f:
+    lib = LibFollower(d.endpoint, [name], hold_on=False)
+    holding = LibFollower(d.endpoint, [name], heartbeat_timeout=3)
+    with Follower(d, name, "-f", "--max-wait", "0") as f:
         async with Client(d.endpoint) as client:
             await await_ready(client, name, 1)
         async with trio.open_nursery() as nursery:
             await nursery.start(lib.run)
+            await nursery.start(holding.run)
             async with Client(d.endpoint) as client:
-                await await_ready(client, name, 2)
+                await await_ready(client, name, 3)
             d.proc.kill()  # no goodbye: only the missing heartbeats tell
             d.proc.wait()
             with trio.fail_after(30):
                 await lib.done.wait()
+            await holding.await_count(1, "a stalled event",
+                                      pred=lambda evs: any(e.action == "stalled" for e in evs))
+            assert not holding.done.is_set() and holding.error is None
+            nursery.cancel_scope.cancel()
         assert isinstance(lib.error, DaemonUnavailable), repr(lib.error)
         assert "heartbeat" in str(lib.error)
+        stalled = next(e for e in holding.events if e.action == "stalled")
+        assert "no heartbeat" in stalled.reason and "3 s" in stalled.reason
         rc = await trio.to_thread.run_sync(f.wait_exit, 30)
         assert rc != 0
         line = one_error_line(f.stderr)

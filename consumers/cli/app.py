@@ -233,10 +233,18 @@ def events(
     raw: Annotated[bool, typer.Option("--raw", help="No decoding, hex only.")] = False,
     count: Annotated[int, typer.Option(
         "--count", "-c", help="Exit after this many events (0: no limit).")] = 0,
+    max_wait: Annotated[float | None, typer.Option(
+        "--max-wait", min=0, metavar="SECONDS",
+        help="With -f: when the daemon falls silent, wait at most this long for it to "
+        "come back, then exit 1 (default: wait for ever, like tail -F).")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
-    """A map's changes: recent ones, or live with -f (added, updated, removed, ...)."""
+    """A map's changes: recent ones, or live with -f (added, updated, removed, ...).
+
+    A follower (-f) holds on like tail -F: if the daemon stops or restarts, it says
+    so on stderr, waits, resyncs, and prints what it missed as lost/resync lines.
+    """
     from .eventsout import EventPrinter, MapCache
 
     async def main():
@@ -245,13 +253,27 @@ def events(
             printer = EventPrinter(MapCache(client, decode=not raw), output is Output.json)
             if not follow:
                 return await _print_recent(client, names, printer, snapshot)
-            async with client.events(names, snapshot=snapshot) as stream:
+            async with client.events(names, snapshot=snapshot, max_wait=max_wait) as stream:
                 async for event in stream:
+                    if event.action in ("stalled", "resumed"):
+                        _say_daemon_state(event, endpoint, max_wait)
+                        continue
                     await printer.print(event)
                     if count and printer.count >= count:
                         return
 
     run(main)
+
+
+def _say_daemon_state(event, endpoint: str, max_wait: float | None) -> None:
+    """A follower's one line on stderr when its daemon falls silent, and when it is back."""
+    if event.action == "stalled":
+        how_long = "for ever" if max_wait is None else f"up to {max_wait:g} s"
+        text = (f"pymap: {event.reason} at {endpoint}; waiting {how_long} for it to come "
+                "back (Ctrl-C to stop)")
+    else:
+        text = f"pymap: the daemon is back ({event.reason}); catching up"
+    stderr.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 async def _name_of(client: Client, selector: str) -> str:

@@ -243,13 +243,15 @@ class LibFollower:
     """
 
     def __init__(self, endpoint: str, names: list[str], snapshot: bool = False,
-                 heartbeat_timeout: float | None = None, stream_class=None, timeout: float = 10):
+                 heartbeat_timeout: float | None = None, stream_class=None, timeout: float = 10,
+                 **options):
         self.endpoint = endpoint
         self.names = names
         self.snapshot = snapshot
         self.heartbeat_timeout = heartbeat_timeout
         self.stream_class = stream_class
         self.timeout = timeout
+        self.options = options  # more EventStream options: hold_on, max_wait, ...
         self.events: list = []
         self.error: BaseException | None = None
         self.done = trio.Event()
@@ -271,10 +273,12 @@ class LibFollower:
             async with Client(self.endpoint, timeout=self.timeout) as client:
                 if self.stream_class is None:
                     stream = client.events(self.names, snapshot=self.snapshot,
-                                           heartbeat_timeout=self.heartbeat_timeout)
+                                           heartbeat_timeout=self.heartbeat_timeout,
+                                           **self.options)
                 else:
                     stream = self.stream_class(client, self.names, snapshot=self.snapshot,
-                                               heartbeat_timeout=self.heartbeat_timeout)
+                                               heartbeat_timeout=self.heartbeat_timeout,
+                                               **self.options)
                 async with stream:
                     self.stream = stream
                     task_status.started()
