@@ -237,6 +237,18 @@ def events(
         "--max-wait", min=0, metavar="SECONDS",
         help="With -f: when the daemon falls silent, wait at most this long for it to "
         "come back, then exit 1 (default: wait for ever, like tail -F).")] = None,
+    fleet: Annotated[str | None, typer.Option(
+        "--fleet", metavar="URL", envvar="PYMAP_FLEET",
+        help="Read every node's events from NATS JetStream (nats://HOST:4222[,...]; "
+        "see docs/fleet.md) instead of the local daemon.")] = None,
+    node: Annotated[str | None, typer.Option(
+        "--node", metavar="GLOB", help="With --fleet: only nodes matching this glob.")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="DURATION",
+        help="With --fleet: replay from this long ago (90s, 15m, 2h, 7d).")] = None,
+    durable: Annotated[str | None, typer.Option(
+        "--durable", metavar="NAME",
+        help="With --fleet: a durable consumer that resumes where it left off.")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
@@ -244,8 +256,15 @@ def events(
 
     A follower (-f) holds on like tail -F: if the daemon stops or restarts, it says
     so on stderr, waits, resyncs, and prints what it missed as lost/resync lines.
+    With --fleet, the same for every node publishing to NATS (pymap export --to nats://).
     """
     from .eventsout import EventPrinter, MapCache
+
+    if fleet is not None:
+        return _fleet_events(fleet, selectors, node, since, durable, follow, count,
+                             output is Output.json)
+    if node or since or durable:
+        fail("--node, --since and --durable need --fleet", EXIT_USAGE)
 
     async def main():
         async with Client(endpoint, timeout) as client:
@@ -274,6 +293,38 @@ def _say_daemon_state(event, endpoint: str, max_wait: float | None) -> None:
     else:
         text = f"pymap: the daemon is back ({event.reason}); catching up"
     stderr.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _fleet_events(url: str, selectors: list[str], node: str | None, since: str | None,
+                  durable: str | None, follow: bool, count: int, as_json: bool) -> None:
+    """``events --fleet``: a JetStream consumer on the fleet stream, printed per node."""
+    from ..fleet.jetstream import FleetError, FleetUnavailable
+    from ..fleet.options import FleetConfigError, parse_duration, parse_url
+    from ..fleet.subscribe import FleetSubscription
+    from .fleetout import FleetPrinter
+
+    try:
+        options = parse_url(url)
+        since_s = parse_duration(since) if since else None
+    except FleetConfigError as e:
+        fail(str(e), EXIT_USAGE)
+
+    def notice(text: str) -> None:
+        stderr.print(f"pymap: fleet: {text}", markup=False, highlight=False)
+
+    async def main():
+        printer = FleetPrinter(as_json)
+        async with FleetSubscription(options, selectors, node_glob=node, since=since_s,
+                                     follow=follow, durable=durable, on_notice=notice) as sub:
+            async for message in sub:
+                printer.print(message)
+                if count and printer.count >= count:
+                    return
+
+    try:
+        run(main)
+    except (FleetError, FleetUnavailable) as e:
+        fail(str(e))
 
 
 async def _name_of(client: Client, selector: str) -> str:

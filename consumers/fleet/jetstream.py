@@ -9,6 +9,8 @@ de-duplication.  With ``create=false`` the stream must exist and is used as is.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 import nats
 import nats.errors
@@ -19,6 +21,8 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from .bridge import AsyncioThread
 from .options import FleetOptions
+
+log = logging.getLogger("pymap.fleet")
 
 
 class FleetUnavailable(Exception):
@@ -38,12 +42,37 @@ def stream_config(options: FleetOptions) -> StreamConfig:
                         description="pymap fleet events (docs/fleet.md)")
 
 
-async def connect(options: FleetOptions, name: str) -> tuple[NATS, JetStreamContext]:
+async def connect(options: FleetOptions, name: str,
+                  on_state: Callable[[str], None] | None = None
+                  ) -> tuple[NATS, JetStreamContext]:
+    """Connect (bounded in time) and reconnect for ever after; ``on_state`` hears of
+    disconnects and reconnects.  nats-py's errors go to the ``pymap.fleet`` logger,
+    one line each, instead of its default traceback on stderr."""
+    last_error: list[BaseException] = []
+
+    async def error_cb(e: Exception) -> None:
+        last_error[:] = [e]
+        log.debug("nats: %s", e or type(e).__name__)
+
+    async def disconnected_cb() -> None:
+        if on_state is not None:
+            on_state("disconnected from NATS; reconnecting")
+
+    async def reconnected_cb() -> None:
+        if on_state is not None:
+            on_state("reconnected to NATS")
+
+    # The first connection is bounded here, or nats-py would cycle through the
+    # servers for ever (reconnects are unbounded, which is what we want later).
+    bound = options.connect_timeout * len(options.servers) + 1
     try:
-        nc = await nats.connect(name=name, **options.connect_kwargs())
+        nc = await asyncio.wait_for(
+            nats.connect(name=name, error_cb=error_cb, disconnected_cb=disconnected_cb,
+                         reconnected_cb=reconnected_cb, **options.connect_kwargs()), bound)
     except (OSError, nats.errors.NoServersError, TimeoutError) as e:
+        cause = last_error[0] if last_error else e
         raise FleetUnavailable(f"cannot reach NATS at {', '.join(options.servers)}: "
-                               f"{e or type(e).__name__}") from None
+                               f"{cause or type(cause).__name__}") from None
     except nats.errors.Error as e:
         raise FleetError(f"NATS refused the connection: {e}") from None
     return nc, nc.jetstream(timeout=options.ack_timeout)

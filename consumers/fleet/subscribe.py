@@ -129,20 +129,9 @@ class FleetSubscription:
                 except trio.RunFinishedError:
                     pass
 
-        async def disconnected() -> None:
-            notice("disconnected from NATS; reconnecting")
-
-        async def reconnected() -> None:
-            notice("reconnected to NATS")
-
-        async def setup() -> tuple[NATS, JetStreamContext]:
-            nc, js = await connect(self.options, "pymap-fleet-reader")
-            nc._disconnected_cb = disconnected
-            nc._reconnected_cb = reconnected
-            return nc, js
-
         try:
-            self._nc, self._js = await self._thread.run(setup())
+            self._nc, self._js = await self._thread.run(
+                connect(self.options, "pymap-fleet-reader", notice))
             await self._subscribe()
         except BaseException:
             await self.aclose()
