@@ -1,27 +1,37 @@
-"""The ``pymap`` command line: a thin layer over :mod:`consumers.client`.
+"""The ``pymap`` command line: a thin layer over the client library.
 
 Every command talks to the daemon through the same client library other
-consumers use; only ``daemon`` (which starts it) and ``doctor`` (which checks
-the host) reach further.  Errors are one line on stderr and a non-zero exit,
-never a traceback.
+consumers use (:mod:`consumers.oneshot` for one request and one reply,
+:mod:`consumers.client` for the rest); only ``daemon`` (which starts it) and
+``doctor`` (which checks the host) reach further.  Errors are one line on
+stderr and a non-zero exit, never a traceback.
+
+Each command imports what it needs when it runs (trio, rich, decoders,
+numpy through the daemon), so ``pymap ping`` starts in a fraction of the time
+``pymap daemon`` takes: see bench/bench_cli.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import trio
 import typer
-import zmq
-from rich.console import Console
 
-from ..client import DEFAULT_ENDPOINT, Client, DaemonError
-from ..decoding import choose_decoding
-from . import render
+from watcher.wire.globs import GlobError, check_glob
+
+from .. import oneshot
+from ..endpoint import DEFAULT_ENDPOINT
+from ..errors import DaemonError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..client import Client
 
 app = typer.Typer(
     name="pymap",
@@ -34,33 +44,65 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-stdout = Console()
-stderr = Console(stderr=True)
+
+
+@functools.cache
+def out() -> Console:
+    """The rich console on stdout, made when a command first prints with it."""
+    from rich.console import Console
+
+    return Console()
+
+
+@functools.cache
+def err() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """One line on stderr for a person (a note, not an error)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 class Output(enum.StrEnum):
     table = "table"
+    wide = "wide"
     json = "json"
 
 
 EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar="PYMAP_ENDPOINT",
                                           help="Daemon request endpoint (ipc:// or tcp://).")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon.")]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for machines.")]
+OutputOpt = Annotated[Output, typer.Option(
+    "--output", "-o", help="table for people (plain columns when piped), wide for every "
+    "column, json for machines.")]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> None:
-    stderr.print(f"pymap: error: {message}", markup=False, highlight=False, soft_wrap=True)
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    say(f"pymap: error: {message}")
     raise typer.Exit(code)
 
 
-def run(fn: Callable[[], Awaitable[int | None]]) -> None:
-    """Run an async command; turn daemon errors and Ctrl-C into clean exits."""
+def valid_glob(pattern: str) -> str:
+    """``pattern``, or a one-line usage error when it is not a glob that parses."""
     try:
-        code = trio.run(fn)
+        return check_glob(pattern)
+    except GlobError as e:
+        fail(str(e), EXIT_USAGE)
+
+
+def run(fn: Callable[[], int | None]) -> None:
+    """Run a command; turn daemon errors and Ctrl-C into clean exits."""
+    try:
+        code = fn()
+    except GlobError as e:
+        fail(str(e), EXIT_USAGE)
     except DaemonError as e:
         message = str(e)
         if e.candidates:
@@ -77,15 +119,21 @@ def run(fn: Callable[[], Awaitable[int | None]]) -> None:
         raise typer.Exit(code)
 
 
+def run_async(fn: Callable[[], Awaitable[int | None]]) -> None:
+    """Run an async command (the client library's async API) as :func:`run` does."""
+    import trio
+
+    run(lambda: trio.run(fn))
+
+
 @app.command()
 def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0) -> None:
     """Check that the daemon answers; print its version, epoch and uptime."""
 
-    async def main():
-        async with Client(endpoint, timeout) as client:
-            pong = await client.ping()
-        stdout.print(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
-                     f"up {pong.uptime:.0f} s", highlight=False, soft_wrap=True)
+    def main():
+        pong = oneshot.ping(endpoint, timeout)
+        sys.stdout.write(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
+                         f"up {pong.uptime:.0f} s\n")
 
     run(main)
 
@@ -101,22 +149,25 @@ def list_(
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Every BPF map on the host, like `bpftool map show` and `cilium map list`."""
+    if pattern:
+        valid_glob(pattern)
 
-    async def main():
-        async with Client(endpoint, timeout) as client:
-            if output is Output.table and stderr.is_terminal:
-                with stderr.status("reading maps from the daemon..."):
-                    maps = await client.list_maps(pattern, entries=not no_entries)
-            else:
-                maps = await client.list_maps(pattern, entries=not no_entries)
+    def main():
+        from . import render
+
+        waiting: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if output is not Output.json and sys.stderr.isatty():
+            waiting = err().status("reading maps from the daemon...")
+        with waiting:
+            maps = oneshot.list_maps(endpoint, pattern, entries=not no_entries, timeout=timeout)
         if output is Output.json:
             import orjson
 
             sys.stdout.write(orjson.dumps([render.map_json(m) for m in maps]).decode() + "\n")
         else:
-            stdout.print(render.maps_table(maps))
+            render.print_maps(out(), maps, wide=output is Output.wide)
         if pattern and not maps:
-            stderr.print(f"pymap: no map matches {pattern!r}", highlight=False)
+            say(f"pymap: no map matches {pattern!r}")
             return EXIT_ERROR
 
     run(main)
@@ -140,15 +191,18 @@ def get(
     own_layouts = _read_layouts(layout_file) if layout_file else []
 
     async def main():
+        from ..client import Client
+        from ..decoding import choose_decoding
+        from . import render
+
         async with Client(endpoint, timeout) as client, client.get(selector) as dump:
             layout = next((x for x in own_layouts
                            if x.matches([dump.map.name, dump.map.kernel_name], dump.map.pinned)),
                           None)
             if layout is None:
                 if own_layouts:
-                    stderr.print(f"pymap: note: no layout in {layout_file} matches "
-                                 f"{dump.map.name}; using the daemon's decoding",
-                                 highlight=False, markup=False)
+                    say(f"pymap: note: no layout in {layout_file} matches {dump.map.name}; "
+                        "using the daemon's decoding")
                 layout = dump.layout
             decoding = None if raw else choose_decoding(dump.map, dump.btf, layout)
             formatter = decoding.formatter if decoding else None
@@ -170,11 +224,11 @@ def get(
                         key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
                         value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
                         rows.append((key, value, formatter(key, value) if formatter else None))
-            stdout.print(render.entries_table(
-                m, rows, dump.total or 0, raw,
-                decoding.describe() if decoding else "shown as hex (--raw)"))
+            render.print_entries(out(), m, rows, dump.total or 0, raw,
+                                 decoding.describe() if decoding else "shown as hex (--raw)",
+                                 wide=output is Output.wide)
 
-    run(main)
+    run_async(main)
 
 
 class _Progress:
@@ -191,10 +245,10 @@ class _Progress:
 
 @contextlib.contextmanager
 def _progress(label: str):
-    if not stderr.is_terminal:
+    if not sys.stderr.isatty():
         yield _Progress(None)
         return
-    with stderr.status(label) as status:
+    with err().status(label) as status:
         progress = _Progress(status)
         progress.label = label
         yield progress
@@ -260,6 +314,8 @@ def events(
     """
     from .eventsout import EventPrinter, MapCache
 
+    for selector in selectors:
+        valid_glob(selector)
     if fleet is not None:
         return _fleet_events(fleet, selectors, node, since, durable, follow, count,
                              output is Output.json)
@@ -267,6 +323,8 @@ def events(
         fail("--node, --since and --durable need --fleet", EXIT_USAGE)
 
     async def main():
+        from ..client import Client
+
         async with Client(endpoint, timeout) as client:
             names = [await _name_of(client, s) for s in selectors]
             printer = EventPrinter(MapCache(client, decode=not raw), output is Output.json)
@@ -281,18 +339,17 @@ def events(
                     if count and printer.count >= count:
                         return
 
-    run(main)
+    run_async(main)
 
 
 def _say_daemon_state(event, endpoint: str, max_wait: float | None) -> None:
     """A follower's one line on stderr when its daemon falls silent, and when it is back."""
     if event.action == "stalled":
         how_long = "for ever" if max_wait is None else f"up to {max_wait:g} s"
-        text = (f"pymap: {event.reason} at {endpoint}; waiting {how_long} for it to come "
-                "back (Ctrl-C to stop)")
+        say(f"pymap: {event.reason} at {endpoint}; waiting {how_long} for it to come back "
+            "(Ctrl-C to stop)")
     else:
-        text = f"pymap: the daemon is back ({event.reason}); catching up"
-    stderr.print(text, highlight=False, markup=False, soft_wrap=True)
+        say(f"pymap: the daemon is back ({event.reason}); catching up")
 
 
 def _fleet_events(url: str, selectors: list[str], node: str | None, since: str | None,
@@ -322,7 +379,7 @@ def _fleet_events(url: str, selectors: list[str], node: str | None, since: str |
                     return
 
     try:
-        run(main)
+        run_async(main)
     except (FleetError, FleetUnavailable) as e:
         fail(str(e))
 
@@ -336,10 +393,10 @@ async def _name_of(client: Client, selector: str) -> str:
 
 
 async def _print_recent(client: Client, names: list[str], printer, snapshot: bool) -> int | None:
-    from ..subscriber import EventStream, events_of
+    from ..subscriber import events_of, snapshot_events
 
     if snapshot:
-        for event in await EventStream(client, names, snapshot=True).read_snapshot():
+        for event in await snapshot_events(client, names):
             await printer.print(event)
         return None
     for name in names:
@@ -348,10 +405,107 @@ async def _print_recent(client: Client, names: list[str], printer, snapshot: boo
             for event in events_of(message, frames):
                 await printer.print(event)
         if not end.watched:
-            stderr.print(f"pymap: {name} is not being watched, so the daemon has no recent "
-                         "events for it; follow it with -f (or list it under watch.always)",
-                         highlight=False, markup=False)
+            say(f"pymap: {name} is not being watched, so the daemon has no recent events "
+                "for it; follow it with -f (or list it under watch.always)")
     return None
+
+
+@app.command(epilog=(
+    "Examples:  pymap export 'cilium_*' --format ecs --to syslog+tcp://127.0.0.1:601  ·  "
+    "pymap export 'cilium_policy_*' --format ocsf --to file:///var/log/pymap/policy.json "
+    "--state-file /var/lib/pymap/policy.state  ·  pymap export -c /etc/pymap/export.toml "
+    "--name siem.  See docs/export.md."))
+def export(
+    selectors: Annotated[list[str] | None, typer.Argument(
+        help="Maps and event sources: names, globs ('cilium_*'), id:N, pin paths.",
+        show_default=False)] = None,
+    to: Annotated[str, typer.Option(
+        "--to", "-t", metavar="URL",
+        help="Destination: - (stdout), file:///PATH[?max_bytes=N&backups=N&mode=0600], "
+        "syslog+udp://HOST:PORT, syslog+tcp://HOST:PORT (octet counting), "
+        "syslog+tls://HOST:PORT[?ca=FILE&cert=FILE&key=FILE], "
+        "nats://HOST:4222[,HOST2...][?stream=S&creds=FILE&tls_ca=FILE] (docs/fleet.md).")] = "-",
+    format_: Annotated[str, typer.Option(
+        "--format", "-F", help="json (pymap's event lines), ecs (Elastic Common Schema 8), "
+        "ocsf (OCSF 1.3 Kernel Activity), cef (ArcSight CEF).")] = "json",
+    action: Annotated[list[str] | None, typer.Option(
+        "--action", "-a", help="Export only these actions (repeatable): added, updated, "
+        "removed, map_created, map_removed, record. lost/resync/dropped always pass.",
+        show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", "-x", metavar="GLOB", help="Leave out maps whose name matches (repeatable).",
+        show_default=False)] = None,
+    rate: Annotated[float | None, typer.Option(
+        "--rate", min=0.001, metavar="EVENTS/S",
+        help="At most this many events per second; the rest are counted and exported "
+        "as 'dropped' records.")] = None,
+    buffer: Annotated[int, typer.Option(
+        "--buffer", metavar="BYTES", min=65536,
+        help="Bytes held while the destination is slow or down; beyond it events are "
+        "dropped, counted, and reported when it is back.")] = 64 * 1024 * 1024,
+    state_file: Annotated[str | None, typer.Option(
+        "--state-file", "-s", metavar="PATH",
+        help="Checkpoint of the last delivered event: a restart resumes after it "
+        "(from the daemon's recent events, else a fresh snapshot and a resync record).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="No decoding, hex only.")] = False,
+    node_name: Annotated[str | None, typer.Option(
+        "--node-name", metavar="NAME", envvar="PYMAP_NODE_NAME",
+        help="This node's name in the records and NATS subjects (default: the host name).")
+    ] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", "-c", metavar="TOML", help="Read exporters from the exports tables of a TOML file "
+        "instead of flags (docs/export.md).")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", "-n", help="With -c: run only the exports table of this name.")] = None,
+    endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 30.0,
+) -> None:
+    """Feed a SIEM: map changes as ECS, OCSF, CEF or JSON to stdout, a file or syslog.
+
+    Runs until SIGTERM/SIGINT, then flushes for up to 5 s. A daemon restart or stall is waited for (like tail -F) and written out as resync/lost records; a destination that is down is retried with backoff while events are buffered in memory (--buffer); what does not fit is counted and written out as a 'dropped' record when it is back.
+    """
+    from ..export import config as export_config
+    from ..export.checkpoint import CheckpointError
+    from ..export.exporter import ExportConfigError, ExportSpec
+    from ..export.outputs import OutputConfigError
+    from ..export.runner import run_exports
+
+    try:
+        if config:
+            if selectors:
+                fail("give maps either as arguments or in the config file, not both", EXIT_USAGE)
+            specs = export_config.load(config)
+            if name is not None:
+                specs = [s for s in specs if s.name == name]
+                if not specs:
+                    fail(f"config {config}: no [[exports]] table named {name!r}", EXIT_USAGE)
+        else:
+            if not selectors:
+                fail("give at least one map name or glob (or -c CONFIG)", EXIT_USAGE)
+            specs = [ExportSpec(list(selectors or []), to=to, format=format_,
+                                actions=list(action or []), exclude=list(exclude or []),
+                                rate=rate, buffer_bytes=buffer, state_file=state_file,
+                                decode=not raw, node=node_name or "")]
+        for spec in specs:
+            for sel in spec.selectors:
+                if not (sel.startswith("id:") or sel.startswith("/")):
+                    valid_glob(sel)
+            spec.check()
+    except ExportConfigError as e:
+        fail(str(e), EXIT_USAGE)
+
+    async def main():
+        from ..client import Client
+
+        async with Client(endpoint, timeout) as client:
+            for spec in specs:
+                spec.selectors = [await _name_of(client, s) for s in spec.selectors]
+        await run_exports(specs, endpoint, timeout, say)
+
+    try:
+        run_async(main)
+    except (OutputConfigError, CheckpointError, ExportConfigError) as e:
+        fail(str(e), EXIT_USAGE if not isinstance(e, CheckpointError) else EXIT_ERROR)
 
 
 @app.command()
@@ -362,9 +516,8 @@ def status(
 ) -> None:
     """The daemon's epoch, uptime, watched maps, poll timings, subscribers, events and drops."""
 
-    async def main():
-        async with Client(endpoint, timeout) as client:
-            st = await client.status()
+    def main():
+        st = oneshot.status(endpoint, timeout)
         if output is Output.json:
             import orjson
 
@@ -374,9 +527,9 @@ def status(
             data.pop("req", None)
             sys.stdout.write(orjson.dumps(data).decode() + "\n")
             return
-        stdout.print(render.status_view(st))
-        if (sources := render.sources_view(st)) is not None:
-            stdout.print(sources)
+        from . import render
+
+        render.print_status(out(), st, wide=output is Output.wide)
 
     run(main)
 
@@ -401,6 +554,8 @@ def daemon(
         help="bpffs directory to search for pins; repeatable (overrides daemon.bpffs).")] = None,
     log_level: Annotated[str | None, typer.Option(
         help="debug, info, warning or error (overrides daemon.log_level).")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        help="text, or json: one JSON object per line (overrides daemon.log_format).")] = None,
     source: Annotated[list[str] | None, typer.Option(
         "--source", help="Event source: FILE.c[:buf1,buf2] (load with bcc, publish those "
         "buffers; default all) or a pinned buffer's path; repeatable, added to "
@@ -410,7 +565,10 @@ def daemon(
         "daemon.stream_hwm=1000, watch.linger=60, 'watch.always=[\"cilium_*\"]'); "
         "repeatable, applied after the file and the other flags.")] = None,
 ) -> None:
-    """Run the pymap daemon (as root) until SIGINT or SIGTERM."""
+    """Run the pymap daemon (as root) until SIGINT or SIGTERM; SIGHUP reloads the config."""
+    import trio
+    import zmq
+
     from watcher.daemon import main as daemon_main
     from watcher.daemon.config import ConfigError, load_config
 
@@ -421,16 +579,21 @@ def daemon(
         except ValueError:
             fail(f"--socket-mode {socket_mode!r} is not an octal mode", EXIT_USAGE)
     overrides = {"endpoint": endpoint, "events_endpoint": events_endpoint, "socket_mode": mode,
-                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level}
+                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level,
+                 "log_format": log_format}
     watch_overrides = {"interval": interval, "always": always or None}
-    try:
-        conf = load_config(config, overrides, watch_overrides, sources=source or None,
+
+    def load():  # again on SIGHUP, with the same flags on top of the file
+        return load_config(config, overrides, watch_overrides, sources=source or None,
                            settings=set_ or None)
+
+    try:
+        conf = load()
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
-    daemon_main.setup_logging(conf.daemon.log_level)
+    daemon_main.setup_logging(conf.daemon.log_level, conf.daemon.log_format)
     try:
-        trio.run(daemon_main.run, conf)
+        trio.run(functools.partial(daemon_main.run, conf, reload=load))
     except ConfigError as e:
         fail(str(e))
     except PermissionError as e:
@@ -448,7 +611,7 @@ def doctor(endpoint: EndpointOpt = DEFAULT_ENDPOINT) -> None:
     """Check this host's prerequisites, each with its fix."""
     from .doctor import run_checks
 
-    raise typer.Exit(run_checks(stdout, endpoint))
+    raise typer.Exit(run_checks(out(), endpoint))
 
 
 def main() -> None:

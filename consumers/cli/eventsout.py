@@ -20,6 +20,7 @@ from watcher.wire.schema import MapInfo
 from ..client import Client, DaemonError
 from ..decoding import EntryFormatter, entry_formatter
 from ..subscriber import Event
+from .render import compact
 
 ACTION_STYLES = {"added": "green", "updated": "yellow", "removed": "red",
                  "map_created": "bold green", "map_removed": "bold red",
@@ -143,7 +144,7 @@ class EventPrinter:
             return head + f" {r['missed']} events missed"
         if r["action"] == "record":
             formatted = r.get("formatted")
-            text = (" ".join(f"{k}={_compact(v)}" for k, v in formatted.items()) if formatted
+            text = (" ".join(f"{k}={compact(v)}" for k, v in formatted.items()) if formatted
                     else r["value"])
             return head + " " + escape(text)
         if r["action"] == "records":
@@ -158,20 +159,14 @@ class EventPrinter:
             key, _, value = formatted["text"].partition(" -> ")
             old = formatted.get("old_text", "").partition(" -> ")[2] or None
         elif formatted and "key" in formatted:
-            key = _compact(formatted["key"])
-            value = _compact(formatted.get("value", formatted.get("values")))
+            key = compact(formatted["key"])
+            value = compact(formatted.get("value", formatted.get("values")))
             old = formatted.get("old_value", formatted.get("old_values"))
         else:
             key = r["key"]
-            value = _compact(r.get("value", r.get("values")))
+            value = compact(r.get("value", r.get("values")))
             old = r.get("old_value", r.get("old_values"))
         text = f"{head} {escape(key)} = {escape(value)}"
         if old is not None:
-            text += f" [dim](was {escape(_compact(old))})[/]"
+            text += f" [dim](was {escape(compact(old))})[/]"
         return text
-
-
-def _compact(obj) -> str:
-    if isinstance(obj, str):
-        return obj
-    return orjson.dumps(obj).decode()

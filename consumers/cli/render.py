@@ -11,15 +11,17 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Callable
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import orjson
-from rich.table import Table
-from rich.text import Text
+from rich.console import Console
 
 from watcher.wire.schema import MapInfo
 
-from ..client import Chunk
+from .columns import Column, print_table
+
+if TYPE_CHECKING:
+    from ..client import Chunk
 
 MAP_FIELDS = ("id", "name", "type", "key_size", "value_size", "max_entries", "entries", "flags",
               "pinned", "kernel_name", "btf_id", "memlock", "frozen", "holders")
@@ -36,27 +38,50 @@ def map_json(m: MapInfo) -> dict:
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}GiB"
 
 
-def maps_table(maps: list[MapInfo]) -> Table:
-    table = Table(title=f"{len(maps)} BPF maps", title_justify="left")
-    for col, just in (("ID", "right"), ("Name", "left"), ("Type", "left"),
-                      ("Key/Value", "right"), ("Max entries", "right"), ("Entries", "right"),
-                      ("Memlock", "right"), ("Pinned", "left"), ("Held by", "left")):
-        table.add_column(col, justify=just, overflow="fold")
+# Most important first; in a narrow terminal the highest ``drop`` goes first.
+MAP_COLUMNS = (
+    Column("ID", right=True, keep=True),
+    Column("Name", keep=True),
+    Column("Type", drop=4),
+    Column("Key/Value", right=True, drop=6),
+    Column("Max entries", right=True, drop=7),
+    Column("Entries", right=True, drop=5),
+    Column("Memlock", right=True, drop=8),
+    Column("Pinned", keep=True),
+    Column("Held by", drop=9),
+    Column("Kernel name", wide=True),
+    Column("Flags", right=True, wide=True),
+    Column("BTF id", right=True, wide=True),
+    Column("Frozen", wide=True),
+)
+
+
+def print_maps(console: Console, maps: list[MapInfo], wide: bool = False) -> None:
+    """``pymap list``: one row per map (see columns.py for narrow terminals and pipes)."""
+    rows = []
     for m in maps:
-        entries = "-" if m.entries is None else str(m.entries)
-        held = ", ".join(f"{h.comm}({h.pid})" for h in m.holders[:3])
-        if len(m.holders) > 3:
-            held += f" +{len(m.holders) - 3}"
-        table.add_row(str(m.id), m.name, m.type, f"{m.key_size}/{m.value_size}",
-                      str(m.max_entries), entries, _size(m.memlock), "\n".join(m.pinned), held)
-    return table
+        holders = [f"{h.comm}({h.pid})" for h in m.holders]
+        if len(holders) > 3 and not wide:
+            holders = [*holders[:3], f"+{len(holders) - 3}"]
+        rows.append((str(m.id), m.name, m.type, f"{m.key_size}/{m.value_size}",
+                     str(m.max_entries), "-" if m.entries is None else str(m.entries),
+                     _size(m.memlock), m.pinned, ",".join(holders), m.kernel_name,
+                     f"{m.flags:#x}", str(m.btf_id or "-"), boolean(m.frozen)))
+    title = f"{len(maps)} BPF maps" if console.is_terminal else None  # piped: rows only
+    print_table(console, MAP_COLUMNS, rows, title=title, wide=wide)
+
+
+def boolean(value: bool) -> str:
+    """Booleans as every pymap output prints them: JSON's ``true``/``false``."""
+    return "true" if value else "false"
 
 
 def _spaced_hex(b: bytes) -> str:
@@ -66,42 +91,48 @@ def _spaced_hex(b: bytes) -> str:
 Formatter = Callable[[bytes, bytes], dict]
 
 
-def entries_table(m: MapInfo, rows: list[tuple[bytes, bytes, dict | None]], total: int,
-                  raw: bool, decoder: str | None = None) -> Table:
-    """Entries as rows; ``decoder`` (which decoder was used, and why) goes in the caption."""
+def print_entries(console: Console, m: MapInfo, rows: list[tuple[bytes, bytes, dict | None]],
+                  total: int, raw: bool, decoder: str | None = None, wide: bool = False) -> None:
+    """``pymap get``: entries as rows; ``decoder`` (which one was used, and why) goes in
+    the caption.  A per-CPU entry takes one row per CPU (the key on each when piped, so
+    every line stands alone)."""
     shown = len(rows)
     more = f"showing {shown} of {total} entries; -o json prints all" if shown < total else None
     caption = "\n".join(x for x in (decoder, more) if x) or None
-    table = Table(title=f"{m.name} (id {m.id}, {m.type}, {total} entries)",
-                  title_justify="left", caption=caption, caption_justify="left")
-    table.add_column("Key", overflow="fold")
+    columns = [Column("Key", keep=True), Column("Value")]
     if m.percpu:
-        table.add_column("CPU", justify="right")
-    table.add_column("Value", overflow="fold")
+        columns.insert(1, Column("CPU", right=True, keep=True))
+    repeat_key = not console.is_terminal
     slot = (m.value_size + 7) & ~7
+    table: list[tuple[str, ...]] = []
     for key, value, formatted in rows:
-        use_fmt = formatted is not None and not raw and "error" not in formatted
-        text_key, _, text_value = (formatted.get("text", "") if use_fmt else "").partition(" -> ")
-        k = (text_key or _compact(formatted["key"])) if use_fmt else _spaced_hex(key)
-        if formatted is not None and not raw and "error" in formatted:  # this entry failed
+        failed = formatted is not None and not raw and "error" in formatted
+        fmt = formatted if formatted is not None and not raw and not failed else None
+        text_key, _, text_value = (fmt.get("text", "") if fmt else "").partition(" -> ")
+        k = (text_key or compact(fmt["key"])) if fmt is not None else _spaced_hex(key)
+        if failed and formatted is not None:  # this entry did not decode
             k += f"  (not decoded: {formatted['error']})"
         if m.percpu:
             for cpu in range(m.ncpus):
-                v = (_compact(formatted["values"][cpu]["value"]) if use_fmt
+                v = (compact(fmt["values"][cpu]["value"]) if fmt is not None
                      else _spaced_hex(value[cpu * slot:cpu * slot + m.value_size]))
-                table.add_row(Text(k if cpu == 0 else ""), str(cpu), Text(v))
-            if use_fmt and "total" in formatted:
-                table.add_row("", "all", Text(text_value or _compact(formatted["total"])))
-        else:  # Text: decoded data is not rich markup ("[fd00::1]:0" would vanish)
-            table.add_row(Text(k), Text((text_value or _compact(formatted["value"])) if use_fmt
-                                        else _spaced_hex(value)))
-    return table
+                table.append((k if cpu == 0 or repeat_key else "", str(cpu), v))
+            if fmt is not None and "total" in fmt:
+                table.append((k if repeat_key else "", "all",
+                              text_value or compact(fmt["total"])))
+        else:
+            table.append((k, (text_value or compact(fmt["value"])) if fmt is not None
+                          else _spaced_hex(value)))
+    print_table(console, columns, table, title=f"{m.name} (id {m.id}, {m.type}, {total} entries)",
+                caption=caption, wide=wide)
 
 
-def _compact(obj) -> str:
-    if isinstance(obj, (dict, list)):
-        return orjson.dumps(obj).decode()
-    return str(obj)
+def compact(obj) -> str:
+    """A decoded field in one line: strings as they are, anything else as compact JSON
+    (so a boolean is ``true`` in ``get`` and ``events`` alike, never Python's ``True``)."""
+    if isinstance(obj, str):
+        return obj
+    return orjson.dumps(obj).decode()
 
 
 class JsonDumpWriter:
@@ -179,40 +210,53 @@ class JsonDumpWriter:
         self.out.flush()
 
 
-def status_view(st) -> Table:
-    """``pymap status``: the daemon, then one row per watched map."""
-    table = Table(title=(f"pymap {st.version}  epoch {st.epoch}  up {st.uptime:.0f} s  "
-                         f"seq {st.seq}  events {st.events_published}  "
-                         f"messages {st.messages_published}  drops reported {st.drops_reported}  "
-                         f"resyncs {st.resyncs}  poll errors {st.poll_errors}"),
-                  title_justify="left",
-                  caption="subscriptions: " + (", ".join(
-                      f"{p or '(all)'}×{n}" for p, n in sorted(st.subscriptions.items())) or "none"),
-                  caption_justify="left")
-    for col, just in (("ID", "right"), ("Name", "left"), ("Type", "left"), ("Entries", "right"),
-                      ("Every", "right"), ("Polls", "right"), ("Last poll", "right"),
-                      ("Max poll", "right"), ("Events", "right"), ("State", "right"),
-                      ("Why", "left")):
-        table.add_column(col, justify=just)
-    for w in st.watched:
-        table.add_row(str(w.id), w.name, w.type, str(w.entries), f"{w.interval:g} s",
-                      str(w.polls), f"{w.last_poll_ms:.1f} ms", f"{w.max_poll_ms:.1f} ms",
-                      str(w.events), _size(w.state_bytes), w.reason)
-    return table
+STATUS_COLUMNS = (
+    Column("ID", right=True, keep=True),
+    Column("Name", keep=True),
+    Column("Type", drop=4),
+    Column("Entries", right=True, drop=3),
+    Column("Every", right=True, drop=8),
+    Column("Polls", right=True, drop=7),
+    Column("Last poll", right=True, drop=5),
+    Column("Max poll", right=True, drop=9),
+    Column("Events", right=True, drop=2),
+    Column("State", right=True, drop=6),
+    Column("Why", drop=1),
+    Column("Kernel", right=True, drop=10),
+    Column("Engine", drop=3),
+    Column("Engine reason", drop=11),
+)
+
+SOURCE_COLUMNS = (
+    Column("Buffer", keep=True),
+    Column("Kind", drop=5),
+    Column("Map id", right=True, keep=True),
+    Column("Records", right=True, drop=2),
+    Column("Lost", right=True, drop=1),
+    Column("Bytes", right=True, drop=6),
+    Column("Wakeups", right=True, drop=7),
+    Column("Max read", right=True, drop=8),
+    Column("From", keep=True),
+    Column("Drops map", drop=4),
+)
 
 
-def sources_view(st) -> Table | None:
-    """``pymap status``: one row per event source buffer (None when there are none)."""
-    if not getattr(st, "sources", None):
-        return None
-    table = Table(title="event sources", title_justify="left")
-    for col, just in (("Buffer", "left"), ("Kind", "left"), ("Map id", "right"),
-                      ("Records", "right"), ("Lost", "right"), ("Bytes", "right"),
-                      ("Wakeups", "right"), ("Max read", "right"), ("From", "left"),
-                      ("Drops map", "left")):
-        table.add_column(col, justify=just)
-    for s in st.sources:
-        table.add_row(s.name, s.kind, str(s.map_id), str(s.records), str(s.lost),
-                      _size(s.bytes), str(s.wakeups), f"{s.max_read_ms:.1f} ms", s.origin,
-                      s.drops_map or "-")
-    return table
+def print_status(console: Console, st, wide: bool = False) -> None:
+    """``pymap status``: the daemon, one row per watched map, one per event source."""
+    title = (f"pymap {st.version}  epoch {st.epoch}  up {st.uptime:.0f} s  "
+             f"seq {st.seq}  events {st.events_published}  "
+             f"messages {st.messages_published}  drops reported {st.drops_reported}  "
+             f"resyncs {st.resyncs}  poll errors {st.poll_errors}")
+    caption = "subscriptions: " + (", ".join(
+        f"{p or '(all)'}×{n}" for p, n in sorted(st.subscriptions.items())) or "none")
+    rows = [(str(w.id), w.name, w.type, str(w.entries), f"{w.interval:g}s", str(w.polls),
+             f"{w.last_poll_ms:.1f}ms", f"{w.max_poll_ms:.1f}ms", str(w.events),
+             _size(w.state_bytes), w.reason, _size(w.kernel_bytes),
+             w.engine.partition(":")[0], w.engine.partition(": ")[2]) for w in st.watched]
+    print_table(console, STATUS_COLUMNS, rows, title=title, caption=caption, wide=wide)
+    sources = getattr(st, "sources", None)
+    if sources:
+        source_rows = [(s.name, s.kind, str(s.map_id), str(s.records), str(s.lost),
+                        _size(s.bytes), str(s.wakeups), f"{s.max_read_ms:.1f}ms", s.origin,
+                        s.drops_map or "-") for s in sources]
+        print_table(console, SOURCE_COLUMNS, source_rows, title="event sources", wide=wide)

@@ -70,7 +70,7 @@ async def _publish_batch(js: JetStreamContext, prefix: str, records: Sequence[Fl
     for r in records:
         futures.append(await js.publish_async(
             subject(prefix, r.node, r.map, r.action), r.payload,
-            headers=headers(r.node, r.map, r.action, r.epoch, r.seq, r.time)))
+            headers=headers(r.node, r.map, r.action, r.epoch, r.seq, r.time, r.payload)))
     acks = await asyncio.gather(*futures)
     dups = sum(1 for a in acks if a.duplicate)
     return PublishResult(len(acks) - dups, dups)

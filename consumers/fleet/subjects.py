@@ -10,6 +10,7 @@ duplicate window.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 HEADER_NODE = "Pymap-Node"
@@ -40,13 +41,20 @@ def subject(prefix: str, node: str, map_name: str, action: str) -> str:
     return f"{prefix}.{token(node)}.{token(map_name)}.{token(action)}"
 
 
-def msg_id(node: str, epoch: str, seq: int) -> str:
-    return f"{node}.{epoch}.{seq}"
+def msg_id(node: str, epoch: str, seq: int, payload: bytes = b"", time: float = 0.0) -> str:
+    """``<node>.<epoch>.<seq>``; records the exporter made itself (seq 0: snapshot rows,
+    lost, resync, dropped) add a digest of their content, so two of them never collide
+    while a resent one is still recognised."""
+    if seq:
+        return f"{node}.{epoch}.{seq}"
+    digest = hashlib.blake2b(payload + repr(time).encode(), digest_size=8).hexdigest()
+    return f"{node}.{epoch}.0.{digest}"
 
 
-def headers(node: str, map_name: str, action: str, epoch: str, seq: int, time: float
-            ) -> dict[str, str]:
-    return {MSG_ID: msg_id(node, epoch, seq), HEADER_NODE: node, HEADER_MAP: map_name,
+def headers(node: str, map_name: str, action: str, epoch: str, seq: int, time: float,
+            payload: bytes = b"") -> dict[str, str]:
+    return {MSG_ID: msg_id(node, epoch, seq, payload, time), HEADER_NODE: node,
+            HEADER_MAP: map_name,
             HEADER_ACTION: action, HEADER_EPOCH: epoch, HEADER_SEQ: str(seq),
             HEADER_TIME: repr(time)}
 

@@ -17,6 +17,7 @@ from ..kernel import maps as kmaps
 from ..kernel.dump import count_entries, value_stride
 from ..kernel.maptypes import DumpMethod, dump_method, not_dumpable_reason
 from ..kernel.syscall import BpfError
+from ..wire.globs import GlobError, check_glob
 from ..wire.schema import Holder, MapInfo
 
 
@@ -53,8 +54,18 @@ def _matches(record: kmaps.MapRecord, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
+def check_pattern(pattern: str) -> None:
+    """An unparseable glob is a bad request, not a pattern that matches nothing."""
+    try:
+        check_glob(pattern)
+    except GlobError as e:
+        raise SelectError("bad_request", str(e)) from None
+
+
 def list_maps(bpffs: tuple[str, ...], pattern: str | None, with_entries: bool) -> list[MapInfo]:
     """Every map on the host (matching ``pattern``), entries counted if asked."""
+    if pattern:
+        check_pattern(pattern)
     records = kmaps.list_maps(bpffs)
     if pattern:
         records = [r for r in records if _matches(r, pattern)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import grp
 import os
+import re
 import tomllib
 from typing import NewType
 
@@ -16,10 +17,9 @@ import attrs
 import cattrs
 
 from ..decode.layout import LayoutError, layout_matches, parse_layout
+from ..wire.endpoints import DEFAULT_ENDPOINT
 from .sourceconf import SourceConfig, SourceError, load_sources
 
-DEFAULT_RUN_DIR = "/run/pymap"
-DEFAULT_ENDPOINT = f"ipc://{DEFAULT_RUN_DIR}/pymap.sock"
 DEFAULT_CONFIG = "/etc/pymap/pymap.toml"
 
 
@@ -96,8 +96,13 @@ class DaemonConfig:
     stream_hwm: int = attrs.field(default=10000, validator=attrs.validators.ge(1))
     # Entry events per stream message at most.
     batch_events: int = attrs.field(default=4096, validator=attrs.validators.in_(range(1, 1 << 20)))
+    # After start-up, limit bpf(2) to the commands the daemon reads with (seccomp;
+    # docs/operations.md).  Off only to debug the filter itself.
+    seccomp: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     log_level: str = attrs.field(default="info",
                                  validator=attrs.validators.in_(["debug", "info", "warning", "error"]))
+    # "text" (one readable line) or "json" (one JSON object per line, for a SIEM).
+    log_format: str = attrs.field(default="text", validator=attrs.validators.in_(["text", "json"]))
 
     def __attrs_post_init__(self) -> None:
         if self.events_endpoint is None:
@@ -130,12 +135,85 @@ class WatchConfig:
     always: list[str] = attrs.field(factory=list, validator=_list_of_str)
     # Seconds a map stays watched after its last subscriber left (keeps recent events).
     linger: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    # In-kernel change detection (docs/architecture.md): "auto" uses it for supported
+    # maps of at least kernel_delta_min_entries (max_entries); "off" never.
+    kernel_delta: str = attrs.field(default="auto", validator=attrs.validators.in_(["auto", "off"]))
+    kernel_delta_min_entries: int = attrs.field(default=65536, validator=attrs.validators.ge(0))
+    # Map types the in-kernel engine may take.  Not per-CPU hashes by default: they need
+    # the bpf_iter route, which costs more than their batch read (bench_kdelta, docs).
+    kernel_delta_types: list[str] = attrs.field(
+        factory=lambda: ["hash", "lru_hash", "array", "percpu_array"],
+        validator=attrs.validators.deep_iterable(attrs.validators.in_(
+            ["hash", "lru_hash", "percpu_hash", "lru_percpu_hash", "array", "percpu_array"]),
+            attrs.validators.instance_of(list)))
+    # Cap on the kernel memory (memlock) of all shadow maps together; maps beyond it
+    # stay on the user-space engine.
+    kernel_delta_max_bytes: int = attrs.field(default=512 << 20,
+                                              validator=attrs.validators.ge(0))
 
     def interval_for(self, name: str) -> float:
         for rule in self.intervals:
             if fnmatch.fnmatchcase(name, rule.pattern):
                 return rule.interval
         return self.interval
+
+
+def _check_listen(_inst, attribute, value: str | None) -> None:
+    if value is None:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics.{attribute.name}: {value!r} must be HOST:PORT, "
+                          "e.g. 127.0.0.1:9435")
+
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_FIELD_PATH = re.compile(r"(key|value)(\.[A-Za-z0-9_]+)*\Z")
+
+
+def _check_metric_name(_inst, attribute, value: str) -> None:
+    if not _METRIC_NAME.match(value):
+        raise ConfigError(f"metrics.maps: {attribute.name} {value!r} is not a Prometheus "
+                          "metric name")
+
+
+def _check_field(_inst, attribute, value: str) -> None:
+    if not _FIELD_PATH.match(value):
+        raise ConfigError(f"metrics.maps: {attribute.name} {value!r} must be a field path "
+                          "like key, key.proto or value.packets")
+
+
+@attrs.define
+class MetricLabel:
+    name: str = attrs.field(validator=_check_metric_name)  # the Prometheus label name
+    field: str = attrs.field(validator=_check_field)  # decoded field: key.proto, value.x
+
+
+@attrs.define
+class MetricMap:
+    """One map exported as one metric family, the way ebpf_exporter does it."""
+
+    map: str  # the map's name (as in pymap list)
+    name: str = attrs.field(validator=_check_metric_name)
+    type: str = attrs.field(default="gauge", validator=attrs.validators.in_(["gauge", "counter"]))
+    help: str = ""
+    labels: list[MetricLabel] = attrs.Factory(list)
+    # Decoded field holding the number; per-CPU values are summed over CPUs.
+    value: str = attrs.field(default="value", validator=_check_field)
+
+
+@attrs.define
+class MetricsConfig:
+    # HOST:PORT of the /metrics HTTP endpoint; None (the default): no endpoint.
+    listen: str | None = attrs.field(default=None, validator=_check_listen)
+    # Entries per exported map turned into samples at most (the rest counted as truncated).
+    max_series: int = attrs.field(default=10000, validator=attrs.validators.in_(range(1, 1 << 24)))
+    maps: list[MetricMap] = attrs.Factory(list)
+
+    def __attrs_post_init__(self) -> None:
+        names = [m.name for m in self.maps]
+        if len(set(names)) != len(names):
+            raise ConfigError("metrics.maps: two [[metrics.maps]] define the same metric name")
 
 
 @attrs.define
@@ -148,6 +226,11 @@ class Config:
     # [[sources]] and --source: BPF programs and pinned buffers to publish
     # (watcher/daemon/sourceconf.py, docs/sources.md).
     sources: list[SourceConfig] = attrs.Factory(list)
+    metrics: MetricsConfig = attrs.Factory(MetricsConfig)
+
+    def always_watched(self) -> list[str]:
+        """Name globs polled whatever the demand: ``watch.always`` and the metrics maps."""
+        return [*self.watch.always, *(m.map for m in self.metrics.maps)]
 
     def layout_for(self, names: list[str], pins: list[str]) -> dict | None:
         """The first declared layout whose ``match`` fits a map's names or pin paths."""
@@ -182,6 +265,16 @@ def _reject_str_as_list(value, type_):
 
 
 _converter.register_structure_hook_func(lambda t: t == list[str], _reject_str_as_list)
+
+
+def _strict_bool(value, _type) -> bool:
+    # cattrs would take bool("false") == True: a switch is written true or false.
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}")
+    return value
+
+
+_converter.register_structure_hook(bool, _strict_bool)
 
 
 def _format_one(error: BaseException, type_) -> str:

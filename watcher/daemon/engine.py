@@ -28,7 +28,8 @@ from ..kernel.maptypes import DumpMethod, dump_method
 from ..wire import schema
 from . import catalog
 from .config import Config
-from .delta import Snapshot, diff, snapshot_as_added
+from .delta import Delta, Snapshot, diff, snapshot_as_added
+from .kdelta import KernelDelta, choose_engine
 from .publisher import Stream
 
 log = logging.getLogger("pymap.engine")
@@ -49,9 +50,12 @@ class Watch:
     polls: int = 0
     last_poll_ms: float = 0.0
     max_poll_ms: float = 0.0
+    poll_seconds: float = 0.0  # all polls together, for the poll-duration metric
     events: int = 0
     reason: str = ""
     unreadable: str = ""  # why the map cannot be read (e.g. created write-only): not polled
+    kernel: KernelDelta | None = None  # the in-kernel engine, when chosen (kdelta.py)
+    engine: str = ""  # which engine polls it and why (status, debug log)
 
     @property
     def pollable(self) -> bool:
@@ -123,7 +127,7 @@ class Engine:
         if self.demand.wants(name):
             self._holds[name] = (now + linger, "lingering")
             return "subscribed"
-        if any(fnmatch.fnmatchcase(name, p) for p in self.config.watch.always):
+        if any(fnmatch.fnmatchcase(name, p) for p in self.config.always_watched()):
             return "always"
         until, reason = self._holds.get(name, (0.0, ""))
         if until > now:
@@ -140,7 +144,7 @@ class Engine:
         while True:
             self._wake = trio.Event()
             started = trio.current_time()
-            idle = not (self.watches or self._holds or self.config.watch.always
+            idle = not (self.watches or self._holds or self.config.always_watched()
                         or self.demand.any_maps())
             try:
                 if idle:  # nobody watches anything: not even enumerate
@@ -186,7 +190,13 @@ class Engine:
         watch = Watch(record, self.config.watch.interval_for(record.name),
                       value_stride(record) if dump_method(record.type) is not DumpMethod.NONE else 0)
         self.watches[record.id] = watch
-        log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval)
+        if watch.pollable:
+            in_use = sum(w.kernel.kernel_bytes for w in self.watches.values() if w.kernel)
+            watch.kernel, watch.engine = choose_engine(record, watch.stride, self.config.watch,
+                                                       in_use)
+            log.debug("%s (id %d): %s", record.name, record.id, watch.engine)
+        log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval,
+                 extra={"map": record.name, "map_id": record.id, "interval": watch.interval})
         return watch
 
     # --- polling ---
@@ -203,8 +213,13 @@ class Engine:
             watch.next_due = trio.current_time() + watch.interval
             t0 = time.perf_counter()
             when = time.time()
+            kernel_delta: Delta | None = None
             try:
-                snap = await trio.to_thread.run_sync(self._read, watch)
+                if watch.kernel is not None:
+                    snap, kernel_delta = await trio.to_thread.run_sync(
+                        self._read_kernel, watch, report_all)
+                else:
+                    snap = await trio.to_thread.run_sync(self._read, watch)
             except MapGone:
                 return  # the next cycle reports map_removed
             except OSError as e:
@@ -217,7 +232,13 @@ class Engine:
                     return
                 log.error("polling %s (id %d) failed: %s", watch.record.name, watch.record.id, e)
                 return
-            if watch.snapshot is None and not report_all:
+            if watch.kernel is not None:
+                watch.snapshot = snap
+                if kernel_delta is not None and kernel_delta.count:
+                    self.stream.publish_delta(watch.record, snap.key_size, snap.stride,
+                                              kernel_delta, when)
+                    watch.events += kernel_delta.count
+            elif watch.snapshot is None and not report_all:
                 watch.snapshot = snap
             else:
                 prev = watch.snapshot or Snapshot.empty(snap.key_size, snap.stride)
@@ -231,17 +252,36 @@ class Engine:
             elapsed = (time.perf_counter() - t0) * 1000
             watch.polls += 1
             watch.last_poll_ms = elapsed
+            watch.poll_seconds += elapsed / 1000
             watch.max_poll_ms = max(watch.max_poll_ms, elapsed)
 
-    def _read(self, watch: Watch) -> Snapshot:
-        record = watch.record
+    def _open(self, watch: Watch) -> int:
         try:
-            fd = kmaps.open_map(map_id=record.id)
+            return kmaps.open_map(map_id=watch.record.id)
         except OSError as e:
             if e.errno == errno.ENOENT:
                 raise MapGone from None
             raise
-        with kmaps.open_fd(fd):
+
+    def _read_kernel(self, watch: Watch, report_all: bool) -> tuple[Snapshot, Delta | None]:
+        """A poll on the in-kernel engine; if a walk fails, user space from now on."""
+        assert watch.kernel is not None
+        with kmaps.open_fd(self._open(watch)) as fd:
+            try:
+                return watch.kernel.poll(fd, watch.snapshot, report_all)
+            except OSError as e:
+                log.warning("%s (id %d): in-kernel walk failed, using user space: %s",
+                            watch.record.name, watch.record.id, e)
+                watch.kernel.close()
+                watch.kernel, watch.engine = None, f"user-space: in-kernel walk failed: {e}"
+        snap = self._read(watch)
+        if watch.snapshot is None:
+            return snap, (snapshot_as_added(snap) if report_all else None)
+        return snap, diff(watch.snapshot, snap)
+
+    def _read(self, watch: Watch) -> Snapshot:
+        record = watch.record
+        with kmaps.open_fd(self._open(watch)) as fd:
             # Grown in place (big buffers are mmap'd, so growing is mremap, not a copy):
             # a list of chunks joined at the end would hold the map twice for a moment.
             keys, values, count = bytearray(), bytearray(), 0
@@ -289,4 +329,5 @@ class Engine:
             entries=w.snapshot.count if w.snapshot else 0, interval=w.interval, polls=w.polls,
             last_poll_ms=round(w.last_poll_ms, 3), max_poll_ms=round(w.max_poll_ms, 3),
             events=w.events, state_bytes=w.snapshot.nbytes() if w.snapshot else 0,
-            reason=w.reason) for w in sorted(self.watches.values(), key=lambda w: w.record.id)]
+            reason=w.reason, engine=w.engine,
+            kernel_bytes=w.kernel.kernel_bytes if w.kernel else 0) for w in sorted(self.watches.values(), key=lambda w: w.record.id)]

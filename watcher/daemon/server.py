@@ -43,6 +43,11 @@ class RequestServer:
         self.started = time.monotonic()
         self._nursery: trio.Nursery | None = None
 
+    def reconfigure(self, config) -> None:
+        """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
+        self.config = config.daemon  # its endpoints are the running ones (reload keeps them)
+        self.bpffs = tuple(config.daemon.bpffs)
+
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -117,7 +122,7 @@ class RequestServer:
         await self.owner.send(peer, [schema.encode(message), *extra])
 
     async def _error(self, peer, req, code, message, candidates=()) -> None:
-        log.info("error reply %s: %s", code, message)
+        log.info("error reply %s: %s", code, message, extra={"code": code, "req": req})
         try:
             await self._reply(peer, schema.ErrorReply(code, message, list(candidates), req=req))
         except PeerGone:
@@ -159,6 +164,7 @@ class RequestServer:
 
     async def _recent(self, peer: bytes, request: schema.RecentRequest) -> None:
         self._check_selector(request.selector)
+        catalog.check_pattern(request.selector)
         messages = self.engine.stream.recent(request.selector)
         names = {w.record.name for w in self.engine.watches.values()}
         names |= set(self.sources.topics() if self.sources else ())  # always published

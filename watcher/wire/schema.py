@@ -222,6 +222,9 @@ class WatchStatus:
     events: int
     state_bytes: int
     reason: str  # why it is watched: "subscribed", "always", "lingering", "snapshot"
+    # which delta engine polls it and why ("in-kernel: ...", "user-space: ...")
+    engine: str = ""
+    kernel_bytes: int = 0  # kernel memory (memlock) of its in-kernel shadow maps
 
 
 @attrs.define

@@ -1,0 +1,385 @@
+"""The in-kernel delta engine against the user-space one, on real kernel maps.
+
+Differential: each test drives one real map with random adds, updates and
+deletes (from this process, as another program would) and polls it with BOTH
+engines after every round; the event streams must be identical.  Within one
+poll the engines may order entries differently (the user-space engine follows
+the dump order on some paths, the in-kernel one key order), so a poll's events
+are compared as sorted lists; the action order (added, updated, removed) is
+checked for both.  bpftool is the oracle for the kept state at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import subprocess
+
+import pytest
+
+from watcher.daemon.config import WatchConfig
+from watcher.daemon.delta import Action, Delta, Snapshot, diff
+from watcher.daemon.kdelta import KernelDelta, choose_engine
+from watcher.kernel import maps as kmaps
+from watcher.kernel import syscall
+from watcher.kernel.bpfasm import R3, R8, Asm
+from watcher.kernel.dump import dump, value_stride
+from watcher.kernel.iterdelta import _check_read_only, walk_program
+
+
+def events(delta: Delta | None, key_size: int, stride: int) -> list[tuple]:
+    if delta is None:
+        return []
+    assert list(delta.actions) == sorted(delta.actions), "added, then updated, then removed"
+    return sorted((Action(delta.actions[i]).name,
+                   delta.keys[i * key_size:(i + 1) * key_size],
+                   delta.values[i * stride:(i + 1) * stride],
+                   delta.old_values[i * stride:(i + 1) * stride]) for i in range(delta.count))
+
+
+def user_poll(fd: int, record, prev: Snapshot | None) -> tuple[Snapshot, Delta | None]:
+    """The user-space engine's poll, as watcher.daemon.engine does it."""
+    stride = value_stride(record)
+    keys, values, count = bytearray(), bytearray(), 0
+    for chunk in dump(fd, record):
+        keys += chunk.keys
+        values += chunk.values
+        count += chunk.count
+    snap = Snapshot(keys, values, count, record.key_size, stride)
+    return snap, (None if prev is None else diff(prev, snap))
+
+
+CASES = [  # (type, key size, value size, max entries, for_each allowed)
+    ("hash", 8, 12, 300, True),
+    ("hash", 8, 12, 300, False),  # the iterator route for every walk
+    ("hash", 6, 40, 300, True),  # odd key size; value over EXACT_MAX: hashed fingerprint
+    ("lru_hash", 8, 16, 300, True),
+    ("array", 4, 12, 300, True),
+    ("array", 4, 12, 300, False),
+    ("percpu_hash", 8, 12, 300, True),  # per-CPU maps always take the iterator
+    ("percpu_array", 4, 20, 300, True),
+    ("lru_percpu_hash", 4, 8, 300, True),
+]
+
+
+@pytest.mark.parametrize("map_type,key_size,value_size,max_entries,for_each", CASES)
+def test_both_engines_make_identical_events(maps, map_type, key_size, value_size, max_entries,
+                                            for_each):
+    rng = random.Random(f"{map_type}{key_size}{value_size}")
+    fd, map_id = maps.create(map_type, key_size, value_size, max_entries, name="pymap_kd_t")
+    record = kmaps.record_from_fd(fd)
+    stride = value_stride(record)
+    is_array = map_type.endswith("array")
+    # LRU maps evict before they are full (per-CPU free lists): stay well below max_entries
+    limit = max_entries // 3 if "lru" in map_type else max_entries
+    keyspace = [struct.pack("<I", i) for i in range(max_entries)] if is_array else \
+        [rng.randbytes(key_size) for _ in range(max_entries * 2)]
+    ro = kmaps.open_map(map_id=map_id)
+    kernel = KernelDelta(record, stride, use_for_each=for_each)
+    assert kernel.walker.each == (for_each and not record.percpu)
+    try:
+        u_state, _ = user_poll(ro, record, None)
+        k_state, k_delta = kernel.poll(ro, None, report_all=False)
+        assert k_delta is None, "the first poll only records the state"
+        live: set[bytes] = set()
+        total = 0
+        for round_ in range(40):
+            for _ in range(rng.choice((0, 1, 5, 40, 250 if round_ % 10 == 3 else 3))):
+                key = rng.choice(keyspace)
+                op = rng.random()
+                if op < 0.25 and not is_array and key in live:
+                    syscall.map_delete_elem(fd, key)
+                    live.discard(key)
+                elif op < 0.5 and key in live:  # one byte changes: fingerprints must see it
+                    value = bytearray(syscall.map_lookup_elem(fd, key, stride) or bytes(stride))
+                    at = rng.randrange(value_size)
+                    if record.percpu:
+                        at += rng.randrange(stride // ((value_size + 7) & ~7)) * \
+                            ((value_size + 7) & ~7)
+                    value[at] ^= 1 << rng.randrange(8)
+                    syscall.map_update_elem(fd, key, bytes(value))
+                elif len(live) < limit or key in live:
+                    syscall.map_update_elem(fd, key, rng.randbytes(stride)
+                                            if record.percpu else rng.randbytes(value_size))
+                    live.add(key)
+            u_state, u_delta = user_poll(ro, record, u_state)
+            k_state, k_delta = kernel.poll(ro, k_state, report_all=False)
+            expected = events(u_delta, key_size, stride)
+            assert events(k_delta, key_size, stride) == expected, f"round {round_}"
+            total += len(expected)
+        assert total > 100, "the rounds changed too little to compare engines"
+        walker = kernel.walker
+        assert walker.walks + walker.quick_polls == 41
+        # unchanged rounds of a for_each hash map are settled by the walk-order check
+        assert (walker.quick_polls > 0) == (walker.each and not is_array)
+        # bpftool: the state the in-kernel engine keeps is what the map holds
+        out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
+                             capture_output=True, text=True, check=True).stdout
+        held = {bytes(int(b, 16) for b in e["key"]) for e in json.loads(out)}
+        mine = {k_state.keys[i * key_size:(i + 1) * key_size] for i in range(k_state.count)}
+        assert mine == held
+    finally:
+        kernel.close()
+        syscall.os.close(ro)
+
+
+def test_output_larger_than_one_read_is_complete(maps):
+    """The seq_file buffer holds 8 pages: an overflowing element is walked again and
+    must not be lost (it writes its output before it commits its shadow entry)."""
+    n = 20000
+    fd, map_id = maps.create("hash", 8, 16, n, name="pymap_kd_big")
+    record = kmaps.record_from_fd(fd)
+    keys = b"".join(struct.pack("<Q", i) for i in range(n))
+    syscall.map_update_batch(fd, keys, bytes(16 * n), n)
+    ro = kmaps.open_map(map_id=map_id)
+    kernel = KernelDelta(record, 16)
+    try:
+        state, delta = kernel.poll(ro, None, report_all=True)
+        assert delta is not None and delta.count == n == state.count
+        syscall.map_update_batch(fd, keys, b"\1" * (16 * n), n)
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert kernel.last_walk["overflow"] > 0, "the for_each ring should have overflowed"
+        assert delta is not None and delta.count == n
+        assert set(delta.actions) == {Action.UPDATED}
+        assert delta.values == b"\1" * (16 * n) and delta.old_values == bytes(16 * n)
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert delta is not None and delta.count == 0
+        # more removed keys than the ring holds: the sweep finishes through the iterator
+        gone = n - 1000
+        for i in range(gone):
+            syscall.map_delete_elem(fd, struct.pack("<Q", i))
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert kernel.walker.sweep_fallbacks == 1
+        assert delta is not None and delta.count == gone == n - state.count
+        assert set(delta.actions) == {Action.REMOVED}
+        assert delta.keys == keys[:8 * gone] and delta.values == b"\1" * (16 * gone)
+    finally:
+        kernel.close()
+        syscall.os.close(ro)
+
+
+def test_engine_choice_reasons(maps):
+    fd, _ = maps.create("percpu_hash", 8, 8, 100000, name="pymap_kd_types")
+    engine, why = choose_engine(kmaps.record_from_fd(fd), 8, WatchConfig(), 0)
+    assert engine is None and why == "user-space: percpu_hash is not in watch.kernel_delta_types"
+    fd, _ = maps.create("array", 4, 8, 100000, name="pymap_kd_dflt")
+    engine, why = choose_engine(kmaps.record_from_fd(fd), 8, WatchConfig(), 0)
+    assert engine is not None and why.startswith("in-kernel: 100000 max entries"), why
+    engine.close()
+    config = WatchConfig(kernel_delta_min_entries=100, kernel_delta_types=["hash"])
+    fd, _ = maps.create("lpm_trie", 8, 8, 100, name="pymap_kd_lpm", flags=1)
+    engine, why = choose_engine(kmaps.record_from_fd(fd), 8, config, 0)
+    assert engine is None and why == "user-space: lpm_trie maps have no bpf_map_elem iterator"
+    fd, _ = maps.create("hash", 8, 8, 50, name="pymap_kd_small")
+    engine, why = choose_engine(kmaps.record_from_fd(fd), 8, config, 0)
+    assert engine is None and "50 max entries < kernel_delta_min_entries 100" in why
+    fd, _ = maps.create("hash", 8, 8, 1000, name="pymap_kd_cap")
+    record = kmaps.record_from_fd(fd)
+    engine, why = choose_engine(record, 8, WatchConfig(kernel_delta_min_entries=100,
+                                                       kernel_delta_types=["hash"],
+                                                       kernel_delta_max_bytes=10000), 0)
+    assert engine is None and "over kernel_delta_max_bytes 10000" in why
+    engine, why = choose_engine(record, 8, WatchConfig(kernel_delta="off"), 0)
+    assert engine is None and why == "user-space: watch.kernel_delta is off"
+    engine, why = choose_engine(record, 8, config, 0)
+    try:
+        assert engine is not None and why.startswith("in-kernel: 1000 max entries")
+        # the estimate used for the cap is close to what the kernel charges
+        assert engine.kernel_bytes > 0
+        from watcher.kernel.iterdelta import shadow_bytes_estimate
+        assert 0.5 < shadow_bytes_estimate(record, 8) / engine.kernel_bytes < 2
+    finally:
+        if engine:
+            engine.close()
+
+
+def test_generated_programs_cannot_store_through_the_watched_map():
+    program = walk_program(8, 16, shadow_fd=3, state_fd=4, array=False)
+    _check_read_only(program)  # the real programs pass
+    _check_read_only(walk_program(8, 16, shadow_fd=3, state_fd=4, array=False, ring_fd=5,
+                                  map_fd=6))
+    a = Asm()
+    a.st(8, R8, 0, 1)  # *(u64 *)(value + 0) = 1: a write into the watched map
+    a.exit()
+    with pytest.raises(AssertionError):
+        _check_read_only(program[:-8] + a.assemble())
+    b = Asm()
+    b.st(8, R3, 0, 1)  # a for_each callback's value argument
+    b.exit()
+    with pytest.raises(AssertionError):
+        _check_read_only(program[:-8] + b.assemble())
+
+
+@pytest.mark.kernel
+def test_daemon_follows_a_map_in_the_kernel(daemon_factory, maps, bpffs_dir):
+    """End to end: the daemon chooses the in-kernel engine, says so in status, delivers
+    added/updated/removed, serves a snapshot from its kept state, and holds no
+    reference that would keep a freed map alive (map_removed still arrives)."""
+    from support.events import (
+        FAST,
+        Follower,
+        changes,
+        cli_status,
+        replay_lines,
+        status,
+        wait_ready,
+        wait_until,
+        watch_of,
+    )
+    from support.kernel import bpftool_entries, token, u32
+
+    d = daemon_factory(*FAST, "--set", "watch.kernel_delta_min_entries=0",
+                       "--set", 'watch.kernel_delta_types=["hash"]')
+    name = f"kd{token()}"
+    pin = bpffs_dir / name
+    fd, map_id = maps.create("hash", 4, 8, 64, name=name, pin=pin)
+    syscall.map_update_elem(fd, u32(9), u32(90) * 2)  # before anyone watches: no event
+    with Follower(d, name, "-f") as f:
+        wait_ready(d, name)
+        watch = watch_of(status(d), name)
+        assert watch["engine"].startswith("in-kernel:"), watch
+        assert watch["kernel_bytes"] > 0
+        for n in range(1, 4):
+            syscall.map_update_elem(fd, u32(n), u32(n) * 2)
+        f.wait_count(3)
+        syscall.map_update_elem(fd, u32(1), u32(11) * 2)
+        syscall.map_delete_elem(fd, u32(2))
+        lines = f.wait_count(5)
+        assert changes(lines[3:]) == {
+            ("updated", u32(1).hex(), (u32(11) * 2).hex(), (u32(1) * 2).hex()),
+            ("removed", u32(2).hex(), (u32(2) * 2).hex(), None)}
+        assert replay_lines(lines, {u32(9).hex(): (u32(90) * 2).hex()}) == bpftool_entries(map_id)
+        shown = d.cli("status", check=True).stdout
+        assert "in-kernel" in shown
+        assert any(w["engine"].startswith("in-kernel") for w in cli_status(d)["watched"])
+        got = d.cli("events", name, "--snapshot", "-o", "json", timeout=30)
+        assert got.returncode == 0, got.stderr
+        snap = {(ln["key"], ln["value"]) for ln in map(json.loads, got.stdout.splitlines())
+                if ln.get("snapshot")}
+        assert snap == set(bpftool_entries(map_id).items())
+        os.unlink(pin)
+        maps.close(fd)
+        lines = f.wait_count(6)
+        assert lines[5]["action"] == "map_removed"
+    wait_until(lambda: name not in {w["name"] for w in status(d)["watched"]}, "unwatched")
+
+
+def test_shadow_full_mid_walk_sweeps_and_walks_again(maps):
+    """Half the keys replaced at once: new keys arrive while the removed ones still fill
+    the shadow map.  The walk then sweeps and walks again; events stay identical."""
+    n = 300
+    fd, map_id = maps.create("hash", 8, 8, n, name="pymap_kd_churn")
+    record = kmaps.record_from_fd(fd)
+    old = [struct.pack("<Q", i) for i in range(n)]
+    new = [struct.pack("<Q", 1000 + i) for i in range(n // 2)]
+    for k in old:
+        syscall.map_update_elem(fd, k, k)
+    ro = kmaps.open_map(map_id=map_id)
+    kernel = KernelDelta(record, 8)
+    try:
+        u_state, _ = user_poll(ro, record, None)
+        k_state, _ = kernel.poll(ro, None, report_all=False)
+        for gone, come in zip(old[::2], new, strict=True):
+            syscall.map_delete_elem(fd, gone)
+            syscall.map_update_elem(fd, come, come)
+        u_state, u_delta = user_poll(ro, record, u_state)
+        k_state, k_delta = kernel.poll(ro, k_state, report_all=False)
+        assert kernel.last_walk["full"] > 0, "the shadow map never filled: nothing tested"
+        assert events(k_delta, 8, 8) == events(u_delta, 8, 8)
+        assert len(events(k_delta, 8, 8)) == n
+        u_state, u_delta = user_poll(ro, record, u_state)
+        k_state, k_delta = kernel.poll(ro, k_state, report_all=False)
+        assert events(k_delta, 8, 8) == events(u_delta, 8, 8) == []
+    finally:
+        kernel.close()
+        syscall.os.close(ro)
+
+
+def test_kernel_lets_an_iterator_write_through_a_read_only_fd(maps):
+    """Why the generated code is checked: attaching an iterator ignores the fd's mode,
+    and a bpf_map_elem program may store into ctx->value (docs/architecture.md)."""
+    from watcher.kernel import progload
+    from watcher.kernel.bpfasm import JEQ, R0, R1
+    from watcher.kernel.iterdelta import _map_elem_iter_btf_id, _read_iter
+
+    fd, map_id = maps.create("hash", 8, 8, 4, name="pymap_kd_ro")
+    syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 7))
+    a = Asm()
+    a.ldx(8, R8, R1, 24)
+    a.jmp(JEQ, R8, 0, "out")
+    a.st(8, R8, 0, 42)
+    a.label("out")
+    a.movi(R0, 0)
+    a.exit()
+    prog = progload.load_program(a.assemble(), "pymap_kd_rotest", progload.BPF_PROG_TYPE_TRACING,
+                                 progload.BPF_TRACE_ITER, _map_elem_iter_btf_id())
+    ro = kmaps.open_map(map_id=map_id)
+    try:
+        link = progload.attach_map_iter(prog, ro)
+        try:
+            _read_iter(link)
+        finally:
+            os.close(link)
+        assert syscall.map_lookup_elem(fd, struct.pack("<Q", 1), 8) == struct.pack("<Q", 42)
+    finally:
+        os.close(ro)
+        os.close(prog)
+
+
+def _bump_in_place(map_fd: int, key: int) -> None:
+    """A real BPF program (socket filter, run once) that adds 1 to the first u64 of the
+    value of ``key`` through its lookup pointer: an in-place update, as counters do,
+    which keeps the element where it is in its bucket (the walk order does not change)."""
+    from watcher.kernel import progload
+    from watcher.kernel.bpfasm import ADD, JEQ, R0, R1, R2, R10
+
+    a = Asm()
+    a.ld_imm64(R1, key)
+    a.stx(8, R10, -8, R1)
+    a.ld_map_fd(R1, map_fd)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -8)
+    a.call(1)  # bpf_map_lookup_elem
+    a.jmp(JEQ, R0, 0, "out")
+    a.ldx(8, R1, R0, 0)
+    a.alu64(ADD, R1, 1)
+    a.stx(8, R0, 0, R1)
+    a.label("out")
+    a.movi(R0, 0)
+    a.exit()
+    prog = progload.load_program(a.assemble(), "pymap_kd_bump",
+                                 progload.BPF_PROG_TYPE_SOCKET_FILTER)
+    try:
+        syscall.prog_test_run(prog, bytes(64))
+    finally:
+        os.close(prog)
+
+
+def test_walk_order_check_sees_in_place_updates(maps):
+    """An unchanged hash map is settled by the walk-order check alone; a value changed in
+    place by a program (order unchanged) must still be delivered."""
+    n = 1000
+    fd, map_id = maps.create("hash", 8, 16, n, name="pymap_kd_inpl")
+    keys = b"".join(struct.pack("<Q", i) for i in range(n))
+    syscall.map_update_batch(fd, keys, b"".join(struct.pack("<QQ", i, 7) for i in range(n)), n)
+    record = kmaps.record_from_fd(fd)
+    ro = kmaps.open_map(map_id=map_id)
+    kernel = KernelDelta(record, 16)
+    try:
+        state, _ = kernel.poll(ro, None, report_all=False)  # bpf_iter: records everything
+        state, delta = kernel.poll(ro, state, report_all=False)  # full for_each walk
+        assert delta is not None and delta.count == 0 and kernel.walker.quick_polls == 0
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert delta is not None and delta.count == 0 and kernel.walker.quick_polls == 1
+        _bump_in_place(fd, 500)
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert kernel.walker.quick_polls == 1, "the check must see the changed value"
+        assert events(delta, 8, 16) == [("UPDATED", struct.pack("<Q", 500),
+                                         struct.pack("<QQ", 501, 7), struct.pack("<QQ", 500, 7))]
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert delta is not None and delta.count == 0 and kernel.walker.quick_polls == 2
+    finally:
+        kernel.close()
+        os.close(ro)

@@ -1,0 +1,155 @@
+"""The in-kernel delta engine, user-space half: choosing it per map, and turning
+a kernel walk's changed entries into the same events the user-space engine makes.
+
+The kernel half (:mod:`watcher.kernel.iterdelta`) sends only entries whose
+value changed and keys that were removed; it keeps fingerprints, not values.
+The old value of an ``updated``/``removed`` event, and the state a snapshot
+request is served from, come from here: the last delivered state, kept as the
+user-space engine keeps it (a :class:`~.delta.Snapshot`, here sorted by key),
+and patched with each walk's changes.  An entry the kernel reports whose value
+equals the kept one (a re-emission after a shadow map was full, an entry
+re-added with its old value between two walks) makes no event, as in a dump
+diff.
+
+Order of one poll's events: added, then updated, then removed, each in key
+order (the user-space engine uses the same action order; within an action its
+order can follow the dump, so tests compare a poll's events as sets).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from ..kernel.iterdelta import (
+    IterDelta,
+    Unsupported,
+    WalkResult,
+    shadow_bytes_estimate,
+    unsupported_reason,
+)
+from ..kernel.maps import MapRecord
+from .config import WatchConfig
+from .delta import Delta, Snapshot, _assemble, _key_dtype
+
+log = logging.getLogger("pymap.engine")
+
+USER, KERNEL = "user-space", "in-kernel"
+
+
+class KernelDelta:
+    """One watched map on the in-kernel engine."""
+
+    def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True):
+        self.walker = IterDelta(record, stride, use_for_each)
+        self.key_size = record.key_size
+        self.stride = stride
+        self.last_walk: dict[str, int] = {}
+        self.last_walk_s = self.last_parse_s = 0.0  # where a poll's time went (bench_kdelta)
+
+    @property
+    def kernel_bytes(self) -> int:
+        return self.walker.memlock
+
+    def close(self) -> None:
+        self.walker.close()
+
+    def poll(self, fd: int, prev: Snapshot | None, report_all: bool
+             ) -> tuple[Snapshot, Delta | None]:
+        """Walk the map behind ``fd``; the new state and the delta (None on a silent first poll)."""
+        t0 = time.perf_counter()
+        res = self.walker.walk(fd)
+        t1 = time.perf_counter()
+        self.last_walk_s = t1 - t0
+        self.last_walk = dict(res.counters, swept=int(res.swept))
+        try:
+            return self._apply(res, prev, report_all)
+        finally:
+            self.last_parse_s = time.perf_counter() - t1
+
+    def _apply(self, res: WalkResult, prev: Snapshot | None, report_all: bool
+               ) -> tuple[Snapshot, Delta | None]:
+        ks, stride = self.key_size, self.stride
+        dtype = _key_dtype(ks)
+        rows = np.frombuffer(res.changed, dtype=np.uint8).reshape(res.nchanged, ks + stride)
+        ck = np.ascontiguousarray(rows[:, :ks]).view(dtype).ravel()
+        cv = rows[:, ks:]
+        # Sorted by key; a key shown twice in one walk (the map changed under it) keeps its last row.
+        rev = len(ck) - 1 - np.unique(ck[::-1], return_index=True)[1]
+        ck, cv = ck[rev], cv[rev]
+        first = prev is None
+        if prev is None:
+            prev = Snapshot.empty(ks, stride)
+        sk = prev.key_array()
+        sv = prev.value_rows()
+        if prev.order is not None and len(prev.order) and not _is_identity(prev.order):
+            sk, sv = sk[prev.order], sv[prev.order]  # a state from the user-space engine
+        pos = np.searchsorted(sk, ck)
+        np.minimum(pos, max(len(sk) - 1, 0), out=pos)
+        found = (sk[pos] == ck) if len(sk) else np.zeros(len(ck), dtype=bool)
+        fpos, fk, fv = pos[found], ck[found], cv[found]
+        differs = np.any(sv[fpos] != fv, axis=1) if len(fpos) else np.zeros(0, dtype=bool)
+        upd_pos, upd_k, upd_v = fpos[differs], fk[differs], fv[differs]
+        add_k, add_v = ck[~found], cv[~found]
+        rk = np.sort(np.frombuffer(res.removed, dtype=dtype, count=res.nremoved)) \
+            if res.nremoved else np.zeros(0, dtype=dtype)
+        rpos = np.searchsorted(sk, rk)
+        np.minimum(rpos, max(len(sk) - 1, 0), out=rpos)
+        rpos = rpos[sk[rpos] == rk] if len(sk) and len(rk) else np.zeros(0, dtype=np.intp)
+
+        if not (len(upd_pos) or len(add_k) or len(rpos)):
+            return prev, (None if first and not report_all else _assemble(stride, None, None, None))
+        new_v = sv.copy()
+        old_upd = new_v[upd_pos].copy()
+        new_v[upd_pos] = upd_v
+        removed = (sk[rpos], sv[rpos].copy())
+        new_k = sk
+        if len(rpos):
+            keep = np.ones(len(sk), dtype=bool)
+            keep[rpos] = False
+            new_k, new_v = new_k[keep], new_v[keep]
+        if len(add_k):
+            at = np.searchsorted(new_k, add_k)
+            new_k = np.insert(new_k, at, add_k)
+            new_v = np.insert(new_v, at, add_v, axis=0)
+        state = Snapshot(new_k.tobytes(), new_v.tobytes(), len(new_k), ks, stride,
+                         order=np.arange(len(new_k), dtype=np.int32))
+        if first and not report_all:
+            return state, None
+        return state, _assemble(stride, (add_k, add_v), (upd_k, upd_v, old_upd), removed)
+
+
+def _is_identity(order: np.ndarray) -> bool:
+    return bool(order[0] == 0 and order[-1] == len(order) - 1 and np.all(np.diff(order) == 1))
+
+
+def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_bytes: int
+           ) -> tuple[KernelDelta | None, str]:
+    """The engine for one map and why: a :class:`KernelDelta`, or None for user space.
+
+    A kernel that refuses the objects (no iterator BTF, verifier, memlock) costs
+    one warning and leaves the map on the user-space engine.
+    """
+    if config.kernel_delta == "off":
+        return None, f"{USER}: watch.kernel_delta is off"
+    why = unsupported_reason(record, stride)
+    if why:
+        return None, f"{USER}: {why}"
+    if record.type not in config.kernel_delta_types:
+        return None, f"{USER}: {record.type} is not in watch.kernel_delta_types"
+    if record.max_entries < config.kernel_delta_min_entries:
+        return None, (f"{USER}: {record.max_entries} max entries < kernel_delta_min_entries "
+                      f"{config.kernel_delta_min_entries}")
+    need = shadow_bytes_estimate(record, stride)
+    if in_use_bytes + need > config.kernel_delta_max_bytes:
+        return None, (f"{USER}: its shadow map needs ~{need} bytes, over kernel_delta_max_bytes "
+                      f"{config.kernel_delta_max_bytes} ({in_use_bytes} in use)")
+    try:
+        engine = KernelDelta(record, stride)
+    except (OSError, Unsupported) as e:
+        log.warning("%s (id %d): in-kernel change detection unavailable, using user space: %s",
+                    record.name, record.id, e)
+        return None, f"{USER}: in-kernel setup failed: {e}"
+    return engine, f"{KERNEL}: {record.max_entries} max entries, shadow {engine.kernel_bytes} bytes"

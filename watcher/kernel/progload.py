@@ -1,0 +1,160 @@
+"""The bpf() commands that CREATE kernel objects for the in-kernel delta engine.
+
+Every privileged object the daemon makes while it runs is made here, so a
+seccomp policy (issue 12) has one place to reconcile with:
+
+* ``BPF_MAP_CREATE``: shadow and state maps owned by pymap;
+* ``BPF_PROG_LOAD``: the generated iterator programs (``BPF_PROG_TYPE_TRACING``,
+  expected attach type ``BPF_TRACE_ITER``);
+* ``BPF_LINK_CREATE``: attaching a program to one map (``iter_info.map.map_fd``);
+* ``BPF_ITER_CREATE``: one walk (a readable fd);
+* ``BPF_BTF_LOAD``: function info for the for_each program's callback;
+* ``BPF_PROG_TEST_RUN``: one run of the for_each walk (a socket filter program);
+* ``BPF_MAP_UPDATE_ELEM`` / ``BPF_MAP_LOOKUP_ELEM`` / ``BPF_MAP_DELETE_BATCH``: on
+  pymap's OWN state and shadow maps only (see :mod:`.iterdelta`).
+
+Watched maps are only ever opened read-only (``BPF_F_RDONLY``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+from . import syscall
+from .syscall import BpfError, _addr, _BatchAttr, _bpf
+
+BPF_PROG_LOAD = 5
+BPF_BTF_LOAD = 18
+BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_LINK_CREATE = 28
+BPF_ITER_CREATE = 33
+BPF_MAP_DELETE_BATCH = 27
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_ITER = 28
+BPF_F_NO_PREALLOC = 1
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 44),
+    ]
+
+
+class _BtfLoadAttr(ctypes.Structure):
+    _fields_ = [("btf", ctypes.c_uint64), ("btf_log_buf", ctypes.c_uint64),
+                ("btf_size", ctypes.c_uint32), ("btf_log_size", ctypes.c_uint32),
+                ("btf_log_level", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 100)]
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("target_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("iter_info", ctypes.c_uint64),
+        ("iter_info_len", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 100),
+    ]
+
+
+class _IterCreateAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("pad", ctypes.c_uint8 * 120)]
+
+
+def create_map(map_type: int, key_size: int, value_size: int, max_entries: int, name: str,
+               flags: int = 0) -> int:
+    """A map pymap owns (shadow or state)."""
+    return syscall.map_create(map_type, key_size, value_size, max_entries, name=name,
+                              flags=flags)
+
+
+def load_btf(blob: bytes) -> int:
+    """Load a BTF blob pymap generated (function info for callbacks)."""
+    buf = ctypes.create_string_buffer(blob, len(blob))
+    log_buf = ctypes.create_string_buffer(1 << 16)
+    attr = _BtfLoadAttr(btf=_addr(buf), btf_size=len(blob), btf_log_buf=_addr(log_buf),
+                        btf_log_size=len(log_buf), btf_log_level=1)
+    try:
+        return _bpf(BPF_BTF_LOAD, attr, "BPF_BTF_LOAD")
+    except BpfError as e:
+        lines = [ln for ln in log_buf.value.decode(errors="replace").splitlines() if ln]
+        raise BpfError(e.errno, "BPF_BTF_LOAD", " | ".join(lines[-3:])) from None
+
+
+def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
+                 attach_btf_id: int = 0, btf_fd: int = 0, func_info: bytes = b"") -> int:
+    """Load ``insns``; on refusal, raise with the verifier's last lines as detail."""
+    license_ = ctypes.create_string_buffer(b"GPL")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    finfo = ctypes.create_string_buffer(func_info, max(len(func_info), 1))
+
+    def attempt(log_buf=None) -> int:
+        attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=_addr(code),
+                             license=_addr(license_), prog_name=name.encode()[:15],
+                             expected_attach_type=attach_type, attach_btf_id=attach_btf_id)
+        if func_info:
+            attr.prog_btf_fd, attr.func_info_rec_size = btf_fd, 8
+            attr.func_info, attr.func_info_cnt = _addr(finfo), len(func_info) // 8
+        if log_buf is not None:
+            attr.log_level, attr.log_size, attr.log_buf = 1, len(log_buf), _addr(log_buf)
+        return _bpf(BPF_PROG_LOAD, attr, "BPF_PROG_LOAD", name)
+
+    try:
+        return attempt()
+    except BpfError as first:
+        if first.errno not in (errno.EACCES, errno.EINVAL):
+            raise
+        log_buf = ctypes.create_string_buffer(1 << 20)
+        try:
+            fd = attempt(log_buf)
+        except BpfError:
+            lines = [ln for ln in log_buf.value.decode(errors="replace").splitlines() if ln]
+            raise BpfError(first.errno, "BPF_PROG_LOAD",
+                           f"{name}: verifier: {' | '.join(lines[-3:])}") from None
+        return fd  # pragma: no cover - refused once, accepted with a log: keep it
+
+
+def attach_map_iter(prog_fd: int, map_fd: int) -> int:
+    """A ``bpf_map_elem`` iterator link of ``prog_fd`` over the map behind ``map_fd``."""
+    info = (ctypes.c_uint32 * 2)(map_fd, 0)
+    attr = _LinkCreateAttr(prog_fd=prog_fd, attach_type=BPF_TRACE_ITER,
+                           iter_info=ctypes.addressof(info), iter_info_len=ctypes.sizeof(info))
+    return _bpf(BPF_LINK_CREATE, attr, "BPF_LINK_CREATE")
+
+
+def iter_create(link_fd: int) -> int:
+    """One walk of an iterator link: read() it to the end (0) to run it."""
+    return _bpf(BPF_ITER_CREATE, _IterCreateAttr(link_fd=link_fd), "BPF_ITER_CREATE")
+
+
+def delete_batch(map_fd: int, keys: bytes, count: int) -> None:
+    """Delete ``count`` keys from one of pymap's own maps in one call."""
+    if not count:
+        return
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    attr = _BatchAttr(keys=_addr(kbuf), count=count, map_fd=map_fd)
+    _bpf(BPF_MAP_DELETE_BATCH, attr, "BPF_MAP_DELETE_BATCH")
