@@ -366,13 +366,11 @@ def _fleet_events(url: str, selectors: list[str], node: str | None, since: str |
     except FleetConfigError as e:
         fail(str(e), EXIT_USAGE)
 
-    def notice(text: str) -> None:
-        stderr.print(f"pymap: fleet: {text}", markup=False, highlight=False)
-
     async def main():
         printer = FleetPrinter(as_json)
         async with FleetSubscription(options, selectors, node_glob=node, since=since_s,
-                                     follow=follow, durable=durable, on_notice=notice) as sub:
+                                     follow=follow, durable=durable,
+                                     on_notice=lambda t: say(f"pymap: fleet: {t}")) as sub:
             async for message in sub:
                 printer.print(message)
                 if count and printer.count >= count:
