@@ -140,7 +140,7 @@ class Cluster:
     @property
     def url(self) -> str:
         """All members, comma-separated, as ``pymap export --to`` takes them."""
-        return ",".join(s.url for s in self.servers)
+        return "nats://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
 
     def wait_formed(self, timeout: float = START_TIMEOUT) -> None:
         """Until every member sees the other two routes and JetStream has a leader."""
