@@ -50,17 +50,6 @@ def stream_entries(url: str, node: str | None = None) -> list:
         return []
 
 
-def stream_exists(url: str) -> bool:
-    async def ask() -> bool:
-        try:
-            async with FleetSubscription(parse_url(url), follow=False):
-                return True
-        except FleetError:
-            return False
-
-    return trio.run(ask)
-
-
 def test_exporter_sigkill_restart_is_deduplicated(daemon_factory, maps, bpffs_dir, tmp_path,
                                                   nats):
     d = daemon_factory(*FAST)
@@ -119,7 +108,6 @@ def test_several_nodes_publish_and_fleet_shows_all(maps, bpffs_dir, tmp_path, na
             nodes.append((d, exporter, name, fd))
         for d, _, name, _ in nodes:
             wait_ready(d, name)
-        wait_until(lambda: stream_exists(url), "the exporters to create the stream")
         follower = subprocess.Popen(
             [PYMAP, "events", f"fl{tag}_*", "--fleet", url, "--since", "10m", "-f",
              "-c", "60", "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -46,6 +46,10 @@ from .subjects import (
 FETCH_WAIT = 1.0  # seconds a fetch waits for the first message before asking again
 
 
+class StreamMissing(FleetError):
+    """The fleet stream does not exist (yet)."""
+
+
 @attrs.frozen
 class FleetMessage:
     """One event from one node, as the fleet stream holds it."""
@@ -132,11 +136,26 @@ class FleetSubscription:
         try:
             self._nc, self._js = await self._thread.run(
                 connect(self.options, "pymap-fleet-reader", notice))
-            await self._subscribe()
+            await self._subscribe_when_ready()
         except BaseException:
             await self.aclose()
             raise
         return self
+
+    async def _subscribe_when_ready(self) -> None:
+        """Subscribe; a follower whose stream does not exist yet waits for it (tail -F)."""
+        told = False
+        while True:
+            try:
+                return await self._subscribe()
+            except StreamMissing:
+                if not self.follow:
+                    raise
+                if not told and self.on_notice:
+                    self.on_notice(f"stream {self.options.stream!r} does not exist yet; "
+                                   "waiting for an exporter to create it")
+                told = True
+                await trio.sleep(1)
 
     async def _subscribe(self) -> None:
         assert self._thread is not None and self._js is not None
@@ -151,7 +170,7 @@ class FleetSubscription:
                 return await js.pull_subscribe(self.filter, durable=self.durable, stream=stream,
                                                config=config)
             except nats.js.errors.NotFoundError:
-                raise FleetError(f"JetStream stream {stream!r} does not exist "
+                raise StreamMissing(f"JetStream stream {stream!r} does not exist "
                                  "(no exporter has published yet?)") from None
             except nats.js.errors.APIError as e:
                 raise FleetError(f"cannot create a consumer on {stream!r}: "
