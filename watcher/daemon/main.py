@@ -9,7 +9,6 @@ socket files are removed on the way out.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -24,11 +23,17 @@ import zmq
 from ..wire.transport import PublisherOwner
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
+from .memory import release_big_buffers_promptly
 from .publisher import Stream
 from .server import RequestServer
 from .sources import Sources
+from .subgate import SubscriptionGate, socket_name
 
 log = logging.getLogger("pymap.daemon")
+
+# Replies ZeroMQ queues per client beyond pymap's own outbox (client_outbox_bytes): small,
+# because it counts messages whatever their size (a get chunk can be MBs).
+REQUEST_SNDHWM = 16
 
 
 def _version() -> str:
@@ -106,22 +111,6 @@ def _unlink_socket(endpoint: str) -> None:
             os.unlink(path)
 
 
-_M_MMAP_THRESHOLD = -3  # mallopt(3)
-
-
-def release_big_buffers_promptly() -> None:
-    """Serve allocations of 1 MiB and more from mmap, so freeing them returns memory.
-
-    Every poll of a big map allocates and frees dumps of tens of MB; with
-    glibc's default heap they stay in the process after free and resident
-    memory drifts up to twice the watched state.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-
-
 async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation)."""
     dconf = config.daemon
@@ -132,14 +121,20 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
     router.setsockopt(zmq.LINGER, 0)
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.LINGER, 0)
-    xpub.setsockopt(zmq.SNDHWM, dconf.stream_hwm)
+    # Bytes per subscriber bounded: messages are cut to stream_message_bytes (docs/operations.md).
+    xpub.setsockopt(zmq.SNDHWM, dconf.stream_sndhwm)
+    # libzmq cuts a connection sending a longer subscription before storing it.
+    xpub.setsockopt(zmq.MAXMSGSIZE, dconf.max_subscription_bytes + 1)
+    router.setsockopt(zmq.SNDHWM, REQUEST_SNDHWM)
     # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
     bound: list[str] = []
     publisher = PublisherOwner(xpub)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
-                    dconf.heartbeat_interval)
+                    dconf.heartbeat_interval, dconf.stream_message_bytes)
     engine = Engine(config, stream)
+    gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
+                            socket_name(dconf.events_endpoint))
     sources = Sources(config.sources, stream)
     try:
         for endpoint in (dconf.endpoint, dconf.events_endpoint):
@@ -159,7 +154,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
             bound.append(dconf.endpoint)
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
-            server = RequestServer(router, dconf, epoch, _version(), engine, sources)
+            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate)
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, dconf.events_endpoint, epoch)
             async with trio.open_nursery() as nursery:
@@ -172,7 +167,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
 
                 nursery.start_soon(stop_on_signal)
                 nursery.start_soon(server.serve)
-                nursery.start_soon(publisher.serve, engine.on_subscription)
+                nursery.start_soon(publisher.serve, gate.guard(engine.on_subscription))
                 nursery.start_soon(engine.run)
                 nursery.start_soon(sources.run)
                 nursery.start_soon(_heartbeats, engine, dconf.heartbeat_interval)

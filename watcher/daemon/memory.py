@@ -1,0 +1,43 @@
+"""Giving freed memory back to the system (glibc), so abuse does not leave RSS behind.
+
+Two tunings: allocations of 1 MiB and more come from mmap (freeing them
+unmaps at once), and after a burst of small allocations is freed (a flooding
+client's requests, a cut subscriber's subscription trie in libzmq) the heap
+is trimmed, at most once a second so a client that keeps coming back cannot
+make the daemon spend its time in ``malloc_trim``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+_M_MMAP_THRESHOLD = -3  # mallopt(3)
+TRIM_INTERVAL = 1.0
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+except OSError:
+    _libc = None  # not glibc: nothing to tune
+_last_trim = 0.0
+
+
+def release_big_buffers_promptly() -> None:
+    """Serve allocations of 1 MiB and more from mmap, so freeing them returns memory.
+
+    Every poll of a big map allocates and frees dumps of tens of MB; with
+    glibc's default heap they stay in the process after free and resident
+    memory drifts up to twice the watched state.
+    """
+    if _libc is not None and hasattr(_libc, "mallopt"):
+        _libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def trim_soon() -> None:
+    """Return free heap pages to the system, unless that was done less than a second ago."""
+    global _last_trim
+    now = time.monotonic()
+    if _libc is None or not hasattr(_libc, "malloc_trim") or now - _last_trim < TRIM_INTERVAL:
+        return
+    _last_trim = now
+    _libc.malloc_trim(0)
