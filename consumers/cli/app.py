@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated
@@ -369,6 +370,8 @@ def daemon(
         help="bpffs directory to search for pins; repeatable (overrides daemon.bpffs).")] = None,
     log_level: Annotated[str | None, typer.Option(
         help="debug, info, warning or error (overrides daemon.log_level).")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        help="text, or json: one JSON object per line (overrides daemon.log_format).")] = None,
     source: Annotated[list[str] | None, typer.Option(
         "--source", help="Event source: FILE.c[:buf1,buf2] (load with bcc, publish those "
         "buffers; default all) or a pinned buffer's path; repeatable, added to "
@@ -378,7 +381,7 @@ def daemon(
         "daemon.stream_hwm=1000, watch.linger=60, 'watch.always=[\"cilium_*\"]'); "
         "repeatable, applied after the file and the other flags.")] = None,
 ) -> None:
-    """Run the pymap daemon (as root) until SIGINT or SIGTERM."""
+    """Run the pymap daemon (as root) until SIGINT or SIGTERM; SIGHUP reloads the config."""
     from watcher.daemon import main as daemon_main
     from watcher.daemon.config import ConfigError, load_config
 
@@ -389,16 +392,21 @@ def daemon(
         except ValueError:
             fail(f"--socket-mode {socket_mode!r} is not an octal mode", EXIT_USAGE)
     overrides = {"endpoint": endpoint, "events_endpoint": events_endpoint, "socket_mode": mode,
-                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level}
+                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level,
+                 "log_format": log_format}
     watch_overrides = {"interval": interval, "always": always or None}
-    try:
-        conf = load_config(config, overrides, watch_overrides, sources=source or None,
+
+    def load():  # again on SIGHUP, with the same flags on top of the file
+        return load_config(config, overrides, watch_overrides, sources=source or None,
                            settings=set_ or None)
+
+    try:
+        conf = load()
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
-    daemon_main.setup_logging(conf.daemon.log_level)
+    daemon_main.setup_logging(conf.daemon.log_level, conf.daemon.log_format)
     try:
-        trio.run(daemon_main.run, conf)
+        trio.run(functools.partial(daemon_main.run, conf, reload=load))
     except ConfigError as e:
         fail(str(e))
     except PermissionError as e:

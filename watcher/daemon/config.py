@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import grp
 import os
+import re
 import tomllib
 from typing import NewType
 
@@ -115,6 +116,8 @@ class DaemonConfig:
     batch_events: int = attrs.field(default=4096, validator=attrs.validators.in_(range(1, 1 << 20)))
     log_level: str = attrs.field(default="info",
                                  validator=attrs.validators.in_(["debug", "info", "warning", "error"]))
+    # "text" (one readable line) or "json" (one JSON object per line, for a SIEM).
+    log_format: str = attrs.field(default="text", validator=attrs.validators.in_(["text", "json"]))
 
     def __attrs_post_init__(self) -> None:
         if self.events_endpoint is None:
@@ -175,6 +178,64 @@ class WatchConfig:
         return self.interval
 
 
+def _check_listen(_inst, attribute, value: str | None) -> None:
+    if value is None:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics.{attribute.name}: {value!r} must be HOST:PORT, "
+                          "e.g. 127.0.0.1:9435")
+
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_FIELD_PATH = re.compile(r"(key|value)(\.[A-Za-z0-9_]+)*\Z")
+
+
+def _check_metric_name(_inst, attribute, value: str) -> None:
+    if not _METRIC_NAME.match(value):
+        raise ConfigError(f"metrics.maps: {attribute.name} {value!r} is not a Prometheus "
+                          "metric name")
+
+
+def _check_field(_inst, attribute, value: str) -> None:
+    if not _FIELD_PATH.match(value):
+        raise ConfigError(f"metrics.maps: {attribute.name} {value!r} must be a field path "
+                          "like key, key.proto or value.packets")
+
+
+@attrs.define
+class MetricLabel:
+    name: str = attrs.field(validator=_check_metric_name)  # the Prometheus label name
+    field: str = attrs.field(validator=_check_field)  # decoded field: key.proto, value.x
+
+
+@attrs.define
+class MetricMap:
+    """One map exported as one metric family, the way ebpf_exporter does it."""
+
+    map: str  # the map's name (as in pymap list)
+    name: str = attrs.field(validator=_check_metric_name)
+    type: str = attrs.field(default="gauge", validator=attrs.validators.in_(["gauge", "counter"]))
+    help: str = ""
+    labels: list[MetricLabel] = attrs.Factory(list)
+    # Decoded field holding the number; per-CPU values are summed over CPUs.
+    value: str = attrs.field(default="value", validator=_check_field)
+
+
+@attrs.define
+class MetricsConfig:
+    # HOST:PORT of the /metrics HTTP endpoint; None (the default): no endpoint.
+    listen: str | None = attrs.field(default=None, validator=_check_listen)
+    # Entries per exported map turned into samples at most (the rest counted as truncated).
+    max_series: int = attrs.field(default=10000, validator=attrs.validators.in_(range(1, 1 << 24)))
+    maps: list[MetricMap] = attrs.Factory(list)
+
+    def __attrs_post_init__(self) -> None:
+        names = [m.name for m in self.maps]
+        if len(set(names)) != len(names):
+            raise ConfigError("metrics.maps: two [[metrics.maps]] define the same metric name")
+
+
 @attrs.define
 class Config:
     daemon: DaemonConfig = attrs.Factory(DaemonConfig)
@@ -185,6 +246,11 @@ class Config:
     # [[sources]] and --source: BPF programs and pinned buffers to publish
     # (watcher/daemon/sourceconf.py, docs/sources.md).
     sources: list[SourceConfig] = attrs.Factory(list)
+    metrics: MetricsConfig = attrs.Factory(MetricsConfig)
+
+    def always_watched(self) -> list[str]:
+        """Name globs polled whatever the demand: ``watch.always`` and the metrics maps."""
+        return [*self.watch.always, *(m.map for m in self.metrics.maps)]
 
     def layout_for(self, names: list[str], pins: list[str]) -> dict | None:
         """The first declared layout whose ``match`` fits a map's names or pin paths."""

@@ -50,6 +50,7 @@ class Watch:
     polls: int = 0
     last_poll_ms: float = 0.0
     max_poll_ms: float = 0.0
+    poll_seconds: float = 0.0  # all polls together, for the poll-duration metric
     events: int = 0
     reason: str = ""
     unreadable: str = ""  # why the map cannot be read (e.g. created write-only): not polled
@@ -126,7 +127,7 @@ class Engine:
         if self.demand.wants(name):
             self._holds[name] = (now + linger, "lingering")
             return "subscribed"
-        if any(fnmatch.fnmatchcase(name, p) for p in self.config.watch.always):
+        if any(fnmatch.fnmatchcase(name, p) for p in self.config.always_watched()):
             return "always"
         until, reason = self._holds.get(name, (0.0, ""))
         if until > now:
@@ -143,7 +144,7 @@ class Engine:
         while True:
             self._wake = trio.Event()
             started = trio.current_time()
-            idle = not (self.watches or self._holds or self.config.watch.always
+            idle = not (self.watches or self._holds or self.config.always_watched()
                         or self.demand.any_maps())
             try:
                 if idle:  # nobody watches anything: not even enumerate
@@ -194,7 +195,8 @@ class Engine:
             watch.kernel, watch.engine = choose_engine(record, watch.stride, self.config.watch,
                                                        in_use)
             log.debug("%s (id %d): %s", record.name, record.id, watch.engine)
-        log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval)
+        log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval,
+                 extra={"map": record.name, "map_id": record.id, "interval": watch.interval})
         return watch
 
     # --- polling ---
@@ -250,6 +252,7 @@ class Engine:
             elapsed = (time.perf_counter() - t0) * 1000
             watch.polls += 1
             watch.last_poll_ms = elapsed
+            watch.poll_seconds += elapsed / 1000
             watch.max_poll_ms = max(watch.max_poll_ms, elapsed)
 
     def _open(self, watch: Watch) -> int:

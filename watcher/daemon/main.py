@@ -14,7 +14,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 
 import trio
@@ -23,8 +23,11 @@ import zmq
 from ..wire.transport import PublisherOwner
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
+from .logs import setup_logging
 from .memory import release_big_buffers_promptly
+from .metrics import MetricsServer
 from .publisher import Stream
+from .reload import Reloader
 from .server import RequestServer
 from .sources import Sources
 from .subgate import SubscriptionGate, socket_name
@@ -111,8 +114,9 @@ def _unlink_socket(endpoint: str) -> None:
             os.unlink(path)
 
 
-async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until SIGINT/SIGTERM (or cancellation)."""
+async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
+              reload: Callable[[], Config] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or cancellation); SIGHUP re-reads the config via ``reload``."""
     dconf = config.daemon
     release_big_buffers_promptly()
     epoch = secrets.token_hex(8)
@@ -136,6 +140,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
                             socket_name(dconf.events_endpoint))
     sources = Sources(config.sources, stream)
+    reloader = Reloader(reload or (lambda: config), engine, [])
+    metrics = MetricsServer(engine, sources, reloader.counts)
     try:
         for endpoint in (dconf.endpoint, dconf.events_endpoint):
             _refuse_live_socket(endpoint)  # before seconds of compiling, not after
@@ -148,31 +154,40 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED) -> None:
         _close(sources, router, xpub, bound, ctx)
         raise
     # From here signals are ours until cleanup is done, a second one included.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
+            try:
+                metrics.start(config)
+            except OSError as e:
+                raise ConfigError(f"metrics.listen {config.metrics.listen}: {e.strerror}") from None
             bind_endpoint(router, dconf.endpoint, dconf)
             bound.append(dconf.endpoint)
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
             server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate)
+            reloader.targets += [server.reconfigure, metrics.reconfigure]
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, dconf.events_endpoint, epoch)
             async with trio.open_nursery() as nursery:
 
-                async def stop_on_signal():
+                async def on_signal():
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            await reloader.reload()
+                            continue
                         log.info("%s: shutting down", signal.Signals(signum).name)
                         nursery.cancel_scope.cancel()
                         return
 
-                nursery.start_soon(stop_on_signal)
+                nursery.start_soon(on_signal)
                 nursery.start_soon(server.serve)
                 nursery.start_soon(publisher.serve, gate.guard(engine.on_subscription))
                 nursery.start_soon(engine.run)
                 nursery.start_soon(sources.run)
-                nursery.start_soon(_heartbeats, engine, dconf.heartbeat_interval)
+                nursery.start_soon(_heartbeats, engine)
                 task_status.started()
         finally:
+            metrics.close()
             _close(sources, router, xpub, bound, ctx)
     log.info("stopped")
 
@@ -188,11 +203,10 @@ def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[s
     ctx.term()
 
 
-async def _heartbeats(engine: Engine, interval: float) -> None:
+async def _heartbeats(engine: Engine) -> None:
     while True:
         engine.stream.heartbeat(engine.watched_topics())
-        await trio.sleep(interval)
+        await trio.sleep(engine.stream.heartbeat_interval)  # a reload may change it
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="pymap: %(levelname)s %(name)s: %(message)s")
+__all__ = ["run", "setup_logging"]

@@ -59,6 +59,11 @@ class RequestServer:
         self.requests_refused = 0  # refused with `busy`: too many in flight
         self.replies_dropped = 0  # could not even be queued: the client's outbox was full
 
+    def reconfigure(self, config) -> None:
+        """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
+        self.config = config.daemon  # its endpoints are the running ones (reload keeps them)
+        self.bpffs = tuple(config.daemon.bpffs)
+
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -190,7 +195,7 @@ class RequestServer:
         await self.owner.send(peer, [schema.encode(message), *extra])
 
     async def _error(self, peer, req, code, message, candidates=()) -> None:
-        log.info("error reply %s: %s", code, message)
+        log.info("error reply %s: %s", code, message, extra={"code": code, "req": req})
         try:
             await self._reply(peer, schema.ErrorReply(code, message, list(candidates), req=req))
         except PeerGone:

@@ -1,0 +1,295 @@
+"""Prometheus metrics: the daemon's own counters, and map contents as metrics.
+
+Served by ``prometheus_client``'s HTTP server, which runs in its own thread:
+a scrape never waits for the trio loop, and the loop never waits for a
+scrape.  Collection reads only what the daemon already holds:
+
+- the daemon's own figures are plain attributes of the engine, the stream and
+  the sources (ints and floats, read without locks; a scrape may see one poll
+  more or less, never a torn value);
+- a map exported with ``[[metrics.maps]]`` is watched ``always`` by the
+  engine, and the scrape decodes the engine's **cached snapshot** of it (the
+  last poll, at the map's watch interval).  The scrape thread never dumps a
+  map: a slow or huge map cannot make scrapes pile up kernel work, and the
+  values are as fresh as the watch interval.  Decoding is bounded by
+  ``metrics.max_series`` entries per map, and a snapshot once decoded is
+  reused until the next poll replaces it.
+
+Map entries are decoded by the same decoders as ``pymap get`` (declared
+layout, Cilium, BTF; watcher/decode/choose.py); per-CPU values are summed
+over CPUs, as Cloudflare's ebpf_exporter does.  See docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..decode.choose import EntryFormatter, choose
+from . import catalog
+from .config import Config, MetricMap, MetricsConfig
+from .engine import Engine, Watch
+
+log = logging.getLogger("pymap.metrics")
+
+
+class FieldError(ValueError):
+    """A configured field path is not in a decoded entry."""
+
+
+def field_at(entry: dict, path: str) -> Any:
+    """``entry["key"]["proto"]`` for ``key.proto``; list items by index (``value.counts.0``)."""
+    node: Any = entry
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise FieldError(f"no field {path!r} in the decoded entry")
+    return node
+
+
+def as_number(value: Any) -> float:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        return float(int(value, 0))  # layouts may print integers as hex
+    raise FieldError(f"{value!r} is not a number")
+
+
+def label_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def entry_value(entry: dict, path: str) -> float:
+    """The sample value: the field itself, or summed over CPUs for a per-CPU map."""
+    if "values" in entry and "value" not in entry:  # per-CPU: {"values": [{"cpu", "value"}]}
+        rest = path.partition(".")[2]
+        return sum(as_number(field_at(cpu, "value" + ("." + rest if rest else "")))
+                   for cpu in entry["values"])
+    return as_number(field_at(entry, path))
+
+
+@attrs.define(eq=False)
+class _Decoded:
+    snapshot: object  # the engine's Snapshot these samples came from (held: identity check)
+    samples: dict[tuple[str, ...], float]
+    truncated: int
+    errors: int
+
+
+class MapMetrics:
+    """Turns the engine's cached snapshots of the configured maps into metric families."""
+
+    def __init__(self, engine: Engine, config: MetricsConfig):
+        self.engine = engine
+        self.config = config
+        self._formatters: dict[int, EntryFormatter | None] = {}  # map id -> decoder
+        self._decoded: dict[tuple[str, int], _Decoded] = {}  # (metric, map id) -> samples
+        self.decode_errors: dict[str, int] = {}  # metric -> entries that did not decode
+        self.truncated: dict[str, int] = {}  # metric -> entries left out (max_series)
+        self._lock = threading.Lock()  # two concurrent scrapes share the caches
+
+    def _formatter(self, watch: Watch) -> EntryFormatter | None:
+        record = watch.record
+        if record.id not in self._formatters:
+            info = catalog.to_wire(record)
+            btf = catalog.btf_blob(record)
+            layout = self.engine.config.layout_for([info.name, info.kernel_name], info.pinned)
+            decoding = choose(info, btf, layout)
+            if decoding.formatter is None:
+                log.warning("metric for %s: no decoder (%s); not exported", record.name,
+                            decoding.describe())
+            self._formatters[record.id] = decoding.formatter
+        return self._formatters[record.id]
+
+    def _decode(self, spec: MetricMap, watch: Watch) -> _Decoded | None:
+        snap = watch.snapshot
+        if snap is None:
+            return None
+        cache_key = (spec.name, watch.record.id)
+        cached = self._decoded.get(cache_key)
+        if cached is not None and cached.snapshot is snap:
+            return cached
+        fmt = self._formatter(watch)
+        if fmt is None:
+            return None
+        samples: dict[tuple[str, ...], float] = {}
+        errors = 0
+        count = min(snap.count, self.config.max_series)
+        ks, vs = snap.key_size, snap.stride
+        for i in range(count):
+            entry = fmt(bytes(snap.keys[i * ks:(i + 1) * ks]), bytes(snap.values[i * vs:(i + 1) * vs]))
+            try:
+                if "error" in entry:
+                    raise FieldError(entry["error"])
+                labels = tuple(label_text(field_at(entry, lb.field)) for lb in spec.labels)
+                # Entries that share labels (fields left out of the labels) add up.
+                samples[labels] = samples.get(labels, 0.0) + entry_value(entry, spec.value)
+            except (FieldError, ValueError) as e:
+                if not errors:
+                    log.warning("metric %s: an entry of %s does not fit: %s", spec.name,
+                                watch.record.name, e)
+                errors += 1
+        decoded = _Decoded(snap, samples, snap.count - count, errors)
+        self.decode_errors[spec.name] = self.decode_errors.get(spec.name, 0) + errors
+        self.truncated[spec.name] = decoded.truncated
+        self._decoded[cache_key] = decoded
+        return decoded
+
+    def collect(self) -> Iterator[Metric]:
+        watches = tuple(self.engine.watches.values())  # one C-level copy: no resize mid-loop
+        with self._lock:
+            for spec in self.config.maps:
+                family_type = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
+                family = family_type(spec.name, spec.help or f"entries of map {spec.map}",
+                                     labels=[lb.name for lb in spec.labels])
+                for watch in watches:
+                    if watch.record.name != spec.map:
+                        continue
+                    decoded = self._decode(spec, watch)
+                    for labels, value in (decoded.samples.items() if decoded else ()):
+                        family.add_metric(list(labels), value)
+                yield family
+            live = {w.record.id for w in watches}
+            for key in [k for k in self._decoded if k[1] not in live]:
+                del self._decoded[key]  # maps gone: free their samples
+            for map_id in [i for i in self._formatters if i not in live]:
+                del self._formatters[map_id]
+
+
+class DaemonCollector(Collector):
+    """The daemon's own figures, read at scrape time from the objects that keep them."""
+
+    def __init__(self, engine: Engine, sources, reloads: dict[str, int]):
+        self.engine = engine
+        self.sources = sources
+        self.reloads = reloads  # "ok"/"refused" -> count, kept by the reload handler
+        self.map_metrics: MapMetrics | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        engine, stream = self.engine, self.engine.stream
+        watches = tuple(engine.watches.values())
+        yield _counter("pymap_events_published", "Events published on the stream",
+                       stream.events_published)
+        yield _counter("pymap_messages_published", "Messages published on the stream",
+                       stream.messages_published)
+        yield _counter("pymap_subscriber_missed_events",
+                       "Events subscribers reported missing (gaps: dropped at their queue)",
+                       engine.drops_reported)
+        yield _counter("pymap_resyncs", "Snapshots clients took to recover from a gap or restart",
+                       engine.resyncs)
+        yield _counter("pymap_poll_errors", "Failed polls and enumerations", engine.poll_errors)
+        yield _gauge("pymap_subscriptions", "Distinct topic prefixes subscribed to",
+                     len(engine.demand.prefixes))
+        yield _gauge("pymap_subscribe_requests", "Subscribe requests seen (all subscribers)",
+                     sum(engine.demand.prefixes.values()))
+        yield _gauge("pymap_watched_maps", "Maps being polled", len(watches))
+        per_map = [
+            ("pymap_map_poll_seconds", "Time spent polling the map", CounterMetricFamily,
+             lambda w: w.poll_seconds),
+            ("pymap_map_polls", "Polls of the map", CounterMetricFamily, lambda w: w.polls),
+            ("pymap_map_last_poll_seconds", "Duration of the map's last poll", GaugeMetricFamily,
+             lambda w: w.last_poll_ms / 1000),
+            ("pymap_map_events", "Events published for the map", CounterMetricFamily,
+             lambda w: w.events),
+            ("pymap_map_entries", "Entries at the last poll", GaugeMetricFamily,
+             lambda w: w.snapshot.count if w.snapshot else 0),
+        ]
+        for name, help_, family_type, get in per_map:
+            family = family_type(name, help_, labels=["map", "id"])
+            for w in watches:
+                family.add_metric([w.record.name, str(w.record.id)], get(w))
+            yield family
+        buffers = tuple(self.sources.buffers) if self.sources else ()
+        for name, help_, get in (
+                ("pymap_source_records", "Records read from an event source", lambda b: b.records),
+                ("pymap_source_lost", "Records an event source lost (perf loss, drops_map)",
+                 lambda b: b.lost)):
+            family = CounterMetricFamily(name, help_, labels=["source", "kind"])
+            for b in buffers:
+                family.add_metric([b.name, b.kind], get(b))
+            yield family
+        reloads = CounterMetricFamily("pymap_config_reloads", "SIGHUP reloads by result",
+                                      labels=["result"])
+        for result in ("ok", "refused"):
+            reloads.add_metric([result], self.reloads.get(result, 0))
+        yield reloads
+        mm = self.map_metrics
+        for name, help_, table in (
+                ("pymap_metrics_decode_errors", "Map entries that did not decode into a sample",
+                 mm.decode_errors if mm else {}),):
+            family = CounterMetricFamily(name, help_, labels=["metric"])
+            for metric, n in table.items():
+                family.add_metric([metric], n)
+            yield family
+        truncated = GaugeMetricFamily("pymap_metrics_truncated_entries",
+                                      "Entries left out of a map metric (metrics.max_series)",
+                                      labels=["metric"])
+        for metric, n in (mm.truncated if mm else {}).items():
+            truncated.add_metric([metric], n)
+        yield truncated
+
+
+def _counter(name: str, help_: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, help_, value=value)
+
+
+def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help_, value=value)
+
+
+class _MapCollector(Collector):
+    def __init__(self, owner: MetricsServer):
+        self.owner = owner
+
+    def collect(self) -> Iterator[Metric]:
+        mm = self.owner.daemon.map_metrics
+        if mm is not None:
+            yield from mm.collect()
+
+
+class MetricsServer:
+    """The /metrics endpoint; :meth:`reconfigure` swaps the map metrics on reload."""
+
+    def __init__(self, engine: Engine, sources, reloads: dict[str, int]):
+        self.engine = engine
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.daemon = DaemonCollector(engine, sources, reloads)
+        self.registry.register(self.daemon)
+        self.registry.register(_MapCollector(self))
+        self._http = None
+        self._thread: threading.Thread | None = None
+        self.listen: str | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        self.daemon.map_metrics = MapMetrics(self.engine, config.metrics) if config.metrics.maps else None
+
+    def start(self, config: Config) -> None:
+        self.reconfigure(config)
+        listen = config.metrics.listen
+        if listen is None:
+            return
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        self._http, self._thread = start_http_server(int(port), addr=host, registry=self.registry)
+        self.listen = listen
+        log.info("metrics on http://%s/metrics", listen)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,100 @@
+"""SIGHUP: read the config again and apply it without dropping anyone.
+
+The new file is loaded and validated in full first (in a worker thread: it
+may read files); if anything is wrong, one log line says what and the
+running config stays untouched.  Otherwise the new config replaces the old
+in place: watch intervals and ``always`` globs, layouts, bpffs roots,
+heartbeat/recent/batch settings, the log level, the metrics maps and the
+access lists.  The sockets are not touched, so subscribers and clients
+stay connected and the stream continues (same epoch, same sequence).
+
+Keys that name what was bound or loaded at start-up (endpoints, socket
+mode and group, the stream high-water mark, ``log_format``, the metrics
+listen address, ``[[sources]]``) need a restart: a reload that changes them
+applies everything else and logs one warning naming them.  Sources are not
+reloaded in place because bcc's LLVM replaces the process' signal handlers
+while compiling, which the daemon only allows before it starts serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from . import logs
+from .config import Config, ConfigError
+from .engine import Engine
+
+log = logging.getLogger("pymap.reload")
+
+# (what, read from a Config): changes that take effect only at the next start.
+_AT_RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("daemon.endpoint", lambda c: c.daemon.endpoint),
+    ("daemon.events_endpoint", lambda c: c.daemon.events_endpoint),
+    ("daemon.socket_mode", lambda c: c.daemon.socket_mode),
+    ("daemon.socket_group", lambda c: c.daemon.socket_group),
+    ("daemon.stream_hwm", lambda c: c.daemon.stream_hwm),
+    ("daemon.log_format", lambda c: c.daemon.log_format),
+    ("metrics.listen", lambda c: c.metrics.listen),
+    ("sources", lambda c: c.sources),
+)
+
+
+class Reloader:
+    """Applies a reloaded config to the live daemon; counts results for the metrics."""
+
+    def __init__(self, load: Callable[[], Config], engine: Engine,
+                 targets: list[Callable[[Config], None]]):
+        self.load = load
+        self.engine = engine
+        self.targets = targets  # other parts to reconfigure (server, metrics, access)
+        self.counts: dict[str, int] = {"ok": 0, "refused": 0}
+
+    async def reload(self) -> bool:
+        try:
+            new = await trio.to_thread.run_sync(self.load)
+        except ConfigError as e:
+            self.counts["refused"] += 1
+            log.error("reload refused, keeping the running config: %s", e,
+                      extra={"error": str(e)})
+            return False
+        old = self.engine.config
+        # Whatever changes must wait for a restart keeps its running value, so the
+        # config the daemon reports is the one it actually serves with.
+        pending = [what for what, get in _AT_RESTART if get(new) != get(old)]
+        new.daemon.endpoint, new.daemon.events_endpoint = (old.daemon.endpoint,
+                                                          old.daemon.events_endpoint)
+        new.daemon.socket_mode, new.daemon.socket_group = (old.daemon.socket_mode,
+                                                          old.daemon.socket_group)
+        new.daemon.stream_hwm, new.daemon.log_format = old.daemon.stream_hwm, old.daemon.log_format
+        new.metrics.listen, new.sources = old.metrics.listen, old.sources
+        self.apply(new)
+        self.counts["ok"] += 1
+        log.info("config reloaded")
+        if pending:
+            log.warning("reload: %s changed; takes effect at the next restart",
+                        ", ".join(pending))
+        return True
+
+    def apply(self, new: Config) -> None:
+        engine = self.engine
+        engine.config = new
+        engine.bpffs = tuple(new.daemon.bpffs)
+        stream = engine.stream
+        stream.recent_limit = new.daemon.recent_events
+        stream.batch_events = new.daemon.batch_events
+        stream.heartbeat_interval = new.daemon.heartbeat_interval
+        now = trio.current_time()
+        for watch in engine.watches.values():
+            interval = new.watch.interval_for(watch.record.name)
+            if interval != watch.interval:
+                log.info("%s: polled every %g s (was %g s)", watch.record.name, interval,
+                         watch.interval)
+                watch.interval = interval
+                watch.next_due = min(watch.next_due, now + interval)
+        logs.set_level(new.daemon.log_level)
+        for target in self.targets:
+            target(new)
+        engine.poke()  # new always globs and intervals take effect now, not at the next tick
