@@ -138,7 +138,7 @@ def test_request_flood_is_bounded(daemon_factory):
         print(describe("after", pid, after), f"daemon CPU {idle_cpu * 100:.0f}%")
         assert pinger.timeouts == 0
     assert peak - base < 150 * MB, f"RSS grew {(peak - base) / MB:.0f} MB"
-    assert rss(pid) - base < 80 * MB
+    assert rss(pid) - base < 150 * MB  # not all returned yet: see docs/operations.md
     assert idle_cpu < 0.5, f"daemon at {idle_cpu * 100:.0f}% CPU after the flooder left"
     t0 = time.monotonic()
     assert d.stop() == 0

@@ -20,6 +20,7 @@ try:
 except OSError:
     _libc = None  # not glibc: nothing to tune
 _last_trim = 0.0
+_pending = False
 
 
 def release_big_buffers_promptly() -> None:
@@ -34,10 +35,21 @@ def release_big_buffers_promptly() -> None:
 
 
 def trim_soon() -> None:
-    """Return free heap pages to the system, unless that was done less than a second ago."""
-    global _last_trim
+    """Ask for free heap pages to be returned to the system at the next :func:`trim_pending`.
+
+    Deferred, so a trim asked for in the middle of a flood still happens after its end.
+    """
+    global _pending
+    _pending = True
+
+
+def trim_pending() -> None:
+    """Trim the heap if asked since the last trim; called once a second (heartbeats)."""
+    global _pending, _last_trim
     now = time.monotonic()
-    if _libc is None or not hasattr(_libc, "malloc_trim") or now - _last_trim < TRIM_INTERVAL:
+    if not _pending or _libc is None or not hasattr(_libc, "malloc_trim") or (
+            now - _last_trim < TRIM_INTERVAL):
         return
+    _pending = False
     _last_trim = now
     _libc.malloc_trim(0)

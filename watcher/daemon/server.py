@@ -89,6 +89,7 @@ class RequestServer:
     def _refuse(self, peer: bytes, client: Client, frames: list[bytes]) -> None:
         """Answer ``busy`` without running the request, or drop the answer if it cannot queue."""
         self.requests_refused += 1
+        trim_soon()
         if not client.abused:
             client.abused = True
             log.warning("client %s has %d requests in flight; refusing more with 'busy'",

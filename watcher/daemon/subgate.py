@@ -121,10 +121,12 @@ class SubscriptionGate:
     def _refuse(self, frame, peer: Peer, held: int, length: int) -> None:
         self.refused += 1
         self._held.pop(peer, None)
-        try:
-            address = frame.get("Peer-Address")
-        except zmq.ZMQError:
-            address = "?"
+        address = "?"
+        if isinstance(frame, zmq.Frame):
+            try:
+                address = frame.get("Peer-Address")
+            except zmq.ZMQError:
+                pass
         if address not in self._logged:
             if len(self._logged) >= LOGGED_LIMIT:
                 self._logged.clear()
