@@ -202,6 +202,8 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                 res["changed_walk"], res["changed_parse"] = walks, parses
                 if watch.kernel is not None:
                     res["kernel_bytes"] = watch.kernel.kernel_bytes
+                    res["route"] = ("bpf_for_each_map_elem (BPF_PROG_TEST_RUN)"
+                                    if watch.kernel.walker.each else "bpf_iter")
                     watch.kernel.close()
             nursery.cancel_scope.cancel()
     finally:
@@ -263,7 +265,8 @@ def report(results: dict) -> None:
               f"aim {AIM_UNCHANGED}): {'met' if un <= TARGET_UNCHANGED else 'MISSED'}")
         print(f"  in-kernel changed-10k delivery / raw read = {ch:.2f} (target <= "
               f"{TARGET_CHANGED}): {'met' if ch <= TARGET_CHANGED else 'MISSED'}")
-        print(f"  where the in-kernel time goes: iterator step alone (nop program) "
+        print(f"  in-kernel route after the first poll: {k['route']} (the first poll: bpf_iter)")
+        print(f"  where the in-kernel time goes: bpf_iter step alone (nop program) "
               f"{out['nop_walk']:.3f} s; walk incl. fingerprint, shadow lookup, output copy: "
               f"unchanged {', '.join(f'{x:.3f}' for x in k['unchanged_walk'])} s, changed "
               f"{', '.join(f'{x:.3f}' for x in k['changed_walk'])} s; user-space parse/apply: "

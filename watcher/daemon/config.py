@@ -159,10 +159,10 @@ class WatchConfig:
     # maps of at least kernel_delta_min_entries (max_entries); "off" never.
     kernel_delta: str = attrs.field(default="auto", validator=attrs.validators.in_(["auto", "off"]))
     kernel_delta_min_entries: int = attrs.field(default=65536, validator=attrs.validators.ge(0))
-    # Map types the in-kernel engine may take.  Arrays only by default: on the kernels
-    # measured, a bpf_iter walk of a hash map costs more than its batch read.
+    # Map types the in-kernel engine may take.  Not per-CPU hashes by default: they need
+    # the bpf_iter route, which costs more than their batch read (bench_kdelta, docs).
     kernel_delta_types: list[str] = attrs.field(
-        factory=lambda: ["array", "percpu_array"],
+        factory=lambda: ["hash", "lru_hash", "array", "percpu_array"],
         validator=attrs.validators.deep_iterable(attrs.validators.in_(
             ["hash", "lru_hash", "percpu_hash", "lru_percpu_hash", "array", "percpu_array"]),
             attrs.validators.instance_of(list)))
