@@ -138,7 +138,7 @@ def test_request_flood_is_bounded(daemon_factory):
         print(describe("after", pid, after), f"daemon CPU {idle_cpu * 100:.0f}%")
         assert pinger.timeouts == 0
     assert peak - base < 150 * MB, f"RSS grew {(peak - base) / MB:.0f} MB"
-    assert rss(pid) - base < 150 * MB  # not all returned yet: see docs/operations.md
+    assert rss(pid) - base < 40 * MB  # returned (the heartbeat task trims the heap)
     assert idle_cpu < 0.5, f"daemon at {idle_cpu * 100:.0f}% CPU after the flooder left"
     t0 = time.monotonic()
     assert d.stop() == 0
@@ -266,22 +266,39 @@ def test_stopped_subscriber_is_bounded_and_told_its_loss(daemon_factory, maps, b
     live = Follower(d, name, "-f")
     try:
         wait_ready(d, name, 2)
-        base = rss(pid)
-        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        # Warm up first: the delta engine may compile or grow buffers on the first changes.
+        for r in (1, 2):
+            fill_batch(fd, keys, [pattern(-r * 1000 - i, 1024) for i in range(512)])
+            live.wait_for(lambda lines, n=512 * r: len(lines) >= n, "warm-up changes")
+        stopped.wait_for(lambda lines: len(lines) >= 1024, "warm-up changes")
+        time.sleep(1)
         pause = 30 if LONG else 8
-        end = time.monotonic() + pause
         rounds = 0
-        peak = base
-        while time.monotonic() < end:
-            rounds += 1
-            fill_batch(fd, keys, [pattern(rounds * 1000 + i, 1024) for i in range(512)])
-            time.sleep(0.2)
-            peak = max(peak, rss(pid))
+
+        def churn() -> int:
+            """``pause`` seconds of 512 x 1 KiB updates every 0.2 s; the peak RSS."""
+            nonlocal rounds
+            end = time.monotonic() + pause
+            peak = 0
+            while time.monotonic() < end:
+                rounds += 1
+                fill_batch(fd, keys, [pattern(rounds * 1000 + i, 1024) for i in range(512)])
+                time.sleep(0.2)
+                peak = max(peak, rss(pid))
+            return peak
+
+        # The same load first with both reading: the daemon's own working set under this
+        # change rate (heap, recent events) is the reference the stopped phase adds to.
+        base = rss(pid)
+        reading_peak = churn()
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        peak = churn()
         os.kill(stopped.proc.pid, signal.SIGCONT)
         final = status(d)
         tseq = final["events_published"]  # this map's only events
-        print(f"{rounds} rounds of 512 x 1 KiB updates; daemon RSS {base / MB:.1f} -> peak "
-              f"{peak / MB:.1f} MB (queue bound {queue / MB:.0f} MB per subscriber)")
+        print(f"{rounds} rounds of 512 x 1 KiB updates; daemon RSS {base / MB:.1f} MB, peak "
+              f"{reading_peak / MB:.1f} MB with both reading, {peak / MB:.1f} MB with one "
+              f"stopped {pause} s (queue bound {queue / MB:.0f} MB per subscriber)")
 
         def accounted(lines):
             got = sum(1 for ln in lines if ln.get("action") in ("added", "updated", "removed"))
@@ -294,7 +311,7 @@ def test_stopped_subscriber_is_bounded_and_told_its_loss(daemon_factory, maps, b
         print(f"stopped follower: {sgot} events, {slost} lost")
         assert slost > 0, "the stopped follower lost nothing: the bound was not reached"
         assert sgot + slost == tseq and got + lost == tseq  # exact: nothing lost silently
-        assert peak - base < 2 * queue + 60 * MB
+        assert peak - reading_peak < 2 * queue + 30 * MB  # was ~2 MB/s without a byte bound
     finally:
         os.kill(stopped.proc.pid, signal.SIGCONT)
         stopped.stop()

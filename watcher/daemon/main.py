@@ -24,7 +24,7 @@ from ..wire.transport import PublisherOwner
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
 from .logs import setup_logging
-from .memory import release_big_buffers_promptly, trim_pending
+from .memory import release_big_buffers_promptly, trim_heap
 from .metrics import MetricsServer
 from .publisher import Stream
 from .reload import Reloader
@@ -206,7 +206,7 @@ def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[s
 async def _heartbeats(engine: Engine) -> None:
     while True:
         engine.stream.heartbeat(engine.watched_topics())
-        trim_pending()  # memory freed after abuse goes back to the system
+        trim_heap()  # memory freed after abuse and under stalled subscribers goes back
         await trio.sleep(engine.stream.heartbeat_interval)  # a reload may change it
 
 

@@ -25,7 +25,6 @@ from ..wire.transport import PeerGone, SocketOwner
 from . import catalog
 from .config import DaemonConfig
 from .engine import Engine
-from .memory import trim_soon
 from .subgate import SubscriptionGate
 
 log = logging.getLogger("pymap.server")
@@ -39,7 +38,7 @@ class Client:
 
     scopes: set[trio.CancelScope] = attrs.Factory(set)
     dropped: int = 0  # replies dropped since the client was last told
-    abused: bool = False  # refused at least once: logged, memory trimmed when it ends
+    abused: bool = False  # refused at least once: logged (once)
 
 
 class RequestServer:
@@ -89,7 +88,6 @@ class RequestServer:
     def _refuse(self, peer: bytes, client: Client, frames: list[bytes]) -> None:
         """Answer ``busy`` without running the request, or drop the answer if it cannot queue."""
         self.requests_refused += 1
-        trim_soon()
         if not client.abused:
             client.abused = True
             log.warning("client %s has %d requests in flight; refusing more with 'busy'",
@@ -122,8 +120,6 @@ class RequestServer:
             if self._clients.get(peer) is client and not client.dropped:
                 del self._clients[peer]
             self.owner.forget(peer)
-            if client.abused:
-                trim_soon()
 
     async def _handle(self, peer: bytes, frames: list[bytes], client: Client,
                       scope: trio.CancelScope) -> None:

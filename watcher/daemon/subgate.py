@@ -28,8 +28,6 @@ from collections.abc import Callable
 
 import zmq
 
-from .memory import trim_soon
-
 log = logging.getLogger("pymap.subscriptions")
 
 Peer = tuple[int, int]  # (fd, inode of the socket)
@@ -135,7 +133,6 @@ class SubscriptionGate:
                         "%d bytes of at most %d); logged once per peer", address, held + 1,
                         self.max_count, length, self.max_bytes)
         self._cut(peer[0], self.local)
-        trim_soon()
 
     def _sweep(self) -> None:
         """Forget connections whose fd is closed or now another socket."""
