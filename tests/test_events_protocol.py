@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from typing import ClassVar
 
 import pytest
 import trio
@@ -38,18 +39,7 @@ class TinyBufferStream(EventStream):
     """An EventStream whose SUB socket buffers one message: a subscriber that falls
     behind loses messages at once instead of after 100k."""
 
-    async def __aenter__(self):
-        pong = await self.client.ping()
-        self._ctx = zmq.Context()
-        self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.RCVHWM, 1)
-        self._sub.setsockopt(zmq.RCVBUF, 4096)
-        self._sub.connect(pong.events_endpoint)
-        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
-        for topic in self.selection.subscriptions():
-            self._sub.setsockopt(zmq.SUBSCRIBE, topic)
-        return self
+    SOCKET_OPTIONS: ClassVar[dict[int, int]] = {zmq.RCVHWM: 1, zmq.RCVBUF: 4096}
 
 
 def _check_exact_losses(events: list, final_tseq: int) -> None:

@@ -1,9 +1,14 @@
-"""The ``pymap`` command line: a thin layer over :mod:`consumers.client`.
+"""The ``pymap`` command line: a thin layer over the client library.
 
 Every command talks to the daemon through the same client library other
-consumers use; only ``daemon`` (which starts it) and ``doctor`` (which checks
-the host) reach further.  Errors are one line on stderr and a non-zero exit,
-never a traceback.
+consumers use (:mod:`consumers.oneshot` for one request and one reply,
+:mod:`consumers.client` for the rest); only ``daemon`` (which starts it) and
+``doctor`` (which checks the host) reach further.  Errors are one line on
+stderr and a non-zero exit, never a traceback.
+
+Each command imports what it needs when it runs (trio, rich, decoders,
+numpy through the daemon), so ``pymap ping`` starts in a fraction of the time
+``pymap daemon`` takes: see bench/bench_cli.py.
 """
 
 from __future__ import annotations
@@ -13,18 +18,20 @@ import enum
 import functools
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import trio
 import typer
-import zmq
-from rich.console import Console
 
 from watcher.wire.globs import GlobError, check_glob
 
-from ..client import DEFAULT_ENDPOINT, Client, DaemonError
-from ..decoding import choose_decoding
-from . import render
+from .. import oneshot
+from ..endpoint import DEFAULT_ENDPOINT
+from ..errors import DaemonError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..client import Client
 
 app = typer.Typer(
     name="pymap",
@@ -37,8 +44,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-stdout = Console()
-stderr = Console(stderr=True)
+
+
+@functools.cache
+def out() -> Console:
+    """The rich console on stdout, made when a command first prints with it."""
+    from rich.console import Console
+
+    return Console()
+
+
+@functools.cache
+def err() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """One line on stderr for a person (a note, not an error)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 class Output(enum.StrEnum):
@@ -58,8 +84,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> None:
-    stderr.print(f"pymap: error: {message}", markup=False, highlight=False, soft_wrap=True)
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    say(f"pymap: error: {message}")
     raise typer.Exit(code)
 
 
@@ -69,13 +95,12 @@ def valid_glob(pattern: str) -> str:
         return check_glob(pattern)
     except GlobError as e:
         fail(str(e), EXIT_USAGE)
-        raise  # not reached: fail() exits
 
 
-def run(fn: Callable[[], Awaitable[int | None]]) -> None:
-    """Run an async command; turn daemon errors and Ctrl-C into clean exits."""
+def run(fn: Callable[[], int | None]) -> None:
+    """Run a command; turn daemon errors and Ctrl-C into clean exits."""
     try:
-        code = trio.run(fn)
+        code = fn()
     except GlobError as e:
         fail(str(e), EXIT_USAGE)
     except DaemonError as e:
@@ -94,15 +119,21 @@ def run(fn: Callable[[], Awaitable[int | None]]) -> None:
         raise typer.Exit(code)
 
 
+def run_async(fn: Callable[[], Awaitable[int | None]]) -> None:
+    """Run an async command (the client library's async API) as :func:`run` does."""
+    import trio
+
+    run(lambda: trio.run(fn))
+
+
 @app.command()
 def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0) -> None:
     """Check that the daemon answers; print its version, epoch and uptime."""
 
-    async def main():
-        async with Client(endpoint, timeout) as client:
-            pong = await client.ping()
-        stdout.print(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
-                     f"up {pong.uptime:.0f} s", highlight=False, soft_wrap=True)
+    def main():
+        pong = oneshot.ping(endpoint, timeout)
+        sys.stdout.write(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
+                         f"up {pong.uptime:.0f} s\n")
 
     run(main)
 
@@ -121,21 +152,22 @@ def list_(
     if pattern:
         valid_glob(pattern)
 
-    async def main():
-        async with Client(endpoint, timeout) as client:
-            if output is not Output.json and stderr.is_terminal:
-                with stderr.status("reading maps from the daemon..."):
-                    maps = await client.list_maps(pattern, entries=not no_entries)
-            else:
-                maps = await client.list_maps(pattern, entries=not no_entries)
+    def main():
+        from . import render
+
+        waiting: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if output is not Output.json and sys.stderr.isatty():
+            waiting = err().status("reading maps from the daemon...")
+        with waiting:
+            maps = oneshot.list_maps(endpoint, pattern, entries=not no_entries, timeout=timeout)
         if output is Output.json:
             import orjson
 
             sys.stdout.write(orjson.dumps([render.map_json(m) for m in maps]).decode() + "\n")
         else:
-            render.print_maps(stdout, maps, wide=output is Output.wide)
+            render.print_maps(out(), maps, wide=output is Output.wide)
         if pattern and not maps:
-            stderr.print(f"pymap: no map matches {pattern!r}", highlight=False)
+            say(f"pymap: no map matches {pattern!r}")
             return EXIT_ERROR
 
     run(main)
@@ -159,15 +191,18 @@ def get(
     own_layouts = _read_layouts(layout_file) if layout_file else []
 
     async def main():
+        from ..client import Client
+        from ..decoding import choose_decoding
+        from . import render
+
         async with Client(endpoint, timeout) as client, client.get(selector) as dump:
             layout = next((x for x in own_layouts
                            if x.matches([dump.map.name, dump.map.kernel_name], dump.map.pinned)),
                           None)
             if layout is None:
                 if own_layouts:
-                    stderr.print(f"pymap: note: no layout in {layout_file} matches "
-                                 f"{dump.map.name}; using the daemon's decoding",
-                                 highlight=False, markup=False)
+                    say(f"pymap: note: no layout in {layout_file} matches {dump.map.name}; "
+                        "using the daemon's decoding")
                 layout = dump.layout
             decoding = None if raw else choose_decoding(dump.map, dump.btf, layout)
             formatter = decoding.formatter if decoding else None
@@ -189,11 +224,11 @@ def get(
                         key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
                         value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
                         rows.append((key, value, formatter(key, value) if formatter else None))
-            render.print_entries(stdout, m, rows, dump.total or 0, raw,
+            render.print_entries(out(), m, rows, dump.total or 0, raw,
                                  decoding.describe() if decoding else "shown as hex (--raw)",
                                  wide=output is Output.wide)
 
-    run(main)
+    run_async(main)
 
 
 class _Progress:
@@ -210,10 +245,10 @@ class _Progress:
 
 @contextlib.contextmanager
 def _progress(label: str):
-    if not stderr.is_terminal:
+    if not sys.stderr.isatty():
         yield _Progress(None)
         return
-    with stderr.status(label) as status:
+    with err().status(label) as status:
         progress = _Progress(status)
         progress.label = label
         yield progress
@@ -270,6 +305,8 @@ def events(
         valid_glob(selector)
 
     async def main():
+        from ..client import Client
+
         async with Client(endpoint, timeout) as client:
             names = [await _name_of(client, s) for s in selectors]
             printer = EventPrinter(MapCache(client, decode=not raw), output is Output.json)
@@ -284,18 +321,17 @@ def events(
                     if count and printer.count >= count:
                         return
 
-    run(main)
+    run_async(main)
 
 
 def _say_daemon_state(event, endpoint: str, max_wait: float | None) -> None:
     """A follower's one line on stderr when its daemon falls silent, and when it is back."""
     if event.action == "stalled":
         how_long = "for ever" if max_wait is None else f"up to {max_wait:g} s"
-        text = (f"pymap: {event.reason} at {endpoint}; waiting {how_long} for it to come "
-                "back (Ctrl-C to stop)")
+        say(f"pymap: {event.reason} at {endpoint}; waiting {how_long} for it to come back "
+            "(Ctrl-C to stop)")
     else:
-        text = f"pymap: the daemon is back ({event.reason}); catching up"
-    stderr.print(text, highlight=False, markup=False, soft_wrap=True)
+        say(f"pymap: the daemon is back ({event.reason}); catching up")
 
 
 async def _name_of(client: Client, selector: str) -> str:
@@ -307,10 +343,10 @@ async def _name_of(client: Client, selector: str) -> str:
 
 
 async def _print_recent(client: Client, names: list[str], printer, snapshot: bool) -> int | None:
-    from ..subscriber import EventStream, events_of
+    from ..subscriber import events_of, snapshot_events
 
     if snapshot:
-        for event in await EventStream(client, names, snapshot=True).read_snapshot():
+        for event in await snapshot_events(client, names):
             await printer.print(event)
         return None
     for name in names:
@@ -319,9 +355,8 @@ async def _print_recent(client: Client, names: list[str], printer, snapshot: boo
             for event in events_of(message, frames):
                 await printer.print(event)
         if not end.watched:
-            stderr.print(f"pymap: {name} is not being watched, so the daemon has no recent "
-                         "events for it; follow it with -f (or list it under watch.always)",
-                         highlight=False, markup=False)
+            say(f"pymap: {name} is not being watched, so the daemon has no recent events "
+                "for it; follow it with -f (or list it under watch.always)")
     return None
 
 
@@ -333,9 +368,8 @@ def status(
 ) -> None:
     """The daemon's epoch, uptime, watched maps, poll timings, subscribers, events and drops."""
 
-    async def main():
-        async with Client(endpoint, timeout) as client:
-            st = await client.status()
+    def main():
+        st = oneshot.status(endpoint, timeout)
         if output is Output.json:
             import orjson
 
@@ -345,7 +379,9 @@ def status(
             data.pop("req", None)
             sys.stdout.write(orjson.dumps(data).decode() + "\n")
             return
-        render.print_status(stdout, st, wide=output is Output.wide)
+        from . import render
+
+        render.print_status(out(), st, wide=output is Output.wide)
 
     run(main)
 
@@ -382,6 +418,9 @@ def daemon(
         "repeatable, applied after the file and the other flags.")] = None,
 ) -> None:
     """Run the pymap daemon (as root) until SIGINT or SIGTERM; SIGHUP reloads the config."""
+    import trio
+    import zmq
+
     from watcher.daemon import main as daemon_main
     from watcher.daemon.config import ConfigError, load_config
 
@@ -424,7 +463,7 @@ def doctor(endpoint: EndpointOpt = DEFAULT_ENDPOINT) -> None:
     """Check this host's prerequisites, each with its fix."""
     from .doctor import run_checks
 
-    raise typer.Exit(run_checks(stdout, endpoint))
+    raise typer.Exit(run_checks(out(), endpoint))
 
 
 def main() -> None:

@@ -17,10 +17,9 @@ import attrs
 import cattrs
 
 from ..decode.layout import LayoutError, layout_matches, parse_layout
+from ..wire.endpoints import DEFAULT_ENDPOINT
 from .sourceconf import SourceConfig, SourceError, load_sources
 
-DEFAULT_RUN_DIR = "/run/pymap"
-DEFAULT_ENDPOINT = f"ipc://{DEFAULT_RUN_DIR}/pymap.sock"
 DEFAULT_CONFIG = "/etc/pymap/pymap.toml"
 
 
@@ -114,6 +113,9 @@ class DaemonConfig:
         default=1000, validator=attrs.validators.in_(range(1, 1 << 20)))
     # Entry events per stream message at most.
     batch_events: int = attrs.field(default=4096, validator=attrs.validators.in_(range(1, 1 << 20)))
+    # After start-up, limit bpf(2) to the commands the daemon reads with (seccomp;
+    # docs/operations.md).  Off only to debug the filter itself.
+    seccomp: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     log_level: str = attrs.field(default="info",
                                  validator=attrs.validators.in_(["debug", "info", "warning", "error"]))
     # "text" (one readable line) or "json" (one JSON object per line, for a SIEM).
@@ -285,6 +287,16 @@ def _reject_str_as_list(value, type_):
 
 
 _converter.register_structure_hook_func(lambda t: t == list[str], _reject_str_as_list)
+
+
+def _strict_bool(value, _type) -> bool:
+    # cattrs would take bool("false") == True: a switch is written true or false.
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}")
+    return value
+
+
+_converter.register_structure_hook(bool, _strict_bool)
 
 
 def _format_one(error: BaseException, type_) -> str:

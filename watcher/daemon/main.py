@@ -26,6 +26,7 @@ from .engine import Engine
 from .logs import setup_logging
 from .memory import release_big_buffers_promptly, trim_heap
 from .metrics import MetricsServer
+from .privileges import check_capabilities, harden
 from .publisher import Stream
 from .reload import Reloader
 from .server import RequestServer
@@ -118,6 +119,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
               reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); SIGHUP re-reads the config via ``reload``."""
     dconf = config.daemon
+    check_capabilities()  # before anything is opened: one line naming what is missing
     release_big_buffers_promptly()
     epoch = secrets.token_hex(8)
     ctx = zmq.Context()
@@ -164,6 +166,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             bound.append(dconf.endpoint)
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
+            harden(config)  # start-up is over: from here bpf() only reads (seccomp)
             server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate)
             reloader.targets += [server.reconfigure, metrics.reconfigure]
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,

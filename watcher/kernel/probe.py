@@ -165,6 +165,22 @@ def _bpffs(mounts_path: str = "/proc/mounts", path: str = DEFAULT_BPFFS) -> Chec
 bpffs = _guarded(_bpffs, "bpffs", True)
 
 
+def tracefs_unreadable(path: str = DEFAULT_TRACEFS) -> str | None:
+    """Why bcc cannot read tracepoint formats under ``path`` with this process's privileges.
+
+    Tried, not ``os.access``: access(2) drops the capabilities of a non-root user, so it
+    would call tracefs unreadable for a daemon that holds CAP_DAC_READ_SEARCH.
+    """
+    try:
+        os.listdir(os.path.join(path, "events"))
+    except PermissionError:
+        return (f"{path} is not readable by uid {os.geteuid()}: bcc needs it for tracepoints "
+                "(grant CAP_DAC_READ_SEARCH, docs/operations.md)")
+    except OSError:
+        return None  # not mounted: the tracefs check and bcc's own error say so
+    return None
+
+
 def _tracefs(mounts_path: str = "/proc/mounts", path: str = DEFAULT_TRACEFS) -> Check:
     name = "tracefs"
     ok, other = _mounted(mounts_path, path, "tracefs")

@@ -22,7 +22,7 @@ import ctypes
 import errno
 
 from . import syscall
-from .syscall import BpfError, _addr, _bpf
+from .syscall import BpfError, _addr, _BatchAttr, _bpf
 
 BPF_PROG_LOAD = 5
 BPF_BTF_LOAD = 18
@@ -83,16 +83,6 @@ class _LinkCreateAttr(ctypes.Structure):
 class _IterCreateAttr(ctypes.Structure):
     _fields_ = [("link_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("pad", ctypes.c_uint8 * 120)]
-
-
-class _BatchAttr(ctypes.Structure):
-    _fields_ = [
-        ("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
-        ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
-        ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
-        ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64),
-        ("pad", ctypes.c_uint8 * 72),
-    ]
 
 
 def create_map(map_type: int, key_size: int, value_size: int, max_entries: int, name: str,
