@@ -167,7 +167,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
             harden(config)  # start-up is over: from here bpf() only reads (seccomp)
-            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate)
+            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate)
             reloader.targets += [server.reconfigure, metrics.reconfigure]
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, dconf.events_endpoint, epoch)
@@ -208,7 +208,7 @@ def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[s
 
 async def _heartbeats(engine: Engine) -> None:
     while True:
-        engine.stream.heartbeat(engine.watched_topics())
+        engine.heartbeat()
         trim_heap()  # memory freed after abuse and under stalled subscribers goes back
         await trio.sleep(engine.stream.heartbeat_interval)  # a reload may change it
 
