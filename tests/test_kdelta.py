@@ -383,3 +383,34 @@ def test_walk_order_check_sees_in_place_updates(maps):
     finally:
         kernel.close()
         os.close(ro)
+
+
+def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
+    """A walk the kernel refuses (here: the state map fd replaced by /dev/null under the
+    engine) costs one warning; the map goes on through user space, events intact."""
+    from watcher.daemon.config import Config
+    from watcher.daemon.engine import Engine
+
+    fd, map_id = maps.create("hash", 8, 8, 64, name="pymap_kd_fail")
+    for i in range(3):
+        syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
+    config = Config()
+    config.watch.kernel_delta_min_entries = 0
+    engine = Engine(config, stream=None)  # _read_kernel publishes nothing
+    watch = engine._start(kmaps.record_from_fd(fd))
+    assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
+    snap, delta = engine._read_kernel(watch, report_all=False)
+    watch.snapshot = snap
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, watch.kernel.walker.state_fd)
+    finally:
+        os.close(null)
+    syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
+    with caplog.at_level("WARNING", logger="pymap.engine"):
+        snap, delta = engine._read_kernel(watch, report_all=False)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "in-kernel walk failed" in warnings[0].getMessage()
+    assert watch.kernel is None and watch.engine.startswith("user-space: in-kernel walk failed")
+    assert events(delta, 8, 8) == [("UPDATED", struct.pack("<Q", 1), struct.pack("<Q", 11),
+                                    struct.pack("<Q", 1))]
