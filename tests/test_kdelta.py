@@ -84,7 +84,7 @@ def test_both_engines_make_identical_events(maps, map_type, key_size, value_size
         k_state, k_delta = kernel.poll(ro, None, report_all=False)
         assert k_delta is None, "the first poll only records the state"
         live: set[bytes] = set()
-        total = 0
+        total = hits = 0
         for round_ in range(40):
             for _ in range(rng.choice((0, 1, 5, 40, 250 if round_ % 10 == 3 else 3))):
                 key = rng.choice(keyspace)
@@ -106,14 +106,18 @@ def test_both_engines_make_identical_events(maps, map_type, key_size, value_size
                     live.add(key)
             u_state, u_delta = user_poll(ro, record, u_state)
             k_state, k_delta = kernel.poll(ro, k_state, report_all=False)
+            hits += kernel.last_walk.get("hits", 0)
             expected = events(u_delta, key_size, stride)
             assert events(k_delta, key_size, stride) == expected, f"round {round_}"
             total += len(expected)
         assert total > 100, "the rounds changed too little to compare engines"
         walker = kernel.walker
         assert walker.walks + walker.quick_polls == 41
-        # unchanged rounds of a for_each hash map are settled by the walk-order check
+        # unchanged rounds of a for_each hash map are settled by the walk-order check, and
+        # its walks find most entries through the record, removals included
         assert (walker.quick_polls > 0) == (walker.each and not is_array)
+        assert (walker.record_sweeps > 0) == (walker.each and not is_array)
+        assert hits > 0 if walker.each and not is_array else hits == 0
         # bpftool: the state the in-kernel engine keeps is what the map holds
         out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
                              capture_output=True, text=True, check=True).stdout
