@@ -94,6 +94,7 @@ SUPPORTED_TYPES = frozenset({"hash", "lru_hash", "percpu_hash", "lru_percpu_hash
 EXACT_MAX = 32  # value rows up to this many bytes are kept whole in the shadow map
 MAX_STRIDE = 8192  # longer rows: the unrolled fingerprint would be too long a program
 MAX_KEY = 256  # keys are copied to the 512-byte stack
+LOOKAHEAD = 4  # old record entries a hash walk looks at before the shadow map
 RING_BYTES = 4 << 20  # for_each output per run; more goes through the iterator
 
 # helpers
@@ -330,19 +331,19 @@ def _positional(a: Asm, key_size: int, stride: int, row: int, state_fd: int, old
                 shadow_fd: int, ring_fd: int) -> None:
     """Try the last complete walk's record before the shadow map (no hashing).
 
-    The element is compared with old record ``j``, then ``j + 1`` (one element
-    removed or moved away); a key match is a *hit*: the record entry is stamped
+    The element is compared with old records ``j`` .. ``j + LOOKAHEAD - 1``
+    (entries removed or moved away are skipped); a key match is a *hit*: the record entry is stamped
     with this generation (the removal sweep reads those stamps), ``j`` moves on,
     and only a changed fingerprint costs a shadow lookup (to store it).  No
     match: the shadow path below, as without a record.
     """
     kw, nw = (key_size + 7) // 8, fingerprint_words(stride)
     slot = row - ((key_size + 7) & ~7) - 16
-    for step in (0, 1):
+    for step in range(LOOKAHEAD):
         a.ld_map_value(R5, state_fd)
         a.ldx(8, R1, R5, _STATE["j"])
         if step:
-            a.alu64(ADD, R1, 1)
+            a.alu64(ADD, R1, step)
         a.ldx(8, R2, R5, _STATE["old_count"])
         a.jmp(JGE, R1, R2, "pos_slow", reg=True)
         a.stx(4, R10, slot, R1)
@@ -352,7 +353,7 @@ def _positional(a: Asm, key_size: int, stride: int, row: int, state_fd: int, old
         a.call(_LOOKUP)
         a.jmp(JEQ, R0, 0, "pos_slow")
         a.mov(R9, R0)
-        miss = "pos_next" if step == 0 else "pos_slow"
+        miss = f"pos_next{step}" if step + 1 < LOOKAHEAD else "pos_slow"
         for i in range(kw):
             _load_word(a, R7, key_size, i, R1)
             a.ldx(8, R2, R9, 8 * i)
@@ -362,8 +363,8 @@ def _positional(a: Asm, key_size: int, stride: int, row: int, state_fd: int, old
         a.alu64(ADD, R1, 1)
         a.stx(8, R5, _STATE["j"], R1)
         a.ja("pos_hit")
-        if step == 0:
-            a.label("pos_next")
+        if step + 1 < LOOKAHEAD:
+            a.label(f"pos_next{step}")
     a.label("pos_hit")
     a.ld_map_value(R5, state_fd)
     a.ldx(8, R1, R5, _STATE["gen"])
