@@ -184,7 +184,7 @@ class Client:
         check_glob(selector)
         async with self._lock:
             req = await self._send(schema.RecentRequest(selector=selector))
-            messages = []
+            messages: list[tuple[object, list[bytes]]] = []
             while True:
                 message, frames = await self._recv(req, any_req=True)
                 if isinstance(message, schema.RecentEnd):

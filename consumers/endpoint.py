@@ -41,7 +41,7 @@ def check(endpoint: str) -> None:
 def connect(kind: int, endpoint: str, options: dict[int, int] | None = None) -> zmq.Socket:
     """A ``kind`` socket (zmq.DEALER, zmq.SUB) connected to ``endpoint`` after :func:`check`."""
     check(endpoint)
-    sock = zmq.Context.instance().socket(kind)
+    sock: zmq.Socket = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     for option, value in (options or {}).items():
         sock.setsockopt(option, value)

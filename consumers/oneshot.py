@@ -29,7 +29,7 @@ def call(endpoint: str, message, kind: type, timeout: float = 10.0):
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(left * 1000):
+            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
                 raise DaemonUnavailable(f"pymap daemon at {endpoint} did not answer "
                                         f"within {timeout:g} s")
             reply = reply_to(1, sock.recv_multipart())

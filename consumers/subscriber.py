@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 import trio
@@ -175,15 +175,16 @@ class EventStream:
 
     # ZeroMQ options of the SUB socket: a deep receive queue, so a subscriber that is
     # briefly busy loses nothing (tests shrink it to provoke gaps).
-    SOCKET_OPTIONS = {zmq.RCVHWM: 100000}
+    SOCKET_OPTIONS: ClassVar[dict[int, int]] = {zmq.RCVHWM: 100000}
 
     async def __aenter__(self) -> EventStream:
         pong = await self.client.ping()
         self._sub = endpoint.connect(zmq.SUB, self.client.events_endpoint or pong.events_endpoint,
                                      self.SOCKET_OPTIONS)
-        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
         for topic in self.selection.subscriptions():
             self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+        # hb last: a heartbeat then proves the map subscriptions reached the daemon too.
+        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -343,9 +344,9 @@ class EventStream:
     def _apply(self, name: str, events: list[Event]) -> None:
         state = self._state.setdefault(name, {})
         for e in events:
-            if e.action in ("added", "updated"):
+            if e.action in ("added", "updated") and e.key is not None and e.value is not None:
                 state[e.key] = e.value
-            elif e.action == "removed":
+            elif e.action == "removed" and e.key is not None:
                 state.pop(e.key, None)
             elif e.action in ("map_created", "map_removed"):
                 state.clear()

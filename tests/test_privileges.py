@@ -1,6 +1,6 @@
 """Least privilege, for real: a non-root daemon with ambient capabilities, and the files
 that grant them (systemd unit, Kubernetes DaemonSet) checked against the one list in
-watcher/daemon/privileges.py.
+watcher/kernel/capabilities.py.
 
 The daemon runs as ``nobody`` under ``setpriv`` with exactly :data:`CAPABILITIES`
 in its ambient set and serves list (holders included), get (checked against
@@ -22,12 +22,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Daemon, require
-from support.events import Follower, wait_ready
+from conftest import REPO, Daemon, need_bcc, require
+from support.events import Follower, status, wait_ready, wait_until
 from support.kernel import bpftool_entries, token
 
-from watcher.daemon.privileges import CAPABILITIES
 from watcher.kernel import syscall
+from watcher.kernel.capabilities import CAPABILITIES
 
 UNIT = REPO / "examples/systemd/pymap.service"
 DAEMONSET = REPO / "examples/kubernetes/pymap-daemonset.yaml"
@@ -113,6 +113,17 @@ def shared_dir(kernel):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def sources_for_nobody(shared_dir: Path) -> tuple[str, str]:
+    """The example programs, where nobody can read them whatever the checkout's mode."""
+    paths = []
+    for example in ("execsnoop-ringbuf/execsnoop.c", "tcpconnect-perf/tcpconnect.c"):
+        dst = shared_dir / Path(example).name
+        shutil.copyfile(REPO / "examples" / example, dst)
+        dst.chmod(0o644)
+        paths.append(str(dst))
+    return paths[0], paths[1]
+
+
 def nonroot_daemon(pymap: str, shared_dir: Path, bpffs: Path, caps: set[str],
                    *extra: str) -> Daemon:
     """A daemon run as nobody from ``pymap`` (tests/support/nobody.py: readable by nobody)."""
@@ -132,13 +143,17 @@ def proc_status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def test_nonroot_daemon_serves_list_get_events(nobody_pymap, shared_dir, bpffs_dir, maps):
+def test_nonroot_daemon_serves_list_get_events_and_sources(nobody_pymap, shared_dir, bpffs_dir,
+                                                           maps):
+    need_bcc()
     name = f"lp_{token()}"
     fd, map_id = maps.create("hash", 4, 8, 32, name=name, pin=bpffs_dir / name)
     assert (bpffs_dir / name).stat().st_mode & 0o777 == 0o600  # root's pin: nobody can't read
     for i in range(5):
         syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", i * 7))
-    d = nonroot_daemon(nobody_pymap, shared_dir, bpffs_dir, NAMES, "--interval", "0.2")
+    execsnoop, tcpconnect = sources_for_nobody(shared_dir)
+    d = nonroot_daemon(nobody_pymap, shared_dir, bpffs_dir, NAMES, "--interval", "0.2",
+                       "--source", f"{execsnoop}:execs", "--source", tcpconnect)
     d.start()
     try:
         st = proc_status(d.proc.pid)
@@ -159,6 +174,12 @@ def test_nonroot_daemon_serves_list_get_events(nobody_pymap, shared_dir, bpffs_d
             syscall.map_update_elem(fd, struct.pack("<I", 9), struct.pack("<Q", 99))
             (line,) = f.wait_count(1)
             assert line["action"] == "added" and line["key"] == "09000000"
+
+        # Event sources: bcc programs loaded, a ring buffer and perf rings read, as nobody.
+        kinds = {s["name"]: s["kind"] for s in status(d)["sources"]}
+        assert kinds == {"execs": "ringbuf", "connects": "perf"}
+        with Follower(d, "execs", "-f") as ex:
+            wait_until(lambda: subprocess.run(["/bin/true"]) and ex.snapshot(), "an exec record")
     finally:
         assert d.stop() == 0
 
@@ -170,6 +191,20 @@ def test_without_cap_sys_admin_the_daemon_names_it_and_exits(nobody_pymap, share
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("pymap: error: missing capability CAP_SYS_ADMIN, needed for listing")
+
+
+def test_a_source_without_cap_dac_read_search_fails_naming_it(nobody_pymap, shared_dir,
+                                                               bpffs_dir):
+    need_bcc()
+    execsnoop, _ = sources_for_nobody(shared_dir)
+    d = nonroot_daemon(nobody_pymap, shared_dir, bpffs_dir, NAMES - {"CAP_DAC_READ_SEARCH"},
+                       "--source", f"{execsnoop}:execs")
+    proc = subprocess.run(d.args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("pymap: error: ") and "bcc could not load it" in last
+    assert "/sys/kernel/tracing is not readable by uid" in last
+    assert "grant CAP_DAC_READ_SEARCH" in last
 
 
 def test_without_an_optional_capability_the_daemon_says_what_it_cannot_do(

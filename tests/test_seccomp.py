@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -305,3 +306,24 @@ def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_f
     assert set(calls) <= set(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS)
     assert refused == {}
     assert "in-kernel engine failed" not in d.log.read_text()
+
+
+def test_reload_keeps_the_engine_the_filter_was_made_for(tmp_path, daemon_factory, maps):
+    """The filter cannot widen: turning the in-kernel engine on by SIGHUP waits for a
+    restart, said in one warning, instead of failing under the strict filter."""
+    need_binding()
+    conf = tmp_path / "pymap.toml"
+    conf.write_text('[watch]\nkernel_delta = "off"\n')
+    d = daemon_factory("-c", str(conf))
+    conf.write_text('[watch]\nkernel_delta = "auto"\nkernel_delta_min_entries = 0\n'
+                    'kernel_delta_types = ["hash"]\n')
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "config reloaded" in d.log.read_text(), "the reload")
+    (warning,) = [ln for ln in d.log.read_text().splitlines() if "next restart" in ln]
+    assert "watch.kernel_delta" in warning
+    name = f"rk_{token()}"
+    maps.create("hash", 4, 8, 64, name=name)
+    with Follower(d, name, "-f"):
+        wait_ready(d, name)
+        engine = watch_of(status(d), name)["engine"]
+    assert engine.startswith("user-space"), engine  # still the engine the filter is for

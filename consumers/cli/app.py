@@ -18,7 +18,7 @@ import enum
 import functools
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -84,7 +84,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> None:
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     say(f"pymap: error: {message}")
     raise typer.Exit(code)
 
@@ -95,7 +95,6 @@ def valid_glob(pattern: str) -> str:
         return check_glob(pattern)
     except GlobError as e:
         fail(str(e), EXIT_USAGE)
-        raise  # not reached: fail() exits
 
 
 def run(fn: Callable[[], int | None]) -> None:
@@ -359,6 +358,99 @@ async def _print_recent(client: Client, names: list[str], printer, snapshot: boo
             say(f"pymap: {name} is not being watched, so the daemon has no recent events "
                 "for it; follow it with -f (or list it under watch.always)")
     return None
+
+
+@app.command(epilog=(
+    "Examples:  pymap export 'cilium_*' --format ecs --to syslog+tcp://127.0.0.1:601  ·  "
+    "pymap export 'cilium_policy_*' --format ocsf --to file:///var/log/pymap/policy.json "
+    "--state-file /var/lib/pymap/policy.state  ·  pymap export -c /etc/pymap/export.toml "
+    "--name siem.  See docs/export.md."))
+def export(
+    selectors: Annotated[list[str] | None, typer.Argument(
+        help="Maps and event sources: names, globs ('cilium_*'), id:N, pin paths.",
+        show_default=False)] = None,
+    to: Annotated[str, typer.Option(
+        "--to", "-t", metavar="URL",
+        help="Destination: - (stdout), file:///PATH[?max_bytes=N&backups=N&mode=0600], "
+        "syslog+udp://HOST:PORT, syslog+tcp://HOST:PORT (octet counting), "
+        "syslog+tls://HOST:PORT[?ca=FILE&cert=FILE&key=FILE], nats://HOST:PORT.")] = "-",
+    format_: Annotated[str, typer.Option(
+        "--format", "-F", help="json (pymap's event lines), ecs (Elastic Common Schema 8), "
+        "ocsf (OCSF 1.3 Kernel Activity), cef (ArcSight CEF).")] = "json",
+    action: Annotated[list[str] | None, typer.Option(
+        "--action", "-a", help="Export only these actions (repeatable): added, updated, "
+        "removed, map_created, map_removed, record. lost/resync/dropped always pass.",
+        show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", "-x", metavar="GLOB", help="Leave out maps whose name matches (repeatable).",
+        show_default=False)] = None,
+    rate: Annotated[float | None, typer.Option(
+        "--rate", min=0.001, metavar="EVENTS/S",
+        help="At most this many events per second; the rest are counted and exported "
+        "as 'dropped' records.")] = None,
+    buffer: Annotated[int, typer.Option(
+        "--buffer", metavar="BYTES", min=65536,
+        help="Bytes held while the destination is slow or down; beyond it events are "
+        "dropped, counted, and reported when it is back.")] = 64 * 1024 * 1024,
+    state_file: Annotated[str | None, typer.Option(
+        "--state-file", "-s", metavar="PATH",
+        help="Checkpoint of the last delivered event: a restart resumes after it "
+        "(from the daemon's recent events, else a fresh snapshot and a resync record).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="No decoding, hex only.")] = False,
+    config: Annotated[str | None, typer.Option(
+        "--config", "-c", metavar="TOML", help="Read exporters from the exports tables of a TOML file "
+        "instead of flags (docs/export.md).")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", "-n", help="With -c: run only the exports table of this name.")] = None,
+    endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 30.0,
+) -> None:
+    """Feed a SIEM: map changes as ECS, OCSF, CEF or JSON to stdout, a file or syslog.
+
+    Runs until SIGTERM/SIGINT, then flushes for up to 5 s. A daemon restart or stall is waited for (like tail -F) and written out as resync/lost records; a destination that is down is retried with backoff while events are buffered in memory (--buffer); what does not fit is counted and written out as a 'dropped' record when it is back.
+    """
+    from ..export import config as export_config
+    from ..export.checkpoint import CheckpointError
+    from ..export.exporter import ExportConfigError, ExportSpec
+    from ..export.outputs import OutputConfigError
+    from ..export.runner import run_exports
+
+    try:
+        if config:
+            if selectors:
+                fail("give maps either as arguments or in the config file, not both", EXIT_USAGE)
+            specs = export_config.load(config)
+            if name is not None:
+                specs = [s for s in specs if s.name == name]
+                if not specs:
+                    fail(f"config {config}: no [[exports]] table named {name!r}", EXIT_USAGE)
+        else:
+            if not selectors:
+                fail("give at least one map name or glob (or -c CONFIG)", EXIT_USAGE)
+            specs = [ExportSpec(list(selectors or []), to=to, format=format_,
+                                actions=list(action or []), exclude=list(exclude or []),
+                                rate=rate, buffer_bytes=buffer, state_file=state_file,
+                                decode=not raw)]
+        for spec in specs:
+            for sel in spec.selectors:
+                if not (sel.startswith("id:") or sel.startswith("/")):
+                    valid_glob(sel)
+            spec.check()
+    except ExportConfigError as e:
+        fail(str(e), EXIT_USAGE)
+
+    async def main():
+        from ..client import Client
+
+        async with Client(endpoint, timeout) as client:
+            for spec in specs:
+                spec.selectors = [await _name_of(client, s) for s in spec.selectors]
+        await run_exports(specs, endpoint, timeout, say)
+
+    try:
+        run_async(main)
+    except (OutputConfigError, CheckpointError, ExportConfigError) as e:
+        fail(str(e), EXIT_USAGE if not isinstance(e, CheckpointError) else EXIT_ERROR)
 
 
 @app.command()

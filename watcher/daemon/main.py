@@ -213,7 +213,7 @@ def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[s
 
 async def _heartbeats(engine: Engine) -> None:
     while True:
-        engine.stream.heartbeat(engine.watched_topics())
+        engine.heartbeat()
         await trio.sleep(engine.stream.heartbeat_interval)  # a reload may change it
 
 
