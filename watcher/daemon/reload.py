@@ -10,7 +10,8 @@ stay connected and the stream continues (same epoch, same sequence).
 
 Keys that name what was bound or loaded at start-up (endpoints, socket
 mode and group, the stream high-water mark, ``log_format``, the metrics
-listen address, ``[[sources]]``) need a restart: a reload that changes them
+listen address, ``[[sources]]``, and ``seccomp`` and ``watch.kernel_delta``, which
+chose the seccomp filter) need a restart: a reload that changes them
 applies everything else and logs one warning naming them.  Sources are not
 reloaded in place because bcc's LLVM replaces the process' signal handlers
 while compiling, which the daemon only allows before it starts serving.
@@ -39,6 +40,10 @@ _AT_RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("daemon.log_format", lambda c: c.daemon.log_format),
     ("metrics.listen", lambda c: c.metrics.listen),
     ("sources", lambda c: c.sources),
+    # The seccomp filter is installed once, for the engine chosen at start
+    # (watcher/daemon/privileges.py): it can narrow but never widen again.
+    ("daemon.seccomp", lambda c: c.daemon.seccomp),
+    ("watch.kernel_delta", lambda c: c.watch.kernel_delta),
 )
 
 
@@ -70,6 +75,7 @@ class Reloader:
                                                           old.daemon.socket_group)
         new.daemon.stream_hwm, new.daemon.log_format = old.daemon.stream_hwm, old.daemon.log_format
         new.metrics.listen, new.sources = old.metrics.listen, old.sources
+        new.daemon.seccomp, new.watch.kernel_delta = old.daemon.seccomp, old.watch.kernel_delta
         self.apply(new)
         self.counts["ok"] += 1
         log.info("config reloaded")
