@@ -28,6 +28,7 @@ import trio
 import zmq
 
 from watcher.wire import schema
+from watcher.wire.curve import ClientKeys, is_tcp
 from watcher.wire.globs import check_glob
 from watcher.wire.schema import MapInfo
 from watcher.wire.transport import recv_multipart, send_multipart
@@ -113,8 +114,9 @@ class Dump:
 
 class Client:
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0,
-                 events_endpoint: str | None = None):
+                 events_endpoint: str | None = None, curve: ClientKeys | None = None):
         self.endpoint = endpoint
+        self.curve = curve  # keys for tcp:// endpoints (watcher/wire/curve.py)
         self.events_endpoint = events_endpoint  # None: ask the daemon (ping) when needed
         self.timeout = timeout
         self._ctx: zmq.Context | None = None
@@ -127,6 +129,7 @@ class Client:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self.secure(self._sock, self.endpoint)
         try:
             self._sock.connect(self.endpoint)
         except zmq.ZMQError as e:
@@ -141,9 +144,17 @@ class Client:
             self._ctx.term()
         self._sock = self._ctx = None
 
+    def secure(self, sock: zmq.Socket, endpoint: str) -> None:
+        """CURVE on a socket about to connect to a tcp:// endpoint."""
+        if is_tcp(endpoint) and self.curve is not None:
+            self.curve.apply(sock)
+
     def _check_endpoint(self, endpoint: str | None = None) -> None:
-        """Fail fast and clearly where ZeroMQ would just wait (ipc:// only)."""
+        """Fail fast and clearly where ZeroMQ would just wait."""
         endpoint = endpoint or self.endpoint
+        if is_tcp(endpoint) and self.curve is None:
+            raise DaemonUnavailable(f"{endpoint}: tcp:// needs CURVE keys (--curve-server-key "
+                                    "and --curve-client-cert, see: pymap keys)")
         if not endpoint.startswith("ipc://"):
             return
         path = endpoint[len("ipc://"):]

@@ -198,6 +198,7 @@ class EventStream:
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 100000)
+        self.client.secure(self._sub, endpoint)
         self._sub.connect(endpoint)
         self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
         for topic in self.selection.subscriptions():

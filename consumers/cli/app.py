@@ -20,11 +20,13 @@ import typer
 import zmq
 from rich.console import Console
 
+from watcher.wire.curve import ClientKeys, CurveError
 from watcher.wire.globs import GlobError, check_glob
 
 from ..client import DEFAULT_ENDPOINT, Client, DaemonError
 from ..decoding import choose_decoding
 from . import render
+from .keys import keys_app
 
 app = typer.Typer(
     name="pymap",
@@ -49,6 +51,12 @@ class Output(enum.StrEnum):
 
 EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar="PYMAP_ENDPOINT",
                                           help="Daemon request endpoint (ipc:// or tcp://).")]
+CurveServerOpt = Annotated[str | None, typer.Option(
+    "--curve-server-key", envvar="PYMAP_CURVE_SERVER_KEY",
+    help="tcp:// only: the daemon's public key (its .key file, or the 40-character text).")]
+CurveCertOpt = Annotated[str | None, typer.Option(
+    "--curve-client-cert", envvar="PYMAP_CURVE_CLIENT_CERT",
+    help="tcp:// only: this client's secret certificate (NAME.key_secret, see: pymap keys).")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon.")]
 OutputOpt = Annotated[Output, typer.Option(
     "--output", "-o", help="table for people (plain columns when piped), wide for every "
@@ -61,6 +69,19 @@ EXIT_USAGE = 2
 def fail(message: str, code: int = EXIT_ERROR) -> None:
     stderr.print(f"pymap: error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _curve(server_key: str | None, client_cert: str | None) -> ClientKeys | None:
+    """CURVE keys from the flags (or PYMAP_CURVE_* variables), read once, checked early."""
+    if server_key is None and client_cert is None:
+        return None
+    if server_key is None or client_cert is None:
+        fail("CURVE needs both --curve-server-key and --curve-client-cert", EXIT_USAGE)
+    try:
+        return ClientKeys.load(server_key, client_cert)
+    except CurveError as e:
+        fail(str(e), EXIT_USAGE)
+    raise AssertionError("unreachable")
 
 
 def valid_glob(pattern: str) -> str:
@@ -94,12 +115,17 @@ def run(fn: Callable[[], Awaitable[int | None]]) -> None:
         raise typer.Exit(code)
 
 
+app.add_typer(keys_app, name="keys")
+
+
 @app.command()
-def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0) -> None:
+def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0,
+         server_key: CurveServerOpt = None, client_cert: CurveCertOpt = None) -> None:
     """Check that the daemon answers; print its version, epoch and uptime."""
 
+    curve = _curve(server_key, client_cert)
     async def main():
-        async with Client(endpoint, timeout) as client:
+        async with Client(endpoint, timeout, curve=curve) as client:
             pong = await client.ping()
         stdout.print(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
                      f"up {pong.uptime:.0f} s", highlight=False, soft_wrap=True)
@@ -115,14 +141,17 @@ def list_(
     no_entries: Annotated[bool, typer.Option(
         "--no-entries", help="Skip counting entries (counting dumps every map).")] = False,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    server_key: CurveServerOpt = None,
+    client_cert: CurveCertOpt = None,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Every BPF map on the host, like `bpftool map show` and `cilium map list`."""
     if pattern:
         valid_glob(pattern)
 
+    curve = _curve(server_key, client_cert)
     async def main():
-        async with Client(endpoint, timeout) as client:
+        async with Client(endpoint, timeout, curve=curve) as client:
             if output is not Output.json and stderr.is_terminal:
                 with stderr.status("reading maps from the daemon..."):
                     maps = await client.list_maps(pattern, entries=not no_entries)
@@ -153,13 +182,17 @@ def get(
         "--layout", help="TOML file of declared layouts (layouts tables as in the config, or "
         "one layout) to decode with, before the daemon's config.")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    server_key: CurveServerOpt = None,
+    client_cert: CurveCertOpt = None,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """A map's entries, decoded (declared layout, built-in Cilium decoder, BTF) or as hex."""
     own_layouts = _read_layouts(layout_file) if layout_file else []
 
+    curve = _curve(server_key, client_cert)
     async def main():
-        async with Client(endpoint, timeout) as client, client.get(selector) as dump:
+        async with (Client(endpoint, timeout, curve=curve) as client,
+                    client.get(selector) as dump):
             layout = next((x for x in own_layouts
                            if x.matches([dump.map.name, dump.map.kernel_name], dump.map.pinned)),
                           None)
@@ -257,6 +290,8 @@ def events(
         help="With -f: when the daemon falls silent, wait at most this long for it to "
         "come back, then exit 1 (default: wait for ever, like tail -F).")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    server_key: CurveServerOpt = None,
+    client_cert: CurveCertOpt = None,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
     """A map's changes: recent ones, or live with -f (added, updated, removed, ...).
@@ -269,8 +304,9 @@ def events(
     for selector in selectors:
         valid_glob(selector)
 
+    curve = _curve(server_key, client_cert)
     async def main():
-        async with Client(endpoint, timeout) as client:
+        async with Client(endpoint, timeout, curve=curve) as client:
             names = [await _name_of(client, s) for s in selectors]
             printer = EventPrinter(MapCache(client, decode=not raw), output is Output.json)
             if not follow:
@@ -329,12 +365,15 @@ async def _print_recent(client: Client, names: list[str], printer, snapshot: boo
 def status(
     output: OutputOpt = Output.table,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    server_key: CurveServerOpt = None,
+    client_cert: CurveCertOpt = None,
     timeout: TimeoutOpt = 5.0,
 ) -> None:
     """The daemon's epoch, uptime, watched maps, poll timings, subscribers, events and drops."""
 
+    curve = _curve(server_key, client_cert)
     async def main():
-        async with Client(endpoint, timeout) as client:
+        async with Client(endpoint, timeout, curve=curve) as client:
             st = await client.status()
         if output is Output.json:
             import orjson

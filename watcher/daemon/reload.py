@@ -38,6 +38,7 @@ _AT_RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("daemon.stream_hwm", lambda c: c.daemon.stream_hwm),
     ("daemon.log_format", lambda c: c.daemon.log_format),
     ("metrics.listen", lambda c: c.metrics.listen),
+    ("curve.server_key", lambda c: c.curve.server_key),
     ("sources", lambda c: c.sources),
 )
 
@@ -70,6 +71,7 @@ class Reloader:
                                                           old.daemon.socket_group)
         new.daemon.stream_hwm, new.daemon.log_format = old.daemon.stream_hwm, old.daemon.log_format
         new.metrics.listen, new.sources = old.metrics.listen, old.sources
+        new.curve.server_key = old.curve.server_key
         self.apply(new)
         self.counts["ok"] += 1
         log.info("config reloaded")
