@@ -314,6 +314,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     from watcher.wire.transport import PublisherOwner
 
     config = Config()
+    config.watch.kernel_delta = "off"  # this bench measures the user-space engine (see bench_kdelta)
     config.daemon.bpffs = [str(pin_dir)]
     config.watch.interval = 3600.0  # we decide when it polls
     endpoint = f"ipc://{tmp}/engine-events.sock"
@@ -485,7 +486,7 @@ def wait_polls(daemon: Daemon, name: str, min_polls: int, timeout: float = 120.0
 
 def daemon_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict,
                  cleanup: contextlib.ExitStack) -> None:
-    daemon = Daemon(tmp, pin_dir, "--interval", "1")
+    daemon = Daemon(tmp, pin_dir, "--interval", "1", "--set", "watch.kernel_delta=off")
     cleanup.callback(daemon.stop)
     daemon.wait_ready()
     out["daemon_idle"] = sample_memory(daemon.proc.pid, seconds=0.5)

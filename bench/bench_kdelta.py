@@ -119,6 +119,35 @@ def nop_walk(fd: int) -> float:
         os.close(prog)
 
 
+def nop_each(fd: int) -> float:
+    """bpf_for_each_map_elem's own cost: a callback that returns at once, one program run."""
+    from watcher.kernel import progload
+    from watcher.kernel.bpfasm import R0, Asm, func_btf
+    from watcher.kernel.iterdelta import _EACH_CALLBACK_AT, _each_main
+
+    a = Asm()
+    _each_main(a, fd)
+    a.movi(R0, 0)
+    a.exit()
+    blob, info = func_btf([("main", 0, True), ("cb", _EACH_CALLBACK_AT, False)])
+    btf = progload.load_btf(blob)
+    try:
+        prog = progload.load_program(a.assemble(), "pymap_bench_nop",
+                                     progload.BPF_PROG_TYPE_SOCKET_FILTER, btf_fd=btf,
+                                     func_info=info)
+        try:
+            best = float("inf")
+            for _ in range(REPEATS):
+                t0 = time.perf_counter()
+                syscall.prog_test_run(prog, bytes(64))
+                best = min(best, time.perf_counter() - t0)
+            return best
+        finally:
+            os.close(prog)
+    finally:
+        os.close(btf)
+
+
 async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> None:
     """(a)-(c) for one map: both engines in this process, the same subscriber."""
     import trio
@@ -161,6 +190,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                 record = kmaps.record_from_fd(fd, (str(bm.pin),))
                 out["raw"] = [raw_read(fd, record)[0] for _ in range(REPEATS)]
                 out["nop_walk"] = nop_walk(fd)
+                out["nop_each"] = nop_each(fd)
             for engine_name, engine in engines.items():
                 res = out[engine_name] = {}
                 watch = engine._start(record)
@@ -179,6 +209,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                     if watch.kernel is not None:
                         walks.append(watch.kernel.last_walk_s)
                         parses.append(watch.kernel.last_parse_s)
+                        res["unchanged_steps"] = dict(watch.kernel.walker.timings)
                 res["unchanged_walk"], res["unchanged_parse"] = walks, parses
                 await trio.sleep(0.3)
                 if any(i["kind"] == "events" for i in sub.drain()):
@@ -199,9 +230,12 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                     if watch.kernel is not None:
                         walks.append(watch.kernel.last_walk_s)
                         parses.append(watch.kernel.last_parse_s)
+                        res["changed_steps"] = dict(watch.kernel.walker.timings)
                 res["changed_walk"], res["changed_parse"] = walks, parses
                 if watch.kernel is not None:
                     res["kernel_bytes"] = watch.kernel.kernel_bytes
+                    res["route"] = ("bpf_for_each_map_elem (BPF_PROG_TEST_RUN)"
+                                    if watch.kernel.walker.each else "bpf_iter")
                     watch.kernel.close()
             nursery.cancel_scope.cancel()
     finally:
@@ -263,8 +297,14 @@ def report(results: dict) -> None:
               f"aim {AIM_UNCHANGED}): {'met' if un <= TARGET_UNCHANGED else 'MISSED'}")
         print(f"  in-kernel changed-10k delivery / raw read = {ch:.2f} (target <= "
               f"{TARGET_CHANGED}): {'met' if ch <= TARGET_CHANGED else 'MISSED'}")
-        print(f"  where the in-kernel time goes: iterator step alone (nop program) "
-              f"{out['nop_walk']:.3f} s; walk incl. fingerprint, shadow lookup, output copy: "
+        print(f"  in-kernel route after the first poll: {k['route']} (the first poll: bpf_iter)")
+        for phase in ("unchanged", "changed"):
+            steps = k.get(f"{phase}_steps") or {}
+            print(f"  in-kernel {phase} poll, last run: " + "; ".join(
+                f"{name} {sec:.3f} s" for name, sec in steps.items()))
+        print(f"  where the in-kernel time goes: bpf_iter step alone (nop program) "
+              f"{out['nop_walk']:.3f} s; for_each step alone (nop callback) "
+              f"{out['nop_each']:.3f} s; walk incl. fingerprint, shadow lookup, output copy: "
               f"unchanged {', '.join(f'{x:.3f}' for x in k['unchanged_walk'])} s, changed "
               f"{', '.join(f'{x:.3f}' for x in k['changed_walk'])} s; user-space parse/apply: "
               f"unchanged {', '.join(f'{x:.3f}' for x in k['unchanged_parse'])} s, changed "

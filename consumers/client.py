@@ -20,36 +20,28 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 import zmq
 
 from watcher.wire import schema
-from watcher.wire.curve import ClientKeys, is_tcp
 from watcher.wire.globs import check_glob
 from watcher.wire.schema import MapInfo
 from watcher.wire.transport import recv_multipart, send_multipart
 
-DEFAULT_ENDPOINT = os.environ.get("PYMAP_ENDPOINT", "ipc:///run/pymap/pymap.sock")
+from . import endpoint as _endpoint
+from .endpoint import DEFAULT_ENDPOINT
+from .errors import DaemonError, DaemonUnavailable
+from .replies import expect, reply_to
 
+if TYPE_CHECKING:
+    from .subscriber import EventStream
 
-class DaemonError(Exception):
-    """The daemon refused a request; ``code`` is one of schema.ErrorReply's codes."""
-
-    def __init__(self, code: str, message: str, candidates: list[MapInfo] | None = None):
-        super().__init__(message)
-        self.code = code
-        self.candidates = candidates or []
-
-
-class DaemonUnavailable(DaemonError):
-    """No daemon at the endpoint, or it did not answer in time."""
-
-    def __init__(self, message: str):
-        super().__init__("unavailable", message)
+__all__ = ["DEFAULT_ENDPOINT", "Chunk", "Client", "DaemonError", "DaemonUnavailable", "Dump",
+           "Entry"]
 
 
 @attrs.frozen
@@ -114,61 +106,22 @@ class Dump:
 
 class Client:
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0,
-                 events_endpoint: str | None = None, curve: ClientKeys | None = None):
+                 events_endpoint: str | None = None):
         self.endpoint = endpoint
-        self.curve = curve  # keys for tcp:// endpoints (watcher/wire/curve.py)
         self.events_endpoint = events_endpoint  # None: ask the daemon (ping) when needed
         self.timeout = timeout
-        self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)
         self._lock = trio.Lock()
 
     async def __aenter__(self) -> Client:
-        self._check_endpoint()
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self.secure(self._sock, self.endpoint)
-        try:
-            self._sock.connect(self.endpoint)
-        except zmq.ZMQError as e:
-            await self.__aexit__(None, None, None)
-            raise DaemonUnavailable(f"cannot connect to {self.endpoint}: {e}") from None
+        self._sock = _endpoint.connect(zmq.DEALER, self.endpoint)
         return self
 
     async def __aexit__(self, *exc) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        if self._ctx is not None:
-            self._ctx.term()
-        self._sock = self._ctx = None
-
-    def secure(self, sock: zmq.Socket, endpoint: str) -> None:
-        """CURVE on a socket about to connect to a tcp:// endpoint."""
-        if is_tcp(endpoint) and self.curve is not None:
-            self.curve.apply(sock)
-
-    def _check_endpoint(self, endpoint: str | None = None) -> None:
-        """Fail fast and clearly where ZeroMQ would just wait."""
-        endpoint = endpoint or self.endpoint
-        if is_tcp(endpoint) and self.curve is None:
-            raise DaemonUnavailable(f"{endpoint}: tcp:// needs CURVE keys (--curve-server-key "
-                                    "and --curve-client-cert, see: pymap keys)")
-        if not endpoint.startswith("ipc://"):
-            return
-        path = endpoint[len("ipc://"):]
-        try:
-            os.stat(path)
-        except PermissionError:
-            raise DaemonUnavailable(f"permission denied on {path}: run as root or as a member "
-                                    "of the daemon's socket_group") from None
-        except OSError:
-            raise DaemonUnavailable(f"pymap daemon is not running: no socket at {path} "
-                                    "(start it with: pymap daemon)") from None
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise DaemonUnavailable(f"permission denied on {path}: run as root or as a member "
-                                    "of the daemon's socket_group")
+        self._sock = None
 
     # --- plumbing ---
 
@@ -179,10 +132,7 @@ class Client:
         return message.req
 
     async def _recv(self, req: int, any_req: bool = False):
-        """The next reply to request ``req``; replies to abandoned requests are skipped.
-
-        Stream messages replayed by ``recent`` carry no ``req``: ``any_req`` accepts them.
-        """
+        """The next reply to request ``req`` (see :func:`consumers.replies.reply_to`)."""
         assert self._sock is not None
         while True:
             with trio.move_on_after(self.timeout) as scope:
@@ -190,24 +140,15 @@ class Client:
             if scope.cancelled_caught:
                 raise DaemonUnavailable(f"pymap daemon at {self.endpoint} did not answer "
                                         f"within {self.timeout:g} s")
-            try:
-                message = schema.decode(frames[0])
-            except schema.WireError as e:
-                raise DaemonError("bad_reply", f"daemon sent {e}") from None
-            if getattr(message, "req", None) != req and not (
-                    any_req and not hasattr(message, "req")):
-                continue
-            if isinstance(message, schema.ErrorReply):
-                raise DaemonError(message.code, message.message, message.candidates)
-            return message, frames[1:]
+            reply = reply_to(req, frames, any_req)
+            if reply is not None:
+                return reply
 
-    async def _call(self, message, expect: type):
+    async def _call(self, message, kind: type):
         async with self._lock:
             req = await self._send(message)
             reply, _ = await self._recv(req)
-        if not isinstance(reply, expect):
-            raise DaemonError("bad_reply", f"expected {expect.__name__}, got {type(reply).__name__}")
-        return reply
+        return expect(reply, kind)
 
     # --- requests ---
 
@@ -243,7 +184,7 @@ class Client:
         check_glob(selector)
         async with self._lock:
             req = await self._send(schema.RecentRequest(selector=selector))
-            messages = []
+            messages: list[tuple[object, list[bytes]]] = []
             while True:
                 message, frames = await self._recv(req, any_req=True)
                 if isinstance(message, schema.RecentEnd):
@@ -252,8 +193,10 @@ class Client:
 
     def events(self, selectors: list[str], snapshot: bool = False,
                heartbeat_timeout: float | None = None, record_batches: bool = False,
-               hold_on: bool = True, max_wait: float | None = None):
+               hold_on: bool = True, max_wait: float | None = None) -> EventStream:
         """Stream events of the maps ``selectors`` name (names or globs); see EventStream.
+
+        (Imported here: the subscriber builds on this module, not the reverse.)
 
         ``hold_on`` (default): a silent or restarted daemon is waited for, up to
         ``max_wait`` seconds (None: for ever), like ``tail -F``.

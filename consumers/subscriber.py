@@ -26,22 +26,28 @@ What can go wrong, and what the stream yields then:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 import trio
 import zmq
 
 from watcher.wire import schema
-from watcher.wire.globs import check_glob, is_glob, literal_prefix
 from watcher.wire.schema import MapInfo, MapRef
 from watcher.wire.transport import recv_multipart
 
-from .client import Client, DaemonError, DaemonUnavailable
+from . import endpoint, snapshot
+from .errors import DaemonError, DaemonUnavailable
 from .recordsets import FormatterCache, MalformedRecords, RecordSet, record_set
+from .selection import Selection
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["Event", "EventStream", "Selection", "events_of", "snapshot_events"]
 
 ACTIONS = ("added", "updated", "removed")
 FIRST_BEAT_TIMEOUT = 10.0  # seconds to wait for the first heartbeat, before the interval is known
@@ -81,28 +87,6 @@ class Event:
     snapshot: bool = False
     formatted: dict | None = None
     records: RecordSet | None = None
-
-
-class Selection:
-    """Which maps a list of selectors (names or globs) covers, and what to subscribe."""
-
-    def __init__(self, selectors: list[str]):
-        """Raises GlobError (a ValueError) for a selector that is not a valid glob."""
-        if not selectors:
-            raise ValueError("at least one map name or glob is needed")
-        self.selectors = [check_glob(s) for s in selectors]
-
-    def subscriptions(self) -> list[bytes]:
-        subs = []
-        for sel in self.selectors:
-            if is_glob(sel):
-                subs.append(schema.MAP_TOPIC_PREFIX + literal_prefix(sel).encode())
-            else:
-                subs.append(schema.map_topic(sel))
-        return list(dict.fromkeys(subs))  # a repeat would leak demand (XPUB_VERBOSER)
-
-    def matches(self, name: str) -> bool:
-        return any(name == s or fnmatch.fnmatchcase(name, s) for s in self.selectors)
 
 
 def events_from_batch(batch: schema.EventBatch, frames: list[bytes]) -> list[Event]:
@@ -187,29 +171,26 @@ class EventStream:
         self._stalled = False
         self._pending: list[bytes] | None = None  # frames that ended a stall, not yet handled
         self._retry: str | None = None  # a resync that failed: redo it (its reason) when heard
-        self._ctx: zmq.Context | None = None
         self._sub: zmq.Socket | None = None
+
+    # ZeroMQ options of the SUB socket: a deep receive queue, so a subscriber that is
+    # briefly busy loses nothing (tests shrink it to provoke gaps).
+    SOCKET_OPTIONS: ClassVar[dict[int, int]] = {zmq.RCVHWM: 100000}
 
     async def __aenter__(self) -> EventStream:
         pong = await self.client.ping()
-        endpoint = self.client.events_endpoint or pong.events_endpoint
-        self.client._check_endpoint(endpoint)
-        self._ctx = zmq.Context()
-        self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.RCVHWM, 100000)
-        self.client.secure(self._sub, endpoint)
-        self._sub.connect(endpoint)
-        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
+        self._sub = endpoint.connect(zmq.SUB, self.client.events_endpoint or pong.events_endpoint,
+                                     self.SOCKET_OPTIONS)
         for topic in self.selection.subscriptions():
             self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+        # hb last: a heartbeat then proves the map subscriptions reached the daemon too.
+        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
         return self
 
     async def __aexit__(self, *exc) -> None:
         if self._sub is not None:
             self._sub.close(linger=0)
-        if self._ctx is not None:
-            self._ctx.term()
+        self._sub = None
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
@@ -363,9 +344,9 @@ class EventStream:
     def _apply(self, name: str, events: list[Event]) -> None:
         state = self._state.setdefault(name, {})
         for e in events:
-            if e.action in ("added", "updated"):
+            if e.action in ("added", "updated") and e.key is not None and e.value is not None:
                 state[e.key] = e.value
-            elif e.action == "removed":
+            elif e.action == "removed" and e.key is not None:
                 state.pop(e.key, None)
             elif e.action in ("map_created", "map_removed"):
                 state.clear()
@@ -397,57 +378,55 @@ class EventStream:
             out += await self._snapshot_all(reason="epoch", announce=False)
         return out
 
-    async def read_snapshot(self) -> list[Event]:
-        """Every current entry of the selected maps as ``added`` events (no stream needed)."""
-        return await self._snapshot_all(reason="start")
-
     async def _snapshot_all(self, reason: str, announce: bool = True) -> list[Event]:
         self._retry = reason  # until it completes: redone if the daemon does not answer
         out: list[Event] = []
-        names = set()
-        for sel in self.selection.selectors:
-            for m in await self.client.list_maps(sel, entries=False):
-                if m.dumpable and self.selection.matches(m.name):
-                    names.add(m.name)
-        for name in sorted(names):
+        for name in await snapshot.map_names(self.client, self.selection):
             out += await self._resync(name, reason, announce=announce)
         self._retry = None
         return out
 
     async def _resync(self, name: str, reason: str, announce: bool = True) -> list[Event]:
         """Re-read one map's state; return the differences as events."""
-        try:
-            async with self.client.get(name, snapshot=True, reason=reason) as dump:
-                fresh: dict[bytes, bytes] = {}
-                m = dump.map
-                async for chunk in dump.chunks():
-                    for i in range(chunk.count):
-                        fresh[chunk.keys[i * m.key_size:(i + 1) * m.key_size]] = \
-                            chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
-        except DaemonError as e:
-            if e.code in ("not_found", "not_dumpable", "ambiguous"):
-                return []
-            raise
-        ref = MapRef(m.id, m.name)
-        old = self._state.get(name, {})
-        now = time.time()
-        is_start = reason == "start"
-        out = [] if is_start or not announce else [Event("resync", ref, time=now, reason=reason)]
-        if not is_start and reason != "epoch":
+        snap = await snapshot.read(self.client, name, reason)
+        if snap is None:
+            return []
+        if reason not in ("start", "epoch"):
             self.resyncs += 1
-        for key, value in fresh.items():
-            before = old.get(key)
-            if before is None:
-                out.append(Event("added", ref, time=now, key=key, value=value,
-                                 reason=reason, snapshot=True, info=m))
-            elif before != value:
-                out.append(Event("updated", ref, time=now, key=key, value=value,
-                                 old_value=before, reason=reason, snapshot=True, info=m))
-        for key, value in old.items():
-            if key not in fresh:
-                out.append(Event("removed", ref, time=now, key=key, value=value,
-                                 reason=reason, snapshot=True, info=m))
-        self._state[name] = fresh
-        self._topic_seq[name] = dump.seq or 0
+        old = self._state.get(name, {})
+        out = [] if reason == "start" or not announce else [
+            Event("resync", MapRef(snap.map.id, snap.map.name), time=time.time(), reason=reason)]
+        out += diff_events(snap, old, reason)
+        self._state[name] = snap.entries
+        self._topic_seq[name] = snap.seq
         return out
 
+
+def diff_events(snap: snapshot.Snapshot, old: dict[bytes, bytes], reason: str) -> list[Event]:
+    """What changed from ``old`` to the snapshot, as events marked ``snapshot``."""
+    m = snap.map
+    ref, now = MapRef(m.id, m.name), time.time()
+    out = []
+    for key, value in snap.entries.items():
+        before = old.get(key)
+        if before is None:
+            out.append(Event("added", ref, time=now, key=key, value=value, reason=reason,
+                             snapshot=True, info=m))
+        elif before != value:
+            out.append(Event("updated", ref, time=now, key=key, value=value, old_value=before,
+                             reason=reason, snapshot=True, info=m))
+    for key, value in old.items():
+        if key not in snap.entries:
+            out.append(Event("removed", ref, time=now, key=key, value=value, reason=reason,
+                             snapshot=True, info=m))
+    return out
+
+
+async def snapshot_events(client: Client, selectors: list[str]) -> list[Event]:
+    """Every current entry of the selected maps as ``added`` events, without a stream."""
+    out: list[Event] = []
+    for name in await snapshot.map_names(client, Selection(selectors)):
+        snap = await snapshot.read(client, name, "start")
+        if snap is not None:
+            out += diff_events(snap, {}, "start")
+    return out

@@ -19,9 +19,11 @@ root=$PWD
 # --- Debian packages -----------------------------------------------------------------
 # bcc comes from Debian (python3-bpfcc, libbpfcc); PyPI's `bcc` is an unrelated project.
 # The second line is what the tests run for real on loopback (receivers, brokers,
-# scrapers) and what the hardening uses (libseccomp's binding, strace for audits).
+# scrapers) and what the hardening uses (libseccomp's binding, strace for audits,
+# systemd-analyze to verify the example unit).
 packages=(python3-bpfcc libbpfcc bpftool linux-headers-amd64 python3-venv
-          rsyslog rsyslog-gnutls nats-server prometheus python3-seccomp strace openssl)
+          rsyslog rsyslog-gnutls nats-server prometheus python3-seccomp strace openssl
+          systemd)
 missing=()
 for p in "${packages[@]}"; do
     status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
@@ -142,6 +144,16 @@ if [[ ! -L $site/bcc || ! -f $site/bcc/__init__.py ]]; then
     rm -rf "${site:?}/bcc"
     ln -s "$bccdir" "$site/bcc"
     say "linked $site/bcc -> $bccdir"
+fi
+
+# Likewise libseccomp's binding (python3-seccomp): one extension module, the daemon's
+# seccomp filter (watcher/kernel/seccomp.py) is built with it.
+seccomp_so=$(/usr/bin/python3 -c 'import seccomp; print(seccomp.__file__)' 2>/dev/null) \
+    || die "Debian's /usr/bin/python3 cannot import seccomp (is python3-seccomp installed?)"
+if [[ ! -L $site/$(basename "$seccomp_so") || ! -e $site/$(basename "$seccomp_so") ]]; then
+    rm -f "$site/$(basename "$seccomp_so")"
+    ln -s "$seccomp_so" "$site/$(basename "$seccomp_so")"
+    say "linked $site/$(basename "$seccomp_so") -> $seccomp_so"
 fi
 
 # --- the project itself ------------------------------------------------------------------

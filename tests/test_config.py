@@ -15,12 +15,13 @@ def test_set_reaches_every_section_and_parses_toml_values(tmp_path):
     conf.write_text("[daemon]\nstream_hwm = 10\n[watch]\nlinger = 5\n")
     c = load_config(str(conf), settings=[
         "daemon.stream_hwm=7", "watch.linger=60", 'watch.always=["cilium_*"]',
-        "daemon.log_level=debug", "daemon.socket_mode=0o640"])
+        "daemon.log_level=debug", "daemon.socket_mode=0o640", "daemon.seccomp=false"])
     assert c.daemon.stream_hwm == 7  # applied after the file
     assert c.watch.linger == 60.0
     assert c.watch.always == ["cilium_*"]
     assert c.daemon.log_level == "debug"  # a bare word is a string
     assert c.daemon.socket_mode == 0o640
+    assert c.daemon.seccomp is False
 
 
 @pytest.mark.parametrize("setting, words", [
@@ -28,6 +29,8 @@ def test_set_reaches_every_section_and_parses_toml_values(tmp_path):
     ("daemon.nosuch=1", "nosuch"),
     ("daemon.stream_hwm=0", "stream_hwm"),
     ("watch.always=cilium_*", "list of strings"),
+    ('daemon.seccomp="false"', "true or false"),  # bool("false") would turn it on
+    ("daemon.seccomp=0", "true or false"),
 ])
 def test_bad_set_is_one_clear_error(setting, words):
     with pytest.raises(ConfigError, match=words.replace("*", r"\*")):

@@ -24,7 +24,7 @@ from watcher.daemon.delta import Action, Delta, Snapshot, diff
 from watcher.daemon.kdelta import KernelDelta, choose_engine
 from watcher.kernel import maps as kmaps
 from watcher.kernel import syscall
-from watcher.kernel.bpfasm import R8, Asm
+from watcher.kernel.bpfasm import R3, R8, Asm
 from watcher.kernel.dump import dump, value_stride
 from watcher.kernel.iterdelta import _check_read_only, walk_program
 
@@ -51,19 +51,22 @@ def user_poll(fd: int, record, prev: Snapshot | None) -> tuple[Snapshot, Delta |
     return snap, (None if prev is None else diff(prev, snap))
 
 
-CASES = [  # (type, key size, value size, max entries)
-    ("hash", 8, 12, 300),
-    ("hash", 6, 40, 300),  # odd key size; value over EXACT_MAX: hashed fingerprint
-    ("lru_hash", 8, 16, 300),
-    ("array", 4, 12, 300),
-    ("percpu_hash", 8, 12, 300),
-    ("percpu_array", 4, 20, 300),
-    ("lru_percpu_hash", 4, 8, 300),
+CASES = [  # (type, key size, value size, max entries, for_each allowed)
+    ("hash", 8, 12, 300, True),
+    ("hash", 8, 12, 300, False),  # the iterator route for every walk
+    ("hash", 6, 40, 300, True),  # odd key size; value over EXACT_MAX: hashed fingerprint
+    ("lru_hash", 8, 16, 300, True),
+    ("array", 4, 12, 300, True),
+    ("array", 4, 12, 300, False),
+    ("percpu_hash", 8, 12, 300, True),  # per-CPU maps always take the iterator
+    ("percpu_array", 4, 20, 300, True),
+    ("lru_percpu_hash", 4, 8, 300, True),
 ]
 
 
-@pytest.mark.parametrize("map_type,key_size,value_size,max_entries", CASES)
-def test_both_engines_make_identical_events(maps, map_type, key_size, value_size, max_entries):
+@pytest.mark.parametrize("map_type,key_size,value_size,max_entries,for_each", CASES)
+def test_both_engines_make_identical_events(maps, map_type, key_size, value_size, max_entries,
+                                            for_each):
     rng = random.Random(f"{map_type}{key_size}{value_size}")
     fd, map_id = maps.create(map_type, key_size, value_size, max_entries, name="pymap_kd_t")
     record = kmaps.record_from_fd(fd)
@@ -74,7 +77,8 @@ def test_both_engines_make_identical_events(maps, map_type, key_size, value_size
     keyspace = [struct.pack("<I", i) for i in range(max_entries)] if is_array else \
         [rng.randbytes(key_size) for _ in range(max_entries * 2)]
     ro = kmaps.open_map(map_id=map_id)
-    kernel = KernelDelta(record, stride)
+    kernel = KernelDelta(record, stride, use_for_each=for_each)
+    assert kernel.walker.each == (for_each and not record.percpu)
     try:
         u_state, _ = user_poll(ro, record, None)
         k_state, k_delta = kernel.poll(ro, None, report_all=False)
@@ -106,7 +110,10 @@ def test_both_engines_make_identical_events(maps, map_type, key_size, value_size
             assert events(k_delta, key_size, stride) == expected, f"round {round_}"
             total += len(expected)
         assert total > 100, "the rounds changed too little to compare engines"
-        assert kernel.walker.walks == 41
+        walker = kernel.walker
+        assert walker.walks + walker.quick_polls == 41
+        # unchanged rounds of a for_each hash map are settled by the walk-order check
+        assert (walker.quick_polls > 0) == (walker.each and not is_array)
         # bpftool: the state the in-kernel engine keeps is what the map holds
         out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
                              capture_output=True, text=True, check=True).stdout
@@ -133,20 +140,30 @@ def test_output_larger_than_one_read_is_complete(maps):
         assert delta is not None and delta.count == n == state.count
         syscall.map_update_batch(fd, keys, b"\1" * (16 * n), n)
         state, delta = kernel.poll(ro, state, report_all=False)
+        assert kernel.last_walk["overflow"] > 0, "the for_each ring should have overflowed"
         assert delta is not None and delta.count == n
         assert set(delta.actions) == {Action.UPDATED}
         assert delta.values == b"\1" * (16 * n) and delta.old_values == bytes(16 * n)
         state, delta = kernel.poll(ro, state, report_all=False)
         assert delta is not None and delta.count == 0
+        # more removed keys than the ring holds: the sweep finishes through the iterator
+        gone = n - 1000
+        for i in range(gone):
+            syscall.map_delete_elem(fd, struct.pack("<Q", i))
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert kernel.walker.sweep_fallbacks == 1
+        assert delta is not None and delta.count == gone == n - state.count
+        assert set(delta.actions) == {Action.REMOVED}
+        assert delta.keys == keys[:8 * gone] and delta.values == b"\1" * (16 * gone)
     finally:
         kernel.close()
         syscall.os.close(ro)
 
 
 def test_engine_choice_reasons(maps):
-    fd, _ = maps.create("hash", 8, 8, 100000, name="pymap_kd_types")
+    fd, _ = maps.create("percpu_hash", 8, 8, 100000, name="pymap_kd_types")
     engine, why = choose_engine(kmaps.record_from_fd(fd), 8, WatchConfig(), 0)
-    assert engine is None and why.startswith("user-space: hash is not in watch.kernel_delta_types")
+    assert engine is None and why == "user-space: percpu_hash is not in watch.kernel_delta_types"
     fd, _ = maps.create("array", 4, 8, 100000, name="pymap_kd_dflt")
     engine, why = choose_engine(kmaps.record_from_fd(fd), 8, WatchConfig(), 0)
     assert engine is not None and why.startswith("in-kernel: 100000 max entries"), why
@@ -180,12 +197,19 @@ def test_engine_choice_reasons(maps):
 
 def test_generated_programs_cannot_store_through_the_watched_map():
     program = walk_program(8, 16, shadow_fd=3, state_fd=4, array=False)
-    _check_read_only(program)  # the real program passes
+    _check_read_only(program)  # the real programs pass
+    _check_read_only(walk_program(8, 16, shadow_fd=3, state_fd=4, array=False, ring_fd=5,
+                                  map_fd=6))
     a = Asm()
     a.st(8, R8, 0, 1)  # *(u64 *)(value + 0) = 1: a write into the watched map
     a.exit()
     with pytest.raises(AssertionError):
         _check_read_only(program[:-8] + a.assemble())
+    b = Asm()
+    b.st(8, R3, 0, 1)  # a for_each callback's value argument
+    b.exit()
+    with pytest.raises(AssertionError):
+        _check_read_only(program[:-8] + b.assemble())
 
 
 @pytest.mark.kernel
@@ -302,3 +326,60 @@ def test_kernel_lets_an_iterator_write_through_a_read_only_fd(maps):
     finally:
         os.close(ro)
         os.close(prog)
+
+
+def _bump_in_place(map_fd: int, key: int) -> None:
+    """A real BPF program (socket filter, run once) that adds 1 to the first u64 of the
+    value of ``key`` through its lookup pointer: an in-place update, as counters do,
+    which keeps the element where it is in its bucket (the walk order does not change)."""
+    from watcher.kernel import progload
+    from watcher.kernel.bpfasm import ADD, JEQ, R0, R1, R2, R10
+
+    a = Asm()
+    a.ld_imm64(R1, key)
+    a.stx(8, R10, -8, R1)
+    a.ld_map_fd(R1, map_fd)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -8)
+    a.call(1)  # bpf_map_lookup_elem
+    a.jmp(JEQ, R0, 0, "out")
+    a.ldx(8, R1, R0, 0)
+    a.alu64(ADD, R1, 1)
+    a.stx(8, R0, 0, R1)
+    a.label("out")
+    a.movi(R0, 0)
+    a.exit()
+    prog = progload.load_program(a.assemble(), "pymap_kd_bump",
+                                 progload.BPF_PROG_TYPE_SOCKET_FILTER)
+    try:
+        syscall.prog_test_run(prog, bytes(64))
+    finally:
+        os.close(prog)
+
+
+def test_walk_order_check_sees_in_place_updates(maps):
+    """An unchanged hash map is settled by the walk-order check alone; a value changed in
+    place by a program (order unchanged) must still be delivered."""
+    n = 1000
+    fd, map_id = maps.create("hash", 8, 16, n, name="pymap_kd_inpl")
+    keys = b"".join(struct.pack("<Q", i) for i in range(n))
+    syscall.map_update_batch(fd, keys, b"".join(struct.pack("<QQ", i, 7) for i in range(n)), n)
+    record = kmaps.record_from_fd(fd)
+    ro = kmaps.open_map(map_id=map_id)
+    kernel = KernelDelta(record, 16)
+    try:
+        state, _ = kernel.poll(ro, None, report_all=False)  # bpf_iter: records everything
+        state, delta = kernel.poll(ro, state, report_all=False)  # full for_each walk
+        assert delta is not None and delta.count == 0 and kernel.walker.quick_polls == 0
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert delta is not None and delta.count == 0 and kernel.walker.quick_polls == 1
+        _bump_in_place(fd, 500)
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert kernel.walker.quick_polls == 1, "the check must see the changed value"
+        assert events(delta, 8, 16) == [("UPDATED", struct.pack("<Q", 500),
+                                         struct.pack("<QQ", 501, 7), struct.pack("<QQ", 500, 7))]
+        state, delta = kernel.poll(ro, state, report_all=False)
+        assert delta is not None and delta.count == 0 and kernel.walker.quick_polls == 2
+    finally:
+        kernel.close()
+        os.close(ro)

@@ -78,9 +78,6 @@ class FakeClient:
         return schema.Pong(version="test", epoch="e1", uptime=0.0,
                            events_endpoint=self.events_endpoint)
 
-    def _check_endpoint(self, endpoint: str | None = None) -> None:
-        pass
-
     async def report_gap(self, name: str, missed: int) -> None:
         self.gaps.append((name, missed))
 
@@ -222,8 +219,9 @@ async def test_a_stopped_subscriber_is_not_a_silent_daemon(wire):
     """The whole process stops (here: the trio thread blocks, as under SIGSTOP) for
     longer than the heartbeat timeout; when it runs again the daemon's heartbeats are
     there, so there is no stall to report."""
-    pub, client, nursery = wire
-    async with EventStream(client, ["m"], heartbeat_timeout=SILENCE) as stream:
+    pub, client, _ = wire
+    async with EventStream(client, ["m"], heartbeat_timeout=SILENCE) as stream, \
+            trio.open_nursery() as nursery:  # ends (cancelled) before the stream closes
         it = await _started(pub, stream)
 
         async def freeze():
@@ -245,6 +243,7 @@ async def test_a_stopped_subscriber_is_not_a_silent_daemon(wire):
             while not seen:
                 await trio.sleep(0.01)
         assert [e.action for e in seen] == ["added"]
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_resync_the_daemon_left_unanswered_is_redone(tmp_path):

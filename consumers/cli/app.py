@@ -1,9 +1,14 @@
-"""The ``pymap`` command line: a thin layer over :mod:`consumers.client`.
+"""The ``pymap`` command line: a thin layer over the client library.
 
 Every command talks to the daemon through the same client library other
-consumers use; only ``daemon`` (which starts it) and ``doctor`` (which checks
-the host) reach further.  Errors are one line on stderr and a non-zero exit,
-never a traceback.
+consumers use (:mod:`consumers.oneshot` for one request and one reply,
+:mod:`consumers.client` for the rest); only ``daemon`` (which starts it) and
+``doctor`` (which checks the host) reach further.  Errors are one line on
+stderr and a non-zero exit, never a traceback.
+
+Each command imports what it needs when it runs (trio, rich, decoders,
+numpy through the daemon), so ``pymap ping`` starts in a fraction of the time
+``pymap daemon`` takes: see bench/bench_cli.py.
 """
 
 from __future__ import annotations
@@ -13,20 +18,21 @@ import enum
 import functools
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import trio
 import typer
-import zmq
-from rich.console import Console
 
-from watcher.wire.curve import ClientKeys, CurveError
 from watcher.wire.globs import GlobError, check_glob
 
-from ..client import DEFAULT_ENDPOINT, Client, DaemonError
-from ..decoding import choose_decoding
-from . import render
+from .. import oneshot
+from ..endpoint import DEFAULT_ENDPOINT
+from ..errors import DaemonError
 from .keys import keys_app
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..client import Client
 
 app = typer.Typer(
     name="pymap",
@@ -39,8 +45,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-stdout = Console()
-stderr = Console(stderr=True)
+
+
+@functools.cache
+def out() -> Console:
+    """The rich console on stdout, made when a command first prints with it."""
+    from rich.console import Console
+
+    return Console()
+
+
+@functools.cache
+def err() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """One line on stderr for a person (a note, not an error)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 class Output(enum.StrEnum):
@@ -66,22 +91,25 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> None:
-    stderr.print(f"pymap: error: {message}", markup=False, highlight=False, soft_wrap=True)
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    say(f"pymap: error: {message}")
     raise typer.Exit(code)
 
 
-def _curve(server_key: str | None, client_cert: str | None) -> ClientKeys | None:
-    """CURVE keys from the flags (or PYMAP_CURVE_* variables), read once, checked early."""
+def use_curve(server_key: str | None, client_cert: str | None) -> None:
+    """CURVE keys from the flags (or PYMAP_CURVE_* variables) for every tcp:// socket."""
     if server_key is None and client_cert is None:
-        return None
-    if server_key is None or client_cert is None:
+        return
+    if not server_key or not client_cert:
         fail("CURVE needs both --curve-server-key and --curve-client-cert", EXIT_USAGE)
+    from watcher.wire.curve import ClientKeys, CurveError
+
+    from ..endpoint import use_curve as use
+
     try:
-        return ClientKeys.load(server_key, client_cert)
+        use(ClientKeys.load(server_key, client_cert))
     except CurveError as e:
         fail(str(e), EXIT_USAGE)
-    raise AssertionError("unreachable")
 
 
 def valid_glob(pattern: str) -> str:
@@ -90,13 +118,12 @@ def valid_glob(pattern: str) -> str:
         return check_glob(pattern)
     except GlobError as e:
         fail(str(e), EXIT_USAGE)
-        raise  # not reached: fail() exits
 
 
-def run(fn: Callable[[], Awaitable[int | None]]) -> None:
-    """Run an async command; turn daemon errors and Ctrl-C into clean exits."""
+def run(fn: Callable[[], int | None]) -> None:
+    """Run a command; turn daemon errors and Ctrl-C into clean exits."""
     try:
-        code = trio.run(fn)
+        code = fn()
     except GlobError as e:
         fail(str(e), EXIT_USAGE)
     except DaemonError as e:
@@ -115,6 +142,13 @@ def run(fn: Callable[[], Awaitable[int | None]]) -> None:
         raise typer.Exit(code)
 
 
+def run_async(fn: Callable[[], Awaitable[int | None]]) -> None:
+    """Run an async command (the client library's async API) as :func:`run` does."""
+    import trio
+
+    run(lambda: trio.run(fn))
+
+
 app.add_typer(keys_app, name="keys")
 
 
@@ -122,13 +156,12 @@ app.add_typer(keys_app, name="keys")
 def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0,
          server_key: CurveServerOpt = None, client_cert: CurveCertOpt = None) -> None:
     """Check that the daemon answers; print its version, epoch and uptime."""
+    use_curve(server_key, client_cert)
 
-    curve = _curve(server_key, client_cert)
-    async def main():
-        async with Client(endpoint, timeout, curve=curve) as client:
-            pong = await client.ping()
-        stdout.print(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
-                     f"up {pong.uptime:.0f} s", highlight=False, soft_wrap=True)
+    def main():
+        pong = oneshot.ping(endpoint, timeout)
+        sys.stdout.write(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
+                         f"up {pong.uptime:.0f} s\n")
 
     run(main)
 
@@ -146,25 +179,26 @@ def list_(
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Every BPF map on the host, like `bpftool map show` and `cilium map list`."""
+    use_curve(server_key, client_cert)
     if pattern:
         valid_glob(pattern)
 
-    curve = _curve(server_key, client_cert)
-    async def main():
-        async with Client(endpoint, timeout, curve=curve) as client:
-            if output is not Output.json and stderr.is_terminal:
-                with stderr.status("reading maps from the daemon..."):
-                    maps = await client.list_maps(pattern, entries=not no_entries)
-            else:
-                maps = await client.list_maps(pattern, entries=not no_entries)
+    def main():
+        from . import render
+
+        waiting: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if output is not Output.json and sys.stderr.isatty():
+            waiting = err().status("reading maps from the daemon...")
+        with waiting:
+            maps = oneshot.list_maps(endpoint, pattern, entries=not no_entries, timeout=timeout)
         if output is Output.json:
             import orjson
 
             sys.stdout.write(orjson.dumps([render.map_json(m) for m in maps]).decode() + "\n")
         else:
-            render.print_maps(stdout, maps, wide=output is Output.wide)
+            render.print_maps(out(), maps, wide=output is Output.wide)
         if pattern and not maps:
-            stderr.print(f"pymap: no map matches {pattern!r}", highlight=False)
+            say(f"pymap: no map matches {pattern!r}")
             return EXIT_ERROR
 
     run(main)
@@ -187,20 +221,22 @@ def get(
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """A map's entries, decoded (declared layout, built-in Cilium decoder, BTF) or as hex."""
+    use_curve(server_key, client_cert)
     own_layouts = _read_layouts(layout_file) if layout_file else []
 
-    curve = _curve(server_key, client_cert)
     async def main():
-        async with (Client(endpoint, timeout, curve=curve) as client,
-                    client.get(selector) as dump):
+        from ..client import Client
+        from ..decoding import choose_decoding
+        from . import render
+
+        async with Client(endpoint, timeout) as client, client.get(selector) as dump:
             layout = next((x for x in own_layouts
                            if x.matches([dump.map.name, dump.map.kernel_name], dump.map.pinned)),
                           None)
             if layout is None:
                 if own_layouts:
-                    stderr.print(f"pymap: note: no layout in {layout_file} matches "
-                                 f"{dump.map.name}; using the daemon's decoding",
-                                 highlight=False, markup=False)
+                    say(f"pymap: note: no layout in {layout_file} matches {dump.map.name}; "
+                        "using the daemon's decoding")
                 layout = dump.layout
             decoding = None if raw else choose_decoding(dump.map, dump.btf, layout)
             formatter = decoding.formatter if decoding else None
@@ -222,11 +258,11 @@ def get(
                         key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
                         value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
                         rows.append((key, value, formatter(key, value) if formatter else None))
-            render.print_entries(stdout, m, rows, dump.total or 0, raw,
+            render.print_entries(out(), m, rows, dump.total or 0, raw,
                                  decoding.describe() if decoding else "shown as hex (--raw)",
                                  wide=output is Output.wide)
 
-    run(main)
+    run_async(main)
 
 
 class _Progress:
@@ -243,10 +279,10 @@ class _Progress:
 
 @contextlib.contextmanager
 def _progress(label: str):
-    if not stderr.is_terminal:
+    if not sys.stderr.isatty():
         yield _Progress(None)
         return
-    with stderr.status(label) as status:
+    with err().status(label) as status:
         progress = _Progress(status)
         progress.label = label
         yield progress
@@ -299,14 +335,16 @@ def events(
     A follower (-f) holds on like tail -F: if the daemon stops or restarts, it says
     so on stderr, waits, resyncs, and prints what it missed as lost/resync lines.
     """
+    use_curve(server_key, client_cert)
     from .eventsout import EventPrinter, MapCache
 
     for selector in selectors:
         valid_glob(selector)
 
-    curve = _curve(server_key, client_cert)
     async def main():
-        async with Client(endpoint, timeout, curve=curve) as client:
+        from ..client import Client
+
+        async with Client(endpoint, timeout) as client:
             names = [await _name_of(client, s) for s in selectors]
             printer = EventPrinter(MapCache(client, decode=not raw), output is Output.json)
             if not follow:
@@ -320,18 +358,17 @@ def events(
                     if count and printer.count >= count:
                         return
 
-    run(main)
+    run_async(main)
 
 
 def _say_daemon_state(event, endpoint: str, max_wait: float | None) -> None:
     """A follower's one line on stderr when its daemon falls silent, and when it is back."""
     if event.action == "stalled":
         how_long = "for ever" if max_wait is None else f"up to {max_wait:g} s"
-        text = (f"pymap: {event.reason} at {endpoint}; waiting {how_long} for it to come "
-                "back (Ctrl-C to stop)")
+        say(f"pymap: {event.reason} at {endpoint}; waiting {how_long} for it to come back "
+            "(Ctrl-C to stop)")
     else:
-        text = f"pymap: the daemon is back ({event.reason}); catching up"
-    stderr.print(text, highlight=False, markup=False, soft_wrap=True)
+        say(f"pymap: the daemon is back ({event.reason}); catching up")
 
 
 async def _name_of(client: Client, selector: str) -> str:
@@ -343,10 +380,10 @@ async def _name_of(client: Client, selector: str) -> str:
 
 
 async def _print_recent(client: Client, names: list[str], printer, snapshot: bool) -> int | None:
-    from ..subscriber import EventStream, events_of
+    from ..subscriber import events_of, snapshot_events
 
     if snapshot:
-        for event in await EventStream(client, names, snapshot=True).read_snapshot():
+        for event in await snapshot_events(client, names):
             await printer.print(event)
         return None
     for name in names:
@@ -355,10 +392,102 @@ async def _print_recent(client: Client, names: list[str], printer, snapshot: boo
             for event in events_of(message, frames):
                 await printer.print(event)
         if not end.watched:
-            stderr.print(f"pymap: {name} is not being watched, so the daemon has no recent "
-                         "events for it; follow it with -f (or list it under watch.always)",
-                         highlight=False, markup=False)
+            say(f"pymap: {name} is not being watched, so the daemon has no recent events "
+                "for it; follow it with -f (or list it under watch.always)")
     return None
+
+
+@app.command(epilog=(
+    "Examples:  pymap export 'cilium_*' --format ecs --to syslog+tcp://127.0.0.1:601  ·  "
+    "pymap export 'cilium_policy_*' --format ocsf --to file:///var/log/pymap/policy.json "
+    "--state-file /var/lib/pymap/policy.state  ·  pymap export -c /etc/pymap/export.toml "
+    "--name siem.  See docs/export.md."))
+def export(
+    selectors: Annotated[list[str] | None, typer.Argument(
+        help="Maps and event sources: names, globs ('cilium_*'), id:N, pin paths.",
+        show_default=False)] = None,
+    to: Annotated[str, typer.Option(
+        "--to", "-t", metavar="URL",
+        help="Destination: - (stdout), file:///PATH[?max_bytes=N&backups=N&mode=0600], "
+        "syslog+udp://HOST:PORT, syslog+tcp://HOST:PORT (octet counting), "
+        "syslog+tls://HOST:PORT[?ca=FILE&cert=FILE&key=FILE], nats://HOST:PORT.")] = "-",
+    format_: Annotated[str, typer.Option(
+        "--format", "-F", help="json (pymap's event lines), ecs (Elastic Common Schema 8), "
+        "ocsf (OCSF 1.3 Kernel Activity), cef (ArcSight CEF).")] = "json",
+    action: Annotated[list[str] | None, typer.Option(
+        "--action", "-a", help="Export only these actions (repeatable): added, updated, "
+        "removed, map_created, map_removed, record. lost/resync/dropped always pass.",
+        show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", "-x", metavar="GLOB", help="Leave out maps whose name matches (repeatable).",
+        show_default=False)] = None,
+    rate: Annotated[float | None, typer.Option(
+        "--rate", min=0.001, metavar="EVENTS/S",
+        help="At most this many events per second; the rest are counted and exported "
+        "as 'dropped' records.")] = None,
+    buffer: Annotated[int, typer.Option(
+        "--buffer", metavar="BYTES", min=65536,
+        help="Bytes held while the destination is slow or down; beyond it events are "
+        "dropped, counted, and reported when it is back.")] = 64 * 1024 * 1024,
+    state_file: Annotated[str | None, typer.Option(
+        "--state-file", "-s", metavar="PATH",
+        help="Checkpoint of the last delivered event: a restart resumes after it "
+        "(from the daemon's recent events, else a fresh snapshot and a resync record).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="No decoding, hex only.")] = False,
+    config: Annotated[str | None, typer.Option(
+        "--config", "-c", metavar="TOML", help="Read exporters from the exports tables of a TOML file "
+        "instead of flags (docs/export.md).")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", "-n", help="With -c: run only the exports table of this name.")] = None,
+    endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 30.0,
+) -> None:
+    """Feed a SIEM: map changes as ECS, OCSF, CEF or JSON to stdout, a file or syslog.
+
+    Runs until SIGTERM/SIGINT, then flushes for up to 5 s. A daemon restart or stall is waited for (like tail -F) and written out as resync/lost records; a destination that is down is retried with backoff while events are buffered in memory (--buffer); what does not fit is counted and written out as a 'dropped' record when it is back.
+    """
+    from ..export import config as export_config
+    from ..export.checkpoint import CheckpointError
+    from ..export.exporter import ExportConfigError, ExportSpec
+    from ..export.outputs import OutputConfigError
+    from ..export.runner import run_exports
+
+    try:
+        if config:
+            if selectors:
+                fail("give maps either as arguments or in the config file, not both", EXIT_USAGE)
+            specs = export_config.load(config)
+            if name is not None:
+                specs = [s for s in specs if s.name == name]
+                if not specs:
+                    fail(f"config {config}: no [[exports]] table named {name!r}", EXIT_USAGE)
+        else:
+            if not selectors:
+                fail("give at least one map name or glob (or -c CONFIG)", EXIT_USAGE)
+            specs = [ExportSpec(list(selectors or []), to=to, format=format_,
+                                actions=list(action or []), exclude=list(exclude or []),
+                                rate=rate, buffer_bytes=buffer, state_file=state_file,
+                                decode=not raw)]
+        for spec in specs:
+            for sel in spec.selectors:
+                if not (sel.startswith("id:") or sel.startswith("/")):
+                    valid_glob(sel)
+            spec.check()
+    except ExportConfigError as e:
+        fail(str(e), EXIT_USAGE)
+
+    async def main():
+        from ..client import Client
+
+        async with Client(endpoint, timeout) as client:
+            for spec in specs:
+                spec.selectors = [await _name_of(client, s) for s in spec.selectors]
+        await run_exports(specs, endpoint, timeout, say)
+
+    try:
+        run_async(main)
+    except (OutputConfigError, CheckpointError, ExportConfigError) as e:
+        fail(str(e), EXIT_USAGE if not isinstance(e, CheckpointError) else EXIT_ERROR)
 
 
 @app.command()
@@ -370,11 +499,10 @@ def status(
     timeout: TimeoutOpt = 5.0,
 ) -> None:
     """The daemon's epoch, uptime, watched maps, poll timings, subscribers, events and drops."""
+    use_curve(server_key, client_cert)
 
-    curve = _curve(server_key, client_cert)
-    async def main():
-        async with Client(endpoint, timeout, curve=curve) as client:
-            st = await client.status()
+    def main():
+        st = oneshot.status(endpoint, timeout)
         if output is Output.json:
             import orjson
 
@@ -384,7 +512,9 @@ def status(
             data.pop("req", None)
             sys.stdout.write(orjson.dumps(data).decode() + "\n")
             return
-        render.print_status(stdout, st, wide=output is Output.wide)
+        from . import render
+
+        render.print_status(out(), st, wide=output is Output.wide)
 
     run(main)
 
@@ -421,6 +551,9 @@ def daemon(
         "repeatable, applied after the file and the other flags.")] = None,
 ) -> None:
     """Run the pymap daemon (as root) until SIGINT or SIGTERM; SIGHUP reloads the config."""
+    import trio
+    import zmq
+
     from watcher.daemon import main as daemon_main
     from watcher.daemon.config import ConfigError, load_config
 
@@ -463,7 +596,7 @@ def doctor(endpoint: EndpointOpt = DEFAULT_ENDPOINT) -> None:
     """Check this host's prerequisites, each with its fix."""
     from .doctor import run_checks
 
-    raise typer.Exit(run_checks(stdout, endpoint))
+    raise typer.Exit(run_checks(out(), endpoint))
 
 
 def main() -> None:

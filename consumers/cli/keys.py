@@ -9,21 +9,17 @@ Files are zmq.auth certificates (watcher/wire/curve.py): the daemon needs its
 from __future__ import annotations
 
 import json
-from typing import Annotated
+import sys
+from typing import Annotated, NoReturn
 
 import typer
-from rich.console import Console
-
-from watcher.wire.curve import CurveError, load_public, load_secret, make_keys
 
 keys_app = typer.Typer(help="Make and show CURVE key pairs for tcp:// endpoints.",
                        no_args_is_help=True)
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True)
 
 
-def _fail(message: str) -> None:
-    stderr.print(f"pymap: error: {message}", markup=False, highlight=False, soft_wrap=True)
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"pymap: error: {message}\n")
     raise typer.Exit(2)
 
 
@@ -35,13 +31,14 @@ def make(
                                            "NAME.key_secret.")] = ".",
 ) -> None:
     """Create NAME.key (public: copy it to the other side) and NAME.key_secret (keep private)."""
+    from watcher.wire.curve import CurveError, make_keys
+
     try:
         public, secret = make_keys(directory, name)
     except CurveError as e:
         _fail(str(e))
-    stdout.print(f"public key  {public}", markup=False, highlight=False)
-    stdout.print(f"secret key  {secret}  (mode 0600: keep it on this host)", markup=False,
-                 highlight=False)
+    print(f"public key  {public}")
+    print(f"secret key  {secret}  (mode 0600: keep it on this host)", flush=True)
 
 
 @keys_app.command("show")
@@ -50,6 +47,8 @@ def show(
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per file.")] = False,
 ) -> None:
     """Print each certificate's public key (Z85), never the secret one."""
+    from watcher.wire.curve import CurveError, load_public, load_secret
+
     for path in files:
         try:
             try:
@@ -63,5 +62,4 @@ def show(
             print(json.dumps({"file": path, "public_key": public.decode(), "has_secret":
                               kind == "secret"}), flush=True)
         else:
-            stdout.print(f"{public.decode()}  {path} ({kind} certificate)", markup=False,
-                         highlight=False)
+            print(f"{public.decode()}  {path} ({kind} certificate)", flush=True)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Callable
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import orjson
 from rich.console import Console
 
 from watcher.wire.schema import MapInfo
 
-from ..client import Chunk
 from .columns import Column, print_table
+
+if TYPE_CHECKING:
+    from ..client import Chunk
 
 MAP_FIELDS = ("id", "name", "type", "key_size", "value_size", "max_entries", "entries", "flags",
               "pinned", "kernel_name", "btf_id", "memlock", "frozen", "holders")
@@ -36,11 +38,12 @@ def map_json(m: MapInfo) -> dict:
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}GiB"
 
 
 # Most important first; in a narrow terminal the highest ``drop`` goes first.
@@ -103,21 +106,22 @@ def print_entries(console: Console, m: MapInfo, rows: list[tuple[bytes, bytes, d
     slot = (m.value_size + 7) & ~7
     table: list[tuple[str, ...]] = []
     for key, value, formatted in rows:
-        use_fmt = formatted is not None and not raw and "error" not in formatted
-        text_key, _, text_value = (formatted.get("text", "") if use_fmt else "").partition(" -> ")
-        k = (text_key or compact(formatted["key"])) if use_fmt else _spaced_hex(key)
-        if formatted is not None and not raw and "error" in formatted:  # this entry failed
+        failed = formatted is not None and not raw and "error" in formatted
+        fmt = formatted if formatted is not None and not raw and not failed else None
+        text_key, _, text_value = (fmt.get("text", "") if fmt else "").partition(" -> ")
+        k = (text_key or compact(fmt["key"])) if fmt is not None else _spaced_hex(key)
+        if failed and formatted is not None:  # this entry did not decode
             k += f"  (not decoded: {formatted['error']})"
         if m.percpu:
             for cpu in range(m.ncpus):
-                v = (compact(formatted["values"][cpu]["value"]) if use_fmt
+                v = (compact(fmt["values"][cpu]["value"]) if fmt is not None
                      else _spaced_hex(value[cpu * slot:cpu * slot + m.value_size]))
                 table.append((k if cpu == 0 or repeat_key else "", str(cpu), v))
-            if use_fmt and "total" in formatted:
+            if fmt is not None and "total" in fmt:
                 table.append((k if repeat_key else "", "all",
-                              text_value or compact(formatted["total"])))
+                              text_value or compact(fmt["total"])))
         else:
-            table.append((k, (text_value or compact(formatted["value"])) if use_fmt
+            table.append((k, (text_value or compact(fmt["value"])) if fmt is not None
                           else _spaced_hex(value)))
     print_table(console, columns, table, title=f"{m.name} (id {m.id}, {m.type}, {total} entries)",
                 caption=caption, wide=wide)
@@ -252,7 +256,7 @@ def print_status(console: Console, st, wide: bool = False) -> None:
     print_table(console, STATUS_COLUMNS, rows, title=title, caption=caption, wide=wide)
     sources = getattr(st, "sources", None)
     if sources:
-        rows = [(s.name, s.kind, str(s.map_id), str(s.records), str(s.lost), _size(s.bytes),
-                 str(s.wakeups), f"{s.max_read_ms:.1f}ms", s.origin, s.drops_map or "-")
-                for s in sources]
-        print_table(console, SOURCE_COLUMNS, rows, title="event sources", wide=wide)
+        source_rows = [(s.name, s.kind, str(s.map_id), str(s.records), str(s.lost),
+                        _size(s.bytes), str(s.wakeups), f"{s.max_read_ms:.1f}ms", s.origin,
+                        s.drops_map or "-") for s in sources]
+        print_table(console, SOURCE_COLUMNS, source_rows, title="event sources", wide=wide)

@@ -68,9 +68,10 @@ def build(dest: Path) -> Path:
     for package in PACKAGES:
         for src in (REPO / package).rglob("*.py"):
             _copy_file(src, site_dir / src.relative_to(REPO))
-    bcc = here / "bcc"  # a link to Debian's python3-bpfcc (scripts/setup.sh)
-    if bcc.is_symlink():
-        (site_dir / "bcc").symlink_to(os.readlink(bcc))
+    # Links to Debian's python3-bpfcc and python3-seccomp (scripts/setup.sh).
+    for linked in [here / "bcc", *here.glob("seccomp.*.so")]:
+        if linked.is_symlink():
+            (site_dir / linked.name).symlink_to(os.readlink(linked))
     pymap = venv / "bin" / "pymap"
     pymap.write_text(f"#!{venv}/bin/python\nfrom consumers.cli.app import main\nmain()\n")
     pymap.chmod(0o755)

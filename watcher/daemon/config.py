@@ -18,10 +18,9 @@ import cattrs
 
 from ..decode.layout import LayoutError, layout_matches, parse_layout
 from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
+from ..wire.endpoints import DEFAULT_ENDPOINT
 from .sourceconf import SourceConfig, SourceError, load_sources
 
-DEFAULT_RUN_DIR = "/run/pymap"
-DEFAULT_ENDPOINT = f"ipc://{DEFAULT_RUN_DIR}/pymap.sock"
 DEFAULT_CONFIG = "/etc/pymap/pymap.toml"
 
 
@@ -98,6 +97,9 @@ class DaemonConfig:
     stream_hwm: int = attrs.field(default=10000, validator=attrs.validators.ge(1))
     # Entry events per stream message at most.
     batch_events: int = attrs.field(default=4096, validator=attrs.validators.in_(range(1, 1 << 20)))
+    # After start-up, limit bpf(2) to the commands the daemon reads with (seccomp;
+    # docs/operations.md).  Off only to debug the filter itself.
+    seccomp: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     log_level: str = attrs.field(default="info",
                                  validator=attrs.validators.in_(["debug", "info", "warning", "error"]))
     # "text" (one readable line) or "json" (one JSON object per line, for a SIEM).
@@ -138,10 +140,10 @@ class WatchConfig:
     # maps of at least kernel_delta_min_entries (max_entries); "off" never.
     kernel_delta: str = attrs.field(default="auto", validator=attrs.validators.in_(["auto", "off"]))
     kernel_delta_min_entries: int = attrs.field(default=65536, validator=attrs.validators.ge(0))
-    # Map types the in-kernel engine may take.  Arrays only by default: on the kernels
-    # measured, a bpf_iter walk of a hash map costs more than its batch read.
+    # Map types the in-kernel engine may take.  Not per-CPU hashes by default: they need
+    # the bpf_iter route, which costs more than their batch read (bench_kdelta, docs).
     kernel_delta_types: list[str] = attrs.field(
-        factory=lambda: ["array", "percpu_array"],
+        factory=lambda: ["hash", "lru_hash", "array", "percpu_array"],
         validator=attrs.validators.deep_iterable(attrs.validators.in_(
             ["hash", "lru_hash", "percpu_hash", "lru_percpu_hash", "array", "percpu_array"]),
             attrs.validators.instance_of(list)))
@@ -296,6 +298,16 @@ def _reject_str_as_list(value, type_):
 
 
 _converter.register_structure_hook_func(lambda t: t == list[str], _reject_str_as_list)
+
+
+def _strict_bool(value, _type) -> bool:
+    # cattrs would take bool("false") == True: a switch is written true or false.
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}")
+    return value
+
+
+_converter.register_structure_hook(bool, _strict_bool)
 
 
 def _format_one(error: BaseException, type_) -> str:

@@ -42,8 +42,8 @@ USER, KERNEL = "user-space", "in-kernel"
 class KernelDelta:
     """One watched map on the in-kernel engine."""
 
-    def __init__(self, record: MapRecord, stride: int):
-        self.walker = IterDelta(record, stride)
+    def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True):
+        self.walker = IterDelta(record, stride, use_for_each)
         self.key_size = record.key_size
         self.stride = stride
         self.last_walk: dict[str, int] = {}
@@ -138,8 +138,7 @@ def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_by
     if why:
         return None, f"{USER}: {why}"
     if record.type not in config.kernel_delta_types:
-        return None, (f"{USER}: {record.type} is not in watch.kernel_delta_types (an in-kernel "
-                      "walk of a hash map costs more than its batch read here: bench_kdelta)")
+        return None, f"{USER}: {record.type} is not in watch.kernel_delta_types"
     if record.max_entries < config.kernel_delta_min_entries:
         return None, (f"{USER}: {record.max_entries} max entries < kernel_delta_min_entries "
                       f"{config.kernel_delta_min_entries}")

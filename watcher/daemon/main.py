@@ -28,6 +28,7 @@ from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
 from .logs import setup_logging
 from .metrics import MetricsServer
+from .privileges import check_capabilities, harden
 from .publisher import Stream
 from .reload import Reloader
 from .server import RequestServer
@@ -131,6 +132,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
               reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); SIGHUP re-reads the config via ``reload``."""
     dconf = config.daemon
+    check_capabilities()  # before anything is opened: one line naming what is missing
     release_big_buffers_promptly()
     epoch = secrets.token_hex(8)
     ctx = zmq.Context()
@@ -172,6 +174,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             bound.append(dconf.endpoint)
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
+            harden(config)  # start-up is over: from here bpf() only reads (seccomp)
             server = RequestServer(router, dconf, epoch, _version(), engine, sources)
             reloader.targets += [server.reconfigure, metrics.reconfigure]
             if auth is not None:
@@ -231,7 +234,7 @@ def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[s
 
 async def _heartbeats(engine: Engine) -> None:
     while True:
-        engine.stream.heartbeat(engine.watched_topics())
+        engine.heartbeat()
         await trio.sleep(engine.stream.heartbeat_interval)  # a reload may change it
 
 

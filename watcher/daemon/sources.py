@@ -40,6 +40,7 @@ from ..kernel import attach
 from ..kernel import maps as kmaps
 from ..kernel.bccload import BccError, BccProgram
 from ..kernel.counters import counter_total
+from ..kernel.probe import tracefs_unreadable
 from ..wire import schema
 from .config import ConfigError
 from .publisher import Stream
@@ -122,7 +123,8 @@ class Sources:
         try:
             prog = BccProgram(cfg.program, cfg.cflags)
         except BccError as e:
-            raise SourceLoadError(str(e)) from None
+            hint = tracefs_unreadable()
+            raise SourceLoadError(f"{e}; {hint}" if hint else str(e)) from None
         self._programs.append(prog)
         found = prog.buffers()
         names = cfg.buffers or [t.name for t in found]

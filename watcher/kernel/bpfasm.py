@@ -126,3 +126,31 @@ def store_targets(program: bytes) -> set[int]:
         if code & 0x07 in (ST, STX):
             targets.add(regs & 0xF)
     return targets
+
+
+def func_btf(funcs: list[tuple[str, int, bool]]) -> tuple[bytes, bytes]:
+    """A minimal BTF blob and ``func_info`` for a program with subprograms.
+
+    ``funcs``: (name, first instruction, global?) per function, in order.  The
+    kernel wants BTF ``func_info`` for any program that takes a callback's
+    address (``BPF_PSEUDO_FUNC``), and the callback must be static.  Every
+    function gets the same prototype, ``long f(long, long, long, long)``: the
+    verifier sets a callback's argument types itself.
+    """
+    head = b"\0long\0a\0b\0c\0d\0"  # the type's name, then the parameters' names
+    strings = head + b"".join(name.encode() + b"\0" for name, _, _ in funcs)
+    name_off = {}
+    pos = len(head)
+    for name, _, _ in funcs:
+        name_off[name] = pos
+        pos += len(name) + 1
+    kind_int, kind_func, kind_proto = 1, 12, 13
+    types = struct.pack("<III", 1, kind_int << 24, 8) + struct.pack("<I", (1 << 24) | 64)  # id 1
+    types += struct.pack("<III", 0, (kind_proto << 24) | 4, 1) + b"".join(
+        struct.pack("<II", 6 + 2 * i, 1) for i in range(4))  # id 2: long (long a, ..., long d)
+    info = b""
+    for i, (name, insn, is_global) in enumerate(funcs):
+        types += struct.pack("<III", name_off[name], (kind_func << 24) | int(is_global), 2)
+        info += struct.pack("<II", insn, 3 + i)
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return header + types + strings, info

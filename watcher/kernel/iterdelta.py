@@ -47,6 +47,7 @@ import errno
 import logging
 import os
 import struct
+import time
 import weakref
 
 import attrs
@@ -56,6 +57,7 @@ from .bpfasm import (
     ADD,
     JEQ,
     JMP,
+    JMP32,
     JNE,
     LSH,
     MUL,
@@ -76,11 +78,13 @@ from .bpfasm import (
     STX,
     XOR,
     Asm,
+    func_btf,
     store_targets,
 )
 from .btf import VMLINUX_BTF
 from .maps import MapRecord
 from .maptypes import TYPE_IDS
+from .ringbuf import RingBufReader
 
 log = logging.getLogger("pymap.kernel.iterdelta")
 
@@ -89,14 +93,17 @@ SUPPORTED_TYPES = frozenset({"hash", "lru_hash", "percpu_hash", "lru_percpu_hash
 EXACT_MAX = 32  # value rows up to this many bytes are kept whole in the shadow map
 MAX_STRIDE = 8192  # longer rows: the unrolled fingerprint would be too long a program
 MAX_KEY = 256  # keys are copied to the 512-byte stack
+RING_BYTES = 4 << 20  # for_each output per run; more goes through the iterator
 
 # helpers
 _LOOKUP, _UPDATE, _SEQ_WRITE = 1, 2, 127
-_BPF_NOEXIST = 1
+_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH = 131, 132, 164
+_BPF_NOEXIST, _BPF_RB_NO_WAKEUP = 1, 1
+_EACH_CALLBACK_AT = 9  # the for_each program's callback starts at this instruction
 # struct bpf_iter__bpf_map_elem: meta, map, key, value (8-byte pointers)
 _CTX_META, _CTX_KEY, _CTX_VALUE = 0, 16, 24
 # state value: generation, then counters the walk and sweep add to
-STATE_FIELDS = ("gen", "seen", "added", "changed", "full")
+STATE_FIELDS = ("gen", "seen", "added", "changed", "full", "overflow", "ord", "dirty")
 _STATE = {name: 8 * i for i, name in enumerate(STATE_FIELDS)}
 _STATE_SIZE = 8 * len(STATE_FIELDS)
 _PRIME = 0x9E3779B97F4A7C15
@@ -130,11 +137,26 @@ def fingerprint_words(stride: int) -> int:
 def shadow_bytes_estimate(record: MapRecord, stride: int) -> int:
     """Kernel memory the shadow map of ``record`` will cost (to check the cap before creating)."""
     value = 8 * (fingerprint_words(stride) + 1)
+    ring = ring_bytes(record, stride) if uses_for_each(record) else 0
     if record.type in ("array", "percpu_array"):
-        return record.max_entries * value
+        return record.max_entries * value + ring
     n = shadow_entries(record)
     buckets = 1 << max(n - 1, 1).bit_length()
-    return n * (_HTAB_ELEM + ((record.key_size + 7) & ~7) + value) + buckets * _HTAB_BUCKET
+    order = n * (((record.key_size + 7) & ~7) + value - 8) if uses_for_each(record) else 0
+    return (n * (_HTAB_ELEM + ((record.key_size + 7) & ~7) + value) + buckets * _HTAB_BUCKET
+            + ring + order)
+
+
+def ring_bytes(record: MapRecord, stride: int) -> int:
+    """The for_each output ring: room for a quarter of the entries changing at once, within
+    [64 KiB, RING_BYTES]; a walk with more output finishes through the iterator."""
+    want = record.max_entries * ((record.key_size + stride + 15) & ~7) // 4
+    return min(max(1 << max(want - 1, 1).bit_length(), 64 << 10), RING_BYTES)
+
+
+def uses_for_each(record: MapRecord) -> bool:
+    """for_each callbacks see one CPU's slot of a per-CPU value: those maps use the iterator."""
+    return not record.percpu
 
 
 def shadow_entries(record: MapRecord) -> int:
@@ -154,23 +176,27 @@ class WalkResult:
     swept: bool
 
 
+def _load_word(a: Asm, src: int, size: int, i: int, dst: int) -> None:
+    """Bytes [8i, 8i+8) at ``src``, zero-padded past ``size``, into ``dst`` (uses R3)."""
+    base = 8 * i
+    if base + 8 <= size:
+        a.ldx(8, dst, src, base)
+        return
+    a.movi(dst, 0)
+    pos = base
+    for width in (4, 2, 1):
+        if pos + width <= size and pos - base + width <= 8:
+            a.ldx(width, R3, src, pos)
+            if pos != base:
+                a.alu64(LSH, R3, 8 * (pos - base))
+            a.alu64(OR, dst, R3, reg=True)
+            pos += width
+
+
 def _fingerprint(a: Asm, stride: int, out: int) -> None:
-    """Fingerprint words of the value at R8 into the stack at R10+out (uses R1-R3)."""
+    """Fingerprint words of the value at R8 into the stack at R10+out (uses R1-R4)."""
     def word(i: int, dst: int) -> None:
-        """Bytes [8i, 8i+8) of the value, zero-padded past ``stride``, into ``dst``."""
-        base = 8 * i
-        if base + 8 <= stride:
-            a.ldx(8, dst, R8, base)
-            return
-        a.movi(dst, 0)
-        pos = base
-        for size in (4, 2, 1):
-            if pos + size <= stride and pos - base + size <= 8:
-                a.ldx(size, R3, R8, pos)
-                if pos != base:
-                    a.alu64(LSH, R3, 8 * (pos - base))
-                a.alu64(OR, dst, R3, reg=True)
-                pos += size
+        _load_word(a, R8, stride, i, dst)
     nwords = (stride + 7) // 8
     if stride <= EXACT_MAX:
         for i in range(nwords):
@@ -216,24 +242,158 @@ def _copy(a: Asm, src: int, src_off: int, dst: int, dst_off: int, size: int) -> 
         pos += step
 
 
-def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
-                 array: bool) -> bytes:
-    """The per-element walk (see the module docstring)."""
+def _emit_row(a: Asm, key_size: int, stride: int, ring_fd: int | None, state_fd: int,
+              fail: str) -> None:
+    """Write ``key | value`` (R7, R8) to the output; on no room, jump to ``fail``.
+
+    Iterator: two ``bpf_seq_write`` calls.  for_each: one ring buffer
+    reservation (R4 holds it: its only use as a store base, see
+    :func:`_check_read_only`), filled and submitted without a wakeup.
+    """
+    if ring_fd is None:
+        _seq_write(a, R7, key_size, fail)
+        _seq_write(a, R8, stride, fail)
+        return
+    a.ld_map_fd(R1, ring_fd)
+    a.movi(R2, key_size + stride)
+    a.movi(R3, 0)
+    a.call(_RINGBUF_RESERVE)
+    a.jmp(JNE, R0, 0, f"{fail}_room")
+    _count(a, state_fd, "overflow")
+    a.ja(fail)
+    a.label(f"{fail}_room")
+    a.mov(R4, R0)
+    _copy(a, R7, 0, R4, 0, key_size)
+    _copy(a, R8, 0, R4, key_size, stride)
+    a.mov(R1, R4)
+    a.movi(R2, _BPF_RB_NO_WAKEUP)
+    a.call(_RINGBUF_SUBMIT)
+
+
+def _order_step(a: Asm, key_size: int, stride: int, row: int, state_fd: int, order_fd: int,
+                check: bool) -> None:
+    """The walk-order record: element number ``ord`` of this walk is (key, fingerprint).
+
+    ``check=False`` (a full walk) writes it; ``check=True`` (the unchanged
+    check) compares with what the last full walk wrote there and, on the first
+    difference, sets ``dirty`` and stops the for_each walk (callback returns 1).
+    """
+    kw, nw = (key_size + 7) // 8, fingerprint_words(stride)
+    slot = row - ((key_size + 7) & ~7) - 8  # u32 index on the stack, below the key copy area
+    a.ld_map_value(R5, state_fd)
+    a.ldx(8, R1, R5, _STATE["ord"])
+    a.alu64(ADD, R1, 1)
+    a.stx(8, R5, _STATE["ord"], R1)
+    a.alu64(ADD, R1, -1)
+    a.stx(4, R10, slot, R1)
+    a.ld_map_fd(R1, order_fd)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, slot)
+    a.call(_LOOKUP)
+    if not check:
+        a.jmp(JEQ, R0, 0, "order_done")  # past the array's end: the check will not match
+        a.mov(R9, R0)
+        for i in range(kw):
+            _load_word(a, R7, key_size, i, R1)
+            a.stx(8, R9, 8 * i, R1)
+        for i in range(nw):
+            a.ldx(8, R1, R10, row + 8 * i)
+            a.stx(8, R9, 8 * (kw + i), R1)
+        a.label("order_done")
+        return
+    a.jmp(JEQ, R0, 0, "dirty")
+    a.mov(R9, R0)
+    for i in range(kw):
+        _load_word(a, R7, key_size, i, R1)
+        a.ldx(8, R2, R9, 8 * i)
+        a.jmp(JNE, R1, R2, "dirty", reg=True)
+    for i in range(nw):
+        if stride <= EXACT_MAX:  # the words are the value's own: compare in place
+            _load_word(a, R8, stride, i, R1)
+        else:
+            a.ldx(8, R1, R10, row + 8 * i)
+        a.ldx(8, R2, R9, 8 * (kw + i))
+        a.jmp(JNE, R1, R2, "dirty", reg=True)
+    a.movi(R0, 0)
+    a.exit()
+    a.label("dirty")
+    a.ld_map_value(R5, state_fd)
+    a.st(8, R5, _STATE["dirty"], 1)
+    a.movi(R0, 1)
+    a.exit()
+
+
+def check_program(key_size: int, stride: int, state_fd: int, order_fd: int, map_fd: int
+                  ) -> bytes:
+    """for_each over the watched map: does it still match the last full walk's order record?"""
     nw = fingerprint_words(stride)
-    row = -8 * (nw + 1)  # stack: fingerprint words, then generation (a shadow value)
-    gen = row + 8 * nw
+    row = -8 * (nw + 1)
     a = Asm()
+    _element(a, map_fd)
+    if stride > EXACT_MAX:
+        _fingerprint(a, stride, row)
+    _order_step(a, key_size, stride, row, state_fd, order_fd, check=True)
+    return a.assemble()
+
+
+def _each_main(a: Asm, map_fd: int) -> None:
+    """Main program of a for_each walk: call the callback (which follows) for every element."""
+    a.ld_map_fd(R1, map_fd)
+    a.ld_func(R2, "callback")
+    a.movi(R3, 0)
+    a.movi(R4, 0)
+    a.call(_FOR_EACH)
+    a.movi(R0, 0)
+    a.exit()
+    assert len(a.insns) == _EACH_CALLBACK_AT
+    a.label("callback")  # (map, key, value, ctx): key and value are map memory
+
+
+def _element(a: Asm, each_map_fd: int | None) -> None:
+    """Start of the per-element code: key pointer in R7, value pointer in R8.
+
+    With ``each_map_fd``: a for_each main program over that map, then its
+    callback, whose arguments are the element.  Without: an iterator program,
+    whose context holds them (R6 keeps the context; "out" ends the element).
+    """
+    if each_map_fd is not None:
+        _each_main(a, each_map_fd)
+        a.mov(R7, R2)
+        a.mov(R8, R3)
+        return
     a.mov(R6, R1)
     a.ldx(8, R7, R6, _CTX_KEY)
     a.jmp(JEQ, R7, 0, "out")  # the end-of-walk call has no element
     a.ldx(8, R8, R6, _CTX_VALUE)
     a.jmp(JEQ, R8, 0, "out")
-    # Map helpers refuse the iterator's read-only key buffer: work on a stack copy.
-    kcopy = row - ((key_size + 7) & ~7)
-    _copy(a, R7, 0, R10, kcopy, key_size)
-    a.mov(R7, R10)
-    a.alu64(ADD, R7, kcopy)
+
+
+def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
+                 array: bool, ring_fd: int | None = None, map_fd: int | None = None,
+                 order_fd: int | None = None) -> bytes:
+    """The per-element walk (see the module docstring).
+
+    Without ``ring_fd``: a ``bpf_map_elem`` iterator program writing to its
+    seq_file.  With ``ring_fd`` and ``map_fd``: a program that calls
+    ``bpf_for_each_map_elem`` on ``map_fd`` once, with the same walk as its
+    callback writing to the ring buffer (run with ``BPF_PROG_TEST_RUN``).
+    """
+    nw = fingerprint_words(stride)
+    row = -8 * (nw + 1)  # stack: fingerprint words, then generation (a shadow value)
+    gen = row + 8 * nw
+    a = Asm()
+    each = ring_fd is not None
+    assert map_fd is not None or not each
+    _element(a, map_fd if each else None)
+    if not each:
+        # Map helpers refuse the iterator's read-only key buffer: work on a stack copy.
+        kcopy = row - ((key_size + 7) & ~7)
+        _copy(a, R7, 0, R10, kcopy, key_size)
+        a.mov(R7, R10)
+        a.alu64(ADD, R7, kcopy)
     _fingerprint(a, stride, row)
+    if order_fd is not None:
+        _order_step(a, key_size, stride, row, state_fd, order_fd, check=False)
     a.ld_map_value(R1, state_fd)
     a.ldx(8, R1, R1, _STATE["gen"])
     a.stx(8, R10, gen, R1)
@@ -259,8 +419,7 @@ def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
     a.ja("out")
 
     a.label("changed")
-    _seq_write(a, R7, key_size, "out")
-    _seq_write(a, R8, stride, "out")
+    _emit_row(a, key_size, stride, ring_fd, state_fd, "out")
     for i in range(nw):
         a.ldx(8, R1, R10, row + 8 * i)
         a.stx(8, R9, 8 * i, R1)
@@ -269,8 +428,7 @@ def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
 
     if array:
         a.label("fresh")
-        _seq_write(a, R7, key_size, "out")
-        _seq_write(a, R8, stride, "out")
+        _emit_row(a, key_size, stride, ring_fd, state_fd, "out2")
         for i in range(nw + 1):
             a.ldx(8, R1, R10, row + 8 * i)
             a.stx(8, R9, 8 * i, R1)
@@ -278,8 +436,7 @@ def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
         a.ja("out")
 
     a.label("insert")
-    _seq_write(a, R7, key_size, "out")
-    _seq_write(a, R8, stride, "out")
+    _emit_row(a, key_size, stride, ring_fd, state_fd, "out3")
     a.ld_map_fd(R1, shadow_fd)
     a.mov(R2, R7)
     a.mov(R3, R10)
@@ -292,25 +449,45 @@ def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
     a.label("full")  # emitted but not recorded: emitted again next walk, counted here
     _count(a, state_fd, "full")
 
+    a.label("out2")
+    a.label("out3")
     a.label("out")
     a.movi(R0, 0)
     a.exit()
     return a.assemble()
 
 
-def sweep_program(key_size: int, nw: int, state_fd: int) -> bytes:
-    """Over the shadow map: emit keys whose generation is not the current one."""
+def sweep_program(key_size: int, nw: int, state_fd: int, ring_fd: int | None = None,
+                  shadow_fd: int | None = None) -> bytes:
+    """Over the shadow map: emit keys whose generation is not the current one.
+
+    An iterator program, or with ``ring_fd`` a for_each program over
+    ``shadow_fd`` (pymap's own map, so it is loaded once) writing to the ring;
+    if the ring fills, ``overflow`` counts it and the iterator sweeps instead.
+    """
     a = Asm()
-    a.mov(R6, R1)
-    a.ldx(8, R7, R6, _CTX_KEY)
-    a.jmp(JEQ, R7, 0, "out")
-    a.ldx(8, R8, R6, _CTX_VALUE)
-    a.jmp(JEQ, R8, 0, "out")
+    assert shadow_fd is not None or ring_fd is None
+    _element(a, shadow_fd if ring_fd is not None else None)
     a.ldx(8, R1, R8, 8 * nw)
     a.ld_map_value(R2, state_fd)
     a.ldx(8, R2, R2, _STATE["gen"])
     a.jmp(JEQ, R1, R2, "out", reg=True)
-    _seq_write(a, R7, key_size, "out")
+    if ring_fd is None:
+        _seq_write(a, R7, key_size, "out")
+    else:
+        a.ld_map_fd(R1, ring_fd)
+        a.movi(R2, key_size)
+        a.movi(R3, 0)
+        a.call(_RINGBUF_RESERVE)
+        a.jmp(JNE, R0, 0, "room")
+        _count(a, state_fd, "overflow")
+        a.ja("out")
+        a.label("room")
+        a.mov(R4, R0)
+        _copy(a, R7, 0, R4, 0, key_size)
+        a.mov(R1, R4)
+        a.movi(R2, _BPF_RB_NO_WAKEUP)
+        a.call(_RINGBUF_SUBMIT)
     a.label("out")
     a.movi(R0, 0)
     a.exit()
@@ -320,25 +497,34 @@ def sweep_program(key_size: int, nw: int, state_fd: int) -> bytes:
 def _check_read_only(program: bytes) -> None:
     """Refuse a generated program that could store anywhere but pymap's own memory.
 
-    Stores may target only R10 (stack), R5 and R9; R5 may only be loaded with
-    the state map's value address, R9 only from R0 right after a lookup in the
-    shadow map (the only lookup the programs make).  The watched map's key and
-    value pointers (R7, R8) can then never be a store's base.
+    Stores may target only R10 (stack), R4, R5 and R9.  R5 may only be loaded
+    with the state map's value address; R9 only from R0 after a map lookup
+    (the programs look up only their shadow map); R4 only from R0 after a ring
+    buffer reservation, or with a constant.  The watched map's key and value
+    pointers (R7, R8, or R2, R3 as a callback's arguments) can then never be a
+    store's base.
     """
     targets = store_targets(program)
-    if not targets <= {R5, R9, R10}:
+    if not targets <= {R4, R5, R9, R10}:
         raise AssertionError(f"generated program stores through r{sorted(targets)}")
+    last_call = -1
     for pos in range(0, len(program), 8):
         code, regs, imm_src = program[pos], program[pos + 1], program[pos + 1] >> 4
         dst = regs & 0xF
         if pos and program[pos - 8] == 0x18:  # second half of an ld_imm64
             continue
-        if dst == R5 and code & 0x07 not in (ST, STX, JMP) and not (code == 0x18
-                                                                   and imm_src == 2):
+        if code == 0x85:
+            last_call = struct.unpack_from("<i", program, pos + 4)[0]
+        if code & 0x07 in (ST, STX, JMP, JMP32):
+            continue  # these do not write their dst register
+        from_r0 = code == 0xBF and imm_src == R0
+        if dst == R5 and not (code == 0x18 and imm_src == 2):
             raise AssertionError("R5 is loaded with something other than the state value")
-        if dst == R9 and code & 0x07 not in (ST, STX, JMP) and not (code == 0xBF
-                                                                   and imm_src == R0):
+        if dst == R9 and not (from_r0 and last_call == _LOOKUP):
             raise AssertionError("R9 is loaded with something other than a shadow entry")
+        if dst == R4 and not ((from_r0 and last_call == _RINGBUF_RESERVE) or code == 0xB7
+                              or (code == 0x18 and imm_src == 0)):
+            raise AssertionError("R4 is loaded with something other than a reservation")
 
 
 _iter_btf_id: int | None = None
@@ -373,7 +559,9 @@ def _find_func(raw: bytes, name: bytes) -> int:
     raise Unsupported(f"this kernel's BTF has no {name.decode()} (no map element iterators)")
 
 
-def _close_all(fds: list[int]) -> None:
+def _close_all(fds: list[int], ring: RingBufReader | None = None) -> None:
+    if ring is not None:
+        ring.close()
     for fd in fds:
         try:
             os.close(fd)
@@ -384,16 +572,19 @@ def _close_all(fds: list[int]) -> None:
 class IterDelta:
     """The kernel side of the in-kernel engine for ONE watched map."""
 
-    def __init__(self, record: MapRecord, stride: int):
+    def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True):
         reason = unsupported_reason(record, stride)
         if reason:
             raise Unsupported(reason)
         self.key_size = record.key_size
         self.stride = stride
         self.array = record.type in ("array", "percpu_array")
+        self.each = uses_for_each(record) and use_for_each
         self.nw = fingerprint_words(stride)
         self.shadow_entries = 0  # keys in the shadow map after the last walk
         self.walks = 0
+        self.sweep_fallbacks = 0  # sweeps whose output overflowed the ring (then: iterator)
+        self.timings: dict[str, float] = {}  # where the last walk's time went (bench_kdelta)
         self._fds: list[int] = []
         self._finalizer = weakref.finalize(self, _close_all, self._fds)
         try:
@@ -430,7 +621,35 @@ class IterDelta:
                 progload.BPF_TRACE_ITER, btf_id))
             # the sweep walks pymap's own shadow map: its link may hold it for good
             self.sweep_link = self._own(progload.attach_map_iter(sweep_fd, self.shadow_fd))
-        self.memlock = sum(_fdinfo_memlock(fd) for fd in (self.shadow_fd, self.state_fd))
+        self.ring = None
+        self.order_fd: int | None = None
+        self.order_count = -1  # elements the last full for_each walk recorded; -1: no record
+        self.quick_polls = 0  # polls settled by the walk-order check alone
+        if self.each:
+            size = ring_bytes(record, self.stride)
+            ring_fd = self._own(progload.create_map(TYPE_IDS["ringbuf"], 0, 0, size,
+                                                    "pymap_kd_ring"))
+            self.ring = RingBufReader(ring_fd, size)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _close_all, self._fds, self.ring)
+            blob, self._func_info = func_btf([("pymap_kd_each", 0, True),
+                                              ("pymap_kd_element", _EACH_CALLBACK_AT, False)])
+            self._btf_fd = self._own(progload.load_btf(blob))
+            if not self.array:
+                # a hash walk costs a shadow lookup per element: an unchanged map is
+                # recognised first by its walk order (sequential memory, no hashing)
+                self.order_fd = self._own(progload.create_map(
+                    TYPE_IDS["array"], 4, 8 * ((self.key_size + 7) // 8 + self.nw),
+                    shadow_entries(record), "pymap_kd_order"))
+                sweep = sweep_program(self.key_size, self.nw, self.state_fd, ring_fd,
+                                      self.shadow_fd)
+                _check_read_only(sweep)
+                self._sweep_each_fd = self._own(progload.load_program(
+                    sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_SOCKET_FILTER,
+                    btf_fd=self._btf_fd, func_info=self._func_info))
+        self.memlock = sum(_fdinfo_memlock(fd) for fd in (self.shadow_fd, self.state_fd)) + (
+            _fdinfo_memlock(self.ring.fd) if self.ring else 0) + (
+            _fdinfo_memlock(self.order_fd) if self.order_fd is not None else 0)
 
     def _own(self, fd: int) -> int:
         self._fds.append(fd)
@@ -452,47 +671,129 @@ class IterDelta:
         outputs: list[bytes] = []
         removed: list[bytes] = []
         totals = dict.fromkeys(STATE_FIELDS, 0)
-        for _ in range(2):
-            counters, out = self._walk_once(map_fd)
+        # The first walk outputs every entry: the iterator (no limit on its output) does it.
+        each = self.each and self.walks > 0
+        self.timings = {}
+        if each and self.order_count >= 0:
+            t0 = time.perf_counter()
+            unchanged = self._unchanged(map_fd)
+            self.timings["order check"] = time.perf_counter() - t0
+            if unchanged:
+                self.quick_polls += 1
+                return WalkResult(b"", 0, b"", 0, dict.fromkeys(STATE_FIELDS, 0), False)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            counters, out = self._walk_once(map_fd, each)
+            t1 = time.perf_counter()
+            route = "for_each walk" if each else "bpf_iter walk"
+            self.timings[route] = self.timings.get(route, 0.0) + t1 - t0
             outputs.append(out)
             for name in STATE_FIELDS[1:]:
                 totals[name] += counters[name]
             if not self.array and counters["seen"] < self.shadow_entries:
-                gone = _read_iter(self.sweep_link)
+                gone = self._sweep()
                 progload.delete_batch(self.shadow_fd, gone, len(gone) // self.key_size)
+                self.timings["sweep"] = self.timings.get("sweep", 0.0) + time.perf_counter() - t1
                 removed.append(gone)
             self.shadow_entries = counters["seen"] + counters["added"]
-            if not counters["full"]:
+            complete = not (counters["full"] or counters["overflow"])
+            self.order_count = counters["ord"] if (
+                each and self.order_fd is not None and complete
+                and counters["ord"] <= shadow_entries_of(self.order_fd)) else -1
+            if complete:
                 break
+            each = False  # more output than the ring holds: the iterator takes the rest
         else:
             raise ShadowFull(errno.ENOSPC, f"shadow map full twice in a row ({totals['full']} "
                              "entries unrecorded): the map churns faster than it is walked")
         row = self.key_size + self.stride
         gone_keys = b"".join(removed)
         if len(outputs) > 1 and gone_keys:
-            # a key swept after the first walk and shown by the second one is back
-            back = {outputs[1][i:i + self.key_size] for i in range(0, len(outputs[1]), row)}
+            # a key swept after one walk and shown by a later one is back
+            later = b"".join(outputs[1:])
+            back = {later[i:i + self.key_size] for i in range(0, len(later), row)}
             gone_keys = b"".join(k for k in _split(gone_keys, self.key_size) if k not in back)
         changed = b"".join(outputs)
         totals["gen"] = self.walks
         return WalkResult(changed, len(changed) // row, gone_keys,
                           len(gone_keys) // self.key_size, totals, bool(removed))
 
-    def _walk_once(self, map_fd: int) -> tuple[dict[str, int], bytes]:
+    def _walk_once(self, map_fd: int, each: bool) -> tuple[dict[str, int], bytes]:
         gen = self.walks + 1
-        state = struct.pack(f"<{len(STATE_FIELDS)}Q", gen, 0, 0, 0, 0)
-        progload.syscall.map_update_elem(self.state_fd, bytes(4), state)
-        # The link is made per walk: a link holds its map, and pymap must not keep a
-        # freed map alive (its disappearance is how map_removed is noticed).
-        link = progload.attach_map_iter(self.walk_fd, map_fd)
-        try:
-            out = _read_iter(link)
-        finally:
-            os.close(link)
+        self._reset_state(gen)
+        # The link (or for_each program) is made per walk: it holds the watched map, and
+        # pymap must not keep a freed map alive (its disappearance is map_removed).
+        if each:
+            out = self._run_each(map_fd)
+        else:
+            link = progload.attach_map_iter(self.walk_fd, map_fd)
+            try:
+                out = _read_iter(link)
+            finally:
+                os.close(link)
         self.walks = gen
         raw = progload.syscall.map_lookup_elem(self.state_fd, bytes(4), _STATE_SIZE)
         counters = dict(zip(STATE_FIELDS, struct.unpack(f"<{len(STATE_FIELDS)}Q", raw or b"")))
         return counters, out
+
+
+    def _unchanged(self, map_fd: int) -> bool:
+        """Is the map element for element what the last full walk recorded (no output)?"""
+        assert self.order_fd is not None
+        self._reset_state(self.walks)
+        program = check_program(self.key_size, self.stride, self.state_fd, self.order_fd,
+                                map_fd)
+        self._run_each_program(program)
+        raw = progload.syscall.map_lookup_elem(self.state_fd, bytes(4), _STATE_SIZE)
+        state = dict(zip(STATE_FIELDS, struct.unpack(f"<{len(STATE_FIELDS)}Q", raw or b"")))
+        return not state["dirty"] and state["ord"] == self.order_count
+
+    def _reset_state(self, gen: int) -> None:
+        state = struct.pack(f"<{len(STATE_FIELDS)}Q", gen, *[0] * (len(STATE_FIELDS) - 1))
+        progload.syscall.map_update_elem(self.state_fd, bytes(4), state)
+
+    def _run_each_program(self, program: bytes) -> None:
+        _check_read_only(program)
+        prog = progload.load_program(program, "pymap_kd_each",
+                                     progload.BPF_PROG_TYPE_SOCKET_FILTER,
+                                     btf_fd=self._btf_fd, func_info=self._func_info)
+        try:
+            progload.syscall.prog_test_run(prog, bytes(64))
+        finally:
+            os.close(prog)
+
+    def _sweep(self) -> bytes:
+        """Keys of the shadow map not stamped by the last walk: removed from the map."""
+        if self.ring is not None:
+            self._reset_state(self.walks)  # clear overflow, keep the generation
+            progload.syscall.prog_test_run(self._sweep_each_fd, bytes(64))
+            gone = self._drain_ring()
+            raw = progload.syscall.map_lookup_elem(self.state_fd, bytes(4), _STATE_SIZE)
+            if not struct.unpack_from("<Q", raw or bytes(_STATE_SIZE),
+                                      _STATE["overflow"])[0]:
+                return gone
+            self.sweep_fallbacks += 1
+        return _read_iter(self.sweep_link)  # unbounded output
+
+    def _drain_ring(self) -> bytes:
+        assert self.ring is not None
+        parts = []
+        while self.ring.pending():
+            parts.append(self.ring.read(1 << 30, 1 << 30).data)
+        return b"".join(parts)
+
+    def _run_each(self, map_fd: int) -> bytes:
+        """One ``bpf_for_each_map_elem`` walk: a program run, its rows from the ring."""
+        assert self.ring is not None
+        program = walk_program(self.key_size, self.stride, self.shadow_fd, self.state_fd,
+                               self.array, ring_fd=self.ring.fd, map_fd=map_fd,
+                               order_fd=self.order_fd)
+        self._run_each_program(program)
+        return self._drain_ring()
+
+
+def shadow_entries_of(fd: int) -> int:
+    return progload.syscall.map_info(fd).max_entries
 
 
 def _split(data: bytes, size: int) -> list[bytes]:

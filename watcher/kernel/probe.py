@@ -23,14 +23,16 @@ from collections.abc import Callable
 
 import attrs
 
+from .capabilities import CAPABILITIES
+
 DEFAULT_BPFFS = "/sys/fs/bpf"
 DEFAULT_TRACEFS = "/sys/kernel/tracing"
 KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 
-# Capability numbers (include/uapi/linux/capability.h).
-CAP_SYS_ADMIN = 21
-CAP_PERFMON = 38
-CAP_BPF = 39
+_CAP_NUMBERS = {cap.name: cap.number for cap in CAPABILITIES}
+CAP_SYS_ADMIN = _CAP_NUMBERS["CAP_SYS_ADMIN"]
+CAP_PERFMON = _CAP_NUMBERS["CAP_PERFMON"]
+CAP_BPF = _CAP_NUMBERS["CAP_BPF"]
 
 _ENOTSUPP = 524  # kernel-internal "operation not supported", seen by user space
 
@@ -77,8 +79,7 @@ def _privileges(status_path: str = "/proc/self/status", euid: int | None = None)
         capeff = parse_capeff(f.read())
     if capeff is None:
         return Check(name, False, f"no CapEff line in {status_path}", "run as root")
-    has = {cap: bool(capeff >> bit & 1) for cap, bit in
-           (("CAP_SYS_ADMIN", CAP_SYS_ADMIN), ("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON))}
+    has = {cap.name: bool(capeff >> cap.number & 1) for cap in CAPABILITIES}
     who = "root" if euid == 0 else f"uid {euid}"
     present = [c for c, h in has.items() if h]
     detail = f"{who}: " + (", ".join(present) or f"none of {', '.join(has)} (CapEff {capeff:x})")
@@ -86,6 +87,9 @@ def _privileges(status_path: str = "/proc/self/status", euid: int | None = None)
     # id are CAP_SYS_ADMIN-only in the kernel: CAP_BPF + CAP_PERFMON let a process create and
     # read its own maps, not watch everyone's.
     if has["CAP_SYS_ADMIN"]:
+        missing = [c for c, h in has.items() if not h]
+        if missing:  # optional ones: the daemon runs, without what they are for
+            detail += f"; without {', '.join(missing)} (see docs/operations.md)"
         return Check(name, True, detail)
     if has["CAP_BPF"] and has["CAP_PERFMON"]:
         return Check(name, False, detail + "; listing every map by id also needs CAP_SYS_ADMIN",
@@ -163,6 +167,22 @@ def _bpffs(mounts_path: str = "/proc/mounts", path: str = DEFAULT_BPFFS) -> Chec
 
 
 bpffs = _guarded(_bpffs, "bpffs", True)
+
+
+def tracefs_unreadable(path: str = DEFAULT_TRACEFS) -> str | None:
+    """Why bcc cannot read tracepoint formats under ``path`` with this process's privileges.
+
+    Tried, not ``os.access``: access(2) drops the capabilities of a non-root user, so it
+    would call tracefs unreadable for a daemon that holds CAP_DAC_READ_SEARCH.
+    """
+    try:
+        os.listdir(os.path.join(path, "events"))
+    except PermissionError:
+        return (f"{path} is not readable by uid {os.geteuid()}: bcc needs it for tracepoints "
+                "(grant CAP_DAC_READ_SEARCH, docs/operations.md)")
+    except OSError:
+        return None  # not mounted: the tracefs check and bcc's own error say so
+    return None
 
 
 def _tracefs(mounts_path: str = "/proc/mounts", path: str = DEFAULT_TRACEFS) -> Check:

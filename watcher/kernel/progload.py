@@ -8,6 +8,8 @@ seccomp policy (issue 12) has one place to reconcile with:
   expected attach type ``BPF_TRACE_ITER``);
 * ``BPF_LINK_CREATE``: attaching a program to one map (``iter_info.map.map_fd``);
 * ``BPF_ITER_CREATE``: one walk (a readable fd);
+* ``BPF_BTF_LOAD``: function info for the for_each program's callback;
+* ``BPF_PROG_TEST_RUN``: one run of the for_each walk (a socket filter program);
 * ``BPF_MAP_UPDATE_ELEM`` / ``BPF_MAP_LOOKUP_ELEM`` / ``BPF_MAP_DELETE_BATCH``: on
   pymap's OWN state and shadow maps only (see :mod:`.iterdelta`).
 
@@ -20,9 +22,11 @@ import ctypes
 import errno
 
 from . import syscall
-from .syscall import BpfError, _addr, _bpf
+from .syscall import BpfError, _addr, _BatchAttr, _bpf
 
 BPF_PROG_LOAD = 5
+BPF_BTF_LOAD = 18
+BPF_PROG_TYPE_SOCKET_FILTER = 1
 BPF_LINK_CREATE = 28
 BPF_ITER_CREATE = 33
 BPF_MAP_DELETE_BATCH = 27
@@ -58,6 +62,12 @@ class _ProgLoadAttr(ctypes.Structure):
     ]
 
 
+class _BtfLoadAttr(ctypes.Structure):
+    _fields_ = [("btf", ctypes.c_uint64), ("btf_log_buf", ctypes.c_uint64),
+                ("btf_size", ctypes.c_uint32), ("btf_log_size", ctypes.c_uint32),
+                ("btf_log_level", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 100)]
+
+
 class _LinkCreateAttr(ctypes.Structure):
     _fields_ = [
         ("prog_fd", ctypes.c_uint32),
@@ -75,16 +85,6 @@ class _IterCreateAttr(ctypes.Structure):
                 ("pad", ctypes.c_uint8 * 120)]
 
 
-class _BatchAttr(ctypes.Structure):
-    _fields_ = [
-        ("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
-        ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
-        ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
-        ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64),
-        ("pad", ctypes.c_uint8 * 72),
-    ]
-
-
 def create_map(map_type: int, key_size: int, value_size: int, max_entries: int, name: str,
                flags: int = 0) -> int:
     """A map pymap owns (shadow or state)."""
@@ -92,16 +92,33 @@ def create_map(map_type: int, key_size: int, value_size: int, max_entries: int, 
                               flags=flags)
 
 
+def load_btf(blob: bytes) -> int:
+    """Load a BTF blob pymap generated (function info for callbacks)."""
+    buf = ctypes.create_string_buffer(blob, len(blob))
+    log_buf = ctypes.create_string_buffer(1 << 16)
+    attr = _BtfLoadAttr(btf=_addr(buf), btf_size=len(blob), btf_log_buf=_addr(log_buf),
+                        btf_log_size=len(log_buf), btf_log_level=1)
+    try:
+        return _bpf(BPF_BTF_LOAD, attr, "BPF_BTF_LOAD")
+    except BpfError as e:
+        lines = [ln for ln in log_buf.value.decode(errors="replace").splitlines() if ln]
+        raise BpfError(e.errno, "BPF_BTF_LOAD", " | ".join(lines[-3:])) from None
+
+
 def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
-                 attach_btf_id: int = 0) -> int:
+                 attach_btf_id: int = 0, btf_fd: int = 0, func_info: bytes = b"") -> int:
     """Load ``insns``; on refusal, raise with the verifier's last lines as detail."""
     license_ = ctypes.create_string_buffer(b"GPL")
     code = ctypes.create_string_buffer(insns, len(insns))
+    finfo = ctypes.create_string_buffer(func_info, max(len(func_info), 1))
 
     def attempt(log_buf=None) -> int:
         attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=_addr(code),
                              license=_addr(license_), prog_name=name.encode()[:15],
                              expected_attach_type=attach_type, attach_btf_id=attach_btf_id)
+        if func_info:
+            attr.prog_btf_fd, attr.func_info_rec_size = btf_fd, 8
+            attr.func_info, attr.func_info_cnt = _addr(finfo), len(func_info) // 8
         if log_buf is not None:
             attr.log_level, attr.log_size, attr.log_buf = 1, len(log_buf), _addr(log_buf)
         return _bpf(BPF_PROG_LOAD, attr, "BPF_PROG_LOAD", name)

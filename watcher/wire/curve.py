@@ -16,7 +16,7 @@ import os
 
 import attrs
 import zmq
-import zmq.auth
+import zmq.utils.z85
 
 ZAP_DOMAIN = b"pymap"
 KEY_LENGTH = 40  # a Z85-encoded 32-byte key
@@ -31,6 +31,8 @@ def is_tcp(endpoint: str | None) -> bool:
 
 
 def _load(path: str) -> tuple[bytes, bytes | None]:
+    import zmq.auth  # 20 ms: only when keys are used, not at every CLI start
+
     try:
         public, secret = zmq.auth.load_certificate(path)
     except OSError as e:
@@ -83,6 +85,8 @@ def make_keys(directory: str, name: str) -> tuple[str, str]:
     public = os.path.join(directory, f"{name}.key")
     if os.path.exists(public) or os.path.exists(public + "_secret"):
         raise CurveError(f"{public} already exists; remove it or pick another name")
+    import zmq.auth
+
     old = os.umask(0o077)  # the secret file is born private
     try:
         public, secret = zmq.auth.create_certificates(directory, name)

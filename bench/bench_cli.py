@@ -1,0 +1,90 @@
+"""Benchmark: how fast the ``pymap`` command starts, beside a bare Python start.
+
+Run as root: ``.venv/bin/python bench/bench_cli.py`` (or ``make bench``).
+
+A private daemon watches a private bpffs directory.  Each command runs
+``--repeats`` times (default 10), interleaved so that load on the machine hits
+all of them alike; the best wall time counts, as the start-up cost without
+noise:
+
+(a) ``python -c pass`` with the venv's interpreter: the floor;
+(b) ``pymap ping``: one request, one reply;
+(c) ``pymap status``;
+(d) ``pymap list --no-entries`` (every map on the host, no dumps);
+(e) ``pymap --help``: the CLI with no daemon work at all;
+(f) ``python -c "import consumers.client"``: the async client library (trio).
+
+Target: (b) <= 0.1 s.  Also printed: each command against (a).  A missed
+target is printed, not fatal; the exit status is non-zero only when a command
+failed.  Everything is removed on the way out, errors included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, running_daemon
+
+TARGET = 0.1  # seconds for pymap ping
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    check_root()
+
+    with private_bpffs() as bpffs, private_tmp() as tmp, running_daemon(tmp, bpffs) as daemon:
+        env = {**os.environ, "PYMAP_ENDPOINT": daemon.endpoint}
+        commands = {
+            "(a) python -c pass": [sys.executable, "-c", "pass"],
+            "(b) pymap ping": [PYMAP, "ping"],
+            "(c) pymap status": [PYMAP, "status"],
+            "(d) pymap list --no-entries": [PYMAP, "list", "--no-entries"],
+            "(e) pymap --help": [PYMAP, "--help"],
+            "(f) import consumers.client": [sys.executable, "-c", "import consumers.client"],
+        }
+        times: dict[str, list[float]] = {label: [] for label in commands}
+        for _ in range(args.repeats):
+            for label, argv in commands.items():
+                times[label].append(_run(argv, env))
+
+    base = min(times["(a) python -c pass"])
+    print(f"best of {args.repeats}, interleaved")
+    print(f"{'command':32} {'best s':>8} {'/ python':>9}   all runs (s)")
+    for label, runs in times.items():
+        best = min(runs)
+        print(f"{label:32} {best:8.3f} {best / base:9.1f}   "
+              + " ".join(f"{t:.3f}" for t in runs))
+    ping = min(times["(b) pymap ping"])
+    verdict = "met" if ping <= TARGET else "MISSED"
+    print()
+    print(f"pymap ping = {ping:.3f} s, {ping / base:.1f}x python -c pass "
+          f"(target <= {TARGET} s) {verdict}")
+    return 0
+
+
+def _run(argv: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return elapsed
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"bench_cli: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,88 @@
+"""Connecting to the daemon: the default endpoint, the check that fails fast where
+ZeroMQ would only wait, and the one ZeroMQ context of the process.
+
+A tcp:// endpoint is only served with CURVE (docs/protocol.md); the keys come
+from :func:`use_curve` or the environment, and are applied to every socket.
+
+Every socket the library opens (a client's DEALER, a stream's SUB) comes from
+:func:`connect`, so all of them share ``zmq.Context.instance()`` (one I/O
+thread per process, not one per client) and close without lingering.
+"""
+
+from __future__ import annotations
+
+import os
+
+import zmq
+
+from watcher.wire import endpoints
+from watcher.wire.curve import ClientKeys, CurveError, is_tcp
+
+from .errors import DaemonUnavailable
+
+DEFAULT_ENDPOINT = os.environ.get("PYMAP_ENDPOINT", endpoints.DEFAULT_ENDPOINT)
+
+_NO_ACCESS = "run as root or as a member of the daemon's socket_group"
+
+
+_curve: ClientKeys | None = None  # set by use_curve (the CLI's --curve-* flags)
+
+
+def use_curve(keys: ClientKeys | None) -> None:
+    """CURVE keys for every tcp:// socket this process opens from now on."""
+    global _curve
+    _curve = keys
+
+
+def curve_keys() -> ClientKeys | None:
+    """The keys given to :func:`use_curve`, else those named by PYMAP_CURVE_SERVER_KEY
+    and PYMAP_CURVE_CLIENT_CERT (a public key or certificate, a secret certificate)."""
+    if _curve is not None:
+        return _curve
+    server = os.environ.get("PYMAP_CURVE_SERVER_KEY")
+    cert = os.environ.get("PYMAP_CURVE_CLIENT_CERT")
+    if not server or not cert:
+        return None
+    try:
+        return ClientKeys.load(server, cert)
+    except CurveError as e:
+        raise DaemonUnavailable(str(e)) from None
+
+
+def check(endpoint: str) -> None:
+    """Raise DaemonUnavailable, with the fix, for an ipc:// socket that is missing or
+    that this user cannot use, or a tcp:// endpoint without CURVE keys (ZeroMQ would
+    wait for ever on any of them)."""
+    if is_tcp(endpoint) and curve_keys() is None:
+        raise DaemonUnavailable(f"{endpoint}: tcp:// needs CURVE keys (--curve-server-key and "
+                                "--curve-client-cert, or PYMAP_CURVE_*; see: pymap keys)")
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise DaemonUnavailable(f"permission denied on {path}: {_NO_ACCESS}") from None
+    except OSError:
+        raise DaemonUnavailable(f"pymap daemon is not running: no socket at {path} "
+                                "(start it with: pymap daemon)") from None
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise DaemonUnavailable(f"permission denied on {path}: {_NO_ACCESS}")
+
+
+def connect(kind: int, endpoint: str, options: dict[int, int] | None = None) -> zmq.Socket:
+    """A ``kind`` socket (zmq.DEALER, zmq.SUB) connected to ``endpoint`` after :func:`check`."""
+    check(endpoint)
+    sock: zmq.Socket = zmq.Context.instance().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    for option, value in (options or {}).items():
+        sock.setsockopt(option, value)
+    keys = curve_keys() if is_tcp(endpoint) else None
+    if keys is not None:
+        keys.apply(sock)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        raise DaemonUnavailable(f"cannot connect to {endpoint}: {e}") from None
+    return sock

@@ -1,0 +1,200 @@
+"""Between the stream and an output: a bounded buffer that never blocks the stream.
+
+The stream task ``put``s records and never waits.  One sender task takes
+batches from the buffer and gives them to the output; when the output is down
+it closes it, reopens with exponential backoff and resends the batch.  When
+the buffer (bounded in bytes) is full, new records are dropped and counted
+in a :class:`Gap` kept at their place in the queue; the sender turns it into
+a ``dropped`` record (its count, the first and last sequence lost) when the
+output takes data again, so the receiver sees exactly where and how much it
+missed.  The rate limiter drops the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from .checkpoint import Checkpoint
+from .outputs import Output, OutputUnavailable
+from .record import ExportRecord
+
+GAP_BYTES = 256  # what a gap marker counts for in the buffer
+
+
+@attrs.define
+class Gap:
+    """Records dropped at this point of the queue."""
+
+    count: int
+    first_seq: int
+    last_seq: int
+    reason: str
+
+
+@attrs.define
+class DeliveryStats:
+    delivered: int = 0
+    dropped: int = 0
+    rate_limited: int = 0
+    reconnects: int = 0
+    buffered_bytes: int = 0
+    last_error: str = ""
+
+
+class RateLimit:
+    """A token bucket: ``rate`` records per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None):
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate, 1.0)
+        self._tokens = self.burst
+        self._at = time.monotonic()
+
+    def admit(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class Delivery:
+    """The buffer and the sender task for one output."""
+
+    def __init__(self, output: Output, gap_record: Callable[[Gap], ExportRecord],
+                 checkpoint: Checkpoint | None = None, max_bytes: int = 64 * 1024 * 1024,
+                 batch_bytes: int = 1024 * 1024, rate: float | None = None,
+                 backoff: tuple[float, float] = (0.2, 10.0),
+                 on_status: Callable[[str], None] | None = None):
+        self.output = output
+        self.gap_record = gap_record
+        self.checkpoint = checkpoint
+        self.max_bytes = max_bytes
+        self.batch_bytes = batch_bytes
+        self.limit = RateLimit(rate) if rate else None
+        self.backoff = backoff
+        self.on_status = on_status or (lambda message: None)
+        self.stats = DeliveryStats()
+        self._queue: collections.deque[ExportRecord | Gap] = collections.deque()
+        self._bytes = 0
+        self._wakeup = trio.Event()
+        self._closing = False
+        self._idle = trio.Event()
+
+    # --- the stream side: never waits ---
+
+    def put(self, record: ExportRecord) -> None:
+        if self.limit is not None and not self.limit.admit():
+            self.stats.rate_limited += 1
+            self._drop(record, "rate limit")
+            return
+        size = record.size
+        if self._bytes + size > self.max_bytes:
+            self.stats.dropped += 1
+            self._drop(record, "export buffer full")
+            return
+        self._queue.append(record)
+        self._bytes += size
+        self._wakeup.set()
+
+    def _drop(self, record: ExportRecord, reason: str) -> None:
+        tail = self._queue[-1] if self._queue else None
+        if isinstance(tail, Gap) and tail.reason == reason:
+            tail.count += 1
+            tail.last_seq = record.seq or tail.last_seq
+        else:
+            self._queue.append(Gap(1, record.seq, record.seq, reason))
+            self._bytes += GAP_BYTES  # may pass max_bytes by a marker: bounded all the same
+        self._wakeup.set()
+
+    # --- the sender task ---
+
+    def _take(self) -> list[ExportRecord]:
+        batch: list[ExportRecord] = []
+        size = 0
+        q = self._queue
+        while q and size < self.batch_bytes:
+            item = q.popleft()
+            if isinstance(item, Gap):
+                self._bytes -= GAP_BYTES
+                item_record = self.gap_record(item)
+            else:
+                self._bytes -= item.size
+                item_record = item
+            batch.append(item_record)
+            size += item_record.size
+        return batch
+
+    async def run(self) -> None:
+        """Deliver until :meth:`close` and the buffer is empty (or cancelled)."""
+        is_open = False
+        delay = self.backoff[0]
+        batch: list[ExportRecord] = []
+        try:
+            while True:
+                if not batch:
+                    if not self._queue:
+                        if self._closing:
+                            return
+                        self._idle.set()
+                        self._wakeup = trio.Event()
+                        await self._wakeup.wait()
+                        self._idle = trio.Event()
+                        continue
+                    batch = self._take()
+                try:
+                    if not is_open:
+                        await self.output.open()
+                        is_open = True
+                        if self.stats.last_error:
+                            self.on_status(f"{self.output.describe()}: connected again")
+                    await self.output.send(batch)
+                except OutputUnavailable as e:
+                    if is_open:
+                        await self.output.aclose()
+                        is_open = False
+                    if str(e) != self.stats.last_error:
+                        self.on_status(f"{e}; retrying")
+                    self.stats.last_error = str(e)
+                    self.stats.reconnects += 1
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, self.backoff[1])
+                    continue
+                delay = self.backoff[0]
+                self.stats.last_error = ""
+                self.stats.delivered += len(batch)
+                self._advance(batch)
+                batch = []
+        finally:
+            if is_open:
+                await self.output.aclose()
+            if self.checkpoint is not None:
+                self.checkpoint.save()
+
+    def _advance(self, batch: list[ExportRecord]) -> None:
+        if self.checkpoint is None:
+            return
+        for r in reversed(batch):
+            if r.seq > 0:
+                self.checkpoint.advance(r.epoch, r.seq)
+                return
+
+    async def close(self, timeout: float = math.inf) -> None:
+        """Let the sender flush what is buffered (up to ``timeout``), then stop it."""
+        self._closing = True
+        self._wakeup.set()
+        with trio.move_on_after(timeout):
+            while self._queue:
+                await self._idle.wait()
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes

@@ -1,0 +1,40 @@
+"""``-``: newline-delimited records on standard output, flushed per batch."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from ..record import ExportRecord
+from .base import Output, OutputUnavailable
+
+
+class StdoutOutput(Output):
+    schemes = ("-",)
+
+    async def open(self) -> None:
+        self._fd = sys.stdout.fileno()
+        sys.stdout.flush()
+
+    async def send(self, batch: Sequence[ExportRecord]) -> None:
+        data = b"".join([r.payload + b"\n" for r in batch])
+        try:
+            # A thread, so a stalled reader (a full pipe) never blocks the stream task.
+            await trio.to_thread.run_sync(_write_all, self._fd, data)
+        except BrokenPipeError as e:
+            raise OutputUnavailable(f"stdout: {e}") from None
+
+    async def aclose(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "stdout"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

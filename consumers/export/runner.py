@@ -1,0 +1,65 @@
+"""Running exporters as a process: signals, flushing, one line per state change."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+from importlib import metadata
+
+import trio
+
+from ..client import Client
+from .exporter import Exporter, ExportSpec
+
+FLUSH_SECONDS = 5.0  # on SIGTERM/SIGINT, time given to deliver what is buffered
+
+
+@contextlib.contextmanager
+def _one_error() -> Iterator[None]:
+    """Exporters fail alone: re-raise the first real error out of the nursery's group,
+    so the CLI reports it as one line."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        raise (real or leaves)[0] from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
+    return out
+
+
+def pymap_version() -> str:
+    try:
+        return metadata.version("pymap")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+async def run_exports(specs: list[ExportSpec], endpoint: str, timeout: float,
+                      say: Callable[[str], None]) -> None:
+    """Run every spec side by side until SIGTERM or SIGINT, then flush and save checkpoints."""
+    async with Client(endpoint, timeout) as client:
+        exporters = []
+        for spec in specs:
+            label = f"{spec.name}: " if spec.name else ""
+            exporters.append(Exporter(client, spec, pymap_version(),
+                                      on_status=lambda m, label=label: say(f"pymap export: {label}{m}")))
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
+                _one_error():
+            async with trio.open_nursery() as nursery:
+                for ex in exporters:
+                    nursery.start_soon(ex.run)
+                async for _ in signals:
+                    break
+                with trio.move_on_after(FLUSH_SECONDS):
+                    for ex in exporters:
+                        await ex.delivery.close()
+                nursery.cancel_scope.cancel()
+        for ex in exporters:
+            ex.checkpoint.save()

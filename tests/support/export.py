@@ -1,0 +1,67 @@
+"""Running ``pymap export`` in the tests: a subprocess per exporter, and readers for
+what it wrote (no tests here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Self
+
+from conftest import PYMAP
+
+
+class ExportProc:
+    """``pymap export ARGS`` against ``daemon``; stdout to ``out`` (a path) or a pipe."""
+
+    def __init__(self, daemon, *args: str, out: Path | None = None, log: Path | None = None):
+        env = {**os.environ, "PYMAP_ENDPOINT": daemon.endpoint}
+        self.argv = [PYMAP, "export", *args]
+        self.log = log
+        self._out = open(out, "ab") if out is not None else None
+        self._err = open(log, "ab") if log is not None else subprocess.PIPE
+        self.proc = subprocess.Popen(self.argv, stdout=self._out or subprocess.DEVNULL,
+                                     stderr=self._err, env=env)
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace") if self.log else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no checkpoint save."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self._out, self._err):
+            if hasattr(f, "close"):
+                f.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def json_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_bytes().split(b"\n") if line]
+
+
+def entry_seqs(docs: list[dict]) -> list[int]:
+    """Daemon sequence numbers of the entry events among pymap JSON events."""
+    return [d["seq"] for d in docs if d["action"] in ("added", "updated", "removed")]

@@ -1,0 +1,307 @@
+"""The seccomp wall (watcher/kernel/seccomp.py, watcher/daemon/privileges.py), for real.
+
+* The daemon's own filter installation (``privileges.harden``, the function
+  the daemon calls after start-up) runs in a child process that then tries to
+  write a real map through a read-write fd, create, pin and delete: each fails
+  with EPERM, while every read command still works, also in a thread started
+  before the filter and with a command smuggled in the register's high bits.
+* A real daemon is audited with a BPF program on the ``syscalls:sys_enter_bpf``
+  and ``sys_exit_bpf`` tracepoints (kernel evidence, no ptrace), filtered by the
+  daemon's pid, under list, get, events with snapshots, and event sources: only
+  read commands appear after start-up, and none is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from conftest import REPO, need_bcc, need_kernel, require
+from support.events import Follower, status, wait_ready, wait_until, watch_of
+from support.kernel import lpm_key, token
+
+from watcher.daemon import privileges
+from watcher.kernel import seccomp, syscall
+
+pytestmark = pytest.mark.kernel
+
+EXECSNOOP = str(REPO / "examples/execsnoop-ringbuf/execsnoop.c")
+TCPCONNECT = str(REPO / "examples/tcpconnect-perf/tcpconnect.c")
+
+
+def need_binding() -> None:
+    try:
+        seccomp._binding()
+    except seccomp.SeccompUnavailable as e:
+        require(str(e))
+
+
+# Runs in a child: a filter cannot be removed, and the test process must keep writing maps.
+CHILD = r"""
+import ctypes, errno, json, logging, os, sys, threading
+from watcher.daemon import privileges
+from watcher.daemon.config import Config
+from watcher.kernel import syscall as s
+
+def attempt(fn):
+    try:
+        r = fn()
+        return "ok" if r is None or isinstance(r, (int, bytes)) else "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+logging.basicConfig(level="INFO")
+profile = sys.argv[1]
+fd = s.map_create(1, 4, 8, 16, name="pymap_sc_test")   # hash, made before the filter
+s.map_update_elem(fd, b"\0" * 4, b"\1" * 8)
+map_id = s.map_info(fd).id
+rw = s.map_get_fd_by_id(map_id, flags=0)            # read-write: only seccomp stands in the way
+pin = sys.argv[2]
+
+go, done, from_thread = threading.Event(), threading.Event(), {}
+def early_thread():                                  # started before the filter
+    go.wait()
+    from_thread["update"] = attempt(lambda: s.map_update_elem(rw, b"\0" * 4, b"\3" * 8))
+    from_thread["lookup"] = attempt(lambda: s.map_lookup_elem(rw, b"\0" * 4, 8))
+    done.set()
+threading.Thread(target=early_thread).start()
+
+config = Config()
+if profile == "kernel_delta":
+    privileges.seccomp.install(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS)
+else:
+    if hasattr(config.watch, "kernel_delta"):
+        config.watch.kernel_delta = "off"
+    privileges.harden(config)                        # exactly what the daemon calls
+
+libc = ctypes.CDLL(None, use_errno=True)
+raw = libc.syscall
+raw.restype = ctypes.c_long
+raw.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_uint]
+def smuggled_update():
+    # BPF_MAP_UPDATE_ELEM with high bits set: the kernel reads only the low 32 bits.
+    attr = (ctypes.c_uint8 * 128)()
+    key, value = ctypes.create_string_buffer(b"\0" * 4), ctypes.create_string_buffer(b"\4" * 8)
+    ctypes.c_uint32.from_buffer(attr, 0).value = rw
+    ctypes.c_uint64.from_buffer(attr, 8).value = ctypes.addressof(key)
+    ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(value)
+    if raw(s._NR_BPF, (1 << 32) | 2, ctypes.addressof(attr), 128) < 0:
+        raise OSError(ctypes.get_errno(), "bpf")
+
+def batch():
+    cur = s.BatchCursor(rw, 4)
+    keys, values = ctypes.create_string_buffer(64), ctypes.create_string_buffer(128)
+    try:
+        return s.map_lookup_batch(cur, keys, values, 16)
+    except s.BpfError as e:
+        if e.errno == errno.ENOENT:  # end of the map: the command ran
+            return None
+        raise
+
+out = {
+    "update": attempt(lambda: s.map_update_elem(rw, b"\0" * 4, b"\2" * 8)),
+    "update_batch": attempt(lambda: s.map_update_batch(rw, b"\5" * 4, b"\5" * 8, 1)),
+    "delete": attempt(lambda: s.map_delete_elem(rw, b"\0" * 4)),
+    "smuggled_update": attempt(smuggled_update),
+    "create": attempt(lambda: os.close(s.map_create(1, 4, 8, 4, name="pymap_sc_new"))),
+    "pin": attempt(lambda: s.obj_pin(rw, pin)),
+    "ptrace": "ok" if libc.ptrace(16, os.getppid(), 0, 0) == 0 else errno.errorcode[ctypes.get_errno()],
+    "get_next_id": attempt(lambda: s.map_get_next_id(0)),
+    "get_fd_by_id": attempt(lambda: os.close(s.map_get_fd_by_id(map_id))),
+    "info": attempt(lambda: s.map_info(rw)),
+    "lookup": attempt(lambda: s.map_lookup_elem(rw, b"\0" * 4, 8)),
+    "next_key": attempt(lambda: s.map_get_next_key(rw, None, 4)),
+    "batch": attempt(batch),
+    "btf": attempt(lambda: os.close(s.btf_get_fd_by_id(1))),
+    "obj_get": attempt(lambda: os.close(s.obj_get(sys.argv[3]))),
+}
+go.set()
+done.wait(30)
+out["thread"] = from_thread
+out["value"] = s.map_lookup_elem(rw, b"\0" * 4, 8).hex()
+print(json.dumps(out))
+"""
+
+
+def run_child(profile: str, tmp_pin: str, readable_pin: str) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, "-c", CHILD, profile, tmp_pin, readable_pin],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1]), proc.stderr
+
+
+def test_after_harden_writes_fail_with_eperm_and_reads_work(maps, bpffs_dir):
+    need_binding()
+    _fd, _id = maps.create("hash", 4, 4, 4, name=f"sc_{token()}", pin=bpffs_dir / "readable")
+    out, log = run_child("read", str(bpffs_dir / "pin_attempt"), str(bpffs_dir / "readable"))
+    assert "seccomp filter installed" in log
+    refused = ("update", "update_batch", "delete", "smuggled_update", "create", "pin", "ptrace")
+    assert {k: out[k] for k in refused} == {k: "EPERM" for k in refused}
+    reads = ("get_next_id", "get_fd_by_id", "info", "lookup", "next_key", "batch", "btf",
+             "obj_get")
+    assert {k: out[k] for k in reads} == {k: "ok" for k in reads}
+    # TSYNC: a thread that existed before the filter is under it too.
+    assert out["thread"] == {"update": "EPERM", "lookup": "ok"}
+    assert out["value"] == "01" * 8  # nothing got through
+    assert not (bpffs_dir / "pin_attempt").exists()
+
+
+def test_kernel_delta_profile_creates_but_never_pins_deletes_or_batches(maps, bpffs_dir):
+    """With the in-kernel engine on, creation and its own writes pass; the rest stays shut."""
+    need_binding()
+    maps.create("hash", 4, 4, 4, name=f"sc_{token()}", pin=bpffs_dir / "readable")
+    out, _log = run_child("kernel_delta", str(bpffs_dir / "pin_attempt"),
+                          str(bpffs_dir / "readable"))
+    assert out["create"] == "ok" and out["update"] == "ok"
+    for k in ("update_batch", "delete", "smuggled_update", "pin", "ptrace"):
+        assert out[k] == "EPERM", (k, out)
+    assert out["lookup"] == "ok" and out["batch"] == "ok"
+
+
+def test_every_command_in_the_profiles_is_known():
+    for name in privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS:
+        assert seccomp.command_number(name) >= 0
+    writes = {"BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_ELEM", "BPF_MAP_CREATE", "BPF_OBJ_PIN",
+              "BPF_PROG_LOAD", "BPF_MAP_UPDATE_BATCH", "BPF_MAP_FREEZE",
+              "BPF_MAP_LOOKUP_AND_DELETE_ELEM", "BPF_MAP_LOOKUP_AND_DELETE_BATCH"}
+    assert not writes & set(privileges.READ_COMMANDS)
+    with pytest.raises(ValueError):
+        seccomp.command_number("BPF_NOPE")
+
+
+# --- audit of a real daemon -----------------------------------------------------------------
+
+AUDIT = r"""
+BPF_HASH(pending, u32, u32);      // thread id -> command of the bpf() it is in
+BPF_HASH(calls, u32, u64);        // command -> calls
+BPF_HASH(refused, u32, u64);      // command -> calls that returned -EPERM
+
+TRACEPOINT_PROBE(syscalls, sys_enter_bpf) {
+    u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) != TGID)
+        return 0;
+    u32 tid = id, cmd = args->cmd;
+    pending.update(&tid, &cmd);
+    calls.increment(cmd);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_bpf) {
+    u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) != TGID)
+        return 0;
+    u32 tid = id;
+    u32 *cmd = pending.lookup(&tid);
+    if (!cmd)
+        return 0;
+    if (args->ret == -1)   // -EPERM
+        refused.increment(*cmd);
+    pending.delete(&tid);
+    return 0;
+}
+"""
+
+
+def _by_name(table) -> dict[str, int]:
+    return {seccomp.BPF_COMMANDS[k.value]: v.value for k, v in table.items()}
+
+
+@contextlib.contextmanager
+def audit(bcc, pid: int) -> Iterator[Callable[[], tuple[dict[str, int], dict[str, int]]]]:
+    """Count ``pid``'s bpf() calls by command, and those refused, from now until the end."""
+    tracer = bcc.BPF(text=AUDIT.replace("TGID", str(pid)).encode())
+    try:
+        yield lambda: (_by_name(tracer[b"calls"]), _by_name(tracer[b"refused"]))
+    finally:
+        tracer.cleanup()
+
+
+def test_daemon_uses_only_read_commands_after_start_up(daemon_factory, maps, bpffs_dir):
+    bcc = need_bcc()
+    need_kernel()
+    need_binding()
+    tag = token()
+    fd, map_id = maps.create("hash", 4, 8, 64, name=f"au_{tag}", pin=bpffs_dir / f"au_{tag}")
+
+    for i in range(8):
+        syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", i))
+    lpm, _ = maps.create("lpm_trie", 8, 8, 16, name=f"al_{tag}", flags=1)  # no batch: per key
+    syscall.map_update_elem(lpm, lpm_key(24, bytes([10, 1, 2, 0])), bytes(8))
+    d = daemon_factory("--source", f"{EXECSNOOP}:execs,drops=dropped", "--source", TCPCONNECT,
+                       "--interval", "0.2", "--set", 'watch.kernel_delta="off"')
+    assert "seccomp filter installed: bpf() allows only MAP_GET_NEXT_ID, " in d.log.read_text()
+    with audit(bcc, d.proc.pid) as tables:
+        listed = d.cli("list", "-o", "json", check=True)
+        assert f"au_{tag}" in listed.stdout
+        got = d.cli("get", f"au_{tag}", "-o", "json", check=True)
+        assert json.loads(got.stdout)["count"] == 8
+        d.cli("get", "dropped", check=True)  # a bcc map: decoded with its BTF
+        assert json.loads(d.cli("get", f"al_{tag}", "-o", "json", check=True).stdout)["count"] == 1
+        with Follower(d, f"au_{tag}", "-f", "--snapshot") as f, Follower(d, "execs", "-f") as ex:
+            f.wait_count(8)  # the snapshot
+            wait_until(lambda: status(d)["subscriptions"], "subscriptions")
+            for i in range(8, 16):
+                syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", i))
+            syscall.map_delete_elem(fd, struct.pack("<I", 0))
+            f.wait_count(8 + 9)
+            deadline = time.monotonic() + 30
+            while not ex.snapshot() and time.monotonic() < deadline:
+                subprocess.run(["/bin/true"], check=True)
+                time.sleep(0.2)
+            assert ex.snapshot(), f"no exec record: {ex.stderr}"
+        d.cli("events", f"au_{tag}", check=True)  # recent events
+        d.cli("events", f"au_{tag}", "--snapshot", check=True)
+        d.cli("status", check=True)
+        calls, refused = tables()
+    print("daemon bpf() after start-up:", calls, "refused:", refused)
+    assert calls.get("BPF_MAP_GET_NEXT_ID", 0) > 0 and calls.get("BPF_MAP_LOOKUP_BATCH", 0) > 0
+    assert calls.get("BPF_BTF_GET_FD_BY_ID", 0) > 0 and calls.get("BPF_OBJ_GET", 0) > 0
+    assert calls.get("BPF_MAP_GET_NEXT_KEY", 0) > 0 and calls.get("BPF_MAP_LOOKUP_ELEM", 0) > 0
+    assert set(calls) <= set(privileges.READ_COMMANDS), calls
+    assert refused == {}
+    assert d.stop() == 0
+
+
+def test_without_the_binding_the_daemon_says_so_and_serves(daemon_factory):
+    """A missing python3-seccomp is one clear log line, not a failed start."""
+    proc = subprocess.run([sys.executable, "-c", (
+        "import logging, sys; sys.modules['seccomp'] = None; logging.basicConfig(level='INFO')\n"
+        "from watcher.daemon import privileges; from watcher.daemon.config import Config\n"
+        "privileges.harden(Config())")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "seccomp filter NOT installed: libseccomp's Python binding does not import" in proc.stderr
+    assert "python3-seccomp" in proc.stderr
+    d = daemon_factory("--set", "daemon.seccomp=false")
+    assert "seccomp filter off (daemon.seccomp = false)" in d.log.read_text()
+
+
+def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_factory, maps,
+                                                                       bpffs_dir):
+    """With watch.kernel_delta on, the engine creates its objects after the filter is in:
+    they are made, events flow, and no command outside its profile is even tried."""
+    bcc = need_bcc()
+    need_binding()
+    name = f"ak_{token()}"
+    fd, _map_id = maps.create("hash", 4, 8, 64, name=name, pin=bpffs_dir / name)
+    d = daemon_factory("--interval", "0.2", "--set", "watch.kernel_delta_min_entries=0",
+                       "--set", 'watch.kernel_delta_types=["hash"]')
+    with audit(bcc, d.proc.pid) as tables:
+        with Follower(d, name, "-f") as f:
+            wait_ready(d, name)
+            watch = watch_of(status(d), name)
+            assert watch["engine"].startswith("in-kernel:"), watch
+            for i in range(4):
+                syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", i))
+            f.wait_count(4)
+        calls, refused = tables()
+    print("daemon bpf() with the in-kernel engine:", calls, "refused:", refused)
+    assert calls.get("BPF_MAP_CREATE", 0) > 0 and calls.get("BPF_PROG_LOAD", 0) > 0
+    assert set(calls) <= set(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS)
+    assert refused == {}
+    assert "in-kernel engine failed" not in d.log.read_text()

@@ -1,0 +1,105 @@
+"""What the daemon may do to the kernel: its capabilities, and the bpf commands it keeps.
+
+One source of truth for both, so the systemd unit, the Kubernetes DaemonSet
+(``examples/``) and ``docs/operations.md`` can be checked against it by tests.
+
+* :data:`~watcher.kernel.capabilities.CAPABILITIES`: the capability set a
+  non-root daemon runs with, each with the calls that need it (measured on Linux
+  6.18, see docs/operations.md).  :func:`check_capabilities` refuses to start without a required one, naming
+  it, and logs one line per optional one that is missing.
+* :func:`allowed_bpf_commands`: the bpf(2) commands left to the daemon once
+  start-up is over, and :func:`harden`, which installs the seccomp filter
+  (:mod:`watcher.kernel.seccomp`) that enforces them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..kernel import seccomp
+from ..kernel.capabilities import CAPABILITIES, Capability
+from ..kernel.probe import parse_capeff
+from .config import Config, ConfigError
+
+log = logging.getLogger("pymap.daemon")
+
+__all__ = ["CAPABILITIES", "Capability", "PrivilegeError", "check_capabilities", "harden",
+           "allowed_bpf_commands", "READ_COMMANDS", "KERNEL_DELTA_COMMANDS"]
+
+
+# The commands the daemon reads with (watcher/kernel/maps.py, dump.py, btf.py).
+READ_COMMANDS = (
+    "BPF_MAP_GET_NEXT_ID", "BPF_MAP_GET_FD_BY_ID", "BPF_OBJ_GET", "BPF_OBJ_GET_INFO_BY_FD",
+    "BPF_BTF_GET_FD_BY_ID", "BPF_MAP_LOOKUP_ELEM", "BPF_MAP_GET_NEXT_KEY",
+    "BPF_MAP_LOOKUP_BATCH",
+)
+# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/progload.py) does
+# while the daemon runs: it creates its own shadow, state and ring buffer maps, a BTF
+# blob and its programs when a watch starts, then per poll writes its state map, runs
+# an iterator (link, iter) or a for_each walk (test run), and clears removed keys from
+# its shadow map.  seccomp cannot tell pymap's maps from the watched ones, so with the
+# engine on these are allowed for every map; see docs/operations.md.
+KERNEL_DELTA_COMMANDS = (
+    "BPF_MAP_CREATE", "BPF_BTF_LOAD", "BPF_PROG_LOAD", "BPF_LINK_CREATE", "BPF_ITER_CREATE",
+    "BPF_PROG_TEST_RUN", "BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_BATCH",
+)
+
+
+class PrivilegeError(ConfigError):
+    """The daemon lacks a capability it cannot work without; it does not start."""
+
+
+def effective_capabilities(status_path: str = "/proc/self/status") -> int:
+    with open(status_path) as f:
+        capeff = parse_capeff(f.read())
+    if capeff is None:
+        raise PrivilegeError(f"cannot read the effective capabilities (no CapEff in {status_path})")
+    return capeff
+
+
+def missing_capabilities(capeff: int) -> list[Capability]:
+    return [cap for cap in CAPABILITIES if not capeff >> cap.number & 1]
+
+
+def check_capabilities(capeff: int | None = None) -> None:
+    """Refuse to start without a required capability; one log line per missing optional one."""
+    missing = missing_capabilities(effective_capabilities() if capeff is None else capeff)
+    for cap in missing:
+        if cap.required:
+            raise PrivilegeError(f"missing capability {cap.name}, needed for {cap.needed_for}; "
+                                 f"run as root or grant it (docs/operations.md)")
+    for cap in missing:
+        log.warning("without %s: no %s", cap.name, cap.needed_for)
+
+
+def kernel_delta_enabled(config: Config) -> bool:
+    # The in-kernel engine's switch (watch.kernel_delta, "auto" or "off") where it exists.
+    return getattr(config.watch, "kernel_delta", "off") != "off"
+
+
+def allowed_bpf_commands(config: Config) -> tuple[str, ...]:
+    if kernel_delta_enabled(config):
+        return READ_COMMANDS + KERNEL_DELTA_COMMANDS
+    return READ_COMMANDS
+
+
+def harden(config: Config) -> None:
+    """Install the seccomp filter once start-up is done (``[daemon] seccomp``).
+
+    Called after event sources' programs are loaded and their rings installed:
+    from here on, bpf() is limited to :func:`allowed_bpf_commands`.
+    """
+    if not config.daemon.seccomp:
+        log.warning("seccomp filter off (daemon.seccomp = false): bpf() is not restricted")
+        return
+    commands = allowed_bpf_commands(config)
+    try:
+        seccomp.install(commands)
+    except seccomp.SeccompUnavailable as e:
+        log.warning("seccomp filter NOT installed: %s", e)
+        return
+    except OSError as e:
+        log.warning("seccomp filter NOT installed: the kernel refused it: %s", e)
+        return
+    log.info("seccomp filter installed: bpf() allows only %s",
+             ", ".join(c.removeprefix("BPF_") for c in commands))
