@@ -51,11 +51,7 @@ def curve_keys() -> ClientKeys | None:
 
 def check(endpoint: str) -> None:
     """Raise DaemonUnavailable, with the fix, for an ipc:// socket that is missing or
-    that this user cannot use, or a tcp:// endpoint without CURVE keys (ZeroMQ would
-    wait for ever on any of them)."""
-    if is_tcp(endpoint) and curve_keys() is None:
-        raise DaemonUnavailable(f"{endpoint}: tcp:// needs CURVE keys (--curve-server-key and "
-                                "--curve-client-cert, or PYMAP_CURVE_*; see: pymap keys)")
+    that this user cannot use (ZeroMQ would wait for ever on either)."""
     if not endpoint.startswith("ipc://"):
         return
     path = endpoint[len("ipc://"):]
@@ -77,12 +73,19 @@ def connect(kind: int, endpoint: str, options: dict[int, int] | None = None) -> 
     sock.setsockopt(zmq.LINGER, 0)
     for option, value in (options or {}).items():
         sock.setsockopt(option, value)
-    keys = curve_keys() if is_tcp(endpoint) else None
-    if keys is not None:
-        keys.apply(sock)
     try:
+        keys = curve_keys() if is_tcp(endpoint) else None
+        if keys is not None:
+            keys.apply(sock)
         sock.connect(endpoint)
+        if is_tcp(endpoint) and keys is None:  # a daemon serves TCP only with CURVE: it would
+            raise DaemonUnavailable(          # never answer, so say so now
+                f"{endpoint}: tcp:// needs CURVE keys (--curve-server-key and "
+                "--curve-client-cert, or PYMAP_CURVE_*; see: pymap keys)")
     except zmq.ZMQError as e:
         sock.close(0)
         raise DaemonUnavailable(f"cannot connect to {endpoint}: {e}") from None
+    except DaemonUnavailable:
+        sock.close(0)
+        raise
     return sock
