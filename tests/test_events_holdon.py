@@ -113,8 +113,9 @@ def test_max_wait_bounds_the_wait(daemon_factory, maps, bpffs_dir):
 
 
 async def test_library_follower_holds_on_through_a_daemon_outage(daemon_factory, maps, bpffs_dir):
-    """The client library's default (``hold_on=True``): a killed daemon is a ``stalled``
-    event, its return a ``resumed`` one, then ``resync`` and the corrections."""
+    """The client library's default (``hold_on=True``): a stopped daemon (SIGTERM: its
+    socket file removed, unlike kill -9 above) is a ``stalled`` event, its return a
+    ``resumed`` one, then ``resync`` and the corrections."""
     import trio
     from support.events import LibFollower, replay_events
 
@@ -127,7 +128,8 @@ async def test_library_follower_holds_on_through_a_daemon_outage(daemon_factory,
     async with trio.open_nursery() as nursery:
         await nursery.start(lib.run)
         await lib.await_count(10, "the start snapshot")
-        await trio.to_thread.run_sync(_kill_daemon, d)
+        await trio.to_thread.run_sync(d.stop)
+        assert not d.socket.exists()
         for n in range(20, 25):
             syscall.map_update_elem(fd, u32(n), pattern(n, 8))
         syscall.map_delete_elem(fd, u32(3))

@@ -325,6 +325,18 @@ def events(
         "--max-wait", min=0, metavar="SECONDS",
         help="With -f: when the daemon falls silent, wait at most this long for it to "
         "come back, then exit 1 (default: wait for ever, like tail -F).")] = None,
+    fleet: Annotated[str | None, typer.Option(
+        "--fleet", metavar="URL", envvar="PYMAP_FLEET",
+        help="Read every node's events from NATS JetStream (nats://HOST:4222[,...]; "
+        "see docs/fleet.md) instead of the local daemon.")] = None,
+    node: Annotated[str | None, typer.Option(
+        "--node", metavar="GLOB", help="With --fleet: only nodes matching this glob.")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="DURATION",
+        help="With --fleet: replay from this long ago (90s, 15m, 2h, 7d).")] = None,
+    durable: Annotated[str | None, typer.Option(
+        "--durable", metavar="NAME",
+        help="With --fleet: a durable consumer that resumes where it left off.")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
     server_key: CurveServerOpt = None,
     client_cert: CurveCertOpt = None,
@@ -334,12 +346,18 @@ def events(
 
     A follower (-f) holds on like tail -F: if the daemon stops or restarts, it says
     so on stderr, waits, resyncs, and prints what it missed as lost/resync lines.
+    With --fleet, the same for every node publishing to NATS (pymap export --to nats://).
     """
     use_curve(server_key, client_cert)
     from .eventsout import EventPrinter, MapCache
 
     for selector in selectors:
         valid_glob(selector)
+    if fleet is not None:
+        return _fleet_events(fleet, selectors, node, since, durable, follow, count,
+                             output is Output.json)
+    if node or since or durable:
+        fail("--node, --since and --durable need --fleet", EXIT_USAGE)
 
     async def main():
         from ..client import Client
@@ -369,6 +387,36 @@ def _say_daemon_state(event, endpoint: str, max_wait: float | None) -> None:
             "(Ctrl-C to stop)")
     else:
         say(f"pymap: the daemon is back ({event.reason}); catching up")
+
+
+def _fleet_events(url: str, selectors: list[str], node: str | None, since: str | None,
+                  durable: str | None, follow: bool, count: int, as_json: bool) -> None:
+    """``events --fleet``: a JetStream consumer on the fleet stream, printed per node."""
+    from ..fleet.jetstream import FleetError, FleetUnavailable
+    from ..fleet.options import FleetConfigError, parse_duration, parse_url
+    from ..fleet.subscribe import FleetSubscription
+    from .fleetout import FleetPrinter
+
+    try:
+        options = parse_url(url)
+        since_s = parse_duration(since) if since else None
+    except FleetConfigError as e:
+        fail(str(e), EXIT_USAGE)
+
+    async def main():
+        printer = FleetPrinter(as_json)
+        async with FleetSubscription(options, selectors, node_glob=node, since=since_s,
+                                     follow=follow, durable=durable,
+                                     on_notice=lambda t: say(f"pymap: fleet: {t}")) as sub:
+            async for message in sub:
+                printer.print(message)
+                if count and printer.count >= count:
+                    return
+
+    try:
+        run_async(main)
+    except (FleetError, FleetUnavailable) as e:
+        fail(str(e))
 
 
 async def _name_of(client: Client, selector: str) -> str:
@@ -410,7 +458,8 @@ def export(
         "--to", "-t", metavar="URL",
         help="Destination: - (stdout), file:///PATH[?max_bytes=N&backups=N&mode=0600], "
         "syslog+udp://HOST:PORT, syslog+tcp://HOST:PORT (octet counting), "
-        "syslog+tls://HOST:PORT[?ca=FILE&cert=FILE&key=FILE], nats://HOST:PORT.")] = "-",
+        "syslog+tls://HOST:PORT[?ca=FILE&cert=FILE&key=FILE], "
+        "nats://HOST:4222[,HOST2...][?stream=S&creds=FILE&tls_ca=FILE] (docs/fleet.md).")] = "-",
     format_: Annotated[str, typer.Option(
         "--format", "-F", help="json (pymap's event lines), ecs (Elastic Common Schema 8), "
         "ocsf (OCSF 1.3 Kernel Activity), cef (ArcSight CEF).")] = "json",
@@ -434,6 +483,10 @@ def export(
         help="Checkpoint of the last delivered event: a restart resumes after it "
         "(from the daemon's recent events, else a fresh snapshot and a resync record).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="No decoding, hex only.")] = False,
+    node_name: Annotated[str | None, typer.Option(
+        "--node-name", metavar="NAME", envvar="PYMAP_NODE_NAME",
+        help="This node's name in the records and NATS subjects (default: the host name).")
+    ] = None,
     config: Annotated[str | None, typer.Option(
         "--config", "-c", metavar="TOML", help="Read exporters from the exports tables of a TOML file "
         "instead of flags (docs/export.md).")] = None,
@@ -467,7 +520,7 @@ def export(
             specs = [ExportSpec(list(selectors or []), to=to, format=format_,
                                 actions=list(action or []), exclude=list(exclude or []),
                                 rate=rate, buffer_bytes=buffer, state_file=state_file,
-                                decode=not raw)]
+                                decode=not raw, node=node_name or "")]
         for spec in specs:
             for sel in spec.selectors:
                 if not (sel.startswith("id:") or sel.startswith("/")):

@@ -93,8 +93,25 @@ class DaemonConfig:
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
     # Events kept per map for `pymap events NAME` without --follow.
     recent_events: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
-    # Stream messages queued per subscriber before ZeroMQ drops (seen as gaps).
+    # Stream messages queued per subscriber before ZeroMQ drops (seen as gaps); the
+    # high-water mark is the smaller of this and stream_queue_bytes / stream_message_bytes.
     stream_hwm: int = attrs.field(default=10000, validator=attrs.validators.ge(1))
+    # Bytes queued per subscriber at most (with stream_message_bytes: the high-water mark).
+    stream_queue_bytes: int = attrs.field(default=64 << 20, validator=attrs.validators.ge(1024))
+    # Bytes per stream message at most: event batches and buffer reads are cut to fit.
+    stream_message_bytes: int = attrs.field(
+        default=256 << 10, validator=attrs.validators.in_(range(1024, (64 << 20) + 1)))
+    # Requests one client may have in flight; more are refused with `busy`.
+    max_requests_in_flight: int = attrs.field(
+        default=64, validator=attrs.validators.in_(range(1, 1 << 16)))
+    # Reply bytes queued in the daemon per client before its handlers wait.
+    client_outbox_bytes: int = attrs.field(default=4 << 20, validator=attrs.validators.ge(4096))
+    # Longest subscription (topic prefix) a subscriber may send; longer cuts the connection.
+    max_subscription_bytes: int = attrs.field(
+        default=1024, validator=attrs.validators.in_(range(64, 1 << 16)))
+    # Subscriptions one subscriber connection may hold; one more cuts the connection.
+    max_subscriptions: int = attrs.field(
+        default=1000, validator=attrs.validators.in_(range(1, 1 << 20)))
     # Entry events per stream message at most.
     batch_events: int = attrs.field(default=4096, validator=attrs.validators.in_(range(1, 1 << 20)))
     # After start-up, limit bpf(2) to the commands the daemon reads with (seccomp;
@@ -110,6 +127,11 @@ class DaemonConfig:
             self.events_endpoint = events_endpoint_for(self.endpoint)
         if self.events_endpoint == self.endpoint:
             raise ConfigError("events_endpoint must differ from endpoint")
+
+    @property
+    def stream_sndhwm(self) -> int:
+        """The XPUB's high-water mark: at most stream_queue_bytes per subscriber."""
+        return max(1, min(self.stream_hwm, self.stream_queue_bytes // self.stream_message_bytes))
 
     def socket_gid(self) -> int | None:
         if self.socket_group is None:

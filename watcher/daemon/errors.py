@@ -61,8 +61,21 @@ class InternalError(RequestError):
     code = "internal"
 
 
+class Busy(RequestError):
+    """Refused unrun: the client has ``max_requests_in_flight`` requests unanswered."""
+
+    code = "busy"
+
+
+class RepliesDropped(RequestError):
+    """Not a refusal but a notice (``req`` 0): replies to this client were dropped."""
+
+    code = "dropped"
+
+
 CODES = frozenset(c.code for c in (BadRequest, VersionMismatch, MapNotFound, AmbiguousSelector,
-                                   MapNotDumpable, PermissionDenied, MapVanished, InternalError))
+                                   MapNotDumpable, PermissionDenied, MapVanished, InternalError,
+                                   Busy, RepliesDropped))
 
 
 def error_reply(error: Exception, req: int) -> schema.ErrorReply:

@@ -152,4 +152,6 @@ def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_by
         log.warning("%s (id %d): in-kernel change detection unavailable, using user space: %s",
                     record.name, record.id, e)
         return None, f"{USER}: in-kernel setup failed: {e}"
-    return engine, f"{KERNEL}: {record.max_entries} max entries, shadow {engine.kernel_bytes} bytes"
+    route = ("bpf_for_each_map_elem" if engine.walker.each
+             else "bpf_iter (a for_each callback sees one CPU's slot)")
+    return engine, f"{KERNEL}: {record.max_entries} max entries, walked by {route}"

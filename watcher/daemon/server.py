@@ -23,24 +23,39 @@ from . import catalog, errors
 from .catalog import Catalog
 from .config import DaemonConfig
 from .engine import Engine
+from .subgate import SubscriptionGate
 
 log = logging.getLogger("pymap.server")
 
 MAX_REQUEST_BYTES = 64 * 1024  # requests are small; anything larger is refused unread
 
 
+@attrs.define(eq=False)
+class Client:
+    """One DEALER peer's requests in flight, and what it was refused or lost."""
+
+    scopes: set[trio.CancelScope] = attrs.Factory(set)
+    dropped: int = 0  # replies dropped since the client was last told
+    abused: bool = False  # refused at least once: logged (once)
+
+
 class RequestServer:
     def __init__(self, sock: zmq.Socket, config: DaemonConfig, epoch: str, version: str,
-                 engine: Engine, sources=None, catalog: Catalog | None = None):
-        self.owner = SocketOwner(sock)
+                 engine: Engine, sources=None, catalog: Catalog | None = None,
+                 gate: SubscriptionGate | None = None):
+        self.owner = SocketOwner(sock, config.client_outbox_bytes, on_gone=self._on_gone)
         self.engine = engine
         self.sources = sources  # watcher.daemon.sources.Sources: event source buffers
         self.catalog = catalog or engine.catalog
+        self.gate = gate
         self.config = config
         self.epoch = epoch
         self.version = version
         self.started = time.monotonic()
         self._nursery: trio.Nursery | None = None
+        self._clients: dict[bytes, Client] = {}
+        self.requests_refused = 0  # refused with `busy`: too many in flight
+        self.replies_dropped = 0  # could not even be queued: the client's outbox was full
 
     def reconfigure(self, config) -> None:
         """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
@@ -54,9 +69,64 @@ class RequestServer:
 
     def _on_message(self, frames: list[bytes]) -> None:
         assert self._nursery is not None
-        self._nursery.start_soon(self._handle, frames[0], frames[1:])
+        peer = frames[0]
+        client = self._clients.setdefault(peer, Client())
+        if len(client.scopes) >= self.config.max_requests_in_flight:
+            self._refuse(peer, client, frames[1:])
+            return
+        if client.dropped:
+            notice = errors.error_reply(errors.RepliesDropped(
+                f"{client.dropped} replies to this client were dropped: it did not read them "
+                f"and its queue ({self.config.client_outbox_bytes} bytes) was full"), 0)
+            if self.owner.try_send(peer, [schema.encode(notice)]):
+                client.dropped = 0
+        scope = trio.CancelScope()
+        client.scopes.add(scope)
+        self._nursery.start_soon(self._handle, peer, frames[1:], client, scope)
 
-    async def _handle(self, peer: bytes, frames: list[bytes]) -> None:
+    def _refuse(self, peer: bytes, client: Client, frames: list[bytes]) -> None:
+        """Answer ``busy`` without running the request, or drop the answer if it cannot queue."""
+        self.requests_refused += 1
+        if not client.abused:
+            client.abused = True
+            log.warning("client %s has %d requests in flight; refusing more with 'busy'",
+                        peer.hex(), len(client.scopes))
+        readable = len(frames) == 1 and len(frames[0]) <= MAX_REQUEST_BYTES
+        busy = errors.error_reply(errors.Busy(
+            f"too many requests in flight from this client (limit "
+            f"{self.config.max_requests_in_flight}); read the replies, then retry"),
+            schema.request_id(frames[0]) if readable else 0)
+        if not self.owner.try_send(peer, [schema.encode(busy)]):
+            client.dropped += 1
+            self.replies_dropped += 1
+
+    def _on_gone(self, peer: bytes) -> None:
+        """The peer disconnected: its requests' work is wasted, cancel it."""
+        client = self._clients.get(peer)
+        if client is not None and client.scopes:
+            for scope in client.scopes:
+                scope.cancel()  # the last one to finish forgets the peer
+            return
+        self._clients.pop(peer, None)
+        self.owner.forget(peer)
+
+    def _finished(self, peer: bytes, client: Client, scope: trio.CancelScope) -> None:
+        client.scopes.discard(scope)
+        if not client.scopes:
+            # Kept while it owes the client a `dropped` notice (a few bytes per peer).
+            if self._clients.get(peer) is client and not client.dropped:
+                del self._clients[peer]
+            self.owner.forget(peer)
+
+    async def _handle(self, peer: bytes, frames: list[bytes], client: Client,
+                      scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await self._answer(peer, frames)
+        finally:
+            self._finished(peer, client, scope)
+
+    async def _answer(self, peer: bytes, frames: list[bytes]) -> None:
         req = 0
         try:
             request = self._parse(frames)
@@ -94,8 +164,6 @@ class RequestServer:
             raise
         except BaseException as e:  # noqa: BLE001 - an ExceptionGroup from a nested nursery
             log.exception("request failed: %s", e)
-        finally:
-            self.owner.forget(peer)
 
     def _parse(self, frames: list[bytes]):
         if not frames or len(frames[0]) > MAX_REQUEST_BYTES:
@@ -177,7 +245,8 @@ class RequestServer:
             events_published=st.events_published, subscriptions=st.subscriptions,
             drops_reported=st.drops_reported, resyncs=st.resyncs, poll_errors=st.poll_errors,
             watched=st.watched, sources=self.sources.status() if self.sources else [],
-            req=request.req))
+            requests_refused=self.requests_refused, replies_dropped=self.replies_dropped,
+            subscriptions_refused=self.gate.refused if self.gate else 0, req=request.req))
 
     async def _get(self, peer: bytes, request: schema.GetRequest) -> None:
         self._check_selector(request.selector)

@@ -185,7 +185,8 @@ class ErrorReply:
     """A request failed.  ``code`` is stable and machine-readable:
 
     ``bad_request``, ``version``, ``not_found``, ``ambiguous``, ``not_dumpable``,
-    ``permission``, ``vanished``, ``internal``.
+    ``permission``, ``vanished``, ``internal``, ``busy`` (too many requests in flight),
+    ``dropped`` (earlier replies to this client were dropped; sent with ``req`` 0).
     """
 
     code: str
@@ -265,6 +266,11 @@ class StatusReply:
     poll_errors: int
     watched: list[WatchStatus]
     sources: list[SourceStatus] = attrs.Factory(list)  # event sources (buffers); see docs/sources.md
+    # Bounds under abuse (docs/operations.md): requests refused `busy`, replies that
+    # could not be queued, subscriber connections cut for bad subscriptions.
+    requests_refused: int = 0
+    replies_dropped: int = 0
+    subscriptions_refused: int = 0
     req: int = 0
     v: int = SCHEMA_VERSION
 
