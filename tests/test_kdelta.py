@@ -193,7 +193,7 @@ def test_engine_choice_reasons(maps):
         # the estimate used for the cap is close to what the kernel charges
         assert engine.kernel_bytes > 0
         from watcher.kernel.iterdelta import shadow_bytes_estimate
-        assert 0.5 < shadow_bytes_estimate(record, 8) / engine.kernel_bytes < 2
+        assert 0.9 < shadow_bytes_estimate(record, 8) / engine.kernel_bytes < 1.1
     finally:
         if engine:
             engine.close()

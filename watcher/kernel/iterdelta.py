@@ -145,7 +145,7 @@ def shadow_bytes_estimate(record: MapRecord, stride: int) -> int:
         return record.max_entries * value + ring
     n = shadow_entries(record)
     buckets = 1 << max(n - 1, 1).bit_length()
-    order = n * (((record.key_size + 7) & ~7) + value - 8) if uses_for_each(record) else 0
+    order = 2 * n * (((record.key_size + 7) & ~7) + value) if uses_for_each(record) else 0
     return (n * (_HTAB_ELEM + ((record.key_size + 7) & ~7) + value) + buckets * _HTAB_BUCKET
             + ring + order)
 
