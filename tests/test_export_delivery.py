@@ -265,12 +265,10 @@ def test_daemon_restart_gives_a_resync_and_the_fresh_state(daemon, maps, bpffs_d
 
 
 def replay(docs: list[dict]) -> dict:
-    """Entries the events describe; a resync starts over from its snapshot rows."""
+    """Entries the events describe (a resync's rows correct the state seen before it)."""
     entries: dict = {}
     for d in docs:
-        if d["action"] == "resync":
-            entries = {}
-        elif d["action"] in ("added", "updated"):
+        if d["action"] in ("added", "updated"):
             entries[d["key"]] = d["value"]
         elif d["action"] == "removed":
             entries.pop(d["key"], None)
