@@ -181,9 +181,10 @@ class EventStream:
         pong = await self.client.ping()
         self._sub = endpoint.connect(zmq.SUB, self.client.events_endpoint or pong.events_endpoint,
                                      self.SOCKET_OPTIONS)
-        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
         for topic in self.selection.subscriptions():
             self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+        # hb last: a heartbeat then proves the map subscriptions reached the daemon too.
+        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -110,3 +110,38 @@ def test_max_wait_bounds_the_wait(daemon_factory, maps, bpffs_dir):
         notice, error = [line for line in f.stderr.splitlines() if line.strip()]
         assert "waiting up to 2 s" in notice
         assert "gave up" in one_error_line(error)
+
+
+async def test_library_follower_holds_on_through_a_daemon_outage(daemon_factory, maps, bpffs_dir):
+    """The client library's default (``hold_on=True``): a stopped daemon (SIGTERM: its
+    socket file removed, unlike kill -9 above) is a ``stalled`` event, its return a
+    ``resumed`` one, then ``resync`` and the corrections."""
+    import trio
+    from support.events import LibFollower, replay_events
+
+    d = daemon_factory(*FAST)
+    name = f"ev{token()}_libh"
+    fd, map_id = maps.create("hash", 4, 8, 64, name=name, pin=bpffs_dir / name)
+    for n in range(10):
+        syscall.map_update_elem(fd, u32(n), pattern(n, 8))
+    lib = LibFollower(d.endpoint, [name], snapshot=True, timeout=15)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lib.run)
+        await lib.await_count(10, "the start snapshot")
+        await trio.to_thread.run_sync(d.stop)
+        assert not d.socket.exists()
+        for n in range(20, 25):
+            syscall.map_update_elem(fd, u32(n), pattern(n, 8))
+        syscall.map_delete_elem(fd, u32(3))
+        await lib.await_count(0, "a stalled event",
+                              pred=lambda evs: any(e.action == "stalled" for e in evs))
+        await trio.sleep(OUTAGE)
+        assert not lib.done.is_set() and lib.error is None
+        await trio.to_thread.run_sync(d.start)
+        truth = bpftool_entries(map_id)
+        await lib.await_count(0, "the state after the outage", timeout=60,
+                              pred=lambda evs: replay_events(evs) == truth)
+        actions = [e.action for e in lib.events if e.key is None]
+        assert actions[:3] == ["stalled", "resumed", "resync"], actions
+        assert lib.stream.epoch is not None and lib.error is None
+        nursery.cancel_scope.cancel()

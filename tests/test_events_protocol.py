@@ -293,6 +293,26 @@ def test_malformed_subscriptions_and_requests(daemon_factory, maps, bpffs_dir):
                 assert reply.code == code, (frame[:80], reply)
             reply = _request(dealer, b'{"kind":"ping","req":5}', b"extra frame")
             assert isinstance(reply, schema.ErrorReply) and reply.code == "bad_request"
+            assert reply.req == 5
+            # Valid JSON with a readable req that fails the schema: the error echoes the req.
+            schema_invalid = [
+                (b'{"kind":"nonsense","req":%d}', "bad_request"),
+                (b'{"kind":"get","req":%d}', "bad_request"),
+                (b'{"kind":"get","selector":null,"req":%d}', "bad_request"),
+                (b'{"kind":"get","selector":7,"req":%d}', "bad_request"),
+                (b'{"kind":"list","entries":"yes","req":%d}', "bad_request"),
+                (b'{"kind":"events","req":%d}', "bad_request"),
+                (b'{"kind":"ping","req":%d,"v":2}', "version"),
+            ]
+            for req, (frame, code) in enumerate(schema_invalid, start=101):
+                reply = _request(dealer, frame % req)
+                assert isinstance(reply, schema.ErrorReply), (frame, reply)
+                assert (reply.code, reply.req) == (code, req), (frame, reply)
+            # req is 0 only when it cannot be read.
+            for frame in (b'{"kind":"ping","req":"7"}', b'{"kind":"ping","req":-1}',
+                          b'{"kind":"nonsense"}', b'["req", 7]'):
+                reply = _request(dealer, frame)
+                assert isinstance(reply, schema.ErrorReply) and reply.req == 0, (frame, reply)
             # Odd but valid requests still work.
             reply = _request(dealer, b'{"kind":"gap_report","map":"x","missed":3,"req":9}')
             assert isinstance(reply, schema.Ack) and reply.req == 9
@@ -310,6 +330,17 @@ def test_malformed_subscriptions_and_requests(daemon_factory, maps, bpffs_dir):
             syscall.map_update_elem(fd, u32(1), pattern(1, 8))
             (line,) = f.wait_count(1)
             assert line["action"] == "added" and line["key"] == u32(1).hex()
+            # Replayed messages carry the recent request's req, like its recent_end.
+            dealer.send(schema.encode(schema.RecentRequest(name, req=77)))
+            replayed = []
+            while True:
+                assert dealer.poll(20000), "no recent_end"
+                msg = schema.decode(dealer.recv_multipart()[0])
+                if isinstance(msg, schema.RecentEnd):
+                    break
+                replayed.append(msg)
+            assert msg.req == 77 and msg.events == 1, msg
+            assert [(type(m), m.req) for m in replayed] == [(schema.EventBatch, 77)], replayed
             assert d.cli("ping").returncode == 0
             st = cli_status(d)
             assert st["drops_reported"] == 3

@@ -52,6 +52,7 @@ class ExportSpec:
     decode: bool = True
     options: dict[str, Any] = attrs.Factory(dict)  # the output's options
     name: str = ""
+    node: str = ""  # the node name in records (fleets: NATS subjects); "" = the host name
 
     def check(self) -> None:
         if not self.selectors:
@@ -71,7 +72,7 @@ class Exporter:
         spec.check()
         self.client = client
         self.spec = spec
-        self.node = node or socket.gethostname()
+        self.node = node or spec.node or socket.gethostname()
         self.format = FORMATS[spec.format](version)
         self.output = make_output(spec.to, spec.options)
         self.checkpoint = Checkpoint(spec.state_file)

@@ -10,26 +10,21 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+from collections.abc import Iterator
 
 import attrs
 
 from ..kernel import maps as kmaps
-from ..kernel.dump import count_entries, value_stride
+from ..kernel.dump import Chunk, count_entries, dump, value_stride
 from ..kernel.maptypes import DumpMethod, dump_method, not_dumpable_reason
 from ..kernel.syscall import BpfError
 from ..wire.globs import GlobError, check_glob
 from ..wire.schema import Holder, MapInfo
+from . import errors
 
 
-class SelectError(Exception):
-    """A selector that names no map, or several; ``code`` is the wire error code."""
-
-    def __init__(self, code: str, message: str, candidates: list[MapInfo] | None = None,
-                 req: int = 0):
-        super().__init__(message)
-        self.code = code
-        self.candidates = candidates or []
-        self.req = req  # set when the request's id is known although the request is refused
+class MapGone(Exception):
+    """The map was freed since it was listed."""
 
 
 def to_wire(record: kmaps.MapRecord, entries: int | None = None,
@@ -59,7 +54,7 @@ def check_pattern(pattern: str) -> None:
     try:
         check_glob(pattern)
     except GlobError as e:
-        raise SelectError("bad_request", str(e)) from None
+        raise errors.BadRequest(str(e)) from None
 
 
 def list_maps(bpffs: tuple[str, ...], pattern: str | None, with_entries: bool) -> list[MapInfo]:
@@ -81,12 +76,12 @@ def list_maps(bpffs: tuple[str, ...], pattern: str | None, with_entries: bool) -
 
 def _count(record: kmaps.MapRecord) -> int | None:
     try:
-        fd = kmaps.open_map(map_id=record.id)
+        handle = kmaps.MapHandle.open_id(record.id, record.pinned)
     except OSError:
         return None  # vanished since listing, or not readable: nothing to count
-    with kmaps.open_fd(fd):
+    with handle:
         try:
-            return count_entries(fd, record)
+            return count_entries(handle.fd, record)
         except OSError:
             return None
 
@@ -97,58 +92,57 @@ def _check_pin_path(path: str, bpffs: tuple[str, ...]) -> str:
         root = os.path.realpath(root)
         if real == root or real.startswith(root + os.sep):
             return real
-    raise SelectError("bad_request", f"{path} is not under a watched bpffs ({', '.join(bpffs)})")
+    raise errors.BadRequest(f"{path} is not under a watched bpffs ({', '.join(bpffs)})")
 
 
-def open_selected(selector: str, bpffs: tuple[str, ...]) -> tuple[int, kmaps.MapRecord]:
+def open_selected(selector: str, bpffs: tuple[str, ...]) -> kmaps.MapHandle:
     """Open the one map ``selector`` names: ``id:N``, a pin path, or a name.
 
-    Returns a read-only fd (the caller closes it) and the map's record.
+    Returns a read-only handle, which the caller closes.
     """
     if selector.startswith("id:"):
         if not selector[3:].isascii() or not selector[3:].isdigit():
-            raise SelectError("bad_request", f"{selector!r}: id:N needs a number")
+            raise errors.BadRequest(f"{selector!r}: id:N needs a number")
         map_id = int(selector[3:])
         return _open_by_id(map_id, bpffs, selector)
     if selector.startswith("/"):
         path = _check_pin_path(selector, bpffs)
         if os.path.isdir(path):
-            raise SelectError("not_found", f"{selector} is a directory, not a pinned map")
+            raise errors.MapNotFound(f"{selector} is a directory, not a pinned map")
         if not os.path.exists(path):
-            raise SelectError("not_found", f"no map is pinned at {selector}")
+            raise errors.MapNotFound(f"no map is pinned at {selector}")
         try:
             fd = kmaps.open_map(pin=path)
         except BpfError as e:
             raise _select_error(e, selector) from None
         try:
-            record = kmaps.record_from_fd(fd, (path,))
+            handle = kmaps.MapHandle.adopt(fd, (path,))
         except BpfError:
-            os.close(fd)
-            raise SelectError("not_found", f"{selector} is pinned, but not a map") from None
+            raise errors.MapNotFound(f"{selector} is pinned, but not a map") from None
+        record = handle.record
         pins = kmaps.walk_pins(bpffs).get(record.id, [path])
-        return fd, attrs.evolve(record, pinned=tuple(sorted(pins)),
-                                name=kmaps.display_name(record.kernel_name, tuple(pins)))
+        handle.record = attrs.evolve(record, pinned=tuple(sorted(pins)),
+                                     name=kmaps.display_name(record.kernel_name, tuple(pins)))
+        return handle
     return _open_by_name(selector, bpffs)
 
 
-def _select_error(e: OSError, selector: str) -> SelectError:
+def _select_error(e: OSError, selector: str) -> errors.RequestError:
     if e.errno in (errno.EPERM, errno.EACCES):
-        return SelectError("permission", f"{selector}: permission denied (the daemon needs root)")
+        return errors.PermissionDenied(f"{selector}: permission denied (the daemon needs root)")
     if e.errno == errno.ENOENT:
-        return SelectError("not_found", f"no map {selector}")
-    return SelectError("internal", f"{selector}: {e}")
+        return errors.MapNotFound(f"no map {selector}")
+    return errors.InternalError(f"{selector}: {e}")
 
 
-def _open_by_id(map_id: int, bpffs: tuple[str, ...], selector: str) -> tuple[int, kmaps.MapRecord]:
+def _open_by_id(map_id: int, bpffs: tuple[str, ...], selector: str) -> kmaps.MapHandle:
     try:
-        fd = kmaps.open_map(map_id=map_id)
+        return kmaps.MapHandle.open_id(map_id, tuple(kmaps.walk_pins(bpffs).get(map_id, ())))
     except BpfError as e:
         raise _select_error(e, selector) from None
-    pins = tuple(kmaps.walk_pins(bpffs).get(map_id, ()))
-    return fd, kmaps.record_from_fd(fd, pins)
 
 
-def _open_by_name(name: str, bpffs: tuple[str, ...]) -> tuple[int, kmaps.MapRecord]:
+def _open_by_name(name: str, bpffs: tuple[str, ...]) -> kmaps.MapHandle:
     records = kmaps.list_maps(bpffs)
     found = [r for r in records if name in (r.name, r.kernel_name)
              or any(os.path.basename(p) == name for p in r.pinned)]
@@ -157,11 +151,11 @@ def _open_by_name(name: str, bpffs: tuple[str, ...]) -> tuple[int, kmaps.MapReco
         cut = name[: kmaps.KERNEL_NAME_MAX]
         found = [r for r in records if r.kernel_name == cut]
     if not found:
-        raise SelectError("not_found", f"no map named {name!r} (see: pymap list)")
+        raise errors.MapNotFound(f"no map named {name!r} (see: pymap list)")
     if len(found) > 1:
         ids = ", ".join(f"id:{r.id}" for r in found)
-        raise SelectError("ambiguous", f"{len(found)} maps are named {name!r}: {ids}; "
-                          "select one by id:N or pin path", [to_wire(r) for r in found])
+        raise errors.AmbiguousSelector(f"{len(found)} maps are named {name!r}: {ids}; "
+                                       "select one by id:N or pin path", [to_wire(r) for r in found])
     return _open_by_id(found[0].id, bpffs, name)
 
 
@@ -173,3 +167,57 @@ def btf_blob(record: kmaps.MapRecord) -> bytes | None:
         return kmaps.btf_raw(record.btf_id)
     except OSError:
         return None  # BTF object freed with its map: entries go out undecoded
+
+
+class Catalog:
+    """The catalog as one object: what the engine and the request server ask the host.
+
+    They take it as a parameter, so the daemon's logic runs against this (the
+    kernel, through ``watcher.kernel``) and in-process tests run it against an
+    in-memory catalog of the same shape.  Every method blocks: call them in a
+    worker thread.
+    """
+
+    def __init__(self, bpffs: tuple[str, ...] | list[str]):
+        self.bpffs = tuple(bpffs)
+
+    def records(self) -> list[kmaps.MapRecord]:
+        """Every map on the host, with its pins (no dumps: cheap)."""
+        return kmaps.list_maps(self.bpffs)
+
+    def list_maps(self, pattern: str | None, with_entries: bool) -> list[MapInfo]:
+        return list_maps(self.bpffs, pattern, with_entries)
+
+    def open_selected(self, selector: str) -> kmaps.MapHandle:
+        return open_selected(selector, self.bpffs)
+
+    def open_watched(self, record: kmaps.MapRecord) -> kmaps.MapHandle:
+        """Reopen a listed map by id; :class:`MapGone` if it was freed since."""
+        try:
+            return kmaps.MapHandle.open_id(record.id, record.pinned)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise MapGone from None
+            raise
+
+    def read_entries(self, record: kmaps.MapRecord) -> tuple[bytearray, bytearray, int]:
+        """All entries of ``record``'s map as flat keys and values; :class:`MapGone` if freed."""
+        with self.open_watched(record) as handle:
+            # Grown in place (big buffers are mmap'd, so growing is mremap, not a copy):
+            # a list of chunks joined at the end would hold the map twice for a moment.
+            keys, values, count = bytearray(), bytearray(), 0
+            for chunk in dump(handle.fd, record):
+                keys += chunk.keys
+                values += chunk.values
+                count += chunk.count
+        return keys, values, count
+
+    def chunks(self, handle: kmaps.MapHandle, chunk_entries: int) -> Iterator[Chunk]:
+        """``handle``'s entries, ``chunk_entries`` at a time (``NotDumpable`` for ring buffers...)."""
+        return dump(handle.fd, handle.record, chunk_entries)
+
+    def holders(self) -> dict[int, list[tuple[int, str]]]:
+        return kmaps.map_holders()
+
+    def btf_blob(self, record: kmaps.MapRecord) -> bytes | None:
+        return btf_blob(record)

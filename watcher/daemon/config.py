@@ -17,6 +17,7 @@ import attrs
 import cattrs
 
 from ..decode.layout import LayoutError, layout_matches, parse_layout
+from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
 from ..wire.endpoints import DEFAULT_ENDPOINT
 from .sourceconf import SourceConfig, SourceError, load_sources
 
@@ -92,8 +93,25 @@ class DaemonConfig:
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
     # Events kept per map for `pymap events NAME` without --follow.
     recent_events: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
-    # Stream messages queued per subscriber before ZeroMQ drops (seen as gaps).
+    # Stream messages queued per subscriber before ZeroMQ drops (seen as gaps); the
+    # high-water mark is the smaller of this and stream_queue_bytes / stream_message_bytes.
     stream_hwm: int = attrs.field(default=10000, validator=attrs.validators.ge(1))
+    # Bytes queued per subscriber at most (with stream_message_bytes: the high-water mark).
+    stream_queue_bytes: int = attrs.field(default=64 << 20, validator=attrs.validators.ge(1024))
+    # Bytes per stream message at most: event batches and buffer reads are cut to fit.
+    stream_message_bytes: int = attrs.field(
+        default=256 << 10, validator=attrs.validators.in_(range(1024, (64 << 20) + 1)))
+    # Requests one client may have in flight; more are refused with `busy`.
+    max_requests_in_flight: int = attrs.field(
+        default=64, validator=attrs.validators.in_(range(1, 1 << 16)))
+    # Reply bytes queued in the daemon per client before its handlers wait.
+    client_outbox_bytes: int = attrs.field(default=4 << 20, validator=attrs.validators.ge(4096))
+    # Longest subscription (topic prefix) a subscriber may send; longer cuts the connection.
+    max_subscription_bytes: int = attrs.field(
+        default=1024, validator=attrs.validators.in_(range(64, 1 << 16)))
+    # Subscriptions one subscriber connection may hold; one more cuts the connection.
+    max_subscriptions: int = attrs.field(
+        default=1000, validator=attrs.validators.in_(range(1, 1 << 20)))
     # Entry events per stream message at most.
     batch_events: int = attrs.field(default=4096, validator=attrs.validators.in_(range(1, 1 << 20)))
     # After start-up, limit bpf(2) to the commands the daemon reads with (seccomp;
@@ -109,6 +127,11 @@ class DaemonConfig:
             self.events_endpoint = events_endpoint_for(self.endpoint)
         if self.events_endpoint == self.endpoint:
             raise ConfigError("events_endpoint must differ from endpoint")
+
+    @property
+    def stream_sndhwm(self) -> int:
+        """The XPUB's high-water mark: at most stream_queue_bytes per subscriber."""
+        return max(1, min(self.stream_hwm, self.stream_queue_bytes // self.stream_message_bytes))
 
     def socket_gid(self) -> int | None:
         if self.socket_group is None:
@@ -217,6 +240,37 @@ class MetricsConfig:
 
 
 @attrs.define
+class CurveConfig:
+    """Keys for tcp:// endpoints (watcher/wire/curve.py); TCP is refused without them."""
+
+    # The server's zmq.auth secret certificate (NAME.key_secret, made by `pymap keys make`).
+    server_key: str | None = None
+    # Directory of allowed clients' public certificates (*.key); the file stem names the client.
+    clients: str | None = None
+
+    def server_keys(self) -> ServerKeys:
+        assert self.server_key is not None
+        return ServerKeys(*load_secret(self.server_key))
+
+    def allowed(self) -> dict[bytes, str]:
+        return load_allowed(self.clients) if self.clients else {}
+
+    def check(self, daemon: DaemonConfig) -> None:
+        """Refuse TCP without keys; read the keys now so a bad file is a config error."""
+        tcp = [e for e in (daemon.endpoint, daemon.events_endpoint) if is_tcp(e)]
+        try:
+            if tcp and not (self.server_key and self.clients):
+                raise ConfigError(f"{tcp[0]}: a tcp:// endpoint needs CURVE: set curve.server_key "
+                                  "and curve.clients (make keys with: pymap keys make)")
+            if self.server_key:
+                self.server_keys()
+            if self.clients:
+                self.allowed()
+        except CurveError as e:
+            raise ConfigError(f"curve: {e}") from None
+
+
+@attrs.define
 class Config:
     daemon: DaemonConfig = attrs.Factory(DaemonConfig)
     watch: WatchConfig = attrs.Factory(WatchConfig)
@@ -227,6 +281,7 @@ class Config:
     # (watcher/daemon/sourceconf.py, docs/sources.md).
     sources: list[SourceConfig] = attrs.Factory(list)
     metrics: MetricsConfig = attrs.Factory(MetricsConfig)
+    curve: CurveConfig = attrs.Factory(CurveConfig)
 
     def always_watched(self) -> list[str]:
         """Name globs polled whatever the demand: ``watch.always`` and the metrics maps."""
@@ -346,6 +401,7 @@ def load_config(path: str | None, overrides: dict | None = None,
         where = f"config {path}" if path else "config"
         raise ConfigError(f"{where}: " + "; ".join(_describe(e))) from None
     config.daemon.socket_gid()
+    config.curve.check(config.daemon)
     config.layouts = _load_layouts(raw_layouts, path)
     try:
         config.sources = load_sources(raw_sources, f"config {path}" if path else "config",

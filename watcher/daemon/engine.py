@@ -16,27 +16,23 @@ from __future__ import annotations
 import errno
 import fnmatch
 import logging
-import os
 import time
 
 import attrs
 import trio
 
 from ..kernel import maps as kmaps
-from ..kernel.dump import dump, value_stride
+from ..kernel.dump import value_stride
 from ..kernel.maptypes import DumpMethod, dump_method
 from ..wire import schema
-from . import catalog
+from . import catalog, errors
+from .catalog import Catalog, MapGone
 from .config import Config
 from .delta import Delta, Snapshot, diff, snapshot_as_added
 from .kdelta import KernelDelta, choose_engine
 from .publisher import Stream
 
 log = logging.getLogger("pymap.engine")
-
-
-class MapGone(Exception):
-    """The map was freed since it was listed."""
 
 
 @attrs.define(eq=False)
@@ -97,10 +93,32 @@ class Demand:
         return any(topic.startswith(p) for p in self.prefixes)
 
 
+@attrs.frozen
+class EngineStatus:
+    """The engine's and its stream's counters, for a ``status`` reply."""
+
+    seq: int
+    messages_published: int
+    events_published: int
+    subscriptions: dict[str, int]
+    drops_reported: int
+    resyncs: int
+    poll_errors: int
+    watched: list[schema.WatchStatus]
+
+
 class Engine:
-    def __init__(self, config: Config, stream: Stream):
+    """Watches maps and publishes their changes.
+
+    The request server asks it only through the query API at the end of this
+    class (:meth:`snapshot`, :meth:`recent`, :meth:`layout_for`,
+    :meth:`status`, :meth:`report_gap`); the host is reached only through
+    ``catalog`` (a :class:`~watcher.daemon.catalog.Catalog`, or a test's).
+    """
+
+    def __init__(self, config: Config, stream: Stream, catalog: Catalog | None = None):
         self.config = config
-        self.bpffs = tuple(config.daemon.bpffs)
+        self.catalog = catalog or Catalog(config.daemon.bpffs)
         self.stream = stream
         self.demand = Demand()
         self.watches: dict[int, Watch] = {}
@@ -161,7 +179,7 @@ class Engine:
                 await self._wake.wait()
 
     async def cycle(self) -> None:
-        records = await trio.to_thread.run_sync(kmaps.list_maps, self.bpffs)
+        records = await trio.to_thread.run_sync(self.catalog.records)
         now = time.monotonic()
         current = {r.id: r for r in records}
         for map_id in [i for i in self.watches if i not in current]:
@@ -255,20 +273,12 @@ class Engine:
             watch.poll_seconds += elapsed / 1000
             watch.max_poll_ms = max(watch.max_poll_ms, elapsed)
 
-    def _open(self, watch: Watch) -> int:
-        try:
-            return kmaps.open_map(map_id=watch.record.id)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                raise MapGone from None
-            raise
-
     def _read_kernel(self, watch: Watch, report_all: bool) -> tuple[Snapshot, Delta | None]:
         """A poll on the in-kernel engine; if a walk fails, user space from now on."""
         assert watch.kernel is not None
-        with kmaps.open_fd(self._open(watch)) as fd:
+        with self.catalog.open_watched(watch.record) as handle:
             try:
-                return watch.kernel.poll(fd, watch.snapshot, report_all)
+                return watch.kernel.poll(handle.fd, watch.snapshot, report_all)
             except OSError as e:
                 log.warning("%s (id %d): in-kernel walk failed, using user space: %s",
                             watch.record.name, watch.record.id, e)
@@ -280,18 +290,13 @@ class Engine:
         return snap, diff(watch.snapshot, snap)
 
     def _read(self, watch: Watch) -> Snapshot:
-        record = watch.record
-        with kmaps.open_fd(self._open(watch)) as fd:
-            # Grown in place (big buffers are mmap'd, so growing is mremap, not a copy):
-            # a list of chunks joined at the end would hold the map twice for a moment.
-            keys, values, count = bytearray(), bytearray(), 0
-            for chunk in dump(fd, record):
-                keys += chunk.keys
-                values += chunk.values
-                count += chunk.count
-        return Snapshot(keys, values, count, record.key_size, watch.stride)
+        keys, values, count = self.catalog.read_entries(watch.record)
+        return Snapshot(keys, values, count, watch.record.key_size, watch.stride)
 
-    # --- requests from the server ---
+    def heartbeat(self) -> None:
+        self.stream.heartbeat(self.watched_topics())
+
+    # --- the query API of the request server ---
 
     def report_gap(self, name: str, missed: int) -> None:
         self.drops_reported += missed
@@ -305,11 +310,11 @@ class Engine:
         """
         if reason in ("gap", "epoch"):
             self.resyncs += 1
-        fd, record = await trio.to_thread.run_sync(catalog.open_selected, selector, self.bpffs)
-        os.close(fd)  # the watch reopens the map by id at each poll
+        with await trio.to_thread.run_sync(self.catalog.open_selected, selector) as handle:
+            record = handle.record  # the watch reopens the map by id at each poll
         if dump_method(record.type) is DumpMethod.NONE:
-            raise catalog.SelectError("not_dumpable", f"{record.name} ({record.type}) has no "
-                                      "entries to snapshot")
+            raise errors.MapNotDumpable(f"{record.name} ({record.type}) has no entries to "
+                                        "snapshot")
         self._holds[record.name] = (time.monotonic() + max(self.config.watch.linger, 10.0),
                                     "snapshot")
         watch = self.watches.get(record.id)
@@ -320,10 +325,31 @@ class Engine:
             await self.poll(watch)
         async with watch.lock:
             if watch.snapshot is None:
-                raise catalog.SelectError("vanished", f"{record.name} could not be read")
+                raise errors.MapVanished(f"{record.name} could not be read")
             return watch.record, watch.snapshot, self.stream.topic_seq.get(record.name, 0)
 
-    def status(self) -> list[schema.WatchStatus]:
+    def recent(self, pattern: str) -> tuple[list[tuple[object, list[bytes]]], list[str]]:
+        """Recent stream messages of the topics ``pattern`` matches, and which of those
+        topics are published now (watched maps and event source buffers)."""
+        names = {w.record.name for w in self.watches.values()} | self.stream.source_topics
+        watched = sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+        return self.stream.recent(pattern), watched
+
+    def layout_for(self, info: schema.MapInfo) -> dict | None:
+        """The config's declared layout for this map (first [[layouts]] match), if any."""
+        return self.config.layout_for([info.name, info.kernel_name], info.pinned)
+
+    def status(self) -> EngineStatus:
+        stream = self.stream
+        return EngineStatus(
+            seq=stream.seq, messages_published=stream.messages_published,
+            events_published=stream.events_published,
+            subscriptions={p.decode(errors="replace"): n
+                           for p, n in self.demand.prefixes.items()},
+            drops_reported=self.drops_reported, resyncs=self.resyncs,
+            poll_errors=self.poll_errors, watched=self._watch_status())
+
+    def _watch_status(self) -> list[schema.WatchStatus]:
         return [schema.WatchStatus(
             id=w.record.id, name=w.record.name, type=w.record.type,
             entries=w.snapshot.count if w.snapshot else 0, interval=w.interval, polls=w.polls,

@@ -9,7 +9,6 @@ socket files are removed on the way out.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -21,18 +20,26 @@ from importlib import metadata
 import trio
 import zmq
 
+from ..wire.curve import is_tcp
 from ..wire.transport import PublisherOwner
+from .access import CurveAuthenticator
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
 from .logs import setup_logging
+from .memory import release_big_buffers_promptly, trim_heap
 from .metrics import MetricsServer
 from .privileges import check_capabilities, harden
 from .publisher import Stream
 from .reload import Reloader
 from .server import RequestServer
 from .sources import Sources
+from .subgate import SubscriptionGate, socket_name
 
 log = logging.getLogger("pymap.daemon")
+
+# Replies ZeroMQ queues per client beyond pymap's own outbox (client_outbox_bytes): small,
+# because it counts messages whatever their size (a get chunk can be MBs).
+REQUEST_SNDHWM = 16
 
 
 def _version() -> str:
@@ -110,22 +117,6 @@ def _unlink_socket(endpoint: str) -> None:
             os.unlink(path)
 
 
-_M_MMAP_THRESHOLD = -3  # mallopt(3)
-
-
-def release_big_buffers_promptly() -> None:
-    """Serve allocations of 1 MiB and more from mmap, so freeing them returns memory.
-
-    Every poll of a big map allocates and frees dumps of tens of MB; with
-    glibc's default heap they stay in the process after free and resident
-    memory drifts up to twice the watched state.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-
-
 async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
               reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); SIGHUP re-reads the config via ``reload``."""
@@ -138,14 +129,21 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     router.setsockopt(zmq.LINGER, 0)
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.LINGER, 0)
-    xpub.setsockopt(zmq.SNDHWM, dconf.stream_hwm)
+    # Bytes per subscriber bounded: messages are cut to stream_message_bytes (docs/operations.md).
+    xpub.setsockopt(zmq.SNDHWM, dconf.stream_sndhwm)
+    # libzmq cuts a connection sending a longer subscription before storing it.
+    xpub.setsockopt(zmq.MAXMSGSIZE, dconf.max_subscription_bytes + 1)
+    router.setsockopt(zmq.SNDHWM, REQUEST_SNDHWM)
     # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
     bound: list[str] = []
+    auth = _secure_tcp(config, ctx, [(router, dconf.endpoint), (xpub, dconf.events_endpoint)])
     publisher = PublisherOwner(xpub)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
-                    dconf.heartbeat_interval)
+                    dconf.heartbeat_interval, dconf.stream_message_bytes)
     engine = Engine(config, stream)
+    gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
+                            socket_name(dconf.events_endpoint))
     sources = Sources(config.sources, stream)
     reloader = Reloader(reload or (lambda: config), engine, [])
     metrics = MetricsServer(engine, sources, reloader.counts)
@@ -158,7 +156,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
         if config.sources:
             await trio.to_thread.run_sync(sources.open)
     except BaseException:
-        _close(sources, router, xpub, bound, ctx)
+        _close(sources, router, xpub, bound, ctx, auth)
         raise
     # From here signals are ours until cleanup is done, a second one included.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -172,8 +170,10 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
             harden(config)  # start-up is over: from here bpf() only reads (seccomp)
-            server = RequestServer(router, dconf, epoch, _version(), engine, sources)
+            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate)
             reloader.targets += [server.reconfigure, metrics.reconfigure]
+            if auth is not None:
+                reloader.targets.append(lambda new: auth.update(new.curve.allowed()))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, dconf.events_endpoint, epoch)
             async with trio.open_nursery() as nursery:
@@ -189,20 +189,36 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
 
                 nursery.start_soon(on_signal)
                 nursery.start_soon(server.serve)
-                nursery.start_soon(publisher.serve, engine.on_subscription)
+                nursery.start_soon(publisher.serve, gate.guard(engine.on_subscription))
                 nursery.start_soon(engine.run)
                 nursery.start_soon(sources.run)
                 nursery.start_soon(_heartbeats, engine)
                 task_status.started()
         finally:
             metrics.close()
-            _close(sources, router, xpub, bound, ctx)
+            _close(sources, router, xpub, bound, ctx, auth)
     log.info("stopped")
 
 
+def _secure_tcp(config: Config, ctx: zmq.Context,
+                sockets: list[tuple[zmq.Socket, str]]) -> CurveAuthenticator | None:
+    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys)."""
+    tcp = [sock for sock, endpoint in sockets if is_tcp(endpoint)]
+    if not tcp:
+        return None
+    keys = config.curve.server_keys()
+    for sock in tcp:
+        keys.apply(sock)
+    auth = CurveAuthenticator(ctx, config.curve.allowed())
+    auth.start()
+    return auth
+
+
 def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[str],
-           ctx: zmq.Context) -> None:
+           ctx: zmq.Context, auth: CurveAuthenticator | None) -> None:
     """Free everything the daemon holds."""
+    if auth is not None:
+        auth.stop()
     sources.close()
     router.close(linger=0)
     xpub.close(linger=0)
@@ -213,7 +229,8 @@ def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[s
 
 async def _heartbeats(engine: Engine) -> None:
     while True:
-        engine.stream.heartbeat(engine.watched_topics())
+        engine.heartbeat()
+        trim_heap()  # memory freed after abuse and under stalled subscribers goes back
         await trio.sleep(engine.stream.heartbeat_interval)  # a reload may change it
 
 

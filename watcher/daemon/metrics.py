@@ -107,7 +107,7 @@ class MapMetrics:
         if record.id not in self._formatters:
             info = catalog.to_wire(record)
             btf = catalog.btf_blob(record)
-            layout = self.engine.config.layout_for([info.name, info.kernel_name], info.pinned)
+            layout = self.engine.layout_for(info)
             decoding = choose(info, btf, layout)
             if decoding.formatter is None:
                 log.warning("metric for %s: no decoder (%s); not exported", record.name,

@@ -3,9 +3,9 @@
 One source of truth for both, so the systemd unit, the Kubernetes DaemonSet
 (``examples/``) and ``docs/operations.md`` can be checked against it by tests.
 
-* :data:`CAPABILITIES`: the capability set a non-root daemon runs with, each
-  with the calls that need it (measured on Linux 6.18, see docs/operations.md).
-  :func:`check_capabilities` refuses to start without a required one, naming
+* :data:`~watcher.kernel.capabilities.CAPABILITIES`: the capability set a
+  non-root daemon runs with, each with the calls that need it (measured on Linux
+  6.18, see docs/operations.md).  :func:`check_capabilities` refuses to start without a required one, naming
   it, and logs one line per optional one that is missing.
 * :func:`allowed_bpf_commands`: the bpf(2) commands left to the daemon once
   start-up is over, and :func:`harden`, which installs the seccomp filter
@@ -16,39 +16,16 @@ from __future__ import annotations
 
 import logging
 
-import attrs
-
 from ..kernel import seccomp
+from ..kernel.capabilities import CAPABILITIES, Capability
 from ..kernel.probe import parse_capeff
 from .config import Config, ConfigError
 
 log = logging.getLogger("pymap.daemon")
 
+__all__ = ["CAPABILITIES", "Capability", "PrivilegeError", "check_capabilities", "harden",
+           "allowed_bpf_commands", "READ_COMMANDS", "KERNEL_DELTA_COMMANDS"]
 
-@attrs.frozen
-class Capability:
-    name: str  # as in capabilities(7); systemd and setpriv take it in this form too
-    number: int  # include/uapi/linux/capability.h
-    required: bool  # the daemon refuses to start without it
-    needed_for: str
-
-
-CAPABILITIES = (
-    Capability("CAP_SYS_ADMIN", 21, True,
-               "listing and opening every map by id (BPF_MAP_GET_NEXT_ID, "
-               "BPF_MAP_GET_FD_BY_ID) and reading map BTF (BPF_BTF_GET_FD_BY_ID)"),
-    Capability("CAP_BPF", 39, False,
-               "creating maps and loading programs: event sources' bcc programs, "
-               "the in-kernel delta engine's shadow maps and iterators"),
-    Capability("CAP_PERFMON", 38, False,
-               "perf rings for perf event arrays (perf_event_open), tracing programs "
-               "of event sources"),
-    Capability("CAP_DAC_READ_SEARCH", 2, False,
-               "opening pins the daemon's user cannot read (root's pins are 0600) and "
-               "tracefs (0700) for bcc sources"),
-    Capability("CAP_SYS_PTRACE", 19, False,
-               "the holders of a map: other users' /proc/PID/fd and fdinfo"),
-)
 
 # The commands the daemon reads with (watcher/kernel/maps.py, dump.py, btf.py).
 READ_COMMANDS = (

@@ -18,12 +18,14 @@ from ..wire.transport import PublisherOwner
 from .delta import Delta
 
 Frames = list[bytes]
+HEADER_ALLOWANCE = 1024  # bytes kept for a batch's JSON header within message_bytes
 
 
 class Stream:
     def __init__(self, publisher: PublisherOwner, epoch: str, recent_limit: int,
-                 batch_events: int, heartbeat_interval: float):
+                 batch_events: int, heartbeat_interval: float, message_bytes: int = 256 << 10):
         self.publisher = publisher
+        self.message_bytes = message_bytes  # bytes per message at most (docs/operations.md)
         self.epoch = epoch
         self.recent_limit = recent_limit
         self.batch_events = batch_events
@@ -60,7 +62,7 @@ class Stream:
         """Publish ``delta`` as one or more batches of at most ``batch_events`` events."""
         name = record.name
         ref = schema.MapRef(record.id, name)
-        step = self.batch_events
+        step = self.batch_step(key_size, stride)
         for start in range(0, delta.count, step):
             n = min(step, delta.count - start)
             header = schema.EventBatch(
@@ -75,6 +77,15 @@ class Stream:
                       delta.values[vs:vs + n * stride],
                       delta.old_values[vs:vs + n * stride]]
             self._send(name, header, frames, n)
+
+    def batch_step(self, key_size: int, stride: int) -> int:
+        """Events per batch: ``batch_events``, fewer if their frames would pass ``message_bytes``.
+
+        An event costs an action byte, a key, a value and an old value; the
+        header (under 1 KiB) is allowed for.  One event always goes, whatever its size.
+        """
+        per_event = 1 + key_size + 2 * stride
+        return max(1, min(self.batch_events, (self.message_bytes - HEADER_ALLOWANCE) // per_event))
 
     def publish_map_event(self, action: str, info: schema.MapInfo, when: float | None = None) -> None:
         self.seq += 1

@@ -10,7 +10,8 @@ stay connected and the stream continues (same epoch, same sequence).
 
 Keys that name what was bound or loaded at start-up (endpoints, socket
 mode and group, the stream high-water mark, ``log_format``, the metrics
-listen address, ``[[sources]]``) need a restart: a reload that changes them
+listen address, ``[[sources]]``, and ``seccomp`` and ``watch.kernel_delta``, which
+chose the seccomp filter) need a restart: a reload that changes them
 applies everything else and logs one warning naming them.  Sources are not
 reloaded in place because bcc's LLVM replaces the process' signal handlers
 while compiling, which the daemon only allows before it starts serving.
@@ -19,6 +20,7 @@ while compiling, which the daemon only allows before it starts serving.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 
 import trio
@@ -29,17 +31,27 @@ from .engine import Engine
 
 log = logging.getLogger("pymap.reload")
 
-# (what, read from a Config): changes that take effect only at the next start.
-_AT_RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
-    ("daemon.endpoint", lambda c: c.daemon.endpoint),
-    ("daemon.events_endpoint", lambda c: c.daemon.events_endpoint),
-    ("daemon.socket_mode", lambda c: c.daemon.socket_mode),
-    ("daemon.socket_group", lambda c: c.daemon.socket_group),
-    ("daemon.stream_hwm", lambda c: c.daemon.stream_hwm),
-    ("daemon.log_format", lambda c: c.daemon.log_format),
-    ("metrics.listen", lambda c: c.metrics.listen),
-    ("sources", lambda c: c.sources),
+# Dotted config paths whose changes take effect only at the next start.
+AT_RESTART: tuple[str, ...] = (
+    "daemon.endpoint", "daemon.events_endpoint", "daemon.socket_mode", "daemon.socket_group",
+    "daemon.stream_hwm", "daemon.log_format", "metrics.listen", "curve.server_key", "sources",
+    # The seccomp filter is installed once, for the engine chosen at start
+    # (watcher/daemon/privileges.py): it can narrow but never widen again.
+    "daemon.seccomp", "watch.kernel_delta",
 )
+
+
+def _keep_running(new: Config, old: Config) -> list[str]:
+    """Give ``new`` the running values of :data:`AT_RESTART`; the paths that differed."""
+    pending = []
+    for path in AT_RESTART:
+        section, _, key = path.rpartition(".")
+        new_holder = operator.attrgetter(section)(new) if section else new
+        old_holder = operator.attrgetter(section)(old) if section else old
+        if getattr(new_holder, key) != getattr(old_holder, key):
+            pending.append(path)
+            setattr(new_holder, key, getattr(old_holder, key))
+    return pending
 
 
 class Reloader:
@@ -63,13 +75,7 @@ class Reloader:
         old = self.engine.config
         # Whatever changes must wait for a restart keeps its running value, so the
         # config the daemon reports is the one it actually serves with.
-        pending = [what for what, get in _AT_RESTART if get(new) != get(old)]
-        new.daemon.endpoint, new.daemon.events_endpoint = (old.daemon.endpoint,
-                                                          old.daemon.events_endpoint)
-        new.daemon.socket_mode, new.daemon.socket_group = (old.daemon.socket_mode,
-                                                          old.daemon.socket_group)
-        new.daemon.stream_hwm, new.daemon.log_format = old.daemon.stream_hwm, old.daemon.log_format
-        new.metrics.listen, new.sources = old.metrics.listen, old.sources
+        pending = _keep_running(new, old)
         self.apply(new)
         self.counts["ok"] += 1
         log.info("config reloaded")

@@ -43,15 +43,15 @@ from ..kernel.counters import counter_total
 from ..kernel.probe import tracefs_unreadable
 from ..wire import schema
 from .config import ConfigError
-from .publisher import Stream
+from .publisher import HEADER_ALLOWANCE, Stream
 from .sourceconf import SourceConfig
 
 log = logging.getLogger("pymap.sources")
 
 DROPS_INTERVAL = 0.5  # seconds between reads of a drops_map counter
-# Bytes of records per read slice at most (one stream message).  ZeroMQ's high-water
-# mark counts messages, not bytes: a subscriber that stops reading can hold up to
-# daemon.stream_hwm messages in the daemon, so messages must stay small.
+# Bytes of records per read slice at most (one stream message), further cut to the
+# stream's message_bytes: ZeroMQ's high-water mark counts messages, not bytes, so the
+# per-subscriber byte bound holds only while every message stays that small.
 MAX_READ_BYTES = 1 << 20
 
 
@@ -242,7 +242,8 @@ class Sources:
             reader.clear_wakeups()
             while True:
                 t0 = time.perf_counter()
-                chunk = reader.read(cfg.read_slice, MAX_READ_BYTES)
+                chunk = reader.read(cfg.read_slice, min(MAX_READ_BYTES, self.stream.message_bytes
+                                                         - HEADER_ALLOWANCE))
                 when = time.time()
                 if chunk.count:
                     self.stream.publish_records(buf.name, buf.map_id, chunk.count, chunk.lengths,

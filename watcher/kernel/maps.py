@@ -57,6 +57,65 @@ def open_fd(fd: int) -> Iterator[int]:
         os.close(fd)
 
 
+class MapHandle:
+    """An open read-only map: its fd and its record, closed exactly once.
+
+    Raw fds crossing layers get closed twice or never; a handle owns its fd
+    (like cilium/ebpf's ``Map``): :meth:`close` is idempotent, ``with`` closes
+    it, and using it after close raises instead of touching a reused fd number.
+    """
+
+    __slots__ = ("_fd", "record")
+
+    def __init__(self, fd: int, record: MapRecord):
+        self._fd = fd
+        self.record = record
+
+    @classmethod
+    def open_id(cls, map_id: int, pins: tuple[str, ...] = ()) -> MapHandle:
+        """Open map ``map_id`` read-only; ``pins`` go into its record."""
+        return cls.adopt(syscall.map_get_fd_by_id(map_id), pins)
+
+    @classmethod
+    def open_pin(cls, path: str) -> MapHandle:
+        """Open the map pinned at ``path`` read-only (``BpfError`` if it is not a map)."""
+        return cls.adopt(syscall.obj_get(path), (path,))
+
+    @classmethod
+    def adopt(cls, fd: int, pins: tuple[str, ...] = ()) -> MapHandle:
+        """Own ``fd`` (closed here if it is not a map: ``BpfError`` EINVAL)."""
+        try:
+            return cls(fd, record_from_fd(fd, pins))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError(f"map handle of {self.record.name} (id {self.record.id}) is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> MapHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd {self._fd}"
+        return f"<MapHandle {self.record.name} id {self.record.id} {state}>"
+
+
 def open_map(map_id: int | None = None, pin: str | None = None) -> int:
     """A read-only fd for a map given by id or pin path.
 

@@ -23,14 +23,16 @@ from collections.abc import Callable
 
 import attrs
 
+from .capabilities import CAPABILITIES
+
 DEFAULT_BPFFS = "/sys/fs/bpf"
 DEFAULT_TRACEFS = "/sys/kernel/tracing"
 KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 
-# Capability numbers (include/uapi/linux/capability.h).
-CAP_SYS_ADMIN = 21
-CAP_PERFMON = 38
-CAP_BPF = 39
+_CAP_NUMBERS = {cap.name: cap.number for cap in CAPABILITIES}
+CAP_SYS_ADMIN = _CAP_NUMBERS["CAP_SYS_ADMIN"]
+CAP_PERFMON = _CAP_NUMBERS["CAP_PERFMON"]
+CAP_BPF = _CAP_NUMBERS["CAP_BPF"]
 
 _ENOTSUPP = 524  # kernel-internal "operation not supported", seen by user space
 
@@ -77,8 +79,7 @@ def _privileges(status_path: str = "/proc/self/status", euid: int | None = None)
         capeff = parse_capeff(f.read())
     if capeff is None:
         return Check(name, False, f"no CapEff line in {status_path}", "run as root")
-    has = {cap: bool(capeff >> bit & 1) for cap, bit in
-           (("CAP_SYS_ADMIN", CAP_SYS_ADMIN), ("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON))}
+    has = {cap.name: bool(capeff >> cap.number & 1) for cap in CAPABILITIES}
     who = "root" if euid == 0 else f"uid {euid}"
     present = [c for c, h in has.items() if h]
     detail = f"{who}: " + (", ".join(present) or f"none of {', '.join(has)} (CapEff {capeff:x})")
@@ -86,6 +87,9 @@ def _privileges(status_path: str = "/proc/self/status", euid: int | None = None)
     # id are CAP_SYS_ADMIN-only in the kernel: CAP_BPF + CAP_PERFMON let a process create and
     # read its own maps, not watch everyone's.
     if has["CAP_SYS_ADMIN"]:
+        missing = [c for c, h in has.items() if not h]
+        if missing:  # optional ones: the daemon runs, without what they are for
+            detail += f"; without {', '.join(missing)} (see docs/operations.md)"
         return Check(name, True, detail)
     if has["CAP_BPF"] and has["CAP_PERFMON"]:
         return Check(name, False, detail + "; listing every map by id also needs CAP_SYS_ADMIN",

@@ -20,10 +20,12 @@ from typing import Union
 
 import attrs
 import cattrs
+import orjson
 from cattrs.preconf.orjson import make_converter
 from cattrs.strategies import configure_tagged_union
 
 SCHEMA_VERSION = 1
+REQ_LIMIT = 1 << 63  # a request id is an integer from 0 to REQ_LIMIT - 1
 
 
 class WireError(ValueError):
@@ -183,7 +185,8 @@ class ErrorReply:
     """A request failed.  ``code`` is stable and machine-readable:
 
     ``bad_request``, ``version``, ``not_found``, ``ambiguous``, ``not_dumpable``,
-    ``permission``, ``vanished``, ``internal``.
+    ``permission``, ``vanished``, ``internal``, ``busy`` (too many requests in flight),
+    ``dropped`` (earlier replies to this client were dropped; sent with ``req`` 0).
     """
 
     code: str
@@ -263,6 +266,11 @@ class StatusReply:
     poll_errors: int
     watched: list[WatchStatus]
     sources: list[SourceStatus] = attrs.Factory(list)  # event sources (buffers); see docs/sources.md
+    # Bounds under abuse (docs/operations.md): requests refused `busy`, replies that
+    # could not be queued, subscriber connections cut for bad subscriptions.
+    requests_refused: int = 0
+    replies_dropped: int = 0
+    subscriptions_refused: int = 0
     req: int = 0
     v: int = SCHEMA_VERSION
 
@@ -297,6 +305,7 @@ class EventBatch:
     map: MapRef
     key_size: int
     value_stride: int
+    req: int = 0  # 0 on the stream; a ``recent`` replay carries the request's ``req``
     v: int = SCHEMA_VERSION
 
 
@@ -310,6 +319,7 @@ class MapEvent:
     time: float
     action: str
     map: MapInfo
+    req: int = 0  # 0 on the stream; a ``recent`` replay carries the request's ``req``
     v: int = SCHEMA_VERSION
 
 
@@ -348,6 +358,7 @@ class RecordBatch:
     time: float  # unix seconds of the read
     map: MapRef  # the buffer: its map id and name
     layout: dict | None = None
+    req: int = 0  # 0 on the stream; a ``recent`` replay carries the request's ``req``
     v: int = SCHEMA_VERSION
 
 
@@ -367,6 +378,7 @@ class LostRecords:
     map: MapRef
     lost: int
     reason: str = "perf"
+    req: int = 0  # 0 on the stream; a ``recent`` replay carries the request's ``req``
     v: int = SCHEMA_VERSION
 
 
@@ -452,3 +464,22 @@ def _describe(data: bytes, error: Exception) -> str:
         inner = "; ".join(str(x) for x in error.exceptions[:3])
         return f"invalid message: {inner}"
     return f"invalid message: {error}"
+
+
+def valid_req(req: object) -> bool:
+    return type(req) is int and 0 <= req < REQ_LIMIT
+
+
+def request_id(data: bytes) -> int:
+    """The ``req`` of a first frame that fails the schema, when it can still be read.
+
+    So the ``bad_request`` answer reaches a client that matches replies by
+    ``req``: it is 0 only when the frame is not a JSON object, or its ``req``
+    is missing or not an integer from 0 to 2**63-1 (docs/protocol.md, Framing).
+    """
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return 0
+    req = obj.get("req") if isinstance(obj, dict) else None
+    return req if valid_req(req) else 0

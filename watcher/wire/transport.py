@@ -104,42 +104,84 @@ class OwnedSocket:
         raise NotImplementedError
 
 
+def frames_size(frames: Frames) -> int:
+    return sum(len(f) for f in frames)
+
+
 class SocketOwner(OwnedSocket):
-    """The one task that touches a ROUTER socket, with a bounded outbox per peer.
+    """The one task that touches a ROUTER socket, with an outbox per peer bounded in bytes.
 
     Handlers run in their own tasks and call :meth:`send`, which waits while
     that peer's outbox is full: a slow client slows only its own replies, and
-    memory stays bounded.  The socket runs with ``ROUTER_MANDATORY`` so a
-    full peer queue is reported (and retried) instead of dropped silently,
-    and a vanished peer fails its handler with :class:`PeerGone`.
+    memory stays bounded.  :meth:`try_send` never waits (for refusals, which
+    must not pile up behind a client that does not read).  The socket runs
+    with ``ROUTER_MANDATORY`` so a full peer queue is reported (and retried)
+    instead of dropped silently, and a vanished peer (``EHOSTUNREACH``) fails
+    its waiting handlers with :class:`PeerGone` and is reported to
+    ``on_gone``, which cancels its other work.
     """
 
-    def __init__(self, sock: zmq.Socket, outbox_limit: int = 8):
+    def __init__(self, sock: zmq.Socket, outbox_bytes: int = 4 << 20,
+                 on_gone: Callable[[bytes], None] | None = None):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         super().__init__(sock)
-        self._limit = outbox_limit
+        self._limit = outbox_bytes
+        self._on_gone = on_gone
         self._outboxes: dict[bytes, collections.deque[Frames]] = {}
+        self._bytes: dict[bytes, int] = {}
         self._space: dict[bytes, trio.Event] = {}
         self._gone: set[bytes] = set()
 
+    def _fits(self, peer: bytes, size: int) -> bool:
+        # One message larger than the whole budget still goes, alone (a big get chunk).
+        used = self._bytes.get(peer, 0)
+        return used == 0 or used + size <= self._limit
+
+    def _queue(self, peer: bytes, frames: Frames, size: int) -> None:
+        self._outboxes.setdefault(peer, collections.deque()).append([peer, *frames])
+        self._bytes[peer] = self._bytes.get(peer, 0) + size
+        self._poke()
+
     async def send(self, peer: bytes, frames: Frames) -> None:
         """Queue ``frames`` for ``peer``; waits while its outbox is full."""
+        size = frames_size(frames)
         while True:
             if peer in self._gone:
                 raise PeerGone(peer)
-            box = self._outboxes.setdefault(peer, collections.deque())
-            if len(box) < self._limit:
-                box.append([peer, *frames])
-                self._poke()
+            if self._fits(peer, size):
+                self._queue(peer, frames, size)
                 return
             event = self._space.setdefault(peer, trio.Event())
             await event.wait()
+
+    def try_send(self, peer: bytes, frames: Frames) -> bool:
+        """Queue ``frames`` for ``peer`` if its outbox has room; False if not (or gone)."""
+        size = frames_size(frames)
+        if peer in self._gone or not self._fits(peer, size):
+            return False
+        self._queue(peer, frames, size)
+        return True
+
+    def queued_bytes(self, peer: bytes) -> int:
+        return self._bytes.get(peer, 0)
 
     def forget(self, peer: bytes) -> None:
         """Drop a peer's bookkeeping once nothing more will be sent to it."""
         self._gone.discard(peer)
         if not self._outboxes.get(peer):
             self._outboxes.pop(peer, None)
+            self._bytes.pop(peer, None)
+
+    def _peer_gone(self, peer: bytes) -> None:
+        box = self._outboxes.pop(peer, None)
+        if box is not None:
+            box.clear()  # free the replies now, not when the last handler ends
+        self._bytes.pop(peer, None)
+        self._gone.add(peer)
+        if (event := self._space.pop(peer, None)) is not None:
+            event.set()  # waiting handlers wake and raise PeerGone
+        if self._on_gone is not None:
+            self._on_gone(peer)
 
     def _pump(self, on_message: Callable[[Frames], None]) -> bool:
         """Receive and send until neither can progress; True if a peer is blocked."""
@@ -148,6 +190,7 @@ class SocketOwner(OwnedSocket):
             blocked = False
             for peer in list(self._outboxes):
                 box = self._outboxes[peer]
+                gone = False
                 while box:
                     try:
                         self.sock.send_multipart(box[0], zmq.NOBLOCK, copy=False)
@@ -157,15 +200,21 @@ class SocketOwner(OwnedSocket):
                     except zmq.ZMQError as e:
                         if e.errno != errno.EHOSTUNREACH:
                             raise
-                        box.clear()
-                        self._gone.add(peer)
+                        gone = True
                         break
-                    box.popleft()
+                    self._bytes[peer] -= frames_size(box.popleft()[1:])
                     progressed = True
-                if len(box) < self._limit and (event := self._space.pop(peer, None)) is not None:
+                if gone:
+                    self._peer_gone(peer)
+                    continue
+                if (event := self._space.pop(peer, None)) is not None and (
+                        self._bytes[peer] < self._limit):
                     event.set()
-                if not box and peer not in self._gone:
+                elif event is not None:
+                    self._space[peer] = event
+                if not box:
                     del self._outboxes[peer]
+                    del self._bytes[peer]
             if not progressed:
                 return blocked
 
@@ -183,6 +232,14 @@ class PublisherOwner(OwnedSocket):
         super().__init__(sock)
         self._outbox: collections.deque[Frames] = collections.deque()
         self.sent = 0
+
+    def _receive_all(self, on_message: Callable[[Frames], None]) -> bool:
+        # Uncopied frames: their metadata (ZMQ_SRCFD, Peer-Address) says who subscribed.
+        received = False
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            on_message(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            received = True
+        return received
 
     def publish(self, frames: Frames) -> None:
         self._outbox.append(frames)
