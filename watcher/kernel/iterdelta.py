@@ -249,16 +249,25 @@ def _emit_row(a: Asm, key_size: int, stride: int, ring_fd: int | None, state_fd:
               fail: str) -> None:
     """Write ``key | value`` (R7, R8) to the output; on no room, jump to ``fail``.
 
-    Iterator: two ``bpf_seq_write`` calls.  for_each: one ring buffer
-    reservation (R4 holds it: its only use as a store base, see
-    :func:`_check_read_only`), filled and submitted without a wakeup.
+    Iterator: two ``bpf_seq_write`` calls.  for_each: one ring buffer record,
+    submitted without a wakeup (the reader drains the ring after the run).
     """
     if ring_fd is None:
         _seq_write(a, R7, key_size, fail)
         _seq_write(a, R8, stride, fail)
         return
+    _ring_write(a, ring_fd, state_fd, [(R7, key_size), (R8, stride)], fail)
+
+
+def _ring_write(a: Asm, ring_fd: int, state_fd: int, parts: list[tuple[int, int]],
+                fail: str) -> None:
+    """One ring record of ``parts`` ((pointer register, size) each, back to back).
+
+    R4 holds the reservation: its only use as a store base (see
+    :func:`_check_read_only`).  No room: count ``overflow``, jump to ``fail``.
+    """
     a.ld_map_fd(R1, ring_fd)
-    a.movi(R2, key_size + stride)
+    a.movi(R2, sum(size for _, size in parts))
     a.movi(R3, 0)
     a.call(_RINGBUF_RESERVE)
     a.jmp(JNE, R0, 0, f"{fail}_room")
@@ -266,8 +275,10 @@ def _emit_row(a: Asm, key_size: int, stride: int, ring_fd: int | None, state_fd:
     a.ja(fail)
     a.label(f"{fail}_room")
     a.mov(R4, R0)
-    _copy(a, R7, 0, R4, 0, key_size)
-    _copy(a, R8, 0, R4, key_size, stride)
+    offset = 0
+    for src, size in parts:
+        _copy(a, src, 0, R4, offset, size)
+        offset += size
     a.mov(R1, R4)
     a.movi(R2, _BPF_RB_NO_WAKEUP)
     a.call(_RINGBUF_SUBMIT)
@@ -412,19 +423,7 @@ def record_sweep_program(key_size: int, stride: int, state_fd: int, old_fd: int,
     a.ld_map_value(R5, state_fd)
     a.ldx(8, R2, R5, _STATE["gen"])
     a.jmp(JEQ, R1, R2, "out", reg=True)
-    a.ld_map_fd(R1, ring_fd)
-    a.movi(R2, key_size)
-    a.movi(R3, 0)
-    a.call(_RINGBUF_RESERVE)
-    a.jmp(JNE, R0, 0, "room")
-    _count(a, state_fd, "overflow")
-    a.ja("out")
-    a.label("room")
-    a.mov(R4, R0)
-    _copy(a, R8, 0, R4, 0, key_size)
-    a.mov(R1, R4)
-    a.movi(R2, _BPF_RB_NO_WAKEUP)
-    a.call(_RINGBUF_SUBMIT)
+    _ring_write(a, ring_fd, state_fd, [(R8, key_size)], "out")
     a.label("out")
     a.movi(R0, 0)
     a.exit()
@@ -590,19 +589,7 @@ def sweep_program(key_size: int, nw: int, state_fd: int, ring_fd: int | None = N
     if ring_fd is None:
         _seq_write(a, R7, key_size, "out")
     else:
-        a.ld_map_fd(R1, ring_fd)
-        a.movi(R2, key_size)
-        a.movi(R3, 0)
-        a.call(_RINGBUF_RESERVE)
-        a.jmp(JNE, R0, 0, "room")
-        _count(a, state_fd, "overflow")
-        a.ja("out")
-        a.label("room")
-        a.mov(R4, R0)
-        _copy(a, R7, 0, R4, 0, key_size)
-        a.mov(R1, R4)
-        a.movi(R2, _BPF_RB_NO_WAKEUP)
-        a.call(_RINGBUF_SUBMIT)
+        _ring_write(a, ring_fd, state_fd, [(R7, key_size)], "out")
     a.label("out")
     a.movi(R0, 0)
     a.exit()
@@ -739,6 +726,8 @@ class IterDelta:
         self.ring = None
         self.order_fd: int | None = None  # the last complete walk's record (of two buffers)
         self.records: list[int] = []
+        self._written: int | None = None  # the record buffer the last for_each walk wrote
+        self._record_entries = shadow_entries(record)
         self.order_count = -1  # elements the last full for_each walk recorded; -1: no record
         self.quick_polls = 0  # polls settled by the walk-order check alone
         self.record_sweeps = 0  # removals found through the walk record
@@ -831,8 +820,8 @@ class IterDelta:
                 removed.append(gone)
             self.shadow_entries = present + counters["added"]
             complete = not (counters["full"] or counters["overflow"])
-            if each and self.records and complete and \
-                    counters["ord"] <= shadow_entries_of(self._written):
+            if each and self._written is not None and complete and \
+                    counters["ord"] <= self._record_entries:
                 self.order_fd, self.order_count = self._written, counters["ord"]
             else:
                 self.order_count = -1
@@ -949,10 +938,6 @@ class IterDelta:
         raw = progload.syscall.map_lookup_elem(self.state_fd, bytes(4), _STATE_SIZE)
         overflow = struct.unpack_from("<Q", raw or bytes(_STATE_SIZE), _STATE["overflow"])[0]
         return gone, not overflow
-
-
-def shadow_entries_of(fd: int) -> int:
-    return progload.syscall.map_info(fd).max_entries
 
 
 def _split(data: bytes, size: int) -> list[bytes]:
