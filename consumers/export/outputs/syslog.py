@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import select
 import socket
 import ssl
 from collections.abc import Sequence
@@ -136,23 +137,21 @@ class SyslogTCPOutput(Output):
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as e:
             raise OutputUnavailable(f"{self.describe()}: {e or 'connect timed out'}") from None
 
-    def _raw_socket(self) -> socket.socket | None:
-        stream = self._stream
-        inner = getattr(stream, "transport_stream", stream)
+    def _fileno(self) -> int | None:
+        inner = getattr(self._stream, "transport_stream", self._stream)
         sock = getattr(inner, "socket", None)
-        return sock
+        return sock.fileno() if sock is not None else None
 
     def _peer_closed(self) -> bool:
-        """Whether the receiver closed its end (a FIN or RST waiting for us)."""
-        sock = self._raw_socket()
-        if sock is None:
-            return False
-        try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
+        """Whether the receiver closed its end (its FIN or RST is waiting for us).
+
+        Syslog receivers never send, so a hang-up flag is the only news there can be."""
+        fd = self._fileno()
+        if fd is None or fd < 0:
             return True
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
 
     async def send(self, batch: Sequence[ExportRecord]) -> None:
         assert self._stream is not None
