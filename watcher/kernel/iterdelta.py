@@ -1,24 +1,28 @@
-"""Change detection inside the kernel: a BPF iterator walks a watched map and
-emits only the entries whose value changed since its last walk.
+"""Change detection inside the kernel: a generated BPF program walks a watched map
+and emits only the entries whose value changed since its last walk.
 
-Per watched map pymap owns three kernel objects (made in :func:`_create_objects`,
+Per watched map pymap owns these kernel objects (made in :meth:`IterDelta._create_objects`
 through :mod:`.progload`, the one place the daemon creates BPF objects):
 
 * a **shadow map** with the watched map's keys: ``{fingerprint words, generation}``
   per key (a hash map; an array for arrays, where keys are indices);
-* a one-entry **state** array: the current generation and the walk's counters;
-* a generated **walk program** (``bpf_iter__bpf_map_elem``), and for hash-like
-  maps a **sweep program** over the shadow map that emits keys whose generation
-  is stale (their entries were not seen: removed).
+* a one-entry **state** array: the generation, the walk's counters and cursors;
+* for maps that are not per-CPU: a **ring buffer**, a BTF blob (callback
+  ``func_info``), two **walk records** for hash-like maps, and a sweep program;
+* per walk, a **walk program**: ``bpf_for_each_map_elem`` run once by
+  ``BPF_PROG_TEST_RUN`` (the default), or a ``bpf_map_elem`` iterator (the first
+  walk, per-CPU maps, and output beyond the ring).
 
 The walk, per entry: fingerprint the value (all CPUs' slots of a per-CPU map),
 look the key up in the shadow map; absent (or never written, for arrays) ->
-write the entry ``key, value`` to the iterator's output and insert it; present
-with other fingerprint words -> write the entry, then store the new words;
-either way stamp the current generation.  Only changed entries cross to user
-space.  ``seen`` counts shadow keys stamped this walk (each once); when it
-equals the shadow's size before the walk, no key can be missing, so the sweep
-runs only when something was removed.
+write the entry ``key, value`` out and insert it; present with other
+fingerprint words -> write the entry, then store the new words; either way
+stamp the current generation.  Only changed entries cross to user space.
+``seen`` counts shadow keys stamped this walk (each once); when it equals the
+shadow's size before the walk, no key can be missing, so a sweep for removed
+keys runs only when something was removed.  Hash maps first try the last
+walk's record (:func:`_positional`, :func:`check_program`), which avoids the
+shadow lookups for entries whose place in the walk did not change.
 
 The fingerprint: values up to :data:`EXACT_MAX` bytes (the whole per-CPU row)
 are kept whole, so comparing is exact.  Longer values keep one 64-bit word of
@@ -28,17 +32,17 @@ fingerprint, and other changes collide with probability about 2^-64.  A
 collision costs one missed ``updated`` event: the next change of that entry
 is delivered (with the then-current value and the last delivered old value).
 
-Idempotent output: the kernel re-runs the program for the element whose
-output overflowed the seq_file buffer (at most 8 pages per read()), so each
-element first writes its output and only then commits its shadow entry.
+Idempotent output: the kernel re-runs an iterator program for the element
+whose output overflowed the seq_file buffer (8 pages per read()), and a full
+ring drops a for_each record; so each element first writes its output and only
+then commits its shadow entry.
 
 Read only: the watched map is opened ``BPF_F_RDONLY``, but the kernel does not
-check an fd's mode when attaching an iterator, and ``ctx->value`` is a writable
-buffer to the verifier.  What keeps the watched map unwritten is the generated
-code: every store in it targets the stack (R10) or a shadow-map entry (R9),
-which :func:`_check_read_only` asserts before every load; the key and value
-pointers live in R7 and R8 and are only read or passed to helpers as
-read-only arguments (see docs/architecture.md).
+check an fd's mode when attaching an iterator or loading a program that names
+the map, and the element's value pointer is writable to the verifier.  What
+keeps the watched map unwritten is the generated code: every store targets the
+stack or pymap's own memory, which :func:`_check_read_only` asserts before
+every load (see docs/architecture.md).
 """
 
 from __future__ import annotations
