@@ -103,7 +103,8 @@ class Exporter:
         resume = self.checkpoint.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.delivery.run)
-            async with ResumingStream(self.client, self.spec.selectors, resume) as stream:
+            stream = ResumingStream(self.client, self.spec.selectors, resume)
+            async with stream:
                 self.stream = stream
                 task_status.started()
                 async for event in stream:

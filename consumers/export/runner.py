@@ -41,6 +41,11 @@ def pymap_version() -> str:
         return "0"
 
 
+def _status_printer(say: Callable[[str], None], label: str) -> Callable[[str], None]:
+    """An exporter's status lines, prefixed with its spec's name."""
+    return lambda message: say(f"pymap export: {label}{message}")
+
+
 async def run_exports(specs: list[ExportSpec], endpoint: str, timeout: float,
                       say: Callable[[str], None]) -> None:
     """Run every spec side by side until SIGTERM or SIGINT, then flush and save checkpoints."""
@@ -49,7 +54,7 @@ async def run_exports(specs: list[ExportSpec], endpoint: str, timeout: float,
         for spec in specs:
             label = f"{spec.name}: " if spec.name else ""
             exporters.append(Exporter(client, spec, pymap_version(),
-                                      on_status=lambda m, label=label: say(f"pymap export: {label}{m}")))
+                                      on_status=_status_printer(say, label)))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
                 _one_error():
             async with trio.open_nursery() as nursery:
