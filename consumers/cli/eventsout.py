@@ -16,6 +16,7 @@ import orjson
 from rich.console import Console
 from rich.markup import escape
 
+from watcher.decode.bpfabi import percpu_slot
 from watcher.wire.schema import MapInfo
 
 from ..client import Client, DaemonError
@@ -69,7 +70,7 @@ def _split(info: MapInfo | None, raw: bytes | None):
     if raw is None:
         return None
     if info is not None and info.percpu:
-        slot = (info.value_size + 7) & ~7
+        slot = percpu_slot(info.value_size)
         return [{"cpu": c, "value": raw[c * slot:c * slot + info.value_size].hex()}
                 for c in range(info.ncpus)]
     return raw.hex()
