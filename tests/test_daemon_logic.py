@@ -15,8 +15,8 @@ import struct
 import pytest
 import trio
 import zmq
+from support.catalog import FakeCatalog, record
 
-from tests.support.catalog import FakeCatalog, record
 from watcher.daemon import errors
 from watcher.daemon.config import Config, DaemonConfig
 from watcher.daemon.engine import Demand, Engine

@@ -22,6 +22,7 @@ import pytest
 from watcher.daemon.config import WatchConfig
 from watcher.daemon.delta import Action, Delta, Snapshot, diff
 from watcher.daemon.kdelta import KernelDelta, choose_engine
+from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel import maps as kmaps
 from watcher.kernel import syscall
 from watcher.kernel.bpfasm import R3, R8, Asm
@@ -96,8 +97,8 @@ def test_both_engines_make_identical_events(maps, map_type, key_size, value_size
                     value = bytearray(syscall.map_lookup_elem(fd, key, stride) or bytes(stride))
                     at = rng.randrange(value_size)
                     if record.percpu:
-                        at += rng.randrange(stride // ((value_size + 7) & ~7)) * \
-                            ((value_size + 7) & ~7)
+                        at += rng.randrange(stride // percpu_slot(value_size)) * \
+                            percpu_slot(value_size)
                     value[at] ^= 1 << rng.randrange(8)
                     syscall.map_update_elem(fd, key, bytes(value))
                 elif len(live) < limit or key in live:
