@@ -8,6 +8,7 @@ through the client library and cached.
 from __future__ import annotations
 
 import datetime
+import functools
 import sys
 from typing import IO
 
@@ -29,6 +30,7 @@ ACTION_STYLES = {"added": "green", "updated": "yellow", "removed": "red",
                  "records": "cyan"}
 
 
+@functools.lru_cache(maxsize=256)  # every event of a poll has the poll's time
 def rfc3339(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
         timespec="microseconds").replace("+00:00", "Z")

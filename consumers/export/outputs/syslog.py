@@ -27,7 +27,8 @@ import os
 import select
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qsl
 
 import trio
@@ -53,7 +54,7 @@ def _printable(value: str, limit: int) -> str:
 class SyslogFramer:
     """Builds RFC 5424 messages from records."""
 
-    def __init__(self, options: dict):
+    def __init__(self, options: Mapping[str, Any]):
         self.sd_id = str(options.get("sd_id", DEFAULT_SD_ID))
         self.app = _printable(str(options.get("app_name", "pymap")), 48)
         self.facility = int(options.get("facility", 16))
@@ -82,7 +83,7 @@ class SyslogUDPOutput(Output):
 
     schemes = ("syslog+udp",)
 
-    def __init__(self, url, options=None):
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None):
         super().__init__(url, options)
         self.options = dict(parse_qsl(self.parts.query)) | self.options
         self.address = self.host_port(514)
@@ -91,7 +92,8 @@ class SyslogUDPOutput(Output):
 
     async def open(self) -> None:
         try:
-            info = await trio.socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)
+            host, port = self.address
+            info = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             family, _, _, _, addr = info[0]
             self._sock = trio.socket.socket(family, socket.SOCK_DGRAM)
             await self._sock.connect(addr)
@@ -118,7 +120,7 @@ class SyslogTCPOutput(Output):
     schemes = ("syslog+tcp",)
     default_port = 601
 
-    def __init__(self, url, options=None):
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None):
         super().__init__(url, options)
         self.options = dict(parse_qsl(self.parts.query)) | self.options
         self.address = self.host_port(self.default_port)
@@ -193,7 +195,7 @@ class SyslogTLSOutput(SyslogTCPOutput):
     schemes = ("syslog+tls",)
     default_port = 6514
 
-    def __init__(self, url, options=None):
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None):
         super().__init__(url, options)
         try:
             self.context = ssl.create_default_context(cafile=self.options.get("ca"))
