@@ -22,7 +22,7 @@ import zmq
 
 from ..wire.curve import is_tcp
 from ..wire.transport import PublisherOwner
-from .access import CurveAuthenticator
+from .access import CurveAuthenticator, Policy
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
 from .logs import setup_logging
@@ -170,7 +170,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
             harden(config)  # start-up is over: from here bpf() only reads (seccomp)
-            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate)
+            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate,
+                                   access=Policy(config.access))
             reloader.targets += [server.reconfigure, metrics.reconfigure]
             if auth is not None:
                 reloader.targets.append(lambda new: auth.update(new.curve.allowed()))
