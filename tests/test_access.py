@@ -9,11 +9,12 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from support.curve import as_client, start_tcp_daemon
-from support.events import status, wait_until, watch_of
+from support.events import Follower, status, wait_until, watch_of
 from support.kernel import token, u32, u64
 
 from watcher.daemon.access import Policy, Principal, View
@@ -41,7 +42,7 @@ def _error(proc) -> str:
 
 
 @pytest.mark.kernel
-def test_a_denied_map_is_invisible_to_a_curve_client(tmp_path, bpffs_dir, maps):
+def test_a_denied_map_is_invisible_to_a_curve_client(tmp_path, bpffs_dir, maps, monkeypatch):
     tag = token()
     public, secret, other = f"acl_p_{tag}", f"acl_secret{tag[:4]}", f"other_{tag}"  # <= 15 chars
     ids = {}
@@ -78,6 +79,21 @@ def test_a_denied_map_is_invisible_to_a_curve_client(tmp_path, bpffs_dir, maps):
         names = {json.loads(line)["map"]["name"] for line in recent.splitlines() if line.strip()}
         assert secret not in names
         assert public in names
+        # events: a restricted client is kept off the event socket (one XPUB serves all,
+        # a prefix subscription cannot be cut down to its maps); an unrestricted one follows.
+        follow = d.cli("events", "acl_*", "-f", "--max-wait", "2", "-o", "json", timeout=120)
+        assert follow.stdout.strip() == "" and follow.returncode != 0
+        assert "refused client alice on the event socket" in d.log.read_text()
+        for var, value in {**d.client_env, **as_client(d, "ops")}.items():
+            monkeypatch.setenv(var, value)
+        with Follower(d, public, "-f") as f:
+            fd = next(x for x in maps.fds if syscall.map_info(x).id == ids[public])
+            deadline = time.monotonic() + 60
+            while not f.snapshot() and time.monotonic() < deadline:
+                syscall.map_update_elem(fd, u32(3), u64(int(time.monotonic())))
+                time.sleep(0.5)
+            assert f.snapshot(), f.stderr
+        assert "refused client ops" not in d.log.read_text()
     finally:
         d.stop()
 
@@ -134,6 +150,12 @@ def test_unix_peers_by_user_over_a_real_socket(daemon_factory, maps, nobody_pyma
                               env={"PATH": os.environ["PATH"], "PYMAP_ENDPOINT": d.endpoint})
         assert proc.returncode == 0, proc.stderr
         assert {m["name"] for m in json.loads(proc.stdout)} == {public}
+        follow = subprocess.run([*as_nobody, nobody_pymap, "events", "acl_*", "-f", "--max-wait",
+                                 "2", "-o", "json"], capture_output=True, text=True, timeout=120,
+                                env={"PATH": os.environ["PATH"], "PYMAP_ENDPOINT": d.endpoint})
+        assert follow.stdout.strip() == "" and follow.returncode != 0
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert f"refused uid {nobody} on the event socket" in d.log.read_text()
         mine = json.loads(d.cli("list", "-o", "json", "acl_*", check=True).stdout)
         assert {m["name"] for m in mine} == {public, secret}  # root: no rule, default allow
         assert status(d)["epoch"]

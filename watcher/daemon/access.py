@@ -36,38 +36,78 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from ..wire.curve import ZAP_DOMAIN
+from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN
 from . import errors
 from .config import AccessConfig
 
 log = logging.getLogger("pymap.access")
 
 
-class CurveAuthenticator(ThreadAuthenticator):
-    def __init__(self, ctx: zmq.Context, allowed: dict[bytes, str]):
+class Authenticator(ThreadAuthenticator):
+    """The ZAP handler of both sockets: CURVE keys on tcp://, and the events gate.
+
+    The request socket's domain is ``pymap``, the event socket's
+    ``pymap-events``.  A peer whose access rule restricts it to some maps is
+    refused on the event socket (over CURVE and over ipc://, by its uid): one
+    XPUB serves every subscriber, and a subscription to a prefix such as
+    ``map:`` cannot be cut down to the maps a rule allows, so such a peer gets
+    no event stream rather than a filtered one (docs/operations.md).
+    """
+
+    def __init__(self, ctx: zmq.Context, allowed: dict[bytes, str], policy: Policy):
         super().__init__(ctx, log=logging.getLogger("pymap.zap"))
         self.allowed = allowed  # Z85 public key -> client name; replaced whole on reload
-        self.refused = 0
-        self._reported: set[bytes] = set()
+        self.policy = policy
+        self.refused = 0  # unknown keys
+        self.events_refused = 0  # restricted peers on the event socket
+        self._reported: set[bytes | str] = set()
 
     def start(self) -> None:
         super().start()
-        self.configure_curve_callback(ZAP_DOMAIN.decode(), self)
+        for domain in (ZAP_DOMAIN, EVENTS_ZAP_DOMAIN):
+            self.configure_curve_callback(domain.decode(), self)
 
-    def update(self, allowed: dict[bytes, str]) -> None:
-        self.allowed = allowed
+    def update(self, allowed: dict[bytes, str], policy: Policy) -> None:
+        self.allowed, self.policy = allowed, policy
         self._reported.clear()
 
-    def callback(self, _domain: str, key: bytes) -> bool:
-        """zmq.auth's credentials provider hook: is this Z85 public key allowed?"""
-        if key in self.allowed:
-            return True
-        self.refused += 1
-        if key not in self._reported and len(self._reported) < 1000:  # one line per key
-            self._reported.add(key)
-            log.warning("refused a CURVE client with an unknown key %s", key.decode(),
-                        extra={"client_key": key.decode()})
-        return False
+    def _once(self, what: bytes | str) -> bool:
+        if what in self._reported or len(self._reported) >= 1000:
+            return False
+        self._reported.add(what)
+        return True
+
+    def _restricted_on_events(self, who: Principal, label: str) -> bool:
+        if self.policy.view_for(who) is None:
+            return False
+        self.events_refused += 1
+        if self._once(label):
+            log.warning("refused %s on the event socket: its access rule limits the maps it "
+                        "sees, and events are not filtered per client", label,
+                        extra={"peer": label})
+        return True
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """zmq.auth's credentials provider hook: is this Z85 public key allowed here?"""
+        name = self.allowed.get(key)
+        if name is None:
+            self.refused += 1
+            if self._once(key):
+                log.warning("refused a CURVE client with an unknown key %s", key.decode(),
+                            extra={"client_key": key.decode()})
+            return False
+        if domain == EVENTS_ZAP_DOMAIN.decode():
+            return not self._restricted_on_events(Principal(client=name), f"client {name}")
+        return True
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        # ipc:// peers come with the NULL mechanism and "...:uid:gid:pid" as their address.
+        if len(msg) >= 6 and msg[5] == b"NULL" and msg[2] == EVENTS_ZAP_DOMAIN:
+            who = Principal.from_metadata("", msg[3].decode(errors="replace"))
+            if self._restricted_on_events(who, f"uid {who.uid}"):
+                self._send_zap_reply(msg[1], b"400", b"NO ACCESS")
+                return
+        await super().handle_zap_message(msg)
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.allowed.get(z85.encode(client_public_key), "")
@@ -146,8 +186,9 @@ class Policy:
                 with contextlib.suppress(KeyError):
                     names.add(grp.getgrgid(g).gr_name)
             if len(self._groups) > 4096:
-                self._groups.clear()
+                self._groups = {}  # replaced, not cleared: the ZAP thread may be reading it
             self._groups[(uid, gid)] = (user, names)
+            return user, names
         return self._groups[(uid, gid)]
 
     def view_for(self, who: Principal) -> View | None:
