@@ -502,7 +502,7 @@ def export(
     from ..export import config as export_config
     from ..export.checkpoint import CheckpointError
     from ..export.exporter import ExportConfigError, ExportSpec
-    from ..export.outputs import OutputConfigError
+    from ..export.outputs import OutputConfigError, make_output
     from ..export.runner import run_exports
 
     try:
@@ -526,7 +526,8 @@ def export(
                 if not (sel.startswith("id:") or sel.startswith("/")):
                     valid_glob(sel)
             spec.check()
-    except ExportConfigError as e:
+            make_output(spec.to, spec.options)  # a bad URL or option fails here, before connecting
+    except (ExportConfigError, OutputConfigError) as e:
         fail(str(e), EXIT_USAGE)
 
     async def main():

@@ -17,6 +17,7 @@ import attrs
 import cattrs
 
 from ..decode.layout import LayoutError, layout_matches, parse_layout
+from ..kernel.maps import DEFAULT_BPFFS
 from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
 from ..wire.endpoints import DEFAULT_ENDPOINT
 from .sourceconf import SourceConfig, SourceError, load_sources
@@ -86,7 +87,7 @@ class DaemonConfig:
     socket_mode: FileMode = attrs.field(default=FileMode(0o660), validator=_check_mode)
     socket_group: str | None = None
     # bpffs mount points to search for pinned maps (recursively).
-    bpffs: list[str] = attrs.field(factory=lambda: ["/sys/fs/bpf"], validator=_list_of_str)
+    bpffs: list[str] = attrs.field(factory=lambda: [DEFAULT_BPFFS], validator=_list_of_str)
     # Entries per get chunk on the wire.
     chunk_entries: int = attrs.field(default=16384, validator=attrs.validators.in_(range(1, 1 << 20)))
     # Seconds between heartbeats on the stream.

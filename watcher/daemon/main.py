@@ -9,6 +9,7 @@ socket files are removed on the way out.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -170,6 +171,9 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
             harden(config)  # start-up is over: from here bpf() only reads (seccomp)
+            # What start-up made (modules, bcc, config) lives as long as the daemon: out of
+            # the collector's sight, so a full collection, which stops the loop too, is short.
+            gc.freeze()
             server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate,
                                    access=Policy(config.access))
             reloader.targets += [server.reconfigure, metrics.reconfigure]
