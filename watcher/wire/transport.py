@@ -140,10 +140,10 @@ def frames_size(frames: OutFrames) -> int:
 def identity(frame: zmq.Frame) -> tuple[str, str]:
     """(User-Id, Peer-Address) of a received frame: the CURVE client's name ("" without
     ZAP), and for ipc:// peers ``...:uid:gid:pid`` (SO_PEERCRED, filled in by libzmq)."""
-    out = []
+    out: list[str] = []
     for prop in ("User-Id", "Peer-Address"):
         try:
-            out.append(frame.get(prop) or "")
+            out.append(str(frame.get(prop) or ""))
         except zmq.ZMQError:
             out.append("")  # not set on this connection
     return out[0], out[1]
@@ -182,7 +182,7 @@ class SocketOwner(OwnedSocket):
         if not self.identify:
             return super()._receive_all(on_message)
         received = False
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while _events(self.sock) & zmq.POLLIN:
             frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             self.last_identity = identity(frames[-1])
             on_message([f.bytes for f in frames])
