@@ -283,3 +283,48 @@ def test_cluster_member_restart_loses_nothing():
         # the restarted member caught up: reading from it alone gives the same
         alone = trio.run(read_all, member.url + "?stream=R3")
         assert sorted(m.seq for m in alone) == sorted(seqs)
+
+
+# --- security: TLS and nkey as nats-server does them -------------------------------------
+
+
+def test_tls_and_nkey_login(tmp_path):
+    """A server that requires TLS and an nkey user: the URL's tls_ca and nkey get in;
+    without the nkey the server refuses, without the CA the certificate is refused."""
+    import os
+
+    import nkeys
+    import trustme
+
+    require(nats_problem())
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem, cert_pem, key_pem = (tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(ca_pem)
+    cert.cert_chain_pems[0].write_to_path(cert_pem)
+    cert.private_key_pem.write_to_path(key_pem)
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    seed_file.chmod(0o600)
+    conf = tmp_path / "auth.conf"
+    conf.write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    extra = ["-c", str(conf), "--tls", "--tlscert", str(cert_pem), "--tlskey", str(key_pem)]
+    with nats_server(extra) as server:
+        base = server.url + "?stream=SEC&connect_timeout=2"
+
+        async def main():
+            async with FleetPublisher(parse_url(f"{base}&tls_ca={ca_pem}&nkey={seed_file}")) as p:
+                assert (await p.publish(records("n", "e1", 10))).stored == 10
+            got = await read_all(f"{base}&tls_ca={ca_pem}&nkey={seed_file}")
+            assert len(got) == 10
+            with pytest.raises((FleetUnavailable, FleetError)):
+                async with FleetPublisher(parse_url(f"{base}&tls_ca={ca_pem}")):
+                    pass  # no nkey: authorization violation
+            with pytest.raises((FleetUnavailable, FleetError)):
+                async with FleetPublisher(parse_url(f"{base}&nkey={seed_file}&tls_ca=/etc/ssl/"
+                                                    "certs/ca-certificates.crt")):
+                    pass  # a CA that did not sign the server's certificate
+
+        trio.run(main)
