@@ -61,8 +61,9 @@ def publisher(url: str, node: str, events: int, start, out, rate: float | None =
     (a batch every 0.1 s)."""
     import trio
 
+    from consumers.export.record import ExportRecord
     from consumers.fleet.options import parse_url
-    from consumers.fleet.publish import FleetPublisher, SimpleRecord
+    from consumers.fleet.publish import FleetPublisher
 
     async def main() -> tuple[int, int, float, float]:
         acked = dups = 0
@@ -74,7 +75,7 @@ def publisher(url: str, node: str, events: int, start, out, rate: float | None =
                 if rate is not None:
                     await trio.sleep(max(0.0, t0 + n * 0.1 - time.time()))
                 now = time.time()
-                batch = [SimpleRecord(node, "paced" if rate else "max", s, "cilium_lxc", "updated", now,
+                batch = [ExportRecord(node, "paced" if rate else "max", s, "cilium_lxc", "updated", now,
                                       payload(node, s, now))
                          for s in range(first, min(first + size, events + 1))]
                 r = await pub.publish(batch)
@@ -121,6 +122,23 @@ def _create_stream(url: str) -> None:
             pass
 
     trio.run(create)
+
+
+def stored_bytes_per_event(url: str, stream: str) -> float:
+    """What one event costs in the stream's store (payload, headers, subject, framing)."""
+    import asyncio
+
+    import nats
+
+    async def ask() -> float:
+        nc = await nats.connect(url.split("?")[0])
+        try:
+            state = (await nc.jetstream().stream_info(stream)).state
+            return state.bytes / max(1, state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
 
 
 def cpu_of(pid: int) -> float:
@@ -184,6 +202,7 @@ def main() -> int:
     with nats_cluster(3) as cluster:
         fleet = run(cluster.url + "?stream=BENCH3&max_bytes=2GiB", args.nodes, args.events,
                     True, cluster.servers)
+        per_event = stored_bytes_per_event(cluster.url, "BENCH3")
         # (d) latency below saturation: half the rate (b) reached, paced, for ~10 s
         paced_rate = fleet["rate"] / 2
         per_node = paced_rate / args.nodes
@@ -199,6 +218,10 @@ def main() -> int:
     print(f"  (c) event time -> fleet consumer:     p50 {fleet['p50'] * 1000:.0f} ms, "
           f"p99 {fleet['p99'] * 1000:.0f} ms ({fleet['samples']:,} events)   "
           f"target p99 <= {TARGET_P99 * 1000:.0f} ms")
+    print(f"  stored: {per_event:.0f} bytes per event per replica; CPU per event: "
+          f"servers {fleet['server_cpu'] / total * 1e6:.0f} us (3 replicas together), "
+          f"publisher {fleet['pub_cpu'] / total * 1e6:.0f} us, "
+          f"consumer {fleet['con_cpu'] / total * 1e6:.0f} us")
     print(f"  (d) same, paced at {paced_rate:,.0f} events/s (half of (b)): p50 "
           f"{paced['p50'] * 1000:.0f} ms, p99 {paced['p99'] * 1000:.0f} ms "
           f"({paced['samples']:,} events)   target p99 <= {TARGET_P99 * 1000:.0f} ms")

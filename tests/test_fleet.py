@@ -15,9 +15,10 @@ import trio
 from conftest import PYMAP, require
 from support.nats import free_port, nats_problem, nats_server
 
+from consumers.export.record import ExportRecord
 from consumers.fleet.jetstream import FleetError, FleetUnavailable
 from consumers.fleet.options import FleetConfigError, parse_duration, parse_url
-from consumers.fleet.publish import FleetPublisher, SimpleRecord
+from consumers.fleet.publish import FleetPublisher
 from consumers.fleet.subjects import filter_subject, msg_id, parse_msg_id, subject, token
 from consumers.fleet.subscribe import FleetSubscription
 
@@ -30,8 +31,8 @@ def nats():
 
 
 def records(node: str, epoch: str, n: int, map_name: str = "m1", start: int = 1,
-            action: str = "added") -> list[SimpleRecord]:
-    return [SimpleRecord(node, epoch, seq, map_name, action, time.time(),
+            action: str = "added") -> list[ExportRecord]:
+    return [ExportRecord(node, epoch, seq, map_name, action, time.time(),
                          json.dumps({"seq": seq, "time": "2026-01-01T00:00:00Z",
                                      "map": {"id": 1, "name": map_name}, "action": action,
                                      "key": f"{seq:08x}", "value": "00"}).encode())
