@@ -130,8 +130,10 @@ def stored_bytes_per_event(url: str, stream: str) -> float:
 
     import nats
 
+    from consumers.fleet.options import parse_url
+
     async def ask() -> float:
-        nc = await nats.connect(url.split("?")[0])
+        nc = await nats.connect(list(parse_url(url).servers))
         try:
             state = (await nc.jetstream().stream_info(stream)).state
             return state.bytes / max(1, state.messages)

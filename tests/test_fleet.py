@@ -228,7 +228,7 @@ def stream_leader(url: str, stream: str) -> str:
     import nats
 
     async def ask() -> str:
-        nc = await nats.connect(url.split("?")[0].split(","))
+        nc = await nats.connect(list(parse_url(url).servers))
         try:
             info = await nc.jetstream().stream_info(stream)
             return info.cluster.leader if info.cluster else ""
