@@ -23,6 +23,7 @@ import attrs
 import pytest
 from conftest import require
 
+from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel import btf as B
 from watcher.kernel import maps as M
 from watcher.kernel.dump import dump, value_stride
@@ -195,7 +196,7 @@ def _pymap_formatted(fd: int) -> tuple[M.MapRecord, dict[bytes, dict]]:
     fmts = B.map_formatters(record)
     assert fmts is not None
     key_fmt, value_fmt = fmts
-    stride, slot = value_stride(record), (record.value_size + 7) & ~7
+    stride, slot = value_stride(record), percpu_slot(record.value_size)
     got = {}
     for chunk in dump(fd, record):
         for i in range(chunk.count):

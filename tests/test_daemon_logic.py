@@ -15,8 +15,8 @@ import struct
 import pytest
 import trio
 import zmq
+from support.catalog import FakeCatalog, record
 
-from tests.support.catalog import FakeCatalog, record
 from watcher.daemon import errors
 from watcher.daemon.config import Config, DaemonConfig
 from watcher.daemon.engine import Demand, Engine
@@ -282,7 +282,7 @@ async def test_socket_owner_bounds_each_peer_and_reports_vanished_peers(zctx):
     router = zctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.SNDHWM, 1)
     router.bind(endpoint)
-    owner = SocketOwner(router, outbox_limit=2)
+    owner = SocketOwner(router, outbox_bytes=250)  # two 100-byte messages
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.RCVHWM, 1)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -341,7 +341,7 @@ async def test_publisher_owner_reports_subscriptions_and_never_waits(zctx):
     subs: list[bytes] = []
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(owner.serve, lambda frames: subs.append(frames[0]))
+        nursery.start_soon(owner.serve, lambda frames: subs.append(bytes(frames[0])))
         sub.setsockopt(zmq.SUBSCRIBE, b"map:a\0")
         sub.setsockopt(zmq.SUBSCRIBE, b"hb")
         with trio.fail_after(5):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import attrs
 
 from ..kernel import maps as kmaps
+from ..kernel.cpus import possible_cpus
 from ..kernel.dump import Chunk, count_entries, dump, value_stride
 from ..kernel.maptypes import DumpMethod, dump_method, not_dumpable_reason
 from ..kernel.syscall import BpfError
@@ -29,7 +30,7 @@ class MapGone(Exception):
 
 def to_wire(record: kmaps.MapRecord, entries: int | None = None,
             holders: list[tuple[int, str]] | None = None) -> MapInfo:
-    ncpus = kmaps.possible_cpus() if record.percpu else 1
+    ncpus = possible_cpus() if record.percpu else 1
     dumpable = dump_method(record.type) is not DumpMethod.NONE
     return MapInfo(
         id=record.id, name=record.name, type=record.type, key_size=record.key_size,

@@ -89,8 +89,12 @@ class Demand:
         return any(p.startswith(prefix) or prefix.startswith(p) for p in self.prefixes)
 
     def wants(self, name: str) -> bool:
+        return self.covers(tuple(self.prefixes), name)
+
+    @staticmethod
+    def covers(prefixes: tuple[bytes, ...], name: str) -> bool:
         topic = schema.map_topic(name)
-        return any(topic.startswith(p) for p in self.prefixes)
+        return any(topic.startswith(p) for p in prefixes)
 
 
 @attrs.frozen
@@ -140,13 +144,29 @@ class Engine:
     def poke(self) -> None:
         self._wake.set()
 
-    def _why_watched(self, name: str, now: float) -> str | None:
-        linger = self.config.watch.linger
-        if self.demand.wants(name):
-            self._holds[name] = (now + linger, "lingering")
-            return "subscribed"
-        if any(fnmatch.fnmatchcase(name, p) for p in self.config.always_watched()):
-            return "always"
+    @staticmethod
+    def _wanted(records: list[kmaps.MapRecord], prefixes: tuple[bytes, ...],
+                always: tuple[str, ...]) -> dict[int, str]:
+        """Map id -> "subscribed" or "always", for the maps demand or config want.
+
+        A host has thousands of maps: matching each against every subscription and glob
+        is a worker thread's job (on copies of the demand), not the loop's.
+        """
+        wanted = {}
+        for record in records:
+            if Demand.covers(prefixes, record.name):
+                wanted[record.id] = "subscribed"
+            elif any(fnmatch.fnmatchcase(record.name, p) for p in always):
+                wanted[record.id] = "always"
+        return wanted
+
+    def _why_watched(self, name: str, now: float, wanted: str | None) -> str | None:
+        """Why to watch ``name`` (None: not to); ``wanted`` is :meth:`_wanted`'s answer."""
+        if wanted == "subscribed":
+            self._holds[name] = (now + self.config.watch.linger, "lingering")
+            return wanted
+        if wanted is not None:
+            return wanted
         until, reason = self._holds.get(name, (0.0, ""))
         if until > now:
             return reason
@@ -179,15 +199,23 @@ class Engine:
                 await self._wake.wait()
 
     async def cycle(self) -> None:
-        records = await trio.to_thread.run_sync(self.catalog.records)
+        prefixes, always = tuple(self.demand.prefixes), tuple(self.config.always_watched())
+
+        def enumerate_wanted() -> tuple[list[kmaps.MapRecord], dict[int, str]]:
+            records = self.catalog.records()
+            return records, self._wanted(records, prefixes, always)
+
+        records, wanted = await trio.to_thread.run_sync(enumerate_wanted)
         now = time.monotonic()
         current = {r.id: r for r in records}
         for map_id in [i for i in self.watches if i not in current]:
             watch = self.watches.pop(map_id)
             self.stream.publish_map_event("map_removed", catalog.to_wire(watch.record))
         for record in records:
-            reason = self._why_watched(record.name, now)
             watch = self.watches.get(record.id)
+            if watch is None and record.id not in wanted and record.name not in self._holds:
+                continue  # the many maps nobody wants: nothing more to do on the loop
+            reason = self._why_watched(record.name, now, wanted.get(record.id))
             if reason is None:
                 if watch is not None:
                     del self.watches[record.id]  # nobody wants it any more
@@ -260,8 +288,10 @@ class Engine:
                 watch.snapshot = snap
             else:
                 prev = watch.snapshot or Snapshot.empty(snap.key_size, snap.stride)
-                delta = (snapshot_as_added(snap) if watch.snapshot is None
-                         else await trio.to_thread.run_sync(diff, prev, snap))
+                # Both walk every entry: a worker thread's job, never the loop's.
+                delta = await (trio.to_thread.run_sync(snapshot_as_added, snap)
+                               if watch.snapshot is None
+                               else trio.to_thread.run_sync(diff, prev, snap))
                 watch.snapshot = snap
                 if delta.count:
                     self.stream.publish_delta(watch.record, snap.key_size, snap.stride,

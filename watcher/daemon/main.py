@@ -9,6 +9,7 @@ socket files are removed on the way out.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -20,7 +21,9 @@ from importlib import metadata
 import trio
 import zmq
 
+from ..wire.curve import is_tcp
 from ..wire.transport import PublisherOwner
+from .access import CurveAuthenticator
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
 from .logs import setup_logging
@@ -135,6 +138,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
     bound: list[str] = []
+    auth = _secure_tcp(config, ctx, [(router, dconf.endpoint), (xpub, dconf.events_endpoint)])
     publisher = PublisherOwner(xpub)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes)
@@ -153,7 +157,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
         if config.sources:
             await trio.to_thread.run_sync(sources.open)
     except BaseException:
-        _close(sources, router, xpub, bound, ctx)
+        _close(sources, router, xpub, bound, ctx, auth)
         raise
     # From here signals are ours until cleanup is done, a second one included.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -167,8 +171,13 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             bind_endpoint(xpub, dconf.events_endpoint, dconf)
             bound.append(dconf.events_endpoint)
             harden(config)  # start-up is over: from here bpf() only reads (seccomp)
+            # What start-up made (modules, bcc, config) lives as long as the daemon: out of
+            # the collector's sight, so a full collection, which stops the loop too, is short.
+            gc.freeze()
             server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate)
             reloader.targets += [server.reconfigure, metrics.reconfigure]
+            if auth is not None:
+                reloader.targets.append(lambda new: auth.update(new.curve.allowed()))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, dconf.events_endpoint, epoch)
             async with trio.open_nursery() as nursery:
@@ -191,13 +200,29 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 task_status.started()
         finally:
             metrics.close()
-            _close(sources, router, xpub, bound, ctx)
+            _close(sources, router, xpub, bound, ctx, auth)
     log.info("stopped")
 
 
+def _secure_tcp(config: Config, ctx: zmq.Context,
+                sockets: list[tuple[zmq.Socket, str]]) -> CurveAuthenticator | None:
+    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys)."""
+    tcp = [sock for sock, endpoint in sockets if is_tcp(endpoint)]
+    if not tcp:
+        return None
+    keys = config.curve.server_keys()
+    for sock in tcp:
+        keys.apply(sock)
+    auth = CurveAuthenticator(ctx, config.curve.allowed())
+    auth.start()
+    return auth
+
+
 def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[str],
-           ctx: zmq.Context) -> None:
+           ctx: zmq.Context, auth: CurveAuthenticator | None) -> None:
     """Free everything the daemon holds."""
+    if auth is not None:
+        auth.stop()
     sources.close()
     router.close(linger=0)
     xpub.close(linger=0)

@@ -63,6 +63,10 @@ class Stream:
         name = record.name
         ref = schema.MapRef(record.id, name)
         step = self.batch_step(key_size, stride)
+        # Views, not copies: slicing a million events' buffers would hold the loop, and
+        # ZeroMQ sends from a buffer without copying it.  A delta is never changed after.
+        actions, keys, values, old_values = (memoryview(b) for b in (
+            delta.actions, delta.keys, delta.values, delta.old_values))
         for start in range(0, delta.count, step):
             n = min(step, delta.count - start)
             header = schema.EventBatch(
@@ -72,11 +76,21 @@ class Stream:
             self.seq += n
             self.topic_seq[name] = header.topic_seq + n - 1
             ks, vs = start * key_size, start * stride
-            frames = [delta.actions[start:start + n],
-                      delta.keys[ks:ks + n * key_size],
-                      delta.values[vs:vs + n * stride],
-                      delta.old_values[vs:vs + n * stride]]
+            frames = [actions[start:start + n], keys[ks:ks + n * key_size],
+                      values[vs:vs + n * stride], old_values[vs:vs + n * stride]]
             self._send(name, header, frames, n)
+        self._own_recent(name)
+
+    def _own_recent(self, name: str) -> None:
+        """Copy the views the recent ring kept: a view would keep the whole delta alive.
+
+        Only the last ``recent_limit`` events survive in the ring, so this copy is small.
+        """
+        ring = self._recent.get(name) or collections.deque()
+        for i in range(len(ring)):
+            header, frames = ring[i]
+            if any(isinstance(f, memoryview) for f in frames):
+                ring[i] = (header, [bytes(f) for f in frames])
 
     def batch_step(self, key_size: int, stride: int) -> int:
         """Events per batch: ``batch_events``, fewer if their frames would pass ``message_bytes``.

@@ -218,11 +218,13 @@ class RequestServer:
                           *([btf] if btf else []))
         step = self.config.chunk_entries
         ks, vs = snap.key_size, snap.stride
+        # Views of the watched state, not copies (copies of a big map hold the loop):
+        # a snapshot's buffers are never changed, a poll makes a new one.
+        keys, values = memoryview(snap.keys), memoryview(snap.values)
         for start in range(0, snap.count, step):
             n = min(step, snap.count - start)
             await self._reply(peer, schema.GetChunk(n, req=request.req),
-                              snap.keys[start * ks:(start + n) * ks],
-                              snap.values[start * vs:(start + n) * vs])
+                              keys[start * ks:(start + n) * ks], values[start * vs:(start + n) * vs])
         await self._reply(peer, schema.GetEnd(snap.count, req=request.req))
 
     async def _recent(self, peer: bytes, request: schema.RecentRequest) -> None:

@@ -267,7 +267,8 @@ class Sources:
         while True:
             await trio.sleep(DROPS_INTERVAL)
             try:
-                total = counter_total(buf.drops_fd)
+                # A dump of a (per-CPU) map: blocking, so in a worker thread.
+                total = await trio.to_thread.run_sync(counter_total, buf.drops_fd)
             except (OSError, ValueError) as e:
                 log.error("%s: reading drops_map %s failed: %s", buf.name, buf.drops_label, e)
                 continue

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from . import cilium
+from .bpfabi import percpu_slot
 from .btf import BtfError, parse_btf
 from .layout import Layout, LayoutError, fit_note, parse_layout
 
@@ -68,7 +69,7 @@ def _hex(b: bytes) -> str:
 
 
 def _slot(m) -> int:
-    return (m.value_size + 7) & ~7
+    return percpu_slot(m.value_size)
 
 
 def _per_entry(m, fmt_key: SideFormatter, fmt_value: Callable[[bytes, Any], Any],

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 
 import attrs
 
+from ..decode.bpfabi import KERNEL_NAME_MAX
 from . import syscall
 from .maptypes import PERCPU_TYPES, type_name
 
-KERNEL_NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1
 DEFAULT_BPFFS = "/sys/fs/bpf"
 
 
@@ -265,17 +265,6 @@ def map_holders() -> dict[int, list[tuple[int, str]]]:
             for map_id in seen:
                 holders.setdefault(map_id, []).append((pid, comm))
     return holders
-
-
-def possible_cpus() -> int:
-    """Number of possible CPUs: the stride of per-CPU values."""
-    with open("/sys/devices/system/cpu/possible") as f:
-        text = f.read().strip()
-    count = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        count += (int(hi) if hi else int(lo)) - int(lo) + 1
-    return count
 
 
 def btf_raw(btf_id: int) -> bytes:

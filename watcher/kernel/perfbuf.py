@@ -42,6 +42,7 @@ import threading
 import numpy as np
 
 from . import perfevent, syscall
+from .cpus import online_cpus
 from .mapping import PAGE_SIZE, PROT_READ, PROT_WRITE, Mapping
 from .recordchunk import EMPTY, RecordChunk
 
@@ -120,7 +121,7 @@ class PerfBufReader:
         self.map_fd = map_fd
         self.wakeup_events = wakeup_events
         max_entries = syscall.map_info(map_fd).max_entries
-        wanted = perfevent.online_cpus() if cpus is None else cpus
+        wanted = online_cpus() if cpus is None else cpus
         self.skipped = [c for c in wanted if c >= max_entries]
         self._epoll = select.epoll()
         self._notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

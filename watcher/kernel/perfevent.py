@@ -83,16 +83,3 @@ def open_bpf_output(cpu: int, wakeup_events: int = 1) -> int:
 
 def disable(fd: int) -> None:
     fcntl.ioctl(fd, PERF_EVENT_IOC_DISABLE, 0)
-
-
-def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list[int]:
-    """CPU numbers from a kernel cpu list such as ``0-3,6``."""
-    with open(path) as f:
-        text = f.read().strip()
-    cpus: list[int] = []
-    for part in text.split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
-    return cpus

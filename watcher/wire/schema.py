@@ -22,7 +22,6 @@ import attrs
 import cattrs
 import orjson
 from cattrs.preconf.orjson import make_converter
-from cattrs.strategies import configure_tagged_union
 
 SCHEMA_VERSION = 1
 REQ_LIMIT = 1 << 63  # a request id is an integer from 0 to REQ_LIMIT - 1
@@ -442,7 +441,26 @@ def _strict(kind: type):
 
 for _kind in (int, str, bool, float):
     converter.register_structure_hook(_kind, _strict(_kind))
-configure_tagged_union(Message, converter, tag_generator=KINDS.__getitem__, tag_name="kind")
+
+# The "kind" tag, dispatched here rather than by cattrs.strategies.configure_tagged_union:
+# that strategy builds the hooks of every message class when this module is imported
+# (most of its import time, and so of every short CLI command: bench/bench_cli.py);
+# here cattrs builds and caches a class's hooks the first time its kind is seen.
+_CLASSES = {kind: cls for cls, kind in KINDS.items()}
+
+
+def _structure_message(data, _type):
+    return converter.structure(data, _CLASSES[data["kind"]])  # KeyError: no or unknown kind
+
+
+def _unstructure_message(message) -> dict:
+    data = converter.unstructure(message, type(message))
+    data["kind"] = KINDS[type(message)]
+    return data
+
+
+converter.register_structure_hook(Message, _structure_message)
+converter.register_unstructure_hook(Message, _unstructure_message)
 
 
 def encode(message) -> bytes:

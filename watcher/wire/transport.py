@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import time
 from collections.abc import Callable
 
 import trio
@@ -61,12 +62,18 @@ class OwnedSocket:
     """
 
     RETRY_INTERVAL = 0.005  # how soon to retry when a send could not proceed
+    # How long one turn of the pump may send before yielding to the other tasks: a
+    # million-event delta is hundreds of messages, and a send costs ~0.1 ms on a busy
+    # machine, so sending them all in one go would hold the loop.
+    TURN_SECONDS = 0.002
 
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
         self._fd = sock.getsockopt(zmq.FD)
         self._wake = trio.Event()
         self._fd_checked = trio.Event()
+        self._turn_end = 0.0  # when this turn of the pump is over
+        self._more = False  # the turn ended with messages left to send
 
     def _poke(self) -> None:
         self._wake.set()
@@ -77,9 +84,12 @@ class OwnedSocket:
             nursery.start_soon(self._watch_fd)
             while True:
                 self._wake = trio.Event()
+                self._turn_end, self._more = time.perf_counter() + self.TURN_SECONDS, False
                 blocked = self._pump(on_message)
                 self._fd_checked.set()
-                if blocked:
+                if self._more:  # let the other tasks run, then go on sending
+                    await trio.lowlevel.checkpoint()
+                elif blocked:
                     with trio.move_on_after(self.RETRY_INTERVAL):
                         await self._wake.wait()
                 else:
@@ -102,6 +112,12 @@ class OwnedSocket:
 
     def _pump(self, on_message: Callable[[Frames], None]) -> bool:
         raise NotImplementedError
+
+    def _turn_over(self) -> bool:
+        """True once this turn has sent for ``TURN_SECONDS``: stop, and come back."""
+        if time.perf_counter() >= self._turn_end:
+            self._more = True
+        return self._more
 
 
 def frames_size(frames: Frames) -> int:
@@ -191,7 +207,7 @@ class SocketOwner(OwnedSocket):
             for peer in list(self._outboxes):
                 box = self._outboxes[peer]
                 gone = False
-                while box:
+                while box and not self._more:
                     try:
                         self.sock.send_multipart(box[0], zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -204,6 +220,7 @@ class SocketOwner(OwnedSocket):
                         break
                     self._bytes[peer] -= frames_size(box.popleft()[1:])
                     progressed = True
+                    self._turn_over()
                 if gone:
                     self._peer_gone(peer)
                     continue
@@ -215,7 +232,7 @@ class SocketOwner(OwnedSocket):
                 if not box:
                     del self._outboxes[peer]
                     del self._bytes[peer]
-            if not progressed:
+            if not progressed or self._more:
                 return blocked
 
 
@@ -249,6 +266,8 @@ class PublisherOwner(OwnedSocket):
         while True:
             progressed = self._receive_all(on_message)
             while self._outbox:
+                if self._turn_over():
+                    return False  # serve() yields, then pumps again
                 try:
                     self.sock.send_multipart(self._outbox[0], zmq.NOBLOCK, copy=False)
                 except zmq.Again:
