@@ -265,11 +265,72 @@ def test_daemon_restart_gives_a_resync_and_the_fresh_state(daemon, maps, bpffs_d
 
 
 def replay(docs: list[dict]) -> dict:
-    """Entries the events describe (a resync's rows correct the state seen before it)."""
+    """Entries the events describe.  A live resync's rows correct the state seen before
+    it; the rows after a resync at start-up from a checkpoint are the whole state
+    (docs/export.md, Checkpoint and resume)."""
     entries: dict = {}
     for d in docs:
-        if d["action"] in ("added", "updated"):
+        if d["action"] == "resync" and "checkpoint" in d.get("reason", ""):
+            entries = {}
+        elif d["action"] in ("added", "updated"):
             entries[d["key"]] = d["value"]
         elif d["action"] == "removed":
             entries.pop(d["key"], None)
     return entries
+
+
+def _killed_then_restarted(daemon, fd: int, name: str, tmp_path, while_dead) -> list[dict]:
+    """Export with a state file, SIGKILL the exporter, run ``while_dead()``, start it
+    again; returns the output once it rebuilds the map's state."""
+    out, state_file = tmp_path / "out.json", tmp_path / "export.state"
+    args = (name, "--to", f"file://{out}", "--state-file", str(state_file))
+    p = ExportProc(daemon, *args, log=tmp_path / "export1.log")
+    state: dict = {}
+    try:
+        wait_ready(daemon, name)
+        start_sync(fd, lambda key: out.exists() and key.encode() in out.read_bytes())
+        total = change_round(fd, state, adds=30)
+        wait_until(lambda: len(live(json_lines(out))) >= total, "events before the kill")
+        time.sleep(1.0)  # a checkpoint past them
+    finally:
+        p.kill()
+    while_dead(state)
+    with ExportProc(daemon, *args, log=tmp_path / "export2.log") as p2:
+        wait_until(lambda: replay(json_lines(out)) == bpftool_entries(_map_id(fd)),
+                   "the output to rebuild the map's state", timeout=60)
+        assert p2.alive(), p2.stderr()
+    return json_lines(out)
+
+
+def _map_id(fd: int) -> int:
+    return syscall.map_info(fd).id
+
+
+def test_restart_after_the_ring_moved_on_gives_a_resync(daemon_factory, maps, bpffs_dir,
+                                                        tmp_path):
+    d = daemon_factory("--set", "daemon.recent_events=16")
+    name = f"exg{token()}"
+    fd, _ = maps.create("hash", 4, 8, 1024, name=name, pin=bpffs_dir / name)
+
+    def while_dead(state):
+        for _ in range(3):  # 60 events: far more than the 16 the daemon keeps
+            change_round(fd, state, adds=20)
+            time.sleep(0.6)
+
+    docs = _killed_then_restarted(d, fd, name, tmp_path, while_dead)
+    resyncs = [x for x in docs if x["action"] == "resync"]
+    assert resyncs and "no longer cover" in resyncs[0]["reason"]
+
+
+def test_restart_after_a_daemon_restart_gives_a_resync(daemon, maps, bpffs_dir, tmp_path):
+    name = f"exq{token()}"
+    fd, _ = maps.create("hash", 4, 8, 1024, name=name, pin=bpffs_dir / name)
+
+    def while_dead(state):
+        daemon.stop()
+        change_round(fd, state, adds=10, removes=5)
+        daemon.start()
+
+    docs = _killed_then_restarted(daemon, fd, name, tmp_path, while_dead)
+    resyncs = [x for x in docs if x["action"] == "resync"]
+    assert resyncs and "daemon restarted since the checkpoint" in resyncs[0]["reason"]
