@@ -18,9 +18,11 @@ import zmq
 from support.catalog import FakeCatalog, record
 
 from watcher.daemon import errors
+from watcher.daemon.catalog import Catalog
 from watcher.daemon.config import Config, DaemonConfig
 from watcher.daemon.engine import Demand, Engine
 from watcher.daemon.publisher import Stream
+from watcher.daemon.reload import Reloader
 from watcher.daemon.server import RequestServer
 from watcher.wire import schema
 from watcher.wire.transport import (
@@ -357,3 +359,12 @@ async def test_publisher_owner_reports_subscriptions_and_never_waits(zctx):
         assert owner.sent == 6
         nursery.cancel_scope.cancel()
     sub.close()
+
+
+async def test_reload_reaches_the_catalog():
+    """A reloaded daemon.bpffs is where the next listing and selection look."""
+    engine, _ = make_engine(FakeCatalog())
+    engine.catalog = Catalog(["/sys/fs/bpf/a"])
+    new = user_space_config(bpffs=["/sys/fs/bpf/b"])
+    Reloader(lambda: new, engine, []).apply(new)
+    assert engine.catalog.bpffs == ("/sys/fs/bpf/b",) and engine.config is new

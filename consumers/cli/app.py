@@ -247,7 +247,7 @@ def get(
                     writer.chunk(chunk)
                 writer.close()
                 return
-            rows = []
+            rows: list[tuple[bytes, bytes, dict | None]] = []
             m = dump.map
             with _progress(f"reading {m.name}") as progress:
                 async for chunk in dump.chunks():

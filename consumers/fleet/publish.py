@@ -30,15 +30,25 @@ from .subjects import headers, subject
 
 
 class FleetRecord(Protocol):
-    """What the export formats produce for one event (consumers/export)."""
+    """What the export formats produce for one event (consumers/export).
 
-    node: str
-    epoch: str
-    seq: int
-    map: str
-    action: str
-    time: float
-    payload: bytes
+    Read-only members (properties), so frozen records such as ``ExportRecord`` fit.
+    """
+
+    @property
+    def node(self) -> str: ...
+    @property
+    def epoch(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def map(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def time(self) -> float: ...
+    @property
+    def payload(self) -> bytes: ...
 
 
 @attrs.frozen
@@ -104,8 +114,9 @@ class FleetPublisher:
         self._thread = AsyncioThread()
         await self._thread.__aenter__()
         try:
-            self._nc, self._js = await self._thread.run(connect(self.options, self.client_name))
-            await self._thread.run(ensure_stream(self._js, self.options))
+            self._nc, js = await self._thread.run(connect(self.options, self.client_name))
+            self._js = js
+            await self._thread.run(ensure_stream(js, self.options))
         except BaseException:
             await self.aclose()
             raise

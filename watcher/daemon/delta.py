@@ -74,10 +74,10 @@ class Delta:
     ``old_values`` the previous value for updated entries and zeros otherwise.
     """
 
-    actions: bytes
-    keys: bytes
-    values: bytes
-    old_values: bytes
+    actions: bytes | bytearray
+    keys: bytes | bytearray
+    values: bytes | bytearray
+    old_values: bytes | bytearray
     count: int
 
     def __len__(self) -> int:

@@ -17,6 +17,7 @@ import errno
 import fnmatch
 import logging
 import time
+from typing import Any
 
 import attrs
 import trio
@@ -25,6 +26,7 @@ from ..kernel import maps as kmaps
 from ..kernel.dump import value_stride
 from ..kernel.maptypes import DumpMethod, dump_method
 from ..wire import schema
+from ..wire.transport import OutFrames
 from . import catalog, errors
 from .catalog import Catalog, MapGone
 from .config import Config
@@ -209,8 +211,8 @@ class Engine:
         now = time.monotonic()
         current = {r.id: r for r in records}
         for map_id in [i for i in self.watches if i not in current]:
-            watch = self.watches.pop(map_id)
-            self.stream.publish_map_event("map_removed", catalog.to_wire(watch.record))
+            gone = self.watches.pop(map_id)
+            self.stream.publish_map_event("map_removed", catalog.to_wire(gone.record))
         for record in records:
             watch = self.watches.get(record.id)
             if watch is None and record.id not in wanted and record.name not in self._holds:
@@ -358,7 +360,7 @@ class Engine:
                 raise errors.MapVanished(f"{record.name} could not be read")
             return watch.record, watch.snapshot, self.stream.topic_seq.get(record.name, 0)
 
-    def recent(self, pattern: str) -> tuple[list[tuple[object, list[bytes]]], list[str]]:
+    def recent(self, pattern: str) -> tuple[list[tuple[Any, OutFrames]], list[str]]:
         """Recent stream messages of the topics ``pattern`` matches, and which of those
         topics are published now (watched maps and event source buffers)."""
         names = {w.record.name for w in self.watches.values()} | self.stream.source_topics

@@ -122,6 +122,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
               reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); SIGHUP re-reads the config via ``reload``."""
     dconf = config.daemon
+    events_endpoint = dconf.events_endpoint
+    assert events_endpoint is not None  # DaemonConfig derives it from endpoint
     check_capabilities()  # before anything is opened: one line naming what is missing
     release_big_buffers_promptly()
     epoch = secrets.token_hex(8)
@@ -138,18 +140,18 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
     bound: list[str] = []
-    auth = _secure_tcp(config, ctx, [(router, dconf.endpoint), (xpub, dconf.events_endpoint)])
+    auth = _secure_tcp(config, ctx, [(router, dconf.endpoint), (xpub, events_endpoint)])
     publisher = PublisherOwner(xpub)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes)
     engine = Engine(config, stream)
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
-                            socket_name(dconf.events_endpoint))
+                            socket_name(events_endpoint))
     sources = Sources(config.sources, stream)
     reloader = Reloader(reload or (lambda: config), engine, [])
     metrics = MetricsServer(engine, sources, reloader.counts)
     try:
-        for endpoint in (dconf.endpoint, dconf.events_endpoint):
+        for endpoint in (dconf.endpoint, events_endpoint):
             _refuse_live_socket(endpoint)  # before seconds of compiling, not after
         # Event sources load before serving: once the daemon answers ping, they publish.
         # Before the signal handlers, too: LLVM (inside bcc) installs its own for SIGINT
@@ -168,8 +170,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 raise ConfigError(f"metrics.listen {config.metrics.listen}: {e.strerror}") from None
             bind_endpoint(router, dconf.endpoint, dconf)
             bound.append(dconf.endpoint)
-            bind_endpoint(xpub, dconf.events_endpoint, dconf)
-            bound.append(dconf.events_endpoint)
+            bind_endpoint(xpub, events_endpoint, dconf)
+            bound.append(events_endpoint)
             harden(config)  # start-up is over: from here bpf() only reads (seccomp)
             # What start-up made (modules, bcc, config) lives as long as the daemon: out of
             # the collector's sight, so a full collection, which stops the loop too, is short.
@@ -179,7 +181,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             if auth is not None:
                 reloader.targets.append(lambda new: auth.update(new.curve.allowed()))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
-                     dconf.endpoint, dconf.events_endpoint, epoch)
+                     dconf.endpoint, events_endpoint, epoch)
             async with trio.open_nursery() as nursery:
 
                 async def on_signal():

@@ -11,13 +11,13 @@ from __future__ import annotations
 import collections
 import fnmatch
 import time
+from typing import Any
 
 from ..kernel.maps import MapRecord
 from ..wire import schema
-from ..wire.transport import PublisherOwner
+from ..wire.transport import OutFrames, PublisherOwner
 from .delta import Delta
 
-Frames = list[bytes]
 HEADER_ALLOWANCE = 1024  # bytes kept for a batch's JSON header within message_bytes
 
 
@@ -35,19 +35,19 @@ class Stream:
         self.events_published = 0
         self.messages_published = 0
         # topic name -> recent (header, frames) messages, bounded by total events
-        self._recent: dict[str, collections.deque[tuple[object, Frames]]] = {}
+        self._recent: dict[str, collections.deque[tuple[Any, OutFrames]]] = {}
         self._recent_counts: dict[str, int] = {}
         # Topics always listed in heartbeats (event source buffers), watched or not.
         self.source_topics: set[str] = set()
 
-    def _send(self, name: str, header, frames: Frames, events: int) -> None:
+    def _send(self, name: str, header, frames: OutFrames, events: int) -> None:
         topic = schema.map_topic(name)
         self.publisher.publish([topic, schema.encode(header), *frames])
         self.messages_published += 1
         self.events_published += events
         self._remember(name, header, frames, max(events, 1))
 
-    def _remember(self, name: str, header, frames: Frames, weight: int) -> None:
+    def _remember(self, name: str, header, frames: OutFrames, weight: int) -> None:
         if self.recent_limit <= 0:
             return
         ring = self._recent.setdefault(name, collections.deque())
@@ -76,7 +76,7 @@ class Stream:
             self.seq += n
             self.topic_seq[name] = header.topic_seq + n - 1
             ks, vs = start * key_size, start * stride
-            frames = [actions[start:start + n], keys[ks:ks + n * key_size],
+            frames: OutFrames = [actions[start:start + n], keys[ks:ks + n * key_size],
                       values[vs:vs + n * stride], old_values[vs:vs + n * stride]]
             self._send(name, header, frames, n)
         self._own_recent(name)
@@ -137,9 +137,9 @@ class Stream:
                                 interval=self.heartbeat_interval, topics=topics)
         self.publisher.publish([schema.HEARTBEAT_TOPIC, schema.encode(beat)])
 
-    def recent(self, pattern: str) -> list[tuple[object, Frames]]:
+    def recent(self, pattern: str) -> list[tuple[Any, OutFrames]]:
         """Recent messages of every topic whose name matches ``pattern``, in sequence order."""
-        found = []
+        found: list[tuple[Any, OutFrames]] = []
         for name, ring in self._recent.items():
             if fnmatch.fnmatchcase(name, pattern):
                 found.extend(ring)

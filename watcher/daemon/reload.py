@@ -87,7 +87,7 @@ class Reloader:
     def apply(self, new: Config) -> None:
         engine = self.engine
         engine.config = new
-        engine.bpffs = tuple(new.daemon.bpffs)
+        engine.catalog.bpffs = tuple(new.daemon.bpffs)
         stream = engine.stream
         stream.recent_limit = new.daemon.recent_events
         stream.batch_events = new.daemon.batch_events

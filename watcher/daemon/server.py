@@ -134,7 +134,7 @@ class RequestServer:
             if isinstance(request, schema.Ping):
                 await self._reply(peer, schema.Pong(self.version, self.epoch,
                                                     time.monotonic() - self.started,
-                                                    self.config.events_endpoint, req=req))
+                                                    self.config.events_endpoint or "", req=req))
             elif isinstance(request, schema.ListRequest):
                 await self._list(peer, request)
             elif isinstance(request, schema.GetRequest):
@@ -184,7 +184,7 @@ class RequestServer:
                                          f"this daemon speaks {schema.SCHEMA_VERSION}", req=req)
         return request
 
-    async def _reply(self, peer: bytes, message, *extra: bytes) -> None:
+    async def _reply(self, peer: bytes, message, *extra: bytes | memoryview) -> None:
         await self.owner.send(peer, [schema.encode(message), *extra])
 
     async def _error(self, peer: bytes, reply: schema.ErrorReply) -> None:

@@ -40,7 +40,9 @@ from ..kernel import attach
 from ..kernel import maps as kmaps
 from ..kernel.bccload import BccError, BccProgram
 from ..kernel.counters import counter_total
+from ..kernel.perfbuf import PerfBufReader
 from ..kernel.probe import tracefs_unreadable
+from ..kernel.ringbuf import RingBufReader
 from ..wire import schema
 from .config import ConfigError
 from .publisher import HEADER_ALLOWANCE, Stream
@@ -67,7 +69,7 @@ class Buffer:
     kind: str  # "ringbuf" or "perf"
     origin: str
     map_id: int
-    reader: object
+    reader: RingBufReader | PerfBufReader
     config: SourceConfig
     layout: dict | None = None
     drops_fd: int | None = None
@@ -119,6 +121,7 @@ class Sources:
             self.stream.source_topics.add(buf.name)
 
     def _open_program(self, cfg: SourceConfig) -> None:
+        assert cfg.program is not None
         log.info("loading %s with bcc", cfg.program)
         try:
             prog = BccProgram(cfg.program, cfg.cflags)

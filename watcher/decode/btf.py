@@ -258,6 +258,7 @@ class _Strings:
         if s is not None:
             return s
         if off < self.base_len:
+            assert self.base is not None  # base_len is 0 without a base
             s = self.base(off)
         else:
             start = off - self.base_len

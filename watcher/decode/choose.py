@@ -146,7 +146,7 @@ def _add_chunk_json(decode: EntryFormatter, key_flat, value_flat) -> None:
                                         for n in names) + "}")
     template = '{"key":' + parts[0] + ',"value":' + parts[1] + "}"
     key_rows, value_rows = key_flat[0], value_flat[0]
-    decode.chunk_json = lambda keys, values: [
+    decode.chunk_json = lambda keys, values: [  # type: ignore[attr-defined]
         template % (k + v) for k, v in zip(key_rows.iter_unpack(keys),
                                             value_rows.iter_unpack(values))]
 
@@ -213,6 +213,7 @@ def choose(m, btf_blob: bytes | None = None,
 
     fmt_key, fmt_value, flats = _btf_sides(m, btf_blob, notes)
     if fmt_value is not None:
+        assert fmt_key is not None  # _btf_sides gives both or neither
         decode = _plain_entry(m, fmt_key, fmt_value)
         if flats is not None:
             _add_chunk_json(decode, *flats)

@@ -76,9 +76,9 @@ class _CpuRing:
             return 0, 0, False
         off = tail & self.mask
         if off + avail <= self.size:
-            buf = memoryview(self.data[off:off + avail])
+            buf = self.data[off:off + avail].data
         else:  # the unread part wraps past the end of the ring: reassemble it
-            buf = memoryview(np.concatenate((self.data[off:], self.data[:off + avail - self.size])))
+            buf = np.concatenate((self.data[off:], self.data[:off + avail - self.size])).data
         pos = n = lost = 0
         while pos + 8 <= avail and n < limit:
             rtype, _misc, size = _HEADER.unpack_from(buf, pos)

@@ -16,7 +16,7 @@ Compatibility rules (see docs/protocol.md):
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, TypeGuard, Union, cast
 
 import attrs
 import cattrs
@@ -471,7 +471,7 @@ def encode(message) -> bytes:
 def decode(data: bytes):
     """Parse a first frame; any problem becomes one :class:`WireError`."""
     try:
-        message = converter.loads(data, Message)
+        message = converter.loads(data, cast(Any, Message))  # a Union: cattrs takes it
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as e:
         raise WireError(_describe(data, e)) from None
     return message
@@ -484,7 +484,7 @@ def _describe(data: bytes, error: Exception) -> str:
     return f"invalid message: {error}"
 
 
-def valid_req(req: object) -> bool:
+def valid_req(req: object) -> TypeGuard[int]:
     return type(req) is int and 0 <= req < REQ_LIMIT
 
 

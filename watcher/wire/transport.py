@@ -18,11 +18,24 @@ import collections
 import errno
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 import trio
 import zmq
 
 Frames = list[bytes]
+# Going out, a frame may also be a view of a buffer: ZeroMQ sends it without a copy.
+OutFrames = list[bytes | memoryview]
+# What an owner hands ``on_message``: bytes, or zmq.Frame where metadata is needed.
+OnMessage = Callable[[list[Any]], None]
+
+
+def _fd(sock: zmq.Socket) -> int:
+    return cast(int, sock.getsockopt(zmq.FD))
+
+
+def _events(sock: zmq.Socket) -> int:
+    return cast(int, sock.getsockopt(zmq.EVENTS))
 
 
 async def recv_multipart(sock: zmq.Socket) -> Frames:
@@ -32,12 +45,12 @@ async def recv_multipart(sock: zmq.Socket) -> Frames:
             return sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             pass
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if _events(sock) & zmq.POLLIN:
             continue
-        await trio.lowlevel.wait_readable(sock.getsockopt(zmq.FD))
+        await trio.lowlevel.wait_readable(_fd(sock))
 
 
-async def send_multipart(sock: zmq.Socket, frames: Frames) -> None:
+async def send_multipart(sock: zmq.Socket, frames: OutFrames) -> None:
     """Send one multipart message, waiting while the socket is at its high-water mark."""
     while True:
         try:
@@ -45,9 +58,9 @@ async def send_multipart(sock: zmq.Socket, frames: Frames) -> None:
             return
         except zmq.Again:
             pass
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+        if _events(sock) & zmq.POLLOUT:
             continue
-        await trio.lowlevel.wait_readable(sock.getsockopt(zmq.FD))
+        await trio.lowlevel.wait_readable(_fd(sock))
 
 
 class PeerGone(Exception):
@@ -69,7 +82,7 @@ class OwnedSocket:
 
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = _fd(sock)
         self._wake = trio.Event()
         self._fd_checked = trio.Event()
         self._turn_end = 0.0  # when this turn of the pump is over
@@ -78,7 +91,7 @@ class OwnedSocket:
     def _poke(self) -> None:
         self._wake.set()
 
-    async def serve(self, on_message: Callable[[Frames], None]) -> None:
+    async def serve(self, on_message: OnMessage) -> None:
         """Own the socket until cancelled; ``on_message`` must not block."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_fd)
@@ -103,14 +116,14 @@ class OwnedSocket:
             # Wait until the owner has read EVENTS, which resets the fd.
             await self._fd_checked.wait()
 
-    def _receive_all(self, on_message: Callable[[Frames], None]) -> bool:
+    def _receive_all(self, on_message: OnMessage) -> bool:
         received = False
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while _events(self.sock) & zmq.POLLIN:
             on_message(self.sock.recv_multipart(zmq.NOBLOCK))
             received = True
         return received
 
-    def _pump(self, on_message: Callable[[Frames], None]) -> bool:
+    def _pump(self, on_message: OnMessage) -> bool:
         raise NotImplementedError
 
     def _turn_over(self) -> bool:
@@ -120,7 +133,7 @@ class OwnedSocket:
         return self._more
 
 
-def frames_size(frames: Frames) -> int:
+def frames_size(frames: OutFrames) -> int:
     return sum(len(f) for f in frames)
 
 
@@ -143,7 +156,7 @@ class SocketOwner(OwnedSocket):
         super().__init__(sock)
         self._limit = outbox_bytes
         self._on_gone = on_gone
-        self._outboxes: dict[bytes, collections.deque[Frames]] = {}
+        self._outboxes: dict[bytes, collections.deque[OutFrames]] = {}
         self._bytes: dict[bytes, int] = {}
         self._space: dict[bytes, trio.Event] = {}
         self._gone: set[bytes] = set()
@@ -153,12 +166,12 @@ class SocketOwner(OwnedSocket):
         used = self._bytes.get(peer, 0)
         return used == 0 or used + size <= self._limit
 
-    def _queue(self, peer: bytes, frames: Frames, size: int) -> None:
+    def _queue(self, peer: bytes, frames: OutFrames, size: int) -> None:
         self._outboxes.setdefault(peer, collections.deque()).append([peer, *frames])
         self._bytes[peer] = self._bytes.get(peer, 0) + size
         self._poke()
 
-    async def send(self, peer: bytes, frames: Frames) -> None:
+    async def send(self, peer: bytes, frames: OutFrames) -> None:
         """Queue ``frames`` for ``peer``; waits while its outbox is full."""
         size = frames_size(frames)
         while True:
@@ -170,7 +183,7 @@ class SocketOwner(OwnedSocket):
             event = self._space.setdefault(peer, trio.Event())
             await event.wait()
 
-    def try_send(self, peer: bytes, frames: Frames) -> bool:
+    def try_send(self, peer: bytes, frames: OutFrames) -> bool:
         """Queue ``frames`` for ``peer`` if its outbox has room; False if not (or gone)."""
         size = frames_size(frames)
         if peer in self._gone or not self._fits(peer, size):
@@ -199,7 +212,7 @@ class SocketOwner(OwnedSocket):
         if self._on_gone is not None:
             self._on_gone(peer)
 
-    def _pump(self, on_message: Callable[[Frames], None]) -> bool:
+    def _pump(self, on_message: OnMessage) -> bool:
         """Receive and send until neither can progress; True if a peer is blocked."""
         while True:
             progressed = self._receive_all(on_message)
@@ -247,22 +260,22 @@ class PublisherOwner(OwnedSocket):
 
     def __init__(self, sock: zmq.Socket):
         super().__init__(sock)
-        self._outbox: collections.deque[Frames] = collections.deque()
+        self._outbox: collections.deque[OutFrames] = collections.deque()
         self.sent = 0
 
-    def _receive_all(self, on_message: Callable[[Frames], None]) -> bool:
+    def _receive_all(self, on_message: OnMessage) -> bool:
         # Uncopied frames: their metadata (ZMQ_SRCFD, Peer-Address) says who subscribed.
         received = False
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while _events(self.sock) & zmq.POLLIN:
             on_message(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
             received = True
         return received
 
-    def publish(self, frames: Frames) -> None:
+    def publish(self, frames: OutFrames) -> None:
         self._outbox.append(frames)
         self._poke()
 
-    def _pump(self, on_message: Callable[[Frames], None]) -> bool:
+    def _pump(self, on_message: OnMessage) -> bool:
         while True:
             progressed = self._receive_all(on_message)
             while self._outbox:
