@@ -35,12 +35,12 @@ from .jetstream import FleetError, FleetUnavailable, close_connection, connect
 from .options import FleetOptions
 from .subjects import (
     HEADER_ACTION,
-    HEADER_EPOCH,
     HEADER_MAP,
     HEADER_NODE,
-    HEADER_SEQ,
     HEADER_TIME,
+    MSG_ID,
     filter_subject,
+    parse_msg_id,
 )
 
 FETCH_WAIT = 1.0  # seconds a fetch waits for the first message before asking again
@@ -68,9 +68,10 @@ class FleetMessage:
 
 def _message(msg: Msg, now: float) -> FleetMessage:
     h = msg.headers or {}
-    return FleetMessage(node=h.get(HEADER_NODE, ""), map=h.get(HEADER_MAP, ""),
-                        action=h.get(HEADER_ACTION, ""), epoch=h.get(HEADER_EPOCH, ""),
-                        seq=int(h.get(HEADER_SEQ, 0) or 0), time=float(h.get(HEADER_TIME, 0) or 0),
+    node = h.get(HEADER_NODE, "")
+    epoch, seq = parse_msg_id(node, h.get(MSG_ID, ""))
+    return FleetMessage(node=node, map=h.get(HEADER_MAP, ""), action=h.get(HEADER_ACTION, ""),
+                        epoch=epoch, seq=seq, time=float(h.get(HEADER_TIME, 0) or 0),
                         payload=msg.data, stream_seq=msg.metadata.sequence.stream,
                         received=now, msg=msg)
 
