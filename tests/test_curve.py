@@ -4,14 +4,13 @@ an unknown key gets nothing, and TCP without keys is refused."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import zmq
-from conftest import PYMAP, Daemon
+from conftest import PYMAP
+from support.curve import make_keys, start_tcp_daemon
 from support.events import Follower
 from support.kernel import bpftool_entries, one_error_line, token, u32, u64
 from support.prometheus import free_port
@@ -22,63 +21,9 @@ from watcher.wire import schema
 pytestmark = pytest.mark.kernel
 
 
-def _keys(tmp_path: Path) -> Path:
-    keys = tmp_path / "keys"
-    for name, where in (("server", "server"), ("alice", "clients-secret"),
-                        ("mallory", "mallory")):
-        subprocess.run([PYMAP, "keys", "make", name, "-d", str(keys / where)], check=True,
-                       capture_output=True, timeout=60)
-    (keys / "clients").mkdir()
-    (keys / "clients" / "alice.key").write_bytes((keys / "clients-secret" / "alice.key").read_bytes())
-    return keys
-
-
-class TcpDaemon(Daemon):
-    """A daemon serving tcp:// on loopback, with CURVE; ``cli`` runs as the given client."""
-
-    def __init__(self, tmp: Path, bpffs: Path, config: Path, keys: Path):
-        super().__init__(tmp, bpffs, [])
-        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.events_endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.args = [PYMAP, "daemon", "-c", str(config), "--endpoint", self.endpoint,
-                     "--events-endpoint", self.events_endpoint, "--bpffs", str(bpffs),
-                     "--interval", "0.2"]
-        self.client_env = {"PYMAP_CURVE_SERVER_KEY": str(keys / "server" / "server.key"),
-                           "PYMAP_CURVE_CLIENT_CERT": str(keys / "clients-secret" / "alice.key_secret")}
-
-    def start(self) -> None:
-        self._log_file = open(self.log, "wb")
-        self.proc = subprocess.Popen(self.args, stdout=self._log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
-            if self.cli("ping", "--timeout", "1").returncode == 0:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"daemon did not answer ping: {self.log.read_text()}")
-
-    def cli(self, *args: str, timeout: float = 120, check: bool = False,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-        full = {**os.environ, "PYMAP_ENDPOINT": self.endpoint, "COLUMNS": "200",
-                **self.client_env, **(env or {})}
-        proc = subprocess.run([PYMAP, *args], capture_output=True, text=True, env=full,
-                              timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"pymap {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-        return proc
-
-
 @pytest.fixture
 def tcp_daemon(tmp_path, bpffs_dir):
-    keys = _keys(tmp_path)
-    config = tmp_path / "pymap.toml"
-    config.write_text(f'[curve]\nserver_key = "{keys}/server/server.key_secret"\n'
-                      f'clients = "{keys}/clients"\n')
-    (tmp_path / "d").mkdir()
-    d = TcpDaemon(tmp_path / "d", bpffs_dir, config, keys)
-    d.keys = keys
-    d.start()
+    d = start_tcp_daemon(tmp_path, bpffs_dir)
     yield d
     d.stop()
 
@@ -145,7 +90,7 @@ def test_tcp_without_keys_is_refused(tmp_path, bpffs_dir):
                            "--bpffs", str(bpffs_dir)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "needs CURVE" in one_error_line(proc.stderr)
-    keys = _keys(tmp_path)
+    keys = make_keys(tmp_path)
     bad = tmp_path / "bad.toml"
     bad.write_text(f'[curve]\nserver_key = "{keys}/server/server.key"\nclients = "{keys}/clients"\n')
     proc = subprocess.run([PYMAP, "daemon", "-c", str(bad), "--endpoint",

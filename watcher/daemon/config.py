@@ -272,6 +272,28 @@ class CurveConfig:
 
 
 @attrs.define
+class AccessRule:
+    """Who (any of clients, users, groups) sees which maps (allow, then deny, name globs)."""
+
+    clients: list[str] = attrs.field(factory=list, validator=_list_of_str)  # CURVE key names
+    users: list[str] = attrs.field(factory=list, validator=_list_of_str)  # unix socket peers
+    groups: list[str] = attrs.field(factory=list, validator=_list_of_str)  # ... by group
+    allow: list[str] = attrs.field(factory=list, validator=_list_of_str)  # empty: every map
+    deny: list[str] = attrs.field(factory=list, validator=_list_of_str)
+
+    def __attrs_post_init__(self) -> None:
+        if not (self.clients or self.users or self.groups):
+            raise ConfigError("access.rules: a rule names no clients, users or groups")
+
+
+@attrs.define
+class AccessConfig:
+    # What a peer that no rule names sees: "allow" (every map) or "deny" (none).
+    default: str = attrs.field(default="allow", validator=attrs.validators.in_(["allow", "deny"]))
+    rules: list[AccessRule] = attrs.Factory(list)  # the first rule naming the peer applies
+
+
+@attrs.define
 class Config:
     daemon: DaemonConfig = attrs.Factory(DaemonConfig)
     watch: WatchConfig = attrs.Factory(WatchConfig)
@@ -283,6 +305,7 @@ class Config:
     sources: list[SourceConfig] = attrs.Factory(list)
     metrics: MetricsConfig = attrs.Factory(MetricsConfig)
     curve: CurveConfig = attrs.Factory(CurveConfig)
+    access: AccessConfig = attrs.Factory(AccessConfig)
 
     def always_watched(self) -> list[str]:
         """Name globs polled whatever the demand: ``watch.always`` and the metrics maps."""

@@ -21,9 +21,9 @@ from importlib import metadata
 import trio
 import zmq
 
-from ..wire.curve import is_tcp
+from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
-from .access import CurveAuthenticator
+from .access import Authenticator, Policy
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
 from .logs import setup_logging
@@ -140,7 +140,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
     bound: list[str] = []
-    auth = _secure_tcp(config, ctx, [(router, dconf.endpoint), (xpub, events_endpoint)])
+    auth = _authenticate(config, ctx, router, xpub)
     publisher = PublisherOwner(xpub)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes)
@@ -176,10 +176,11 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             # What start-up made (modules, bcc, config) lives as long as the daemon: out of
             # the collector's sight, so a full collection, which stops the loop too, is short.
             gc.freeze()
-            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate)
+            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate,
+                                   access=Policy(config.access))
             reloader.targets += [server.reconfigure, metrics.reconfigure]
-            if auth is not None:
-                reloader.targets.append(lambda new: auth.update(new.curve.allowed()))
+            reloader.targets.append(lambda new: auth.update(new.curve.allowed(),
+                                                            Policy(new.access)))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, events_endpoint, epoch)
             async with trio.open_nursery() as nursery:
@@ -206,25 +207,27 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     log.info("stopped")
 
 
-def _secure_tcp(config: Config, ctx: zmq.Context,
-                sockets: list[tuple[zmq.Socket, str]]) -> CurveAuthenticator | None:
-    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys)."""
-    tcp = [sock for sock, endpoint in sockets if is_tcp(endpoint)]
-    if not tcp:
-        return None
-    keys = config.curve.server_keys()
-    for sock in tcp:
-        keys.apply(sock)
-    auth = CurveAuthenticator(ctx, config.curve.allowed())
+def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
+                  xpub: zmq.Socket) -> Authenticator:
+    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys), and ZAP on
+    the event socket in any case, where access rules keep restricted peers out."""
+    dconf = config.daemon
+    keys = config.curve.server_keys() if config.curve.server_key else None
+    for sock, endpoint, domain in ((router, dconf.endpoint, ZAP_DOMAIN),
+                                   (xpub, dconf.events_endpoint or "", EVENTS_ZAP_DOMAIN)):
+        if is_tcp(endpoint):
+            assert keys is not None
+            keys.apply(sock, domain)
+    xpub.zap_domain = EVENTS_ZAP_DOMAIN
+    auth = Authenticator(ctx, config.curve.allowed(), Policy(config.access))
     auth.start()
     return auth
 
 
 def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[str],
-           ctx: zmq.Context, auth: CurveAuthenticator | None) -> None:
+           ctx: zmq.Context, auth: Authenticator) -> None:
     """Free everything the daemon holds."""
-    if auth is not None:
-        auth.stop()
+    auth.stop()
     sources.close()
     router.close(linger=0)
     xpub.close(linger=0)

@@ -18,7 +18,8 @@ import attrs
 import zmq
 import zmq.utils.z85
 
-ZAP_DOMAIN = b"pymap"
+ZAP_DOMAIN = b"pymap"  # the request socket's
+EVENTS_ZAP_DOMAIN = b"pymap-events"  # the event socket's (access rules gate it)
 KEY_LENGTH = 40  # a Z85-encoded 32-byte key
 
 
@@ -101,12 +102,12 @@ class ServerKeys:
     public: bytes
     secret: bytes
 
-    def apply(self, sock: zmq.Socket) -> None:
+    def apply(self, sock: zmq.Socket, domain: bytes = ZAP_DOMAIN) -> None:
         """Make ``sock`` a CURVE server; the ZAP handler decides who may connect."""
         sock.curve_server = True
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
-        sock.zap_domain = ZAP_DOMAIN
+        sock.zap_domain = domain
 
 
 @attrs.frozen

@@ -137,6 +137,18 @@ def frames_size(frames: OutFrames) -> int:
     return sum(len(f) for f in frames)
 
 
+def identity(frame: zmq.Frame) -> tuple[str, str]:
+    """(User-Id, Peer-Address) of a received frame: the CURVE client's name ("" without
+    ZAP), and for ipc:// peers ``...:uid:gid:pid`` (SO_PEERCRED, filled in by libzmq)."""
+    out: list[str] = []
+    for prop in ("User-Id", "Peer-Address"):
+        try:
+            out.append(str(frame.get(prop) or ""))
+        except zmq.ZMQError:
+            out.append("")  # not set on this connection
+    return out[0], out[1]
+
+
 class SocketOwner(OwnedSocket):
     """The one task that touches a ROUTER socket, with an outbox per peer bounded in bytes.
 
@@ -150,6 +162,11 @@ class SocketOwner(OwnedSocket):
     ``on_gone``, which cancels its other work.
     """
 
+    # Read each request's ZeroMQ metadata (for access rules): (User-Id, Peer-Address)
+    # of the message being handed to on_message, in ``last_identity``.
+    identify = False
+    last_identity: tuple[str, str] = ("", "")
+
     def __init__(self, sock: zmq.Socket, outbox_bytes: int = 4 << 20,
                  on_gone: Callable[[bytes], None] | None = None):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -160,6 +177,17 @@ class SocketOwner(OwnedSocket):
         self._bytes: dict[bytes, int] = {}
         self._space: dict[bytes, trio.Event] = {}
         self._gone: set[bytes] = set()
+
+    def _receive_all(self, on_message: Callable[[Frames], None]) -> bool:
+        if not self.identify:
+            return super()._receive_all(on_message)
+        received = False
+        while _events(self.sock) & zmq.POLLIN:
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            self.last_identity = identity(frames[-1])
+            on_message([f.bytes for f in frames])
+            received = True
+        return received
 
     def _fits(self, peer: bytes, size: int) -> bool:
         # One message larger than the whole budget still goes, alone (a big get chunk).
