@@ -20,7 +20,7 @@ import trio
 
 from watcher.wire.schema import MapRef
 
-from ..cli.eventsout import MapCache
+from ..eventjson import MapCache
 from ..subscriber import Event
 from .checkpoint import Checkpoint
 from .delivery import Delivery, Gap

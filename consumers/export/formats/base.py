@@ -9,8 +9,8 @@ import attrs
 
 from watcher.wire.schema import MapInfo
 
-from ...cli.eventsout import event_json
 from ...decoding import EntryFormatter
+from ...eventjson import event_json
 from ...subscriber import Event
 from ..record import ExportRecord
 
