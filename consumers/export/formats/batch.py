@@ -36,7 +36,7 @@ SLOTS = ("seq", "key", "value", "old", "fmt")
 _INDEX = {name: i for i, name in enumerate(SLOTS)}
 # JSON: a marker that is a whole string value ("\u0000key\u0000"), or inside one.
 JSON_MARK = re.compile(rb'"\\u0000(\w+)\\u0000"|\\u0000(\w+)\\u0000')
-TEXT_MARK = re.compile(rb"\x00(\w+)\x00()")
+TEXT_MARK = re.compile(rb"()\x00(\w+)\x00")  # CEF: inside text, never quoted
 # Whole-value slots that are JSON strings keep their quotes around the raw text.
 QUOTED = {"key", "value", "old"}
 
@@ -85,6 +85,7 @@ class BatchRenderer:
     def __init__(self, fmt_obj, text: bool = False):
         self.format = fmt_obj
         self.text = text  # CEF: plain text, markers raw
+        self.templated = 0  # events rendered through a template (the rest: per event)
 
     def render(self, view: EntryBatch, info: MapInfo | None, fmt: EntryFormatter | None,
                node: str, epoch: str) -> list[ExportRecord]:
@@ -124,6 +125,7 @@ class BatchRenderer:
                 payload = self.format.payload(base.facts(event, info, fmt, node, epoch))
             else:
                 payload = t.fill(values)
+                self.templated += 1
             out.append(ExportRecord(node, epoch, seq, name, action, when, payload))
         return out
 
