@@ -282,7 +282,7 @@ async def test_socket_owner_bounds_each_peer_and_reports_vanished_peers(zctx):
     router = zctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.SNDHWM, 1)
     router.bind(endpoint)
-    owner = SocketOwner(router, outbox_limit=2)
+    owner = SocketOwner(router, outbox_bytes=250)  # two 100-byte messages fit, not three
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.RCVHWM, 1)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -341,7 +341,7 @@ async def test_publisher_owner_reports_subscriptions_and_never_waits(zctx):
     subs: list[bytes] = []
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(owner.serve, lambda frames: subs.append(frames[0]))
+        nursery.start_soon(owner.serve, lambda frames: subs.append(frames[0].bytes))
         sub.setsockopt(zmq.SUBSCRIBE, b"map:a\0")
         sub.setsockopt(zmq.SUBSCRIBE, b"hb")
         with trio.fail_after(5):
