@@ -11,7 +11,10 @@ from .exporter import ExportConfigError, ExportSpec
 
 KEYS = {f.name for f in attrs.fields(ExportSpec)} | {"maps"}
 OUTPUT_KEYS = ("max_bytes", "backups", "mode", "sd_id", "app_name", "facility", "ca", "cert",
-               "key", "server_name", "subject", "stream", "creds")
+               "key", "server_name", "subject", "stream", "creds",
+               # nats:// (docs/fleet.md)
+               "prefix", "nkey", "tls_ca", "tls_cert", "tls_key", "replicas", "max_age",
+               "duplicate_window", "create", "ack_timeout", "connect_timeout")
 
 
 def load(path: str) -> list[ExportSpec]:

@@ -52,6 +52,7 @@ class ExportSpec:
     decode: bool = True
     options: dict[str, Any] = attrs.Factory(dict)  # the output's options
     name: str = ""
+    node: str = ""  # the node name in records (fleets: NATS subjects); "" = the host name
 
     def check(self) -> None:
         if not self.selectors:
@@ -71,7 +72,7 @@ class Exporter:
         spec.check()
         self.client = client
         self.spec = spec
-        self.node = node or socket.gethostname()
+        self.node = node or spec.node or socket.gethostname()
         self.format = FORMATS[spec.format](version)
         self.output = make_output(spec.to, spec.options)
         self.checkpoint = Checkpoint(spec.state_file)
@@ -91,6 +92,8 @@ class Exporter:
         return self.format.render(facts(event, None, None, self.node, self.epoch))
 
     def wanted(self, event: Event) -> bool:
+        if not self.spec.actions and not self.spec.exclude:
+            return True
         if event.action in STREAM_ACTIONS:
             return True
         if self.spec.actions and event.action not in self.spec.actions:
@@ -102,8 +105,8 @@ class Exporter:
         resume = self.checkpoint.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.delivery.run)
-            async with ResumingStream(self.client, self.spec.selectors, resume) as stream:
-                self.stream = stream
+            self.stream = stream = ResumingStream(self.client, self.spec.selectors, resume)
+            async with stream:
                 task_status.started()
                 async for event in stream:
                     self.epoch = stream.epoch or ""

@@ -18,6 +18,7 @@ import errno
 import fnmatch
 import logging
 import time
+from typing import Any
 
 import attrs
 import trio
@@ -26,6 +27,7 @@ from ..kernel import maps as kmaps
 from ..kernel.dump import value_stride
 from ..kernel.maptypes import DumpMethod, dump_method
 from ..wire import schema
+from ..wire.transport import OutFrames
 from . import catalog, errors
 from .catalog import Catalog, MapGone
 from .config import Config
@@ -92,8 +94,12 @@ class Demand:
         return any(p.startswith(prefix) or prefix.startswith(p) for p in self.prefixes)
 
     def wants(self, name: str) -> bool:
+        return self.covers(tuple(self.prefixes), name)
+
+    @staticmethod
+    def covers(prefixes: tuple[bytes, ...], name: str) -> bool:
         topic = schema.map_topic(name)
-        return any(topic.startswith(p) for p in self.prefixes)
+        return any(topic.startswith(p) for p in prefixes)
 
 
 @attrs.frozen
@@ -146,13 +152,29 @@ class Engine:
     def poke(self) -> None:
         self._wake.set()
 
-    def _why_watched(self, name: str, now: float) -> str | None:
-        linger = self.config.watch.linger
-        if self.demand.wants(name):
-            self._holds[name] = (now + linger, "lingering")
-            return "subscribed"
-        if any(fnmatch.fnmatchcase(name, p) for p in self.config.always_watched()):
-            return "always"
+    @staticmethod
+    def _wanted(records: list[kmaps.MapRecord], prefixes: tuple[bytes, ...],
+                always: tuple[str, ...]) -> dict[int, str]:
+        """Map id -> "subscribed" or "always", for the maps demand or config want.
+
+        A host has thousands of maps: matching each against every subscription and glob
+        is a worker thread's job (on copies of the demand), not the loop's.
+        """
+        wanted = {}
+        for record in records:
+            if Demand.covers(prefixes, record.name):
+                wanted[record.id] = "subscribed"
+            elif any(fnmatch.fnmatchcase(record.name, p) for p in always):
+                wanted[record.id] = "always"
+        return wanted
+
+    def _why_watched(self, name: str, now: float, wanted: str | None) -> str | None:
+        """Why to watch ``name`` (None: not to); ``wanted`` is :meth:`_wanted`'s answer."""
+        if wanted == "subscribed":
+            self._holds[name] = (now + self.config.watch.linger, "lingering")
+            return wanted
+        if wanted is not None:
+            return wanted
         until, reason = self._holds.get(name, (0.0, ""))
         if until > now:
             return reason
@@ -205,15 +227,19 @@ class Engine:
         self.poke()
 
     async def cycle(self) -> None:
+        prefixes, always = tuple(self.demand.prefixes), tuple(self.config.always_watched())
         records = await self._records()
+        wanted = await trio.to_thread.run_sync(self._wanted, records, prefixes, always)
         now = time.monotonic()
         current = {r.id: r for r in records}
         for map_id in [i for i in self.watches if i not in current]:
-            watch = self.watches.pop(map_id)
-            self.stream.publish_map_event("map_removed", catalog.to_wire(watch.record))
+            gone = self.watches.pop(map_id)
+            self.stream.publish_map_event("map_removed", catalog.to_wire(gone.record))
         for record in records:
-            reason = self._why_watched(record.name, now)
             watch = self.watches.get(record.id)
+            if watch is None and record.id not in wanted and record.name not in self._holds:
+                continue  # the many maps nobody wants: nothing more to do on the loop
+            reason = self._why_watched(record.name, now, wanted.get(record.id))
             if reason is None:
                 if watch is not None:
                     del self.watches[record.id]  # nobody wants it any more
@@ -286,8 +312,10 @@ class Engine:
                 watch.snapshot = snap
             else:
                 prev = watch.snapshot or Snapshot.empty(snap.key_size, snap.stride)
-                delta = (snapshot_as_added(snap) if watch.snapshot is None
-                         else await trio.to_thread.run_sync(diff, prev, snap))
+                # Both walk every entry: a worker thread's job, never the loop's.
+                delta = await (trio.to_thread.run_sync(snapshot_as_added, snap)
+                               if watch.snapshot is None
+                               else trio.to_thread.run_sync(diff, prev, snap))
                 watch.snapshot = snap
                 if delta.count:
                     self.stream.publish_delta(watch.record, snap.key_size, snap.stride,
@@ -354,7 +382,7 @@ class Engine:
                 raise errors.MapVanished(f"{record.name} could not be read")
             return watch.record, watch.snapshot, self.stream.topic_seq.get(record.name, 0)
 
-    def recent(self, pattern: str) -> tuple[list[tuple[object, list[bytes]]], list[str]]:
+    def recent(self, pattern: str) -> tuple[list[tuple[Any, OutFrames]], list[str]]:
         """Recent stream messages of the topics ``pattern`` matches, and which of those
         topics are published now (watched maps and event source buffers)."""
         names = {w.record.name for w in self.watches.values()} | self.stream.source_topics

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import attrs
 from prometheus_client import CollectorRegistry, start_http_server
@@ -270,7 +271,7 @@ class MetricsServer:
         self.daemon = DaemonCollector(engine, sources, reloads)
         self.registry.register(self.daemon)
         self.registry.register(_MapCollector(self))
-        self._http = None
+        self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.listen: str | None = None
 

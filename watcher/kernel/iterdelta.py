@@ -1,24 +1,28 @@
-"""Change detection inside the kernel: a BPF iterator walks a watched map and
-emits only the entries whose value changed since its last walk.
+"""Change detection inside the kernel: a generated BPF program walks a watched map
+and emits only the entries whose value changed since its last walk.
 
-Per watched map pymap owns three kernel objects (made in :func:`_create_objects`,
+Per watched map pymap owns these kernel objects (made in :meth:`IterDelta._create_objects`
 through :mod:`.progload`, the one place the daemon creates BPF objects):
 
 * a **shadow map** with the watched map's keys: ``{fingerprint words, generation}``
   per key (a hash map; an array for arrays, where keys are indices);
-* a one-entry **state** array: the current generation and the walk's counters;
-* a generated **walk program** (``bpf_iter__bpf_map_elem``), and for hash-like
-  maps a **sweep program** over the shadow map that emits keys whose generation
-  is stale (their entries were not seen: removed).
+* a one-entry **state** array: the generation, the walk's counters and cursors;
+* for maps that are not per-CPU: a **ring buffer**, a BTF blob (callback
+  ``func_info``), two **walk records** for hash-like maps, and a sweep program;
+* per walk, a **walk program**: ``bpf_for_each_map_elem`` run once by
+  ``BPF_PROG_TEST_RUN`` (the default), or a ``bpf_map_elem`` iterator (the first
+  walk, per-CPU maps, and output beyond the ring).
 
 The walk, per entry: fingerprint the value (all CPUs' slots of a per-CPU map),
 look the key up in the shadow map; absent (or never written, for arrays) ->
-write the entry ``key, value`` to the iterator's output and insert it; present
-with other fingerprint words -> write the entry, then store the new words;
-either way stamp the current generation.  Only changed entries cross to user
-space.  ``seen`` counts shadow keys stamped this walk (each once); when it
-equals the shadow's size before the walk, no key can be missing, so the sweep
-runs only when something was removed.
+write the entry ``key, value`` out and insert it; present with other
+fingerprint words -> write the entry, then store the new words; either way
+stamp the current generation.  Only changed entries cross to user space.
+``seen`` counts shadow keys stamped this walk (each once); when it equals the
+shadow's size before the walk, no key can be missing, so a sweep for removed
+keys runs only when something was removed.  Hash maps first try the last
+walk's record (:func:`_positional`, :func:`check_program`), which avoids the
+shadow lookups for entries whose place in the walk did not change.
 
 The fingerprint: values up to :data:`EXACT_MAX` bytes (the whole per-CPU row)
 are kept whole, so comparing is exact.  Longer values keep one 64-bit word of
@@ -28,17 +32,17 @@ fingerprint, and other changes collide with probability about 2^-64.  A
 collision costs one missed ``updated`` event: the next change of that entry
 is delivered (with the then-current value and the last delivered old value).
 
-Idempotent output: the kernel re-runs the program for the element whose
-output overflowed the seq_file buffer (at most 8 pages per read()), so each
-element first writes its output and only then commits its shadow entry.
+Idempotent output: the kernel re-runs an iterator program for the element
+whose output overflowed the seq_file buffer (8 pages per read()), and a full
+ring drops a for_each record; so each element first writes its output and only
+then commits its shadow entry.
 
 Read only: the watched map is opened ``BPF_F_RDONLY``, but the kernel does not
-check an fd's mode when attaching an iterator, and ``ctx->value`` is a writable
-buffer to the verifier.  What keeps the watched map unwritten is the generated
-code: every store in it targets the stack (R10) or a shadow-map entry (R9),
-which :func:`_check_read_only` asserts before every load; the key and value
-pointers live in R7 and R8 and are only read or passed to helpers as
-read-only arguments (see docs/architecture.md).
+check an fd's mode when attaching an iterator or loading a program that names
+the map, and the element's value pointer is writable to the verifier.  What
+keeps the watched map unwritten is the generated code: every store targets the
+stack or pymap's own memory, which :func:`_check_read_only` asserts before
+every load (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from . import progload
 from .bpfasm import (
     ADD,
     JEQ,
+    JGE,
     JMP,
     JMP32,
     JNE,
@@ -93,6 +98,7 @@ SUPPORTED_TYPES = frozenset({"hash", "lru_hash", "percpu_hash", "lru_percpu_hash
 EXACT_MAX = 32  # value rows up to this many bytes are kept whole in the shadow map
 MAX_STRIDE = 8192  # longer rows: the unrolled fingerprint would be too long a program
 MAX_KEY = 256  # keys are copied to the 512-byte stack
+LOOKAHEAD = 4  # old record entries a hash walk looks at before the shadow map
 RING_BYTES = 4 << 20  # for_each output per run; more goes through the iterator
 
 # helpers
@@ -103,7 +109,8 @@ _EACH_CALLBACK_AT = 9  # the for_each program's callback starts at this instruct
 # struct bpf_iter__bpf_map_elem: meta, map, key, value (8-byte pointers)
 _CTX_META, _CTX_KEY, _CTX_VALUE = 0, 16, 24
 # state value: generation, then counters the walk and sweep add to
-STATE_FIELDS = ("gen", "seen", "added", "changed", "full", "overflow", "ord", "dirty")
+STATE_FIELDS = ("gen", "seen", "added", "changed", "full", "overflow", "ord", "dirty", "j",
+                "old_count", "hits")
 _STATE = {name: 8 * i for i, name in enumerate(STATE_FIELDS)}
 _STATE_SIZE = 8 * len(STATE_FIELDS)
 _PRIME = 0x9E3779B97F4A7C15
@@ -142,7 +149,7 @@ def shadow_bytes_estimate(record: MapRecord, stride: int) -> int:
         return record.max_entries * value + ring
     n = shadow_entries(record)
     buckets = 1 << max(n - 1, 1).bit_length()
-    order = n * (((record.key_size + 7) & ~7) + value - 8) if uses_for_each(record) else 0
+    order = 2 * n * (((record.key_size + 7) & ~7) + value) if uses_for_each(record) else 0
     return (n * (_HTAB_ELEM + ((record.key_size + 7) & ~7) + value) + buckets * _HTAB_BUCKET
             + ring + order)
 
@@ -246,16 +253,25 @@ def _emit_row(a: Asm, key_size: int, stride: int, ring_fd: int | None, state_fd:
               fail: str) -> None:
     """Write ``key | value`` (R7, R8) to the output; on no room, jump to ``fail``.
 
-    Iterator: two ``bpf_seq_write`` calls.  for_each: one ring buffer
-    reservation (R4 holds it: its only use as a store base, see
-    :func:`_check_read_only`), filled and submitted without a wakeup.
+    Iterator: two ``bpf_seq_write`` calls.  for_each: one ring buffer record,
+    submitted without a wakeup (the reader drains the ring after the run).
     """
     if ring_fd is None:
         _seq_write(a, R7, key_size, fail)
         _seq_write(a, R8, stride, fail)
         return
+    _ring_write(a, ring_fd, state_fd, [(R7, key_size), (R8, stride)], fail)
+
+
+def _ring_write(a: Asm, ring_fd: int, state_fd: int, parts: list[tuple[int, int]],
+                fail: str) -> None:
+    """One ring record of ``parts`` ((pointer register, size) each, back to back).
+
+    R4 holds the reservation: its only use as a store base (see
+    :func:`_check_read_only`).  No room: count ``overflow``, jump to ``fail``.
+    """
     a.ld_map_fd(R1, ring_fd)
-    a.movi(R2, key_size + stride)
+    a.movi(R2, sum(size for _, size in parts))
     a.movi(R3, 0)
     a.call(_RINGBUF_RESERVE)
     a.jmp(JNE, R0, 0, f"{fail}_room")
@@ -263,8 +279,10 @@ def _emit_row(a: Asm, key_size: int, stride: int, ring_fd: int | None, state_fd:
     a.ja(fail)
     a.label(f"{fail}_room")
     a.mov(R4, R0)
-    _copy(a, R7, 0, R4, 0, key_size)
-    _copy(a, R8, 0, R4, key_size, stride)
+    offset = 0
+    for src, size in parts:
+        _copy(a, src, 0, R4, offset, size)
+        offset += size
     a.mov(R1, R4)
     a.movi(R2, _BPF_RB_NO_WAKEUP)
     a.call(_RINGBUF_SUBMIT)
@@ -299,6 +317,7 @@ def _order_step(a: Asm, key_size: int, stride: int, row: int, state_fd: int, ord
         for i in range(nw):
             a.ldx(8, R1, R10, row + 8 * i)
             a.stx(8, R9, 8 * (kw + i), R1)
+        a.st(8, R9, 8 * (kw + nw), 0)  # the next walk stamps it when it finds this entry
         a.label("order_done")
         return
     a.jmp(JEQ, R0, 0, "dirty")
@@ -321,6 +340,101 @@ def _order_step(a: Asm, key_size: int, stride: int, row: int, state_fd: int, ord
     a.st(8, R5, _STATE["dirty"], 1)
     a.movi(R0, 1)
     a.exit()
+
+
+def _positional(a: Asm, key_size: int, stride: int, row: int, state_fd: int, old_fd: int,
+                shadow_fd: int, ring_fd: int) -> None:
+    """Try the last complete walk's record before the shadow map (no hashing).
+
+    The element is compared with old records ``j`` .. ``j + LOOKAHEAD - 1``
+    (entries removed or moved away are skipped); a key match is a *hit*: the record entry is stamped
+    with this generation (the removal sweep reads those stamps), ``j`` moves on,
+    and only a changed fingerprint costs a shadow lookup (to store it).  No
+    match: the shadow path below, as without a record.
+    """
+    kw, nw = (key_size + 7) // 8, fingerprint_words(stride)
+    slot = row - ((key_size + 7) & ~7) - 16
+    for step in range(LOOKAHEAD):
+        a.ld_map_value(R5, state_fd)
+        a.ldx(8, R1, R5, _STATE["j"])
+        if step:
+            a.alu64(ADD, R1, step)
+        a.ldx(8, R2, R5, _STATE["old_count"])
+        a.jmp(JGE, R1, R2, "pos_slow", reg=True)
+        a.stx(4, R10, slot, R1)
+        a.ld_map_fd(R1, old_fd)
+        a.mov(R2, R10)
+        a.alu64(ADD, R2, slot)
+        a.call(_LOOKUP)
+        a.jmp(JEQ, R0, 0, "pos_slow")
+        a.mov(R9, R0)
+        miss = f"pos_next{step}" if step + 1 < LOOKAHEAD else "pos_slow"
+        for i in range(kw):
+            _load_word(a, R7, key_size, i, R1)
+            a.ldx(8, R2, R9, 8 * i)
+            a.jmp(JNE, R1, R2, miss, reg=True)
+        a.ld_map_value(R5, state_fd)  # a hit: j moves past it
+        a.ldx(4, R1, R10, slot)
+        a.alu64(ADD, R1, 1)
+        a.stx(8, R5, _STATE["j"], R1)
+        a.ja("pos_hit")
+        if step + 1 < LOOKAHEAD:
+            a.label(f"pos_next{step}")
+    a.label("pos_hit")
+    a.ld_map_value(R5, state_fd)
+    a.ldx(8, R1, R5, _STATE["gen"])
+    a.stx(8, R9, 8 * (kw + nw), R1)
+    _count(a, state_fd, "hits")
+    for i in range(nw):
+        a.ldx(8, R1, R9, 8 * (kw + i))
+        a.ldx(8, R2, R10, row + 8 * i)
+        a.jmp(JNE, R1, R2, "pos_changed", reg=True)
+    a.ja("out")
+    a.label("pos_changed")
+    _emit_row(a, key_size, stride, ring_fd, state_fd, "out4")
+    a.ld_map_fd(R1, shadow_fd)
+    a.mov(R2, R7)
+    a.call(_LOOKUP)
+    a.jmp(JEQ, R0, 0, "out")
+    a.mov(R9, R0)
+    for i in range(nw + 1):  # new fingerprint, and this generation
+        a.ldx(8, R1, R10, row + 8 * i)
+        a.stx(8, R9, 8 * i, R1)
+    _count(a, state_fd, "changed")
+    a.ja("out")
+    a.label("pos_slow")
+
+
+def record_sweep_program(key_size: int, stride: int, state_fd: int, old_fd: int,
+                         shadow_fd: int, ring_fd: int) -> bytes:
+    """for_each over the old walk record: keys neither hit nor found by the shadow path
+    this walk (their shadow generation is stale) were removed: write them to the ring."""
+    kw, nw = (key_size + 7) // 8, fingerprint_words(stride)
+    a = Asm()
+    _element(a, old_fd)  # R7: &index, R8: the record entry
+    a.ldx(4, R1, R7, 0)
+    a.ld_map_value(R5, state_fd)
+    a.ldx(8, R2, R5, _STATE["old_count"])
+    a.jmp(JGE, R1, R2, "stop", reg=True)
+    a.ldx(8, R1, R8, 8 * (kw + nw))
+    a.ldx(8, R2, R5, _STATE["gen"])
+    a.jmp(JEQ, R1, R2, "out", reg=True)
+    a.ld_map_fd(R1, shadow_fd)
+    a.mov(R2, R8)  # the entry starts with the key
+    a.call(_LOOKUP)
+    a.jmp(JEQ, R0, 0, "out")
+    a.ldx(8, R1, R0, 8 * nw)
+    a.ld_map_value(R5, state_fd)
+    a.ldx(8, R2, R5, _STATE["gen"])
+    a.jmp(JEQ, R1, R2, "out", reg=True)
+    _ring_write(a, ring_fd, state_fd, [(R8, key_size)], "out")
+    a.label("out")
+    a.movi(R0, 0)
+    a.exit()
+    a.label("stop")
+    a.movi(R0, 1)
+    a.exit()
+    return a.assemble()
 
 
 def check_program(key_size: int, stride: int, state_fd: int, order_fd: int, map_fd: int
@@ -370,7 +484,7 @@ def _element(a: Asm, each_map_fd: int | None) -> None:
 
 def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
                  array: bool, ring_fd: int | None = None, map_fd: int | None = None,
-                 order_fd: int | None = None) -> bytes:
+                 order_fd: int | None = None, old_fd: int | None = None) -> bytes:
     """The per-element walk (see the module docstring).
 
     Without ``ring_fd``: a ``bpf_map_elem`` iterator program writing to its
@@ -394,6 +508,9 @@ def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
     _fingerprint(a, stride, row)
     if order_fd is not None:
         _order_step(a, key_size, stride, row, state_fd, order_fd, check=False)
+    if old_fd is not None:
+        assert ring_fd is not None
+        _positional(a, key_size, stride, row, state_fd, old_fd, shadow_fd, ring_fd)
     a.ld_map_value(R1, state_fd)
     a.ldx(8, R1, R1, _STATE["gen"])
     a.stx(8, R10, gen, R1)
@@ -449,8 +566,9 @@ def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
     a.label("full")  # emitted but not recorded: emitted again next walk, counted here
     _count(a, state_fd, "full")
 
-    a.label("out2")
-    a.label("out3")
+    for name in ("out2", "out3", "out4"):
+        if name not in a.labels:
+            a.label(name)
     a.label("out")
     a.movi(R0, 0)
     a.exit()
@@ -475,19 +593,7 @@ def sweep_program(key_size: int, nw: int, state_fd: int, ring_fd: int | None = N
     if ring_fd is None:
         _seq_write(a, R7, key_size, "out")
     else:
-        a.ld_map_fd(R1, ring_fd)
-        a.movi(R2, key_size)
-        a.movi(R3, 0)
-        a.call(_RINGBUF_RESERVE)
-        a.jmp(JNE, R0, 0, "room")
-        _count(a, state_fd, "overflow")
-        a.ja("out")
-        a.label("room")
-        a.mov(R4, R0)
-        _copy(a, R7, 0, R4, 0, key_size)
-        a.mov(R1, R4)
-        a.movi(R2, _BPF_RB_NO_WAKEUP)
-        a.call(_RINGBUF_SUBMIT)
+        _ring_write(a, ring_fd, state_fd, [(R7, key_size)], "out")
     a.label("out")
     a.movi(R0, 0)
     a.exit()
@@ -622,9 +728,14 @@ class IterDelta:
             # the sweep walks pymap's own shadow map: its link may hold it for good
             self.sweep_link = self._own(progload.attach_map_iter(sweep_fd, self.shadow_fd))
         self.ring = None
-        self.order_fd: int | None = None
+        self.order_fd: int | None = None  # the last complete walk's record (of two buffers)
+        self.records: list[int] = []
+        self._written: int | None = None  # the record buffer the last for_each walk wrote
+        self._record_entries = shadow_entries(record)
         self.order_count = -1  # elements the last full for_each walk recorded; -1: no record
         self.quick_polls = 0  # polls settled by the walk-order check alone
+        self.record_sweeps = 0  # removals found through the walk record
+        self.resweeps = 0  # ... that did not add up (the map changed meanwhile): walked again
         if self.each:
             size = ring_bytes(record, self.stride)
             ring_fd = self._own(progload.create_map(TYPE_IDS["ringbuf"], 0, 0, size,
@@ -638,9 +749,10 @@ class IterDelta:
             if not self.array:
                 # a hash walk costs a shadow lookup per element: an unchanged map is
                 # recognised first by its walk order (sequential memory, no hashing)
-                self.order_fd = self._own(progload.create_map(
-                    TYPE_IDS["array"], 4, 8 * ((self.key_size + 7) // 8 + self.nw),
-                    shadow_entries(record), "pymap_kd_order"))
+                self.records = [self._own(progload.create_map(
+                    TYPE_IDS["array"], 4, 8 * ((self.key_size + 7) // 8 + self.nw + 1),
+                    shadow_entries(record), "pymap_kd_order")) for _ in range(2)]
+                self.order_fd = self.records[0]
                 sweep = sweep_program(self.key_size, self.nw, self.state_fd, ring_fd,
                                       self.shadow_fd)
                 _check_read_only(sweep)
@@ -649,7 +761,7 @@ class IterDelta:
                     btf_fd=self._btf_fd, func_info=self._func_info))
         self.memlock = sum(_fdinfo_memlock(fd) for fd in (self.shadow_fd, self.state_fd)) + (
             _fdinfo_memlock(self.ring.fd) if self.ring else 0) + (
-            _fdinfo_memlock(self.order_fd) if self.order_fd is not None else 0)
+            sum(_fdinfo_memlock(fd) for fd in self.records))
 
     def _own(self, fd: int) -> int:
         self._fds.append(fd)
@@ -681,28 +793,45 @@ class IterDelta:
             if unchanged:
                 self.quick_polls += 1
                 return WalkResult(b"", 0, b"", 0, dict.fromkeys(STATE_FIELDS, 0), False)
-        for _ in range(3):
+        positional = each and self.order_count >= 0
+        for _ in range(4):
             t0 = time.perf_counter()
-            counters, out = self._walk_once(map_fd, each)
+            counters, out = self._walk_once(map_fd, each, positional)
             t1 = time.perf_counter()
             route = "for_each walk" if each else "bpf_iter walk"
             self.timings[route] = self.timings.get(route, 0.0) + t1 - t0
             outputs.append(out)
             for name in STATE_FIELDS[1:]:
                 totals[name] += counters[name]
-            if not self.array and counters["seen"] < self.shadow_entries:
-                gone = self._sweep()
+            present = counters["seen"] + counters["hits"]
+            if not self.array and present < self.shadow_entries:
+                if counters["hits"]:
+                    # hits stamped the record, not the shadow: the record says what is gone
+                    self._reset_state(self.walks, self.order_count)
+                    gone, ok = self._record_sweep()
+                    ok = ok and len(gone) // self.key_size == self.shadow_entries - present
+                    if not ok:  # the map changed under the walk: walk again, stamping all
+                        self.timings["sweep"] = time.perf_counter() - t1
+                        self.shadow_entries += counters["added"]  # inserted all the same
+                        self.order_count, positional = -1, False
+                        self.resweeps += 1
+                        continue
+                    self.record_sweeps += 1
+                else:
+                    gone = self._sweep()
                 progload.delete_batch(self.shadow_fd, gone, len(gone) // self.key_size)
                 self.timings["sweep"] = self.timings.get("sweep", 0.0) + time.perf_counter() - t1
                 removed.append(gone)
-            self.shadow_entries = counters["seen"] + counters["added"]
+            self.shadow_entries = present + counters["added"]
             complete = not (counters["full"] or counters["overflow"])
-            self.order_count = counters["ord"] if (
-                each and self.order_fd is not None and complete
-                and counters["ord"] <= shadow_entries_of(self.order_fd)) else -1
+            if each and self._written is not None and complete and \
+                    counters["ord"] <= self._record_entries:
+                self.order_fd, self.order_count = self._written, counters["ord"]
+            else:
+                self.order_count = -1
             if complete:
                 break
-            each = False  # more output than the ring holds: the iterator takes the rest
+            each = positional = False  # more output than the ring holds: the iterator
         else:
             raise ShadowFull(errno.ENOSPC, f"shadow map full twice in a row ({totals['full']} "
                              "entries unrecorded): the map churns faster than it is walked")
@@ -718,13 +847,14 @@ class IterDelta:
         return WalkResult(changed, len(changed) // row, gone_keys,
                           len(gone_keys) // self.key_size, totals, bool(removed))
 
-    def _walk_once(self, map_fd: int, each: bool) -> tuple[dict[str, int], bytes]:
+    def _walk_once(self, map_fd: int, each: bool, positional: bool = False
+                   ) -> tuple[dict[str, int], bytes]:
         gen = self.walks + 1
-        self._reset_state(gen)
+        self._reset_state(gen, self.order_count if positional else 0)
         # The link (or for_each program) is made per walk: it holds the watched map, and
         # pymap must not keep a freed map alive (its disappearance is map_removed).
         if each:
-            out = self._run_each(map_fd)
+            out = self._run_each(map_fd, positional)
         else:
             link = progload.attach_map_iter(self.walk_fd, map_fd)
             try:
@@ -748,8 +878,10 @@ class IterDelta:
         state = dict(zip(STATE_FIELDS, struct.unpack(f"<{len(STATE_FIELDS)}Q", raw or b"")))
         return not state["dirty"] and state["ord"] == self.order_count
 
-    def _reset_state(self, gen: int) -> None:
-        state = struct.pack(f"<{len(STATE_FIELDS)}Q", gen, *[0] * (len(STATE_FIELDS) - 1))
+    def _reset_state(self, gen: int, old_count: int = 0) -> None:
+        values = dict.fromkeys(STATE_FIELDS, 0)
+        values["gen"], values["old_count"] = gen, old_count
+        state = struct.pack(f"<{len(STATE_FIELDS)}Q", *values.values())
         progload.syscall.map_update_elem(self.state_fd, bytes(4), state)
 
     def _run_each_program(self, program: bytes) -> None:
@@ -782,18 +914,34 @@ class IterDelta:
             parts.append(self.ring.read(1 << 30, 1 << 30).data)
         return b"".join(parts)
 
-    def _run_each(self, map_fd: int) -> bytes:
-        """One ``bpf_for_each_map_elem`` walk: a program run, its rows from the ring."""
+    def _run_each(self, map_fd: int, positional: bool) -> bytes:
+        """One ``bpf_for_each_map_elem`` walk: a program run, its rows from the ring.
+
+        It writes the record buffer the last complete walk did not, and with
+        ``positional`` reads that one (:func:`_positional`).
+        """
         assert self.ring is not None
+        new = old = None
+        if self.records:
+            old = self.order_fd
+            new = self.records[1] if old == self.records[0] else self.records[0]
         program = walk_program(self.key_size, self.stride, self.shadow_fd, self.state_fd,
                                self.array, ring_fd=self.ring.fd, map_fd=map_fd,
-                               order_fd=self.order_fd)
+                               order_fd=new, old_fd=old if positional else None)
         self._run_each_program(program)
+        self._written = new
         return self._drain_ring()
 
-
-def shadow_entries_of(fd: int) -> int:
-    return progload.syscall.map_info(fd).max_entries
+    def _record_sweep(self) -> tuple[bytes, bool]:
+        """Removed keys found through the old record; (keys, complete?)."""
+        assert self.ring is not None and self.order_fd is not None
+        self._run_each_program(record_sweep_program(self.key_size, self.stride, self.state_fd,
+                                                    self.order_fd, self.shadow_fd,
+                                                    self.ring.fd))
+        gone = self._drain_ring()
+        raw = progload.syscall.map_lookup_elem(self.state_fd, bytes(4), _STATE_SIZE)
+        overflow = struct.unpack_from("<Q", raw or bytes(_STATE_SIZE), _STATE["overflow"])[0]
+        return gone, not overflow
 
 
 def _split(data: bytes, size: int) -> list[bytes]:

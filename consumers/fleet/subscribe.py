@@ -1,0 +1,273 @@
+"""Reading the fleet stream: every node's events, with acknowledgements (client library).
+
+``FleetSubscription`` creates a JetStream pull consumer on the fleet stream,
+durable (named; survives restarts and resumes where it was acknowledged) or
+ephemeral (removed by the server after ``inactive`` seconds without a reader),
+filtered by subject as narrowly as NATS wildcards allow and exactly by node
+and map glob on the headers.  A SIEM forwarder in Python::
+
+    async with FleetSubscription(parse_url(url), maps=["cilium_lxc"], durable="siem") as sub:
+        async for batch in sub.batches():
+            forward(batch)            # each FleetMessage: node, map, action, payload...
+            await sub.ack(batch)      # unacked messages come again after ack_wait
+
+Iterating ``sub`` itself yields messages and acknowledges each fetched batch when
+the next one is asked for, i.e. after the caller handled it (at-least-once).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import attrs
+import nats.errors
+import nats.js.errors
+import trio
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from .bridge import AsyncioThread
+from .jetstream import FleetError, FleetUnavailable, close_connection, connect
+from .options import FleetOptions
+from .subjects import (
+    HEADER_ACTION,
+    HEADER_MAP,
+    HEADER_NODE,
+    HEADER_TIME,
+    MSG_ID,
+    filter_subjects,
+    parse_msg_id,
+)
+
+FETCH_WAIT = 1.0  # seconds a fetch waits for the first message before asking again
+
+
+class StreamMissing(FleetError):
+    """The fleet stream does not exist (yet)."""
+
+
+@attrs.frozen
+class FleetMessage:
+    """One event from one node, as the fleet stream holds it."""
+
+    node: str
+    map: str
+    action: str
+    epoch: str
+    seq: int
+    time: float  # event time at the node
+    payload: bytes
+    stream_seq: int
+    received: float  # when this reader fetched it (time.time())
+    msg: Msg = attrs.field(repr=False, eq=False)
+
+
+def _message(msg: Msg, now: float) -> FleetMessage:
+    h = msg.headers or {}
+    node = h.get(HEADER_NODE, "")
+    epoch, seq = parse_msg_id(node, h.get(MSG_ID, ""))
+    return FleetMessage(node=node, map=h.get(HEADER_MAP, ""), action=h.get(HEADER_ACTION, ""),
+                        epoch=epoch, seq=seq, time=float(h.get(HEADER_TIME, 0) or 0),
+                        payload=msg.data, stream_seq=msg.metadata.sequence.stream,
+                        received=now, msg=msg)
+
+
+def _start(since: float | None, follow: bool, after_seq: int) -> dict:
+    if after_seq:
+        return {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after_seq + 1}
+    if since is not None:
+        start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=since)
+        return {"deliver_policy": DeliverPolicy.BY_START_TIME,
+                "opt_start_time": start.isoformat().replace("+00:00", "Z")}
+    return {"deliver_policy": DeliverPolicy.NEW if follow else DeliverPolicy.ALL}
+
+
+class FleetSubscription:
+    """A pull consumer on the fleet stream, read from trio.
+
+    ``since``: replay from that many seconds ago.  Without it, ``follow=True``
+    starts with new events and ``follow=False`` reads the whole stream.
+    ``follow=False`` ends when the consumer has caught up with the stream.
+    """
+
+    def __init__(self, options: FleetOptions, maps: Sequence[str] | None = None,
+                 node_glob: str | None = None, since: float | None = None, follow: bool = True,
+                 durable: str | None = None, batch: int = 512, inactive: float = 300.0,
+                 ack_wait: float = 30.0, on_notice: Callable[[str], None] | None = None):
+        self.options = options
+        self.maps = list(maps or [])
+        self.node_glob = node_glob
+        self.since = since
+        self.follow = follow
+        self.durable = durable
+        self.batch = batch
+        self.inactive = inactive
+        self.ack_wait = ack_wait
+        self.on_notice = on_notice
+        one_map = self.maps[0] if len(self.maps) == 1 else None
+        self.filters = filter_subjects(options.prefix, node_glob, one_map)
+        self._thread: AsyncioThread | None = None
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._last_stream_seq = 0
+        self.filtered_out = 0  # messages the subject filter let through but the globs did not
+
+    def wanted(self, m: FleetMessage) -> bool:
+        if self.node_glob and not fnmatch.fnmatchcase(m.node, self.node_glob):
+            return False
+        return (not self.maps or not m.map  # a node's stream-wide records always pass
+                or any(fnmatch.fnmatchcase(m.map, g) for g in self.maps))
+
+    async def __aenter__(self) -> FleetSubscription:
+        self._thread = AsyncioThread("pymap-fleet")
+        await self._thread.__aenter__()
+        token = trio.lowlevel.current_trio_token()
+
+        def notice(text: str) -> None:
+            if self.on_notice is not None:
+                try:
+                    token.run_sync_soon(self.on_notice, text)
+                except trio.RunFinishedError:
+                    pass
+
+        try:
+            self._nc, self._js = await self._thread.run(
+                connect(self.options, "pymap-fleet-reader", notice))
+            await self._subscribe_when_ready()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def _subscribe_when_ready(self) -> None:
+        """Subscribe; a follower whose stream does not exist yet waits for it (tail -F)."""
+        told = False
+        while True:
+            try:
+                return await self._subscribe()
+            except StreamMissing:
+                if not self.follow:
+                    raise
+                if not told and self.on_notice:
+                    self.on_notice(f"stream {self.options.stream!r} does not exist yet; "
+                                   "waiting for an exporter to create it")
+                told = True
+                await trio.sleep(1)
+
+    async def _subscribe(self) -> None:
+        assert self._thread is not None and self._js is not None
+        config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait,
+                                max_ack_pending=max(4 * self.batch, 1024),
+                                inactive_threshold=None if self.durable else self.inactive,
+                                **_start(self.since, self.follow, self._last_stream_seq))
+        js, stream = self._js, self.options.stream
+        assert self._nc is not None
+        version = self._nc.connected_server_version
+        if len(self.filters) == 1:
+            subject = self.filters[0]
+        elif (version.major, version.minor) >= (2, 10):  # several filters per consumer
+            subject, config.filter_subjects = self.filters[0], self.filters
+        else:  # 2.9: one filter; the map is matched here on the headers instead
+            subject = self.filters[0].rsplit(".", 2)[0] + ".*.*"
+
+        async def create() -> JetStreamContext.PullSubscription:
+            try:
+                return await js.pull_subscribe(subject, durable=self.durable, stream=stream,
+                                               config=config)
+            except nats.js.errors.NotFoundError:
+                raise StreamMissing(f"JetStream stream {stream!r} does not exist "
+                                 "(no exporter has published yet?)") from None
+            except nats.js.errors.APIError as e:
+                raise FleetError(f"cannot create a consumer on {stream!r}: "
+                                 f"{e.description or e}") from None
+            except (TimeoutError, nats.errors.Error) as e:
+                raise FleetUnavailable(f"JetStream does not answer: {e or type(e).__name__}"
+                                       ) from None
+
+        self._sub = await self._thread.run(create())
+
+    async def _fetch(self) -> list[Msg] | None:
+        """The next batch, or None when nothing came within FETCH_WAIT."""
+        sub = self._sub
+        assert self._thread is not None and sub is not None
+
+        async def fetch() -> list[Msg] | None:
+            try:
+                return await sub.fetch(self.batch, timeout=FETCH_WAIT)
+            except (TimeoutError, nats.errors.TimeoutError):
+                return None
+
+        return await self._thread.run(fetch())
+
+    async def _caught_up(self) -> bool:
+        sub = self._sub
+        assert self._thread is not None and sub is not None
+        info = await self._thread.run(sub.consumer_info())
+        return info.num_pending == 0
+
+    async def batches(self) -> AsyncIterator[list[FleetMessage]]:
+        """Batches of wanted messages, until caught up (``follow=False``) or forever."""
+        import time
+
+        while True:
+            try:
+                msgs = await self._fetch()
+            except nats.js.errors.NotFoundError:
+                # The server dropped our ephemeral consumer (a long outage): resume after
+                # the last message seen.
+                if self.on_notice:
+                    self.on_notice("consumer lost; re-creating it after the last message seen")
+                await self._subscribe()
+                continue
+            except (nats.errors.Error, OSError) as e:
+                if self.on_notice:
+                    self.on_notice(f"fetch failed ({e or type(e).__name__}); retrying")
+                await trio.sleep(1)
+                continue
+            if not msgs:
+                if not self.follow and await self._caught_up():
+                    return
+                continue
+            now = time.time()
+            batch = [_message(m, now) for m in msgs]
+            self._last_stream_seq = batch[-1].stream_seq
+            wanted = [m for m in batch if self.wanted(m)]
+            self.filtered_out += len(batch) - len(wanted)
+            if len(wanted) < len(batch):  # ack what we skip, so it is not redelivered
+                await self.ack([m for m in batch if not self.wanted(m)])
+            if wanted:
+                yield wanted
+            if not self.follow and batch[-1].msg.metadata.num_pending == 0:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[FleetMessage]:
+        async for batch in self.batches():
+            for m in batch:
+                yield m
+            await self.ack(batch)
+
+    async def ack(self, messages: Sequence[FleetMessage]) -> None:
+        """Acknowledge ``messages`` (one crossing to the asyncio side for all of them)."""
+        if not messages or self._thread is None:
+            return
+
+        async def ack_all() -> None:
+            for m in messages:
+                await m.msg.ack()
+
+        await self._thread.run(ack_all())
+
+    async def aclose(self) -> None:
+        thread, nc = self._thread, self._nc
+        self._thread = self._nc = self._js = self._sub = None
+        if thread is not None:
+            with trio.CancelScope(shield=True):
+                await close_connection(thread, nc)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

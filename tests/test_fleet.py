@@ -1,0 +1,332 @@
+"""The fleet on real nats-server processes: publishing with acks, reading back, the CLI.
+
+Every test starts its own JetStream server(s) on free loopback ports with data
+in a temporary directory (tests/support/nats.py); nothing here mocks NATS.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import trio
+from conftest import PYMAP, require
+from support.nats import free_port, nats_problem, nats_server
+
+from consumers.export.record import ExportRecord
+from consumers.fleet.jetstream import FleetError, FleetUnavailable
+from consumers.fleet.options import FleetConfigError, parse_duration, parse_url
+from consumers.fleet.publish import FleetPublisher
+from consumers.fleet.subjects import filter_subjects, msg_id, parse_msg_id, subject, token
+from consumers.fleet.subscribe import FleetSubscription
+
+
+@pytest.fixture
+def nats():
+    require(nats_problem())
+    with nats_server() as server:
+        yield server
+
+
+def records(node: str, epoch: str, n: int, map_name: str = "m1", start: int = 1,
+            action: str = "added") -> list[ExportRecord]:
+    return [ExportRecord(node, epoch, seq, map_name, action, time.time(),
+                         json.dumps({"seq": seq, "time": "2026-01-01T00:00:00Z",
+                                     "map": {"id": 1, "name": map_name}, "action": action,
+                                     "key": f"{seq:08x}", "value": "00"}).encode())
+            for seq in range(start, start + n)]
+
+
+async def read_all(url: str, **kw) -> list:
+    async with FleetSubscription(parse_url(url), follow=False, **kw) as sub:
+        return [m async for m in sub]
+
+
+# --- options and subjects (no server) ------------------------------------------------
+
+
+def test_url_options():
+    o = parse_url("nats://a:4222,b,c:4333?stream=S&prefix=x.y&max_age=2h&max_bytes=1GiB"
+                  "&duplicate_window=5m&creds=/c&create=false")
+    assert o.servers == ("nats://a:4222", "nats://b:4222", "nats://c:4333")
+    assert (o.stream, o.prefix, o.max_age, o.max_bytes, o.duplicate_window, o.creds,
+            o.create_stream, o.replicas) == ("S", "x.y", 7200, 2**30, 300, "/c", False, 3)
+    assert parse_url("nats://a").replicas == 1
+    assert parse_url("tls://u:p@a,b").servers == ("tls://u:p@a:4222", "tls://u:p@b:4222")
+    assert parse_url("tls://a").tls_required
+    assert parse_duration("1h30m") == 5400
+    for bad in ("http://a", "nats://", "nats://a?bogus=1", "nats://a?max_age=soon",
+                "nats://a?replicas=7", "nats://a?prefix=a.*"):
+        with pytest.raises(FleetConfigError):
+            parse_url(bad)
+
+
+def test_subjects_are_safe_tokens():
+    assert token("a.b c*>") == "a_b_c__"
+    assert subject("pymap", "node.1", "cilium_lxc", "added") == "pymap.node_1.cilium_lxc.added"
+    assert filter_subjects("pymap", "web-*", "cilium_lxc") == ["pymap.*.cilium_lxc.*",
+                                                               "pymap.*._.*"]
+    assert filter_subjects("pymap", "n1", "cilium_*") == ["pymap.n1.*.*"]
+    assert parse_msg_id("node.1", msg_id("node.1", "e9", 42)) == ("e9", 42)
+    made = msg_id("n", "e9", 0, b"resync", 1.5)  # exporter-made records: a content digest
+    assert made != msg_id("n", "e9", 0, b"resync", 2.5) and parse_msg_id("n", made) == ("e9", 0)
+
+
+# --- one server ----------------------------------------------------------------------
+
+
+def test_publish_ack_and_read_back(nats):
+    """Events published with acks are read back, headers intact, by a second client."""
+    url = nats.url + "?stream=T1"
+
+    async def main():
+        async with FleetPublisher(parse_url(url)) as pub:
+            a = await pub.publish(records("node-a", "e1", 300))
+            b = await pub.publish(records("node.b", "e1", 200, map_name="m2"))
+        assert (a.stored, a.duplicates, b.stored) == (300, 0, 200)
+        got = await read_all(url)
+        assert len(got) == 500
+        assert {(m.node, m.map) for m in got} == {("node-a", "m1"), ("node.b", "m2")}
+        assert [m.seq for m in got if m.node == "node-a"] == list(range(1, 301))
+        assert all(m.epoch == "e1" and m.action == "added" for m in got)
+        only_b = await read_all(url, node_glob="node.*")
+        assert {m.node for m in only_b} == {"node.b"} and len(only_b) == 200
+        only_m1 = await read_all(url, maps=["m1"])
+        assert len(only_m1) == 300
+        # --since: an hour ago covers everything; replay from "now" gives nothing
+        assert len(await read_all(url, since=3600.0)) == 500
+        assert await read_all(url, since=0.0) == []
+
+    trio.run(main)
+
+
+def test_resend_is_deduplicated(nats):
+    """The same (node, epoch, seq) published twice is stored once: JetStream's msg-id dedup."""
+    url = nats.url + "?stream=T2"
+
+    async def main():
+        async with FleetPublisher(parse_url(url)) as pub:
+            first = await pub.publish(records("n", "e1", 100))
+        async with FleetPublisher(parse_url(url)) as pub:  # a restarted exporter re-sends
+            again = await pub.publish(records("n", "e1", 150))
+        assert (first.stored, again.stored, again.duplicates) == (100, 50, 100)
+        got = await read_all(url)
+        assert sorted(m.seq for m in got) == list(range(1, 151))
+
+    trio.run(main)
+
+
+def test_durable_consumer_resumes_and_acks(nats):
+    """A durable consumer sees each message once across reader restarts (acks persist)."""
+    url = nats.url + "?stream=T3"
+
+    async def main():
+        async with FleetPublisher(parse_url(url)) as pub:
+            await pub.publish(records("n", "e1", 50))
+            assert len(await read_all(url, durable="siem")) == 50
+            await pub.publish(records("n", "e1", 30, start=51))
+        later = await read_all(url, durable="siem")
+        assert [m.seq for m in later] == list(range(51, 81))
+
+    trio.run(main)
+
+
+def test_existing_stream_required_when_create_is_off(nats):
+    async def main():
+        with pytest.raises(FleetError, match="does not exist"):
+            async with FleetPublisher(parse_url(nats.url + "?stream=NOPE&create=false")):
+                pass
+
+    trio.run(main)
+
+
+def test_unreachable_broker_is_one_clear_error():
+    url = f"nats://127.0.0.1:{free_port()}?connect_timeout=2"
+
+    async def main():
+        with pytest.raises(FleetUnavailable, match="cannot reach NATS"):
+            async with FleetPublisher(parse_url(url)):
+                pass
+
+    trio.run(main)
+    r = subprocess.run([PYMAP, "events", "m1", "--fleet", url], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith("pymap: error: cannot reach NATS") and "Traceback" not in r.stderr
+
+
+# --- the CLI ---------------------------------------------------------------------------
+
+
+def test_cli_events_fleet(nats):
+    """``pymap events SEL --fleet URL``: every node's lines, with the node named."""
+    url = nats.url + "?stream=T4"
+
+    async def publish():
+        async with FleetPublisher(parse_url(url)) as pub:
+            for node in ("n1", "n2", "web-3"):
+                await pub.publish(records(node, "e1", 5))
+            await pub.publish(records("n1", "e1", 5, map_name="other"))
+
+    trio.run(publish)
+    r = subprocess.run([PYMAP, "events", "m1", "--fleet", url, "-o", "json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(lines) == 15
+    assert {x["node"] for x in lines} == {"n1", "n2", "web-3"}
+    assert all(x["map"]["name"] == "m1" and x["action"] == "added" for x in lines)
+
+    r = subprocess.run([PYMAP, "events", "m1", "--fleet", url, "--node", "web-*"],
+                       capture_output=True, text=True, timeout=60, env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 5
+    assert all(line.startswith("web-3 ") and " m1 " in line and "added" in line
+               for line in r.stdout.splitlines())
+
+    # -f starts with new events: publish after the follower is up, it prints them
+    follower = subprocess.Popen([PYMAP, "events", "m1", "--fleet", url, "-f", "-c", "3",
+                                 "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        async def publish_later():
+            async with FleetPublisher(parse_url(url)) as pub:
+                deadline = time.monotonic() + 30
+                seq = 100
+                while follower.poll() is None and time.monotonic() < deadline:
+                    await pub.publish(records("late", "e2", 1, start=seq))
+                    seq += 1
+                    await trio.sleep(0.3)
+
+        trio.run(publish_later)
+        out, err = follower.communicate(timeout=30)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0, err
+    assert [json.loads(x)["node"] for x in out.splitlines()] == ["late"] * 3
+
+
+def test_cli_fleet_bad_input():
+    for args, msg in ((["--fleet", "http://x"], "nats://"),
+                      (["--fleet", "nats://x", "--since", "soon"], "duration"),
+                      (["--node", "n*"], "--fleet")):
+        r = subprocess.run([PYMAP, "events", "m1", *args], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# --- a 3-node cluster, stream with 3 replicas ----------------------------------------------
+
+
+def stream_leader(url: str, stream: str) -> str:
+    """The server name leading ``stream`` (asked with nats-py directly, as an oracle)."""
+    import asyncio
+
+    import nats
+
+    async def ask() -> str:
+        nc = await nats.connect(list(parse_url(url).servers))
+        try:
+            info = await nc.jetstream().stream_info(stream)
+            return info.cluster.leader if info.cluster else ""
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def test_cluster_member_restart_loses_nothing():
+    """R3 stream; the stream's leader is stopped mid-stream and started again.  Batches
+    that fail are re-sent as they are (as the delivery layer does); afterwards every
+    (node, epoch, seq) is in the stream exactly once."""
+    from support.nats import nats_cluster
+
+    require(nats_problem())
+    with nats_cluster(3) as cluster:
+        url = cluster.url + "?stream=R3&ack_timeout=5"
+        opts = parse_url(url)
+        assert opts.replicas == 3
+        batches = [records("n", "e1", 200, start=1 + 200 * i) for i in range(30)]
+        resent = 0
+
+        async def publish_all(stop_at: int, start_at: int, member) -> None:
+            nonlocal resent
+            async with FleetPublisher(opts) as pub:
+                for i, batch in enumerate(batches):
+                    if i == stop_at:
+                        member.stop()
+                    if i == start_at:
+                        member.start()
+                    while True:
+                        try:
+                            await pub.publish(batch)
+                            break
+                        except FleetUnavailable:
+                            resent += 1
+                            await trio.sleep(0.5)
+
+        async def first_batch() -> None:
+            async with FleetPublisher(opts) as pub:
+                await pub.publish(batches[0])
+
+        trio.run(first_batch)
+        leader = stream_leader(url, "R3")
+        member = next(s for s in cluster.servers if s.name == leader)
+        trio.run(publish_all, 10, 20, member)
+        got = trio.run(read_all, url)
+        seqs = [m.seq for m in got]
+        print(f"leader {leader} stopped and restarted; batches re-sent: {resent}")
+        assert len(seqs) == len(set(seqs)) == 30 * 200, (len(seqs), len(set(seqs)), resent)
+        assert sorted(seqs) == list(range(1, 30 * 200 + 1))
+        # the restarted member caught up: reading from it alone gives the same
+        alone = trio.run(read_all, member.url + "?stream=R3")
+        assert sorted(m.seq for m in alone) == sorted(seqs)
+
+
+# --- security: TLS and nkey as nats-server does them -------------------------------------
+
+
+def test_tls_and_nkey_login(tmp_path):
+    """A server that requires TLS and an nkey user: the URL's tls_ca and nkey get in;
+    without the nkey the server refuses, without the CA the certificate is refused."""
+    import os
+
+    import nkeys
+    import trustme
+
+    require(nats_problem())
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem, cert_pem, key_pem = (tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(ca_pem)
+    cert.cert_chain_pems[0].write_to_path(cert_pem)
+    cert.private_key_pem.write_to_path(key_pem)
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    seed_file.chmod(0o600)
+    conf = tmp_path / "auth.conf"
+    conf.write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    extra = ["-c", str(conf), "--tls", "--tlscert", str(cert_pem), "--tlskey", str(key_pem)]
+    with nats_server(extra) as server:
+        base = server.url + "?stream=SEC&connect_timeout=2"
+
+        async def main():
+            async with FleetPublisher(parse_url(f"{base}&tls_ca={ca_pem}&nkey={seed_file}")) as p:
+                assert (await p.publish(records("n", "e1", 10))).stored == 10
+            got = await read_all(f"{base}&tls_ca={ca_pem}&nkey={seed_file}")
+            assert len(got) == 10
+            with pytest.raises((FleetUnavailable, FleetError)):
+                async with FleetPublisher(parse_url(f"{base}&tls_ca={ca_pem}")):
+                    pass  # no nkey: authorization violation
+            with pytest.raises((FleetUnavailable, FleetError)):
+                async with FleetPublisher(parse_url(f"{base}&nkey={seed_file}&tls_ca=/etc/ssl/"
+                                                    "certs/ca-certificates.crt")):
+                    pass  # a CA that did not sign the server's certificate
+
+        trio.run(main)
