@@ -573,3 +573,17 @@ def test_split_btf_on_a_base():
     assert btf.type(wrapper).name == "w" and btf.type(ids["u32"]).name == "unsigned int"
     data = struct.pack("<QIIQ", 1, 2, 3, 4)
     assert btf.formatter(wrapper)(data) == {"inner": {"a": 1, "b": 2, "c": 3}, "extra": 4}
+    # What the daemon ships for split BTF: one blob a consumer parses without the base.
+    assert B.needs_base(raw) and not B.needs_base(base_blob.raw())
+    merged = B.merge_split(base_blob.raw(), raw)
+    assert not B.needs_base(merged)
+    alone = B.parse_btf(merged)
+    assert len(alone) == len(btf) and alone.type(wrapper) == btf.type(wrapper)
+    assert alone.formatter(wrapper)(data) == btf.formatter(wrapper)(data)
+    assert alone.type(ids["u32"]) == btf.type(ids["u32"])
+
+
+def test_standalone_blob_of_vmlinux_is_the_kernel_file(vmlinux_id):
+    """vmlinux stands alone: shipped as the kernel has it (split BTF is merged onto it)."""
+    with open(B.VMLINUX_BTF, "rb") as f:
+        assert B.standalone_blob(vmlinux_id) == f.read()

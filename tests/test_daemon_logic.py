@@ -10,6 +10,8 @@ the proof that the whole works on the kernel.
 from __future__ import annotations
 
 import itertools
+import pathlib
+import re
 import struct
 
 import pytest
@@ -368,3 +370,11 @@ async def test_reload_reaches_the_catalog():
     new = user_space_config(bpffs=["/sys/fs/bpf/b"])
     Reloader(lambda: new, engine, []).apply(new)
     assert engine.catalog.bpffs == ("/sys/fs/bpf/b",) and engine.config is new
+
+
+def test_every_error_code_is_documented_and_no_other():
+    """errors.py is the one place codes come from; protocol.md's table lists exactly them."""
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    table = doc[doc.index("| code | when |"):]
+    table = table[:table.index("\n\n")]
+    assert set(re.findall(r"^\| `(\w+)` \|", table, re.M)) == errors.CODES

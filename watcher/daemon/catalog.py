@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import attrs
 
+from ..kernel import btf as kbtf
 from ..kernel import maps as kmaps
 from ..kernel.cpus import possible_cpus
 from ..kernel.dump import Chunk, count_entries, dump, value_stride
@@ -161,11 +162,14 @@ def _open_by_name(name: str, bpffs: tuple[str, ...]) -> kmaps.MapHandle:
 
 
 def btf_blob(record: kmaps.MapRecord) -> bytes | None:
-    """The raw BTF behind a map, for clients to decode entries with; None without BTF."""
+    """The BTF behind a map, for clients to decode entries with; None without BTF.
+
+    Standalone: a kernel module's split BTF comes merged onto vmlinux's.
+    """
     if not record.btf_id or not record.btf_value_type_id:
         return None
     try:
-        return kmaps.btf_raw(record.btf_id)
+        return kbtf.standalone_blob(record.btf_id)
     except OSError:
         return None  # BTF object freed with its map: entries go out undecoded
 

@@ -27,9 +27,6 @@ class Action(enum.IntEnum):
     REMOVED = 2
 
 
-ACTION_NAMES = {Action.ADDED: "added", Action.UPDATED: "updated", Action.REMOVED: "removed"}
-
-
 @attrs.define(eq=False)
 class Snapshot:
     """One dump of a map: keys and values back to back, in the kernel's order."""

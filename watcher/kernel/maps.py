@@ -265,10 +265,3 @@ def map_holders() -> dict[int, list[tuple[int, str]]]:
             for map_id in seen:
                 holders.setdefault(map_id, []).append((pid, comm))
     return holders
-
-
-def btf_raw(btf_id: int) -> bytes:
-    """The raw BTF object ``btf_id`` (header, types, strings), as the kernel holds it."""
-    fd = syscall.btf_get_fd_by_id(btf_id)
-    with open_fd(fd):
-        return syscall.btf_raw_data(fd)

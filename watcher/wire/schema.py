@@ -396,12 +396,6 @@ def map_topic(name: str) -> bytes:
     return MAP_TOPIC_PREFIX + name.encode() + b"\0"
 
 
-def topic_name(topic: bytes) -> str | None:
-    """The map name in a map topic, or None for other topics."""
-    if topic.startswith(MAP_TOPIC_PREFIX) and topic.endswith(b"\0"):
-        return topic[len(MAP_TOPIC_PREFIX):-1].decode(errors="replace")
-    return None
-
 KINDS: dict[type, str] = {
     Ping: "ping",
     ListRequest: "list",
