@@ -19,7 +19,7 @@ from consumers.export.record import ExportRecord
 from consumers.fleet.jetstream import FleetError, FleetUnavailable
 from consumers.fleet.options import FleetConfigError, parse_duration, parse_url
 from consumers.fleet.publish import FleetPublisher
-from consumers.fleet.subjects import filter_subject, msg_id, parse_msg_id, subject, token
+from consumers.fleet.subjects import filter_subjects, msg_id, parse_msg_id, subject, token
 from consumers.fleet.subscribe import FleetSubscription
 
 
@@ -66,8 +66,9 @@ def test_url_options():
 def test_subjects_are_safe_tokens():
     assert token("a.b c*>") == "a_b_c__"
     assert subject("pymap", "node.1", "cilium_lxc", "added") == "pymap.node_1.cilium_lxc.added"
-    assert filter_subject("pymap", "web-*", "cilium_lxc") == "pymap.*.cilium_lxc.*"
-    assert filter_subject("pymap", "n1", "cilium_*") == "pymap.n1.*.*"
+    assert filter_subjects("pymap", "web-*", "cilium_lxc") == ["pymap.*.cilium_lxc.*",
+                                                               "pymap.*._.*"]
+    assert filter_subjects("pymap", "n1", "cilium_*") == ["pymap.n1.*.*"]
     assert parse_msg_id("node.1", msg_id("node.1", "e9", 42)) == ("e9", 42)
     made = msg_id("n", "e9", 0, b"resync", 1.5)  # exporter-made records: a content digest
     assert made != msg_id("n", "e9", 0, b"resync", 2.5) and parse_msg_id("n", made) == ("e9", 0)

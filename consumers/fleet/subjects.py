@@ -68,15 +68,23 @@ def parse_msg_id(node: str, mid: str) -> tuple[str, int]:
 GLOB_CHARS = "*?["
 
 
-def filter_subject(prefix: str, node_glob: str | None, map_glob: str | None) -> str:
-    """The narrowest JetStream filter for a node glob and a map glob.
+STREAM_WIDE = token("")  # the map token of records about a node's stream (dropped, lost, ...)
+
+
+def filter_subjects(prefix: str, node_glob: str | None, map_glob: str | None) -> list[str]:
+    """The narrowest JetStream filters for a node glob and a map glob.
 
     Subject wildcards match whole tokens only, so a glob such as ``web-*`` becomes
     ``*`` here and the exact match is left to the reader (fnmatch on the headers).
+    A map's filter comes with the node's stream-wide subject, so its reader also
+    sees the exporter's ``dropped``/``lost``/``resync`` records.
     """
     def part(glob: str | None) -> str:
         if not glob or any(c in glob for c in GLOB_CHARS):
             return "*"
         return token(glob)
 
-    return f"{prefix}.{part(node_glob)}.{part(map_glob)}.*"
+    node, map_part = part(node_glob), part(map_glob)
+    if map_part == "*":
+        return [f"{prefix}.{node}.*.*"]
+    return [f"{prefix}.{node}.{map_part}.*", f"{prefix}.{node}.{STREAM_WIDE}.*"]

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 
 import attrs
@@ -97,7 +96,7 @@ class Sources:
         self.stream = stream
         self.buffers: list[Buffer] = []
         self._programs: list[BccProgram] = []
-        self._fds: list[int] = []
+        self._handles: list[kmaps.MapHandle] = []  # pins this daemon opened (bcc owns its own)
 
     # --- opening (blocking: run in a worker thread before serving) ---
 
@@ -155,11 +154,12 @@ class Sources:
     def _open_pin(self, cfg: SourceConfig) -> None:
         assert cfg.pin is not None and cfg.name is not None
         try:
-            fd, record = attach.open_pinned(cfg.pin)
+            handle = attach.open_pinned(cfg.pin)
         except OSError as e:
             raise SourceLoadError(f"source {cfg.pin}: cannot open the pin read-write: "
                                   f"{e.strerror or e}") from None
-        self._fds.append(fd)
+        self._handles.append(handle)
+        fd, record = handle.fd, handle.record
         kind = attach.BUFFER_TYPES.get(record.type)
         if kind is None:
             raise SourceLoadError(f"source {cfg.pin}: is a {record.type} map, not a ring buffer "
@@ -179,12 +179,12 @@ class Sources:
                            record.max_entries, cfg.layout)
         if cfg.drops_map:
             try:
-                dfd = kmaps.open_map(pin=cfg.drops_map)  # a counter: read-only
+                drops = kmaps.MapHandle.open_pin(cfg.drops_map)  # a counter: read-only
             except OSError as e:
                 raise SourceLoadError(f"source {cfg.pin}: drops_map {cfg.drops_map}: "
                                       f"{e.strerror or e}") from None
-            self._fds.append(dfd)
-            self._set_drops(buf, dfd, cfg.drops_map)
+            self._handles.append(drops)
+            self._set_drops(buf, drops.fd, cfg.drops_map)
 
     def _attach(self, cfg: SourceConfig, name: str, origin: str, fd: int, map_type: str,
                 map_id: int, max_entries: int, layout: dict | None) -> Buffer:
@@ -293,6 +293,6 @@ class Sources:
         for prog in self._programs:
             prog.cleanup()
         self._programs.clear()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()

@@ -58,7 +58,8 @@ def open_fd(fd: int) -> Iterator[int]:
 
 
 class MapHandle:
-    """An open read-only map: its fd and its record, closed exactly once.
+    """An open map: its fd and its record, closed exactly once (read-only unless a source
+    reader opened it to consume a buffer: see attach.open_pinned).
 
     Raw fds crossing layers get closed twice or never; a handle owns its fd
     (like cilium/ebpf's ``Map``): :meth:`close` is idempotent, ``with`` closes
