@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PYTEST_ARGS ?= -q -ra
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo bench lint clean
+.PHONY: help setup test demo bench lint typecheck clean
 
 help: ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-6s %s\n", $$1, $$2 }'
@@ -25,10 +25,11 @@ bench: setup ## run every bench/bench_*.py in turn
 	if [ $${#files[@]} -eq 0 ]; then echo "bench: no bench/bench_*.py files"; fi; \
 	for f in "$${files[@]}"; do echo "== $$f"; $(PY) "$$f" || exit $$?; done
 
-lint: ## ruff check (skipped when ruff is not installed in .venv)
-	@if [ -x $(PY) ] && $(PY) -m ruff --version >/dev/null 2>&1; then \
-		$(PY) -m ruff check watcher consumers tests; \
-	else echo "lint: ruff not installed in .venv; skipped"; fi
+lint: ## ruff check (rules pinned in pyproject.toml); fails without .venv (make setup)
+	@$(PY) -m ruff check watcher consumers tests bench examples
+
+typecheck: ## mypy on watcher and consumers ([tool.mypy] in pyproject.toml)
+	@$(PY) -m mypy
 
 clean: ## remove .venv and caches
 	rm -rf .venv .pytest_cache .ruff_cache build *.egg-info

@@ -368,7 +368,8 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
         stream.publish_delta = timed_publish
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(publisher.serve, engine.on_subscription)
+            nursery.start_soon(publisher.serve, lambda frames: engine.on_subscription(
+                [f.bytes for f in frames]))  # the XPUB owner hands over zmq.Frames
             sub = Subscriber(endpoint, schema.map_topic(bm.name), tmp / "sub-engine.err")
             await trio.to_thread.run_sync(sub.wait_ready)
             with trio.move_on_after(15):

@@ -180,8 +180,8 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                 config.watch.kernel_delta_types = [bm_type]
                 stream = Stream(publisher, secrets.token_hex(8), 100, 4096, 1.0)
                 engines[engine_name] = Engine(config, stream)
-            nursery.start_soon(publisher.serve, lambda frames: [
-                e.on_subscription(frames) for e in engines.values()])
+            nursery.start_soon(publisher.serve, lambda frames: [  # XPUB gives zmq.Frames
+                e.on_subscription([f.bytes for f in frames]) for e in engines.values()])
             sub = Subscriber(endpoint, schema.map_topic(bm.name), tmp / f"sub-{kind}.err")
             await trio.to_thread.run_sync(sub.wait_ready)
             await trio.sleep(0.5)

@@ -27,6 +27,7 @@ import attrs
 import trio
 import zmq
 
+from watcher.decode.bpfabi import percpu_slot
 from watcher.wire import schema
 from watcher.wire.globs import check_glob
 from watcher.wire.schema import MapInfo
@@ -91,7 +92,7 @@ class Dump:
         """Entry by entry; slower than :meth:`chunks`, simpler to use."""
         m = self.map
         ks, vs = m.key_size, m.value_stride
-        slot = (m.value_size + 7) & ~7
+        slot = percpu_slot(m.value_size)
         async for chunk in self.chunks():
             for i in range(chunk.count):
                 key = chunk.keys[i * ks:(i + 1) * ks]

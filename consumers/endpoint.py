@@ -1,6 +1,9 @@
 """Connecting to the daemon: the default endpoint, the check that fails fast where
 ZeroMQ would only wait, and the one ZeroMQ context of the process.
 
+A tcp:// endpoint is only served with CURVE (docs/protocol.md); the keys come
+from :func:`use_curve` or the environment, and are applied to every socket.
+
 Every socket the library opens (a client's DEALER, a stream's SUB) comes from
 :func:`connect`, so all of them share ``zmq.Context.instance()`` (one I/O
 thread per process, not one per client) and close without lingering.
@@ -13,12 +16,37 @@ import os
 import zmq
 
 from watcher.wire import endpoints
+from watcher.wire.curve import ClientKeys, CurveError, is_tcp
 
 from .errors import DaemonUnavailable
 
 DEFAULT_ENDPOINT = os.environ.get("PYMAP_ENDPOINT", endpoints.DEFAULT_ENDPOINT)
 
 _NO_ACCESS = "run as root or as a member of the daemon's socket_group"
+
+
+_curve: ClientKeys | None = None  # set by use_curve (the CLI's --curve-* flags)
+
+
+def use_curve(keys: ClientKeys | None) -> None:
+    """CURVE keys for every tcp:// socket this process opens from now on."""
+    global _curve
+    _curve = keys
+
+
+def curve_keys() -> ClientKeys | None:
+    """The keys given to :func:`use_curve`, else those named by PYMAP_CURVE_SERVER_KEY
+    and PYMAP_CURVE_CLIENT_CERT (a public key or certificate, a secret certificate)."""
+    if _curve is not None:
+        return _curve
+    server = os.environ.get("PYMAP_CURVE_SERVER_KEY")
+    cert = os.environ.get("PYMAP_CURVE_CLIENT_CERT")
+    if not server or not cert:
+        return None
+    try:
+        return ClientKeys.load(server, cert)
+    except CurveError as e:
+        raise DaemonUnavailable(str(e)) from None
 
 
 def check(endpoint: str) -> None:
@@ -46,8 +74,18 @@ def connect(kind: int, endpoint: str, options: dict[int, int] | None = None) -> 
     for option, value in (options or {}).items():
         sock.setsockopt(option, value)
     try:
+        keys = curve_keys() if is_tcp(endpoint) else None
+        if keys is not None:
+            keys.apply(sock)
         sock.connect(endpoint)
+        if is_tcp(endpoint) and keys is None:  # a daemon serves TCP only with CURVE: it would
+            raise DaemonUnavailable(          # never answer, so say so now
+                f"{endpoint}: tcp:// needs CURVE keys (--curve-server-key and "
+                "--curve-client-cert, or PYMAP_CURVE_*; see: pymap keys)")
     except zmq.ZMQError as e:
         sock.close(0)
         raise DaemonUnavailable(f"cannot connect to {endpoint}: {e}") from None
+    except DaemonUnavailable:
+        sock.close(0)
+        raise
     return sock

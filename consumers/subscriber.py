@@ -146,7 +146,14 @@ def events_of(message, frames: list[bytes], formatters: FormatterCache | None = 
 
 
 class EventStream:
-    """``async with client.events([...]) as stream: async for event in stream: ...``"""
+    """``async with client.events([...]) as stream: async for event in stream: ...``
+
+    ``snapshot``: start with every entry as ``added`` and resync after gaps and
+    restarts, so replaying the events gives the map's state.  ``heartbeat_timeout``:
+    seconds of silence that mean the daemon is gone (default ``3 × interval + 2``).
+    ``hold_on`` (default) and ``max_wait``: what a silent daemon means, see the
+    module docstring.  ``record_batches``: buffers as one ``records`` event per batch.
+    """
 
     def __init__(self, client: Client, selectors: list[str], snapshot: bool = False,
                  heartbeat_timeout: float | None = None, record_batches: bool = False,

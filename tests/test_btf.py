@@ -23,6 +23,7 @@ import attrs
 import pytest
 from conftest import require
 
+from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel import btf as B
 from watcher.kernel import maps as M
 from watcher.kernel.dump import dump, value_stride
@@ -195,7 +196,7 @@ def _pymap_formatted(fd: int) -> tuple[M.MapRecord, dict[bytes, dict]]:
     fmts = B.map_formatters(record)
     assert fmts is not None
     key_fmt, value_fmt = fmts
-    stride, slot = value_stride(record), (record.value_size + 7) & ~7
+    stride, slot = value_stride(record), percpu_slot(record.value_size)
     got = {}
     for chunk in dump(fd, record):
         for i in range(chunk.count):
@@ -572,3 +573,17 @@ def test_split_btf_on_a_base():
     assert btf.type(wrapper).name == "w" and btf.type(ids["u32"]).name == "unsigned int"
     data = struct.pack("<QIIQ", 1, 2, 3, 4)
     assert btf.formatter(wrapper)(data) == {"inner": {"a": 1, "b": 2, "c": 3}, "extra": 4}
+    # What the daemon ships for split BTF: one blob a consumer parses without the base.
+    assert B.needs_base(raw) and not B.needs_base(base_blob.raw())
+    merged = B.merge_split(base_blob.raw(), raw)
+    assert not B.needs_base(merged)
+    alone = B.parse_btf(merged)
+    assert len(alone) == len(btf) and alone.type(wrapper) == btf.type(wrapper)
+    assert alone.formatter(wrapper)(data) == btf.formatter(wrapper)(data)
+    assert alone.type(ids["u32"]) == btf.type(ids["u32"])
+
+
+def test_standalone_blob_of_vmlinux_is_the_kernel_file(vmlinux_id):
+    """vmlinux stands alone: shipped as the kernel has it (split BTF is merged onto it)."""
+    with open(B.VMLINUX_BTF, "rb") as f:
+        assert B.standalone_blob(vmlinux_id) == f.read()

@@ -108,12 +108,16 @@ async def test_async_client_matches_replies_by_req(ipc):
         daemon.close()
 
 
-def test_endpoint_checks_fail_fast(tmp_path):
+def test_endpoint_checks_fail_fast(tmp_path, monkeypatch):
     with pytest.raises(DaemonUnavailable, match="not running: no socket at"):
         endpoint.check(f"ipc://{tmp_path}/none.sock")
     with pytest.raises(DaemonUnavailable, match="not running"):
         oneshot.ping(f"ipc://{tmp_path}/none.sock")
-    endpoint.check("tcp://127.0.0.1:1")  # nothing to check without a path
+    monkeypatch.delenv("PYMAP_CURVE_SERVER_KEY", raising=False)
+    monkeypatch.delenv("PYMAP_CURVE_CLIENT_CERT", raising=False)
+    endpoint.check("tcp://127.0.0.1:1")  # nothing to check without a path, but:
+    with pytest.raises(DaemonUnavailable, match="tcp:// needs CURVE keys"):
+        endpoint.connect(zmq.DEALER, "tcp://127.0.0.1:1")  # a daemon serves TCP only with CURVE
 
 
 async def test_clients_share_one_zmq_context(ipc):

@@ -10,17 +10,21 @@ the proof that the whole works on the kernel.
 from __future__ import annotations
 
 import itertools
+import pathlib
+import re
 import struct
 
 import pytest
 import trio
 import zmq
+from support.catalog import FakeCatalog, record
 
-from tests.support.catalog import FakeCatalog, record
 from watcher.daemon import errors
+from watcher.daemon.catalog import Catalog
 from watcher.daemon.config import Config, DaemonConfig
 from watcher.daemon.engine import Demand, Engine
 from watcher.daemon.publisher import Stream
+from watcher.daemon.reload import Reloader
 from watcher.daemon.server import RequestServer
 from watcher.wire import schema
 from watcher.wire.transport import (
@@ -282,7 +286,7 @@ async def test_socket_owner_bounds_each_peer_and_reports_vanished_peers(zctx):
     router = zctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.SNDHWM, 1)
     router.bind(endpoint)
-    owner = SocketOwner(router, outbox_limit=2)
+    owner = SocketOwner(router, outbox_bytes=250)  # two 100-byte messages
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.RCVHWM, 1)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -341,7 +345,7 @@ async def test_publisher_owner_reports_subscriptions_and_never_waits(zctx):
     subs: list[bytes] = []
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(owner.serve, lambda frames: subs.append(frames[0]))
+        nursery.start_soon(owner.serve, lambda frames: subs.append(bytes(frames[0])))
         sub.setsockopt(zmq.SUBSCRIBE, b"map:a\0")
         sub.setsockopt(zmq.SUBSCRIBE, b"hb")
         with trio.fail_after(5):
@@ -357,3 +361,20 @@ async def test_publisher_owner_reports_subscriptions_and_never_waits(zctx):
         assert owner.sent == 6
         nursery.cancel_scope.cancel()
     sub.close()
+
+
+async def test_reload_reaches_the_catalog():
+    """A reloaded daemon.bpffs is where the next listing and selection look."""
+    engine, _ = make_engine(FakeCatalog())
+    engine.catalog = Catalog(["/sys/fs/bpf/a"])
+    new = user_space_config(bpffs=["/sys/fs/bpf/b"])
+    Reloader(lambda: new, engine, []).apply(new)
+    assert engine.catalog.bpffs == ("/sys/fs/bpf/b",) and engine.config is new
+
+
+def test_every_error_code_is_documented_and_no_other():
+    """errors.py is the one place codes come from; protocol.md's table lists exactly them."""
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    table = doc[doc.index("| code | when |"):]
+    table = table[:table.index("\n\n")]
+    assert set(re.findall(r"^\| `(\w+)` \|", table, re.M)) == errors.CODES

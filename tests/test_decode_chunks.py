@@ -10,6 +10,7 @@ from conftest import need_bcc
 
 from watcher.daemon.catalog import to_wire
 from watcher.decode.choose import choose
+from watcher.kernel import btf as kbtf
 from watcher.kernel import maps as kmaps
 
 FLAT = """
@@ -34,7 +35,7 @@ def bcc_maps():
 def _decoding(b, name: str):
     record = kmaps.record_from_fd(b[name.encode()].map_fd)
     m = to_wire(record)
-    return m, choose(m, kmaps.btf_raw(record.btf_id))
+    return m, choose(m, kbtf.standalone_blob(record.btf_id))
 
 
 @pytest.mark.parametrize("name", ["flat_vals", "scalar_vals"])

@@ -16,6 +16,7 @@ from support.events import FAST, Follower, wait_ready
 from support.kernel import NCPUS
 
 from watcher.decode import cilium
+from watcher.decode.bpfabi import percpu_slot
 from watcher.decode.choose import choose
 from watcher.wire.schema import MapInfo
 
@@ -27,7 +28,7 @@ def info(name: str, ks: int, vs: int, type_: str = "hash", **kw) -> MapInfo:
     ncpus = kw.pop("ncpus", 2 if percpu else 1)
     return MapInfo(id=1, name=name, type=type_, key_size=ks, value_size=vs, max_entries=16,
                    flags=0, kernel_name=name[:15], percpu=percpu, ncpus=ncpus,
-                   value_stride=((vs + 7) & ~7) * ncpus if percpu else vs, **kw)
+                   value_stride=percpu_slot(vs) * ncpus if percpu else vs, **kw)
 
 
 def decode(name: str, key: bytes, value: bytes, type_: str = "hash", vs: int | None = None,

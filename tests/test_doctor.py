@@ -90,10 +90,15 @@ def test_doctor_dead_ipc_endpoint_fails_on_the_daemon_check(kernel, tmp_path):
     assert "1 of 9 checks failed: daemon" in proc.stdout
 
 
-def test_doctor_silent_tcp_endpoint_times_out(kernel):
+def test_doctor_silent_tcp_endpoint_times_out(kernel, tmp_path, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    for name in ("server", "client"):  # tcp:// is CURVE only: with keys, silence is a timeout
+        subprocess.run([PYMAP, "keys", "make", name, "-d", str(tmp_path)], check=True,
+                       capture_output=True, timeout=60)
+    monkeypatch.setenv("PYMAP_CURVE_SERVER_KEY", str(tmp_path / "server.key"))
+    monkeypatch.setenv("PYMAP_CURVE_CLIENT_CERT", str(tmp_path / "client.key_secret"))
     proc = doctor(endpoint=f"tcp://127.0.0.1:{port}")
     assert_clean(proc)
     assert proc.returncode == 1

@@ -15,10 +15,11 @@ import trio
 from conftest import PYMAP, require
 from support.nats import free_port, nats_problem, nats_server
 
+from consumers.export.record import ExportRecord
 from consumers.fleet.jetstream import FleetError, FleetUnavailable
 from consumers.fleet.options import FleetConfigError, parse_duration, parse_url
-from consumers.fleet.publish import FleetPublisher, SimpleRecord
-from consumers.fleet.subjects import filter_subject, subject, token
+from consumers.fleet.publish import FleetPublisher
+from consumers.fleet.subjects import filter_subjects, msg_id, parse_msg_id, subject, token
 from consumers.fleet.subscribe import FleetSubscription
 
 
@@ -30,8 +31,8 @@ def nats():
 
 
 def records(node: str, epoch: str, n: int, map_name: str = "m1", start: int = 1,
-            action: str = "added") -> list[SimpleRecord]:
-    return [SimpleRecord(node, epoch, seq, map_name, action, time.time(),
+            action: str = "added") -> list[ExportRecord]:
+    return [ExportRecord(node, epoch, seq, map_name, action, time.time(),
                          json.dumps({"seq": seq, "time": "2026-01-01T00:00:00Z",
                                      "map": {"id": 1, "name": map_name}, "action": action,
                                      "key": f"{seq:08x}", "value": "00"}).encode())
@@ -65,8 +66,12 @@ def test_url_options():
 def test_subjects_are_safe_tokens():
     assert token("a.b c*>") == "a_b_c__"
     assert subject("pymap", "node.1", "cilium_lxc", "added") == "pymap.node_1.cilium_lxc.added"
-    assert filter_subject("pymap", "web-*", "cilium_lxc") == "pymap.*.cilium_lxc.*"
-    assert filter_subject("pymap", "n1", "cilium_*") == "pymap.n1.*.*"
+    assert filter_subjects("pymap", "web-*", "cilium_lxc") == ["pymap.*.cilium_lxc.*",
+                                                               "pymap.*._.*"]
+    assert filter_subjects("pymap", "n1", "cilium_*") == ["pymap.n1.*.*"]
+    assert parse_msg_id("node.1", msg_id("node.1", "e9", 42)) == ("e9", 42)
+    made = msg_id("n", "e9", 0, b"resync", 1.5)  # exporter-made records: a content digest
+    assert made != msg_id("n", "e9", 0, b"resync", 2.5) and parse_msg_id("n", made) == ("e9", 0)
 
 
 # --- one server ----------------------------------------------------------------------
@@ -224,7 +229,7 @@ def stream_leader(url: str, stream: str) -> str:
     import nats
 
     async def ask() -> str:
-        nc = await nats.connect(url.split("?")[0].split(","))
+        nc = await nats.connect(list(parse_url(url).servers))
         try:
             info = await nc.jetstream().stream_info(stream)
             return info.cluster.leader if info.cluster else ""
@@ -280,3 +285,86 @@ def test_cluster_member_restart_loses_nothing():
         # the restarted member caught up: reading from it alone gives the same
         alone = trio.run(read_all, member.url + "?stream=R3")
         assert sorted(m.seq for m in alone) == sorted(seqs)
+
+
+# --- security: TLS and nkey as nats-server does them -------------------------------------
+
+
+def test_tls_and_nkey_login(tmp_path):
+    """A server that requires TLS and an nkey user: the URL's tls_ca and nkey get in;
+    without the nkey the server refuses, without the CA the certificate is refused."""
+    import os
+
+    import nkeys
+    import trustme
+
+    require(nats_problem())
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem, cert_pem, key_pem = (tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(ca_pem)
+    cert.cert_chain_pems[0].write_to_path(cert_pem)
+    cert.private_key_pem.write_to_path(key_pem)
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    seed_file.chmod(0o600)
+    conf = tmp_path / "auth.conf"
+    conf.write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    extra = ["-c", str(conf), "--tls", "--tlscert", str(cert_pem), "--tlskey", str(key_pem)]
+    with nats_server(extra) as server:
+        base = server.url + "?stream=SEC&connect_timeout=2"
+
+        async def main():
+            async with FleetPublisher(parse_url(f"{base}&tls_ca={ca_pem}&nkey={seed_file}")) as p:
+                assert (await p.publish(records("n", "e1", 10))).stored == 10
+            got = await read_all(f"{base}&tls_ca={ca_pem}&nkey={seed_file}")
+            assert len(got) == 10
+            with pytest.raises((FleetUnavailable, FleetError)):
+                async with FleetPublisher(parse_url(f"{base}&tls_ca={ca_pem}")):
+                    pass  # no nkey: authorization violation
+            with pytest.raises((FleetUnavailable, FleetError)):
+                async with FleetPublisher(parse_url(f"{base}&nkey={seed_file}&tls_ca=/etc/ssl/"
+                                                    "certs/ca-certificates.crt")):
+                    pass  # a CA that did not sign the server's certificate
+
+        trio.run(main)
+
+
+def test_follower_holds_on_across_a_broker_restart(nats):
+    """``pymap events --fleet -f`` says the connection dropped, and prints what is
+    published after the server is back (like tail -F), without exiting."""
+    url = nats.url + "?stream=T5"
+
+    async def publish(start: int, n: int) -> None:
+        async with FleetPublisher(parse_url(url)) as pub:
+            await pub.publish(records("n", "e1", n, start=start))
+
+    trio.run(publish, 1, 1)
+    follower = subprocess.Popen([PYMAP, "events", "m1", "--fleet", url, "-f", "--since", "1h",
+                                 "-c", "6", "-o", "json"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        trio.run(publish, 2, 2)
+        first = [follower.stdout.readline() for _ in range(3)]  # it is following
+        nats.stop()
+        nats.start()
+        deadline = time.monotonic() + 60
+        seq = 4
+        while follower.poll() is None and time.monotonic() < deadline:
+            try:
+                trio.run(publish, seq, 1)
+                seq += 1
+            except FleetUnavailable:
+                pass
+            time.sleep(1)
+        out, err = follower.communicate(timeout=30)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0, err
+    lines = first + out.splitlines()
+    assert [json.loads(x)["seq"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert "disconnected from NATS" in err and "Traceback" not in err

@@ -129,3 +129,51 @@ def test_several_nodes_publish_and_fleet_shows_all(maps, bpffs_dir, tmp_path, na
         for d, exporter, _, _ in nodes:
             exporter.stop()
             d.stop()
+
+
+def test_broker_down_buffers_then_reports_drops(daemon_factory, maps, bpffs_dir, tmp_path):
+    """NATS down: the exporter buffers up to --buffer, drops and counts the rest, the daemon
+    keeps serving; when NATS comes up, what was kept arrives with a ``dropped`` record that
+    accounts for every event not delivered."""
+    from support.nats import NatsServer, free_port
+
+    require(nats_problem())
+    d = daemon_factory(*FAST)
+    name = f"fl{token()}_d"
+    fd, _ = maps.create("hash", 4, 8, 2048, name=name, pin=bpffs_dir / name)
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}?stream=DOWN&connect_timeout=1"
+    exporter = ExportProc(d, name, "--to", url, "--node-name", "node-d", "--buffer", "65536",
+                          log=tmp_path / "export.log")
+    server = NatsServer("down", tmp_path / "nats")
+    server.port = port
+    try:
+        wait_ready(d, name)
+        for i in range(1500):
+            syscall.map_update_elem(fd, u32(i), pattern(i, 8))
+        wait_until(lambda: json.loads(d.cli("status", "-o", "json", check=True).stdout)
+                   ["events_published"] >= 1500, "the daemon to publish the changes")
+        assert d.cli("ping").returncode == 0  # never blocked by the exporter
+        server.start()
+        r = None
+
+        def arrived():
+            nonlocal r
+            r = subprocess.run([PYMAP, "events", name, "--fleet", url, "-o", "json"],
+                               capture_output=True, text=True, timeout=60)
+            lines = [json.loads(x) for x in r.stdout.splitlines()]
+            return lines if any(x["action"] == "dropped" for x in lines) else None
+
+        lines = wait_until(arrived, "the exporter's dropped record in the stream", timeout=60)
+        added = [x for x in lines if x["action"] == "added"]
+        dropped = [x for x in lines if x["action"] == "dropped"]
+        assert all(x["node"] == "node-d" for x in lines)
+        missed = sum(x["missed"] for x in dropped)
+        assert 0 < len(added) < 1500 and missed > 0
+        wait_until(lambda: len([x for x in (arrived() or []) if x["action"] == "added"])
+                   + missed >= 1500, "every event delivered or counted as dropped")
+        assert len(added) + missed <= 1500
+        assert exporter.alive(), exporter.stderr()
+    finally:
+        exporter.stop()
+        server.stop()

@@ -90,9 +90,12 @@ async def test_booleans_print_alike_in_get_and_events():
 # --- end to end ---------------------------------------------------------------------------
 
 
-def _cli(daemon, *args: str) -> str:
+def _cli(daemon, *args: str, terminal: bool = False) -> str:
+    """``pymap ARGS`` at 80 columns, piped or (``terminal``) rendered as for a terminal."""
     env = {**os.environ, "PYMAP_ENDPOINT": daemon.endpoint, "COLUMNS": "80"}
     env.pop("TTY_COMPATIBLE", None)
+    if terminal:
+        env.update(TTY_COMPATIBLE="1", NO_COLOR="1")  # rich renders as for a tty
     import subprocess
 
     from conftest import PYMAP
@@ -132,3 +135,12 @@ def test_list_and_status_piped_at_80_columns(daemon_factory, maps, bpffs_dir):
     assert len(rows) == len(names)
     assert sorted(r.split()[1] for r in rows) == sorted(names)
     assert "…" not in "\n".join(status)
+
+    # In an 80-column terminal: a table, still one row per map with whole names.
+    table = _cli(d, "status", terminal=True)
+    assert "┃" in table and "…" not in table
+    for name in names:
+        assert sum(name in line for line in table.splitlines()) == 1, (name, table)
+    for name in names:
+        assert any(str(deep / name) in line
+                   for line in _cli(d, "list", f"cilium_*{tag}*", terminal=True).splitlines())

@@ -27,6 +27,7 @@ from watcher.wire.globs import GlobError, check_glob
 from .. import oneshot
 from ..endpoint import DEFAULT_ENDPOINT
 from ..errors import DaemonError
+from .keys import keys_app
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -75,6 +76,12 @@ class Output(enum.StrEnum):
 
 EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar="PYMAP_ENDPOINT",
                                           help="Daemon request endpoint (ipc:// or tcp://).")]
+CurveServerOpt = Annotated[str | None, typer.Option(
+    "--curve-server-key", envvar="PYMAP_CURVE_SERVER_KEY",
+    help="tcp:// only: the daemon's public key (its .key file, or the 40-character text).")]
+CurveCertOpt = Annotated[str | None, typer.Option(
+    "--curve-client-cert", envvar="PYMAP_CURVE_CLIENT_CERT",
+    help="tcp:// only: this client's secret certificate (NAME.key_secret, see: pymap keys).")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon.")]
 OutputOpt = Annotated[Output, typer.Option(
     "--output", "-o", help="table for people (plain columns when piped), wide for every "
@@ -87,6 +94,22 @@ EXIT_USAGE = 2
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     say(f"pymap: error: {message}")
     raise typer.Exit(code)
+
+
+def use_curve(server_key: str | None, client_cert: str | None) -> None:
+    """CURVE keys from the flags (or PYMAP_CURVE_* variables) for every tcp:// socket."""
+    if server_key is None and client_cert is None:
+        return
+    if not server_key or not client_cert:
+        fail("CURVE needs both --curve-server-key and --curve-client-cert", EXIT_USAGE)
+    from watcher.wire.curve import ClientKeys, CurveError
+
+    from ..endpoint import use_curve as use
+
+    try:
+        use(ClientKeys.load(server_key, client_cert))
+    except CurveError as e:
+        fail(str(e), EXIT_USAGE)
 
 
 def valid_glob(pattern: str) -> str:
@@ -126,9 +149,14 @@ def run_async(fn: Callable[[], Awaitable[int | None]]) -> None:
     run(lambda: trio.run(fn))
 
 
+app.add_typer(keys_app, name="keys")
+
+
 @app.command()
-def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0) -> None:
+def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0,
+         server_key: CurveServerOpt = None, client_cert: CurveCertOpt = None) -> None:
     """Check that the daemon answers; print its version, epoch and uptime."""
+    use_curve(server_key, client_cert)
 
     def main():
         pong = oneshot.ping(endpoint, timeout)
@@ -146,9 +174,12 @@ def list_(
     no_entries: Annotated[bool, typer.Option(
         "--no-entries", help="Skip counting entries (counting dumps every map).")] = False,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    server_key: CurveServerOpt = None,
+    client_cert: CurveCertOpt = None,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Every BPF map on the host, like `bpftool map show` and `cilium map list`."""
+    use_curve(server_key, client_cert)
     if pattern:
         valid_glob(pattern)
 
@@ -185,9 +216,12 @@ def get(
         "--layout", help="TOML file of declared layouts (layouts tables as in the config, or "
         "one layout) to decode with, before the daemon's config.")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    server_key: CurveServerOpt = None,
+    client_cert: CurveCertOpt = None,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """A map's entries, decoded (declared layout, built-in Cilium decoder, BTF) or as hex."""
+    use_curve(server_key, client_cert)
     own_layouts = _read_layouts(layout_file) if layout_file else []
 
     async def main():
@@ -213,7 +247,7 @@ def get(
                     writer.chunk(chunk)
                 writer.close()
                 return
-            rows = []
+            rows: list[tuple[bytes, bytes, dict | None]] = []
             m = dump.map
             with _progress(f"reading {m.name}") as progress:
                 async for chunk in dump.chunks():
@@ -304,6 +338,8 @@ def events(
         "--durable", metavar="NAME",
         help="With --fleet: a durable consumer that resumes where it left off.")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    server_key: CurveServerOpt = None,
+    client_cert: CurveCertOpt = None,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
     """A map's changes: recent ones, or live with -f (added, updated, removed, ...).
@@ -312,6 +348,7 @@ def events(
     so on stderr, waits, resyncs, and prints what it missed as lost/resync lines.
     With --fleet, the same for every node publishing to NATS (pymap export --to nats://).
     """
+    use_curve(server_key, client_cert)
     from .eventsout import EventPrinter, MapCache
 
     for selector in selectors:
@@ -465,7 +502,7 @@ def export(
     from ..export import config as export_config
     from ..export.checkpoint import CheckpointError
     from ..export.exporter import ExportConfigError, ExportSpec
-    from ..export.outputs import OutputConfigError
+    from ..export.outputs import OutputConfigError, make_output
     from ..export.runner import run_exports
 
     try:
@@ -489,7 +526,8 @@ def export(
                 if not (sel.startswith("id:") or sel.startswith("/")):
                     valid_glob(sel)
             spec.check()
-    except ExportConfigError as e:
+            make_output(spec.to, spec.options)  # a bad URL or option fails here, before connecting
+    except (ExportConfigError, OutputConfigError) as e:
         fail(str(e), EXIT_USAGE)
 
     async def main():
@@ -510,9 +548,12 @@ def export(
 def status(
     output: OutputOpt = Output.table,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    server_key: CurveServerOpt = None,
+    client_cert: CurveCertOpt = None,
     timeout: TimeoutOpt = 5.0,
 ) -> None:
     """The daemon's epoch, uptime, watched maps, poll timings, subscribers, events and drops."""
+    use_curve(server_key, client_cert)
 
     def main():
         st = oneshot.status(endpoint, timeout)

@@ -8,6 +8,7 @@ through the client library and cached.
 from __future__ import annotations
 
 import datetime
+import functools
 import sys
 from typing import IO
 
@@ -15,6 +16,7 @@ import orjson
 from rich.console import Console
 from rich.markup import escape
 
+from watcher.decode.bpfabi import percpu_slot
 from watcher.wire.schema import MapInfo
 
 from ..client import Client, DaemonError
@@ -28,6 +30,7 @@ ACTION_STYLES = {"added": "green", "updated": "yellow", "removed": "red",
                  "records": "cyan"}
 
 
+@functools.lru_cache(maxsize=256)  # every event of a poll has the poll's time
 def rfc3339(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
         timespec="microseconds").replace("+00:00", "Z")
@@ -67,7 +70,7 @@ def _split(info: MapInfo | None, raw: bytes | None):
     if raw is None:
         return None
     if info is not None and info.percpu:
-        slot = (info.value_size + 7) & ~7
+        slot = percpu_slot(info.value_size)
         return [{"cpu": c, "value": raw[c * slot:c * slot + info.value_size].hex()}
                 for c in range(info.ncpus)]
     return raw.hex()

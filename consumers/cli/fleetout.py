@@ -19,6 +19,9 @@ from rich.markup import escape
 from ..fleet.subscribe import FleetMessage
 from .eventsout import ACTION_STYLES, EventPrinter, rfc3339
 
+# Records the exporter adds about its own stream; local `pymap events` never prints them.
+EXPORTER_ACTIONS = ("dropped", "stalled", "resumed")
+
 
 def _document(m: FleetMessage) -> dict | None:
     """The payload as pymap's event JSON, or None for other formats."""
@@ -53,12 +56,18 @@ class FleetPrinter:
             return
         self.width = max(self.width, len(m.node))
         node = f"[bold]{escape(m.node):<{self.width}}[/]"
-        if doc is not None:
+        if doc is not None and doc["action"] not in EXPORTER_ACTIONS:
             line = EventPrinter._line(doc)
         else:
-            style = ACTION_STYLES.get(m.action, "")
+            style = ACTION_STYLES.get(m.action, "bold red")
+            if doc is not None and doc["action"] == "dropped":
+                text = f"{doc.get('missed', 0)} events dropped by the exporter " \
+                       f"({doc.get('reason', '')})"
+            elif doc is not None:
+                text = str(doc.get("reason", ""))
+            else:
+                text = m.payload.decode("utf-8", "replace")
             line = (f"{rfc3339(m.time)[11:23]} {m.seq:>8} {escape(m.map or '-'):<20} "
-                    f"[{style}]{m.action:<11}[/] "
-                    f"{escape(m.payload.decode('utf-8', 'replace'))}")
+                    f"[{style}]{m.action:<11}[/] {escape(text)}")
         self.console.print(f"{node} {line}")
         self.out.flush()

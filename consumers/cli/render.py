@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING
 import orjson
 from rich.console import Console
 
+from watcher.decode.bpfabi import percpu_slot
 from watcher.wire.schema import MapInfo
 
 from .columns import Column, print_table
@@ -103,7 +104,7 @@ def print_entries(console: Console, m: MapInfo, rows: list[tuple[bytes, bytes, d
     if m.percpu:
         columns.insert(1, Column("CPU", right=True, keep=True))
     repeat_key = not console.is_terminal
-    slot = (m.value_size + 7) & ~7
+    slot = percpu_slot(m.value_size)
     table: list[tuple[str, ...]] = []
     for key, value, formatted in rows:
         failed = formatted is not None and not raw and "error" in formatted
@@ -162,7 +163,7 @@ class JsonDumpWriter:
         kw, vw = 2 * m.key_size, 2 * m.value_stride
         khex, vhex = chunk.keys.hex(), chunk.values.hex()
         if m.percpu:
-            slot, vs = 2 * ((m.value_size + 7) & ~7), 2 * m.value_size
+            slot, vs = 2 * percpu_slot(m.value_size), 2 * m.value_size
             cpus = range(m.ncpus)
 
             def value_json(i: int) -> str:

@@ -92,6 +92,8 @@ class Exporter:
         return self.format.render(facts(event, None, None, self.node, self.epoch))
 
     def wanted(self, event: Event) -> bool:
+        if not self.spec.actions and not self.spec.exclude:
+            return True
         if event.action in STREAM_ACTIONS:
             return True
         if self.spec.actions and event.action not in self.spec.actions:
@@ -103,8 +105,8 @@ class Exporter:
         resume = self.checkpoint.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.delivery.run)
-            async with ResumingStream(self.client, self.spec.selectors, resume) as stream:
-                self.stream = stream
+            self.stream = stream = ResumingStream(self.client, self.spec.selectors, resume)
+            async with stream:
                 task_status.started()
                 async for event in stream:
                     self.epoch = stream.epoch or ""

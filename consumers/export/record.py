@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import attrs
 
+RECORD_OVERHEAD = 64  # bytes counted per record beside its payload (the object itself)
+
 
 @attrs.frozen(slots=True)
 class ExportRecord:
@@ -31,4 +33,4 @@ class ExportRecord:
     @property
     def size(self) -> int:
         """Bytes this record holds in a delivery buffer (payload plus a fixed overhead)."""
-        return len(self.payload) + 64
+        return len(self.payload) + RECORD_OVERHEAD

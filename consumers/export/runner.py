@@ -34,6 +34,12 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
+def _teller(say: Callable[[str], None], name: str) -> Callable[[str], None]:
+    """One stderr line per state change, labelled with the exporter's name."""
+    label = f"pymap export: {name}: " if name else "pymap export: "
+    return lambda message: say(label + message)
+
+
 def pymap_version() -> str:
     try:
         return metadata.version("pymap")
@@ -45,11 +51,8 @@ async def run_exports(specs: list[ExportSpec], endpoint: str, timeout: float,
                       say: Callable[[str], None]) -> None:
     """Run every spec side by side until SIGTERM or SIGINT, then flush and save checkpoints."""
     async with Client(endpoint, timeout) as client:
-        exporters = []
-        for spec in specs:
-            label = f"{spec.name}: " if spec.name else ""
-            exporters.append(Exporter(client, spec, pymap_version(),
-                                      on_status=lambda m, label=label: say(f"pymap export: {label}{m}")))
+        exporters = [Exporter(client, spec, pymap_version(), on_status=_teller(say, spec.name))
+                     for spec in specs]
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
                 _one_error():
             async with trio.open_nursery() as nursery:

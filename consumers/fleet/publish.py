@@ -12,9 +12,7 @@ right, and the ids make the retry harmless), FleetError when JetStream refuses.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Sequence
-from typing import Protocol
 
 import attrs
 import nats.errors
@@ -23,35 +21,11 @@ import trio
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from ..export.record import ExportRecord
 from .bridge import AsyncioThread
 from .jetstream import FleetError, FleetUnavailable, close_connection, connect, ensure_stream
 from .options import FleetOptions
 from .subjects import headers, subject
-
-
-class FleetRecord(Protocol):
-    """What the export formats produce for one event (consumers/export)."""
-
-    node: str
-    epoch: str
-    seq: int
-    map: str
-    action: str
-    time: float
-    payload: bytes
-
-
-@attrs.frozen
-class SimpleRecord:
-    """A FleetRecord for tools and tests that build events themselves."""
-
-    node: str
-    epoch: str
-    seq: int
-    map: str
-    action: str
-    time: float
-    payload: bytes
 
 
 @attrs.frozen
@@ -60,11 +34,7 @@ class PublishResult:
     duplicates: int  # already there (a re-send within the duplicate window)
 
 
-def default_node_name() -> str:
-    return socket.gethostname()
-
-
-async def _publish_batch(js: JetStreamContext, prefix: str, records: Sequence[FleetRecord]
+async def _publish_batch(js: JetStreamContext, prefix: str, records: Sequence[ExportRecord]
                          ) -> PublishResult:
     futures = []
     for r in records:
@@ -76,7 +46,7 @@ async def _publish_batch(js: JetStreamContext, prefix: str, records: Sequence[Fl
     return PublishResult(len(acks) - dups, dups)
 
 
-async def _publish_within(js: JetStreamContext, prefix: str, records: Sequence[FleetRecord],
+async def _publish_within(js: JetStreamContext, prefix: str, records: Sequence[ExportRecord],
                           timeout: float) -> PublishResult:
     try:
         return await asyncio.wait_for(_publish_batch(js, prefix, records), timeout)
@@ -104,13 +74,14 @@ class FleetPublisher:
         self._thread = AsyncioThread()
         await self._thread.__aenter__()
         try:
-            self._nc, self._js = await self._thread.run(connect(self.options, self.client_name))
-            await self._thread.run(ensure_stream(self._js, self.options))
+            nc, js = await self._thread.run(connect(self.options, self.client_name))
+            self._nc, self._js = nc, js
+            await self._thread.run(ensure_stream(js, self.options))
         except BaseException:
             await self.aclose()
             raise
 
-    async def publish(self, records: Sequence[FleetRecord]) -> PublishResult:
+    async def publish(self, records: Sequence[ExportRecord]) -> PublishResult:
         if not records:
             return PublishResult(0, 0)
         assert self._thread is not None and self._js is not None, "publish before open"
@@ -133,5 +104,4 @@ class FleetPublisher:
         await self.aclose()
 
 
-__all__ = ["FleetError", "FleetPublisher", "FleetRecord", "FleetUnavailable", "PublishResult",
-           "SimpleRecord", "default_node_name"]
+__all__ = ["ExportRecord", "FleetError", "FleetPublisher", "FleetUnavailable", "PublishResult"]

@@ -16,8 +16,6 @@ import re
 HEADER_NODE = "Pymap-Node"
 HEADER_MAP = "Pymap-Map"
 HEADER_ACTION = "Pymap-Action"
-HEADER_EPOCH = "Pymap-Epoch"
-HEADER_SEQ = "Pymap-Seq"
 HEADER_TIME = "Pymap-Time"  # event time at the node, seconds since the epoch
 MSG_ID = "Nats-Msg-Id"
 
@@ -53,24 +51,40 @@ def msg_id(node: str, epoch: str, seq: int, payload: bytes = b"", time: float = 
 
 def headers(node: str, map_name: str, action: str, epoch: str, seq: int, time: float,
             payload: bytes = b"") -> dict[str, str]:
+    # Few headers: nats-py validates and encodes each one per message (the publisher's
+    # main cost); epoch and seq are read back from the message id (parse_msg_id).
     return {MSG_ID: msg_id(node, epoch, seq, payload, time), HEADER_NODE: node,
-            HEADER_MAP: map_name,
-            HEADER_ACTION: action, HEADER_EPOCH: epoch, HEADER_SEQ: str(seq),
-            HEADER_TIME: repr(time)}
+            HEADER_MAP: map_name, HEADER_ACTION: action, HEADER_TIME: repr(time)}
+
+
+def parse_msg_id(node: str, mid: str) -> tuple[str, int]:
+    """(epoch, seq) from a message id of ``node`` (node names may contain dots)."""
+    rest = mid[len(node) + 1:] if mid.startswith(node + ".") else mid
+    epoch, _, seq = rest.partition(".")
+    seq = seq.partition(".")[0]
+    return epoch, int(seq) if seq.isdigit() else 0
 
 
 GLOB_CHARS = "*?["
 
 
-def filter_subject(prefix: str, node_glob: str | None, map_glob: str | None) -> str:
-    """The narrowest JetStream filter for a node glob and a map glob.
+STREAM_WIDE = token("")  # the map token of records about a node's stream (dropped, lost, ...)
+
+
+def filter_subjects(prefix: str, node_glob: str | None, map_glob: str | None) -> list[str]:
+    """The narrowest JetStream filters for a node glob and a map glob.
 
     Subject wildcards match whole tokens only, so a glob such as ``web-*`` becomes
     ``*`` here and the exact match is left to the reader (fnmatch on the headers).
+    A map's filter comes with the node's stream-wide subject, so its reader also
+    sees the exporter's ``dropped``/``lost``/``resync`` records.
     """
     def part(glob: str | None) -> str:
         if not glob or any(c in glob for c in GLOB_CHARS):
             return "*"
         return token(glob)
 
-    return f"{prefix}.{part(node_glob)}.{part(map_glob)}.*"
+    node, map_part = part(node_glob), part(map_glob)
+    if map_part == "*":
+        return [f"{prefix}.{node}.*.*"]
+    return [f"{prefix}.{node}.{map_part}.*", f"{prefix}.{node}.{STREAM_WIDE}.*"]

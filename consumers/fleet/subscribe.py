@@ -35,12 +35,12 @@ from .jetstream import FleetError, FleetUnavailable, close_connection, connect
 from .options import FleetOptions
 from .subjects import (
     HEADER_ACTION,
-    HEADER_EPOCH,
     HEADER_MAP,
     HEADER_NODE,
-    HEADER_SEQ,
     HEADER_TIME,
-    filter_subject,
+    MSG_ID,
+    filter_subjects,
+    parse_msg_id,
 )
 
 FETCH_WAIT = 1.0  # seconds a fetch waits for the first message before asking again
@@ -68,9 +68,10 @@ class FleetMessage:
 
 def _message(msg: Msg, now: float) -> FleetMessage:
     h = msg.headers or {}
-    return FleetMessage(node=h.get(HEADER_NODE, ""), map=h.get(HEADER_MAP, ""),
-                        action=h.get(HEADER_ACTION, ""), epoch=h.get(HEADER_EPOCH, ""),
-                        seq=int(h.get(HEADER_SEQ, 0) or 0), time=float(h.get(HEADER_TIME, 0) or 0),
+    node = h.get(HEADER_NODE, "")
+    epoch, seq = parse_msg_id(node, h.get(MSG_ID, ""))
+    return FleetMessage(node=node, map=h.get(HEADER_MAP, ""), action=h.get(HEADER_ACTION, ""),
+                        epoch=epoch, seq=seq, time=float(h.get(HEADER_TIME, 0) or 0),
                         payload=msg.data, stream_seq=msg.metadata.sequence.stream,
                         received=now, msg=msg)
 
@@ -108,7 +109,7 @@ class FleetSubscription:
         self.ack_wait = ack_wait
         self.on_notice = on_notice
         one_map = self.maps[0] if len(self.maps) == 1 else None
-        self.filter = filter_subject(options.prefix, node_glob, one_map)
+        self.filters = filter_subjects(options.prefix, node_glob, one_map)
         self._thread: AsyncioThread | None = None
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -119,7 +120,8 @@ class FleetSubscription:
     def wanted(self, m: FleetMessage) -> bool:
         if self.node_glob and not fnmatch.fnmatchcase(m.node, self.node_glob):
             return False
-        return not self.maps or any(fnmatch.fnmatchcase(m.map, g) for g in self.maps)
+        return (not self.maps or not m.map  # a node's stream-wide records always pass
+                or any(fnmatch.fnmatchcase(m.map, g) for g in self.maps))
 
     async def __aenter__(self) -> FleetSubscription:
         self._thread = AsyncioThread("pymap-fleet")
@@ -164,10 +166,18 @@ class FleetSubscription:
                                 inactive_threshold=None if self.durable else self.inactive,
                                 **_start(self.since, self.follow, self._last_stream_seq))
         js, stream = self._js, self.options.stream
+        assert self._nc is not None
+        version = self._nc.connected_server_version
+        if len(self.filters) == 1:
+            subject = self.filters[0]
+        elif (version.major, version.minor) >= (2, 10):  # several filters per consumer
+            subject, config.filter_subjects = self.filters[0], self.filters
+        else:  # 2.9: one filter; the map is matched here on the headers instead
+            subject = self.filters[0].rsplit(".", 2)[0] + ".*.*"
 
         async def create() -> JetStreamContext.PullSubscription:
             try:
-                return await js.pull_subscribe(self.filter, durable=self.durable, stream=stream,
+                return await js.pull_subscribe(subject, durable=self.durable, stream=stream,
                                                config=config)
             except nats.js.errors.NotFoundError:
                 raise StreamMissing(f"JetStream stream {stream!r} does not exist "

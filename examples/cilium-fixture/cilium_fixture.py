@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from watcher.kernel import syscall
-from watcher.kernel.maps import possible_cpus
+from watcher.kernel.cpus import possible_cpus
 from watcher.kernel.maptypes import TYPE_IDS
 
 DEFAULT_BPFFS = "/sys/fs/bpf/tc/globals"

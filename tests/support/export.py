@@ -65,3 +65,60 @@ def json_lines(path: Path) -> list[dict]:
 def entry_seqs(docs: list[dict]) -> list[int]:
     """Daemon sequence numbers of the entry events among pymap JSON events."""
     return [d["seq"] for d in docs if d["action"] in ("added", "updated", "removed")]
+
+
+class NameTailer:
+    """Follows a file by name like ``tail -F``, Filebeat or Vector: reads the open file
+    to its end, and when the name points at a new file (rotation), finishes the old one
+    by its descriptor before switching.  ``data`` is everything read, in order."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path = path
+        self.data = bytearray()
+        self.rotations = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        f = None
+        while not self._stop.is_set():
+            if f is None:
+                try:
+                    f = open(self.path, "rb")
+                except FileNotFoundError:
+                    time.sleep(0.01)
+                    continue
+            chunk = f.read()
+            if chunk:
+                self.data += chunk
+                continue
+            try:
+                moved = os.stat(self.path).st_ino != os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                moved = False
+            if moved:
+                self.data += f.read()  # what was written before the rename
+                f.close()
+                f = None
+                self.rotations += 1
+            else:
+                time.sleep(0.01)
+        if f is not None:
+            self.data += f.read()
+            f.close()
+
+    def stop(self) -> bytes:
+        self._stop.set()
+        self._thread.join(10)
+        return bytes(self.data)
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """PATH.N .. PATH.1, PATH: oldest first."""
+    backups = sorted(path.parent.glob(path.name + ".*"), key=lambda p: -int(p.suffix[1:]))
+    return backups + [path]

@@ -14,8 +14,9 @@ import struct
 import subprocess
 import uuid
 
+from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel import syscall
-from watcher.kernel.maps import possible_cpus
+from watcher.kernel.cpus import possible_cpus
 
 NCPUS = possible_cpus()
 
@@ -103,7 +104,7 @@ def one_error_line(stderr: str) -> str:
 
 def percpu_value(value_size: int, per_cpu: list[bytes]) -> bytes:
     """The buffer a per-CPU update takes: one 8-byte-aligned slot per possible CPU."""
-    slot = (value_size + 7) & ~7
+    slot = percpu_slot(value_size)
     assert len(per_cpu) == NCPUS
     return b"".join(v.ljust(slot, b"\0") for v in per_cpu)
 

@@ -40,8 +40,9 @@ class NatsServer:
     """One nats-server with JetStream (``-js -sd DIR``), optionally a cluster member."""
 
     def __init__(self, name: str, workdir: Path, cluster_port: int | None = None,
-                 routes: list[int] | None = None):
+                 routes: list[int] | None = None, extra: list[str] | None = None):
         self.name = name
+        self.extra = extra or []  # e.g. --tls flags, -c FILE for nkey users
         self.port = free_port()
         self.monitor_port = free_port()
         self.cluster_port = cluster_port
@@ -58,7 +59,7 @@ class NatsServer:
     def spawn(self) -> None:
         """Start the process without waiting (cluster members wait for each other)."""
         args = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
-                "-js", "-sd", str(self.store), "-n", self.name, "-l", str(self.log)]
+                "-js", "-sd", str(self.store), "-n", self.name, "-l", str(self.log), *self.extra]
         if self.cluster_port is not None:
             args += ["--cluster_name", "pymap-test", "--cluster",
                      f"nats://127.0.0.1:{self.cluster_port}",
@@ -122,10 +123,10 @@ def _workdir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def nats_server() -> Iterator[NatsServer]:
+def nats_server(extra: list[str] | None = None) -> Iterator[NatsServer]:
     """One JetStream server, stopped and its data removed at the end."""
     with _workdir() as work:
-        server = NatsServer("n1", work)
+        server = NatsServer("n1", work, extra=extra)
         try:
             server.start()
             yield server

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 
 import attrs
 
+from ..kernel import btf as kbtf
 from ..kernel import maps as kmaps
+from ..kernel.cpus import possible_cpus
 from ..kernel.dump import Chunk, count_entries, dump, value_stride
 from ..kernel.maptypes import DumpMethod, dump_method, not_dumpable_reason
 from ..kernel.syscall import BpfError
@@ -29,7 +31,7 @@ class MapGone(Exception):
 
 def to_wire(record: kmaps.MapRecord, entries: int | None = None,
             holders: list[tuple[int, str]] | None = None) -> MapInfo:
-    ncpus = kmaps.possible_cpus() if record.percpu else 1
+    ncpus = possible_cpus() if record.percpu else 1
     dumpable = dump_method(record.type) is not DumpMethod.NONE
     return MapInfo(
         id=record.id, name=record.name, type=record.type, key_size=record.key_size,
@@ -160,11 +162,14 @@ def _open_by_name(name: str, bpffs: tuple[str, ...]) -> kmaps.MapHandle:
 
 
 def btf_blob(record: kmaps.MapRecord) -> bytes | None:
-    """The raw BTF behind a map, for clients to decode entries with; None without BTF."""
+    """The BTF behind a map, for clients to decode entries with; None without BTF.
+
+    Standalone: a kernel module's split BTF comes merged onto vmlinux's.
+    """
     if not record.btf_id or not record.btf_value_type_id:
         return None
     try:
-        return kmaps.btf_raw(record.btf_id)
+        return kbtf.standalone_blob(record.btf_id)
     except OSError:
         return None  # BTF object freed with its map: entries go out undecoded
 
@@ -182,8 +187,12 @@ class Catalog:
         self.bpffs = tuple(bpffs)
 
     def records(self) -> list[kmaps.MapRecord]:
-        """Every map on the host, with its pins (no dumps: cheap)."""
+        """Every map on the host, with its pins (no dumps, but a syscall or three per map)."""
         return kmaps.list_maps(self.bpffs)
+
+    def ids(self) -> set[int]:
+        """Every map id on the host: one syscall per map, nothing opened or read."""
+        return set(kmaps.map_ids())
 
     def list_maps(self, pattern: str | None, with_entries: bool) -> list[MapInfo]:
         return list_maps(self.bpffs, pattern, with_entries)

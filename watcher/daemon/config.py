@@ -17,6 +17,8 @@ import attrs
 import cattrs
 
 from ..decode.layout import LayoutError, layout_matches, parse_layout
+from ..kernel.maps import DEFAULT_BPFFS
+from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
 from ..wire.endpoints import DEFAULT_ENDPOINT
 from .sourceconf import SourceConfig, SourceError, load_sources
 
@@ -85,7 +87,7 @@ class DaemonConfig:
     socket_mode: FileMode = attrs.field(default=FileMode(0o660), validator=_check_mode)
     socket_group: str | None = None
     # bpffs mount points to search for pinned maps (recursively).
-    bpffs: list[str] = attrs.field(factory=lambda: ["/sys/fs/bpf"], validator=_list_of_str)
+    bpffs: list[str] = attrs.field(factory=lambda: [DEFAULT_BPFFS], validator=_list_of_str)
     # Entries per get chunk on the wire.
     chunk_entries: int = attrs.field(default=16384, validator=attrs.validators.in_(range(1, 1 << 20)))
     # Seconds between heartbeats on the stream.
@@ -239,6 +241,59 @@ class MetricsConfig:
 
 
 @attrs.define
+class CurveConfig:
+    """Keys for tcp:// endpoints (watcher/wire/curve.py); TCP is refused without them."""
+
+    # The server's zmq.auth secret certificate (NAME.key_secret, made by `pymap keys make`).
+    server_key: str | None = None
+    # Directory of allowed clients' public certificates (*.key); the file stem names the client.
+    clients: str | None = None
+
+    def server_keys(self) -> ServerKeys:
+        assert self.server_key is not None
+        return ServerKeys(*load_secret(self.server_key))
+
+    def allowed(self) -> dict[bytes, str]:
+        return load_allowed(self.clients) if self.clients else {}
+
+    def check(self, daemon: DaemonConfig) -> None:
+        """Refuse TCP without keys; read the keys now so a bad file is a config error."""
+        tcp = [e for e in (daemon.endpoint, daemon.events_endpoint) if is_tcp(e)]
+        try:
+            if tcp and not (self.server_key and self.clients):
+                raise ConfigError(f"{tcp[0]}: a tcp:// endpoint needs CURVE: set curve.server_key "
+                                  "and curve.clients (make keys with: pymap keys make)")
+            if self.server_key:
+                self.server_keys()
+            if self.clients:
+                self.allowed()
+        except CurveError as e:
+            raise ConfigError(f"curve: {e}") from None
+
+
+@attrs.define
+class AccessRule:
+    """Who (any of clients, users, groups) sees which maps (allow, then deny, name globs)."""
+
+    clients: list[str] = attrs.field(factory=list, validator=_list_of_str)  # CURVE key names
+    users: list[str] = attrs.field(factory=list, validator=_list_of_str)  # unix socket peers
+    groups: list[str] = attrs.field(factory=list, validator=_list_of_str)  # ... by group
+    allow: list[str] = attrs.field(factory=list, validator=_list_of_str)  # empty: every map
+    deny: list[str] = attrs.field(factory=list, validator=_list_of_str)
+
+    def __attrs_post_init__(self) -> None:
+        if not (self.clients or self.users or self.groups):
+            raise ConfigError("access.rules: a rule names no clients, users or groups")
+
+
+@attrs.define
+class AccessConfig:
+    # What a peer that no rule names sees: "allow" (every map) or "deny" (none).
+    default: str = attrs.field(default="allow", validator=attrs.validators.in_(["allow", "deny"]))
+    rules: list[AccessRule] = attrs.Factory(list)  # the first rule naming the peer applies
+
+
+@attrs.define
 class Config:
     daemon: DaemonConfig = attrs.Factory(DaemonConfig)
     watch: WatchConfig = attrs.Factory(WatchConfig)
@@ -249,6 +304,8 @@ class Config:
     # (watcher/daemon/sourceconf.py, docs/sources.md).
     sources: list[SourceConfig] = attrs.Factory(list)
     metrics: MetricsConfig = attrs.Factory(MetricsConfig)
+    curve: CurveConfig = attrs.Factory(CurveConfig)
+    access: AccessConfig = attrs.Factory(AccessConfig)
 
     def always_watched(self) -> list[str]:
         """Name globs polled whatever the demand: ``watch.always`` and the metrics maps."""
@@ -368,6 +425,7 @@ def load_config(path: str | None, overrides: dict | None = None,
         where = f"config {path}" if path else "config"
         raise ConfigError(f"{where}: " + "; ".join(_describe(e))) from None
     config.daemon.socket_gid()
+    config.curve.check(config.daemon)
     config.layouts = _load_layouts(raw_layouts, path)
     try:
         config.sources = load_sources(raw_sources, f"config {path}" if path else "config",

@@ -27,9 +27,6 @@ class Action(enum.IntEnum):
     REMOVED = 2
 
 
-ACTION_NAMES = {Action.ADDED: "added", Action.UPDATED: "updated", Action.REMOVED: "removed"}
-
-
 @attrs.define(eq=False)
 class Snapshot:
     """One dump of a map: keys and values back to back, in the kernel's order."""
@@ -74,10 +71,10 @@ class Delta:
     ``old_values`` the previous value for updated entries and zeros otherwise.
     """
 
-    actions: bytes
-    keys: bytes
-    values: bytes
-    old_values: bytes
+    actions: bytes | bytearray
+    keys: bytes | bytearray
+    values: bytes | bytearray
+    old_values: bytes | bytearray
     count: int
 
     def __len__(self) -> int:

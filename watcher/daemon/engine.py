@@ -5,9 +5,10 @@ covering it (learned from the XPUB socket), a snapshot of it was asked for,
 the config lists it under ``watch.always``, or it is lingering after its
 last subscriber left (so ``pymap events NAME`` still has recent events).
 
-Each cycle enumerates the host's maps (cheap: ids and pins, no dumps) to
-notice maps appearing and disappearing, then polls the watched maps that
-are due.  A map recreated under the same name gets a new id, so it shows as
+Each cycle walks the host's map ids (one syscall per map, nothing opened)
+to notice maps appearing and disappearing, re-reads every map's info and
+pins only when that set changed (or every ``RECORDS_REFRESH`` seconds, for
+pins), then polls the watched maps that are due.  A map recreated under the same name gets a new id, so it shows as
 ``map_removed`` of the old id and ``map_created`` of the new one.
 """
 
@@ -17,6 +18,7 @@ import errno
 import fnmatch
 import logging
 import time
+from typing import Any
 
 import attrs
 import trio
@@ -25,6 +27,7 @@ from ..kernel import maps as kmaps
 from ..kernel.dump import value_stride
 from ..kernel.maptypes import DumpMethod, dump_method
 from ..wire import schema
+from ..wire.transport import OutFrames
 from . import catalog, errors
 from .catalog import Catalog, MapGone
 from .config import Config
@@ -33,6 +36,8 @@ from .kdelta import KernelDelta, choose_engine
 from .publisher import Stream
 
 log = logging.getLogger("pymap.engine")
+
+RECORDS_REFRESH = 30.0  # seconds between full reads of every map's info and pins
 
 
 @attrs.define(eq=False)
@@ -89,8 +94,12 @@ class Demand:
         return any(p.startswith(prefix) or prefix.startswith(p) for p in self.prefixes)
 
     def wants(self, name: str) -> bool:
+        return self.covers(tuple(self.prefixes), name)
+
+    @staticmethod
+    def covers(prefixes: tuple[bytes, ...], name: str) -> bool:
         topic = schema.map_topic(name)
-        return any(topic.startswith(p) for p in self.prefixes)
+        return any(topic.startswith(p) for p in prefixes)
 
 
 @attrs.frozen
@@ -123,6 +132,9 @@ class Engine:
         self.demand = Demand()
         self.watches: dict[int, Watch] = {}
         self._known_ids: set[int] | None = None
+        self._cached_records: list[kmaps.MapRecord] = []
+        self._records_stale = False
+        self._records_due = 0.0  # trio time of the next full read of every map's info
         self._holds: dict[str, tuple[float, str]] = {}  # name -> (until, reason)
         self._wake = trio.Event()
         self.poll_errors = 0
@@ -140,13 +152,29 @@ class Engine:
     def poke(self) -> None:
         self._wake.set()
 
-    def _why_watched(self, name: str, now: float) -> str | None:
-        linger = self.config.watch.linger
-        if self.demand.wants(name):
-            self._holds[name] = (now + linger, "lingering")
-            return "subscribed"
-        if any(fnmatch.fnmatchcase(name, p) for p in self.config.always_watched()):
-            return "always"
+    @staticmethod
+    def _wanted(records: list[kmaps.MapRecord], prefixes: tuple[bytes, ...],
+                always: tuple[str, ...]) -> dict[int, str]:
+        """Map id -> "subscribed" or "always", for the maps demand or config want.
+
+        A host has thousands of maps: matching each against every subscription and glob
+        is a worker thread's job (on copies of the demand), not the loop's.
+        """
+        wanted = {}
+        for record in records:
+            if Demand.covers(prefixes, record.name):
+                wanted[record.id] = "subscribed"
+            elif any(fnmatch.fnmatchcase(record.name, p) for p in always):
+                wanted[record.id] = "always"
+        return wanted
+
+    def _why_watched(self, name: str, now: float, wanted: str | None) -> str | None:
+        """Why to watch ``name`` (None: not to); ``wanted`` is :meth:`_wanted`'s answer."""
+        if wanted == "subscribed":
+            self._holds[name] = (now + self.config.watch.linger, "lingering")
+            return wanted
+        if wanted is not None:
+            return wanted
         until, reason = self._holds.get(name, (0.0, ""))
         if until > now:
             return reason
@@ -178,16 +206,40 @@ class Engine:
             with trio.move_on_after(tick):
                 await self._wake.wait()
 
+    async def _records(self) -> list[kmaps.MapRecord]:
+        """The host's maps: re-read only when the set of map ids changed (or to catch pins).
+
+        Map ids are not reused soon, so an unchanged id set means unchanged maps,
+        except for pins added or removed: those are caught by a full read every
+        ``RECORDS_REFRESH`` seconds, or at once when told (:meth:`maps_changed`).
+        """
+        ids = await trio.to_thread.run_sync(self.catalog.ids)
+        if (ids != self._known_ids or self._records_stale
+                or trio.current_time() >= self._records_due):
+            self._records_stale = False
+            self._records_due = trio.current_time() + RECORDS_REFRESH
+            self._cached_records = await trio.to_thread.run_sync(self.catalog.records)
+        return self._cached_records
+
+    def maps_changed(self) -> None:
+        """Something was created or pinned (watcher.kernel.mapwatch): re-read maps now."""
+        self._records_stale = True
+        self.poke()
+
     async def cycle(self) -> None:
-        records = await trio.to_thread.run_sync(self.catalog.records)
+        prefixes, always = tuple(self.demand.prefixes), tuple(self.config.always_watched())
+        records = await self._records()
+        wanted = await trio.to_thread.run_sync(self._wanted, records, prefixes, always)
         now = time.monotonic()
         current = {r.id: r for r in records}
         for map_id in [i for i in self.watches if i not in current]:
-            watch = self.watches.pop(map_id)
-            self.stream.publish_map_event("map_removed", catalog.to_wire(watch.record))
+            gone = self.watches.pop(map_id)
+            self.stream.publish_map_event("map_removed", catalog.to_wire(gone.record))
         for record in records:
-            reason = self._why_watched(record.name, now)
             watch = self.watches.get(record.id)
+            if watch is None and record.id not in wanted and record.name not in self._holds:
+                continue  # the many maps nobody wants: nothing more to do on the loop
+            reason = self._why_watched(record.name, now, wanted.get(record.id))
             if reason is None:
                 if watch is not None:
                     del self.watches[record.id]  # nobody wants it any more
@@ -260,8 +312,10 @@ class Engine:
                 watch.snapshot = snap
             else:
                 prev = watch.snapshot or Snapshot.empty(snap.key_size, snap.stride)
-                delta = (snapshot_as_added(snap) if watch.snapshot is None
-                         else await trio.to_thread.run_sync(diff, prev, snap))
+                # Both walk every entry: a worker thread's job, never the loop's.
+                delta = await (trio.to_thread.run_sync(snapshot_as_added, snap)
+                               if watch.snapshot is None
+                               else trio.to_thread.run_sync(diff, prev, snap))
                 watch.snapshot = snap
                 if delta.count:
                     self.stream.publish_delta(watch.record, snap.key_size, snap.stride,
@@ -328,7 +382,7 @@ class Engine:
                 raise errors.MapVanished(f"{record.name} could not be read")
             return watch.record, watch.snapshot, self.stream.topic_seq.get(record.name, 0)
 
-    def recent(self, pattern: str) -> tuple[list[tuple[object, list[bytes]]], list[str]]:
+    def recent(self, pattern: str) -> tuple[list[tuple[Any, OutFrames]], list[str]]:
         """Recent stream messages of the topics ``pattern`` matches, and which of those
         topics are published now (watched maps and event source buffers)."""
         names = {w.record.name for w in self.watches.values()} | self.stream.source_topics

@@ -84,7 +84,8 @@ class KernelDelta:
             prev = Snapshot.empty(ks, stride)
         sk = prev.key_array()
         sv = prev.value_rows()
-        if prev.order is not None and len(prev.order) and not _is_identity(prev.order):
+        in_order = prev.order is None or not len(prev.order) or _is_identity(prev.order)
+        if not in_order:
             sk, sv = sk[prev.order], sv[prev.order]  # a state from the user-space engine
         pos = np.searchsorted(sk, ck)
         np.minimum(pos, max(len(sk) - 1, 0), out=pos)
@@ -101,21 +102,29 @@ class KernelDelta:
 
         if not (len(upd_pos) or len(add_k) or len(rpos)):
             return prev, (None if first and not report_all else _assemble(stride, None, None, None))
-        new_v = sv.copy()
-        old_upd = new_v[upd_pos].copy()
-        new_v[upd_pos] = upd_v
-        removed = (sk[rpos], sv[rpos].copy())
-        new_k = sk
-        if len(rpos):
-            keep = np.ones(len(sk), dtype=bool)
-            keep[rpos] = False
-            new_k, new_v = new_k[keep], new_v[keep]
-        if len(add_k):
-            at = np.searchsorted(new_k, add_k)
-            new_k = np.insert(new_k, at, add_k)
-            new_v = np.insert(new_v, at, add_v, axis=0)
-        state = Snapshot(new_k.tobytes(), new_v.tobytes(), len(new_k), ks, stride,
-                         order=np.arange(len(new_k), dtype=np.int32))
+        old_upd = sv[upd_pos]  # fancy indexing copies: safe from the writes below
+        removed = (sk[rpos], sv[rpos])
+        if not (len(rpos) or len(add_k)):  # same keys: they carry over, values are patched
+            new_v = sv.copy()
+            new_v[upd_pos] = upd_v
+            carry = in_order and not first
+            state = Snapshot(prev.keys if carry else sk.tobytes(), new_v.tobytes(), len(sk), ks,
+                             stride, order=prev.order if carry else None)
+        else:  # one copy per step: drop the removed rows, insert the added ones, patch
+            new_k, new_v = sk, sv
+            if len(rpos):
+                keep = np.ones(len(sk), dtype=bool)
+                keep[rpos] = False
+                new_k, new_v = sk[keep], sv[keep]
+            if len(add_k):
+                at = np.searchsorted(new_k, add_k)
+                new_k = np.insert(new_k, at, add_k)
+                new_v = np.insert(new_v, at, add_v, axis=0)
+            if len(upd_k):
+                new_v[np.searchsorted(new_k, upd_k)] = upd_v
+            state = Snapshot(new_k.tobytes(), new_v.tobytes(), len(new_k), ks, stride)
+        if state.order is None:
+            state.order = np.arange(state.count, dtype=np.int32)
         if first and not report_all:
             return state, None
         return state, _assemble(stride, (add_k, add_v), (upd_k, upd_v, old_upd), removed)

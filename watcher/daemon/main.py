@@ -9,6 +9,7 @@ socket files are removed on the way out.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -20,7 +21,9 @@ from importlib import metadata
 import trio
 import zmq
 
+from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
+from .access import Authenticator, Policy
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
 from .logs import setup_logging
@@ -119,6 +122,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
               reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); SIGHUP re-reads the config via ``reload``."""
     dconf = config.daemon
+    events_endpoint = dconf.events_endpoint
+    assert events_endpoint is not None  # DaemonConfig derives it from endpoint
     check_capabilities()  # before anything is opened: one line naming what is missing
     release_big_buffers_promptly()
     epoch = secrets.token_hex(8)
@@ -135,17 +140,19 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
     bound: list[str] = []
+    auth = _authenticate(config, ctx, router, xpub)
     publisher = PublisherOwner(xpub)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes)
     engine = Engine(config, stream)
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
-                            socket_name(dconf.events_endpoint))
+                            socket_name(events_endpoint))
     sources = Sources(config.sources, stream)
     reloader = Reloader(reload or (lambda: config), engine, [])
     metrics = MetricsServer(engine, sources, reloader.counts)
+    metrics.daemon.auth = auth
     try:
-        for endpoint in (dconf.endpoint, dconf.events_endpoint):
+        for endpoint in (dconf.endpoint, events_endpoint):
             _refuse_live_socket(endpoint)  # before seconds of compiling, not after
         # Event sources load before serving: once the daemon answers ping, they publish.
         # Before the signal handlers, too: LLVM (inside bcc) installs its own for SIGINT
@@ -153,7 +160,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
         if config.sources:
             await trio.to_thread.run_sync(sources.open)
     except BaseException:
-        _close(sources, router, xpub, bound, ctx)
+        _close(sources, router, xpub, bound, ctx, auth)
         raise
     # From here signals are ours until cleanup is done, a second one included.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -164,13 +171,19 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 raise ConfigError(f"metrics.listen {config.metrics.listen}: {e.strerror}") from None
             bind_endpoint(router, dconf.endpoint, dconf)
             bound.append(dconf.endpoint)
-            bind_endpoint(xpub, dconf.events_endpoint, dconf)
-            bound.append(dconf.events_endpoint)
+            bind_endpoint(xpub, events_endpoint, dconf)
+            bound.append(events_endpoint)
             harden(config)  # start-up is over: from here bpf() only reads (seccomp)
-            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate)
+            # What start-up made (modules, bcc, config) lives as long as the daemon: out of
+            # the collector's sight, so a full collection, which stops the loop too, is short.
+            gc.freeze()
+            server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate,
+                                   access=Policy(config.access))
             reloader.targets += [server.reconfigure, metrics.reconfigure]
+            reloader.targets.append(lambda new: auth.update(new.curve.allowed(),
+                                                            Policy(new.access)))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
-                     dconf.endpoint, dconf.events_endpoint, epoch)
+                     dconf.endpoint, events_endpoint, epoch)
             async with trio.open_nursery() as nursery:
 
                 async def on_signal():
@@ -191,13 +204,31 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 task_status.started()
         finally:
             metrics.close()
-            _close(sources, router, xpub, bound, ctx)
+            _close(sources, router, xpub, bound, ctx, auth)
     log.info("stopped")
 
 
+def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
+                  xpub: zmq.Socket) -> Authenticator:
+    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys), and ZAP on
+    the event socket in any case, where access rules keep restricted peers out."""
+    dconf = config.daemon
+    keys = config.curve.server_keys() if config.curve.server_key else None
+    for sock, endpoint, domain in ((router, dconf.endpoint, ZAP_DOMAIN),
+                                   (xpub, dconf.events_endpoint or "", EVENTS_ZAP_DOMAIN)):
+        if is_tcp(endpoint):
+            assert keys is not None
+            keys.apply(sock, domain)
+    xpub.zap_domain = EVENTS_ZAP_DOMAIN
+    auth = Authenticator(ctx, config.curve.allowed(), Policy(config.access))
+    auth.start()
+    return auth
+
+
 def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[str],
-           ctx: zmq.Context) -> None:
+           ctx: zmq.Context, auth: Authenticator) -> None:
     """Free everything the daemon holds."""
+    auth.stop()
     sources.close()
     router.close(linger=0)
     xpub.close(linger=0)

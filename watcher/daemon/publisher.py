@@ -11,13 +11,13 @@ from __future__ import annotations
 import collections
 import fnmatch
 import time
+from typing import Any
 
 from ..kernel.maps import MapRecord
 from ..wire import schema
-from ..wire.transport import PublisherOwner
+from ..wire.transport import OutFrames, PublisherOwner
 from .delta import Delta
 
-Frames = list[bytes]
 HEADER_ALLOWANCE = 1024  # bytes kept for a batch's JSON header within message_bytes
 
 
@@ -35,19 +35,19 @@ class Stream:
         self.events_published = 0
         self.messages_published = 0
         # topic name -> recent (header, frames) messages, bounded by total events
-        self._recent: dict[str, collections.deque[tuple[object, Frames]]] = {}
+        self._recent: dict[str, collections.deque[tuple[Any, OutFrames]]] = {}
         self._recent_counts: dict[str, int] = {}
         # Topics always listed in heartbeats (event source buffers), watched or not.
         self.source_topics: set[str] = set()
 
-    def _send(self, name: str, header, frames: Frames, events: int) -> None:
+    def _send(self, name: str, header, frames: OutFrames, events: int) -> None:
         topic = schema.map_topic(name)
         self.publisher.publish([topic, schema.encode(header), *frames])
         self.messages_published += 1
         self.events_published += events
         self._remember(name, header, frames, max(events, 1))
 
-    def _remember(self, name: str, header, frames: Frames, weight: int) -> None:
+    def _remember(self, name: str, header, frames: OutFrames, weight: int) -> None:
         if self.recent_limit <= 0:
             return
         ring = self._recent.setdefault(name, collections.deque())
@@ -63,6 +63,10 @@ class Stream:
         name = record.name
         ref = schema.MapRef(record.id, name)
         step = self.batch_step(key_size, stride)
+        # Views, not copies: slicing a million events' buffers would hold the loop, and
+        # ZeroMQ sends from a buffer without copying it.  A delta is never changed after.
+        actions, keys, values, old_values = (memoryview(b) for b in (
+            delta.actions, delta.keys, delta.values, delta.old_values))
         for start in range(0, delta.count, step):
             n = min(step, delta.count - start)
             header = schema.EventBatch(
@@ -72,11 +76,21 @@ class Stream:
             self.seq += n
             self.topic_seq[name] = header.topic_seq + n - 1
             ks, vs = start * key_size, start * stride
-            frames = [delta.actions[start:start + n],
-                      delta.keys[ks:ks + n * key_size],
-                      delta.values[vs:vs + n * stride],
-                      delta.old_values[vs:vs + n * stride]]
+            frames: OutFrames = [actions[start:start + n], keys[ks:ks + n * key_size],
+                      values[vs:vs + n * stride], old_values[vs:vs + n * stride]]
             self._send(name, header, frames, n)
+        self._own_recent(name)
+
+    def _own_recent(self, name: str) -> None:
+        """Copy the views the recent ring kept: a view would keep the whole delta alive.
+
+        Only the last ``recent_limit`` events survive in the ring, so this copy is small.
+        """
+        ring = self._recent.get(name) or collections.deque()
+        for i in range(len(ring)):
+            header, frames = ring[i]
+            if any(isinstance(f, memoryview) for f in frames):
+                ring[i] = (header, [bytes(f) for f in frames])
 
     def batch_step(self, key_size: int, stride: int) -> int:
         """Events per batch: ``batch_events``, fewer if their frames would pass ``message_bytes``.
@@ -123,9 +137,9 @@ class Stream:
                                 interval=self.heartbeat_interval, topics=topics)
         self.publisher.publish([schema.HEARTBEAT_TOPIC, schema.encode(beat)])
 
-    def recent(self, pattern: str) -> list[tuple[object, Frames]]:
+    def recent(self, pattern: str) -> list[tuple[Any, OutFrames]]:
         """Recent messages of every topic whose name matches ``pattern``, in sequence order."""
-        found = []
+        found: list[tuple[Any, OutFrames]] = []
         for name, ring in self._recent.items():
             if fnmatch.fnmatchcase(name, pattern):
                 found.extend(ring)

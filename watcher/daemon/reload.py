@@ -20,6 +20,7 @@ while compiling, which the daemon only allows before it starts serving.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 
 import trio
@@ -30,21 +31,27 @@ from .engine import Engine
 
 log = logging.getLogger("pymap.reload")
 
-# (what, read from a Config): changes that take effect only at the next start.
-_AT_RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
-    ("daemon.endpoint", lambda c: c.daemon.endpoint),
-    ("daemon.events_endpoint", lambda c: c.daemon.events_endpoint),
-    ("daemon.socket_mode", lambda c: c.daemon.socket_mode),
-    ("daemon.socket_group", lambda c: c.daemon.socket_group),
-    ("daemon.stream_hwm", lambda c: c.daemon.stream_hwm),
-    ("daemon.log_format", lambda c: c.daemon.log_format),
-    ("metrics.listen", lambda c: c.metrics.listen),
-    ("sources", lambda c: c.sources),
+# Dotted config paths whose changes take effect only at the next start.
+AT_RESTART: tuple[str, ...] = (
+    "daemon.endpoint", "daemon.events_endpoint", "daemon.socket_mode", "daemon.socket_group",
+    "daemon.stream_hwm", "daemon.log_format", "metrics.listen", "curve.server_key", "sources",
     # The seccomp filter is installed once, for the engine chosen at start
     # (watcher/daemon/privileges.py): it can narrow but never widen again.
-    ("daemon.seccomp", lambda c: c.daemon.seccomp),
-    ("watch.kernel_delta", lambda c: c.watch.kernel_delta),
+    "daemon.seccomp", "watch.kernel_delta",
 )
+
+
+def _keep_running(new: Config, old: Config) -> list[str]:
+    """Give ``new`` the running values of :data:`AT_RESTART`; the paths that differed."""
+    pending = []
+    for path in AT_RESTART:
+        section, _, key = path.rpartition(".")
+        new_holder = operator.attrgetter(section)(new) if section else new
+        old_holder = operator.attrgetter(section)(old) if section else old
+        if getattr(new_holder, key) != getattr(old_holder, key):
+            pending.append(path)
+            setattr(new_holder, key, getattr(old_holder, key))
+    return pending
 
 
 class Reloader:
@@ -68,14 +75,7 @@ class Reloader:
         old = self.engine.config
         # Whatever changes must wait for a restart keeps its running value, so the
         # config the daemon reports is the one it actually serves with.
-        pending = [what for what, get in _AT_RESTART if get(new) != get(old)]
-        new.daemon.endpoint, new.daemon.events_endpoint = (old.daemon.endpoint,
-                                                          old.daemon.events_endpoint)
-        new.daemon.socket_mode, new.daemon.socket_group = (old.daemon.socket_mode,
-                                                          old.daemon.socket_group)
-        new.daemon.stream_hwm, new.daemon.log_format = old.daemon.stream_hwm, old.daemon.log_format
-        new.metrics.listen, new.sources = old.metrics.listen, old.sources
-        new.daemon.seccomp, new.watch.kernel_delta = old.daemon.seccomp, old.watch.kernel_delta
+        pending = _keep_running(new, old)
         self.apply(new)
         self.counts["ok"] += 1
         log.info("config reloaded")
@@ -87,7 +87,7 @@ class Reloader:
     def apply(self, new: Config) -> None:
         engine = self.engine
         engine.config = new
-        engine.bpffs = tuple(new.daemon.bpffs)
+        engine.catalog.bpffs = tuple(new.daemon.bpffs)
         stream = engine.stream
         stream.recent_limit = new.daemon.recent_events
         stream.batch_events = new.daemon.batch_events

@@ -20,8 +20,9 @@ from ..kernel.dump import NotDumpable
 from ..wire import schema
 from ..wire.transport import PeerGone, SocketOwner
 from . import catalog, errors
+from .access import Policy, Principal, View, open_visible, restricted_status
 from .catalog import Catalog
-from .config import DaemonConfig
+from .config import AccessConfig, DaemonConfig
 from .engine import Engine
 from .subgate import SubscriptionGate
 
@@ -42,8 +43,10 @@ class Client:
 class RequestServer:
     def __init__(self, sock: zmq.Socket, config: DaemonConfig, epoch: str, version: str,
                  engine: Engine, sources=None, catalog: Catalog | None = None,
-                 gate: SubscriptionGate | None = None):
+                 gate: SubscriptionGate | None = None, access: Policy | None = None):
         self.owner = SocketOwner(sock, config.client_outbox_bytes, on_gone=self._on_gone)
+        self.access = access or Policy(AccessConfig())
+        self.owner.identify = self.access.active
         self.engine = engine
         self.sources = sources  # watcher.daemon.sources.Sources: event source buffers
         self.catalog = catalog or engine.catalog
@@ -61,6 +64,8 @@ class RequestServer:
         """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
         self.config = config.daemon  # its endpoints are the running ones (reload keeps them)
         self.bpffs = tuple(config.daemon.bpffs)
+        self.access = Policy(config.access)
+        self.owner.identify = self.access.active
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -82,7 +87,9 @@ class RequestServer:
                 client.dropped = 0
         scope = trio.CancelScope()
         client.scopes.add(scope)
-        self._nursery.start_soon(self._handle, peer, frames[1:], client, scope)
+        view = (self.access.view_for(Principal.from_metadata(*self.owner.last_identity))
+                if self.owner.identify else None)
+        self._nursery.start_soon(self._handle, peer, frames[1:], client, scope, view)
 
     def _refuse(self, peer: bytes, client: Client, frames: list[bytes]) -> None:
         """Answer ``busy`` without running the request, or drop the answer if it cannot queue."""
@@ -119,14 +126,15 @@ class RequestServer:
             self.owner.forget(peer)
 
     async def _handle(self, peer: bytes, frames: list[bytes], client: Client,
-                      scope: trio.CancelScope) -> None:
+                      scope: trio.CancelScope, view: View | None = None) -> None:
         try:
             with scope:
-                await self._answer(peer, frames)
+                await self._answer(peer, frames, view)
         finally:
             self._finished(peer, client, scope)
 
-    async def _answer(self, peer: bytes, frames: list[bytes]) -> None:
+    async def _answer(self, peer: bytes, frames: list[bytes], view: View | None = None) -> None:
+        """Answer one request; ``view`` (None: everything) limits the maps it may show."""
         req = 0
         try:
             request = self._parse(frames)
@@ -134,18 +142,18 @@ class RequestServer:
             if isinstance(request, schema.Ping):
                 await self._reply(peer, schema.Pong(self.version, self.epoch,
                                                     time.monotonic() - self.started,
-                                                    self.config.events_endpoint, req=req))
+                                                    self.config.events_endpoint or "", req=req))
             elif isinstance(request, schema.ListRequest):
-                await self._list(peer, request)
+                await self._list(peer, request, view)
             elif isinstance(request, schema.GetRequest):
                 if request.snapshot:
-                    await self._snapshot(peer, request)
+                    await self._snapshot(peer, request, view)
                 else:
-                    await self._get(peer, request)
+                    await self._get(peer, request, view)
             elif isinstance(request, schema.RecentRequest):
-                await self._recent(peer, request)
+                await self._recent(peer, request, view)
             elif isinstance(request, schema.StatusRequest):
-                await self._status(peer, request)
+                await self._status(peer, request, view)
             elif isinstance(request, schema.GapReport):
                 if not 0 <= request.missed <= 1 << 32 or not 0 < len(request.map) <= 4096:
                     raise errors.BadRequest("gap_report needs a map name and 0 <= missed <= 2**32")
@@ -184,7 +192,7 @@ class RequestServer:
                                          f"this daemon speaks {schema.SCHEMA_VERSION}", req=req)
         return request
 
-    async def _reply(self, peer: bytes, message, *extra: bytes) -> None:
+    async def _reply(self, peer: bytes, message, *extra: bytes | memoryview) -> None:
         await self.owner.send(peer, [schema.encode(message), *extra])
 
     async def _error(self, peer: bytes, reply: schema.ErrorReply) -> None:
@@ -197,9 +205,11 @@ class RequestServer:
         except Exception as e:  # an error that cannot even be reported is only logged
             log.error("could not send an error reply: %s", e)
 
-    async def _list(self, peer: bytes, request: schema.ListRequest) -> None:
+    async def _list(self, peer: bytes, request: schema.ListRequest, view: View | None) -> None:
         maps = await trio.to_thread.run_sync(
             self.catalog.list_maps, request.pattern, request.entries)
+        if view is not None:
+            maps = [m for m in maps if view.sees_map(m)]
         await self._reply(peer, schema.ListReply(maps, req=request.req))
 
     @staticmethod
@@ -207,8 +217,15 @@ class RequestServer:
         if not selector or "\0" in selector or len(selector) > 4096:
             raise errors.BadRequest("a selector is a name, id:N or pin path")
 
-    async def _snapshot(self, peer: bytes, request: schema.GetRequest) -> None:
+    async def _visible(self, selector: str, view: View | None) -> None:
+        """Refuse a selector naming a map outside ``view`` as if no such map existed."""
+        if view is not None:
+            (await trio.to_thread.run_sync(open_visible, self.catalog.open_selected, selector,
+                                           view)).close()
+
+    async def _snapshot(self, peer: bytes, request: schema.GetRequest, view: View | None) -> None:
         self._check_selector(request.selector)
+        await self._visible(request.selector, view)  # before the engine starts watching it
         record, snap, seq = await self.engine.snapshot(request.selector, request.reason)
         info = catalog.to_wire(record, entries=snap.count)
         btf = await trio.to_thread.run_sync(self.catalog.btf_blob, record)
@@ -218,17 +235,22 @@ class RequestServer:
                           *([btf] if btf else []))
         step = self.config.chunk_entries
         ks, vs = snap.key_size, snap.stride
+        # Views of the watched state, not copies (copies of a big map hold the loop):
+        # a snapshot's buffers are never changed, a poll makes a new one.
+        keys, values = memoryview(snap.keys), memoryview(snap.values)
         for start in range(0, snap.count, step):
             n = min(step, snap.count - start)
             await self._reply(peer, schema.GetChunk(n, req=request.req),
-                              snap.keys[start * ks:(start + n) * ks],
-                              snap.values[start * vs:(start + n) * vs])
+                              keys[start * ks:(start + n) * ks], values[start * vs:(start + n) * vs])
         await self._reply(peer, schema.GetEnd(snap.count, req=request.req))
 
-    async def _recent(self, peer: bytes, request: schema.RecentRequest) -> None:
+    async def _recent(self, peer: bytes, request: schema.RecentRequest, view: View | None) -> None:
         self._check_selector(request.selector)
         catalog.check_pattern(request.selector)
         messages, watched = self.engine.recent(request.selector)
+        if view is not None:
+            messages = [(h, f) for h, f in messages if view.sees_name(h.map.name)]
+            watched = [name for name in watched if view.sees_name(name)]
         events = 0
         for header, frames in messages:
             events += getattr(header, "count", 1)
@@ -237,20 +259,27 @@ class RequestServer:
             await self.owner.send(peer, [schema.encode(replay), *frames])
         await self._reply(peer, schema.RecentEnd(events, watched, req=request.req))
 
-    async def _status(self, peer: bytes, request: schema.StatusRequest) -> None:
+    async def _status(self, peer: bytes, request: schema.StatusRequest, view: View | None) -> None:
         st = self.engine.status()
+        if view is not None:
+            st = restricted_status(st, view)
         await self._reply(peer, schema.StatusReply(
             version=self.version, epoch=self.epoch, uptime=time.monotonic() - self.started,
             seq=st.seq, messages_published=st.messages_published,
             events_published=st.events_published, subscriptions=st.subscriptions,
             drops_reported=st.drops_reported, resyncs=st.resyncs, poll_errors=st.poll_errors,
-            watched=st.watched, sources=self.sources.status() if self.sources else [],
+            watched=st.watched, sources=[s for s in (self.sources.status() if self.sources else [])
+                                         if view is None or view.sees_name(s.name)],
             requests_refused=self.requests_refused, replies_dropped=self.replies_dropped,
             subscriptions_refused=self.gate.refused if self.gate else 0, req=request.req))
 
-    async def _get(self, peer: bytes, request: schema.GetRequest) -> None:
+    async def _get(self, peer: bytes, request: schema.GetRequest, view: View | None) -> None:
         self._check_selector(request.selector)
-        handle = await trio.to_thread.run_sync(self.catalog.open_selected, request.selector)
+        if view is None:
+            handle = await trio.to_thread.run_sync(self.catalog.open_selected, request.selector)
+        else:
+            handle = await trio.to_thread.run_sync(open_visible, self.catalog.open_selected,
+                                                   request.selector, view)
         with handle:
             record = handle.record
             holders = await trio.to_thread.run_sync(self.catalog.holders)

@@ -160,7 +160,7 @@ def load_sources(raw: object, where: str, base_dir: str | None,
         sources.append(parse_source(parse_cli_source(spec), f"--source {spec}", None))
     seen: dict[str, str] = {}
     for src in sources:
-        for name in ([src.name] if src.pin else src.buffers):
+        for name in ([src.name or ""] if src.pin else src.buffers):  # a pin's name is set
             if name in seen:
                 raise SourceError(f"{src.label}: buffer name {name!r} is also published by "
                                   f"{seen[name]}; topics must be unique (rename the table, or "

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 
 import attrs
@@ -40,7 +39,9 @@ from ..kernel import attach
 from ..kernel import maps as kmaps
 from ..kernel.bccload import BccError, BccProgram
 from ..kernel.counters import counter_total
+from ..kernel.perfbuf import PerfBufReader
 from ..kernel.probe import tracefs_unreadable
+from ..kernel.ringbuf import RingBufReader
 from ..wire import schema
 from .config import ConfigError
 from .publisher import HEADER_ALLOWANCE, Stream
@@ -67,7 +68,7 @@ class Buffer:
     kind: str  # "ringbuf" or "perf"
     origin: str
     map_id: int
-    reader: object
+    reader: RingBufReader | PerfBufReader
     config: SourceConfig
     layout: dict | None = None
     drops_fd: int | None = None
@@ -95,7 +96,7 @@ class Sources:
         self.stream = stream
         self.buffers: list[Buffer] = []
         self._programs: list[BccProgram] = []
-        self._fds: list[int] = []
+        self._handles: list[kmaps.MapHandle] = []  # pins this daemon opened (bcc owns its own)
 
     # --- opening (blocking: run in a worker thread before serving) ---
 
@@ -119,6 +120,7 @@ class Sources:
             self.stream.source_topics.add(buf.name)
 
     def _open_program(self, cfg: SourceConfig) -> None:
+        assert cfg.program is not None
         log.info("loading %s with bcc", cfg.program)
         try:
             prog = BccProgram(cfg.program, cfg.cflags)
@@ -152,11 +154,12 @@ class Sources:
     def _open_pin(self, cfg: SourceConfig) -> None:
         assert cfg.pin is not None and cfg.name is not None
         try:
-            fd, record = attach.open_pinned(cfg.pin)
+            handle = attach.open_pinned(cfg.pin)
         except OSError as e:
             raise SourceLoadError(f"source {cfg.pin}: cannot open the pin read-write: "
                                   f"{e.strerror or e}") from None
-        self._fds.append(fd)
+        self._handles.append(handle)
+        fd, record = handle.fd, handle.record
         kind = attach.BUFFER_TYPES.get(record.type)
         if kind is None:
             raise SourceLoadError(f"source {cfg.pin}: is a {record.type} map, not a ring buffer "
@@ -176,12 +179,12 @@ class Sources:
                            record.max_entries, cfg.layout)
         if cfg.drops_map:
             try:
-                dfd = kmaps.open_map(pin=cfg.drops_map)  # a counter: read-only
+                drops = kmaps.MapHandle.open_pin(cfg.drops_map)  # a counter: read-only
             except OSError as e:
                 raise SourceLoadError(f"source {cfg.pin}: drops_map {cfg.drops_map}: "
                                       f"{e.strerror or e}") from None
-            self._fds.append(dfd)
-            self._set_drops(buf, dfd, cfg.drops_map)
+            self._handles.append(drops)
+            self._set_drops(buf, drops.fd, cfg.drops_map)
 
     def _attach(self, cfg: SourceConfig, name: str, origin: str, fd: int, map_type: str,
                 map_id: int, max_entries: int, layout: dict | None) -> Buffer:
@@ -267,7 +270,8 @@ class Sources:
         while True:
             await trio.sleep(DROPS_INTERVAL)
             try:
-                total = counter_total(buf.drops_fd)
+                # A dump of a (per-CPU) map: blocking, so in a worker thread.
+                total = await trio.to_thread.run_sync(counter_total, buf.drops_fd)
             except (OSError, ValueError) as e:
                 log.error("%s: reading drops_map %s failed: %s", buf.name, buf.drops_label, e)
                 continue
@@ -289,6 +293,6 @@ class Sources:
         for prog in self._programs:
             prog.cleanup()
         self._programs.clear()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()

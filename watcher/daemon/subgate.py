@@ -92,7 +92,7 @@ class SubscriptionGate:
         prefix = data[1:]
         if data[0] == 0:
             if peer in self._held:
-                self._held[peer].discard(prefix)  # type: ignore[index]
+                self._held[peer].discard(prefix)
             return data  # a disconnect's unsubscribes carry no fd: always applied
         if peer is None or peer[1] is None:
             return data  # cannot attribute it (the connection closed meanwhile)
@@ -122,7 +122,7 @@ class SubscriptionGate:
         address = "?"
         if isinstance(frame, zmq.Frame):
             try:
-                address = frame.get("Peer-Address")
+                address = str(frame.get("Peer-Address"))
             except zmq.ZMQError:
                 pass
         if address not in self._logged:

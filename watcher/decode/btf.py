@@ -210,6 +210,41 @@ _VOID = BtfType(Kind.UNKN, "void", False, 0, 0)
 _MAX_DEPTH = 64
 
 
+def _sections(raw: bytes) -> tuple[tuple, bytes, bytes]:
+    """The header fields, the type section and the string section of a raw blob."""
+    if len(raw) < _HEADER.size:
+        raise BtfError(f"BTF blob of {len(raw)} bytes is shorter than its header")
+    head = _HEADER.unpack_from(raw)
+    _magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = head
+    return (head, raw[hdr_len + type_off:hdr_len + type_off + type_len],
+            raw[hdr_len + str_off:hdr_len + str_off + str_len])
+
+
+def needs_base(raw: bytes) -> bool:
+    """Is ``raw`` split BTF (a kernel module's, on top of vmlinux)?
+
+    Standalone BTF's string section starts with a NUL (the kernel insists);
+    split BTF's continues its base's, so it need not.
+    """
+    _head, _types, strings = _sections(raw)
+    return not strings.startswith(b"\0")
+
+
+def merge_split(base_raw: bytes, split_raw: bytes) -> bytes:
+    """One blob that parses alone: ``base_raw``'s types and strings, then ``split_raw``'s.
+
+    Split BTF numbers its types after its base's and offsets its strings after
+    the base's string section, so the concatenated sections keep every type id
+    and string offset valid.  That is how a split blob reaches a consumer, who
+    has no vmlinux of the daemon's host to parse it against.
+    """
+    (magic, version, flags, *_), base_types, base_strings = _sections(base_raw)
+    _head, split_types, split_strings = _sections(split_raw)
+    types, strings = base_types + split_types, base_strings + split_strings
+    return _HEADER.pack(magic, version, flags, _HEADER.size, 0, len(types), len(types),
+                        len(strings)) + types + strings
+
+
 def parse_btf(raw: bytes, base: Btf | None = None) -> Btf:
     """Parse a raw BTF blob (header, type section, string section).
 
@@ -258,6 +293,7 @@ class _Strings:
         if s is not None:
             return s
         if off < self.base_len:
+            assert self.base is not None  # base_len is 0 without a base
             s = self.base(off)
         else:
             start = off - self.base_len

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from . import cilium
+from .bpfabi import percpu_slot
 from .btf import BtfError, parse_btf
 from .layout import Layout, LayoutError, fit_note, parse_layout
 
@@ -68,7 +69,7 @@ def _hex(b: bytes) -> str:
 
 
 def _slot(m) -> int:
-    return (m.value_size + 7) & ~7
+    return percpu_slot(m.value_size)
 
 
 def _per_entry(m, fmt_key: SideFormatter, fmt_value: Callable[[bytes, Any], Any],
@@ -145,7 +146,7 @@ def _add_chunk_json(decode: EntryFormatter, key_flat, value_flat) -> None:
                                         for n in names) + "}")
     template = '{"key":' + parts[0] + ',"value":' + parts[1] + "}"
     key_rows, value_rows = key_flat[0], value_flat[0]
-    decode.chunk_json = lambda keys, values: [
+    decode.chunk_json = lambda keys, values: [  # type: ignore[attr-defined]
         template % (k + v) for k, v in zip(key_rows.iter_unpack(keys),
                                             value_rows.iter_unpack(values))]
 
@@ -212,6 +213,7 @@ def choose(m, btf_blob: bytes | None = None,
 
     fmt_key, fmt_value, flats = _btf_sides(m, btf_blob, notes)
     if fmt_value is not None:
+        assert fmt_key is not None  # _btf_sides gives both or neither
         decode = _plain_entry(m, fmt_key, fmt_value)
         if flats is not None:
             _add_chunk_json(decode, *flats)

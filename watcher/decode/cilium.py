@@ -28,9 +28,10 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from .bpfabi import KERNEL_NAME_MAX
+
 __all__ = ["KNOWN", "CiliumLayout", "find"]
 
-KERNEL_NAME_MAX = 15
 
 # --- shared renderings ------------------------------------------------------------
 

@@ -236,8 +236,9 @@ def parse_layout(raw: Any, index: int | None = None) -> Layout:
             if declared is not None:
                 raise LayoutError(f"{label}: {side}_size without {side} fields")
             continue
-        sides[side], spec[side] = _parse_side(label, side, raw[side], declared)
-        spec[f"{side}_size"] = sides[side].size
+        parsed, spec[side] = _parse_side(label, side, raw[side], declared)
+        sides[side] = parsed
+        spec[f"{side}_size"] = parsed.size
     return Layout(match, sides["key"], sides["value"], spec)
 
 

@@ -12,10 +12,8 @@ buffers explicitly configured as sources are opened this way.
 
 from __future__ import annotations
 
-import os
-
 from . import syscall
-from .maps import MapRecord, record_from_fd
+from .maps import MapHandle
 from .perfbuf import PerfBufReader
 from .ringbuf import RingBufReader
 
@@ -33,12 +31,7 @@ def reader_for(fd: int, map_type: str, max_entries: int, page_cnt: int = 64,
                      "(ring buffers and perf event arrays are)")
 
 
-def open_pinned(path: str) -> tuple[int, MapRecord]:
-    """A read-write fd for the map pinned at ``path``, and its record."""
-    fd = syscall.obj_get(path, flags=0)
-    try:
-        return fd, record_from_fd(fd, (path,))
-    except BaseException:
-        os.close(fd)
-        raise
+def open_pinned(path: str) -> MapHandle:
+    """The map pinned at ``path``, opened read-write (a reader consumes the buffer)."""
+    return MapHandle.adopt(syscall.obj_get(path, flags=0), (path,))
 

@@ -6,7 +6,17 @@ import functools
 import os
 from typing import TYPE_CHECKING
 
-from ..decode.btf import Btf, BtfError, BtfType, Formatter, Kind, Member, parse_btf  # noqa: F401  (re-exported: the kernel-facing BTF API)
+from ..decode.btf import (  # noqa: F401  (re-exported: the kernel-facing BTF API)
+    Btf,
+    BtfError,
+    BtfType,
+    Formatter,
+    Kind,
+    Member,
+    merge_split,
+    needs_base,
+    parse_btf,
+)
 from . import syscall
 
 if TYPE_CHECKING:
@@ -15,32 +25,31 @@ if TYPE_CHECKING:
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 
-@functools.lru_cache(maxsize=64)
-def load_btf(btf_id: int) -> Btf:
-    """The kernel's BTF object ``btf_id``, parsed; cached (ids are not reused soon).
+def standalone_blob(btf_id: int) -> bytes:
+    """The kernel's BTF object ``btf_id`` as one blob that parses on its own.
 
-    A blob that does not stand alone is retried as split BTF on top of
-    vmlinux (kernel modules' BTF is split); if that fails too, the first error
-    is raised.  A vanished id raises :class:`~.syscall.BpfError`.
+    Split BTF (kernel modules' maps) is merged onto vmlinux's (``merge_split``):
+    this is what the daemon ships to consumers, who cannot read the host's vmlinux.
+    A vanished id raises :class:`~.syscall.BpfError`.
     """
     fd = syscall.btf_get_fd_by_id(btf_id)
     try:
         raw = syscall.btf_raw_data(fd)
     finally:
         os.close(fd)
-    try:
-        return parse_btf(raw)
-    except BtfError as standalone_error:
-        try:
-            return parse_btf(raw, base=_vmlinux())
-        except (BtfError, OSError):
-            raise standalone_error from None
+    return merge_split(_vmlinux_raw(), raw) if needs_base(raw) else raw
+
+
+@functools.lru_cache(maxsize=64)
+def load_btf(btf_id: int) -> Btf:
+    """:func:`standalone_blob`, parsed; cached (ids are not reused soon)."""
+    return parse_btf(standalone_blob(btf_id))
 
 
 @functools.lru_cache(maxsize=1)
-def _vmlinux() -> Btf:
+def _vmlinux_raw() -> bytes:
     with open(VMLINUX_BTF, "rb") as f:
-        return parse_btf(f.read())
+        return f.read()
 
 
 def map_formatters(record: MapRecord) -> tuple[Formatter | None, Formatter] | None:

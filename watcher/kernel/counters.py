@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..decode.bpfabi import percpu_slot
 from .dump import dump, value_stride
 from .maps import record_from_fd
 
@@ -26,7 +27,7 @@ def counter_total(fd: int) -> int:
     for chunk in dump(fd, record):
         rows = np.frombuffer(chunk.values, dtype=np.uint8).reshape(chunk.count, stride)
         if record.percpu:
-            slot = (record.value_size + 7) & ~7
+            slot = percpu_slot(record.value_size)
             rows = rows.reshape(-1, slot)[:, :record.value_size]
         else:
             rows = rows[:, :record.value_size]

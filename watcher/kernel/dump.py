@@ -18,8 +18,10 @@ from collections.abc import Iterator
 
 import attrs
 
+from ..decode.bpfabi import percpu_slot
 from . import syscall
-from .maps import MapRecord, possible_cpus
+from .cpus import possible_cpus
+from .maps import MapRecord
 from .maptypes import DumpMethod, dump_method
 
 DEFAULT_CHUNK = 65536
@@ -40,7 +42,7 @@ class Chunk:
 def value_stride(record: MapRecord, ncpus: int | None = None) -> int:
     """Bytes per value in a dump: per-CPU maps hold one 8-aligned slot per CPU."""
     if record.percpu:
-        return ((record.value_size + 7) & ~7) * (ncpus or possible_cpus())
+        return percpu_slot(record.value_size) * (ncpus or possible_cpus())
     return record.value_size
 
 

@@ -1,24 +1,28 @@
-"""Change detection inside the kernel: a BPF iterator walks a watched map and
-emits only the entries whose value changed since its last walk.
+"""Change detection inside the kernel: a generated BPF program walks a watched map
+and emits only the entries whose value changed since its last walk.
 
-Per watched map pymap owns three kernel objects (made in :func:`_create_objects`,
+Per watched map pymap owns these kernel objects (made in :meth:`IterDelta._create_objects`
 through :mod:`.progload`, the one place the daemon creates BPF objects):
 
 * a **shadow map** with the watched map's keys: ``{fingerprint words, generation}``
   per key (a hash map; an array for arrays, where keys are indices);
-* a one-entry **state** array: the current generation and the walk's counters;
-* a generated **walk program** (``bpf_iter__bpf_map_elem``), and for hash-like
-  maps a **sweep program** over the shadow map that emits keys whose generation
-  is stale (their entries were not seen: removed).
+* a one-entry **state** array: the generation, the walk's counters and cursors;
+* for maps that are not per-CPU: a **ring buffer**, a BTF blob (callback
+  ``func_info``), two **walk records** for hash-like maps, and a sweep program;
+* per walk, a **walk program**: ``bpf_for_each_map_elem`` run once by
+  ``BPF_PROG_TEST_RUN`` (the default), or a ``bpf_map_elem`` iterator (the first
+  walk, per-CPU maps, and output beyond the ring).
 
 The walk, per entry: fingerprint the value (all CPUs' slots of a per-CPU map),
 look the key up in the shadow map; absent (or never written, for arrays) ->
-write the entry ``key, value`` to the iterator's output and insert it; present
-with other fingerprint words -> write the entry, then store the new words;
-either way stamp the current generation.  Only changed entries cross to user
-space.  ``seen`` counts shadow keys stamped this walk (each once); when it
-equals the shadow's size before the walk, no key can be missing, so the sweep
-runs only when something was removed.
+write the entry ``key, value`` out and insert it; present with other
+fingerprint words -> write the entry, then store the new words; either way
+stamp the current generation.  Only changed entries cross to user space.
+``seen`` counts shadow keys stamped this walk (each once); when it equals the
+shadow's size before the walk, no key can be missing, so a sweep for removed
+keys runs only when something was removed.  Hash maps first try the last
+walk's record (:func:`_positional`, :func:`check_program`), which avoids the
+shadow lookups for entries whose place in the walk did not change.
 
 The fingerprint: values up to :data:`EXACT_MAX` bytes (the whole per-CPU row)
 are kept whole, so comparing is exact.  Longer values keep one 64-bit word of
@@ -28,17 +32,17 @@ fingerprint, and other changes collide with probability about 2^-64.  A
 collision costs one missed ``updated`` event: the next change of that entry
 is delivered (with the then-current value and the last delivered old value).
 
-Idempotent output: the kernel re-runs the program for the element whose
-output overflowed the seq_file buffer (at most 8 pages per read()), so each
-element first writes its output and only then commits its shadow entry.
+Idempotent output: the kernel re-runs an iterator program for the element
+whose output overflowed the seq_file buffer (8 pages per read()), and a full
+ring drops a for_each record; so each element first writes its output and only
+then commits its shadow entry.
 
 Read only: the watched map is opened ``BPF_F_RDONLY``, but the kernel does not
-check an fd's mode when attaching an iterator, and ``ctx->value`` is a writable
-buffer to the verifier.  What keeps the watched map unwritten is the generated
-code: every store in it targets the stack (R10) or a shadow-map entry (R9),
-which :func:`_check_read_only` asserts before every load; the key and value
-pointers live in R7 and R8 and are only read or passed to helpers as
-read-only arguments (see docs/architecture.md).
+check an fd's mode when attaching an iterator or loading a program that names
+the map, and the element's value pointer is writable to the verifier.  What
+keeps the watched map unwritten is the generated code: every store targets the
+stack or pymap's own memory, which :func:`_check_read_only` asserts before
+every load (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ def shadow_bytes_estimate(record: MapRecord, stride: int) -> int:
         return record.max_entries * value + ring
     n = shadow_entries(record)
     buckets = 1 << max(n - 1, 1).bit_length()
-    order = n * (((record.key_size + 7) & ~7) + value - 8) if uses_for_each(record) else 0
+    order = 2 * n * (((record.key_size + 7) & ~7) + value) if uses_for_each(record) else 0
     return (n * (_HTAB_ELEM + ((record.key_size + 7) & ~7) + value) + buckets * _HTAB_BUCKET
             + ring + order)
 
@@ -249,16 +253,25 @@ def _emit_row(a: Asm, key_size: int, stride: int, ring_fd: int | None, state_fd:
               fail: str) -> None:
     """Write ``key | value`` (R7, R8) to the output; on no room, jump to ``fail``.
 
-    Iterator: two ``bpf_seq_write`` calls.  for_each: one ring buffer
-    reservation (R4 holds it: its only use as a store base, see
-    :func:`_check_read_only`), filled and submitted without a wakeup.
+    Iterator: two ``bpf_seq_write`` calls.  for_each: one ring buffer record,
+    submitted without a wakeup (the reader drains the ring after the run).
     """
     if ring_fd is None:
         _seq_write(a, R7, key_size, fail)
         _seq_write(a, R8, stride, fail)
         return
+    _ring_write(a, ring_fd, state_fd, [(R7, key_size), (R8, stride)], fail)
+
+
+def _ring_write(a: Asm, ring_fd: int, state_fd: int, parts: list[tuple[int, int]],
+                fail: str) -> None:
+    """One ring record of ``parts`` ((pointer register, size) each, back to back).
+
+    R4 holds the reservation: its only use as a store base (see
+    :func:`_check_read_only`).  No room: count ``overflow``, jump to ``fail``.
+    """
     a.ld_map_fd(R1, ring_fd)
-    a.movi(R2, key_size + stride)
+    a.movi(R2, sum(size for _, size in parts))
     a.movi(R3, 0)
     a.call(_RINGBUF_RESERVE)
     a.jmp(JNE, R0, 0, f"{fail}_room")
@@ -266,8 +279,10 @@ def _emit_row(a: Asm, key_size: int, stride: int, ring_fd: int | None, state_fd:
     a.ja(fail)
     a.label(f"{fail}_room")
     a.mov(R4, R0)
-    _copy(a, R7, 0, R4, 0, key_size)
-    _copy(a, R8, 0, R4, key_size, stride)
+    offset = 0
+    for src, size in parts:
+        _copy(a, src, 0, R4, offset, size)
+        offset += size
     a.mov(R1, R4)
     a.movi(R2, _BPF_RB_NO_WAKEUP)
     a.call(_RINGBUF_SUBMIT)
@@ -412,19 +427,7 @@ def record_sweep_program(key_size: int, stride: int, state_fd: int, old_fd: int,
     a.ld_map_value(R5, state_fd)
     a.ldx(8, R2, R5, _STATE["gen"])
     a.jmp(JEQ, R1, R2, "out", reg=True)
-    a.ld_map_fd(R1, ring_fd)
-    a.movi(R2, key_size)
-    a.movi(R3, 0)
-    a.call(_RINGBUF_RESERVE)
-    a.jmp(JNE, R0, 0, "room")
-    _count(a, state_fd, "overflow")
-    a.ja("out")
-    a.label("room")
-    a.mov(R4, R0)
-    _copy(a, R8, 0, R4, 0, key_size)
-    a.mov(R1, R4)
-    a.movi(R2, _BPF_RB_NO_WAKEUP)
-    a.call(_RINGBUF_SUBMIT)
+    _ring_write(a, ring_fd, state_fd, [(R8, key_size)], "out")
     a.label("out")
     a.movi(R0, 0)
     a.exit()
@@ -590,19 +593,7 @@ def sweep_program(key_size: int, nw: int, state_fd: int, ring_fd: int | None = N
     if ring_fd is None:
         _seq_write(a, R7, key_size, "out")
     else:
-        a.ld_map_fd(R1, ring_fd)
-        a.movi(R2, key_size)
-        a.movi(R3, 0)
-        a.call(_RINGBUF_RESERVE)
-        a.jmp(JNE, R0, 0, "room")
-        _count(a, state_fd, "overflow")
-        a.ja("out")
-        a.label("room")
-        a.mov(R4, R0)
-        _copy(a, R7, 0, R4, 0, key_size)
-        a.mov(R1, R4)
-        a.movi(R2, _BPF_RB_NO_WAKEUP)
-        a.call(_RINGBUF_SUBMIT)
+        _ring_write(a, ring_fd, state_fd, [(R7, key_size)], "out")
     a.label("out")
     a.movi(R0, 0)
     a.exit()
@@ -739,6 +730,8 @@ class IterDelta:
         self.ring = None
         self.order_fd: int | None = None  # the last complete walk's record (of two buffers)
         self.records: list[int] = []
+        self._written: int | None = None  # the record buffer the last for_each walk wrote
+        self._record_entries = shadow_entries(record)
         self.order_count = -1  # elements the last full for_each walk recorded; -1: no record
         self.quick_polls = 0  # polls settled by the walk-order check alone
         self.record_sweeps = 0  # removals found through the walk record
@@ -831,8 +824,8 @@ class IterDelta:
                 removed.append(gone)
             self.shadow_entries = present + counters["added"]
             complete = not (counters["full"] or counters["overflow"])
-            if each and self.records and complete and \
-                    counters["ord"] <= shadow_entries_of(self._written):
+            if each and self._written is not None and complete and \
+                    counters["ord"] <= self._record_entries:
                 self.order_fd, self.order_count = self._written, counters["ord"]
             else:
                 self.order_count = -1
@@ -949,10 +942,6 @@ class IterDelta:
         raw = progload.syscall.map_lookup_elem(self.state_fd, bytes(4), _STATE_SIZE)
         overflow = struct.unpack_from("<Q", raw or bytes(_STATE_SIZE), _STATE["overflow"])[0]
         return gone, not overflow
-
-
-def shadow_entries_of(fd: int) -> int:
-    return progload.syscall.map_info(fd).max_entries
 
 
 def _split(data: bytes, size: int) -> list[bytes]:

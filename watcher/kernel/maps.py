@@ -17,10 +17,10 @@ from collections.abc import Iterator
 
 import attrs
 
+from ..decode.bpfabi import KERNEL_NAME_MAX
 from . import syscall
 from .maptypes import PERCPU_TYPES, type_name
 
-KERNEL_NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1
 DEFAULT_BPFFS = "/sys/fs/bpf"
 
 
@@ -58,7 +58,8 @@ def open_fd(fd: int) -> Iterator[int]:
 
 
 class MapHandle:
-    """An open read-only map: its fd and its record, closed exactly once.
+    """An open map: its fd and its record, closed exactly once (read-only unless a source
+    reader opened it to consume a buffer: see attach.open_pinned).
 
     Raw fds crossing layers get closed twice or never; a handle owns its fd
     (like cilium/ebpf's ``Map``): :meth:`close` is idempotent, ``with`` closes
@@ -265,21 +266,3 @@ def map_holders() -> dict[int, list[tuple[int, str]]]:
             for map_id in seen:
                 holders.setdefault(map_id, []).append((pid, comm))
     return holders
-
-
-def possible_cpus() -> int:
-    """Number of possible CPUs: the stride of per-CPU values."""
-    with open("/sys/devices/system/cpu/possible") as f:
-        text = f.read().strip()
-    count = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        count += (int(hi) if hi else int(lo)) - int(lo) + 1
-    return count
-
-
-def btf_raw(btf_id: int) -> bytes:
-    """The raw BTF object ``btf_id`` (header, types, strings), as the kernel holds it."""
-    fd = syscall.btf_get_fd_by_id(btf_id)
-    with open_fd(fd):
-        return syscall.btf_raw_data(fd)

@@ -45,9 +45,6 @@ _PER_KEY = {
 }
 PERCPU_TYPES = frozenset({"percpu_hash", "percpu_array", "lru_percpu_hash",
                           "percpu_cgroup_storage"})
-# Arrays have every index present: bpftool prints all max_entries of them.
-ARRAY_TYPES = frozenset({"array", "percpu_array"})
-
 NOT_DUMPABLE_REASONS: dict[str, str] = {
     "ringbuf": "a ring buffer is a stream of records, not a map of entries; "
                "watch it as an event source instead",

@@ -42,6 +42,7 @@ import threading
 import numpy as np
 
 from . import perfevent, syscall
+from .cpus import online_cpus
 from .mapping import PAGE_SIZE, PROT_READ, PROT_WRITE, Mapping
 from .recordchunk import EMPTY, RecordChunk
 
@@ -75,9 +76,9 @@ class _CpuRing:
             return 0, 0, False
         off = tail & self.mask
         if off + avail <= self.size:
-            buf = memoryview(self.data[off:off + avail])
+            buf = self.data[off:off + avail].data
         else:  # the unread part wraps past the end of the ring: reassemble it
-            buf = memoryview(np.concatenate((self.data[off:], self.data[:off + avail - self.size])))
+            buf = np.concatenate((self.data[off:], self.data[:off + avail - self.size])).data
         pos = n = lost = 0
         while pos + 8 <= avail and n < limit:
             rtype, _misc, size = _HEADER.unpack_from(buf, pos)
@@ -120,7 +121,7 @@ class PerfBufReader:
         self.map_fd = map_fd
         self.wakeup_events = wakeup_events
         max_entries = syscall.map_info(map_fd).max_entries
-        wanted = perfevent.online_cpus() if cpus is None else cpus
+        wanted = online_cpus() if cpus is None else cpus
         self.skipped = [c for c in wanted if c >= max_entries]
         self._epoll = select.epoll()
         self._notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

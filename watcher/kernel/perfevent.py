@@ -20,7 +20,6 @@ PERF_SAMPLE_RAW = 1 << 10
 PERF_FLAG_FD_CLOEXEC = 1 << 3
 PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_EVENT_IOC_DISABLE = 0x2401
-_WATERMARK_BIT = 1 << 14  # perf_event_attr.watermark: wakeup_watermark instead of events
 
 _NR = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "armv7l": 364, "ppc64le": 319}
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -83,16 +82,3 @@ def open_bpf_output(cpu: int, wakeup_events: int = 1) -> int:
 
 def disable(fd: int) -> None:
     fcntl.ioctl(fd, PERF_EVENT_IOC_DISABLE, 0)
-
-
-def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list[int]:
-    """CPU numbers from a kernel cpu list such as ``0-3,6``."""
-    with open(path) as f:
-        text = f.read().strip()
-    cpus: list[int] = []
-    for part in text.split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
-    return cpus

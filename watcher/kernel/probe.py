@@ -23,11 +23,11 @@ from collections.abc import Callable
 
 import attrs
 
+from .btf import VMLINUX_BTF as KERNEL_BTF
 from .capabilities import CAPABILITIES
+from .maps import DEFAULT_BPFFS
 
-DEFAULT_BPFFS = "/sys/fs/bpf"
 DEFAULT_TRACEFS = "/sys/kernel/tracing"
-KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 
 _CAP_NUMBERS = {cap.name: cap.number for cap in CAPABILITIES}
 CAP_SYS_ADMIN = _CAP_NUMBERS["CAP_SYS_ADMIN"]

@@ -102,7 +102,7 @@ def load_btf(blob: bytes) -> int:
         return _bpf(BPF_BTF_LOAD, attr, "BPF_BTF_LOAD")
     except BpfError as e:
         lines = [ln for ln in log_buf.value.decode(errors="replace").splitlines() if ln]
-        raise BpfError(e.errno, "BPF_BTF_LOAD", " | ".join(lines[-3:])) from None
+        raise BpfError(e.errno or errno.EINVAL, "BPF_BTF_LOAD", " | ".join(lines[-3:])) from None
 
 
 def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,

@@ -71,7 +71,7 @@ class RingBufReader:
         data.flags.writeable = False
         self._data = data
         self._words = data.view(np.uint32)
-        self._wordmv = memoryview(self._words)
+        self._wordmv = self._words.data  # a memoryview of the words
         self.records = 0
         self.bytes = 0
 

@@ -50,7 +50,7 @@ class SeccompUnavailable(RuntimeError):
 
 def _binding():
     try:
-        import seccomp as libseccomp  # type: ignore[import-not-found]  # python3-seccomp (C)
+        import seccomp as libseccomp  # python3-seccomp (C; no stubs: see [tool.mypy])
     except ImportError as e:
         raise SeccompUnavailable(
             f"libseccomp's Python binding does not import ({e}); install python3-seccomp "

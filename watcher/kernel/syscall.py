@@ -86,16 +86,6 @@ class BpfError(OSError):
         self.command = command
 
 
-class _Attr(ctypes.Union):
-    """``union bpf_attr`` padded to a size every supported kernel accepts.
-
-    The kernel checks that bytes past the part it knows are zero, so one
-    zeroed 128-byte buffer serves every command.
-    """
-
-    _fields_ = [("raw", ctypes.c_uint8 * 128)]
-
-
 def _bpf(cmd: int, attr: ctypes.Structure, name: str, detail: str = "") -> int:
     ret = _syscall(_NR_BPF, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
     if ret < 0:

@@ -16,13 +16,12 @@ Compatibility rules (see docs/protocol.md):
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, TypeGuard, Union, cast
 
 import attrs
 import cattrs
 import orjson
 from cattrs.preconf.orjson import make_converter
-from cattrs.strategies import configure_tagged_union
 
 SCHEMA_VERSION = 1
 REQ_LIMIT = 1 << 63  # a request id is an integer from 0 to REQ_LIMIT - 1
@@ -397,12 +396,6 @@ def map_topic(name: str) -> bytes:
     return MAP_TOPIC_PREFIX + name.encode() + b"\0"
 
 
-def topic_name(topic: bytes) -> str | None:
-    """The map name in a map topic, or None for other topics."""
-    if topic.startswith(MAP_TOPIC_PREFIX) and topic.endswith(b"\0"):
-        return topic[len(MAP_TOPIC_PREFIX):-1].decode(errors="replace")
-    return None
-
 KINDS: dict[type, str] = {
     Ping: "ping",
     ListRequest: "list",
@@ -442,7 +435,26 @@ def _strict(kind: type):
 
 for _kind in (int, str, bool, float):
     converter.register_structure_hook(_kind, _strict(_kind))
-configure_tagged_union(Message, converter, tag_generator=KINDS.__getitem__, tag_name="kind")
+
+# The "kind" tag, dispatched here rather than by cattrs.strategies.configure_tagged_union:
+# that strategy builds the hooks of every message class when this module is imported
+# (most of its import time, and so of every short CLI command: bench/bench_cli.py);
+# here cattrs builds and caches a class's hooks the first time its kind is seen.
+_CLASSES = {kind: cls for cls, kind in KINDS.items()}
+
+
+def _structure_message(data, _type):
+    return converter.structure(data, _CLASSES[data["kind"]])  # KeyError: no or unknown kind
+
+
+def _unstructure_message(message) -> dict:
+    data = converter.unstructure(message, type(message))
+    data["kind"] = KINDS[type(message)]
+    return data
+
+
+converter.register_structure_hook(Message, _structure_message)
+converter.register_unstructure_hook(Message, _unstructure_message)
 
 
 def encode(message) -> bytes:
@@ -453,7 +465,7 @@ def encode(message) -> bytes:
 def decode(data: bytes):
     """Parse a first frame; any problem becomes one :class:`WireError`."""
     try:
-        message = converter.loads(data, Message)
+        message = converter.loads(data, cast(Any, Message))  # a Union: cattrs takes it
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as e:
         raise WireError(_describe(data, e)) from None
     return message
@@ -466,7 +478,7 @@ def _describe(data: bytes, error: Exception) -> str:
     return f"invalid message: {error}"
 
 
-def valid_req(req: object) -> bool:
+def valid_req(req: object) -> TypeGuard[int]:
     return type(req) is int and 0 <= req < REQ_LIMIT
 
 

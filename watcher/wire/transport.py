@@ -16,12 +16,26 @@ from __future__ import annotations
 
 import collections
 import errno
+import time
 from collections.abc import Callable
+from typing import Any, cast
 
 import trio
 import zmq
 
 Frames = list[bytes]
+# Going out, a frame may also be a view of a buffer: ZeroMQ sends it without a copy.
+OutFrames = list[bytes | memoryview]
+# What an owner hands ``on_message``: bytes, or zmq.Frame where metadata is needed.
+OnMessage = Callable[[list[Any]], None]
+
+
+def _fd(sock: zmq.Socket) -> int:
+    return cast(int, sock.getsockopt(zmq.FD))
+
+
+def _events(sock: zmq.Socket) -> int:
+    return cast(int, sock.getsockopt(zmq.EVENTS))
 
 
 async def recv_multipart(sock: zmq.Socket) -> Frames:
@@ -31,12 +45,12 @@ async def recv_multipart(sock: zmq.Socket) -> Frames:
             return sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             pass
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if _events(sock) & zmq.POLLIN:
             continue
-        await trio.lowlevel.wait_readable(sock.getsockopt(zmq.FD))
+        await trio.lowlevel.wait_readable(_fd(sock))
 
 
-async def send_multipart(sock: zmq.Socket, frames: Frames) -> None:
+async def send_multipart(sock: zmq.Socket, frames: OutFrames) -> None:
     """Send one multipart message, waiting while the socket is at its high-water mark."""
     while True:
         try:
@@ -44,9 +58,9 @@ async def send_multipart(sock: zmq.Socket, frames: Frames) -> None:
             return
         except zmq.Again:
             pass
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+        if _events(sock) & zmq.POLLOUT:
             continue
-        await trio.lowlevel.wait_readable(sock.getsockopt(zmq.FD))
+        await trio.lowlevel.wait_readable(_fd(sock))
 
 
 class PeerGone(Exception):
@@ -61,25 +75,34 @@ class OwnedSocket:
     """
 
     RETRY_INTERVAL = 0.005  # how soon to retry when a send could not proceed
+    # How long one turn of the pump may send before yielding to the other tasks: a
+    # million-event delta is hundreds of messages, and a send costs ~0.1 ms on a busy
+    # machine, so sending them all in one go would hold the loop.
+    TURN_SECONDS = 0.002
 
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = _fd(sock)
         self._wake = trio.Event()
         self._fd_checked = trio.Event()
+        self._turn_end = 0.0  # when this turn of the pump is over
+        self._more = False  # the turn ended with messages left to send
 
     def _poke(self) -> None:
         self._wake.set()
 
-    async def serve(self, on_message: Callable[[Frames], None]) -> None:
+    async def serve(self, on_message: OnMessage) -> None:
         """Own the socket until cancelled; ``on_message`` must not block."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_fd)
             while True:
                 self._wake = trio.Event()
+                self._turn_end, self._more = time.perf_counter() + self.TURN_SECONDS, False
                 blocked = self._pump(on_message)
                 self._fd_checked.set()
-                if blocked:
+                if self._more:  # let the other tasks run, then go on sending
+                    await trio.lowlevel.checkpoint()
+                elif blocked:
                     with trio.move_on_after(self.RETRY_INTERVAL):
                         await self._wake.wait()
                 else:
@@ -93,19 +116,37 @@ class OwnedSocket:
             # Wait until the owner has read EVENTS, which resets the fd.
             await self._fd_checked.wait()
 
-    def _receive_all(self, on_message: Callable[[Frames], None]) -> bool:
+    def _receive_all(self, on_message: OnMessage) -> bool:
         received = False
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while _events(self.sock) & zmq.POLLIN:
             on_message(self.sock.recv_multipart(zmq.NOBLOCK))
             received = True
         return received
 
-    def _pump(self, on_message: Callable[[Frames], None]) -> bool:
+    def _pump(self, on_message: OnMessage) -> bool:
         raise NotImplementedError
 
+    def _turn_over(self) -> bool:
+        """True once this turn has sent for ``TURN_SECONDS``: stop, and come back."""
+        if time.perf_counter() >= self._turn_end:
+            self._more = True
+        return self._more
 
-def frames_size(frames: Frames) -> int:
+
+def frames_size(frames: OutFrames) -> int:
     return sum(len(f) for f in frames)
+
+
+def identity(frame: zmq.Frame) -> tuple[str, str]:
+    """(User-Id, Peer-Address) of a received frame: the CURVE client's name ("" without
+    ZAP), and for ipc:// peers ``...:uid:gid:pid`` (SO_PEERCRED, filled in by libzmq)."""
+    out: list[str] = []
+    for prop in ("User-Id", "Peer-Address"):
+        try:
+            out.append(str(frame.get(prop) or ""))
+        except zmq.ZMQError:
+            out.append("")  # not set on this connection
+    return out[0], out[1]
 
 
 class SocketOwner(OwnedSocket):
@@ -121,28 +162,44 @@ class SocketOwner(OwnedSocket):
     ``on_gone``, which cancels its other work.
     """
 
+    # Read each request's ZeroMQ metadata (for access rules): (User-Id, Peer-Address)
+    # of the message being handed to on_message, in ``last_identity``.
+    identify = False
+    last_identity: tuple[str, str] = ("", "")
+
     def __init__(self, sock: zmq.Socket, outbox_bytes: int = 4 << 20,
                  on_gone: Callable[[bytes], None] | None = None):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         super().__init__(sock)
         self._limit = outbox_bytes
         self._on_gone = on_gone
-        self._outboxes: dict[bytes, collections.deque[Frames]] = {}
+        self._outboxes: dict[bytes, collections.deque[OutFrames]] = {}
         self._bytes: dict[bytes, int] = {}
         self._space: dict[bytes, trio.Event] = {}
         self._gone: set[bytes] = set()
+
+    def _receive_all(self, on_message: Callable[[Frames], None]) -> bool:
+        if not self.identify:
+            return super()._receive_all(on_message)
+        received = False
+        while _events(self.sock) & zmq.POLLIN:
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            self.last_identity = identity(frames[-1])
+            on_message([f.bytes for f in frames])
+            received = True
+        return received
 
     def _fits(self, peer: bytes, size: int) -> bool:
         # One message larger than the whole budget still goes, alone (a big get chunk).
         used = self._bytes.get(peer, 0)
         return used == 0 or used + size <= self._limit
 
-    def _queue(self, peer: bytes, frames: Frames, size: int) -> None:
+    def _queue(self, peer: bytes, frames: OutFrames, size: int) -> None:
         self._outboxes.setdefault(peer, collections.deque()).append([peer, *frames])
         self._bytes[peer] = self._bytes.get(peer, 0) + size
         self._poke()
 
-    async def send(self, peer: bytes, frames: Frames) -> None:
+    async def send(self, peer: bytes, frames: OutFrames) -> None:
         """Queue ``frames`` for ``peer``; waits while its outbox is full."""
         size = frames_size(frames)
         while True:
@@ -154,7 +211,7 @@ class SocketOwner(OwnedSocket):
             event = self._space.setdefault(peer, trio.Event())
             await event.wait()
 
-    def try_send(self, peer: bytes, frames: Frames) -> bool:
+    def try_send(self, peer: bytes, frames: OutFrames) -> bool:
         """Queue ``frames`` for ``peer`` if its outbox has room; False if not (or gone)."""
         size = frames_size(frames)
         if peer in self._gone or not self._fits(peer, size):
@@ -183,7 +240,7 @@ class SocketOwner(OwnedSocket):
         if self._on_gone is not None:
             self._on_gone(peer)
 
-    def _pump(self, on_message: Callable[[Frames], None]) -> bool:
+    def _pump(self, on_message: OnMessage) -> bool:
         """Receive and send until neither can progress; True if a peer is blocked."""
         while True:
             progressed = self._receive_all(on_message)
@@ -191,7 +248,7 @@ class SocketOwner(OwnedSocket):
             for peer in list(self._outboxes):
                 box = self._outboxes[peer]
                 gone = False
-                while box:
+                while box and not self._more:
                     try:
                         self.sock.send_multipart(box[0], zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -204,6 +261,7 @@ class SocketOwner(OwnedSocket):
                         break
                     self._bytes[peer] -= frames_size(box.popleft()[1:])
                     progressed = True
+                    self._turn_over()
                 if gone:
                     self._peer_gone(peer)
                     continue
@@ -215,7 +273,7 @@ class SocketOwner(OwnedSocket):
                 if not box:
                     del self._outboxes[peer]
                     del self._bytes[peer]
-            if not progressed:
+            if not progressed or self._more:
                 return blocked
 
 
@@ -230,25 +288,27 @@ class PublisherOwner(OwnedSocket):
 
     def __init__(self, sock: zmq.Socket):
         super().__init__(sock)
-        self._outbox: collections.deque[Frames] = collections.deque()
+        self._outbox: collections.deque[OutFrames] = collections.deque()
         self.sent = 0
 
-    def _receive_all(self, on_message: Callable[[Frames], None]) -> bool:
+    def _receive_all(self, on_message: OnMessage) -> bool:
         # Uncopied frames: their metadata (ZMQ_SRCFD, Peer-Address) says who subscribed.
         received = False
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while _events(self.sock) & zmq.POLLIN:
             on_message(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
             received = True
         return received
 
-    def publish(self, frames: Frames) -> None:
+    def publish(self, frames: OutFrames) -> None:
         self._outbox.append(frames)
         self._poke()
 
-    def _pump(self, on_message: Callable[[Frames], None]) -> bool:
+    def _pump(self, on_message: OnMessage) -> bool:
         while True:
             progressed = self._receive_all(on_message)
             while self._outbox:
+                if self._turn_over():
+                    return False  # serve() yields, then pumps again
                 try:
                     self.sock.send_multipart(self._outbox[0], zmq.NOBLOCK, copy=False)
                 except zmq.Again:

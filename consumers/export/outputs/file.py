@@ -14,7 +14,8 @@ file would pass this size; 0: never, the default 100 MiB), ``backups``
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qsl
 
 import trio
@@ -28,7 +29,7 @@ DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 class FileOutput(Output):
     schemes = ("file",)
 
-    def __init__(self, url, options=None):
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None):
         super().__init__(url, options)
         opts = dict(parse_qsl(self.parts.query)) | self.options
         self.path = self.parts.path

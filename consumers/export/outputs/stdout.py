@@ -21,11 +21,15 @@ class StdoutOutput(Output):
 
     async def send(self, batch: Sequence[ExportRecord]) -> None:
         data = b"".join([r.payload + b"\n" for r in batch])
+        # A thread, so a stalled reader (a full pipe) never blocks the stream task.  A
+        # reader that went away (BrokenPipeError) ends the exporter: no one can come back
+        # to this pipe; the CLI exits 0 for it, as for `| head`.
         try:
-            # A thread, so a stalled reader (a full pipe) never blocks the stream task.
             await trio.to_thread.run_sync(_write_all, self._fd, data)
-        except BrokenPipeError as e:
-            raise OutputUnavailable(f"stdout: {e}") from None
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            raise OutputUnavailable(f"stdout: {e.strerror}") from None
 
     async def aclose(self) -> None:
         pass

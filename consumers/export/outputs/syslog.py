@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import select
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qsl
 
 import trio
@@ -52,7 +54,7 @@ def _printable(value: str, limit: int) -> str:
 class SyslogFramer:
     """Builds RFC 5424 messages from records."""
 
-    def __init__(self, options: dict):
+    def __init__(self, options: Mapping[str, Any]):
         self.sd_id = str(options.get("sd_id", DEFAULT_SD_ID))
         self.app = _printable(str(options.get("app_name", "pymap")), 48)
         self.facility = int(options.get("facility", 16))
@@ -81,7 +83,7 @@ class SyslogUDPOutput(Output):
 
     schemes = ("syslog+udp",)
 
-    def __init__(self, url, options=None):
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None):
         super().__init__(url, options)
         self.options = dict(parse_qsl(self.parts.query)) | self.options
         self.address = self.host_port(514)
@@ -90,7 +92,8 @@ class SyslogUDPOutput(Output):
 
     async def open(self) -> None:
         try:
-            info = await trio.socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)
+            host, port = self.address
+            info = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             family, _, _, _, addr = info[0]
             self._sock = trio.socket.socket(family, socket.SOCK_DGRAM)
             await self._sock.connect(addr)
@@ -117,7 +120,7 @@ class SyslogTCPOutput(Output):
     schemes = ("syslog+tcp",)
     default_port = 601
 
-    def __init__(self, url, options=None):
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None):
         super().__init__(url, options)
         self.options = dict(parse_qsl(self.parts.query)) | self.options
         self.address = self.host_port(self.default_port)
@@ -136,23 +139,21 @@ class SyslogTCPOutput(Output):
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as e:
             raise OutputUnavailable(f"{self.describe()}: {e or 'connect timed out'}") from None
 
-    def _raw_socket(self) -> socket.socket | None:
-        stream = self._stream
-        inner = getattr(stream, "transport_stream", stream)
+    def _fileno(self) -> int | None:
+        inner = getattr(self._stream, "transport_stream", self._stream)
         sock = getattr(inner, "socket", None)
-        return sock
+        return sock.fileno() if sock is not None else None
 
     def _peer_closed(self) -> bool:
-        """Whether the receiver closed its end (a FIN or RST waiting for us)."""
-        sock = self._raw_socket()
-        if sock is None:
-            return False
-        try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
+        """Whether the receiver closed its end (its FIN or RST is waiting for us).
+
+        Syslog receivers never send, so a hang-up flag is the only news there can be."""
+        fd = self._fileno()
+        if fd is None or fd < 0:
             return True
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
 
     async def send(self, batch: Sequence[ExportRecord]) -> None:
         assert self._stream is not None
@@ -194,7 +195,7 @@ class SyslogTLSOutput(SyslogTCPOutput):
     schemes = ("syslog+tls",)
     default_port = 6514
 
-    def __init__(self, url, options=None):
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None):
         super().__init__(url, options)
         try:
             self.context = ssl.create_default_context(cafile=self.options.get("ca"))

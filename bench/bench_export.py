@@ -1,0 +1,221 @@
+"""Benchmark: ``pymap export`` throughput, three exporters on one daemon at once.
+
+Run as root: ``.venv/bin/python bench/bench_export.py``.  One run:
+
+1. A real daemon (``--always`` on the map, polling every 0.1 s) and a hash map of
+   ``N`` entries.  Each round rewrites every value with one batch update, so one
+   poll publishes ``N`` ``updated`` events.
+2. Baseline: rounds with no exporter.  The stream's own rate is ``N`` / (time from
+   the end of the batch update until the daemon's ``events_published`` has grown
+   by ``N``), asked of the daemon's status.
+3. The same rounds with three ``pymap export`` processes running together: ECS to a
+   file, ECS to a real rsyslog over TCP (octet counting, written to a file by
+   rsyslog), ECS to stdout (a file).  For each output, its rate is ``N`` / (time
+   until the ``N``-th event of the round is in the output); the daemon's rate is
+   measured again beside them.
+
+Figures are medians over the rounds.  Each exporter's CPU time per event is printed
+too: on a shared, loaded machine the wall-clock rates say more about the scheduler
+than about the exporter, and events per CPU-second is what one free core would do.  Targets: ECS to a file >= 100,000 events/s,
+syslog TCP to rsyslog >= 50,000 events/s, the daemon's publish rate with exporters
+within 10 % of the baseline.  Every event of every round must arrive (counted),
+or the run fails.  Everything (map, pins, daemon, exporters, rsyslog, temporary
+files) is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+# bench/_common.py (beside this file) puts the repository on sys.path.
+from _common import PYMAP, REPO, BenchError, check_root, private_bpffs, private_tmp, running_daemon
+
+sys.path.insert(0, str(REPO / "tests"))
+from support.syslog import Rsyslog  # noqa: E402 (the rsyslog runner the tests use)
+
+from watcher.kernel import syscall  # noqa: E402
+from watcher.kernel.maptypes import TYPE_IDS  # noqa: E402
+from watcher.wire import schema  # noqa: E402
+
+N = 100_000
+ROUNDS = 4
+TARGET_FILE = 100_000
+TARGET_SYSLOG = 50_000
+TARGET_DAEMON_RATIO = 0.9
+DEADLINE = 120.0
+
+
+def events_published(endpoint: str) -> int:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(schema.encode(schema.StatusRequest(req=1)))
+        if not sock.poll(30_000):
+            raise BenchError("the daemon did not answer a status request")
+        return schema.decode(sock.recv_multipart()[0]).events_published
+    finally:
+        sock.close(0)
+
+
+class LineCounter:
+    """Counts lines of a growing file incrementally (rsyslog and exporters append)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.lines = 0
+
+    def count(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        cut = data.rfind(b"\n") + 1
+        self.lines += data.count(b"\n", 0, cut)
+        self.offset += cut
+        return self.lines
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rewrite(fd: int, generation: int) -> None:
+    keys = array.array("Q", range(N))
+    values = array.array("Q", [generation]) * (2 * N)
+    syscall.map_update_batch(fd, keys.tobytes(), values.tobytes(), N)
+
+
+def one_round(fd: int, generation: int, endpoint: str,
+              outputs: dict[str, tuple[LineCounter, int]]) -> dict[str, float]:
+    """Rewrite the map; seconds until the daemon published N more events and until each
+    output holds its target line count."""
+    published0 = events_published(endpoint)
+    rewrite(fd, generation)
+    t0 = time.perf_counter()
+    done: dict[str, float] = {}
+    while len(done) < 1 + len(outputs):
+        now = time.perf_counter() - t0
+        if now > DEADLINE:
+            raise BenchError(f"round {generation}: not all events arrived within {DEADLINE:g} s "
+                             f"(done: {sorted(done)})")
+        if "daemon" not in done and events_published(endpoint) - published0 >= N:
+            done["daemon"] = time.perf_counter() - t0
+        for name, (counter, target) in outputs.items():
+            if name not in done and counter.count() >= target:
+                done[name] = time.perf_counter() - t0
+        time.sleep(0.005)
+    return done
+
+
+def main() -> int:
+    check_root()
+    with private_tmp() as tmp, private_bpffs() as bpffs:
+        name = f"bx{os.getpid()}"
+        fd = syscall.map_create(TYPE_IDS["hash"], 8, 16, N, name=name)
+        syscall.obj_pin(fd, str(bpffs / name))
+        procs: list[subprocess.Popen] = []
+        try:
+            rewrite(fd, 1)
+            with running_daemon(tmp, bpffs, "--interval", "0.1", "--always", name,
+                                 "--set", "daemon.batch_events=8192") as daemon, \
+                    Rsyslog(tmp) as rs:
+                ep = daemon.endpoint
+                time.sleep(1.0)  # the first poll: the map's state is known
+                generation = 2
+                base = []
+                for _ in range(ROUNDS):
+                    base.append(N / one_round(fd, generation, ep, {})["daemon"])
+                    generation += 1
+                files = {"ecs file": tmp / "ecs.json", "stdout": tmp / "stdout.json"}
+                env = {**os.environ, "PYMAP_ENDPOINT": ep}
+                specs = [
+                    ("ecs file", ["--to", f"file://{files['ecs file']}?max_bytes=0"], None),
+                    ("syslog tcp", ["--to", f"syslog+tcp://127.0.0.1:{rs.tcp}"], None),
+                    ("stdout", [], files["stdout"]),
+                ]
+                counters = {"ecs file": LineCounter(files["ecs file"]),
+                            "syslog tcp": LineCounter(rs.dir / "tcp.log"),
+                            "stdout": LineCounter(files["stdout"])}
+                for label, args, out in specs:
+                    stdout = open(out, "wb") if out else subprocess.DEVNULL  # noqa: SIM115
+                    procs.append(subprocess.Popen(
+                        [PYMAP, "export", name, "--format", "ecs", "--buffer", str(512 << 20),
+                         *args],
+                        stdout=stdout, stderr=open(tmp / f"{label}.log", "wb"), env=env))
+                # The exporters' start (a snapshot of N entries each) is not measured.
+                for label, c in counters.items():
+                    deadline = time.monotonic() + DEADLINE
+                    while c.count() < N:
+                        if time.monotonic() > deadline:
+                            raise BenchError(f"{label}: the start-up snapshot did not arrive")
+                        time.sleep(0.05)
+                time.sleep(0.5)
+                rates: dict[str, list[float]] = {"daemon": [], **{k: [] for k in counters}}
+                cpu0 = [cpu_seconds(p.pid) for p in procs]
+                for _ in range(ROUNDS):
+                    targets = {k: (c, c.count() + N) for k, c in counters.items()}
+                    done = one_round(fd, generation, ep, targets)
+                    generation += 1
+                    for k, seconds in done.items():
+                        rates[k].append(N / seconds)
+                for p in procs:
+                    if p.poll() is not None:
+                        raise BenchError(f"an exporter exited {p.returncode}")
+                cpu = {label: cpu_seconds(p.pid) - c0
+                       for (label, _, _), p, c0 in zip(specs, procs, cpu0, strict=True)}
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            os.close(fd)
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    base_rate = statistics.median(base)
+    print(f"bench_export: {N:,} updated events per round, {ROUNDS} rounds, medians; "
+          f"three exporters (ECS) running together; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
+    print(f"  daemon stream, no exporters    {base_rate:>12,.0f} events/s")
+    print(f"  daemon stream, 3 exporters     {med['daemon']:>12,.0f} events/s "
+          f"({med['daemon'] / base_rate:.0%} of baseline)")
+    for label in ("ecs file", "syslog tcp", "stdout"):
+        per_cpu = ROUNDS * N / cpu[label] if cpu[label] else float("inf")
+        print(f"  export {label:<22}  {med[label]:>12,.0f} events/s   "
+              f"({cpu[label] * 1e6 / (ROUNDS * N):.1f} us CPU/event: "
+              f"{per_cpu:,.0f} events per CPU-second)")
+    checks = [
+        ("ECS to a file >= 100,000 events/s", med["ecs file"] >= TARGET_FILE),
+        ("syslog TCP to rsyslog >= 50,000 events/s", med["syslog tcp"] >= TARGET_SYSLOG),
+        ("daemon publish rate within 10% with exporters",
+         med["daemon"] >= TARGET_DAEMON_RATIO * base_rate),
+    ]
+    for what, ok in checks:
+        print(f"  target {what}: {'met' if ok else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"bench_export: error: {e}", file=sys.stderr)
+        sys.exit(1)

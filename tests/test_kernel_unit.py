@@ -1,0 +1,38 @@
+"""Kernel-layer helpers that need no kernel: CPU lists, the map handle's close-once rule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from support.catalog import record
+
+from watcher.decode.bpfabi import percpu_slot
+from watcher.kernel.cpus import parse_cpu_list
+from watcher.kernel.maps import MapHandle
+
+
+def test_cpu_lists_as_the_kernel_writes_them():
+    assert parse_cpu_list("0-3,6\n") == [0, 1, 2, 3, 6]
+    assert parse_cpu_list("0") == [0]
+    assert parse_cpu_list("") == []
+    assert parse_cpu_list("2,4-5") == [2, 4, 5]
+
+
+def test_percpu_slot_rounds_up_to_8():
+    assert [percpu_slot(n) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 24]
+
+
+def test_map_handle_closes_its_fd_exactly_once():
+    r, w = os.pipe()
+    os.close(w)
+    handle = MapHandle(r, record(1, "m"))
+    with handle as h:
+        assert h.fd == r and not h.closed
+    assert handle.closed
+    with pytest.raises(OSError):
+        os.fstat(r)  # closed (a reused number would be someone else's fd)
+    handle.close()  # idempotent: no second close of a number that may be reused
+    with pytest.raises(ValueError, match="closed"):
+        _ = handle.fd
+    assert "closed" in repr(handle)
