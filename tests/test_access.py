@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -162,3 +163,28 @@ def test_unix_peers_by_user_over_a_real_socket(daemon_factory, maps, nobody_pyma
     finally:
         d.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.kernel
+def test_reload_applies_new_keys_and_rules(tmp_path, bpffs_dir, maps):
+    """SIGHUP re-reads the allowed keys and the access rules; connected clients stay."""
+    tag = token()
+    secret = f"acl_secret{tag[:4]}"
+    maps.create("hash", 4, 8, 8, name=secret)
+    d = start_tcp_daemon(tmp_path, bpffs_dir, RULES)
+    try:
+        mallory = {"PYMAP_CURVE_CLIENT_CERT": str(d.keys / "mallory" / "mallory.key_secret")}
+        assert d.cli("ping", "--timeout", "2", env=mallory).returncode != 0
+        listed = {m["name"] for m in json.loads(d.cli("list", "-o", "json", check=True).stdout)}
+        assert secret not in listed  # alice's rule denies acl_secret*
+        (d.keys / "clients" / "mallory.key").write_bytes(
+            (d.keys / "mallory" / "mallory.key").read_bytes())
+        config = tmp_path / "pymap.toml"
+        config.write_text(config.read_text().replace('deny = ["acl_secret*"]', "deny = []"))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "config reloaded" in d.log.read_text(), "the reload")
+        assert d.cli("ping", "--timeout", "5", env=mallory).returncode == 0
+        listed = {m["name"] for m in json.loads(d.cli("list", "-o", "json", check=True).stdout)}
+        assert secret in listed
+    finally:
+        d.stop()

@@ -330,3 +330,41 @@ def test_tls_and_nkey_login(tmp_path):
                     pass  # a CA that did not sign the server's certificate
 
         trio.run(main)
+
+
+def test_follower_holds_on_across_a_broker_restart(nats):
+    """``pymap events --fleet -f`` says the connection dropped, and prints what is
+    published after the server is back (like tail -F), without exiting."""
+    url = nats.url + "?stream=T5"
+
+    async def publish(start: int, n: int) -> None:
+        async with FleetPublisher(parse_url(url)) as pub:
+            await pub.publish(records("n", "e1", n, start=start))
+
+    trio.run(publish, 1, 1)
+    follower = subprocess.Popen([PYMAP, "events", "m1", "--fleet", url, "-f", "--since", "1h",
+                                 "-c", "6", "-o", "json"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        trio.run(publish, 2, 2)
+        first = [follower.stdout.readline() for _ in range(3)]  # it is following
+        nats.stop()
+        nats.start()
+        deadline = time.monotonic() + 60
+        seq = 4
+        while follower.poll() is None and time.monotonic() < deadline:
+            try:
+                trio.run(publish, seq, 1)
+                seq += 1
+            except FleetUnavailable:
+                pass
+            time.sleep(1)
+        out, err = follower.communicate(timeout=30)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0, err
+    lines = first + out.splitlines()
+    assert [json.loads(x)["seq"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert "disconnected from NATS" in err and "Traceback" not in err

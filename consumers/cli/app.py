@@ -636,7 +636,8 @@ def daemon(
     except ConfigError as e:
         fail(str(e))
     except PermissionError as e:
-        fail(f"{e.filename or ''}: permission denied (the daemon must run as root)")
+        fail(f"{e.filename or ''}: permission denied (run the daemon as root, or see "
+             "docs/operations.md for the capabilities and directories it needs)")
     except zmq.ZMQError as e:
         fail(f"cannot start: {e}")
     except OSError as e:

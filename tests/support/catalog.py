@@ -67,6 +67,9 @@ class FakeCatalog:
     def records(self) -> list[MapRecord]:
         return [m.record for m in self.maps.values()]
 
+    def ids(self) -> set[int]:
+        return set(self.maps)
+
     def list_maps(self, pattern: str | None, with_entries: bool) -> list[MapInfo]:
         return [catalog.to_wire(m.record, len(m.entries) if with_entries else None)
                 for m in self.maps.values()

@@ -187,8 +187,12 @@ class Catalog:
         self.bpffs = tuple(bpffs)
 
     def records(self) -> list[kmaps.MapRecord]:
-        """Every map on the host, with its pins (no dumps: cheap)."""
+        """Every map on the host, with its pins (no dumps, but a syscall or three per map)."""
         return kmaps.list_maps(self.bpffs)
+
+    def ids(self) -> set[int]:
+        """Every map id on the host: one syscall per map, nothing opened or read."""
+        return set(kmaps.map_ids())
 
     def list_maps(self, pattern: str | None, with_entries: bool) -> list[MapInfo]:
         return list_maps(self.bpffs, pattern, with_entries)

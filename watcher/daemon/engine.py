@@ -5,9 +5,10 @@ covering it (learned from the XPUB socket), a snapshot of it was asked for,
 the config lists it under ``watch.always``, or it is lingering after its
 last subscriber left (so ``pymap events NAME`` still has recent events).
 
-Each cycle enumerates the host's maps (cheap: ids and pins, no dumps) to
-notice maps appearing and disappearing, then polls the watched maps that
-are due.  A map recreated under the same name gets a new id, so it shows as
+Each cycle walks the host's map ids (one syscall per map, nothing opened)
+to notice maps appearing and disappearing, re-reads every map's info and
+pins only when that set changed (or every ``RECORDS_REFRESH`` seconds, for
+pins), then polls the watched maps that are due.  A map recreated under the same name gets a new id, so it shows as
 ``map_removed`` of the old id and ``map_created`` of the new one.
 """
 
@@ -35,6 +36,8 @@ from .kdelta import KernelDelta, choose_engine
 from .publisher import Stream
 
 log = logging.getLogger("pymap.engine")
+
+RECORDS_REFRESH = 30.0  # seconds between full reads of every map's info and pins
 
 
 @attrs.define(eq=False)
@@ -129,6 +132,9 @@ class Engine:
         self.demand = Demand()
         self.watches: dict[int, Watch] = {}
         self._known_ids: set[int] | None = None
+        self._cached_records: list[kmaps.MapRecord] = []
+        self._records_stale = False
+        self._records_due = 0.0  # trio time of the next full read of every map's info
         self._holds: dict[str, tuple[float, str]] = {}  # name -> (until, reason)
         self._wake = trio.Event()
         self.poll_errors = 0
@@ -200,14 +206,30 @@ class Engine:
             with trio.move_on_after(tick):
                 await self._wake.wait()
 
+    async def _records(self) -> list[kmaps.MapRecord]:
+        """The host's maps: re-read only when the set of map ids changed (or to catch pins).
+
+        Map ids are not reused soon, so an unchanged id set means unchanged maps,
+        except for pins added or removed: those are caught by a full read every
+        ``RECORDS_REFRESH`` seconds, or at once when told (:meth:`maps_changed`).
+        """
+        ids = await trio.to_thread.run_sync(self.catalog.ids)
+        if (ids != self._known_ids or self._records_stale
+                or trio.current_time() >= self._records_due):
+            self._records_stale = False
+            self._records_due = trio.current_time() + RECORDS_REFRESH
+            self._cached_records = await trio.to_thread.run_sync(self.catalog.records)
+        return self._cached_records
+
+    def maps_changed(self) -> None:
+        """Something was created or pinned (watcher.kernel.mapwatch): re-read maps now."""
+        self._records_stale = True
+        self.poke()
+
     async def cycle(self) -> None:
         prefixes, always = tuple(self.demand.prefixes), tuple(self.config.always_watched())
-
-        def enumerate_wanted() -> tuple[list[kmaps.MapRecord], dict[int, str]]:
-            records = self.catalog.records()
-            return records, self._wanted(records, prefixes, always)
-
-        records, wanted = await trio.to_thread.run_sync(enumerate_wanted)
+        records = await self._records()
+        wanted = await trio.to_thread.run_sync(self._wanted, records, prefixes, always)
         now = time.monotonic()
         current = {r.id: r for r in records}
         for map_id in [i for i in self.watches if i not in current]:

@@ -150,6 +150,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     sources = Sources(config.sources, stream)
     reloader = Reloader(reload or (lambda: config), engine, [])
     metrics = MetricsServer(engine, sources, reloader.counts)
+    metrics.daemon.auth = auth
     try:
         for endpoint in (dconf.endpoint, events_endpoint):
             _refuse_live_socket(endpoint)  # before seconds of compiling, not after

@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from ..decode.choose import EntryFormatter, choose
 from . import catalog
+from .access import Authenticator
 from .config import Config, MetricMap, MetricsConfig
 from .engine import Engine, Watch
 
@@ -179,6 +180,7 @@ class DaemonCollector(Collector):
         self.sources = sources
         self.reloads = reloads  # "ok"/"refused" -> count, kept by the reload handler
         self.map_metrics: MapMetrics | None = None
+        self.auth: Authenticator | None = None  # its refused-connection counters
 
     def collect(self) -> Iterator[Metric]:
         engine, stream = self.engine, self.engine.stream
@@ -228,6 +230,13 @@ class DaemonCollector(Collector):
         for result in ("ok", "refused"):
             reloads.add_metric([result], self.reloads.get(result, 0))
         yield reloads
+        refused = CounterMetricFamily("pymap_connections_refused",
+                                      "Connections the ZAP handler refused, by reason",
+                                      labels=["reason"])
+        if self.auth is not None:
+            refused.add_metric(["unknown_key"], self.auth.refused)
+            refused.add_metric(["restricted_on_events"], self.auth.events_refused)
+        yield refused
         mm = self.map_metrics
         for name, help_, table in (
                 ("pymap_metrics_decode_errors", "Map entries that did not decode into a sample",

@@ -35,6 +35,9 @@ log = logging.getLogger("pymap.reload")
 AT_RESTART: tuple[str, ...] = (
     "daemon.endpoint", "daemon.events_endpoint", "daemon.socket_mode", "daemon.socket_group",
     "daemon.stream_hwm", "daemon.log_format", "metrics.listen", "curve.server_key", "sources",
+    # Socket options and queues sized once, when the sockets are made (docs/operations.md).
+    "daemon.stream_queue_bytes", "daemon.stream_message_bytes", "daemon.client_outbox_bytes",
+    "daemon.max_subscription_bytes", "daemon.max_subscriptions",
     # The seccomp filter is installed once, for the engine chosen at start
     # (watcher/daemon/privileges.py): it can narrow but never widen again.
     "daemon.seccomp", "watch.kernel_delta",

@@ -1,0 +1,238 @@
+"""Map churn, discovery cost and fuzzing rate (issue 12).
+
+1. Idle discovery on 2,000 maps: the daemon's CPU while a subscriber holds a glob that
+   matches none of them (so the engine cycles every second), and the cost of one cycle's
+   enumeration: the id-set walk it does now against the full info read it did before.
+   Target: <= 1% of a core.
+2. Churn: 1,000 maps a minute, each living 2 s, for 30 s, while 3 followers follow their
+   glob: created/removed reported per follower, the daemon's fds and RSS at start and end.
+   Target: every map reported to every follower, fds back to the start, RSS flat.
+3. Fuzzing: pings answered per second by one client alone, then while another client
+   sends malformed frames flat out (and how many of those were answered per second).
+   Printed side by side; the daemon has one loop, so the two clients share it.
+
+Run as root: ``.venv/bin/python bench/bench_churn.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+import _common
+import zmq  # noqa: E402
+from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, running_daemon
+
+from watcher.daemon.catalog import Catalog  # noqa: E402
+from watcher.kernel import syscall  # noqa: E402
+from watcher.kernel.maptypes import TYPE_IDS  # noqa: E402
+from watcher.wire import schema  # noqa: E402
+
+MB = 1 << 20
+
+
+def subdir(tmp, name: str):
+    (tmp / name).mkdir()
+    return tmp / name
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss(pid: int) -> int:
+    return int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def idle_discovery(tmp, bpffs) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    made = [syscall.map_create(TYPE_IDS["hash"], 4, 8, 16, name=f"bidle{i}") for i in range(2000)]
+    try:
+        cat = Catalog([str(bpffs)])
+        t0 = time.perf_counter()
+        cat.records()
+        full = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cat.ids()
+        walk = time.perf_counter() - t0
+        print(f"enumerating {len(cat.ids())} maps: full info read {full * 1000:.1f} ms "
+              f"(every second before: {full * 100:.1f}% of a core), id-set walk "
+              f"{walk * 1000:.1f} ms ({walk * 100:.2f}%)")
+        with running_daemon(subdir(tmp, "idle"), bpffs) as d:
+            ctx = zmq.Context()
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.connect(d.endpoint.replace("pymap.sock", "events.sock"))
+            sub.setsockopt(zmq.SUBSCRIBE, schema.map_topic("nomatch")[:-1])
+            time.sleep(3)
+            c0, t0 = cpu_seconds(d.proc.pid), time.monotonic()
+            time.sleep(10)
+            pct = (cpu_seconds(d.proc.pid) - c0) / (time.monotonic() - t0) * 100
+            print(f"idle daemon with a subscriber, 2,000 maps: {pct:.2f}% of a core "
+                  f"(target <= 1%; before: 9%)")
+            sub.close(0)
+            ctx.term()
+    finally:
+        for fd in made:
+            os.close(fd)
+
+
+class Follower:
+    def __init__(self, endpoint: str, pattern: str):
+        self.proc = subprocess.Popen([PYMAP, "events", pattern, "-f", "-o", "json"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "PYMAP_ENDPOINT": endpoint})
+        self.seen: dict[str, set[int]] = collections.defaultdict(set)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            ev = json.loads(line)
+            if ev.get("action") in ("map_created", "map_removed"):
+                self.seen[ev["action"]].add(ev["map"]["id"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def churn(tmp, bpffs, seconds: float = 30.0, rate: float = 1000 / 60) -> None:
+    with running_daemon(subdir(tmp, "churn"), bpffs) as d:
+        followers = [Follower(d.endpoint, "bch_*") for _ in range(3)]
+        try:
+            def subscribed():
+                out = d.cli("status", "-o", "json").stdout
+                return out and json.loads(out)["subscriptions"].get("map:bch_", 0) >= 1
+            deadline = time.monotonic() + 30
+            while not subscribed():
+                if time.monotonic() > deadline:
+                    raise BenchError("followers did not subscribe")
+                time.sleep(0.2)
+            time.sleep(2)
+            pid = d.proc.pid
+            f0, r0 = fds(pid), rss(pid)
+            ids: list[int] = []
+            live: collections.deque = collections.deque()
+            start = time.monotonic()
+            while (now := time.monotonic()) < start + seconds:
+                while len(ids) < (now - start) * rate:
+                    fd = syscall.map_create(TYPE_IDS["hash"], 4, 8, 16, name=f"bch_{len(ids)}")
+                    ids.append(syscall.map_info(fd).id)
+                    live.append((now + 2.0, fd))
+                while live and live[0][0] <= now:
+                    os.close(live.popleft()[1])
+                time.sleep(0.01)
+            while live:  # the last ones live their full lifetime too
+                until, fd = live.popleft()
+                time.sleep(max(0.0, until - time.monotonic()))
+                os.close(fd)
+            deadline = time.monotonic() + 30
+            want = set(ids)
+            while time.monotonic() < deadline and not all(
+                    want <= f.seen["map_created"] and want <= f.seen["map_removed"]
+                    for f in followers):
+                time.sleep(0.5)
+            time.sleep(2)
+            f1, r1 = fds(pid), rss(pid)
+            print(f"churn: {len(ids)} maps in {seconds:g} s ({len(ids) / seconds * 60:.0f}/min), "
+                  f"3 followers")
+            for i, f in enumerate(followers):
+                print(f"  follower {i}: map_created {len(want & f.seen['map_created'])}/"
+                      f"{len(want)}, map_removed {len(want & f.seen['map_removed'])}/{len(want)}")
+            print(f"  daemon fds {f0} -> {f1}, RSS {r0 / MB:.1f} -> {r1 / MB:.1f} MB "
+                  f"(target: every map reported, fds back to start, RSS flat)")
+        finally:
+            for f in followers:
+                f.stop()
+
+
+def ping_rate(endpoint: str, seconds: float, in_flight: int = 16) -> float:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    end = time.monotonic() + seconds
+    req = done = outstanding = 0
+    while time.monotonic() < end:
+        while outstanding < in_flight:
+            req += 1
+            sock.send(schema.encode(schema.Ping(req=req)))
+            outstanding += 1
+        if sock.poll(5000):
+            sock.recv_multipart()
+            done += 1
+            outstanding -= 1
+    sock.close(0)
+    ctx.term()
+    return done / seconds
+
+
+def fuzz_rate(tmp, bpffs, seconds: float = 5.0) -> None:
+    with running_daemon(subdir(tmp, "fuzz"), bpffs) as d:
+        alone = ping_rate(d.endpoint, seconds)
+        stop = threading.Event()
+        answered = [0]
+
+        def fuzzer():
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(d.endpoint)
+            rnd = __import__("random").Random(12)
+            outstanding = 0
+            while not stop.is_set():
+                while outstanding < 32:
+                    junk = [rnd.randbytes(rnd.randint(0, 200)),
+                            b'{"kind":"get","selector":"../x","req":%d,"v":1}' % rnd.randint(1, 9),
+                            b'{"kind":"nope","req":5}', b"\xff\xfe"][rnd.randint(0, 3)]
+                    sock.send(junk)
+                    outstanding += 1
+                if sock.poll(1000):
+                    sock.recv_multipart()
+                    answered[0] += 1
+                    outstanding -= 1
+            sock.close(0)
+            ctx.term()
+
+        t = threading.Thread(target=fuzzer, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        a0 = answered[0]
+        fuzzed = ping_rate(d.endpoint, seconds)
+        junk_rate = (answered[0] - a0) / seconds
+        stop.set()
+        t.join(10)
+        print(f"requests: {alone:.0f} pings/s alone; {fuzzed:.0f} pings/s while fuzzed "
+              f"({fuzzed / alone:.2f} of alone), {junk_rate:.0f} malformed requests/s answered "
+              f"meanwhile ({(fuzzed + junk_rate) / alone:.2f} of the rate alone in all)")
+
+
+def main() -> int:
+    try:
+        check_root()
+        with private_tmp() as tmp, private_bpffs() as bpffs:
+            idle_discovery(tmp, bpffs)
+            churn(tmp, bpffs)
+            fuzz_rate(tmp, bpffs)
+    except BenchError as e:
+        print(f"bench_churn: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    assert _common  # imported for its sys.path line
+    sys.exit(main())
