@@ -405,11 +405,14 @@ class EventStream:
 
     def _apply_batch(self, name: str, view: EntryBatch) -> None:
         state = self._state.setdefault(name, {})
-        for _, action, key, value, _ in view.entries():
-            if action == "removed":
-                state.pop(key, None)
+        actions, keys, values, _ = view.frames
+        ks, vs = view.message.key_size, view.message.value_stride
+        removed = ACTIONS.index("removed")
+        for i in range(view.start, view.message.count):  # per event: slices, no objects
+            if actions[i] == removed:
+                state.pop(keys[i * ks:(i + 1) * ks], None)
             else:
-                state[key] = value
+                state[keys[i * ks:(i + 1) * ks]] = values[i * vs:(i + 1) * vs]
 
     def _apply(self, name: str, events: list[Event]) -> None:
         state = self._state.setdefault(name, {})

@@ -2,10 +2,10 @@
 
 A real daemon streams changes of three real maps: one with a declared layout
 (decoded ``formatted`` entries), one plain hash (hex only) and one per-CPU hash.
-Two subscribers follow them at once: one with ``entry_batches=True`` (the
-exporter's stream: an ``EntryBatch`` per message) and an ordinary one (an
+Two snapshot-mode subscribers follow them at once: one with ``entry_batches=True``
+(the exporter's stream: an ``EntryBatch`` per message) and an ordinary one (an
 ``Event`` per change).  The test proves that (1) the batches expand to exactly
-the ordinary stream's events, and (2) every format renders each batch
+the ordinary stream's events and leave the same map state, and (2) every format renders each batch
 byte-identically to rendering its events one by one, with the template path
 really taken where it applies (everything but per-CPU values).
 """
@@ -51,8 +51,9 @@ async def test_batch_path_matches_the_per_event_path(daemon_factory, maps, bpffs
                             pin=bpffs_dir / names["pcpu"])[0],
     }
     ncpus = possible_cpus()
-    batched = LibFollower(d.endpoint, list(names.values()), entry_batches=True)
-    plain = LibFollower(d.endpoint, list(names.values()))
+    # Snapshot mode, as the exporter's stream: the batches must keep the same map state.
+    batched = LibFollower(d.endpoint, list(names.values()), snapshot=True, entry_batches=True)
+    plain = LibFollower(d.endpoint, list(names.values()), snapshot=True)
     async with Client(d.endpoint) as client, trio.open_nursery() as nursery:
         await nursery.start(batched.run)
         await nursery.start(plain.run)
@@ -80,6 +81,8 @@ async def test_batch_path_matches_the_per_event_path(daemon_factory, maps, bpffs
         await await_until(lambda: len(batch_events()) >= expected, "the batches")
         assert batched.error is None and plain.error is None
         assert _entry_tuples(batch_events()) == _entry_tuples(plain.events)
+        assert batched.stream._state == plain.stream._state
+        assert len(batched.stream._state[names["hex"]]) == 200  # 300 added, 100 removed
         views = [v for v in batched.events if isinstance(v, EntryBatch)]
         assert {v.map.name for v in views} == set(names.values())
         assert any(v.message.count > 1 for v in views)

@@ -349,7 +349,8 @@ def events(
     With --fleet, the same for every node publishing to NATS (pymap export --to nats://).
     """
     use_curve(server_key, client_cert)
-    from .eventsout import EventPrinter, MapCache
+    from ..eventjson import MapCache
+    from .eventsout import EventPrinter
 
     for selector in selectors:
         valid_glob(selector)
