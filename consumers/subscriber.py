@@ -47,7 +47,7 @@ from .selection import Selection
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["Event", "EventStream", "Selection", "events_of", "snapshot_events"]
+__all__ = ["EntryBatch", "Event", "EventStream", "Selection", "events_of", "snapshot_events"]
 
 ACTIONS = ("added", "updated", "removed")
 FIRST_BEAT_TIMEOUT = 10.0  # seconds to wait for the first heartbeat, before the interval is known
@@ -89,13 +89,57 @@ class Event:
     records: RecordSet | None = None
 
 
-def events_from_batch(batch: schema.EventBatch, frames: list[bytes]) -> list[Event]:
+@attrs.frozen
+class EntryBatch:
+    """Entry events of one ``EventBatch`` message, not yet made into :class:`Event` objects.
+
+    Yielded instead of per-event ``Event`` objects by a stream opened with
+    ``entry_batches=True``, for consumers (the exporter) that handle thousands of
+    events per message and cannot afford an object each.  Events ``start`` ..
+    ``count - 1`` of the message are new (earlier ones were already reflected in a
+    snapshot); ``events()`` gives exactly the events the per-event API would.
+    ``actions``, ``keys``, ``values``, ``olds`` are the message's flat frames:
+    event ``i`` has action ``ACTIONS[actions[i]]``, key ``keys[i*key_size:(i+1)*key_size]``
+    and value/old value ``value_stride`` bytes at ``i*value_stride``.
+    """
+
+    message: schema.EventBatch
+    frames: list[bytes]
+    start: int = 0
+
+    @property
+    def map(self) -> MapRef:
+        return self.message.map
+
+    @property
+    def action(self) -> str:
+        return "batch"
+
+    def events(self) -> list[Event]:
+        return events_from_batch(self.message, self.frames, self.start)
+
+    def entries(self):
+        """(index, action, key, value, old value or None) of each new event."""
+        actions, keys, values, olds = self.frames
+        ks, vs = self.message.key_size, self.message.value_stride
+        for i in range(self.start, self.message.count):
+            action = ACTIONS[actions[i]]
+            yield (i, action, keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs],
+                   olds[i * vs:(i + 1) * vs] if action == "updated" else None)
+
+
+def check_batch(batch: schema.EventBatch, frames: list[bytes]) -> None:
     if len(frames) != 4 or len(frames[0]) != batch.count:
         raise DaemonError("bad_reply", "malformed events message")
+
+
+def events_from_batch(batch: schema.EventBatch, frames: list[bytes],
+                      start: int = 0) -> list[Event]:
+    check_batch(batch, frames)
     actions, keys, values, olds = frames
     ks, vs = batch.key_size, batch.value_stride
     out = []
-    for i in range(batch.count):
+    for i in range(start, batch.count):
         action = ACTIONS[actions[i]]
         value = values[i * vs:(i + 1) * vs]
         out.append(Event(action, batch.map, batch.seq + i, batch.topic_seq + i, batch.time,
@@ -153,17 +197,21 @@ class EventStream:
     seconds of silence that mean the daemon is gone (default ``3 × interval + 2``).
     ``hold_on`` (default) and ``max_wait``: what a silent daemon means, see the
     module docstring.  ``record_batches``: buffers as one ``records`` event per batch.
+    ``entry_batches``: each map events message as one :class:`EntryBatch` instead of
+    one ``Event`` per entry change (accounting, gaps and snapshot state unchanged).
     """
 
     def __init__(self, client: Client, selectors: list[str], snapshot: bool = False,
                  heartbeat_timeout: float | None = None, record_batches: bool = False,
-                 hold_on: bool = True, max_wait: float | None = None):
+                 hold_on: bool = True, max_wait: float | None = None,
+                 entry_batches: bool = False):
         if max_wait is not None and max_wait < 0:
             raise ValueError("max_wait must be >= 0 seconds (None: wait for ever)")
         self.client = client
         self.selection = Selection(selectors)
         self.snapshot = snapshot
         self.record_batches = record_batches  # one "records" event per buffer batch
+        self.entry_batches = entry_batches  # an EntryBatch per map events message
         self._formatters = FormatterCache()
         self.heartbeat_timeout = heartbeat_timeout
         self.hold_on = hold_on  # wait through a silent daemon instead of raising
@@ -340,6 +388,13 @@ class EventStream:
             last = self._topic_seq.get(name)
         if last is not None and first + count - 1 <= last:
             return out  # already reflected in a snapshot
+        if self.entry_batches and isinstance(message, schema.EventBatch):
+            check_batch(message, frames)
+            view = EntryBatch(message, frames, 0 if last is None else max(0, last + 1 - first))
+            self._topic_seq[name] = first + count - 1
+            if self.snapshot:
+                self._apply_batch(name, view)
+            return [*out, view]  # type: ignore[list-item]  # entry_batches consumers expect it
         events = events_of(message, frames, self._formatters, self.record_batches)
         if last is not None and not (self.record_batches and isinstance(message, schema.RecordBatch)):
             events = [e for e in events if e.topic_seq > last]
@@ -347,6 +402,14 @@ class EventStream:
         if self.snapshot:
             self._apply(name, events)
         return out + events
+
+    def _apply_batch(self, name: str, view: EntryBatch) -> None:
+        state = self._state.setdefault(name, {})
+        for _, action, key, value, _ in view.entries():
+            if action == "removed":
+                state.pop(key, None)
+            else:
+                state[key] = value
 
     def _apply(self, name: str, events: list[Event]) -> None:
         state = self._state.setdefault(name, {})

@@ -1,14 +1,12 @@
 """Printing events: JSON lines for machines, aligned coloured lines for people.
 
 Both flush per event, so ``pymap events -f -o json | jq`` sees each event as
-it happens.  Map metadata (per-CPU layout, BTF) is fetched once per map id
-through the client library and cached.
+it happens.  The JSON object and the map metadata cache live in the library
+(consumers/eventjson.py), shared with the exporter.
 """
 
 from __future__ import annotations
 
-import datetime
-import functools
 import sys
 from typing import IO
 
@@ -16,99 +14,16 @@ import orjson
 from rich.console import Console
 from rich.markup import escape
 
-from watcher.decode.bpfabi import percpu_slot
-from watcher.wire.schema import MapInfo
-
-from ..client import Client, DaemonError
-from ..decoding import EntryFormatter, entry_formatter
+from ..eventjson import MapCache, event_json, rfc3339
 from ..subscriber import Event
 from .render import compact
+
+__all__ = ["ACTION_STYLES", "EventPrinter", "MapCache", "event_json", "rfc3339"]
 
 ACTION_STYLES = {"added": "green", "updated": "yellow", "removed": "red",
                  "map_created": "bold green", "map_removed": "bold red",
                  "resync": "bold magenta", "lost": "bold red", "record": "cyan",
                  "records": "cyan"}
-
-
-@functools.lru_cache(maxsize=256)  # every event of a poll has the poll's time
-def rfc3339(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
-        timespec="microseconds").replace("+00:00", "Z")
-
-
-class MapCache:
-    """MapInfo and entry formatter per map id, asked of the daemon once."""
-
-    def __init__(self, client: Client, decode: bool = True):
-        self.client = client
-        self.decode = decode
-        self._cache: dict[int, tuple[MapInfo | None, EntryFormatter | None]] = {}
-
-    def remember(self, info: MapInfo, btf: bytes | None = None, layout: dict | None = None) -> None:
-        if info.id not in self._cache or btf is not None or layout is not None:
-            self._cache[info.id] = (info, entry_formatter(info, btf, layout) if self.decode
-                                    else None)
-
-    async def lookup(self, event: Event) -> tuple[MapInfo | None, EntryFormatter | None]:
-        map_id = event.map.id
-        if map_id not in self._cache and map_id:
-            if event.info is not None and event.action in ("map_created", "map_removed"):
-                self._cache[map_id] = (event.info, None)
-            try:
-                async with self.client.get(f"id:{map_id}", entries=False) as dump:
-                    async for _ in dump.chunks():
-                        pass
-                self._cache.pop(map_id, None)  # built-in and declared decoders need no BTF
-                self.remember(dump.map, dump.btf, dump.layout)
-            except DaemonError:
-                self._cache.setdefault(map_id, (event.info, None))
-        return self._cache.get(map_id, (event.info, None))
-
-
-def _split(info: MapInfo | None, raw: bytes | None):
-    """Per-CPU values as [{cpu, value}], others as one hex string."""
-    if raw is None:
-        return None
-    if info is not None and info.percpu:
-        slot = percpu_slot(info.value_size)
-        return [{"cpu": c, "value": raw[c * slot:c * slot + info.value_size].hex()}
-                for c in range(info.ncpus)]
-    return raw.hex()
-
-
-def event_json(event: Event, info: MapInfo | None, fmt: EntryFormatter | None) -> dict:
-    out: dict = {"seq": event.seq, "time": rfc3339(event.time),
-                 "map": {"id": event.map.id, "name": event.map.name}, "action": event.action}
-    percpu = info is not None and info.percpu
-    if event.key is not None:
-        out["key"] = event.key.hex()
-        out["values" if percpu else "value"] = _split(info, event.value)
-        out["old_values" if percpu else "old_value"] = _split(info, event.old_value)
-        if fmt is not None and event.value is not None:
-            out["formatted"] = fmt(event.key, event.value)
-            if event.old_value is not None:
-                old = fmt(event.key, event.old_value)
-                out["formatted"]["old_value" if not percpu else "old_values"] = (
-                    old.get("values") if percpu else old.get("value"))
-                if "text" in old:
-                    out["formatted"]["old_text"] = old["text"]
-    if event.action in ("map_created", "map_removed") and event.info is not None:
-        out["map"].update({"type": event.info.type, "key_size": event.info.key_size,
-                           "value_size": event.info.value_size,
-                           "max_entries": event.info.max_entries, "pinned": event.info.pinned})
-    if event.action == "lost":
-        out["missed"] = event.missed
-    if event.action == "record" and event.value is not None:
-        out["value"] = event.value.hex()
-        if event.formatted is not None:
-            out["formatted"] = event.formatted
-    if event.action == "records" and event.records is not None:
-        out["count"] = len(event.records)
-    if event.reason:
-        out["reason"] = event.reason
-    if event.snapshot:
-        out["snapshot"] = True
-    return out
 
 
 # Why a buffer lost records (LostRecords.reason), as the table output says it.

@@ -105,6 +105,23 @@ class Delivery:
         self._bytes += size
         self._wakeup.set()
 
+    def put_many(self, records: list[ExportRecord]) -> None:
+        """``put`` each record, in order (one wakeup for the lot)."""
+        if self.limit is not None:
+            for record in records:
+                self.put(record)
+            return
+        queue, limit = self._queue, self.max_bytes
+        for record in records:
+            size = record.size
+            if self._bytes + size > limit:
+                self.stats.dropped += 1
+                self._drop(record, "export buffer full")
+                continue
+            queue.append(record)
+            self._bytes += size
+        self._wakeup.set()
+
     def _drop(self, record: ExportRecord, reason: str) -> None:
         tail = self._queue[-1] if self._queue else None
         if isinstance(tail, Gap) and tail.reason == reason:

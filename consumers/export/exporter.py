@@ -20,8 +20,8 @@ import trio
 
 from watcher.wire.schema import MapRef
 
-from ..cli.eventsout import MapCache
-from ..subscriber import Event
+from ..eventjson import MapCache
+from ..subscriber import ACTIONS, EntryBatch, Event
 from .checkpoint import Checkpoint
 from .delivery import Delivery, Gap
 from .formats import FORMATS, facts
@@ -105,16 +105,33 @@ class Exporter:
         resume = self.checkpoint.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.delivery.run)
-            self.stream = stream = ResumingStream(self.client, self.spec.selectors, resume)
+            self.stream = stream = ResumingStream(self.client, self.spec.selectors, resume,
+                                                  entry_batches=True)
             async with stream:
                 task_status.started()
                 async for event in stream:
                     self.epoch = stream.epoch or ""
+                    if isinstance(event, EntryBatch):
+                        await self.put_batch(event)
+                        continue
                     if event.action in ("stalled", "resumed"):
                         self.on_status(f"daemon {event.action}: {event.reason}")
                     if not self.wanted(event):
                         continue
                     await self.put(event)
+
+    async def put_batch(self, view: EntryBatch) -> None:
+        """A map events message, formatted as a whole (the fast path: formats/batch.py)."""
+        if self.spec.actions or self.spec.exclude:
+            if any(fnmatch.fnmatchcase(view.map.name, g) for g in self.spec.exclude):
+                return
+            if self.spec.actions and not all(a in self.spec.actions for a in ACTIONS):
+                for event in view.events():
+                    if self.wanted(event):
+                        await self.put(event)
+                return
+        info, fmt = await self.cache.lookup(Event("batch", view.map))
+        self.delivery.put_many(self.format.render_batch(view, info, fmt, self.node, self.epoch))
 
     async def put(self, event: Event) -> None:
         if event.action in BUFFER_ACTIONS or event.action in STREAM_ACTIONS:

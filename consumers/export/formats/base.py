@@ -9,10 +9,11 @@ import attrs
 
 from watcher.wire.schema import MapInfo
 
-from ...cli.eventsout import event_json
 from ...decoding import EntryFormatter
-from ...subscriber import Event
+from ...eventjson import event_json
+from ...subscriber import EntryBatch, Event
 from ..record import ExportRecord
+from .batch import BatchRenderer
 
 # Actions about the stream itself rather than a map: they say what the receiver missed.
 STREAM_ACTIONS = ("lost", "resync", "stalled", "resumed", "dropped")
@@ -69,16 +70,24 @@ def facts(event: Event, info: MapInfo | None, fmt: EntryFormatter | None,
 
 
 class Format(abc.ABC):
-    """A schema.  ``render`` is called once per event, so it avoids needless work."""
+    """A schema.  ``payload`` defines it, one event at a time; ``render_batch`` gives the
+    same bytes for a whole map events message far faster (formats/batch.py)."""
 
     name = ""
+    text = False  # payloads are plain text, not JSON (batch templates find markers raw)
 
     def __init__(self, version: str):
         self.version = version  # pymap's version, for agent/product fields
+        self._batch = BatchRenderer(self, self.text)
 
     @abc.abstractmethod
     def payload(self, f: Facts) -> bytes:
         """The event in this format: one line, no trailing newline."""
+
+    def render_batch(self, view: EntryBatch, info: MapInfo | None, fmt: EntryFormatter | None,
+                     node: str, epoch: str) -> list[ExportRecord]:
+        """Every new event of ``view`` rendered, as ``render`` would render each."""
+        return self._batch.render(view, info, fmt, node, epoch)
 
     def render(self, f: Facts) -> ExportRecord:
         e = f.event

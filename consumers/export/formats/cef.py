@@ -26,6 +26,7 @@ def ext(text: str) -> str:
 
 class CEFFormat(Format):
     name = "cef"
+    text = True
 
     def payload(self, f: Facts) -> bytes:
         d = f.doc

@@ -60,6 +60,7 @@ class SyslogFramer:
         self.facility = int(options.get("facility", 16))
         self.procid = str(os.getpid())
         self._stamp_cache: tuple[float, str] = (-1.0, "")
+        self._heads: dict[tuple, bytes] = {}
 
     def _stamp(self, t: float) -> str:
         if t == self._stamp_cache[0]:
@@ -70,12 +71,22 @@ class SyslogFramer:
         return text
 
     def message(self, r: ExportRecord) -> bytes:
+        key = (r.time, r.node, r.action, r.map, r.epoch)
+        head = self._heads.get(key)
+        if head is None:  # once per poll, map and action: a whole batch shares it
+            if len(self._heads) > 64:
+                self._heads.clear()
+            head = self._heads[key] = self._head(r)
+        return head % (r.seq, r.payload)
+
+    def _head(self, r: ExportRecord) -> bytes:
+        """The message up to the payload as a ``bytes %`` pattern of (seq, payload)."""
         sev = SEV_WARNING if r.action in ("lost", "dropped") else SEV_INFO
         sd = (f'[{self.sd_id} map="{_sd_escape(r.map)}" action="{_sd_escape(r.action)}" '
-              f'seq="{r.seq}" epoch="{_sd_escape(r.epoch)}"]')
+              f'seq="\x00" epoch="{_sd_escape(r.epoch)}"]')
         head = (f"<{self.facility * 8 + sev}>1 {self._stamp(r.time)} {_printable(r.node, 255)} "
                 f"{self.app} {self.procid} {_printable(r.action, 32)} {sd} ")
-        return head.encode() + r.payload
+        return head.encode().replace(b"%", b"%%").replace(b"\x00", b"%d") + b"%s"
 
 
 class SyslogUDPOutput(Output):
