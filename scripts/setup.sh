@@ -158,11 +158,15 @@ fi
 
 # --- the project itself ------------------------------------------------------------------
 stamp=$venv/.pymap-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# editable_mode=compat: a plain .pth path entry instead of setuptools' import-hook
+# finder, which costs every `pymap` command ~10 ms of start-up (bench/bench_cli.py).
+editable_mode=compat
+want=$( (cat pyproject.toml; echo "editable_mode=$editable_mode") | sha256sum | cut -d' ' -f1)
 have=$(cat "$stamp" 2>/dev/null || true)
 if [[ $want != "$have" || ! -x $venv/bin/pymap ]]; then
-    say "installing pymap (pip install -e '.[test]')"
-    run "$py" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    say "installing pymap (pip install -e '.[test]', editable_mode=$editable_mode)"
+    run "$py" -m pip install --quiet --disable-pip-version-check \
+        --config-settings editable_mode=$editable_mode -e '.[test]'
     echo "$want" >"$stamp"
 fi
 
