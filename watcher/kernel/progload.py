@@ -13,6 +13,10 @@ seccomp policy (issue 12) has one place to reconcile with:
 * ``BPF_MAP_UPDATE_ELEM`` / ``BPF_MAP_LOOKUP_ELEM`` / ``BPF_MAP_DELETE_BATCH``: on
   pymap's OWN state and shadow maps only (see :mod:`.iterdelta`).
 
+At start-up only (before the seccomp filter), :mod:`.mapwatch` makes its
+maps and two ``BPF_PROG_TYPE_TRACEPOINT`` programs here as well, attached
+with ``perf_event_open`` (:mod:`.perfevent`), not with a bpf() command.
+
 Watched maps are only ever opened read-only (``BPF_F_RDONLY``).
 """
 
@@ -27,6 +31,7 @@ from .syscall import BpfError, _addr, _BatchAttr, _bpf
 BPF_PROG_LOAD = 5
 BPF_BTF_LOAD = 18
 BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_LINK_CREATE = 28
 BPF_ITER_CREATE = 33
 BPF_MAP_DELETE_BATCH = 27
