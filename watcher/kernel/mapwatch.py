@@ -278,15 +278,17 @@ def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: 
 
 @attrs.frozen
 class Created:
-    """One map creation the kernel reported (``record`` None: not resolved in the kernel)."""
+    """One map creation the kernel reported (``record`` None: not resolved in the kernel;
+    ``fdinfo_id``: the id ``/proc/TGID/fdinfo/FD`` gave then, if any)."""
 
     tgid: int
     fd: int
     record: MapRecord | None
+    fdinfo_id: int | None = None
 
     @property
     def map_id(self) -> int | None:
-        return self.record.id if self.record is not None else None
+        return self.record.id if self.record is not None else self.fdinfo_id
 
 
 def parse_record(data: bytes) -> Created:
