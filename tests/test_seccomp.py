@@ -76,11 +76,26 @@ threading.Thread(target=early_thread).start()
 
 config = Config()
 if profile == "kernel_delta":
-    privileges.seccomp.install(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS)
+    # The in-kernel engine on a map of its own: a first walk, then adds, changes and
+    # more removals than one packet of the delete program holds, all before the filter.
+    from watcher.kernel import maps as kmaps
+    from watcher.kernel.iterdelta import IterDelta
+    import struct
+    watched = s.map_create(1, 8, 8, 4096, name="pymap_sc_kd")
+    for i in range(2000):
+        s.map_update_elem(watched, struct.pack("<Q", i), struct.pack("<Q", i))
+    ro = kmaps.open_map(map_id=s.map_info(watched).id)
+    engine = IterDelta(kmaps.record_from_fd(watched), 8)
+    first = engine.walk(ro)
+    for i in range(900):
+        s.map_delete_elem(watched, struct.pack("<Q", i))
+    for i in range(900, 1000):
+        s.map_update_elem(watched, struct.pack("<Q", i), struct.pack("<Q", 7))
+    for i in range(5000, 5050):
+        s.map_update_elem(watched, struct.pack("<Q", i), struct.pack("<Q", i))
 else:
-    if hasattr(config.watch, "kernel_delta"):
-        config.watch.kernel_delta = "off"
-    privileges.harden(config)                        # exactly what the daemon calls
+    config.watch.kernel_delta = "off"
+privileges.harden(config)                            # exactly what the daemon calls
 
 libc = ctypes.CDLL(None, use_errno=True)
 raw = libc.syscall
@@ -123,6 +138,25 @@ out = {
     "btf": attempt(lambda: os.close(s.btf_get_fd_by_id(1))),
     "obj_get": attempt(lambda: os.close(s.obj_get(sys.argv[3]))),
 }
+def raw_bpf(cmd):
+    # Any command on the read-write fd, attr mostly zeros: the filter answers before the
+    # kernel looks (the kernel itself would say EINVAL, EFAULT or ENOENT here).
+    attr = (ctypes.c_uint8 * 128)()
+    ctypes.c_uint32.from_buffer(attr, 0).value = rw
+    if raw(s._NR_BPF, cmd, ctypes.addressof(attr), 128) < 0:
+        raise OSError(ctypes.get_errno(), "bpf")
+out["never"] = {name: attempt(lambda: raw_bpf(privileges.seccomp.command_number(name)))
+                for name in privileges.WRITE_COMMANDS}
+if profile == "kernel_delta":
+    # Under the filter: the engine's walks, its state resets and shadow deletions included.
+    second, third = engine.walk(ro), engine.walk(ro)
+    shadow_keys, key = 0, None
+    while (key := s.map_get_next_key(engine.shadow_fd, key, 8)) is not None:  # a read
+        shadow_keys += 1
+    out["engine"] = {"first": first.nchanged, "changed": second.nchanged,
+                     "removed": second.nremoved, "swept": second.swept,
+                     "again": [third.nchanged, third.nremoved], "shadow_keys": shadow_keys}
+    engine.close()
 go.set()
 done.wait(30)
 out["thread"] = from_thread
@@ -154,16 +188,36 @@ def test_after_harden_writes_fail_with_eperm_and_reads_work(maps, bpffs_dir):
     assert not (bpffs_dir / "pin_attempt").exists()
 
 
-def test_kernel_delta_profile_creates_but_never_pins_deletes_or_batches(maps, bpffs_dir):
-    """With the in-kernel engine on, creation and its own writes pass; the rest stays shut."""
+def test_kernel_delta_profile_creates_but_never_updates_or_deletes(maps, bpffs_dir):
+    """With the in-kernel engine on (the default), the filter allows creating objects but
+    no update or delete of any map; the engine still walks, resets its state and clears
+    removed keys from its shadow map under it (its own programs do those writes)."""
     need_binding()
     maps.create("hash", 4, 4, 4, name=f"sc_{token()}", pin=bpffs_dir / "readable")
-    out, _log = run_child("kernel_delta", str(bpffs_dir / "pin_attempt"),
-                          str(bpffs_dir / "readable"))
-    assert out["create"] == "ok" and out["update"] == "ok"
-    for k in ("update_batch", "delete", "smuggled_update", "pin", "ptrace"):
+    out, log = run_child("kernel_delta", str(bpffs_dir / "pin_attempt"),
+                         str(bpffs_dir / "readable"))
+    assert "never an update or delete (the in-kernel engine writes its own maps" in log
+    assert out["create"] == "ok"
+    for k in ("update", "update_batch", "delete", "smuggled_update", "pin", "ptrace"):
         assert out[k] == "EPERM", (k, out)
+    assert out["never"] == {name: "EPERM" for name in privileges.WRITE_COMMANDS}
+    assert out["thread"] == {"update": "EPERM", "lookup": "ok"}
+    assert out["value"] == "01" * 8
     assert out["lookup"] == "ok" and out["batch"] == "ok"
+    # 2,000 keys; then 900 removed (more than one delete packet), 100 changed, 50 added
+    assert out["engine"] == {"first": 2000, "changed": 150, "removed": 900, "swept": True,
+                             "again": [0, 0], "shadow_keys": 1150}
+
+
+def test_write_commands_are_refused_in_every_profile():
+    """No configuration lets the daemon's process update or delete a map entry."""
+    from watcher.daemon.config import Config
+
+    for kernel_delta in ("auto", "off"):
+        config = Config()
+        config.watch.kernel_delta = kernel_delta
+        allowed = set(privileges.allowed_bpf_commands(config))
+        assert not allowed & set(privileges.WRITE_COMMANDS), kernel_delta
 
 
 def test_every_command_in_the_profiles_is_known():
@@ -301,25 +355,48 @@ def test_without_the_binding_the_daemon_says_so_and_serves(daemon_factory):
 def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_factory, maps,
                                                                        bpffs_dir):
     """With watch.kernel_delta on, the engine creates its objects after the filter is in:
-    they are made, events flow, and no command outside its profile is even tried."""
+    adds, changes and removals (more than one delete packet) arrive as events that replay
+    to what bpftool shows, and the daemon's pid issues no update or delete command at all:
+    its engine writes its own maps with its own programs (BPF_PROG_TEST_RUN)."""
     bcc = need_bcc()
     need_binding()
+    from support.events import replay_lines
+    from support.kernel import bpftool_entries
+
     name = f"ak_{token()}"
-    fd, _map_id = maps.create("hash", 4, 8, 64, name=name, pin=bpffs_dir / name)
+    fd, map_id = maps.create("hash", 4, 8, 4096, name=name, pin=bpffs_dir / name)
     d = daemon_factory("--interval", "0.2", "--set", "watch.kernel_delta_min_entries=0",
                        "--set", 'watch.kernel_delta_types=["hash"]')
+    assert "never an update or delete (the in-kernel engine" in d.log.read_text()
+
+    def put(i: int, v: int) -> None:
+        syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", v))
+
     with audit(bcc, d.proc.pid) as tables:
         with Follower(d, name, "-f") as f:
             wait_ready(d, name)
             watch = watch_of(status(d), name)
             assert watch["engine"].startswith("in-kernel:"), watch
-            for i in range(4):
-                syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", i))
-            f.wait_count(4)
+            for i in range(2000):
+                put(i, i)
+            f.wait_count(2000)
+            for i in range(1200):  # 4-byte keys: over 761, one delete packet's worth
+                syscall.map_delete_elem(fd, struct.pack("<I", i))
+            for i in range(1200, 1300):
+                put(i, 7)
+            for i in range(3000, 3010):
+                put(i, i)
+            lines = f.wait_count(2000 + 1200 + 100 + 10)
+            assert replay_lines(lines) == bpftool_entries(map_id)
+            actions = [ln["action"] for ln in lines[2000:]]
+            assert (actions.count("removed"), actions.count("updated"),
+                    actions.count("added")) == (1200, 100, 10)
         calls, refused = tables()
     print("daemon bpf() with the in-kernel engine:", calls, "refused:", refused)
     assert calls.get("BPF_MAP_CREATE", 0) > 0 and calls.get("BPF_PROG_LOAD", 0) > 0
+    assert calls.get("BPF_PROG_TEST_RUN", 0) > 0
     assert set(calls) <= set(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS)
+    assert not set(calls) & set(privileges.WRITE_COMMANDS), calls
     assert refused == {}
     assert "in-kernel engine failed" not in d.log.read_text()
 

@@ -59,6 +59,7 @@ import attrs
 from . import progload
 from .bpfasm import (
     ADD,
+    DIV,
     JEQ,
     JGE,
     JMP,
@@ -102,15 +103,15 @@ LOOKAHEAD = 4  # old record entries a hash walk looks at before the shadow map
 RING_BYTES = 4 << 20  # for_each output per run; more goes through the iterator
 
 # helpers
-_LOOKUP, _UPDATE, _SEQ_WRITE = 1, 2, 127
-_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH = 131, 132, 164
+_LOOKUP, _UPDATE, _DELETE, _SKB_LOAD_BYTES, _SEQ_WRITE = 1, 2, 3, 26, 127
+_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH, _LOOP = 131, 132, 164, 181
 _BPF_NOEXIST, _BPF_RB_NO_WAKEUP = 1, 1
 _EACH_CALLBACK_AT = 9  # the for_each program's callback starts at this instruction
 # struct bpf_iter__bpf_map_elem: meta, map, key, value (8-byte pointers)
 _CTX_META, _CTX_KEY, _CTX_VALUE = 0, 16, 24
 # state value: generation, then counters the walk and sweep add to
 STATE_FIELDS = ("gen", "seen", "added", "changed", "full", "overflow", "ord", "dirty", "j",
-                "old_count", "hits")
+                "old_count", "hits", "deleted")
 _STATE = {name: 8 * i for i, name in enumerate(STATE_FIELDS)}
 _STATE_SIZE = 8 * len(STATE_FIELDS)
 _PRIME = 0x9E3779B97F4A7C15
@@ -600,6 +601,82 @@ def sweep_program(key_size: int, nw: int, state_fd: int, ring_fd: int | None = N
     return a.assemble()
 
 
+# --- pymap's writes to its own maps, done by programs (no bpf() write command) ---
+#
+# Under the daemon's seccomp filter bpf() has no update or delete command at all
+# (docs/operations.md).  The engine's own writes, resetting its state map and
+# clearing removed keys from its shadow map, are done by these two programs, run
+# with BPF_PROG_TEST_RUN on a packet that carries the data; each names only
+# pymap's own maps, embedded when it is loaded.
+
+_ETH_HLEN = 14  # a socket filter's test run pulls an Ethernet header off the packet
+_SKB_LEN = 0  # struct __sk_buff: len
+# A test run's packet fits in one page with the skb's head and tail room (bpf_test_init).
+RUN_BYTES = 3072
+DELETE_CALLBACK_AT = 17  # the delete program's callback starts at this instruction
+
+
+def state_program(state_fd: int) -> bytes:
+    """Copy the packet's payload over the state map's value (returns 0, or the error)."""
+    a = Asm()
+    a.movi(R2, 0)
+    a.ld_map_value(R3, state_fd)
+    a.movi(R4, _STATE_SIZE)
+    a.call(_SKB_LOAD_BYTES)  # R1: the packet (the program's context)
+    a.exit()
+    return a.assemble()
+
+
+def delete_program(key_size: int, shadow_fd: int, state_fd: int) -> bytes:
+    """Delete the keys in the packet's payload (back to back) from the shadow map.
+
+    ``bpf_loop`` calls the callback once per key (the verifier checks its body
+    once, whatever the count); the callback reads its key from the packet with
+    ``bpf_skb_load_bytes`` into its stack and deletes it.  Returns how many
+    keys were there to delete (``deleted``).
+    """
+    room = (key_size + 7) & ~7
+    a = Asm()
+    a.mov(R6, R1)
+    a.stx(8, R10, -8, R6)  # the callback's context: the packet, spilled
+    a.ld_map_value(R5, state_fd)
+    a.st(8, R5, _STATE["deleted"], 0)
+    a.ldx(4, R1, R6, _SKB_LEN)
+    a.alu64(DIV, R1, key_size)
+    a.ld_func(R2, "callback")
+    a.mov(R3, R10)
+    a.alu64(ADD, R3, -8)
+    a.movi(R4, 0)
+    a.call(_LOOP)
+    a.ld_map_value(R5, state_fd)
+    a.ldx(8, R0, R5, _STATE["deleted"])
+    a.exit()
+    assert len(a.insns) == DELETE_CALLBACK_AT
+    a.label("callback")  # (index, &packet)
+    a.ldx(8, R6, R2, 0)
+    a.alu64(MUL, R1, key_size)
+    a.mov(R2, R1)
+    a.mov(R1, R6)
+    a.mov(R3, R10)
+    a.alu64(ADD, R3, -room)
+    a.movi(R4, key_size)
+    a.call(_SKB_LOAD_BYTES)
+    a.jmp(JNE, R0, 0, "stop")
+    a.ld_map_fd(R1, shadow_fd)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -room)
+    a.call(_DELETE)
+    a.jmp(JNE, R0, 0, "next")
+    _count(a, state_fd, "deleted")
+    a.label("next")
+    a.movi(R0, 0)
+    a.exit()
+    a.label("stop")
+    a.movi(R0, 1)
+    a.exit()
+    return a.assemble()
+
+
 def _check_read_only(program: bytes) -> None:
     """Refuse a generated program that could store anywhere but pymap's own memory.
 
@@ -711,6 +788,13 @@ class IterDelta:
             self.shadow_fd = self._own(progload.create_map(
                 TYPE_IDS["hash"], record.key_size, value, shadow_entries(record),
                 "pymap_kd_shadow"))
+        self._state_prog = self._load_writer(state_program(self.state_fd), "pymap_kd_state")
+        if not self.array:  # an array's shadow keeps every index: nothing to delete
+            blob, info = func_btf([("pymap_kd_delete", 0, True),
+                                   ("pymap_kd_del_key", DELETE_CALLBACK_AT, False)])
+            self._delete_prog = self._load_writer(
+                delete_program(self.key_size, self.shadow_fd, self.state_fd), "pymap_kd_delete",
+                self._own(progload.load_btf(blob)), info)
         btf_id = _map_elem_iter_btf_id()
         walk = walk_program(self.key_size, self.stride, self.shadow_fd, self.state_fd,
                             self.array)
@@ -767,6 +851,13 @@ class IterDelta:
         self._fds.append(fd)
         return fd
 
+    def _load_writer(self, program: bytes, name: str, btf_fd: int = 0,
+                     func_info: bytes = b"") -> int:
+        _check_read_only(program)
+        return self._own(progload.load_program(program, name,
+                                               progload.BPF_PROG_TYPE_SOCKET_FILTER,
+                                               btf_fd=btf_fd, func_info=func_info))
+
     def close(self) -> None:
         self._finalizer()
 
@@ -819,7 +910,7 @@ class IterDelta:
                     self.record_sweeps += 1
                 else:
                     gone = self._sweep()
-                progload.delete_batch(self.shadow_fd, gone, len(gone) // self.key_size)
+                self._delete(gone)
                 self.timings["sweep"] = self.timings.get("sweep", 0.0) + time.perf_counter() - t1
                 removed.append(gone)
             self.shadow_entries = present + counters["added"]
@@ -882,7 +973,23 @@ class IterDelta:
         values = dict.fromkeys(STATE_FIELDS, 0)
         values["gen"], values["old_count"] = gen, old_count
         state = struct.pack(f"<{len(STATE_FIELDS)}Q", *values.values())
-        progload.syscall.map_update_elem(self.state_fd, bytes(4), state)
+        result, _ = progload.syscall.prog_test_run(self._state_prog, bytes(_ETH_HLEN) + state)
+        if result:
+            raise progload.BpfError(errno.EFAULT, "pymap_kd_state",
+                                    f"the state was not written ({result:#x})")
+
+    def _delete(self, keys: bytes) -> None:
+        """Remove ``keys`` (back to back) from the shadow map, a packet of them per run."""
+        per_run = (RUN_BYTES - _ETH_HLEN) // self.key_size * self.key_size
+        for start in range(0, len(keys), per_run):
+            chunk = keys[start:start + per_run]
+            deleted, _ = progload.syscall.prog_test_run(self._delete_prog,
+                                                        bytes(_ETH_HLEN) + chunk)
+            if deleted != len(chunk) // self.key_size:
+                raise progload.BpfError(errno.ENOENT, "pymap_kd_delete",
+                                        f"{len(chunk) // self.key_size - deleted} of "
+                                        f"{len(chunk) // self.key_size} removed keys were "
+                                        "not in the shadow map")
 
     def _run_each_program(self, program: bytes) -> None:
         _check_read_only(program)
