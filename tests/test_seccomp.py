@@ -220,6 +220,142 @@ def test_write_commands_are_refused_in_every_profile():
         assert not allowed & set(privileges.WRITE_COMMANDS), kernel_delta
 
 
+# What PROG_LOAD still allows, measured: a child installs the daemon's filter, then loads
+# programs that write a map it holds only read-only (or no fd to at all).
+WRITER_CHILD = r"""
+import ctypes, errno, json, logging, os, struct, sys
+from watcher.daemon import privileges
+from watcher.daemon.config import Config
+from watcher.kernel import maps as kmaps, progload, syscall as s
+from watcher.kernel.bpfasm import ADD, R0, R1, R2, R3, R4, R6, R10, Asm
+
+logging.basicConfig(level="INFO")
+fd = s.map_create(1, 8, 8, 4, name="pymap_sc_victim")   # made before the filter
+for k in (1, 2):
+    s.map_update_elem(fd, struct.pack("<Q", k), struct.pack("<Q", 7))
+map_id = s.map_info(fd).id
+ro = kmaps.open_map(map_id=map_id)                       # BPF_F_RDONLY, as for every watched map
+config = Config()
+config.watch.kernel_delta = sys.argv[1]
+privileges.harden(config)
+
+def attempt(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+def helper_program(helper):
+    # bpf_map_update_elem(map, &1, &99) or bpf_map_delete_elem(map, &2), the map named by ro
+    a = Asm()
+    a.ld_imm64(R1, 1 if helper == 2 else 2)
+    a.stx(8, R10, -8, R1)
+    a.ld_imm64(R1, 99)
+    a.stx(8, R10, -16, R1)
+    a.ld_map_fd(R1, ro)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -8)
+    a.mov(R3, R10)
+    a.alu64(ADD, R3, -16)
+    a.movi(R4, 0)
+    a.call(helper)
+    a.exit()
+    return a.assemble()
+
+def run_helper(helper):
+    prog = progload.load_program(helper_program(helper), "pymap_sc_w",
+                                 progload.BPF_PROG_TYPE_SOCKET_FILTER)
+    s.prog_test_run(prog, bytes(64))
+    os.close(prog)
+
+class TestRunCtx(ctypes.Structure):  # union bpf_attr, test: up to ctx_in
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("pad0", ctypes.c_uint32 * 2), ("pad1", ctypes.c_uint64 * 2),
+                ("pad2", ctypes.c_uint32 * 2), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_uint64),
+                ("ctx_out", ctypes.c_uint64), ("pad3", ctypes.c_uint8 * 72)]
+
+def sys_bpf_update():
+    # A BPF_PROG_TYPE_SYSCALL program: bpf_sys_bpf(BPF_MAP_GET_FD_BY_ID) for a read-write
+    # fd of the map (id from its context), then bpf_sys_bpf(BPF_MAP_UPDATE_ELEM) key 1 = 1234.
+    a = Asm()
+    a.mov(R6, R1)
+    for off in range(-64, 0, 8):
+        a.st(8, R10, off, 0)
+    a.ldx(4, R1, R6, 0)
+    a.stx(4, R10, -16, R1)
+    a.movi(R1, 14)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -16)
+    a.movi(R3, 12)
+    a.call(166)
+    a.stx(4, R10, -48, R0)
+    a.st(8, R10, -56, 1)
+    a.st(8, R10, -64, 1234)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -56)
+    a.stx(8, R10, -40, R2)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -64)
+    a.stx(8, R10, -32, R2)
+    a.movi(R1, 2)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -48)
+    a.movi(R3, 32)
+    a.call(166)
+    a.exit()
+    insns, license_ = a.assemble(), ctypes.create_string_buffer(b"GPL")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    attr = progload._ProgLoadAttr(prog_type=31, insn_cnt=len(insns) // 8,
+                                  insns=ctypes.addressof(code),
+                                  license=ctypes.addressof(license_), prog_flags=1 << 4)
+    prog = progload._bpf(progload.BPF_PROG_LOAD, attr, "BPF_PROG_LOAD")
+    ctx = ctypes.create_string_buffer(struct.pack("<I", map_id), 4)
+    run = TestRunCtx(prog_fd=prog, ctx_size_in=4, ctx_in=ctypes.addressof(ctx))
+    progload._bpf(10, run, "BPF_PROG_TEST_RUN")
+    if run.retval:
+        raise OSError(-ctypes.c_int32(run.retval).value, "bpf_sys_bpf")
+
+out = {"update_syscall": attempt(lambda: s.map_update_elem(ro, struct.pack("<Q", 1), bytes(8))),
+       "helper_update": attempt(lambda: run_helper(2)),
+       "helper_delete": attempt(lambda: run_helper(3)),
+       "after_helpers": [(v or b"").hex() for v in (s.map_lookup_elem(fd, struct.pack("<Q", k), 8)
+                                                     for k in (1, 2))]}
+out["sys_bpf_update"] = attempt(sys_bpf_update)
+out["after_sys_bpf"] = (s.map_lookup_elem(fd, struct.pack("<Q", 1), 8) or b"").hex()
+print(json.dumps(out))
+"""
+
+
+def test_what_prog_load_allows_a_filtered_process(maps):
+    """Measured on this kernel: a program may write any map it names, and the fd's
+    BPF_F_RDONLY does not stop it (neither the verifier nor the helper looks at the fd's
+    mode); a BPF_PROG_TYPE_SYSCALL program can even issue BPF_MAP_UPDATE_ELEM itself
+    (bpf_sys_bpf), which seccomp never sees.  So where the filter allows PROG_LOAD (the
+    in-kernel engine on), what keeps watched maps unwritten is pymap's generated code
+    (iterdelta._check_read_only), not the kernel; with the engine off PROG_LOAD is refused
+    and nothing of this can run (docs/operations.md)."""
+    need_binding()
+    results = {}
+    for profile in ("auto", "off"):
+        proc = subprocess.run([sys.executable, "-c", WRITER_CHILD, profile],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        results[profile] = json.loads(proc.stdout.splitlines()[-1])
+    print("writes from a filtered process:", results)
+    seven, ninety_nine = struct.pack("<Q", 7).hex(), struct.pack("<Q", 99).hex()
+    assert results["auto"] == {
+        "update_syscall": "EPERM",  # the bpf() command: refused by the filter
+        "helper_update": "ok", "helper_delete": "ok",  # through the read-only fd
+        "after_helpers": [ninety_nine, ""],
+        "sys_bpf_update": "ok",  # no fd at all: by id, from inside the kernel
+        "after_sys_bpf": struct.pack("<Q", 1234).hex()}
+    assert results["off"] == {
+        "update_syscall": "EPERM", "helper_update": "EPERM", "helper_delete": "EPERM",
+        "after_helpers": [seven, seven], "sys_bpf_update": "EPERM", "after_sys_bpf": seven}
+
+
 def test_every_command_in_the_profiles_is_known():
     for name in privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS:
         assert seccomp.command_number(name) >= 0
