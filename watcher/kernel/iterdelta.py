@@ -53,6 +53,7 @@ import os
 import struct
 import time
 import weakref
+from collections.abc import Collection
 
 import attrs
 
@@ -677,37 +678,78 @@ def delete_program(key_size: int, shadow_fd: int, state_fd: int) -> bytes:
     return a.assemble()
 
 
-def _check_read_only(program: bytes) -> None:
-    """Refuse a generated program that could store anywhere but pymap's own memory.
+# The helpers generated programs may call; every other one (bpf_sys_bpf, ...) is refused.
+_HELPERS = frozenset({_LOOKUP, _UPDATE, _DELETE, _SKB_LOAD_BYTES, _SEQ_WRITE, _RINGBUF_RESERVE,
+                      _RINGBUF_SUBMIT, _FOR_EACH, _LOOP})
 
-    Stores may target only R10 (stack), R4, R5 and R9.  R5 may only be loaded
-    with the state map's value address; R9 only from R0 after a map lookup
-    (the programs look up only their shadow map); R4 only from R0 after a ring
-    buffer reservation, or with a constant.  The watched map's key and value
-    pointers (R7, R8, or R2, R3 as a callback's arguments) can then never be a
-    store's base.
+
+def _check_read_only(program: bytes, own_maps: Collection[int]) -> None:
+    """Refuse a generated program that could write anything but pymap's own memory.
+
+    The kernel does not (tests/test_seccomp.py measures it): a program may write
+    every map it names, whatever the mode of the fd it was named through.  So:
+
+    * Stores may target only R10 (stack), R4, R5 and R9.  R5 may only be loaded
+      with the value address of a map in ``own_maps`` (the state map); R9 only
+      from R0 after a lookup in one of ``own_maps``; R4 only from R0 after a ring
+      buffer reservation, or with a constant.  The watched map's key and value
+      pointers (R7, R8, or R2, R3 as a callback's arguments) can then never be a
+      store's base.
+    * Helpers only from :data:`_HELPERS`.  Those that write a map
+      (``bpf_map_update_elem``, ``bpf_map_delete_elem``) must get R1 from
+      ``ld_map_fd`` of one of ``own_maps``; ``bpf_skb_load_bytes`` writes to
+      R3, which must be the stack or one of ``own_maps``' value.
+
+    Registers are followed by their last assignment in program order: enough
+    for code pymap generates (each helper's arguments are set right before the
+    call), which is what this guards.
     """
+    own = frozenset(own_maps)
     targets = store_targets(program)
     if not targets <= {R4, R5, R9, R10}:
         raise AssertionError(f"generated program stores through r{sorted(targets)}")
     last_call = -1
+    lookup_own = False  # the last lookup was in one of pymap's own maps
+    maps: dict[int, int | None] = {}  # register -> map fd it holds (ld_map_fd), or None
+    values: dict[int, int | None] = {}  # register -> map fd whose value address it holds
+    stack = {R10}  # registers holding R10 plus a constant
     for pos in range(0, len(program), 8):
         code, regs, imm_src = program[pos], program[pos + 1], program[pos + 1] >> 4
         dst = regs & 0xF
+        imm = struct.unpack_from("<i", program, pos + 4)[0]
         if pos and program[pos - 8] == 0x18:  # second half of an ld_imm64
             continue
         if code == 0x85:
-            last_call = struct.unpack_from("<i", program, pos + 4)[0]
+            if imm_src == 0 and imm not in _HELPERS:
+                raise AssertionError(f"generated program calls helper {imm}")
+            if imm in (_UPDATE, _DELETE) and maps.get(R1) not in own:
+                raise AssertionError(f"helper {imm} on a map that is not pymap's own")
+            if imm == _SKB_LOAD_BYTES and R3 not in stack and values.get(R3) not in own:
+                raise AssertionError("bpf_skb_load_bytes into memory that is not pymap's own")
+            last_call = imm
+            lookup_own = imm == _LOOKUP and maps.get(R1) in own
+            for reg in (R0, R1, R2, R3, R4, R5):  # a call clobbers these
+                maps.pop(reg, None)
+                values.pop(reg, None)
+                stack.discard(reg)
+            continue
         if code & 0x07 in (ST, STX, JMP, JMP32):
             continue  # these do not write their dst register
         from_r0 = code == 0xBF and imm_src == R0
-        if dst == R5 and not (code == 0x18 and imm_src == 2):
+        if dst == R5 and not (code == 0x18 and imm_src == 2 and imm in own):
             raise AssertionError("R5 is loaded with something other than the state value")
-        if dst == R9 and not (from_r0 and last_call == _LOOKUP):
-            raise AssertionError("R9 is loaded with something other than a shadow entry")
+        if dst == R9 and not (from_r0 and last_call == _LOOKUP and lookup_own):
+            raise AssertionError("R9 is loaded with something other than an own map's entry")
         if dst == R4 and not ((from_r0 and last_call == _RINGBUF_RESERVE) or code == 0xB7
                               or (code == 0x18 and imm_src == 0)):
             raise AssertionError("R4 is loaded with something other than a reservation")
+        is_stack = (code == 0xBF and imm_src == R10) or (code == 0x07 and dst in stack)
+        maps[dst] = imm if code == 0x18 and imm_src == 1 else None
+        values[dst] = imm if code == 0x18 and imm_src == 2 else None
+        if is_stack:
+            stack.add(dst)
+        elif dst != R10:
+            stack.discard(dst)
 
 
 _iter_btf_id: int | None = None
@@ -779,6 +821,8 @@ class IterDelta:
     def _create_objects(self, record: MapRecord) -> None:
         """Every kernel object this engine makes for one map (see :mod:`.progload`)."""
         value = 8 * (self.nw + 1)
+        self.ring: RingBufReader | None = None
+        self.records: list[int] = []  # the walk record's two buffers (for_each hash walks)
         self.state_fd = self._own(progload.create_map(TYPE_IDS["array"], 4, _STATE_SIZE, 1,
                                                       "pymap_kd_state"))
         if self.array:
@@ -798,22 +842,20 @@ class IterDelta:
         btf_id = _map_elem_iter_btf_id()
         walk = walk_program(self.key_size, self.stride, self.shadow_fd, self.state_fd,
                             self.array)
-        _check_read_only(walk)
+        _check_read_only(walk, self.own_maps())
         self.walk_fd = self._own(progload.load_program(
             walk, "pymap_kd_walk", progload.BPF_PROG_TYPE_TRACING, progload.BPF_TRACE_ITER,
             btf_id))
         self.sweep_link = -1
         if not self.array:
             sweep = sweep_program(self.key_size, self.nw, self.state_fd)
-            _check_read_only(sweep)
+            _check_read_only(sweep, self.own_maps())
             sweep_fd = self._own(progload.load_program(
                 sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_TRACING,
                 progload.BPF_TRACE_ITER, btf_id))
             # the sweep walks pymap's own shadow map: its link may hold it for good
             self.sweep_link = self._own(progload.attach_map_iter(sweep_fd, self.shadow_fd))
-        self.ring = None
         self.order_fd: int | None = None  # the last complete walk's record (of two buffers)
-        self.records: list[int] = []
         self._written: int | None = None  # the record buffer the last for_each walk wrote
         self._record_entries = shadow_entries(record)
         self.order_count = -1  # elements the last full for_each walk recorded; -1: no record
@@ -839,7 +881,7 @@ class IterDelta:
                 self.order_fd = self.records[0]
                 sweep = sweep_program(self.key_size, self.nw, self.state_fd, ring_fd,
                                       self.shadow_fd)
-                _check_read_only(sweep)
+                _check_read_only(sweep, self.own_maps())
                 self._sweep_each_fd = self._own(progload.load_program(
                     sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_SOCKET_FILTER,
                     btf_fd=self._btf_fd, func_info=self._func_info))
@@ -851,9 +893,14 @@ class IterDelta:
         self._fds.append(fd)
         return fd
 
+    def own_maps(self) -> list[int]:
+        """The maps this engine made: the only ones its programs may write."""
+        own = [self.state_fd, self.shadow_fd, *self.records]
+        return own + [self.ring.fd] if self.ring is not None else own
+
     def _load_writer(self, program: bytes, name: str, btf_fd: int = 0,
                      func_info: bytes = b"") -> int:
-        _check_read_only(program)
+        _check_read_only(program, self.own_maps())
         return self._own(progload.load_program(program, name,
                                                progload.BPF_PROG_TYPE_SOCKET_FILTER,
                                                btf_fd=btf_fd, func_info=func_info))
@@ -992,7 +1039,7 @@ class IterDelta:
                                         "not in the shadow map")
 
     def _run_each_program(self, program: bytes) -> None:
-        _check_read_only(program)
+        _check_read_only(program, self.own_maps())
         prog = progload.load_program(program, "pymap_kd_each",
                                      progload.BPF_PROG_TYPE_SOCKET_FILTER,
                                      btf_fd=self._btf_fd, func_info=self._func_info)
