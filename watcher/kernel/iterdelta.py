@@ -39,10 +39,17 @@ then commits its shadow entry.
 
 Read only: the watched map is opened ``BPF_F_RDONLY``, but the kernel does not
 check an fd's mode when attaching an iterator or loading a program that names
-the map, and the element's value pointer is writable to the verifier.  What
-keeps the watched map unwritten is the generated code: every store targets the
-stack or pymap's own memory, which :func:`_check_read_only` asserts before
+the map: the element's value pointer is writable to the verifier, and
+``bpf_map_update_elem``/``delete_elem`` on it run.  What keeps the watched map
+unwritten is the generated code: every store and every writing helper targets
+the stack or pymap's own maps, which :func:`_check_read_only` asserts before
 every load (see docs/architecture.md).
+
+pymap's own writes, the state reset before each walk and removing swept keys
+from the shadow map, are programs too (:func:`state_program`,
+:func:`delete_program`, run with ``BPF_PROG_TEST_RUN``): the daemon's process
+issues no map update or delete command, so its seccomp filter allows none
+(docs/operations.md).
 """
 
 from __future__ import annotations
