@@ -9,10 +9,12 @@ seccomp policy (issue 12) has one place to reconcile with:
 * ``BPF_LINK_CREATE``: attaching a program to one map (``iter_info.map.map_fd``);
 * ``BPF_ITER_CREATE``: one walk (a readable fd);
 * ``BPF_BTF_LOAD``: function info for the for_each program's callback;
-* ``BPF_PROG_TEST_RUN``: one run of the for_each walk (a socket filter program);
-* ``BPF_MAP_UPDATE_ELEM`` / ``BPF_MAP_LOOKUP_ELEM`` / ``BPF_MAP_DELETE_BATCH``: on
-  pymap's OWN state and shadow maps only (see :mod:`.iterdelta`).
+* ``BPF_PROG_TEST_RUN``: one run of the for_each walk, or of one of the small
+  programs that write pymap's own state and shadow maps (socket filters: the
+  data to write is their packet, see :mod:`.iterdelta`).
 
+No update or delete command is used: the engine writes its own maps from
+inside the kernel, so the daemon's seccomp filter allows none (docs/operations.md).
 Watched maps are only ever opened read-only (``BPF_F_RDONLY``).
 """
 
@@ -22,14 +24,13 @@ import ctypes
 import errno
 
 from . import syscall
-from .syscall import BpfError, _addr, _BatchAttr, _bpf
+from .syscall import BpfError, _addr, _bpf
 
 BPF_PROG_LOAD = 5
 BPF_BTF_LOAD = 18
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 BPF_LINK_CREATE = 28
 BPF_ITER_CREATE = 33
-BPF_MAP_DELETE_BATCH = 27
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_ITER = 28
 BPF_F_NO_PREALLOC = 1
@@ -150,11 +151,3 @@ def iter_create(link_fd: int) -> int:
     """One walk of an iterator link: read() it to the end (0) to run it."""
     return _bpf(BPF_ITER_CREATE, _IterCreateAttr(link_fd=link_fd), "BPF_ITER_CREATE")
 
-
-def delete_batch(map_fd: int, keys: bytes, count: int) -> None:
-    """Delete ``count`` keys from one of pymap's own maps in one call."""
-    if not count:
-        return
-    kbuf = ctypes.create_string_buffer(keys, len(keys))
-    attr = _BatchAttr(keys=_addr(kbuf), count=count, map_fd=map_fd)
-    _bpf(BPF_MAP_DELETE_BATCH, attr, "BPF_MAP_DELETE_BATCH")
