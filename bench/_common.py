@@ -1,7 +1,9 @@
 """Small shared pieces for the benchmarks: a private bpffs directory, a big hash map, a daemon.
 
-Nothing here imports from tests/: a benchmark runs on its own, as root, and
-removes everything it made even when it fails half-way.
+A benchmark runs on its own (no pytest), as root, and removes everything it
+made even when it fails half-way.  From tests/ it takes only
+tests/support/procs.py, plain Python: stopping a child process the one way the
+tests do too.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,10 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):  # the packages; tests/support (procs)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from watcher.kernel import syscall  # noqa: E402 (after the sys.path line above)
+from support import procs  # noqa: E402 (after the sys.path lines above)
+
+from watcher.kernel import syscall  # noqa: E402
 from watcher.kernel.maptypes import TYPE_IDS  # noqa: E402
 
 BPFFS = "/sys/fs/bpf"
@@ -121,14 +125,7 @@ class Daemon:
         raise BenchError(f"daemon did not answer ping within {timeout:g} s: {self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        procs.stop(self.proc, 15, self._log)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from support import procs
+
 
 def scrape(listen: str) -> dict[str, float]:
     """The daemon's ``/metrics`` at ``listen`` (host:port), parsed by prometheus-client:
@@ -100,12 +102,5 @@ class Prometheus:
                     for t in json.load(reply)["data"]["activeTargets"]]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         if self.proc is not None:
-            self._log_file.close()
+            procs.stop(self.proc, 20, self._log_file)
