@@ -280,28 +280,27 @@ def sys_bpf_update():
     # A BPF_PROG_TYPE_SYSCALL program: bpf_sys_bpf(BPF_MAP_GET_FD_BY_ID) for a read-write
     # fd of the map (id from its context), then bpf_sys_bpf(BPF_MAP_UPDATE_ELEM) key 1 = 1234.
     a = Asm()
+    def stack(reg, off):                                 # reg = the stack + off
+        a.mov(reg, R10)
+        a.alu64(ADD, reg, off)
     a.mov(R6, R1)
     for off in range(-64, 0, 8):
         a.st(8, R10, off, 0)
     a.ldx(4, R1, R6, 0)
-    a.stx(4, R10, -16, R1)
+    a.stx(4, R10, -16, R1)                               # get-fd attr at -16: map_id
     a.movi(R1, 14)
-    a.mov(R2, R10)
-    a.alu64(ADD, R2, -16)
+    stack(R2, -16)
     a.movi(R3, 12)
     a.call(166)
-    a.stx(4, R10, -48, R0)
-    a.st(8, R10, -56, 1)
-    a.st(8, R10, -64, 1234)
-    a.mov(R2, R10)
-    a.alu64(ADD, R2, -56)
+    a.stx(4, R10, -48, R0)                               # update attr at -48: map_fd,
+    a.st(8, R10, -56, 1)                                 # key at -56,
+    a.st(8, R10, -64, 1234)                              # value at -64
+    stack(R2, -56)
     a.stx(8, R10, -40, R2)
-    a.mov(R2, R10)
-    a.alu64(ADD, R2, -64)
+    stack(R2, -64)
     a.stx(8, R10, -32, R2)
     a.movi(R1, 2)
-    a.mov(R2, R10)
-    a.alu64(ADD, R2, -48)
+    stack(R2, -48)
     a.movi(R3, 32)
     a.call(166)
     a.exit()

@@ -437,13 +437,18 @@ def record_sweep_program(key_size: int, stride: int, state_fd: int, old_fd: int,
     a.ldx(8, R2, R5, _STATE["gen"])
     a.jmp(JEQ, R1, R2, "out", reg=True)
     _ring_write(a, ring_fd, state_fd, [(R8, key_size)], "out")
-    a.label("out")
+    _callback_end(a, "out", "stop")
+    return a.assemble()
+
+
+def _callback_end(a: Asm, next_: str, stop: str) -> None:
+    """A loop callback's two ends: ``next_`` goes on to the next element, ``stop`` stops."""
+    a.label(next_)
     a.movi(R0, 0)
     a.exit()
-    a.label("stop")
+    a.label(stop)
     a.movi(R0, 1)
     a.exit()
-    return a.assemble()
 
 
 def check_program(key_size: int, stride: int, state_fd: int, order_fd: int, map_fd: int
@@ -676,12 +681,7 @@ def delete_program(key_size: int, shadow_fd: int, state_fd: int) -> bytes:
     a.call(_DELETE)
     a.jmp(JNE, R0, 0, "next")
     _count(a, state_fd, "deleted")
-    a.label("next")
-    a.movi(R0, 0)
-    a.exit()
-    a.label("stop")
-    a.movi(R0, 1)
-    a.exit()
+    _callback_end(a, "next", "stop")
     return a.assemble()
 
 
