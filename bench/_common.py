@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 for _path in (REPO, REPO / "tests"):  # the packages; tests/support (procs)
@@ -36,6 +37,18 @@ PYMAP = str(Path(sys.executable).with_name("pymap"))
 
 class BenchError(Exception):
     """The benchmark cannot measure what it claims (setup failed, wrong results)."""
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """A benchmark's ``__main__``: exit with ``main()``'s status, a BenchError as one line
+    (exit 1), Ctrl-C as 130."""
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"{Path(sys.argv[0]).stem}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def check_root() -> None:
@@ -58,11 +71,8 @@ def private_bpffs() -> Iterator[Path]:
 
 @contextlib.contextmanager
 def private_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pymap-bench-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="pymap-bench-", ignore_cleanup_errors=True) as path:
+        yield Path(path)
 
 
 @contextlib.contextmanager

@@ -108,11 +108,8 @@ class NatsServer:
 
 @contextlib.contextmanager
 def _workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pymap-nats-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="pymap-nats-", ignore_cleanup_errors=True) as path:
+        yield Path(path)
 
 
 @contextlib.contextmanager
