@@ -236,6 +236,18 @@ def test_generated_programs_cannot_store_through_the_watched_map():
         _check_read_only(c.assemble(), own)
 
 
+def test_loader_refuses_program_types_pymap_never_loads():
+    """BPF_PROG_TYPE_SYSCALL (31) could call bpf_sys_bpf: pymap's loader refuses it, and
+    tracing programs other than map element iterators, before the kernel sees them."""
+    from watcher.kernel import progload
+
+    with pytest.raises(ValueError, match="program type 31"):
+        progload.load_program(bytes(16), "pymap_kd_sys", 31)
+    with pytest.raises(ValueError, match="program type 26"):
+        progload.load_program(bytes(16), "pymap_kd_fentry", progload.BPF_PROG_TYPE_TRACING,
+                              attach_type=24)  # BPF_TRACE_FENTRY
+
+
 @pytest.mark.kernel
 def test_daemon_follows_a_map_in_the_kernel(daemon_factory, maps, bpffs_dir):
     """End to end: the daemon chooses the in-kernel engine, says so in status, delivers
