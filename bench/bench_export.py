@@ -39,7 +39,16 @@ from pathlib import Path
 import zmq
 
 # bench/_common.py (beside this file) puts the repository on sys.path.
-from _common import PYMAP, REPO, BenchError, check_root, private_bpffs, private_tmp, running_daemon
+from _common import (
+    PYMAP,
+    REPO,
+    BenchError,
+    check_root,
+    private_bpffs,
+    private_tmp,
+    run_main,
+    running_daemon,
+)
 
 sys.path.insert(0, str(REPO / "tests"))
 from support.syslog import Rsyslog  # noqa: E402 (the rsyslog runner the tests use)
@@ -232,8 +241,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench_export: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -21,6 +21,7 @@ import pytest
 import zmq
 from support.events import DEADLINE, FAST, Follower, status, wait_ready, wait_until
 from support.kernel import fill_batch, pattern, token, u32
+from support.prometheus import free_port, scrape
 
 from watcher.wire import schema
 
@@ -149,8 +150,10 @@ def test_request_flood_is_bounded(daemon_factory):
 def test_refused_and_dropped_replies_are_accounted(daemon_factory):
     """A slow reader: every request is answered, refused ``busy`` with its req, or counted
     in a ``dropped`` notice; nothing disappears silently."""
+    listen = f"127.0.0.1:{free_port()}"
     d = daemon_factory("--set", "daemon.max_requests_in_flight=2",
-                       "--set", "daemon.client_outbox_bytes=4096")
+                       "--set", "daemon.client_outbox_bytes=4096",
+                       "--set", f'metrics.listen="{listen}"')
     n = 5000
     ctx, sock = flooder(d.endpoint, n)
     try:
@@ -185,6 +188,10 @@ def test_refused_and_dropped_replies_are_accounted(daemon_factory):
         st = status(d)
         assert st["replies_dropped"] == dropped
         assert st["requests_refused"] == len(busy) + dropped
+        metrics = scrape(listen)  # the same counts, for an operator's dashboard
+        assert metrics["pymap_replies_dropped_total"] == dropped
+        assert metrics["pymap_requests_refused_total"] == len(busy) + dropped
+        assert metrics["pymap_subscriptions_refused_total"] == 0
     finally:
         sock.close(0)
         ctx.term()
@@ -206,7 +213,8 @@ def _events_endpoint(d) -> str:
 def test_long_and_many_subscriptions_are_refused(daemon_factory):
     """200 subscriptions of 100 KB, then 5,000 short ones on one connection: the daemon
     cuts both, counts the second, and its memory and other clients are unaffected."""
-    d = daemon_factory()
+    listen = f"127.0.0.1:{free_port()}"
+    d = daemon_factory("--set", f'metrics.listen="{listen}"')
     pid = d.proc.pid
     base = rss(pid)
     events = _events_endpoint(d)
@@ -233,6 +241,10 @@ def test_long_and_many_subscriptions_are_refused(daemon_factory):
         print(describe("5,000 subscriptions", pid, pinger.take()),
               f"refused {st['subscriptions_refused']}, prefixes held {len(st['subscriptions'])}")
         assert len(st["subscriptions"]) <= 1000 + 10
+        metrics = scrape(listen)
+        # (The cut SUB reconnects and resends: the count may have grown since the status.)
+        assert metrics["pymap_subscriptions_refused_total"] >= st["subscriptions_refused"] >= 1
+        assert metrics["pymap_requests_refused_total"] == 0
         many.close(0)
         ctx.term()
         time.sleep(2)

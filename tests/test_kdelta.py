@@ -27,7 +27,12 @@ from watcher.kernel import maps as kmaps
 from watcher.kernel import syscall
 from watcher.kernel.bpfasm import R3, R8, Asm
 from watcher.kernel.dump import dump, value_stride
-from watcher.kernel.iterdelta import _check_read_only, walk_program
+from watcher.kernel.iterdelta import (
+    _check_read_only,
+    delete_program,
+    state_program,
+    walk_program,
+)
 
 
 def events(delta: Delta | None, key_size: int, stride: int) -> list[tuple]:
@@ -201,20 +206,46 @@ def test_engine_choice_reasons(maps):
 
 
 def test_generated_programs_cannot_store_through_the_watched_map():
+    own = {3, 4, 5}  # shadow, state, ring; 6 is the watched map
     program = walk_program(8, 16, shadow_fd=3, state_fd=4, array=False)
-    _check_read_only(program)  # the real programs pass
+    _check_read_only(program, own)  # the real programs pass
     _check_read_only(walk_program(8, 16, shadow_fd=3, state_fd=4, array=False, ring_fd=5,
-                                  map_fd=6))
+                                  map_fd=6), own)
+    _check_read_only(state_program(4), own)
+    _check_read_only(delete_program(8, 3, 4), own)
     a = Asm()
     a.st(8, R8, 0, 1)  # *(u64 *)(value + 0) = 1: a write into the watched map
     a.exit()
     with pytest.raises(AssertionError):
-        _check_read_only(program[:-8] + a.assemble())
+        _check_read_only(program[:-8] + a.assemble(), own)
     b = Asm()
     b.st(8, R3, 0, 1)  # a for_each callback's value argument
     b.exit()
     with pytest.raises(AssertionError):
-        _check_read_only(program[:-8] + b.assemble())
+        _check_read_only(program[:-8] + b.assemble(), own)
+    # the writer programs, pointed at the watched map instead of pymap's own
+    for wrong in (state_program(6), delete_program(8, 6, 4), delete_program(8, 3, 6)):
+        with pytest.raises(AssertionError):
+            _check_read_only(wrong, own)
+    with pytest.raises(AssertionError):  # the walk's shadow insert, aimed at the watched map
+        _check_read_only(walk_program(8, 16, shadow_fd=6, state_fd=4, array=False), own)
+    c = Asm()
+    c.call(166)  # bpf_sys_bpf: not a helper pymap's programs call
+    c.exit()
+    with pytest.raises(AssertionError):
+        _check_read_only(c.assemble(), own)
+
+
+def test_loader_refuses_program_types_pymap_never_loads():
+    """BPF_PROG_TYPE_SYSCALL (31) could call bpf_sys_bpf: pymap's loader refuses it, and
+    tracing programs other than map element iterators, before the kernel sees them."""
+    from watcher.kernel import progload
+
+    with pytest.raises(ValueError, match="program type 31"):
+        progload.load_program(bytes(16), "pymap_kd_sys", 31)
+    with pytest.raises(ValueError, match="program type 26"):
+        progload.load_program(bytes(16), "pymap_kd_fentry", progload.BPF_PROG_TYPE_TRACING,
+                              attach_type=24)  # BPF_TRACE_FENTRY
 
 
 @pytest.mark.kernel

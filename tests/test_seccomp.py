@@ -76,11 +76,26 @@ threading.Thread(target=early_thread).start()
 
 config = Config()
 if profile == "kernel_delta":
-    privileges.seccomp.install(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS)
+    # The in-kernel engine on a map of its own: a first walk, then adds, changes and
+    # more removals than one packet of the delete program holds, all before the filter.
+    from watcher.kernel import maps as kmaps
+    from watcher.kernel.iterdelta import IterDelta
+    import struct
+    watched = s.map_create(1, 8, 8, 4096, name="pymap_sc_kd")
+    for i in range(2000):
+        s.map_update_elem(watched, struct.pack("<Q", i), struct.pack("<Q", i))
+    ro = kmaps.open_map(map_id=s.map_info(watched).id)
+    engine = IterDelta(kmaps.record_from_fd(watched), 8)
+    first = engine.walk(ro)
+    for i in range(900):
+        s.map_delete_elem(watched, struct.pack("<Q", i))
+    for i in range(900, 1000):
+        s.map_update_elem(watched, struct.pack("<Q", i), struct.pack("<Q", 7))
+    for i in range(5000, 5050):
+        s.map_update_elem(watched, struct.pack("<Q", i), struct.pack("<Q", i))
 else:
-    if hasattr(config.watch, "kernel_delta"):
-        config.watch.kernel_delta = "off"
-    privileges.harden(config)                        # exactly what the daemon calls
+    config.watch.kernel_delta = "off"
+privileges.harden(config)                            # exactly what the daemon calls
 
 libc = ctypes.CDLL(None, use_errno=True)
 raw = libc.syscall
@@ -123,6 +138,25 @@ out = {
     "btf": attempt(lambda: os.close(s.btf_get_fd_by_id(1))),
     "obj_get": attempt(lambda: os.close(s.obj_get(sys.argv[3]))),
 }
+def raw_bpf(cmd):
+    # Any command on the read-write fd, attr mostly zeros: the filter answers before the
+    # kernel looks (the kernel itself would say EINVAL, EFAULT or ENOENT here).
+    attr = (ctypes.c_uint8 * 128)()
+    ctypes.c_uint32.from_buffer(attr, 0).value = rw
+    if raw(s._NR_BPF, cmd, ctypes.addressof(attr), 128) < 0:
+        raise OSError(ctypes.get_errno(), "bpf")
+out["never"] = {name: attempt(lambda: raw_bpf(privileges.seccomp.command_number(name)))
+                for name in privileges.WRITE_COMMANDS}
+if profile == "kernel_delta":
+    # Under the filter: the engine's walks, its state resets and shadow deletions included.
+    second, third = engine.walk(ro), engine.walk(ro)
+    shadow_keys, key = 0, None
+    while (key := s.map_get_next_key(engine.shadow_fd, key, 8)) is not None:  # a read
+        shadow_keys += 1
+    out["engine"] = {"first": first.nchanged, "changed": second.nchanged,
+                     "removed": second.nremoved, "swept": second.swept,
+                     "again": [third.nchanged, third.nremoved], "shadow_keys": shadow_keys}
+    engine.close()
 go.set()
 done.wait(30)
 out["thread"] = from_thread
@@ -154,16 +188,171 @@ def test_after_harden_writes_fail_with_eperm_and_reads_work(maps, bpffs_dir):
     assert not (bpffs_dir / "pin_attempt").exists()
 
 
-def test_kernel_delta_profile_creates_but_never_pins_deletes_or_batches(maps, bpffs_dir):
-    """With the in-kernel engine on, creation and its own writes pass; the rest stays shut."""
+def test_kernel_delta_profile_creates_but_never_updates_or_deletes(maps, bpffs_dir):
+    """With the in-kernel engine on (the default), the filter allows creating objects but
+    no update or delete of any map; the engine still walks, resets its state and clears
+    removed keys from its shadow map under it (its own programs do those writes)."""
     need_binding()
     maps.create("hash", 4, 4, 4, name=f"sc_{token()}", pin=bpffs_dir / "readable")
-    out, _log = run_child("kernel_delta", str(bpffs_dir / "pin_attempt"),
-                          str(bpffs_dir / "readable"))
-    assert out["create"] == "ok" and out["update"] == "ok"
-    for k in ("update_batch", "delete", "smuggled_update", "pin", "ptrace"):
+    out, log = run_child("kernel_delta", str(bpffs_dir / "pin_attempt"),
+                         str(bpffs_dir / "readable"))
+    assert "never an update or delete (the in-kernel engine writes its own maps" in log
+    assert out["create"] == "ok"
+    for k in ("update", "update_batch", "delete", "smuggled_update", "pin", "ptrace"):
         assert out[k] == "EPERM", (k, out)
+    assert out["never"] == {name: "EPERM" for name in privileges.WRITE_COMMANDS}
+    assert out["thread"] == {"update": "EPERM", "lookup": "ok"}
+    assert out["value"] == "01" * 8
     assert out["lookup"] == "ok" and out["batch"] == "ok"
+    # 2,000 keys; then 900 removed (more than one delete packet), 100 changed, 50 added
+    assert out["engine"] == {"first": 2000, "changed": 150, "removed": 900, "swept": True,
+                             "again": [0, 0], "shadow_keys": 1150}
+
+
+def test_write_commands_are_refused_in_every_profile():
+    """No configuration lets the daemon's process update or delete a map entry."""
+    from watcher.daemon.config import Config
+
+    for kernel_delta in ("auto", "off"):
+        config = Config()
+        config.watch.kernel_delta = kernel_delta
+        allowed = set(privileges.allowed_bpf_commands(config))
+        assert not allowed & set(privileges.WRITE_COMMANDS), kernel_delta
+
+
+# What PROG_LOAD still allows, measured: a child installs the daemon's filter, then loads
+# programs that write a map it holds only read-only (or no fd to at all).
+WRITER_CHILD = r"""
+import ctypes, errno, json, logging, os, struct, sys
+from watcher.daemon import privileges
+from watcher.daemon.config import Config
+from watcher.kernel import maps as kmaps, progload, syscall as s
+from watcher.kernel.bpfasm import ADD, R0, R1, R2, R3, R4, R6, R10, Asm
+
+logging.basicConfig(level="INFO")
+fd = s.map_create(1, 8, 8, 4, name="pymap_sc_victim")   # made before the filter
+for k in (1, 2):
+    s.map_update_elem(fd, struct.pack("<Q", k), struct.pack("<Q", 7))
+map_id = s.map_info(fd).id
+ro = kmaps.open_map(map_id=map_id)                       # BPF_F_RDONLY, as for every watched map
+config = Config()
+config.watch.kernel_delta = sys.argv[1]
+privileges.harden(config)
+
+def attempt(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+def helper_program(helper):
+    # bpf_map_update_elem(map, &1, &99) or bpf_map_delete_elem(map, &2), the map named by ro
+    a = Asm()
+    a.ld_imm64(R1, 1 if helper == 2 else 2)
+    a.stx(8, R10, -8, R1)
+    a.ld_imm64(R1, 99)
+    a.stx(8, R10, -16, R1)
+    a.ld_map_fd(R1, ro)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -8)
+    a.mov(R3, R10)
+    a.alu64(ADD, R3, -16)
+    a.movi(R4, 0)
+    a.call(helper)
+    a.exit()
+    return a.assemble()
+
+def run_helper(helper):
+    prog = progload.load_program(helper_program(helper), "pymap_sc_w",
+                                 progload.BPF_PROG_TYPE_SOCKET_FILTER)
+    s.prog_test_run(prog, bytes(64))
+    os.close(prog)
+
+class TestRunCtx(ctypes.Structure):  # union bpf_attr, test: up to ctx_in
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("pad0", ctypes.c_uint32 * 2), ("pad1", ctypes.c_uint64 * 2),
+                ("pad2", ctypes.c_uint32 * 2), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_uint64),
+                ("ctx_out", ctypes.c_uint64), ("pad3", ctypes.c_uint8 * 72)]
+
+def sys_bpf_update():
+    # A BPF_PROG_TYPE_SYSCALL program: bpf_sys_bpf(BPF_MAP_GET_FD_BY_ID) for a read-write
+    # fd of the map (id from its context), then bpf_sys_bpf(BPF_MAP_UPDATE_ELEM) key 1 = 1234.
+    a = Asm()
+    def stack(reg, off):                                 # reg = the stack + off
+        a.mov(reg, R10)
+        a.alu64(ADD, reg, off)
+    a.mov(R6, R1)
+    for off in range(-64, 0, 8):
+        a.st(8, R10, off, 0)
+    a.ldx(4, R1, R6, 0)
+    a.stx(4, R10, -16, R1)                               # get-fd attr at -16: map_id
+    a.movi(R1, 14)
+    stack(R2, -16)
+    a.movi(R3, 12)
+    a.call(166)
+    a.stx(4, R10, -48, R0)                               # update attr at -48: map_fd,
+    a.st(8, R10, -56, 1)                                 # key at -56,
+    a.st(8, R10, -64, 1234)                              # value at -64
+    stack(R2, -56)
+    a.stx(8, R10, -40, R2)
+    stack(R2, -64)
+    a.stx(8, R10, -32, R2)
+    a.movi(R1, 2)
+    stack(R2, -48)
+    a.movi(R3, 32)
+    a.call(166)
+    a.exit()
+    insns, license_ = a.assemble(), ctypes.create_string_buffer(b"GPL")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    attr = progload._ProgLoadAttr(prog_type=31, insn_cnt=len(insns) // 8,
+                                  insns=ctypes.addressof(code),
+                                  license=ctypes.addressof(license_), prog_flags=1 << 4)
+    prog = progload._bpf(progload.BPF_PROG_LOAD, attr, "BPF_PROG_LOAD")
+    ctx = ctypes.create_string_buffer(struct.pack("<I", map_id), 4)
+    run = TestRunCtx(prog_fd=prog, ctx_size_in=4, ctx_in=ctypes.addressof(ctx))
+    progload._bpf(10, run, "BPF_PROG_TEST_RUN")
+    if run.retval:
+        raise OSError(-ctypes.c_int32(run.retval).value, "bpf_sys_bpf")
+
+out = {"update_syscall": attempt(lambda: s.map_update_elem(ro, struct.pack("<Q", 1), bytes(8))),
+       "helper_update": attempt(lambda: run_helper(2)),
+       "helper_delete": attempt(lambda: run_helper(3)),
+       "after_helpers": [(v or b"").hex() for v in (s.map_lookup_elem(fd, struct.pack("<Q", k), 8)
+                                                     for k in (1, 2))]}
+out["sys_bpf_update"] = attempt(sys_bpf_update)
+out["after_sys_bpf"] = (s.map_lookup_elem(fd, struct.pack("<Q", 1), 8) or b"").hex()
+print(json.dumps(out))
+"""
+
+
+def test_what_prog_load_allows_a_filtered_process(maps):
+    """Measured on this kernel: a program may write any map it names, and the fd's
+    BPF_F_RDONLY does not stop it (neither the verifier nor the helper looks at the fd's
+    mode); a BPF_PROG_TYPE_SYSCALL program can even issue BPF_MAP_UPDATE_ELEM itself
+    (bpf_sys_bpf), which seccomp never sees.  So where the filter allows PROG_LOAD (the
+    in-kernel engine on), what keeps watched maps unwritten is pymap's generated code
+    (iterdelta._check_read_only), not the kernel; with the engine off PROG_LOAD is refused
+    and nothing of this can run (docs/operations.md)."""
+    need_binding()
+    results = {}
+    for profile in ("auto", "off"):
+        proc = subprocess.run([sys.executable, "-c", WRITER_CHILD, profile],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        results[profile] = json.loads(proc.stdout.splitlines()[-1])
+    print("writes from a filtered process:", results)
+    seven, ninety_nine = struct.pack("<Q", 7).hex(), struct.pack("<Q", 99).hex()
+    assert results["auto"] == {
+        "update_syscall": "EPERM",  # the bpf() command: refused by the filter
+        "helper_update": "ok", "helper_delete": "ok",  # through the read-only fd
+        "after_helpers": [ninety_nine, ""],
+        "sys_bpf_update": "ok",  # no fd at all: by id, from inside the kernel
+        "after_sys_bpf": struct.pack("<Q", 1234).hex()}
+    assert results["off"] == {
+        "update_syscall": "EPERM", "helper_update": "EPERM", "helper_delete": "EPERM",
+        "after_helpers": [seven, seven], "sys_bpf_update": "EPERM", "after_sys_bpf": seven}
 
 
 def test_every_command_in_the_profiles_is_known():
@@ -301,25 +490,48 @@ def test_without_the_binding_the_daemon_says_so_and_serves(daemon_factory):
 def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_factory, maps,
                                                                        bpffs_dir):
     """With watch.kernel_delta on, the engine creates its objects after the filter is in:
-    they are made, events flow, and no command outside its profile is even tried."""
+    adds, changes and removals (more than one delete packet) arrive as events that replay
+    to what bpftool shows, and the daemon's pid issues no update or delete command at all:
+    its engine writes its own maps with its own programs (BPF_PROG_TEST_RUN)."""
     bcc = need_bcc()
     need_binding()
+    from support.events import replay_lines
+    from support.kernel import bpftool_entries
+
     name = f"ak_{token()}"
-    fd, _map_id = maps.create("hash", 4, 8, 64, name=name, pin=bpffs_dir / name)
+    fd, map_id = maps.create("hash", 4, 8, 4096, name=name, pin=bpffs_dir / name)
     d = daemon_factory("--interval", "0.2", "--set", "watch.kernel_delta_min_entries=0",
                        "--set", 'watch.kernel_delta_types=["hash"]')
+    assert "never an update or delete (the in-kernel engine" in d.log.read_text()
+
+    def put(i: int, v: int) -> None:
+        syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", v))
+
     with audit(bcc, d.proc.pid) as tables:
         with Follower(d, name, "-f") as f:
             wait_ready(d, name)
             watch = watch_of(status(d), name)
             assert watch["engine"].startswith("in-kernel:"), watch
-            for i in range(4):
-                syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", i))
-            f.wait_count(4)
+            for i in range(2000):
+                put(i, i)
+            f.wait_count(2000)
+            for i in range(1200):  # 4-byte keys: over 761, one delete packet's worth
+                syscall.map_delete_elem(fd, struct.pack("<I", i))
+            for i in range(1200, 1300):
+                put(i, 7)
+            for i in range(3000, 3010):
+                put(i, i)
+            lines = f.wait_count(2000 + 1200 + 100 + 10)
+            assert replay_lines(lines) == bpftool_entries(map_id)
+            actions = [ln["action"] for ln in lines[2000:]]
+            assert (actions.count("removed"), actions.count("updated"),
+                    actions.count("added")) == (1200, 100, 10)
         calls, refused = tables()
     print("daemon bpf() with the in-kernel engine:", calls, "refused:", refused)
     assert calls.get("BPF_MAP_CREATE", 0) > 0 and calls.get("BPF_PROG_LOAD", 0) > 0
+    assert calls.get("BPF_PROG_TEST_RUN", 0) > 0
     assert set(calls) <= set(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS)
+    assert not set(calls) & set(privileges.WRITE_COMMANDS), calls
     assert refused == {}
     assert "in-kernel engine failed" not in d.log.read_text()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -23,6 +22,8 @@ from typing import Self
 import trio
 import zmq
 from conftest import PYMAP
+
+from support import procs
 
 DEADLINE = 20.0  # seconds to wait for anything the daemon should do within a few intervals
 FAST = ("--interval", "0.2")  # daemon flags for quick polling
@@ -209,20 +210,10 @@ class Follower:
         return self.proc.returncode
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.stop(self.proc, 5)
         for t in self._threads:
-            t.join(1)
-        for f in (self.proc.stdout, self.proc.stderr):
-            try:
-                f.close()
-            except OSError:
-                pass
+            t.join(1)  # before closing the pipes they read
+        procs.close_quietly(self.proc.stdout, self.proc.stderr)
 
     def __enter__(self) -> Self:
         return self

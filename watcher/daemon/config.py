@@ -20,6 +20,7 @@ from ..decode.layout import LayoutError, layout_matches, parse_layout
 from ..kernel.maps import DEFAULT_BPFFS
 from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
 from ..wire.endpoints import DEFAULT_ENDPOINT
+from ..wire.tomlfile import TomlFileError, read_toml
 from .sourceconf import SourceConfig, SourceError, load_sources
 
 DEFAULT_CONFIG = "/etc/pymap/pymap.toml"
@@ -405,12 +406,9 @@ def load_config(path: str | None, overrides: dict | None = None,
         path = DEFAULT_CONFIG
     if path is not None:
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+            data = read_toml(path)
+        except TomlFileError as e:
+            raise ConfigError(str(e)) from None
     for section, values in (("daemon", overrides), ("watch", watch_overrides)):
         given = {k: v for k, v in (values or {}).items() if v is not None}
         if given:

@@ -125,12 +125,25 @@ class EngineStatus:
     watched: list[schema.WatchStatus]
 
 
+@attrs.frozen
+class WatchFigures:
+    """One watched map's counters and its last snapshot, for the metrics scrape."""
+
+    record: kmaps.MapRecord
+    snapshot: Snapshot | None
+    polls: int
+    poll_seconds: float
+    last_poll_ms: float
+    events: int
+
+
 class Engine:
     """Watches maps and publishes their changes.
 
     The request server asks it only through the query API at the end of this
     class (:meth:`snapshot`, :meth:`recent`, :meth:`layout_for`,
-    :meth:`status`, :meth:`report_gap`); the host is reached only through
+    :meth:`status`, :meth:`report_gap`), and the metrics scrape through
+    :meth:`status` and :meth:`watch_figures`; the host is reached only through
     ``catalog`` (a :class:`~watcher.daemon.catalog.Catalog`, or a test's).
     """
 
@@ -458,10 +471,20 @@ class Engine:
         return EngineStatus(
             seq=stream.seq, messages_published=stream.messages_published,
             events_published=stream.events_published,
+            # A copy first (one C-level step): the metrics scrape calls this from its thread.
             subscriptions={p.decode(errors="replace"): n
-                           for p, n in self.demand.prefixes.items()},
+                           for p, n in tuple(self.demand.prefixes.items())},
             drops_reported=self.drops_reported, resyncs=self.resyncs,
             poll_errors=self.poll_errors, watched=self._watch_status())
+
+    def watch_figures(self) -> list[WatchFigures]:
+        """Each watched map's counters and cached snapshot (never a kernel read).
+
+        Safe from another thread (the metrics scrape): it copies the watch table
+        first, and a snapshot is never changed once made (a poll makes a new one).
+        """
+        return [WatchFigures(w.record, w.snapshot, w.polls, w.poll_seconds, w.last_poll_ms,
+                             w.events) for w in tuple(self.watches.values())]
 
     def _watch_status(self) -> list[schema.WatchStatus]:
         return [schema.WatchStatus(

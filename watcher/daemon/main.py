@@ -184,6 +184,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate,
                                    access=Policy(config.access))
             reloader.targets += [server.reconfigure, metrics.reconfigure]
+            metrics.daemon.refusals = server.refusals
             reloader.targets.append(lambda new: auth.update(new.curve.allowed(),
                                                             Policy(new.access)))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,

@@ -39,10 +39,17 @@ then commits its shadow entry.
 
 Read only: the watched map is opened ``BPF_F_RDONLY``, but the kernel does not
 check an fd's mode when attaching an iterator or loading a program that names
-the map, and the element's value pointer is writable to the verifier.  What
-keeps the watched map unwritten is the generated code: every store targets the
-stack or pymap's own memory, which :func:`_check_read_only` asserts before
+the map: the element's value pointer is writable to the verifier, and
+``bpf_map_update_elem``/``delete_elem`` on it run.  What keeps the watched map
+unwritten is the generated code: every store and every writing helper targets
+the stack or pymap's own maps, which :func:`_check_read_only` asserts before
 every load (see docs/architecture.md).
+
+pymap's own writes, the state reset before each walk and removing swept keys
+from the shadow map, are programs too (:func:`state_program`,
+:func:`delete_program`, run with ``BPF_PROG_TEST_RUN``): the daemon's process
+issues no map update or delete command, so its seccomp filter allows none
+(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -53,12 +60,14 @@ import os
 import struct
 import time
 import weakref
+from collections.abc import Collection
 
 import attrs
 
 from . import progload
 from .bpfasm import (
     ADD,
+    DIV,
     JEQ,
     JGE,
     JMP,
@@ -102,15 +111,15 @@ LOOKAHEAD = 4  # old record entries a hash walk looks at before the shadow map
 RING_BYTES = 4 << 20  # for_each output per run; more goes through the iterator
 
 # helpers
-_LOOKUP, _UPDATE, _SEQ_WRITE = 1, 2, 127
-_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH = 131, 132, 164
+_LOOKUP, _UPDATE, _DELETE, _SKB_LOAD_BYTES, _SEQ_WRITE = 1, 2, 3, 26, 127
+_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH, _LOOP = 131, 132, 164, 181
 _BPF_NOEXIST, _BPF_RB_NO_WAKEUP = 1, 1
 _EACH_CALLBACK_AT = 9  # the for_each program's callback starts at this instruction
 # struct bpf_iter__bpf_map_elem: meta, map, key, value (8-byte pointers)
 _CTX_META, _CTX_KEY, _CTX_VALUE = 0, 16, 24
 # state value: generation, then counters the walk and sweep add to
 STATE_FIELDS = ("gen", "seen", "added", "changed", "full", "overflow", "ord", "dirty", "j",
-                "old_count", "hits")
+                "old_count", "hits", "deleted")
 _STATE = {name: 8 * i for i, name in enumerate(STATE_FIELDS)}
 _STATE_SIZE = 8 * len(STATE_FIELDS)
 _PRIME = 0x9E3779B97F4A7C15
@@ -428,13 +437,18 @@ def record_sweep_program(key_size: int, stride: int, state_fd: int, old_fd: int,
     a.ldx(8, R2, R5, _STATE["gen"])
     a.jmp(JEQ, R1, R2, "out", reg=True)
     _ring_write(a, ring_fd, state_fd, [(R8, key_size)], "out")
-    a.label("out")
+    _callback_end(a, "out", "stop")
+    return a.assemble()
+
+
+def _callback_end(a: Asm, next_: str, stop: str) -> None:
+    """A loop callback's two ends: ``next_`` goes on to the next element, ``stop`` stops."""
+    a.label(next_)
     a.movi(R0, 0)
     a.exit()
-    a.label("stop")
+    a.label(stop)
     a.movi(R0, 1)
     a.exit()
-    return a.assemble()
 
 
 def check_program(key_size: int, stride: int, state_fd: int, order_fd: int, map_fd: int
@@ -600,37 +614,149 @@ def sweep_program(key_size: int, nw: int, state_fd: int, ring_fd: int | None = N
     return a.assemble()
 
 
-def _check_read_only(program: bytes) -> None:
-    """Refuse a generated program that could store anywhere but pymap's own memory.
+# --- pymap's writes to its own maps, done by programs (no bpf() write command) ---
+#
+# Under the daemon's seccomp filter bpf() has no update or delete command at all
+# (docs/operations.md).  The engine's own writes, resetting its state map and
+# clearing removed keys from its shadow map, are done by these two programs, run
+# with BPF_PROG_TEST_RUN on a packet that carries the data; each names only
+# pymap's own maps, embedded when it is loaded.
 
-    Stores may target only R10 (stack), R4, R5 and R9.  R5 may only be loaded
-    with the state map's value address; R9 only from R0 after a map lookup
-    (the programs look up only their shadow map); R4 only from R0 after a ring
-    buffer reservation, or with a constant.  The watched map's key and value
-    pointers (R7, R8, or R2, R3 as a callback's arguments) can then never be a
-    store's base.
+_ETH_HLEN = 14  # a socket filter's test run pulls an Ethernet header off the packet
+_SKB_LEN = 0  # struct __sk_buff: len
+# A test run's packet fits in one page with the skb's head and tail room (bpf_test_init).
+RUN_BYTES = 3072
+DELETE_CALLBACK_AT = 17  # the delete program's callback starts at this instruction
+
+
+def state_program(state_fd: int) -> bytes:
+    """Copy the packet's payload over the state map's value (returns 0, or the error)."""
+    a = Asm()
+    a.movi(R2, 0)
+    a.ld_map_value(R3, state_fd)
+    a.movi(R4, _STATE_SIZE)
+    a.call(_SKB_LOAD_BYTES)  # R1: the packet (the program's context)
+    a.exit()
+    return a.assemble()
+
+
+def delete_program(key_size: int, shadow_fd: int, state_fd: int) -> bytes:
+    """Delete the keys in the packet's payload (back to back) from the shadow map.
+
+    ``bpf_loop`` calls the callback once per key (the verifier checks its body
+    once, whatever the count); the callback reads its key from the packet with
+    ``bpf_skb_load_bytes`` into its stack and deletes it.  Returns how many
+    keys were there to delete (``deleted``).
     """
+    room = (key_size + 7) & ~7
+    a = Asm()
+    a.mov(R6, R1)
+    a.stx(8, R10, -8, R6)  # the callback's context: the packet, spilled
+    a.ld_map_value(R5, state_fd)
+    a.st(8, R5, _STATE["deleted"], 0)
+    a.ldx(4, R1, R6, _SKB_LEN)
+    a.alu64(DIV, R1, key_size)
+    a.ld_func(R2, "callback")
+    a.mov(R3, R10)
+    a.alu64(ADD, R3, -8)
+    a.movi(R4, 0)
+    a.call(_LOOP)
+    a.ld_map_value(R5, state_fd)
+    a.ldx(8, R0, R5, _STATE["deleted"])
+    a.exit()
+    assert len(a.insns) == DELETE_CALLBACK_AT
+    a.label("callback")  # (index, &packet)
+    a.ldx(8, R6, R2, 0)
+    a.alu64(MUL, R1, key_size)
+    a.mov(R2, R1)
+    a.mov(R1, R6)
+    a.mov(R3, R10)
+    a.alu64(ADD, R3, -room)
+    a.movi(R4, key_size)
+    a.call(_SKB_LOAD_BYTES)
+    a.jmp(JNE, R0, 0, "stop")
+    a.ld_map_fd(R1, shadow_fd)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -room)
+    a.call(_DELETE)
+    a.jmp(JNE, R0, 0, "next")
+    _count(a, state_fd, "deleted")
+    _callback_end(a, "next", "stop")
+    return a.assemble()
+
+
+# The helpers generated programs may call; every other one (bpf_sys_bpf, ...) is refused.
+_HELPERS = frozenset({_LOOKUP, _UPDATE, _DELETE, _SKB_LOAD_BYTES, _SEQ_WRITE, _RINGBUF_RESERVE,
+                      _RINGBUF_SUBMIT, _FOR_EACH, _LOOP})
+
+
+def _check_read_only(program: bytes, own_maps: Collection[int]) -> None:
+    """Refuse a generated program that could write anything but pymap's own memory.
+
+    The kernel does not (tests/test_seccomp.py measures it): a program may write
+    every map it names, whatever the mode of the fd it was named through.  So:
+
+    * Stores may target only R10 (stack), R4, R5 and R9.  R5 may only be loaded
+      with the value address of a map in ``own_maps`` (the state map); R9 only
+      from R0 after a lookup in one of ``own_maps``; R4 only from R0 after a ring
+      buffer reservation, or with a constant.  The watched map's key and value
+      pointers (R7, R8, or R2, R3 as a callback's arguments) can then never be a
+      store's base.
+    * Helpers only from :data:`_HELPERS`.  Those that write a map
+      (``bpf_map_update_elem``, ``bpf_map_delete_elem``) must get R1 from
+      ``ld_map_fd`` of one of ``own_maps``; ``bpf_skb_load_bytes`` writes to
+      R3, which must be the stack or one of ``own_maps``' value.
+
+    Registers are followed by their last assignment in program order: enough
+    for code pymap generates (each helper's arguments are set right before the
+    call), which is what this guards.
+    """
+    own = frozenset(own_maps)
     targets = store_targets(program)
     if not targets <= {R4, R5, R9, R10}:
         raise AssertionError(f"generated program stores through r{sorted(targets)}")
     last_call = -1
+    lookup_own = False  # the last lookup was in one of pymap's own maps
+    maps: dict[int, int | None] = {}  # register -> map fd it holds (ld_map_fd), or None
+    values: dict[int, int | None] = {}  # register -> map fd whose value address it holds
+    stack = {R10}  # registers holding R10 plus a constant
     for pos in range(0, len(program), 8):
         code, regs, imm_src = program[pos], program[pos + 1], program[pos + 1] >> 4
         dst = regs & 0xF
+        imm = struct.unpack_from("<i", program, pos + 4)[0]
         if pos and program[pos - 8] == 0x18:  # second half of an ld_imm64
             continue
         if code == 0x85:
-            last_call = struct.unpack_from("<i", program, pos + 4)[0]
+            if imm_src == 0 and imm not in _HELPERS:
+                raise AssertionError(f"generated program calls helper {imm}")
+            if imm in (_UPDATE, _DELETE) and maps.get(R1) not in own:
+                raise AssertionError(f"helper {imm} on a map that is not pymap's own")
+            if imm == _SKB_LOAD_BYTES and R3 not in stack and values.get(R3) not in own:
+                raise AssertionError("bpf_skb_load_bytes into memory that is not pymap's own")
+            last_call = imm
+            lookup_own = imm == _LOOKUP and maps.get(R1) in own
+            for reg in (R0, R1, R2, R3, R4, R5):  # a call clobbers these
+                maps.pop(reg, None)
+                values.pop(reg, None)
+                stack.discard(reg)
+            continue
         if code & 0x07 in (ST, STX, JMP, JMP32):
             continue  # these do not write their dst register
         from_r0 = code == 0xBF and imm_src == R0
-        if dst == R5 and not (code == 0x18 and imm_src == 2):
+        if dst == R5 and not (code == 0x18 and imm_src == 2 and imm in own):
             raise AssertionError("R5 is loaded with something other than the state value")
-        if dst == R9 and not (from_r0 and last_call == _LOOKUP):
-            raise AssertionError("R9 is loaded with something other than a shadow entry")
+        if dst == R9 and not (from_r0 and last_call == _LOOKUP and lookup_own):
+            raise AssertionError("R9 is loaded with something other than an own map's entry")
         if dst == R4 and not ((from_r0 and last_call == _RINGBUF_RESERVE) or code == 0xB7
                               or (code == 0x18 and imm_src == 0)):
             raise AssertionError("R4 is loaded with something other than a reservation")
+        is_stack = (code == 0xBF and imm_src == R10) or (code == 0x07 and dst in stack)
+        maps[dst] = imm if code == 0x18 and imm_src == 1 else None
+        values[dst] = imm if code == 0x18 and imm_src == 2 else None
+        if is_stack:
+            stack.add(dst)
+        elif dst != R10:
+            stack.discard(dst)
 
 
 _iter_btf_id: int | None = None
@@ -691,6 +817,8 @@ class IterDelta:
     def _create_objects(self, record: MapRecord) -> None:
         """Every kernel object this engine makes for one map (see :mod:`.progload`)."""
         value = 8 * (self.nw + 1)
+        self.ring: RingBufReader | None = None
+        self.records: list[int] = []  # the walk record's two buffers (for_each hash walks)
         self.state_fd = self._own(progload.create_map(TYPE_IDS["array"], 4, _STATE_SIZE, 1,
                                                       "pymap_kd_state"))
         if self.array:
@@ -700,25 +828,30 @@ class IterDelta:
             self.shadow_fd = self._own(progload.create_map(
                 TYPE_IDS["hash"], record.key_size, value, shadow_entries(record),
                 "pymap_kd_shadow"))
+        self._state_prog = self._load_writer(state_program(self.state_fd), "pymap_kd_state")
+        if not self.array:  # an array's shadow keeps every index: nothing to delete
+            blob, info = func_btf([("pymap_kd_delete", 0, True),
+                                   ("pymap_kd_del_key", DELETE_CALLBACK_AT, False)])
+            self._delete_prog = self._load_writer(
+                delete_program(self.key_size, self.shadow_fd, self.state_fd), "pymap_kd_delete",
+                self._own(progload.load_btf(blob)), info)
         btf_id = _map_elem_iter_btf_id()
         walk = walk_program(self.key_size, self.stride, self.shadow_fd, self.state_fd,
                             self.array)
-        _check_read_only(walk)
+        _check_read_only(walk, self.own_maps())
         self.walk_fd = self._own(progload.load_program(
             walk, "pymap_kd_walk", progload.BPF_PROG_TYPE_TRACING, progload.BPF_TRACE_ITER,
             btf_id))
         self.sweep_link = -1
         if not self.array:
             sweep = sweep_program(self.key_size, self.nw, self.state_fd)
-            _check_read_only(sweep)
+            _check_read_only(sweep, self.own_maps())
             sweep_fd = self._own(progload.load_program(
                 sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_TRACING,
                 progload.BPF_TRACE_ITER, btf_id))
             # the sweep walks pymap's own shadow map: its link may hold it for good
             self.sweep_link = self._own(progload.attach_map_iter(sweep_fd, self.shadow_fd))
-        self.ring = None
         self.order_fd: int | None = None  # the last complete walk's record (of two buffers)
-        self.records: list[int] = []
         self._written: int | None = None  # the record buffer the last for_each walk wrote
         self._record_entries = shadow_entries(record)
         self.order_count = -1  # elements the last full for_each walk recorded; -1: no record
@@ -744,7 +877,7 @@ class IterDelta:
                 self.order_fd = self.records[0]
                 sweep = sweep_program(self.key_size, self.nw, self.state_fd, ring_fd,
                                       self.shadow_fd)
-                _check_read_only(sweep)
+                _check_read_only(sweep, self.own_maps())
                 self._sweep_each_fd = self._own(progload.load_program(
                     sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_SOCKET_FILTER,
                     btf_fd=self._btf_fd, func_info=self._func_info))
@@ -755,6 +888,18 @@ class IterDelta:
     def _own(self, fd: int) -> int:
         self._fds.append(fd)
         return fd
+
+    def own_maps(self) -> list[int]:
+        """The maps this engine made: the only ones its programs may write."""
+        own = [self.state_fd, self.shadow_fd, *self.records]
+        return own + [self.ring.fd] if self.ring is not None else own
+
+    def _load_writer(self, program: bytes, name: str, btf_fd: int = 0,
+                     func_info: bytes = b"") -> int:
+        _check_read_only(program, self.own_maps())
+        return self._own(progload.load_program(program, name,
+                                               progload.BPF_PROG_TYPE_SOCKET_FILTER,
+                                               btf_fd=btf_fd, func_info=func_info))
 
     def close(self) -> None:
         self._finalizer()
@@ -808,7 +953,7 @@ class IterDelta:
                     self.record_sweeps += 1
                 else:
                     gone = self._sweep()
-                progload.delete_batch(self.shadow_fd, gone, len(gone) // self.key_size)
+                self._delete(gone)
                 self.timings["sweep"] = self.timings.get("sweep", 0.0) + time.perf_counter() - t1
                 removed.append(gone)
             self.shadow_entries = present + counters["added"]
@@ -871,10 +1016,26 @@ class IterDelta:
         values = dict.fromkeys(STATE_FIELDS, 0)
         values["gen"], values["old_count"] = gen, old_count
         state = struct.pack(f"<{len(STATE_FIELDS)}Q", *values.values())
-        progload.syscall.map_update_elem(self.state_fd, bytes(4), state)
+        result, _ = progload.syscall.prog_test_run(self._state_prog, bytes(_ETH_HLEN) + state)
+        if result:
+            raise progload.BpfError(errno.EFAULT, "pymap_kd_state",
+                                    f"the state was not written ({result:#x})")
+
+    def _delete(self, keys: bytes) -> None:
+        """Remove ``keys`` (back to back) from the shadow map, a packet of them per run."""
+        per_run = (RUN_BYTES - _ETH_HLEN) // self.key_size * self.key_size
+        for start in range(0, len(keys), per_run):
+            chunk = keys[start:start + per_run]
+            deleted, _ = progload.syscall.prog_test_run(self._delete_prog,
+                                                        bytes(_ETH_HLEN) + chunk)
+            if deleted != len(chunk) // self.key_size:
+                raise progload.BpfError(errno.ENOENT, "pymap_kd_delete",
+                                        f"{len(chunk) // self.key_size - deleted} of "
+                                        f"{len(chunk) // self.key_size} removed keys were "
+                                        "not in the shadow map")
 
     def _run_each_program(self, program: bytes) -> None:
-        _check_read_only(program)
+        _check_read_only(program, self.own_maps())
         prog = progload.load_program(program, "pymap_kd_each",
                                      progload.BPF_PROG_TYPE_SOCKET_FILTER,
                                      btf_fd=self._btf_fd, func_info=self._func_info)
