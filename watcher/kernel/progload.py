@@ -111,10 +111,12 @@ def load_btf(blob: bytes) -> int:
         raise BpfError(e.errno or errno.EINVAL, "BPF_BTF_LOAD", " | ".join(lines[-3:])) from None
 
 
-# The only program types pymap loads after start-up.  Not BPF_PROG_TYPE_SYSCALL, whose
-# bpf_sys_bpf helper issues bpf() commands from inside the kernel, unseen by seccomp.
+# The only program types pymap loads: the first two after start-up too, tracepoints at
+# start-up only (map discovery, before the seccomp filter).  Not BPF_PROG_TYPE_SYSCALL,
+# whose bpf_sys_bpf helper issues bpf() commands from inside the kernel, unseen by seccomp.
 LOADABLE_TYPES = {BPF_PROG_TYPE_SOCKET_FILTER: "socket filter",
-                  BPF_PROG_TYPE_TRACING: "tracing (map element iterator)"}
+                  BPF_PROG_TYPE_TRACING: "tracing (map element iterator)",
+                  BPF_PROG_TYPE_TRACEPOINT: "tracepoint (map discovery)"}
 
 
 def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
@@ -122,8 +124,8 @@ def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
     """Load ``insns``; on refusal, raise with the verifier's last lines as detail."""
     if prog_type not in LOADABLE_TYPES or (prog_type == BPF_PROG_TYPE_TRACING
                                            and attach_type != BPF_TRACE_ITER):
-        raise ValueError(f"{name}: pymap loads only socket filters and map element "
-                         f"iterators, not program type {prog_type}")
+        raise ValueError(f"{name}: pymap loads only socket filters, map element "
+                         f"iterators and tracepoints, not program type {prog_type}")
     license_ = ctypes.create_string_buffer(b"GPL")
     code = ctypes.create_string_buffer(insns, len(insns))
     finfo = ctypes.create_string_buffer(func_info, max(len(func_info), 1))
