@@ -38,19 +38,22 @@ class Discovery:
     def __init__(self, mode: str):
         self.mode = mode
         self.watch: MapWatch | None = None
-        self.how = "poll"  # "tracepoint" once the programs are attached
+        self.how = "poll"  # "tracepoint" once the programs are attached; else why not
+        self.seen = 0  # creations the kernel reported
         self.lost = 0  # creations the kernel could not hand over (ring full)
         self.unresolved = 0  # creations whose map id neither the kernel nor /proc gave
 
     def open(self) -> None:
         """Load and attach the tracepoint programs if asked; blocking, before seccomp."""
         if self.mode == "poll":
+            self.how = "poll (watch.discovery)"
             log.info("map discovery: polling map ids every watch.interval "
                      "(watch.discovery = \"poll\")")
             return
         try:
             self.watch = MapWatch()
         except (OSError, ValueError) as e:
+            self.how = f"poll (tracepoints unavailable: {e})"
             log.warning("map discovery: polling map ids every watch.interval; the bpf() "
                         "syscall tracepoints cannot be used: %s", e)
             return
@@ -67,6 +70,7 @@ class Discovery:
             await trio.lowlevel.wait_readable(watch.fileno())
             created = watch.read()
             created = [c if c.record is not None else await self._resolve(c) for c in created]
+            self.seen += len(created)
             lost = watch.lost()
             if lost > self.lost:
                 log.warning("map discovery: %d map creations were not recorded (the "

@@ -123,6 +123,9 @@ class EngineStatus:
     resyncs: int
     poll_errors: int
     watched: list[schema.WatchStatus]
+    discovery: str = "poll"
+    creations_seen: int = 0
+    creations_lost: int = 0
 
 
 @attrs.frozen
@@ -475,7 +478,15 @@ class Engine:
             subscriptions={p.decode(errors="replace"): n
                            for p, n in tuple(self.demand.prefixes.items())},
             drops_reported=self.drops_reported, resyncs=self.resyncs,
-            poll_errors=self.poll_errors, watched=self._watch_status())
+            poll_errors=self.poll_errors, watched=self._watch_status(),
+            **self._discovery_status())
+
+    def _discovery_status(self) -> dict[str, Any]:
+        d = self.discovery
+        if d is None:
+            return {}
+        return {"discovery": d.how, "creations_seen": d.seen,
+                "creations_lost": d.lost + self.created_dropped}
 
     def watch_figures(self) -> list[WatchFigures]:
         """Each watched map's counters and cached snapshot (never a kernel read).

@@ -199,6 +199,11 @@ class DaemonCollector(Collector):
         yield _counter("pymap_resyncs", "Snapshots clients took to recover from a gap or restart",
                        st.resyncs)
         yield _counter("pymap_poll_errors", "Failed polls and enumerations", st.poll_errors)
+        yield _counter("pymap_map_creations_seen", "Map creations the bpf() tracepoints "
+                       "reported (watch.discovery)", st.creations_seen)
+        yield _counter("pymap_map_creations_lost", "Map creations the tracepoint ring or the "
+                       "engine could not keep (the id poll still finds live ones)",
+                       st.creations_lost)
         yield _gauge("pymap_subscriptions", "Distinct topic prefixes subscribed to",
                      len(st.subscriptions))
         yield _gauge("pymap_subscribe_requests", "Subscribe requests seen (all subscribers)",

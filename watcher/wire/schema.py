@@ -270,6 +270,11 @@ class StatusReply:
     requests_refused: int = 0
     replies_dropped: int = 0
     subscriptions_refused: int = 0
+    # How new maps are learned of: "tracepoint", or "poll (...why)"; creations the
+    # kernel reported, and those it or the daemon could not keep (docs/operations.md).
+    discovery: str = ""
+    creations_seen: int = 0
+    creations_lost: int = 0
     req: int = 0
     v: int = SCHEMA_VERSION
 
