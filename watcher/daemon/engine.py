@@ -8,8 +8,14 @@ last subscriber left (so ``pymap events NAME`` still has recent events).
 Each cycle walks the host's map ids (one syscall per map, nothing opened)
 to notice maps appearing and disappearing, re-reads every map's info and
 pins only when that set changed (or every ``RECORDS_REFRESH`` seconds, for
-pins), then polls the watched maps that are due.  A map recreated under the same name gets a new id, so it shows as
-``map_removed`` of the old id and ``map_created`` of the new one.
+pins), then polls the watched maps that are due.  A map recreated under the
+same name gets a new id, so it shows as ``map_removed`` of the old id and
+``map_created`` of the new one.
+
+With tracepoint discovery (:mod:`.discovery`) the kernel also reports each
+creation as it happens, with the map's description read while it was alive:
+a cycle runs at once, and a map that is already gone by then (it lived a few
+milliseconds) is still published, as ``map_created`` then ``map_removed``.
 """
 
 from __future__ import annotations
@@ -26,18 +32,21 @@ import trio
 from ..kernel import maps as kmaps
 from ..kernel.dump import value_stride
 from ..kernel.maptypes import DumpMethod, dump_method
+from ..kernel.mapwatch import Created
 from ..wire import schema
 from ..wire.transport import OutFrames
 from . import catalog, errors
 from .catalog import Catalog, MapGone
 from .config import Config
 from .delta import Delta, Snapshot, diff, snapshot_as_added
+from .discovery import Discovery
 from .kdelta import KernelDelta, choose_engine
 from .publisher import Stream
 
 log = logging.getLogger("pymap.engine")
 
 RECORDS_REFRESH = 30.0  # seconds between full reads of every map's info and pins
+MAX_CREATED = 65536  # creations reported by the kernel and not yet settled by a cycle
 
 
 @attrs.define(eq=False)
@@ -138,8 +147,14 @@ class Engine:
     ``catalog`` (a :class:`~watcher.daemon.catalog.Catalog`, or a test's).
     """
 
-    def __init__(self, config: Config, stream: Stream, catalog: Catalog | None = None):
+    def __init__(self, config: Config, stream: Stream, catalog: Catalog | None = None,
+                 discovery: Discovery | None = None):
         self.config = config
+        self.discovery = discovery
+        # map id -> its description from the kernel (None: the id alone), until a cycle
+        # settles it: reported through the normal path, or as created-and-gone
+        self._created: dict[int, kmaps.MapRecord | None] = {}
+        self.created_dropped = 0
         self.catalog = catalog or Catalog(config.daemon.bpffs)
         self.stream = stream
         self.demand = Demand()
@@ -200,6 +215,12 @@ class Engine:
     # --- the loop ---
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.discovery is not None:
+                nursery.start_soon(self.discovery.follow, self.maps_created)
+            await self._loop()
+
+    async def _loop(self) -> None:
         while True:
             self._wake = trio.Event()
             started = trio.current_time()
@@ -208,6 +229,7 @@ class Engine:
             try:
                 if idle:  # nobody watches anything: not even enumerate
                     self._known_ids = None  # the next cycle is a fresh baseline
+                    self._created.clear()
                 else:
                     await self.cycle()
             except OSError as e:  # enumeration itself failed: log, count, keep going
@@ -235,12 +257,31 @@ class Engine:
         return self._cached_records
 
     def maps_changed(self) -> None:
-        """Something was created or pinned (watcher.kernel.mapwatch): re-read maps now."""
+        """Something was pinned, or the id set may have changed unseen: re-read maps now."""
         self._records_stale = True
         self.poke()
 
+    def maps_created(self, created: list[Created]) -> None:
+        """The kernel saw maps created (:mod:`.discovery`): run a cycle now.
+
+        Each id is kept until a cycle settles it, so a map gone before the cycle
+        looks is still reported.  An id already known was reported by the poll.
+        """
+        for c in created:
+            map_id = c.map_id
+            if map_id is None or (self._known_ids is not None and map_id in self._known_ids):
+                continue
+            if len(self._created) >= MAX_CREATED:
+                self.created_dropped += 1  # counted; the poll still sees the live ones
+                continue
+            self._created[map_id] = c.record
+        self.poke()  # a new id changes the id set: the cycle reads every map's info
+
     async def cycle(self) -> None:
         prefixes, always = tuple(self.demand.prefixes), tuple(self.config.always_watched())
+        # Creations reported before the ids are read: a map among them that the read
+        # below does not find is gone.  Later ones wait for the next cycle.
+        fresh, self._created = self._created, {}
         records = await self._records()
         wanted = await trio.to_thread.run_sync(self._wanted, records, prefixes, always)
         now = time.monotonic()
@@ -258,16 +299,35 @@ class Engine:
                     del self.watches[record.id]  # nobody wants it any more
                 continue
             if watch is None:
-                created = self._known_ids is not None and record.id not in self._known_ids
+                created = record.id in fresh or (self._known_ids is not None
+                                                 and record.id not in self._known_ids)
                 watch = self._start(record)
                 if created:
                     self.stream.publish_map_event("map_created", catalog.to_wire(record))
                     await self.poll(watch, report_all=True)
             watch.reason = reason
+        self._report_gone(fresh, current, prefixes, always)
         self._known_ids = set(current)
         for watch in list(self.watches.values()):
             if watch.pollable and watch.next_due <= trio.current_time():
                 await self.poll(watch)
+
+    def _report_gone(self, fresh: dict[int, kmaps.MapRecord | None],
+                     current: dict[int, kmaps.MapRecord], prefixes: tuple[bytes, ...],
+                     always: tuple[str, ...]) -> None:
+        """Maps the kernel saw created that were gone before this cycle read the ids:
+        ``map_created`` and ``map_removed`` from the description taken at creation."""
+        known = self._known_ids or set()
+        for map_id, record in fresh.items():
+            if map_id in current or map_id in known:
+                continue
+            if record is None:
+                log.debug("map id %d was created and freed before it could be read", map_id)
+                continue
+            if self._wanted([record], prefixes, always):
+                info = catalog.to_wire(record)
+                self.stream.publish_map_event("map_created", info)
+                self.stream.publish_map_event("map_removed", info)
 
     def _start(self, record: kmaps.MapRecord) -> Watch:
         watch = Watch(record, self.config.watch.interval_for(record.name),

@@ -25,6 +25,7 @@ from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
 from .access import Authenticator, Policy
 from .config import Config, ConfigError, DaemonConfig
+from .discovery import Discovery
 from .engine import Engine
 from .logs import setup_logging
 from .memory import release_big_buffers_promptly, trim_heap
@@ -144,7 +145,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     publisher = PublisherOwner(xpub)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes)
-    engine = Engine(config, stream)
+    discovery = Discovery(config.watch.discovery)
+    engine = Engine(config, stream, discovery=discovery)
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
                             socket_name(events_endpoint))
     sources = Sources(config.sources, stream)
@@ -159,8 +161,10 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
         # and SIGTERM, which would kill the daemon without cleaning up.
         if config.sources:
             await trio.to_thread.run_sync(sources.open)
+        # It creates maps and programs: before the seccomp filter (harden), like sources.
+        await trio.to_thread.run_sync(discovery.open)
     except BaseException:
-        _close(sources, router, xpub, bound, ctx, auth)
+        _close(sources, discovery, router, xpub, bound, ctx, auth)
         raise
     # From here signals are ours until cleanup is done, a second one included.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -205,7 +209,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 task_status.started()
         finally:
             metrics.close()
-            _close(sources, router, xpub, bound, ctx, auth)
+            _close(sources, discovery, router, xpub, bound, ctx, auth)
     log.info("stopped")
 
 
@@ -226,11 +230,12 @@ def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
     return auth
 
 
-def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[str],
-           ctx: zmq.Context, auth: Authenticator) -> None:
-    """Free everything the daemon holds."""
+def _close(sources: Sources, discovery: Discovery, router: zmq.Socket, xpub: zmq.Socket,
+           bound: list[str], ctx: zmq.Context, auth: Authenticator) -> None:
+    """Free everything the daemon holds (detaching the discovery programs too)."""
     auth.stop()
     sources.close()
+    discovery.close()
     router.close(linger=0)
     xpub.close(linger=0)
     for endpoint in bound:

@@ -95,7 +95,7 @@ from .bpfasm import (
     func_btf,
     store_targets,
 )
-from .btf import VMLINUX_BTF
+from .btf import VMLINUX_BTF, find_func
 from .maps import MapRecord
 from .maptypes import TYPE_IDS
 from .ringbuf import RingBufReader
@@ -774,21 +774,10 @@ def _map_elem_iter_btf_id() -> int:
 
 def _find_func(raw: bytes, name: bytes) -> int:
     """The id of FUNC ``name`` in a BTF blob (a scan, not a full parse: ~10x faster)."""
-    _magic, _ver, _flags, hdr_len, type_off, type_len, str_off, _str_len = struct.unpack_from(
-        "<HBBIIIII", raw)
-    types, strings = hdr_len + type_off, hdr_len + str_off
-    pos, end, type_id = types, types + type_len, 0
-    # extra bytes after the 12-byte header, per kind (btf.h); vlen-scaled kinds below
-    fixed = {1: 4, 3: 12, 14: 4, 17: 4}  # int, array, var, decl_tag
-    per_vlen = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # struct, union, enum, proto, ...
-    while pos < end:
-        name_off, info, _size = struct.unpack_from("<III", raw, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        type_id += 1
-        if kind == 12 and raw.startswith(name + b"\0", strings + name_off):
-            return type_id
-        pos += 12 + fixed.get(kind, 0) + per_vlen.get(kind, 0) * vlen
-    raise Unsupported(f"this kernel's BTF has no {name.decode()} (no map element iterators)")
+    type_id = find_func(raw, name)
+    if type_id is None:
+        raise Unsupported(f"this kernel's BTF has no {name.decode()} (no map element iterators)")
+    return type_id
 
 
 def _close_all(fds: list[int], ring: RingBufReader | None = None) -> None:

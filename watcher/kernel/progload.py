@@ -13,6 +13,10 @@ seccomp policy (issue 12) has one place to reconcile with:
   programs that write pymap's own state and shadow maps (socket filters: the
   data to write is their packet, see :mod:`.iterdelta`).
 
+At start-up only (before the seccomp filter), :mod:`.mapwatch` makes its
+maps and two ``BPF_PROG_TYPE_TRACEPOINT`` programs here as well, attached
+with ``perf_event_open`` (:mod:`.perfevent`), not with a bpf() command.
+
 No update or delete command is used: the engine writes its own maps from
 inside the kernel, so the daemon's seccomp filter allows none (docs/operations.md).
 Watched maps are only ever opened read-only (``BPF_F_RDONLY``).
@@ -29,6 +33,7 @@ from .syscall import BpfError, _addr, _bpf
 BPF_PROG_LOAD = 5
 BPF_BTF_LOAD = 18
 BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_LINK_CREATE = 28
 BPF_ITER_CREATE = 33
 BPF_PROG_TYPE_TRACING = 26
@@ -106,10 +111,12 @@ def load_btf(blob: bytes) -> int:
         raise BpfError(e.errno or errno.EINVAL, "BPF_BTF_LOAD", " | ".join(lines[-3:])) from None
 
 
-# The only program types pymap loads after start-up.  Not BPF_PROG_TYPE_SYSCALL, whose
-# bpf_sys_bpf helper issues bpf() commands from inside the kernel, unseen by seccomp.
+# The only program types pymap loads: the first two after start-up too, tracepoints at
+# start-up only (map discovery, before the seccomp filter).  Not BPF_PROG_TYPE_SYSCALL,
+# whose bpf_sys_bpf helper issues bpf() commands from inside the kernel, unseen by seccomp.
 LOADABLE_TYPES = {BPF_PROG_TYPE_SOCKET_FILTER: "socket filter",
-                  BPF_PROG_TYPE_TRACING: "tracing (map element iterator)"}
+                  BPF_PROG_TYPE_TRACING: "tracing (map element iterator)",
+                  BPF_PROG_TYPE_TRACEPOINT: "tracepoint (map discovery)"}
 
 
 def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
@@ -117,8 +124,8 @@ def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
     """Load ``insns``; on refusal, raise with the verifier's last lines as detail."""
     if prog_type not in LOADABLE_TYPES or (prog_type == BPF_PROG_TYPE_TRACING
                                            and attach_type != BPF_TRACE_ITER):
-        raise ValueError(f"{name}: pymap loads only socket filters and map element "
-                         f"iterators, not program type {prog_type}")
+        raise ValueError(f"{name}: pymap loads only socket filters, map element "
+                         f"iterators and tracepoints, not program type {prog_type}")
     license_ = ctypes.create_string_buffer(b"GPL")
     code = ctypes.create_string_buffer(insns, len(insns))
     finfo = ctypes.create_string_buffer(func_info, max(len(func_info), 1))
