@@ -123,6 +123,10 @@ class EngineStatus:
     resyncs: int
     poll_errors: int
     watched: list[schema.WatchStatus]
+    discovery: str = "poll"  # how map creation is learned: "tracepoint" or "poll"
+    # Creations the tracepoint path could not report, by why (the id poll still finds
+    # those that live): ring_full, unresolved (no map id), queue_full (MAX_CREATED).
+    creations_missed: dict[str, int] = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -475,7 +479,12 @@ class Engine:
             subscriptions={p.decode(errors="replace"): n
                            for p, n in tuple(self.demand.prefixes.items())},
             drops_reported=self.drops_reported, resyncs=self.resyncs,
-            poll_errors=self.poll_errors, watched=self._watch_status())
+            poll_errors=self.poll_errors, watched=self._watch_status(),
+            discovery=self.discovery.how if self.discovery else "poll",
+            creations_missed={
+                "ring_full": self.discovery.lost if self.discovery else 0,
+                "unresolved": self.discovery.unresolved if self.discovery else 0,
+                "queue_full": self.created_dropped})
 
     def watch_figures(self) -> list[WatchFigures]:
         """Each watched map's counters and cached snapshot (never a kernel read).
