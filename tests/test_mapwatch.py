@@ -192,7 +192,8 @@ def test_ten_ms_maps_are_all_reported_with_tracepoints_not_with_the_poll(
     print(f"tracepoint discovery: {len(seen['map_created'])}/{len(created)} maps of "
           f"{LIFETIME * 1000:.0f} ms reported")
     st = status(d)
-    assert st["creations_seen"] >= len(created) and st["creations_lost"] == 0
+    assert st["creations_seen"] >= len(created)
+    assert st["creations_missed"] == {"ring_full": 0, "unresolved": 0, "queue_full": 0}
     fds_after = wait_until(lambda: (f := len(os.listdir(f"/proc/{pid}/fd"))) <= fds_before
                            and f or None, f"the daemon's fds back to {fds_before}")
     assert fds_after <= fds_before

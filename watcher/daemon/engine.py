@@ -123,9 +123,11 @@ class EngineStatus:
     resyncs: int
     poll_errors: int
     watched: list[schema.WatchStatus]
-    discovery: str = "poll"
-    creations_seen: int = 0
-    creations_lost: int = 0
+    discovery: str = "poll"  # how map creation is learned: "tracepoint" or "poll"
+    # Creations the tracepoint path could not report, by why (the id poll still finds
+    # those that live): ring_full, unresolved (no map id), queue_full (MAX_CREATED).
+    creations_missed: dict[str, int] = attrs.Factory(dict)
+    creations_seen: int = 0  # creations the tracepoint path reported
 
 
 @attrs.frozen
@@ -479,14 +481,12 @@ class Engine:
                            for p, n in tuple(self.demand.prefixes.items())},
             drops_reported=self.drops_reported, resyncs=self.resyncs,
             poll_errors=self.poll_errors, watched=self._watch_status(),
-            **self._discovery_status())
-
-    def _discovery_status(self) -> dict[str, Any]:
-        d = self.discovery
-        if d is None:
-            return {}
-        return {"discovery": d.how, "creations_seen": d.seen,
-                "creations_lost": d.lost + self.created_dropped}
+            discovery=self.discovery.how if self.discovery else "poll",
+            creations_missed={
+                "ring_full": self.discovery.lost if self.discovery else 0,
+                "unresolved": self.discovery.unresolved if self.discovery else 0,
+                "queue_full": self.created_dropped},
+            creations_seen=self.discovery.seen if self.discovery else 0)
 
     def watch_figures(self) -> list[WatchFigures]:
         """Each watched map's counters and cached snapshot (never a kernel read).
