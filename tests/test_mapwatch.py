@@ -132,6 +132,17 @@ def test_own_process_is_left_out_and_others_are_seen(tracepoints, bpffs_dir):
         watch.close()
 
 
+@pytest.mark.kernel
+def test_an_unresolved_record_falls_back_to_fdinfo(maps):
+    fd, map_id = maps.create("hash", 4, 8, 16, name="mw_fdinfo")
+    raw = mapwatch.RECORD.pack(*[0] * 9, os.getpid(), fd, mapwatch.UNRESOLVED, b"")
+    created = mapwatch.parse_record(raw)
+    assert created.record is None and (created.tgid, created.fd) == (os.getpid(), fd)
+    assert mapwatch.fdinfo_map_id(os.getpid(), fd) == map_id
+    maps.close(fd)
+    assert mapwatch.fdinfo_map_id(os.getpid(), fd) is None  # closed: nothing to say
+
+
 # --- through the daemon ---------------------------------------------------------------
 
 CHURN = 200

@@ -71,7 +71,11 @@ class Discovery:
             created = watch.read()
             created = [c if c.record is not None else await self._resolve(c) for c in created]
             self.seen += len(created)
-            lost = watch.lost()
+            try:
+                lost = watch.lost()
+            except OSError as e:  # a counter unreadable must not stop discovery
+                log.warning("map discovery: cannot read the lost-creations counter: %s", e)
+                lost = self.lost
             if lost > self.lost:
                 log.warning("map discovery: %d map creations were not recorded (the "
                             "tracepoint ring was full); the id poll finds those still alive",

@@ -68,7 +68,7 @@ from .bpfasm import (
     Asm,
 )
 from .btf import member_offsets
-from .maps import MapRecord
+from .maps import MapRecord, fdinfo
 from .maptypes import TYPE_IDS, type_name
 from .ringbuf import RingBufReader
 
@@ -308,14 +308,8 @@ def parse_record(data: bytes) -> Created:
 
 def fdinfo_map_id(tgid: int, fd: int) -> int | None:
     """``map_id`` of ``/proc/TGID/fdinfo/FD``: None if the fd is closed or not a map."""
-    try:
-        with open(f"/proc/{tgid}/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("map_id:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+    map_id = fdinfo(fd, tgid).get("map_id", "")
+    return int(map_id) if map_id.isdigit() else None
 
 
 def _close_all(fds: list[int], ring: list[RingBufReader]) -> None:
