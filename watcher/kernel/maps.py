@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -206,11 +206,13 @@ def walk_pins(roots: tuple[str, ...] = (DEFAULT_BPFFS,)) -> dict[int, list[str]]
     return found
 
 
-def list_maps(roots: tuple[str, ...] = (DEFAULT_BPFFS,)) -> list[MapRecord]:
-    """Every map on the host, with its pins; maps that vanish meanwhile are left out."""
+def list_maps(roots: tuple[str, ...] = (DEFAULT_BPFFS,),
+              only: Iterable[int] | None = None) -> list[MapRecord]:
+    """Every map on the host (or the ``only`` ids), with its pins; maps that vanish
+    meanwhile are left out."""
     pins = walk_pins(roots)
     records = []
-    for map_id in map_ids():
+    for map_id in (map_ids() if only is None else sorted(only)):
         try:
             fd = syscall.map_get_fd_by_id(map_id)
         except OSError as e:
