@@ -13,12 +13,16 @@
    glob follower as map_created and map_removed.  Target: all of them with the
    tracepoints.  And what the attached programs cost every other bpf() caller: the
    time of 100,000 ``BPF_OBJ_GET_INFO_BY_FD`` calls with and without them.
-4. Fuzzing: pings answered per second by one client alone, then while another client
+4. Churn cost on a full host: 2,000 maps present, 1,000 maps a minute created (each
+   living 2 s) for 20 s, two daemons at once (tracepoint and poll discovery), each with
+   a follower of the churned glob: each daemon's CPU.  Target: the tracepoint daemon
+   within a small factor of the polling one (a cycle reads only the new maps' info).
+5. Fuzzing: pings answered per second by one client alone, then while another client
    sends malformed frames flat out (and how many of those were answered per second).
    Printed side by side; the daemon has one loop, so the two clients share it.
 
-Run as root: ``.venv/bin/python bench/bench_churn.py [idle] [churn] [short] [fuzz]``
-(no argument: all four).
+Run as root: ``.venv/bin/python bench/bench_churn.py [idle] [churn] [short] [cost] [fuzz]``
+(no argument: all five).
 """
 
 from __future__ import annotations
@@ -223,6 +227,47 @@ def short_lived(tmp, bpffs, count: int = 300, lifetime: float = 0.01) -> None:
         os.close(fd)
 
 
+def churn_cost(tmp, bpffs, seconds: float = 20.0, rate: float = 1000 / 60) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    made = [syscall.map_create(TYPE_IDS["hash"], 4, 8, 16, name=f"bfull{i}")
+            for i in range(2000)]
+    try:
+        with running_daemon(subdir(tmp, "cost_auto"), bpffs) as auto, \
+                running_daemon(subdir(tmp, "cost_poll"), bpffs,
+                               "--set", 'watch.discovery="poll"') as poll:
+            daemons = {"tracepoint": auto, "poll": poll}
+            followers = {how: Follower(d.endpoint, "bcc_*") for how, d in daemons.items()}
+            try:
+                time.sleep(3)
+                cpu0 = {how: cpu_seconds(d.proc.pid) for how, d in daemons.items()}
+                t0 = time.monotonic()
+                live: collections.deque = collections.deque()
+                ids: list[int] = []
+                while (now := time.monotonic()) < t0 + seconds:
+                    while len(ids) < (now - t0) * rate:
+                        fd = syscall.map_create(TYPE_IDS["hash"], 4, 8, 16,
+                                                name=f"bcc_{len(ids)}")
+                        ids.append(syscall.map_info(fd).id)
+                        live.append((now + 2.0, fd))
+                    while live and live[0][0] <= now:
+                        os.close(live.popleft()[1])
+                    time.sleep(0.01)
+                while live:
+                    os.close(live.popleft()[1])
+                elapsed = time.monotonic() - t0
+                print(f"churn cost, {len(ids)} maps created in {seconds:g} s among 2,000 others:")
+                for how, d in daemons.items():
+                    pct = (cpu_seconds(d.proc.pid) - cpu0[how]) / elapsed * 100
+                    print(f"  {how:>10} daemon: {pct:.1f}% of a core")
+            finally:
+                for f in followers.values():
+                    f.stop()
+    finally:
+        for fd in made:
+            os.close(fd)
+
+
 def ping_rate(endpoint: str, seconds: float, in_flight: int = 16) -> float:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -288,7 +333,7 @@ def main() -> int:
     try:
         check_root()
         parts = {"idle": idle_discovery, "churn": churn, "short": short_lived,
-                 "fuzz": fuzz_rate}
+                 "cost": churn_cost, "fuzz": fuzz_rate}
         chosen = sys.argv[1:] or list(parts)
         if unknown := set(chosen) - set(parts):
             raise BenchError(f"unknown part {sorted(unknown)}; choose from {list(parts)}")

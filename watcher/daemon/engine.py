@@ -168,6 +168,8 @@ class Engine:
         self._cached_records: list[kmaps.MapRecord] = []
         self._records_stale = False
         self._records_due = 0.0  # trio time of the next full read of every map's info
+        self._discover_due = 0.0  # trio time of the next id walk
+        self._poked = False
         self._holds: dict[str, tuple[float, str]] = {}  # name -> (until, reason)
         self._wake = trio.Event()
         self.poll_errors = 0
@@ -183,6 +185,8 @@ class Engine:
         self.poke()
 
     def poke(self) -> None:
+        """Run a cycle with discovery now (demand or the host's maps changed)."""
+        self._poked = True
         self._wake.set()
 
     @staticmethod
@@ -234,15 +238,20 @@ class Engine:
             try:
                 if idle:  # nobody watches anything: not even enumerate
                     self._known_ids = None  # the next cycle is a fresh baseline
+                    self._discover_due = started + self.config.watch.interval
                     self._created.clear()
                 else:
-                    await self.cycle()
+                    # A wake-up for a watch that is due polls it; the map ids are walked
+                    # once per interval or when poked, not at every due watch (with
+                    # thousands of maps, the walk and the matching are what cost).
+                    discover, self._poked = self._poked or started >= self._discover_due, False
+                    await self.cycle(discover)
             except OSError as e:  # enumeration itself failed: log, count, keep going
                 self.poll_errors += 1
                 log.error("enumerating maps failed: %s", e)
             due = min((w.next_due for w in self.watches.values() if w.pollable),
-                      default=started + self.config.watch.interval)
-            tick = max(min(due, started + self.config.watch.interval) - trio.current_time(), 0.01)
+                      default=self._discover_due)
+            tick = max(min(due, self._discover_due) - trio.current_time(), 0.01)
             with trio.move_on_after(tick):
                 await self._wake.wait()
 
@@ -292,7 +301,16 @@ class Engine:
             self._created[map_id] = c.record
         self.poke()  # a new id changes the id set: the cycle reads every map's info
 
-    async def cycle(self) -> None:
+    async def cycle(self, discover: bool = True) -> None:
+        """Walk the map ids (``discover``) and publish what came and went; poll due watches."""
+        if discover:
+            self._discover_due = trio.current_time() + self.config.watch.interval
+            await self._discover()
+        for watch in list(self.watches.values()):
+            if watch.pollable and watch.next_due <= trio.current_time():
+                await self.poll(watch)
+
+    async def _discover(self) -> None:
         prefixes, always = tuple(self.demand.prefixes), tuple(self.config.always_watched())
         # Creations reported before the ids are read: a map among them that the read
         # below does not find is gone.  Later ones wait for the next cycle.
@@ -323,9 +341,6 @@ class Engine:
             watch.reason = reason
         self._report_gone(fresh, current, prefixes, always)
         self._known_ids = set(current)
-        for watch in list(self.watches.values()):
-            if watch.pollable and watch.next_due <= trio.current_time():
-                await self.poll(watch)
 
     def _report_gone(self, fresh: dict[int, kmaps.MapRecord | None],
                      current: dict[int, kmaps.MapRecord], prefixes: tuple[bytes, ...],
