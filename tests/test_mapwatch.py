@@ -59,12 +59,16 @@ def attachments(pid: int) -> list[dict]:
     return [a for a in bpftool("perf") if a.get("pid") == pid]
 
 
-def drain(watch: mapwatch.MapWatch, want: set[int], timeout: float = 20) -> dict[int, object]:
+def drain(watch: mapwatch.MapWatch, want: set[int], timeout: float = 20,
+          pins: list | None = None) -> dict[int, object]:
+    """Records until every id in ``want`` was seen; pin records go to ``pins``."""
     seen: dict[int, object] = {}
 
     def done():
         for c in watch.read():
-            if c.map_id is not None:
+            if c.pinned and pins is not None:
+                pins.append(c)
+            elif c.map_id is not None:
                 seen[c.map_id] = c
         return want <= set(seen)
 
@@ -125,11 +129,28 @@ def test_own_process_is_left_out_and_others_are_seen(tracepoints, bpffs_dir):
         subprocess.run(["bpftool", "map", "create", str(pin), "type", "hash", "key", "4",
                         "value", "8", "entries", "16", "name", "mw_other"], check=True)
         other_id = bpftool("map", "show", "pinned", str(pin))["id"]
-        seen = drain(watch, {other_id})
+        pins: list = []
+        seen = drain(watch, {other_id}, pins=pins)
         assert own_id not in seen
         assert seen[other_id].record.name == "mw_other"
+        other = seen[other_id].tgid
+        # bpftool pinned it: a pin record of the same process (ours are left out)
+        wait_until(lambda: pins.extend(c for c in watch.read() if c.pinned) or
+                   any(c.tgid == other for c in pins), "the pin record")
+        assert all(c.tgid != os.getpid() for c in pins)
     finally:
         watch.close()
+
+
+@pytest.mark.kernel
+def test_an_unresolved_record_falls_back_to_fdinfo(maps):
+    fd, map_id = maps.create("hash", 4, 8, 16, name="mw_fdinfo")
+    raw = mapwatch.RECORD.pack(*[0] * 9, os.getpid(), fd, mapwatch.UNRESOLVED, b"")
+    created = mapwatch.parse_record(raw)
+    assert created.record is None and (created.tgid, created.fd) == (os.getpid(), fd)
+    assert mapwatch.fdinfo_map_id(os.getpid(), fd) == map_id
+    maps.close(fd)
+    assert mapwatch.fdinfo_map_id(os.getpid(), fd) is None  # closed: nothing to say
 
 
 # --- through the daemon ---------------------------------------------------------------
@@ -212,6 +233,31 @@ def test_ten_ms_maps_are_all_reported_with_tracepoints_not_with_the_poll(
     polled = len(set(seen["map_created"]) & set(created))
     print(f"poll discovery: {polled}/{len(created)} maps of {LIFETIME * 1000:.0f} ms reported")
     assert polled < len(created) / 2
+
+
+@pytest.mark.kernel
+def test_a_pin_renames_a_known_map_at_once(daemon_factory, tracepoints, bpffs_dir):
+    """A map pinned after the daemon read it is re-read at once (not at the 30 s refresh):
+    its display name becomes the pin's, and a subscriber of that name gets it watched."""
+    d = daemon_factory()
+    long_name = f"mw{token()}_pinned_later"  # the kernel keeps 15 characters of it
+    fd = syscall.map_create(TYPE_IDS["hash"], 4, 8, 16, name=long_name[:15])
+    try:
+        map_id = syscall.map_info(fd).id
+        with Follower(d, f"{long_name}*", "-f"):
+            wait_until(lambda: status(d)["subscriptions"], "the subscription")
+            time.sleep(2)  # the daemon has read the map, under its kernel name
+            assert all(w["id"] != map_id for w in status(d)["watched"])
+            t0 = time.monotonic()
+            syscall.obj_pin(fd, str(bpffs_dir / long_name))
+            wait_until(lambda: any(w["id"] == map_id and w["name"] == long_name
+                                   for w in status(d)["watched"]),
+                       "the map watched under its pin name", timeout=15)
+            print(f"pinned map watched under its pin name after "
+                  f"{time.monotonic() - t0:.2f} s (the full re-read is every 30 s)")
+            assert time.monotonic() - t0 < 15
+    finally:
+        os.close(fd)
 
 
 # --- the engine's bookkeeping, in-process ------------------------------------------------

@@ -11,11 +11,12 @@ tracepoint path is unavailable or lost records.
 
 :meth:`Discovery.follow` is the task that waits on the ring buffer (an fd
 readable while records wait, so no busy polling) and hands each batch of
-creations to the engine.  Batches are spaced by :data:`COALESCE` seconds: a
-creation makes the engine re-read every map's info, and a burst of creations
-should cost one re-read, not one each.  Nothing is lost by waiting: each
-record already holds the map's id and description, read in the kernel while
-the map was alive.
+creations to the engine (and pins, after which the engine reads every map's
+pins again).  It waits :data:`COALESCE` seconds after each wake-up: a burst of
+creations costs the engine one cycle, not one each, and a map pinned right
+after its creation is first read with its pin.  Nothing is lost by waiting:
+each record already holds the map's id and description, read in the kernel
+while the map was alive.
 """
 
 from __future__ import annotations
@@ -61,24 +62,41 @@ class Discovery:
         log.info("map discovery: bpf() syscall tracepoints (sys_enter_bpf/sys_exit_bpf), "
                  "with the map id poll every watch.interval for removals")
 
-    async def follow(self, on_created: Callable[[list[Created]], None]) -> None:
-        """Hand every batch of creations to ``on_created`` (the engine), forever."""
+    async def follow(self, on_created: Callable[[list[Created]], None],
+                     on_pinned: Callable[[], None]) -> None:
+        """Hand every batch of creations to ``on_created`` and pins to ``on_pinned``
+        (the engine), forever.
+
+        After the ring turns readable, wait :data:`COALESCE` before reading: a burst
+        becomes one batch, and a map pinned just after its creation (libbpf,
+        bpftool and Cilium pin at once) is read with its pin, so under its name.
+        """
         watch = self.watch
         if watch is None:
             return
         while True:
             await trio.lowlevel.wait_readable(watch.fileno())
-            created = watch.read()
-            created = [c if c.record is not None else await self._resolve(c) for c in created]
+            await trio.sleep(COALESCE)
+            records = watch.read()
+            pinned = any(c.pinned for c in records)
+            created = [c if c.record is not None else await self._resolve(c)
+                       for c in records if not c.pinned]
             self.seen += len(created)
-            lost = watch.lost()
+            try:
+                lost = watch.lost()
+            except OSError as e:  # a counter unreadable must not stop discovery
+                log.warning("map discovery: cannot read the lost-creations counter: %s", e)
+                lost = self.lost
             if lost > self.lost:
                 log.warning("map discovery: %d map creations were not recorded (the "
                             "tracepoint ring was full); the id poll finds those still alive",
                             lost - self.lost)
                 self.lost = lost
-            on_created(created)
-            await trio.sleep(COALESCE)
+                pinned = True  # a lost record may have been a pin: read every map again
+            if pinned:
+                on_pinned()
+            if created:
+                on_created(created)
 
     async def _resolve(self, created: Created) -> Created:
         """The kernel could not name the map: ``/proc/TGID/fdinfo/FD`` may, while it is open."""
@@ -87,7 +105,7 @@ class Discovery:
             self.unresolved += 1
             log.debug("map discovery: a map created by pid %d (fd %d) could not be resolved; "
                       "the id poll will see it if it lives", created.tgid, created.fd)
-        return Created(created.tgid, created.fd, None, map_id)
+        return Created(created.tgid, created.fd, None, fdinfo_id=map_id)
 
     def close(self) -> None:
         if self.watch is not None:

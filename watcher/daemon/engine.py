@@ -222,7 +222,7 @@ class Engine:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             if self.discovery is not None:
-                nursery.start_soon(self.discovery.follow, self.maps_created)
+                nursery.start_soon(self.discovery.follow, self.maps_created, self.maps_changed)
             await self._loop()
 
     async def _loop(self) -> None:
@@ -247,18 +247,28 @@ class Engine:
                 await self._wake.wait()
 
     async def _records(self) -> list[kmaps.MapRecord]:
-        """The host's maps: re-read only when the set of map ids changed (or to catch pins).
+        """The host's maps: re-read only what the id set says changed (or to catch pins).
 
-        Map ids are not reused soon, so an unchanged id set means unchanged maps,
-        except for pins added or removed: those are caught by a full read every
-        ``RECORDS_REFRESH`` seconds, or at once when told (:meth:`maps_changed`).
+        Map ids are not reused soon, so an id seen before is the same map: when
+        the id set changed, only the new ids' info is read (with a walk of the
+        pins), and maps whose ids went are dropped.  With tracepoint discovery a
+        cycle follows every creation, so reading all maps each time would cost a
+        host with thousands of maps a core under churn.  Pins added to or removed
+        from known maps are caught by a full read every ``RECORDS_REFRESH``
+        seconds, or at once when told (:meth:`maps_changed`: a pin the kernel
+        reported, or a return from idle).
         """
         ids = await trio.to_thread.run_sync(self.catalog.ids)
-        if (ids != self._known_ids or self._records_stale
+        if (self._known_ids is None or self._records_stale
                 or trio.current_time() >= self._records_due):
             self._records_stale = False
             self._records_due = trio.current_time() + RECORDS_REFRESH
             self._cached_records = await trio.to_thread.run_sync(self.catalog.records)
+        elif ids != (cached := {r.id for r in self._cached_records}):
+            kept = [r for r in self._cached_records if r.id in ids]
+            if new := ids - cached:
+                kept += await trio.to_thread.run_sync(self.catalog.records, new)
+            self._cached_records = kept
         return self._cached_records
 
     def maps_changed(self) -> None:

@@ -96,7 +96,7 @@ from .bpfasm import (
     store_targets,
 )
 from .btf import VMLINUX_BTF, find_func
-from .maps import MapRecord
+from .maps import MapRecord, fdinfo
 from .maptypes import TYPE_IDS
 from .ringbuf import RingBufReader
 
@@ -1116,13 +1116,7 @@ def _read_iter(link_fd: int) -> bytes:
 
 
 def _fdinfo_memlock(fd: int) -> int:
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("memlock:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    memlock = fdinfo(fd).get("memlock", "")
+    return int(memlock) if memlock.isdigit() else 0
 
 

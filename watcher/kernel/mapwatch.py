@@ -22,6 +22,11 @@ and ~110 MB per compile):
   record describes it even if it is freed 10 ms later, before the daemon
   reads the record.
 
+``BPF_OBJ_PIN`` calls that succeed are recorded too, as a bare "something was
+pinned": a pin path is how pymap names a map whose kernel name is cut to 15
+characters (``cilium_lb4_serv`` -> ``cilium_lb4_services_v2``), and a map is
+often pinned just after it is created, so its pins must be read again then.
+
 A resolution can fail (another thread of the creator closed the fd in between,
 or the fd now holds something that is not the requested map type): then the
 record says so and carries the creator's tgid and fd, and the reader tries
@@ -68,7 +73,7 @@ from .bpfasm import (
     Asm,
 )
 from .btf import member_offsets
-from .maps import MapRecord
+from .maps import MapRecord, fdinfo
 from .maptypes import TYPE_IDS, type_name
 from .ringbuf import RingBufReader
 
@@ -80,7 +85,8 @@ PENDING_THREADS = 4096  # threads inside bpf(BPF_MAP_CREATE) at once (LRU: a los
 _LOOKUP, _UPDATE, _DELETE = 1, 2, 3
 _PID_TGID, _CURRENT_TASK = 14, 35
 _READ_USER, _READ_KERNEL, _RINGBUF_OUTPUT = 112, 113, 130
-_BPF_MAP_CREATE = 0
+_BPF_MAP_CREATE, _BPF_OBJ_PIN = 0, 6
+_PIN = -2  # (all ones but the last bit, in 64 bits) the thread is pinning, not creating
 _UNKNOWN_TYPE = -1  # (all ones in 64 bits) the attr could not be read at entry: no type check at exit
 
 # The ring record (little-endian u32s, then the name): all from the kernel's struct bpf_map.
@@ -88,7 +94,7 @@ RECORD = struct.Struct("<12I16s")
 _FIELDS = ("id", "map_type", "key_size", "value_size", "max_entries", "map_flags",
            "btf_key_type_id", "btf_value_type_id")
 _REC_BTF_ID, _REC_TGID, _REC_FD, _REC_STATUS, _REC_NAME = 32, 36, 40, 44, 48
-RESOLVED, UNRESOLVED = 0, 1
+RESOLVED, UNRESOLVED, PINNED = 0, 1, 2
 
 # What the exit program reads, by struct (offsets from BTF at load time).
 KERNEL_MEMBERS = {
@@ -146,16 +152,21 @@ def tracepoint(category: str, name: str, roots: tuple[str, ...] = TRACEFS) -> Tr
 
 
 def enter_program(tp: Tracepoint, pending_fd: int, own_tgid: int) -> bytes:
-    """``sys_enter_bpf``: remember a thread entering ``BPF_MAP_CREATE`` (not the daemon's)."""
+    """``sys_enter_bpf``: remember a thread entering ``BPF_MAP_CREATE`` or ``BPF_OBJ_PIN``
+    (not the daemon's); for a creation, with the map type asked for."""
     cmd, uattr = tp.field("cmd", 8), tp.field("uattr", 8)
     a = Asm()
     a.mov(R6, R1)
-    a.ldx(8, R1, R6, cmd)
-    a.jmp(JNE, R1, _BPF_MAP_CREATE, "out")
+    a.ldx(8, R7, R6, cmd)
+    a.jmp(JEQ, R7, _BPF_MAP_CREATE, "watched")
+    a.jmp(JNE, R7, _BPF_OBJ_PIN, "out")
+    a.label("watched")
     a.call(_PID_TGID)
     a.stx(8, R10, -8, R0)
     a.alu64(RSH, R0, 32)
     a.jmp(JEQ, R0, own_tgid, "out")
+    a.st(8, R10, -16, _PIN)
+    a.jmp(JEQ, R7, _BPF_OBJ_PIN, "store")
     # the requested map type (union bpf_attr starts with it), checked again at exit
     a.st(8, R10, -16, 0)
     a.mov(R1, R10)
@@ -184,7 +195,8 @@ def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: 
     """``sys_exit_bpf``: for a remembered thread's new map fd, one :data:`RECORD`.
 
     Registers: R6 the tracepoint context, then the pointer being followed;
-    R7 pid_tgid; R8 the map type asked for at entry; R9 the returned fd.
+    R7 pid_tgid; R8 the map type asked for at entry (or ``_PIN``); R9 the returned fd.
+    A pin that succeeded is a record with status :data:`PINNED` and nothing to resolve.
     """
     ret = tp.field("ret", 8)
     rec = -8 - 8 - RECORD.size  # the record on the stack, below the key and a scratch slot
@@ -212,6 +224,10 @@ def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: 
     a.alu64(RSH, R1, 32)
     a.stx(4, R10, rec + _REC_TGID, R1)
     a.stx(4, R10, rec + _REC_FD, R9)
+    a.jmp(JNE, R8, _PIN, "created")
+    a.st(4, R10, rec + _REC_STATUS, PINNED)  # something was pinned: no map to resolve
+    a.ja("emit")
+    a.label("created")
 
     def read_at(offset: int, dst: int, size: int) -> None:
         """``size`` bytes at R6 + ``offset`` onto the stack at ``dst``; a fault: unresolved."""
@@ -279,12 +295,17 @@ def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: 
 @attrs.frozen
 class Created:
     """One map creation the kernel reported (``record`` None: not resolved in the kernel;
-    ``fdinfo_id``: the id ``/proc/TGID/fdinfo/FD`` gave then, if any)."""
+    ``fdinfo_id``: the id ``/proc/TGID/fdinfo/FD`` gave then, if any).
+
+    ``pinned``: not a creation but a ``BPF_OBJ_PIN`` of some object by ``tgid``: a
+    pin gives a map its display name, so the maps' pins must be read again.
+    """
 
     tgid: int
     fd: int
     record: MapRecord | None
     fdinfo_id: int | None = None
+    pinned: bool = False
 
     @property
     def map_id(self) -> int | None:
@@ -296,6 +317,8 @@ def parse_record(data: bytes) -> Created:
     values = RECORD.unpack(data[:RECORD.size])
     map_id, map_type, key_size, value_size, max_entries, flags, key_tid, value_tid, \
         btf_id, tgid, fd, status, raw_name = values
+    if status == PINNED:
+        return Created(tgid, 0, None, pinned=True)
     if status != RESOLVED or not map_id:
         return Created(tgid, fd, None)
     name = raw_name.split(b"\0", 1)[0].decode(errors="replace")
@@ -308,14 +331,8 @@ def parse_record(data: bytes) -> Created:
 
 def fdinfo_map_id(tgid: int, fd: int) -> int | None:
     """``map_id`` of ``/proc/TGID/fdinfo/FD``: None if the fd is closed or not a map."""
-    try:
-        with open(f"/proc/{tgid}/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("map_id:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+    map_id = fdinfo(fd, tgid).get("map_id", "")
+    return int(map_id) if map_id.isdigit() else None
 
 
 def _close_all(fds: list[int], ring: list[RingBufReader]) -> None:
@@ -391,7 +408,7 @@ class MapWatch:
         found = []
         for pos in range(0, chunk.count * RECORD.size, RECORD.size):
             created = parse_record(chunk.data[pos:pos + RECORD.size])
-            if created.record is None:
+            if created.record is None and not created.pinned:
                 self.unresolved += 1
             found.append(created)
         self.records += len(found)
