@@ -21,11 +21,13 @@ from importlib import metadata
 import trio
 import zmq
 
+from ..kernel.objects import Broker
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
 from .access import Authenticator, Policy
 from .config import Config, ConfigError, DaemonConfig
 from .engine import Engine
+from .kdelta import start_broker, supervise
 from .logs import setup_logging
 from .memory import release_big_buffers_promptly, trim_heap
 from .metrics import MetricsServer
@@ -145,6 +147,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes)
     engine = Engine(config, stream)
+    # Before bcc and the seccomp filter: the process that makes the engine's objects.
+    engine.broker = await trio.to_thread.run_sync(start_broker, config.watch)
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
                             socket_name(events_endpoint))
     sources = Sources(config.sources, stream)
@@ -160,7 +164,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
         if config.sources:
             await trio.to_thread.run_sync(sources.open)
     except BaseException:
-        _close(sources, router, xpub, bound, ctx, auth)
+        _close(sources, router, xpub, bound, ctx, auth, engine.broker)
         raise
     # From here signals are ours until cleanup is done, a second one included.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -200,12 +204,14 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 nursery.start_soon(server.serve)
                 nursery.start_soon(publisher.serve, gate.guard(engine.on_subscription))
                 nursery.start_soon(engine.run)
+                if engine.broker is not None:
+                    nursery.start_soon(supervise, engine.broker)
                 nursery.start_soon(sources.run)
                 nursery.start_soon(_heartbeats, engine)
                 task_status.started()
         finally:
             metrics.close()
-            _close(sources, router, xpub, bound, ctx, auth)
+            _close(sources, router, xpub, bound, ctx, auth, engine.broker)
     log.info("stopped")
 
 
@@ -227,8 +233,10 @@ def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
 
 
 def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[str],
-           ctx: zmq.Context, auth: Authenticator) -> None:
+           ctx: zmq.Context, auth: Authenticator, broker: Broker | None) -> None:
     """Free everything the daemon holds."""
+    if broker is not None:
+        broker.close()
     auth.stop()
     sources.close()
     router.close(linger=0)
