@@ -252,11 +252,12 @@ for k in (1, 2):
 map_id = s.map_info(fd).id
 ro = kmaps.open_map(map_id=map_id)                       # BPF_F_RDONLY, as for every watched map
 config = Config()
-config.watch.kernel_delta = sys.argv[1]
-broker = Broker() if sys.argv[1] != "off" else None
+config.watch.kernel_delta = "off" if sys.argv[1] == "off" else "auto"
+broker = Broker() if sys.argv[1] == "auto" else None
 if broker:
     broker.start()                                       # as the daemon: before its filter
-privileges.harden(config)
+if sys.argv[1] != "unfiltered":                          # the kernel alone: what it allows
+    privileges.harden(config)
 
 def attempt(fn):
     try:
@@ -387,23 +388,29 @@ print(json.dumps(out))
 
 
 def test_what_a_filtered_daemon_can_load_and_what_the_broker_refuses(maps):
-    """Measured on this kernel (with the daemon's filter off, see docs/operations.md): a
-    program may write any map it names, whatever the fd's mode, and a
-    BPF_PROG_TYPE_SYSCALL program can even issue BPF_MAP_UPDATE_ELEM (bpf_sys_bpf), which
-    seccomp never sees.  So the daemon's filter refuses BPF_PROG_LOAD (and BPF_MAP_CREATE)
-    in every profile: none of those writers loads.  With the engine on, programs come from
+    """Measured on this kernel without a filter: a program may write any map it names,
+    whatever the fd's mode, and a BPF_PROG_TYPE_SYSCALL program can even issue
+    BPF_MAP_UPDATE_ELEM (bpf_sys_bpf), which seccomp would never see.  So the daemon's
+    filter refuses BPF_PROG_LOAD (and BPF_MAP_CREATE) in every profile: none of those
+    writers loads.  With the engine on, programs come from
     the objects broker, which loads one that writes a map it made for the same engine,
     and refuses (EPERM, with the reason) one that writes the watched map or another
     engine's map, a syscall program, and bpf_sys_bpf in a socket filter."""
     need_binding()
     results = {}
-    for profile in ("auto", "off"):
+    for profile in ("unfiltered", "auto", "off"):
         proc = subprocess.run([sys.executable, "-c", WRITER_CHILD, profile],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         results[profile] = json.loads(proc.stdout.splitlines()[-1])
     print("writes from a filtered process:", results)
     seven, ninety_nine = struct.pack("<Q", 7).hex(), struct.pack("<Q", 99).hex()
+    assert results["unfiltered"] == {
+        "update_syscall": "EPERM",  # the command checks the fd's mode: BPF_F_RDONLY
+        "helper_update": "ok", "helper_delete": "ok",  # through the read-only fd
+        "after_helpers": [ninety_nine, ""],
+        "sys_bpf_update": "ok",  # no fd at all: by id, from inside the kernel
+        "after_sys_bpf": struct.pack("<Q", 1234).hex()}
     refused_here = {
         "update_syscall": "EPERM", "helper_update": "EPERM", "helper_delete": "EPERM",
         "after_helpers": [seven, seven], "sys_bpf_update": "EPERM", "after_sys_bpf": seven}

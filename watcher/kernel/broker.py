@@ -114,7 +114,7 @@ class Server:
             except Refused as e:
                 reply, out = REPLY.pack(e.errno) + _line(str(e)), []
             except OSError as e:
-                reply, out = REPLY.pack(e.errno or 5) + _line(str(e)), []
+                reply, out = REPLY.pack(e.errno or 5) + _line(e.strerror or str(e)), []
             except Exception as e:  # never die on a request: say what went wrong
                 reply, out = REPLY.pack(22) + _line(f"{type(e).__name__}: {e}"), []
             finally:
