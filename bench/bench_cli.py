@@ -33,15 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (
-    PYMAP,
-    BenchError,
-    check_root,
-    private_bpffs,
-    private_tmp,
-    run_main,
-    running_daemon,
-)
+import _common
+from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, running_daemon
 
 TARGET = 0.1  # seconds for pymap ping
 
@@ -98,4 +91,4 @@ def _run(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    _common.run_main(main)

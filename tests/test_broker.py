@@ -81,6 +81,7 @@ def test_bad_requests_get_one_line_and_the_broker_serves_on(broker):
             "func_info without btf": (head(b.OP_PROG, 1, 0, 0, 8) + bytes(8) + nop(), None),
             "syscall program": (head(b.OP_PROG, 31) + nop(), None),
             "fentry": (head(b.OP_PROG, 26, 24) + nop(), None),
+            "tracepoint": (head(b.OP_PROG, 5) + nop(), None),
             "too long": (program + bytes(b.MAX_REQUEST), None),
             "too many fds": (program + nop(), [null] * (b.MAX_FDS + 1)),
         }
@@ -92,7 +93,9 @@ def test_bad_requests_get_one_line_and_the_broker_serves_on(broker):
         assert err, name
         assert text and "\n" not in text, (name, text)
     assert answers["too long"][0] == errno.E2BIG and "request over" in answers["too long"][1]
-    assert "only socket filters and map element iterators" in answers["syscall program"][1]
+    for kind in ("syscall program", "fentry", "tracepoint"):
+        assert answers[kind][0] == errno.EPERM, kind
+        assert "only socket filters and map element iterators" in answers[kind][1], kind
     assert "unknown request 99" in answers["unknown op"][1]
     assert "map reference 3" in answers["bad reference"][1]
     # still serving, and what it made works

@@ -9,6 +9,10 @@
   and ``sys_exit_bpf`` tracepoints (kernel evidence, no ptrace), filtered by the
   daemon's pid, under list, get, events with snapshots, and event sources: only
   read commands appear after start-up, and none is refused.
+* With the in-kernel engine on, the daemon's pid creates and loads nothing; the
+  objects broker's pid (watcher/kernel/broker.py) does, only that, and refuses
+  programs that could write what they did not make; neither leaves anything
+  behind when the daemon stops or is killed.
 """
 
 from __future__ import annotations
@@ -486,14 +490,15 @@ def audit(bcc, pid: int) -> Iterator[Callable[[], tuple[dict[str, int], dict[str
         tracer.cleanup()
 
 
-def held_map_ids(pid: int) -> set[int]:
-    """Ids of the maps process ``pid`` holds fds to (pymap leaves itself out of holders)."""
+def held_ids(pid: int, kind: str = "map") -> set[int]:
+    """Ids of the maps (or ``kind="prog"``: programs) process ``pid`` holds fds to
+    (pymap leaves itself out of map holders, so /proc it is)."""
     ids = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-map":
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"anon_inode:bpf-{kind}":
                 with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    ids |= {int(ln.split()[1]) for ln in f if ln.startswith("map_id:")}
+                    ids |= {int(ln.split()[1]) for ln in f if ln.startswith(f"{kind}_id:")}
     return ids
 
 
@@ -517,7 +522,7 @@ def test_daemon_uses_only_read_commands_after_start_up(daemon_factory, maps, bpf
         got = d.cli("get", f"au_{tag}", "-o", "json", check=True)
         assert json.loads(got.stdout)["count"] == 8
         # A bcc map, decoded with its BTF: this daemon's (other tests may load execsnoop too).
-        held = held_map_ids(d.proc.pid)
+        held = held_ids(d.proc.pid)
         (dropped,) = [m["id"] for m in json.loads(listed.stdout)
                       if m["name"] == "dropped" and m["id"] in held]
         d.cli("get", f"id:{dropped}", check=True)
@@ -564,16 +569,6 @@ def broker_pid(log: str) -> int:
     """The objects broker's pid, from the daemon's log line about it."""
     (pid,) = re.findall(r"objects broker \(pid (\d+)\) serving the in-kernel engine", log)
     return int(pid)
-
-
-def held_prog_ids(pid: int) -> set[int]:
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-prog":
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    ids |= {int(ln.split()[1]) for ln in f if ln.startswith("prog_id:")}
-    return ids
 
 
 def running(pid: int) -> bool:
@@ -631,7 +626,7 @@ def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_f
             actions = [ln["action"] for ln in lines[2000:]]
             assert (actions.count("removed"), actions.count("updated"),
                     actions.count("added")) == (1200, 100, 10)
-            progs = held_prog_ids(d.proc.pid)
+            progs = held_ids(d.proc.pid, "prog")
         calls, refused = tables()
         broker_calls, broker_refused = broker_tables()
     print("daemon bpf() with the in-kernel engine:", calls, "refused:", refused)
@@ -663,7 +658,7 @@ def test_a_killed_daemon_leaves_no_broker_and_no_program(daemon_factory, maps):
     with Follower(d, name, "-f"):
         wait_ready(d, name)
         assert watch_of(status(d), name)["engine"].startswith("in-kernel:")
-        progs = held_prog_ids(d.proc.pid)
+        progs = held_ids(d.proc.pid, "prog")
     assert progs and running(broker)
     d.proc.kill()
     d.proc.wait(30)

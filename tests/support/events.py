@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Self
 
 import trio
@@ -63,22 +64,24 @@ def cli_status(daemon) -> dict:
     return json.loads(proc.stdout)
 
 
+@contextlib.contextmanager
+def dealer(endpoint: str) -> Iterator[zmq.Socket]:
+    """A raw DEALER connected to the daemon's ``endpoint``, closed without lingering."""
+    with zmq.Context.instance().socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        yield sock
+
+
 def status(daemon) -> dict:
     """The daemon's status, as ``pymap status -o json`` shows it, asked in-process (a CLI
     run costs a third of a second, too slow to poll with)."""
     from watcher.wire import schema
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(daemon.endpoint)
+    with dealer(daemon.endpoint) as sock:
         sock.send(schema.encode(schema.StatusRequest(req=1)))
         assert sock.poll(int(DEADLINE * 1000)), "no status reply"
         reply = schema.decode(sock.recv_multipart()[0])
-    finally:
-        sock.close(0)
-        ctx.term()
     assert isinstance(reply, schema.StatusReply), reply
     data = schema.converter.unstructure(reply)
     data.pop("req", None)

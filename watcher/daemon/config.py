@@ -160,6 +160,10 @@ class WatchConfig:
     always: list[str] = attrs.field(factory=list, validator=_list_of_str)
     # Seconds a map stays watched after its last subscriber left (keeps recent events).
     linger: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    # How new maps are learned of (docs/operations.md, "Map discovery and churn"): "auto"
+    # from the bpf() syscall tracepoints where they load (else the poll), "poll" by
+    # comparing map ids every interval only.
+    discovery: str = attrs.field(default="auto", validator=attrs.validators.in_(["auto", "poll"]))
     # In-kernel change detection (docs/architecture.md): "auto" uses it for supported
     # maps of at least kernel_delta_min_entries (max_entries); "off" never.
     kernel_delta: str = attrs.field(default="auto", validator=attrs.validators.in_(["auto", "off"]))

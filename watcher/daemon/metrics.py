@@ -199,11 +199,21 @@ class DaemonCollector(Collector):
         yield _counter("pymap_resyncs", "Snapshots clients took to recover from a gap or restart",
                        st.resyncs)
         yield _counter("pymap_poll_errors", "Failed polls and enumerations", st.poll_errors)
+        yield _counter("pymap_map_creations_seen", "Map creations the bpf() tracepoints "
+                       "reported (watch.discovery)", st.creations_seen)
         yield _gauge("pymap_subscriptions", "Distinct topic prefixes subscribed to",
                      len(st.subscriptions))
         yield _gauge("pymap_subscribe_requests", "Subscribe requests seen (all subscribers)",
                      sum(st.subscriptions.values()))
         yield _gauge("pymap_watched_maps", "Maps being polled", len(watches))
+        yield _gauge("pymap_map_discovery_tracepoint", "1 while map creation is learned from "
+                     "the bpf() tracepoints, 0 while only polled", st.discovery == "tracepoint")
+        missed = CounterMetricFamily(
+            "pymap_map_creations_missed", "Map creations the tracepoint discovery could not "
+            "report, by reason (the id poll still finds the maps that live)", labels=["reason"])
+        for reason, n in st.creations_missed.items():
+            missed.add_metric([reason], n)
+        yield missed
         refusals = self.refusals() if self.refusals else {}
         for name, help_, key in (
                 ("pymap_requests_refused", "Requests refused 'busy': too many in flight from "

@@ -276,7 +276,8 @@ class RequestServer:
             drops_reported=st.drops_reported, resyncs=st.resyncs, poll_errors=st.poll_errors,
             watched=st.watched, sources=[s for s in (self.sources.status() if self.sources else [])
                                          if view is None or view.sees_name(s.name)],
-            **self.refusals(), req=request.req))
+            discovery=st.discovery, creations_seen=st.creations_seen,
+            creations_missed=st.creations_missed, **self.refusals(), req=request.req))
 
     async def _get(self, peer: bytes, request: schema.GetRequest, view: View | None) -> None:
         self._check_selector(request.selector)

@@ -195,14 +195,12 @@ class Server:
         mine = self.engines.get(engine, set())
         own = [fd for fd in maps if _map_id(fd) in mine]
         try:
+            progcheck.check_type(prog_type, attach_type, name)
             progcheck.check_read_only(program, own)
         except AssertionError as e:
             raise Refused(1, f"{name} refused: {e}") from None
-        try:
-            return progload.load_program(program, name, prog_type, attach_type,
-                                         attach_btf_id, btf_fd, func_info)
-        except ValueError as e:
-            raise Refused(1, str(e)) from None
+        return progload.load_program(program, name, prog_type, attach_type, attach_btf_id,
+                                     btf_fd, func_info)
 
 
 def map_references(insns: bytes) -> list[int]:

@@ -91,7 +91,7 @@ from .bpfasm import (
     Asm,
     func_btf,
 )
-from .maps import MapRecord
+from .maps import MapRecord, fdinfo
 from .maptypes import TYPE_IDS
 from .objects import EngineObjects, LocalObjects
 from .ringbuf import RingBufReader
@@ -1015,13 +1015,7 @@ def _read_iter(link_fd: int) -> bytes:
 
 
 def _fdinfo_memlock(fd: int) -> int:
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("memlock:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    memlock = fdinfo(fd).get("memlock", "")
+    return int(memlock) if memlock.isdigit() else 0
 
 

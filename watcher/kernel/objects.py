@@ -63,6 +63,7 @@ class LocalObjects:
 
     def load_program(self, insns: bytes, name: str, prog_type: int, attach_type: int = 0,
                      btf_fd: int = 0, func_info: bytes = b"") -> int:
+        progcheck.check_type(prog_type, attach_type, name)
         progcheck.check_read_only(insns, self.own)
         attach_btf_id = (progload.map_elem_iter_btf_id()
                          if prog_type == progload.BPF_PROG_TYPE_TRACING else 0)

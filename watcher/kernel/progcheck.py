@@ -17,6 +17,20 @@ from collections.abc import Collection
 
 from .bpfasm import JMP, JMP32, R0, R1, R2, R3, R4, R5, R9, R10, ST, STX, store_targets
 
+# What the engine loads at run time: socket filters (its for_each walks and writers, run
+# by BPF_PROG_TEST_RUN) and map element iterators.  Never a syscall program (its
+# bpf_sys_bpf issues bpf() commands from inside the kernel), nor anything that attaches
+# to kernel events.
+SOCKET_FILTER, TRACING, TRACE_ITER = 1, 26, 28
+
+
+def check_type(prog_type: int, attach_type: int, name: str) -> None:
+    """Refuse a program type the in-kernel engine never loads."""
+    if prog_type != SOCKET_FILTER and (prog_type, attach_type) != (TRACING, TRACE_ITER):
+        raise AssertionError(f"{name}: the in-kernel engine loads only socket filters and map "
+                             f"element iterators, not program type {prog_type}")
+
+
 # helpers (enum bpf_func_id)
 LOOKUP, UPDATE, DELETE, SKB_LOAD_BYTES, SEQ_WRITE = 1, 2, 3, 26, 127
 RINGBUF_RESERVE, RINGBUF_SUBMIT, FOR_EACH, LOOP = 131, 132, 164, 181

@@ -13,6 +13,10 @@ seccomp policy (issue 12) has one place to reconcile with:
   programs that write pymap's own state and shadow maps (socket filters: the
   data to write is their packet, see :mod:`.iterdelta`).
 
+At start-up only (before the seccomp filter), :mod:`.mapwatch` makes its
+maps and two ``BPF_PROG_TYPE_TRACEPOINT`` programs here as well, attached
+with ``perf_event_open`` (:mod:`.perfevent`), not with a bpf() command.
+
 No update or delete command is used: the engine writes its own maps from
 inside the kernel, so the daemon's seccomp filter allows none (docs/operations.md).
 Watched maps are only ever opened read-only (``BPF_F_RDONLY``).
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import struct
 
 from . import syscall
 from .syscall import BpfError, _addr, _bpf
@@ -30,6 +33,7 @@ from .syscall import BpfError, _addr, _bpf
 BPF_PROG_LOAD = 5
 BPF_BTF_LOAD = 18
 BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_LINK_CREATE = 28
 BPF_ITER_CREATE = 33
 BPF_PROG_TYPE_TRACING = 26
@@ -112,10 +116,12 @@ def load_btf(blob: bytes) -> int:
         raise BpfError(e.errno or errno.EINVAL, "BPF_BTF_LOAD", " | ".join(lines[-3:])) from None
 
 
-# The only program types pymap loads after start-up.  Not BPF_PROG_TYPE_SYSCALL, whose
-# bpf_sys_bpf helper issues bpf() commands from inside the kernel, unseen by seccomp.
+# The only program types pymap loads: the first two after start-up too, tracepoints at
+# start-up only (map discovery, before the seccomp filter).  Not BPF_PROG_TYPE_SYSCALL,
+# whose bpf_sys_bpf helper issues bpf() commands from inside the kernel, unseen by seccomp.
 LOADABLE_TYPES = {BPF_PROG_TYPE_SOCKET_FILTER: "socket filter",
-                  BPF_PROG_TYPE_TRACING: "tracing (map element iterator)"}
+                  BPF_PROG_TYPE_TRACING: "tracing (map element iterator)",
+                  BPF_PROG_TYPE_TRACEPOINT: "tracepoint (map discovery)"}
 
 
 def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
@@ -123,8 +129,8 @@ def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
     """Load ``insns``; on refusal, raise with the verifier's last lines as detail."""
     if prog_type not in LOADABLE_TYPES or (prog_type == BPF_PROG_TYPE_TRACING
                                            and attach_type != BPF_TRACE_ITER):
-        raise ValueError(f"{name}: pymap loads only socket filters and map element "
-                         f"iterators, not program type {prog_type}")
+        raise ValueError(f"{name}: pymap loads only socket filters, map element "
+                         f"iterators and tracepoints, not program type {prog_type}")
     license_ = ctypes.create_string_buffer(b"GPL")
     code = ctypes.create_string_buffer(insns, len(insns))
     finfo = ctypes.create_string_buffer(func_info, max(len(func_info), 1))
@@ -177,24 +183,11 @@ def map_elem_iter_btf_id() -> int:
     if _iter_btf_id is None:
         with open(VMLINUX_BTF, "rb") as f:
             raw = f.read()
-        _iter_btf_id = _find_func(raw, b"bpf_iter_bpf_map_elem")
+        from .btf import find_func  # at first use: the broker imports this module
+
+        found = find_func(raw, b"bpf_iter_bpf_map_elem")
+        if found is None:
+            raise Unsupported("this kernel's BTF has no bpf_iter_bpf_map_elem (no map "
+                              "element iterators)")
+        _iter_btf_id = found
     return _iter_btf_id
-
-
-def _find_func(raw: bytes, name: bytes) -> int:
-    """The id of FUNC ``name`` in a BTF blob (a scan, not a full parse: ~10x faster)."""
-    _magic, _ver, _flags, hdr_len, type_off, type_len, str_off, _str_len = struct.unpack_from(
-        "<HBBIIIII", raw)
-    types, strings = hdr_len + type_off, hdr_len + str_off
-    pos, end, type_id = types, types + type_len, 0
-    # extra bytes after the 12-byte header, per kind (btf.h); vlen-scaled kinds below
-    fixed = {1: 4, 3: 12, 14: 4, 17: 4}  # int, array, var, decl_tag
-    per_vlen = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # struct, union, enum, proto, ...
-    while pos < end:
-        name_off, info, _size = struct.unpack_from("<III", raw, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        type_id += 1
-        if kind == 12 and raw.startswith(name + b"\0", strings + name_off):
-            return type_id
-        pos += 12 + fixed.get(kind, 0) + per_vlen.get(kind, 0) * vlen
-    raise Unsupported(f"this kernel's BTF has no {name.decode()} (no map element iterators)")
