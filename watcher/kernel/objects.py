@@ -98,6 +98,8 @@ class Broker:
     def start(self) -> None:
         """Start the broker and wait for its hello (sent once its own filter is in)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # room for the longest request in one datagram (the kernel caps it at wmem_max)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * broker.MAX_REQUEST)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH")) if p))
