@@ -1,7 +1,9 @@
 """Small shared pieces for the benchmarks: a private bpffs directory, a big hash map, a daemon.
 
-Nothing here imports from tests/: a benchmark runs on its own, as root, and
-removes everything it made even when it fails half-way.
+A benchmark runs on its own (no pytest), as root, and removes everything it
+made even when it fails half-way.  From tests/ it takes only
+tests/support/procs.py, plain Python: stopping a child process the one way the
+tests do too.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):  # the packages; tests/support (procs)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from watcher.kernel import syscall  # noqa: E402 (after the sys.path line above)
+from support import procs  # noqa: E402 (after the sys.path lines above)
+
+from watcher.kernel import syscall  # noqa: E402
 from watcher.kernel.maptypes import TYPE_IDS  # noqa: E402
 
 BPFFS = "/sys/fs/bpf"
@@ -32,6 +37,18 @@ PYMAP = str(Path(sys.executable).with_name("pymap"))
 
 class BenchError(Exception):
     """The benchmark cannot measure what it claims (setup failed, wrong results)."""
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """A benchmark's ``__main__``: exit with ``main()``'s status, a BenchError as one line
+    (exit 1), Ctrl-C as 130."""
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"{Path(sys.argv[0]).stem}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def check_root() -> None:
@@ -54,11 +71,8 @@ def private_bpffs() -> Iterator[Path]:
 
 @contextlib.contextmanager
 def private_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pymap-bench-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="pymap-bench-", ignore_cleanup_errors=True) as path:
+        yield Path(path)
 
 
 @contextlib.contextmanager
@@ -121,14 +135,7 @@ class Daemon:
         raise BenchError(f"daemon did not answer ping within {timeout:g} s: {self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        procs.stop(self.proc, 15, self._log)
 
 
 @contextlib.contextmanager

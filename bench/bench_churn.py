@@ -7,11 +7,22 @@
 2. Churn: 1,000 maps a minute, each living 2 s, for 30 s, while 3 followers follow their
    glob: created/removed reported per follower, the daemon's fds and RSS at start and end.
    Target: every map reported to every follower, fds back to the start, RSS flat.
-3. Fuzzing: pings answered per second by one client alone, then while another client
+3. Short-lived maps: 300 maps that live 10 ms each, one after another, seen by two
+   daemons at once (the same run): one with ``watch.discovery = "auto"`` (the bpf()
+   syscall tracepoints), one with ``"poll"``; the share of those maps each reported to a
+   glob follower as map_created and map_removed.  Target: all of them with the
+   tracepoints.  And what the attached programs cost every other bpf() caller: the
+   time of 100,000 ``BPF_OBJ_GET_INFO_BY_FD`` calls with and without them.
+4. Churn cost on a full host: 2,000 maps present, 1,000 maps a minute created (each
+   living 2 s) for 20 s, two daemons at once (tracepoint and poll discovery), each with
+   a follower of the churned glob: each daemon's CPU.  Target: the tracepoint daemon
+   within a small factor of the polling one (a cycle reads only the new maps' info).
+5. Fuzzing: pings answered per second by one client alone, then while another client
    sends malformed frames flat out (and how many of those were answered per second).
    Printed side by side; the daemon has one loop, so the two clients share it.
 
-Run as root: ``.venv/bin/python bench/bench_churn.py``.
+Run as root: ``.venv/bin/python bench/bench_churn.py [idle] [churn] [short] [cost] [fuzz]``
+(no argument: all five).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, r
 from watcher.daemon.catalog import Catalog  # noqa: E402
 from watcher.kernel import syscall  # noqa: E402
 from watcher.kernel.maptypes import TYPE_IDS  # noqa: E402
+from watcher.kernel.mapwatch import MapWatch  # noqa: E402
 from watcher.wire import schema  # noqa: E402
 
 MB = 1 << 20
@@ -159,6 +171,103 @@ def churn(tmp, bpffs, seconds: float = 30.0, rate: float = 1000 / 60) -> None:
                 f.stop()
 
 
+def short_lived(tmp, bpffs, count: int = 300, lifetime: float = 0.01) -> None:
+    with running_daemon(subdir(tmp, "auto"), bpffs) as auto, \
+            running_daemon(subdir(tmp, "poll"), bpffs, "--set", 'watch.discovery="poll"') as poll:
+        followers = {"tracepoint": Follower(auto.endpoint, "bsh_*"),
+                     "poll": Follower(poll.endpoint, "bsh_*")}
+        try:
+            for d in (auto, poll):
+                deadline = time.monotonic() + 30
+                while not (out := d.cli("status", "-o", "json").stdout) or \
+                        not json.loads(out)["subscriptions"].get("map:bsh_"):
+                    if time.monotonic() > deadline:
+                        raise BenchError("followers did not subscribe")
+                    time.sleep(0.2)
+            time.sleep(2)
+            ids = []
+            for i in range(count):
+                fd = syscall.map_create(TYPE_IDS["hash"], 4, 8, 16, name=f"bsh_{i}")
+                ids.append(syscall.map_info(fd).id)
+                time.sleep(lifetime)
+                os.close(fd)
+                time.sleep(0.005)
+            want = set(ids)
+            deadline = time.monotonic() + 30
+            tp = followers["tracepoint"]
+            while time.monotonic() < deadline and not want <= tp.seen["map_removed"]:
+                time.sleep(0.5)
+            time.sleep(3)  # a few poll intervals for the poller
+            print(f"short-lived maps: {count} maps living {lifetime * 1000:g} ms, one after "
+                  "another, seen by two daemons at once")
+            for how, f in followers.items():
+                both = want & f.seen["map_created"] & f.seen["map_removed"]
+                print(f"  {how:>10}: {len(both)}/{count} reported created and removed "
+                      f"({len(both) / count:.0%})")
+        finally:
+            for f in followers.values():
+                f.stop()
+    fd = syscall.map_create(TYPE_IDS["hash"], 4, 8, 16, name="bsh_cost")
+    try:
+        def calls() -> float:
+            t0 = time.perf_counter()
+            for _ in range(100_000):
+                syscall.map_info(fd)
+            return time.perf_counter() - t0
+        without = min(calls() for _ in range(3))
+        watch = MapWatch()
+        try:
+            with_tp = min(calls() for _ in range(3))
+        finally:
+            watch.close()
+        print(f"  100,000 BPF_OBJ_GET_INFO_BY_FD calls: {without * 1000:.0f} ms without the "
+              f"discovery programs, {with_tp * 1000:.0f} ms with them "
+              f"({with_tp / without:.2f}x)")
+    finally:
+        os.close(fd)
+
+
+def churn_cost(tmp, bpffs, seconds: float = 20.0, rate: float = 1000 / 60) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    made = [syscall.map_create(TYPE_IDS["hash"], 4, 8, 16, name=f"bfull{i}")
+            for i in range(2000)]
+    try:
+        with running_daemon(subdir(tmp, "cost_auto"), bpffs) as auto, \
+                running_daemon(subdir(tmp, "cost_poll"), bpffs,
+                               "--set", 'watch.discovery="poll"') as poll:
+            daemons = {"tracepoint": auto, "poll": poll}
+            followers = {how: Follower(d.endpoint, "bcc_*") for how, d in daemons.items()}
+            try:
+                time.sleep(3)
+                cpu0 = {how: cpu_seconds(d.proc.pid) for how, d in daemons.items()}
+                t0 = time.monotonic()
+                live: collections.deque = collections.deque()
+                ids: list[int] = []
+                while (now := time.monotonic()) < t0 + seconds:
+                    while len(ids) < (now - t0) * rate:
+                        fd = syscall.map_create(TYPE_IDS["hash"], 4, 8, 16,
+                                                name=f"bcc_{len(ids)}")
+                        ids.append(syscall.map_info(fd).id)
+                        live.append((now + 2.0, fd))
+                    while live and live[0][0] <= now:
+                        os.close(live.popleft()[1])
+                    time.sleep(0.01)
+                while live:
+                    os.close(live.popleft()[1])
+                elapsed = time.monotonic() - t0
+                print(f"churn cost, {len(ids)} maps created in {seconds:g} s among 2,000 others:")
+                for how, d in daemons.items():
+                    pct = (cpu_seconds(d.proc.pid) - cpu0[how]) / elapsed * 100
+                    print(f"  {how:>10} daemon: {pct:.1f}% of a core")
+            finally:
+                for f in followers.values():
+                    f.stop()
+    finally:
+        for fd in made:
+            os.close(fd)
+
+
 def ping_rate(endpoint: str, seconds: float, in_flight: int = 16) -> float:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -223,10 +332,14 @@ def fuzz_rate(tmp, bpffs, seconds: float = 5.0) -> None:
 def main() -> int:
     try:
         check_root()
+        parts = {"idle": idle_discovery, "churn": churn, "short": short_lived,
+                 "cost": churn_cost, "fuzz": fuzz_rate}
+        chosen = sys.argv[1:] or list(parts)
+        if unknown := set(chosen) - set(parts):
+            raise BenchError(f"unknown part {sorted(unknown)}; choose from {list(parts)}")
         with private_tmp() as tmp, private_bpffs() as bpffs:
-            idle_discovery(tmp, bpffs)
-            churn(tmp, bpffs)
-            fuzz_rate(tmp, bpffs)
+            for name in chosen:
+                parts[name](tmp, bpffs)
     except BenchError as e:
         print(f"bench_churn: {e}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common
 from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, running_daemon
 
 TARGET = 0.1  # seconds for pymap ping
@@ -90,10 +91,4 @@ def _run(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench_cli: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    _common.run_main(main)

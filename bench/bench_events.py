@@ -49,7 +49,7 @@ import numpy as np
 import zmq
 
 # bench/_common.py (beside this file) puts the repository on sys.path.
-from _common import BenchError, Daemon, big_hash, check_root, private_bpffs, private_tmp
+from _common import BenchError, Daemon, big_hash, check_root, private_bpffs, private_tmp, procs
 
 from watcher.wire import schema
 
@@ -195,16 +195,7 @@ class Subscriber:
                 items.append(item)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._stderr.close()
+        procs.stop(self.proc, 5, self.proc.stdout, self._stderr)
 
 
 # --- the map -------------------------------------------------------------------

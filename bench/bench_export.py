@@ -32,21 +32,18 @@ import array
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+# bench/_common.py (beside this file) puts the repository and tests/ on sys.path.
+import _common
 import zmq
+from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, running_daemon
+from support.syslog import Rsyslog  # the rsyslog runner the tests use
 
-# bench/_common.py (beside this file) puts the repository on sys.path.
-from _common import PYMAP, REPO, BenchError, check_root, private_bpffs, private_tmp, running_daemon
-
-sys.path.insert(0, str(REPO / "tests"))
-from support.syslog import Rsyslog  # noqa: E402 (the rsyslog runner the tests use)
-
-from watcher.kernel import syscall  # noqa: E402
-from watcher.kernel.maptypes import TYPE_IDS  # noqa: E402
-from watcher.wire import schema  # noqa: E402
+from watcher.kernel import syscall
+from watcher.kernel.maptypes import TYPE_IDS
+from watcher.wire import schema
 
 N = 100_000
 ROUNDS = 4
@@ -232,8 +229,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench_export: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    _common.run_main(main)

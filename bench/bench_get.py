@@ -39,6 +39,7 @@ from _common import (
     check_root,
     private_bpffs,
     private_tmp,
+    run_main,
     running_daemon,
 )
 
@@ -178,10 +179,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench_get: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

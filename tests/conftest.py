@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support import procs
 
 REPO = Path(__file__).resolve().parent.parent
 PYMAP = str(Path(sys.executable).with_name("pymap"))
@@ -131,29 +131,37 @@ def maps(kernel):
 
 
 class Daemon:
+    start_timeout = 15.0  # seconds until it must answer ping
+
     def __init__(self, tmp: Path, bpffs: Path, extra: list[str]):
         self.run_dir = tmp / "run"
         self.endpoint = f"ipc://{self.run_dir}/pymap.sock"
         self.socket = self.run_dir / "pymap.sock"
         self.log = tmp / "daemon.log"
         self.args = [PYMAP, "daemon", "--endpoint", self.endpoint, "--bpffs", str(bpffs), *extra]
+        self.client_env: dict[str, str] = {}  # for every cli() run (a CURVE client's keys)
         self.proc: subprocess.Popen | None = None
+
+    def answers(self) -> bool:
+        return self.socket.exists() and self.cli("ping").returncode == 0
 
     def start(self) -> None:
         self._log_file = open(self.log, "wb")
         self.proc = subprocess.Popen(self.args, stdout=self._log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
-            if self.socket.exists() and self.cli("ping").returncode == 0:
+            if self.answers():
                 return
             time.sleep(0.1)
         raise RuntimeError(f"daemon did not answer ping: {self.log.read_text()}")
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYMAP_ENDPOINT": self.endpoint, "COLUMNS": "200"}
-        proc = subprocess.run([PYMAP, *args], capture_output=True, text=True, env=env,
+    def cli(self, *args: str, timeout: float = 120, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        full = {**os.environ, "PYMAP_ENDPOINT": self.endpoint, "COLUMNS": "200",
+                **self.client_env, **(env or {})}
+        proc = subprocess.run([PYMAP, *args], capture_output=True, text=True, env=full,
                               timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"pymap {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
@@ -161,15 +169,7 @@ class Daemon:
 
     def stop(self) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
-        return self.proc.returncode
+        return procs.stop(self.proc, 10, self._log_file)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ def test_set_reaches_every_section_and_parses_toml_values(tmp_path):
     ("watch.always=cilium_*", "list of strings"),
     ('daemon.seccomp="false"', "true or false"),  # bool("false") would turn it on
     ("daemon.seccomp=0", "true or false"),
+    ('watch.discovery="kprobe"', r"'discovery' must be in \['auto', 'poll'\]"),
 ])
 def test_bad_set_is_one_clear_error(setting, words):
     with pytest.raises(ConfigError, match=words.replace("*", r"\*")):

@@ -8,10 +8,9 @@ import subprocess
 import time
 
 import pytest
-import zmq
 from conftest import PYMAP
 from support.curve import make_keys, start_tcp_daemon
-from support.events import Follower
+from support.events import Follower, dealer
 from support.kernel import bpftool_entries, one_error_line, token, u32, u64
 from support.prometheus import free_port
 
@@ -64,16 +63,9 @@ def test_unknown_key_gets_nothing(tcp_daemon):
         assert proc.returncode != 0
         assert "did not answer" in one_error_line(proc.stderr)
     # Without CURVE at all, a raw ZeroMQ client gets no reply either.
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(d.endpoint)
+    with dealer(d.endpoint) as sock:
         sock.send(schema.encode(schema.Ping(req=1)))
         assert sock.poll(3000) == 0
-    finally:
-        sock.close(0)
-        ctx.term()
     assert "refused a CURVE client with an unknown key" in d.log.read_text()
     assert d.cli("ping", check=True).returncode == 0  # the allowed client is still served
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-import zmq
 from conftest import PYMAP
+from support.events import dealer
 from support.kernel import one_error_line
 
 pytestmark = pytest.mark.kernel
@@ -25,10 +25,7 @@ REPLY_TIMEOUT_MS = 30_000
 
 def _exchange(endpoint: str, frames: list[bytes]) -> list[bytes]:
     """Send one multipart message from a fresh DEALER and return the reply frames."""
-    ctx = zmq.Context.instance()
-    with ctx.socket(zmq.DEALER) as sock:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
+    with dealer(endpoint) as sock:
         sock.send_multipart(frames)
         assert sock.poll(REPLY_TIMEOUT_MS), f"no reply to {frames[0][:80]!r}"
         return sock.recv_multipart()
@@ -85,10 +82,7 @@ def test_malformed_request(daemon, case):
 
 def test_pipelined_requests(daemon):
     """One client sends 50 pings without waiting: 50 pongs, in any order."""
-    ctx = zmq.Context.instance()
-    with ctx.socket(zmq.DEALER) as sock:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(daemon.endpoint)
+    with dealer(daemon.endpoint) as sock:
         for i in range(50):
             sock.send_multipart([orjson.dumps({"kind": "ping", "req": i + 1, "v": 1})])
         reqs = set()
@@ -101,10 +95,7 @@ def test_pipelined_requests(daemon):
 
 def test_malformed_burst(daemon):
     """Every malformed request at once, interleaved with pings, on one socket."""
-    ctx = zmq.Context.instance()
-    with ctx.socket(zmq.DEALER) as sock:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(daemon.endpoint)
+    with dealer(daemon.endpoint) as sock:
         for frames, _ in MALFORMED.values():
             sock.send_multipart(frames)
             sock.send_multipart([b'{"kind":"ping","req":1,"v":1}'])
@@ -120,10 +111,7 @@ def test_malformed_burst(daemon):
 def test_request_id_out_of_range(daemon):
     for raw in (b'{"kind": "ping", "req": 1e30, "v": 1}',
                 b'{"kind": "ping", "req": 18446744073709551616, "v": 1}'):
-        ctx = zmq.Context.instance()
-        with ctx.socket(zmq.DEALER) as sock:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(daemon.endpoint)
+        with dealer(daemon.endpoint) as sock:
             sock.send_multipart([raw])
             if sock.poll(5000):
                 assert json.loads(sock.recv_multipart()[0])["kind"] in ("error", "pong")
@@ -137,11 +125,8 @@ def test_abandoned_get_does_not_stop_the_daemon(daemon, maps, bpffs_dir):
     name = f"ab{token()}"
     fd, _ = maps.create("hash", 8, 8, 50_000, name=name, pin=bpffs_dir / name)
     fill_batch(fd, [u64(i) for i in range(50_000)], [u64(i) for i in range(50_000)])
-    ctx = zmq.Context.instance()
     for _ in range(3):
-        with ctx.socket(zmq.DEALER) as sock:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(daemon.endpoint)
+        with dealer(daemon.endpoint) as sock:
             sock.send_multipart([orjson.dumps({"kind": "get", "selector": name, "v": 1})])
             assert sock.poll(REPLY_TIMEOUT_MS)
             assert json.loads(sock.recv_multipart()[0])["kind"] == "get_begin"

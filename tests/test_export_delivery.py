@@ -10,6 +10,7 @@ import json
 import os
 import stat
 import time
+from pathlib import Path
 
 import pytest
 from support.events import Follower, wait_ready, wait_until
@@ -215,18 +216,9 @@ def test_exporter_killed_and_restarted_resumes_from_the_checkpoint(daemon, maps,
                                                                    tmp_path):
     name = f"exk{token()}"
     fd, _ = maps.create("hash", 4, 8, 4096, name=name, pin=bpffs_dir / name)
-    out, state_file = tmp_path / "out.json", tmp_path / "export.state"
-    args = (name, "--to", f"file://{out}", "--state-file", str(state_file))
-    p = ExportProc(daemon, *args, log=tmp_path / "export1.log")
     state: dict = {}
-    try:
-        wait_ready(daemon, name)
-        start_sync(fd, lambda key: out.exists() and key.encode() in out.read_bytes())
-        total = change_round(fd, state, adds=50, removes=10)
-        wait_until(lambda: len(live(json_lines(out))) >= total, "events before the kill")
-        wait_until(state_file.exists, "a checkpoint")
-    finally:
-        p.kill()
+    args, out, state_file, total = _export_then_kill(daemon, fd, name, tmp_path, state,
+                                                     adds=50, removes=10)
     for _ in range(3):  # changes while no exporter runs
         total += change_round(fd, state, adds=20, removes=10)
         time.sleep(0.6)
@@ -279,21 +271,30 @@ def replay(docs: list[dict]) -> dict:
     return entries
 
 
-def _killed_then_restarted(daemon, fd: int, name: str, tmp_path, while_dead) -> list[dict]:
-    """Export with a state file, SIGKILL the exporter, run ``while_dead()``, start it
-    again; returns the output once it rebuilds the map's state."""
+def _export_then_kill(daemon, fd: int, name: str, tmp_path, state: dict, adds: int,
+                      removes: int = 0) -> tuple[tuple[str, ...], Path, Path, int]:
+    """Export with a state file until a round of changes is out and checkpointed, then
+    SIGKILL the exporter: (its arguments, output file, state file, events in the round)."""
     out, state_file = tmp_path / "out.json", tmp_path / "export.state"
     args = (name, "--to", f"file://{out}", "--state-file", str(state_file))
     p = ExportProc(daemon, *args, log=tmp_path / "export1.log")
-    state: dict = {}
     try:
         wait_ready(daemon, name)
         start_sync(fd, lambda key: out.exists() and key.encode() in out.read_bytes())
-        total = change_round(fd, state, adds=30)
+        total = change_round(fd, state, adds=adds, removes=removes)
         wait_until(lambda: len(live(json_lines(out))) >= total, "events before the kill")
+        wait_until(state_file.exists, "a checkpoint")
         time.sleep(1.0)  # a checkpoint past them
     finally:
         p.kill()
+    return args, out, state_file, total
+
+
+def _killed_then_restarted(daemon, fd: int, name: str, tmp_path, while_dead) -> list[dict]:
+    """Export with a state file, SIGKILL the exporter, run ``while_dead()``, start it
+    again; returns the output once it rebuilds the map's state."""
+    state: dict = {}
+    args, out, _, _ = _export_then_kill(daemon, fd, name, tmp_path, state, adds=30)
     while_dead(state)
     with ExportProc(daemon, *args, log=tmp_path / "export2.log") as p2:
         wait_until(lambda: replay(json_lines(out)) == bpftool_entries(_map_id(fd)),

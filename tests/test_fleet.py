@@ -6,13 +6,16 @@ in a temporary directory (tests/support/nats.py); nothing here mocks NATS.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 import trio
 from conftest import PYMAP, require
+from support import procs
 from support.nats import free_port, nats_problem, nats_server
 
 from consumers.export.checkpoint import Checkpoint
@@ -46,6 +49,18 @@ def records(node: str, epoch: str, n: int, map_name: str = "m1", start: int = 1,
 async def read_all(url: str, **kw) -> list:
     async with FleetSubscription(parse_url(url), follow=False, **kw) as sub:
         return [m async for m in sub]
+
+
+@contextlib.contextmanager
+def fleet_follower(url: str, *args: str) -> Iterator[subprocess.Popen]:
+    """``pymap events m1 --fleet URL -f -o json ARGS`` with pipes, stopped at the end if
+    it still runs (a test that failed half-way)."""
+    proc = subprocess.Popen([PYMAP, "events", "m1", "--fleet", url, "-f", "-o", "json", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        procs.stop(proc, 5, proc.stdout, proc.stderr)
 
 
 # --- options and subjects (no server) ------------------------------------------------
@@ -191,10 +206,7 @@ def test_cli_events_fleet(nats):
                for line in r.stdout.splitlines())
 
     # -f starts with new events: publish after the follower is up, it prints them
-    follower = subprocess.Popen([PYMAP, "events", "m1", "--fleet", url, "-f", "-c", "3",
-                                 "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    try:
+    with fleet_follower(url, "-c", "3") as follower:
         async def publish_later():
             async with FleetPublisher(parse_url(url)) as pub:
                 deadline = time.monotonic() + 30
@@ -206,10 +218,6 @@ def test_cli_events_fleet(nats):
 
         trio.run(publish_later)
         out, err = follower.communicate(timeout=30)
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
     assert follower.returncode == 0, err
     assert [json.loads(x)["node"] for x in out.splitlines()] == ["late"] * 3
 
@@ -348,10 +356,7 @@ def test_follower_holds_on_across_a_broker_restart(nats):
             await pub.publish(records("n", "e1", n, start=start))
 
     trio.run(publish, 1, 1)
-    follower = subprocess.Popen([PYMAP, "events", "m1", "--fleet", url, "-f", "--since", "1h",
-                                 "-c", "6", "-o", "json"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    try:
+    with fleet_follower(url, "--since", "1h", "-c", "6") as follower:
         trio.run(publish, 2, 2)
         first = [follower.stdout.readline() for _ in range(3)]  # it is following
         nats.stop()
@@ -366,10 +371,6 @@ def test_follower_holds_on_across_a_broker_restart(nats):
                 pass
             time.sleep(1)
         out, err = follower.communicate(timeout=30)
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
     assert follower.returncode == 0, err
     lines = first + out.splitlines()
     assert [json.loads(x)["seq"] for x in lines] == [1, 2, 3, 4, 5, 6]

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from conftest import require
 from support.kernel import NCPUS, bpftool_dump, percpu_value, token, u32, u64
-from support.prometheus import Prometheus, free_port
+from support.prometheus import Prometheus, free_port, scrape
 
 from watcher.daemon.metrics import entry_value, field_at
 from watcher.kernel import syscall
@@ -112,12 +112,23 @@ def test_prometheus_sees_map_entries_as_bpftool_does(tmp_path, maps, daemon_fact
     assert prom.query('pymap_config_reloads_total{result="refused"}')[0]["value"][1] == "0"
     assert {r["metric"]["reason"]: r["value"][1] for r in prom.query(
         "pymap_connections_refused_total")} == {"unknown_key": "0", "restricted_on_events": "0"}
+    for bound in ("requests_refused", "replies_dropped", "subscriptions_refused"):
+        # Exported from the start (zero until a bound is hit: tests/test_abuse.py hits them).
+        assert prom.query(f"pymap_{bound}_total")[0]["value"][1] == "0"
     errors = prom.query("pymap_metrics_decode_errors_total")
     assert {r["metric"]["metric"]: r["value"][1] for r in errors} == {
         "pymap_test_flow_packets": "0", "pymap_test_cpu_packets": "0"}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     assert "# HELP pymap_test_flow_packets_total Packets per protocol" in text
+    # Map discovery: the gauge agrees with what the daemon logged at start; the creations
+    # it missed are exported by reason (none here: a few maps, nothing near a bound).
+    samples = scrape(f"127.0.0.1:{port}")
+    by_tracepoint = "map discovery: bpf() syscall tracepoints" in daemon.log.read_text()
+    assert samples["pymap_map_discovery_tracepoint"] == float(by_tracepoint)
+    assert {k: v for k, v in samples.items() if k.startswith("pymap_map_creations_missed")} == {
+        f'pymap_map_creations_missed_total{{reason="{r}"}}': 0.0
+        for r in ("ring_full", "unresolved", "queue_full")}
     assert daemon.cli("ping").returncode == 0
 
 

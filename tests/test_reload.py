@@ -37,12 +37,19 @@ def _hup(daemon, words: str, count: int) -> None:
     wait_until(lambda: len(_log_lines(daemon, words)) >= count, f"{count} x {words!r} in the log")
 
 
-def test_subscribers_keep_receiving_across_reloads(tmp_path, daemon_factory, maps):
+def _reloadable(tmp_path, daemon_factory, maps):
+    """A daemon on a config file (0.2 s interval, the ``rl_*`` layout) that SIGHUP
+    re-reads, and a map that layout decodes: (config path, daemon, map name, map fd)."""
     conf = tmp_path / "pymap.toml"
     _write(conf, 0.2)
     d = daemon_factory("-c", str(conf))
     name = f"rl_{token()}"
     fd, _ = maps.create("hash", 4, 8, 64, name=name)
+    return conf, d, name, fd
+
+
+def test_subscribers_keep_receiving_across_reloads(tmp_path, daemon_factory, maps):
+    _, d, name, fd = _reloadable(tmp_path, daemon_factory, maps)
     epoch = status(d)["epoch"]
     with Follower(d, name, "-f") as f:
         wait_ready(d, name)
@@ -86,11 +93,7 @@ def test_broken_config_is_refused_with_one_line_and_the_old_one_stays(tmp_path, 
 
 
 def test_changed_interval_and_layout_take_effect(tmp_path, daemon_factory, maps):
-    conf = tmp_path / "pymap.toml"
-    _write(conf, 0.2)
-    d = daemon_factory("-c", str(conf))
-    name = f"rl_{token()}"
-    fd, _ = maps.create("hash", 4, 8, 64, name=name)
+    conf, d, name, fd = _reloadable(tmp_path, daemon_factory, maps)
     syscall.map_update_elem(fd, u32(7), u64(70))
     with Follower(d, name, "-f"):
         wait_ready(d, name)

@@ -291,17 +291,13 @@ def _progress(label: str):
 
 def _read_layouts(path: str) -> list:
     """``--layout FILE``: [[layouts]] tables, or one layout table (match defaults to "*")."""
-    import tomllib
-
     from watcher.decode.layout import LayoutError, parse_layout
+    from watcher.wire.tomlfile import TomlFileError, read_toml
 
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        fail(f"cannot read layout file {path}: {e.strerror}", EXIT_USAGE)
-    except tomllib.TOMLDecodeError as e:
-        fail(f"layout file {path} is not valid TOML: {e}", EXIT_USAGE)
+        data = read_toml(path, "layout file")
+    except TomlFileError as e:
+        fail(str(e), EXIT_USAGE)
     raw = data.get("layouts", [{"match": "*", **data}])
     if not isinstance(raw, list):
         fail(f"{path}: layouts must be an array of tables ([[layouts]])", EXIT_USAGE)

@@ -248,6 +248,9 @@ def print_status(console: Console, st, wide: bool = False) -> None:
              f"seq {st.seq}  events {st.events_published}  "
              f"messages {st.messages_published}  drops reported {st.drops_reported}  "
              f"resyncs {st.resyncs}  poll errors {st.poll_errors}")
+    if getattr(st, "discovery", ""):
+        title += (f"  discovery {st.discovery.partition(' (')[0]}  maps created seen "
+                  f"{st.creations_seen} missed {sum(st.creations_missed.values())}")
     caption = "subscriptions: " + (", ".join(
         f"{p or '(all)'}×{n}" for p, n in sorted(st.subscriptions.items())) or "none")
     rows = [(str(w.id), w.name, w.type, str(w.entries), f"{w.interval:g}s", str(w.polls),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from typing import Any
 
 import attrs
+
+from watcher.wire.tomlfile import TomlFileError, read_toml
 
 from .exporter import ExportConfigError, ExportSpec
 
@@ -20,12 +21,9 @@ OUTPUT_KEYS = ("max_bytes", "backups", "mode", "sd_id", "app_name", "facility", 
 def load(path: str) -> list[ExportSpec]:
     """Every ``[[exports]]`` table of ``path``; ExportConfigError with one line otherwise."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ExportConfigError(f"config {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ExportConfigError(f"config {path}: {e}") from None
+        data = read_toml(path)
+    except TomlFileError as e:
+        raise ExportConfigError(str(e)) from None
     tables = data.get("exports")
     if not isinstance(tables, list) or not tables:
         raise ExportConfigError(f"config {path}: no [[exports]] tables")

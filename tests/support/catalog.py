@@ -64,8 +64,8 @@ class FakeCatalog:
         self.maps[rec.id] = m = FakeMap(rec, dict(entries or {}))
         return m
 
-    def records(self) -> list[MapRecord]:
-        return [m.record for m in self.maps.values()]
+    def records(self, only: set[int] | None = None) -> list[MapRecord]:
+        return [m.record for m in self.maps.values() if only is None or m.record.id in only]
 
     def ids(self) -> set[int]:
         return set(self.maps)

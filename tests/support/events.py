@@ -11,18 +11,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Self
 
 import trio
 import zmq
 from conftest import PYMAP
+
+from support import procs
 
 DEADLINE = 20.0  # seconds to wait for anything the daemon should do within a few intervals
 FAST = ("--interval", "0.2")  # daemon flags for quick polling
@@ -62,22 +64,24 @@ def cli_status(daemon) -> dict:
     return json.loads(proc.stdout)
 
 
+@contextlib.contextmanager
+def dealer(endpoint: str) -> Iterator[zmq.Socket]:
+    """A raw DEALER connected to the daemon's ``endpoint``, closed without lingering."""
+    with zmq.Context.instance().socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        yield sock
+
+
 def status(daemon) -> dict:
     """The daemon's status, as ``pymap status -o json`` shows it, asked in-process (a CLI
     run costs a third of a second, too slow to poll with)."""
     from watcher.wire import schema
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(daemon.endpoint)
+    with dealer(daemon.endpoint) as sock:
         sock.send(schema.encode(schema.StatusRequest(req=1)))
         assert sock.poll(int(DEADLINE * 1000)), "no status reply"
         reply = schema.decode(sock.recv_multipart()[0])
-    finally:
-        sock.close(0)
-        ctx.term()
     assert isinstance(reply, schema.StatusReply), reply
     data = schema.converter.unstructure(reply)
     data.pop("req", None)
@@ -209,20 +213,10 @@ class Follower:
         return self.proc.returncode
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.stop(self.proc, 5)
         for t in self._threads:
-            t.join(1)
-        for f in (self.proc.stdout, self.proc.stderr):
-            try:
-                f.close()
-            except OSError:
-                pass
+            t.join(1)  # before closing the pipes they read
+        procs.close_quietly(self.proc.stdout, self.proc.stderr)
 
     def __enter__(self) -> Self:
         return self

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 from typing import Self
 
 from conftest import PYMAP
+
+from support import procs
 
 
 class ExportProc:
@@ -37,17 +38,7 @@ class ExportProc:
         self.proc.wait()
 
     def stop(self, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for f in (self._out, self._err):
-            if hasattr(f, "close"):
-                f.close()
-        return self.proc.returncode
+        return procs.stop(self.proc, timeout, self._out, self._err)
 
     def __enter__(self) -> Self:
         return self

@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from support import procs
+
 NATS_SERVER = shutil.which("nats-server")
 START_TIMEOUT = 30.0  # the machine is small and shared: a server may take seconds
 
@@ -99,27 +101,15 @@ class NatsServer:
             return ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        if self.proc is not None:
+            procs.stop(self.proc, 15, self.proc.stderr)
         self.proc = None
 
 
 @contextlib.contextmanager
 def _workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pymap-nats-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="pymap-nats-", ignore_cleanup_errors=True) as path:
+        yield Path(path)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""A real Prometheus server for the tests: loopback, free port, temp storage, stopped after.
+"""A real Prometheus server for the tests: loopback, free port, temp storage, stopped after;
+and :func:`scrape`, which reads a daemon's ``/metrics`` endpoint directly.
 
 Debian's ``prometheus`` package provides the binary; the server scrapes the
 targets given every second and is queried through its HTTP API
@@ -15,6 +16,23 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from support import procs
+
+
+def scrape(listen: str) -> dict[str, float]:
+    """The daemon's ``/metrics`` at ``listen`` (host:port), parsed by prometheus-client:
+    sample name (with ``{labels}`` when it has any) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
 
 
 def free_port() -> int:
@@ -84,12 +102,5 @@ class Prometheus:
                     for t in json.load(reply)["data"]["activeTargets"]]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         if self.proc is not None:
-            self._log_file.close()
+            procs.stop(self.proc, 20, self._log_file)

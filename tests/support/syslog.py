@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Self
+
+from support import procs
 
 SYSLOG_NG_ROOT = Path("/opt/pymap-test/syslog-ng")
 
@@ -78,15 +79,8 @@ class Receiver:
         return self
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+        if self.proc is not None:
+            procs.stop(self.proc, 15, self._log)
 
     def __enter__(self) -> Self:
         return self.start()

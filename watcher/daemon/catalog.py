@@ -186,9 +186,10 @@ class Catalog:
     def __init__(self, bpffs: tuple[str, ...] | list[str]):
         self.bpffs = tuple(bpffs)
 
-    def records(self) -> list[kmaps.MapRecord]:
-        """Every map on the host, with its pins (no dumps, but a syscall or three per map)."""
-        return kmaps.list_maps(self.bpffs)
+    def records(self, only: set[int] | None = None) -> list[kmaps.MapRecord]:
+        """Every map on the host (or the ``only`` ids), with its pins (no dumps, but a
+        syscall or three per map, and a walk of the pins)."""
+        return kmaps.list_maps(self.bpffs, only)
 
     def ids(self) -> set[int]:
         """Every map id on the host: one syscall per map, nothing opened or read."""

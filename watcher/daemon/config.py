@@ -20,6 +20,7 @@ from ..decode.layout import LayoutError, layout_matches, parse_layout
 from ..kernel.maps import DEFAULT_BPFFS
 from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
 from ..wire.endpoints import DEFAULT_ENDPOINT
+from ..wire.tomlfile import TomlFileError, read_toml
 from .sourceconf import SourceConfig, SourceError, load_sources
 
 DEFAULT_CONFIG = "/etc/pymap/pymap.toml"
@@ -159,6 +160,10 @@ class WatchConfig:
     always: list[str] = attrs.field(factory=list, validator=_list_of_str)
     # Seconds a map stays watched after its last subscriber left (keeps recent events).
     linger: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    # How new maps are learned of (docs/operations.md, "Map discovery and churn"): "auto"
+    # from the bpf() syscall tracepoints where they load (else the poll), "poll" by
+    # comparing map ids every interval only.
+    discovery: str = attrs.field(default="auto", validator=attrs.validators.in_(["auto", "poll"]))
     # In-kernel change detection (docs/architecture.md): "auto" uses it for supported
     # maps of at least kernel_delta_min_entries (max_entries); "off" never.
     kernel_delta: str = attrs.field(default="auto", validator=attrs.validators.in_(["auto", "off"]))
@@ -401,12 +406,9 @@ def load_config(path: str | None, overrides: dict | None = None,
         path = DEFAULT_CONFIG
     if path is not None:
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+            data = read_toml(path)
+        except TomlFileError as e:
+            raise ConfigError(str(e)) from None
     for section, values in (("daemon", overrides), ("watch", watch_overrides)):
         given = {k: v for k, v in (values or {}).items() if v is not None}
         if given:

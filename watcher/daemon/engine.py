@@ -8,8 +8,14 @@ last subscriber left (so ``pymap events NAME`` still has recent events).
 Each cycle walks the host's map ids (one syscall per map, nothing opened)
 to notice maps appearing and disappearing, re-reads every map's info and
 pins only when that set changed (or every ``RECORDS_REFRESH`` seconds, for
-pins), then polls the watched maps that are due.  A map recreated under the same name gets a new id, so it shows as
-``map_removed`` of the old id and ``map_created`` of the new one.
+pins), then polls the watched maps that are due.  A map recreated under the
+same name gets a new id, so it shows as ``map_removed`` of the old id and
+``map_created`` of the new one.
+
+With tracepoint discovery (:mod:`.discovery`) the kernel also reports each
+creation as it happens, with the map's description read while it was alive:
+a cycle runs at once, and a map that is already gone by then (it lived a few
+milliseconds) is still published, as ``map_created`` then ``map_removed``.
 """
 
 from __future__ import annotations
@@ -26,18 +32,22 @@ import trio
 from ..kernel import maps as kmaps
 from ..kernel.dump import value_stride
 from ..kernel.maptypes import DumpMethod, dump_method
+from ..kernel.mapwatch import Created
+from ..kernel.objects import Broker
 from ..wire import schema
 from ..wire.transport import OutFrames
 from . import catalog, errors
 from .catalog import Catalog, MapGone
 from .config import Config
 from .delta import Delta, Snapshot, diff, snapshot_as_added
+from .discovery import Discovery
 from .kdelta import KernelDelta, choose_engine
 from .publisher import Stream
 
 log = logging.getLogger("pymap.engine")
 
 RECORDS_REFRESH = 30.0  # seconds between full reads of every map's info and pins
+MAX_CREATED = 65536  # creations reported by the kernel and not yet settled by a cycle
 
 
 @attrs.define(eq=False)
@@ -114,6 +124,23 @@ class EngineStatus:
     resyncs: int
     poll_errors: int
     watched: list[schema.WatchStatus]
+    discovery: str = "poll"  # how map creation is learned: "tracepoint" or "poll"
+    # Creations the tracepoint path could not report, by why (the id poll still finds
+    # those that live): ring_full, unresolved (no map id), queue_full (MAX_CREATED).
+    creations_missed: dict[str, int] = attrs.Factory(dict)
+    creations_seen: int = 0  # creations the tracepoint path reported
+
+
+@attrs.frozen
+class WatchFigures:
+    """One watched map's counters and its last snapshot, for the metrics scrape."""
+
+    record: kmaps.MapRecord
+    snapshot: Snapshot | None
+    polls: int
+    poll_seconds: float
+    last_poll_ms: float
+    events: int
 
 
 class Engine:
@@ -121,12 +148,19 @@ class Engine:
 
     The request server asks it only through the query API at the end of this
     class (:meth:`snapshot`, :meth:`recent`, :meth:`layout_for`,
-    :meth:`status`, :meth:`report_gap`); the host is reached only through
+    :meth:`status`, :meth:`report_gap`), and the metrics scrape through
+    :meth:`status` and :meth:`watch_figures`; the host is reached only through
     ``catalog`` (a :class:`~watcher.daemon.catalog.Catalog`, or a test's).
     """
 
-    def __init__(self, config: Config, stream: Stream, catalog: Catalog | None = None):
+    def __init__(self, config: Config, stream: Stream, catalog: Catalog | None = None,
+                 discovery: Discovery | None = None):
         self.config = config
+        self.discovery = discovery
+        # map id -> its description from the kernel (None: the id alone), until a cycle
+        # settles it: reported through the normal path, or as created-and-gone
+        self._created: dict[int, kmaps.MapRecord | None] = {}
+        self.created_dropped = 0
         self.catalog = catalog or Catalog(config.daemon.bpffs)
         self.stream = stream
         self.demand = Demand()
@@ -135,11 +169,14 @@ class Engine:
         self._cached_records: list[kmaps.MapRecord] = []
         self._records_stale = False
         self._records_due = 0.0  # trio time of the next full read of every map's info
+        self._discover_due = 0.0  # trio time of the next id walk
+        self._poked = False
         self._holds: dict[str, tuple[float, str]] = {}  # name -> (until, reason)
         self._wake = trio.Event()
         self.poll_errors = 0
         self.drops_reported = 0
         self.resyncs = 0
+        self.broker: Broker | None = None  # makes the in-kernel engine's objects (main.run)
 
     # --- demand ---
 
@@ -150,6 +187,8 @@ class Engine:
         self.poke()
 
     def poke(self) -> None:
+        """Run a cycle with discovery now (demand or the host's maps changed)."""
+        self._poked = True
         self._wake.set()
 
     @staticmethod
@@ -187,6 +226,12 @@ class Engine:
     # --- the loop ---
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.discovery is not None:
+                nursery.start_soon(self.discovery.follow, self.maps_created, self.maps_changed)
+            await self._loop()
+
+    async def _loop(self) -> None:
         while True:
             self._wake = trio.Event()
             started = trio.current_time()
@@ -195,39 +240,83 @@ class Engine:
             try:
                 if idle:  # nobody watches anything: not even enumerate
                     self._known_ids = None  # the next cycle is a fresh baseline
+                    self._discover_due = started + self.config.watch.interval
+                    self._created.clear()
                 else:
-                    await self.cycle()
+                    # A wake-up for a watch that is due polls it; the map ids are walked
+                    # once per interval or when poked, not at every due watch (with
+                    # thousands of maps, the walk and the matching are what cost).
+                    discover, self._poked = self._poked or started >= self._discover_due, False
+                    await self.cycle(discover)
             except OSError as e:  # enumeration itself failed: log, count, keep going
                 self.poll_errors += 1
                 log.error("enumerating maps failed: %s", e)
             due = min((w.next_due for w in self.watches.values() if w.pollable),
-                      default=started + self.config.watch.interval)
-            tick = max(min(due, started + self.config.watch.interval) - trio.current_time(), 0.01)
+                      default=self._discover_due)
+            tick = max(min(due, self._discover_due) - trio.current_time(), 0.01)
             with trio.move_on_after(tick):
                 await self._wake.wait()
 
     async def _records(self) -> list[kmaps.MapRecord]:
-        """The host's maps: re-read only when the set of map ids changed (or to catch pins).
+        """The host's maps: re-read only what the id set says changed (or to catch pins).
 
-        Map ids are not reused soon, so an unchanged id set means unchanged maps,
-        except for pins added or removed: those are caught by a full read every
-        ``RECORDS_REFRESH`` seconds, or at once when told (:meth:`maps_changed`).
+        Map ids are not reused soon, so an id seen before is the same map: when
+        the id set changed, only the new ids' info is read (with a walk of the
+        pins), and maps whose ids went are dropped.  With tracepoint discovery a
+        cycle follows every creation, so reading all maps each time would cost a
+        host with thousands of maps a core under churn.  Pins added to or removed
+        from known maps are caught by a full read every ``RECORDS_REFRESH``
+        seconds, or at once when told (:meth:`maps_changed`: a pin the kernel
+        reported, or a return from idle).
         """
         ids = await trio.to_thread.run_sync(self.catalog.ids)
-        if (ids != self._known_ids or self._records_stale
+        if (self._known_ids is None or self._records_stale
                 or trio.current_time() >= self._records_due):
             self._records_stale = False
             self._records_due = trio.current_time() + RECORDS_REFRESH
             self._cached_records = await trio.to_thread.run_sync(self.catalog.records)
+        elif ids != (cached := {r.id for r in self._cached_records}):
+            kept = [r for r in self._cached_records if r.id in ids]
+            if new := ids - cached:
+                kept += await trio.to_thread.run_sync(self.catalog.records, new)
+            self._cached_records = kept
         return self._cached_records
 
     def maps_changed(self) -> None:
-        """Something was created or pinned (watcher.kernel.mapwatch): re-read maps now."""
+        """Something was pinned, or the id set may have changed unseen: re-read maps now."""
         self._records_stale = True
         self.poke()
 
-    async def cycle(self) -> None:
+    def maps_created(self, created: list[Created]) -> None:
+        """The kernel saw maps created (:mod:`.discovery`): run a cycle now.
+
+        Each id is kept until a cycle settles it, so a map gone before the cycle
+        looks is still reported.  An id already known was reported by the poll.
+        """
+        for c in created:
+            map_id = c.map_id
+            if map_id is None or (self._known_ids is not None and map_id in self._known_ids):
+                continue
+            if len(self._created) >= MAX_CREATED:
+                self.created_dropped += 1  # counted; the poll still sees the live ones
+                continue
+            self._created[map_id] = c.record
+        self.poke()  # a new id changes the id set: the cycle reads every map's info
+
+    async def cycle(self, discover: bool = True) -> None:
+        """Walk the map ids (``discover``) and publish what came and went; poll due watches."""
+        if discover:
+            self._discover_due = trio.current_time() + self.config.watch.interval
+            await self._discover()
+        for watch in list(self.watches.values()):
+            if watch.pollable and watch.next_due <= trio.current_time():
+                await self.poll(watch)
+
+    async def _discover(self) -> None:
         prefixes, always = tuple(self.demand.prefixes), tuple(self.config.always_watched())
+        # Creations reported before the ids are read: a map among them that the read
+        # below does not find is gone.  Later ones wait for the next cycle.
+        fresh, self._created = self._created, {}
         records = await self._records()
         wanted = await trio.to_thread.run_sync(self._wanted, records, prefixes, always)
         now = time.monotonic()
@@ -245,16 +334,32 @@ class Engine:
                     del self.watches[record.id]  # nobody wants it any more
                 continue
             if watch is None:
-                created = self._known_ids is not None and record.id not in self._known_ids
+                created = record.id in fresh or (self._known_ids is not None
+                                                 and record.id not in self._known_ids)
                 watch = self._start(record)
                 if created:
                     self.stream.publish_map_event("map_created", catalog.to_wire(record))
                     await self.poll(watch, report_all=True)
             watch.reason = reason
+        self._report_gone(fresh, current, prefixes, always)
         self._known_ids = set(current)
-        for watch in list(self.watches.values()):
-            if watch.pollable and watch.next_due <= trio.current_time():
-                await self.poll(watch)
+
+    def _report_gone(self, fresh: dict[int, kmaps.MapRecord | None],
+                     current: dict[int, kmaps.MapRecord], prefixes: tuple[bytes, ...],
+                     always: tuple[str, ...]) -> None:
+        """Maps the kernel saw created that were gone before this cycle read the ids:
+        ``map_created`` and ``map_removed`` from the description taken at creation."""
+        known = self._known_ids or set()
+        for map_id, record in fresh.items():
+            if map_id in current or map_id in known:
+                continue
+            if record is None:
+                log.debug("map id %d was created and freed before it could be read", map_id)
+                continue
+            if self._wanted([record], prefixes, always):
+                info = catalog.to_wire(record)
+                self.stream.publish_map_event("map_created", info)
+                self.stream.publish_map_event("map_removed", info)
 
     def _start(self, record: kmaps.MapRecord) -> Watch:
         watch = Watch(record, self.config.watch.interval_for(record.name),
@@ -263,7 +368,7 @@ class Engine:
         if watch.pollable:
             in_use = sum(w.kernel.kernel_bytes for w in self.watches.values() if w.kernel)
             watch.kernel, watch.engine = choose_engine(record, watch.stride, self.config.watch,
-                                                       in_use)
+                                                       in_use, self.broker)
             log.debug("%s (id %d): %s", record.name, record.id, watch.engine)
         log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval,
                  extra={"map": record.name, "map_id": record.id, "interval": watch.interval})
@@ -398,10 +503,26 @@ class Engine:
         return EngineStatus(
             seq=stream.seq, messages_published=stream.messages_published,
             events_published=stream.events_published,
+            # A copy first (one C-level step): the metrics scrape calls this from its thread.
             subscriptions={p.decode(errors="replace"): n
-                           for p, n in self.demand.prefixes.items()},
+                           for p, n in tuple(self.demand.prefixes.items())},
             drops_reported=self.drops_reported, resyncs=self.resyncs,
-            poll_errors=self.poll_errors, watched=self._watch_status())
+            poll_errors=self.poll_errors, watched=self._watch_status(),
+            discovery=self.discovery.how if self.discovery else "poll",
+            creations_missed={
+                "ring_full": self.discovery.lost if self.discovery else 0,
+                "unresolved": self.discovery.unresolved if self.discovery else 0,
+                "queue_full": self.created_dropped},
+            creations_seen=self.discovery.seen if self.discovery else 0)
+
+    def watch_figures(self) -> list[WatchFigures]:
+        """Each watched map's counters and cached snapshot (never a kernel read).
+
+        Safe from another thread (the metrics scrape): it copies the watch table
+        first, and a snapshot is never changed once made (a poll makes a new one).
+        """
+        return [WatchFigures(w.record, w.snapshot, w.polls, w.poll_seconds, w.last_poll_ms,
+                             w.events) for w in tuple(self.watches.values())]
 
     def _watch_status(self) -> list[schema.WatchStatus]:
         return [schema.WatchStatus(

@@ -18,6 +18,8 @@ class RequestError(Exception):
 
     ``req`` is set when the request's id was read although the request itself
     is refused (a schema violation, a wrong version): the reply echoes it.
+    Each subclass names its code in its class line (``code=...``), which also
+    enters it in :data:`CODES`.
     """
 
     code: ClassVar[str] = "internal"
@@ -28,54 +30,58 @@ class RequestError(Exception):
         self.candidates = candidates or []
         self.req = req
 
-
-class BadRequest(RequestError):
-    code = "bad_request"
-
-
-class VersionMismatch(RequestError):
-    code = "version"
-
-
-class MapNotFound(RequestError):
-    code = "not_found"
+    def __init_subclass__(cls, code: str, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if code in _codes:
+            raise TypeError(f"error code {code!r} used twice")
+        cls.code = code
+        _codes.add(code)
 
 
-class AmbiguousSelector(RequestError):
-    code = "ambiguous"
+_codes: set[str] = set()
 
 
-class MapNotDumpable(RequestError):
-    code = "not_dumpable"
+class BadRequest(RequestError, code="bad_request"):
+    """Malformed, too large, a reply kind, or a field out of its limits."""
 
 
-class PermissionDenied(RequestError):
-    code = "permission"
+class VersionMismatch(RequestError, code="version"):
+    """The request's schema version is not this daemon's."""
 
 
-class MapVanished(RequestError):
-    code = "vanished"
+class MapNotFound(RequestError, code="not_found"):
+    """No map matches the selector (or a pin that is not a map)."""
 
 
-class InternalError(RequestError):
-    code = "internal"
+class AmbiguousSelector(RequestError, code="ambiguous"):
+    """Several maps match a name; ``candidates`` lists them."""
 
 
-class Busy(RequestError):
+class MapNotDumpable(RequestError, code="not_dumpable"):
+    """The map's type holds no entries to read."""
+
+
+class PermissionDenied(RequestError, code="permission"):
+    """The kernel refused to open the map."""
+
+
+class MapVanished(RequestError, code="vanished"):
+    """The map went away before a snapshot of it could be read."""
+
+
+class InternalError(RequestError, code="internal"):
+    """Anything else: a bug."""
+
+
+class Busy(RequestError, code="busy"):
     """Refused unrun: the client has ``max_requests_in_flight`` requests unanswered."""
 
-    code = "busy"
 
-
-class RepliesDropped(RequestError):
+class RepliesDropped(RequestError, code="dropped"):
     """Not a refusal but a notice (``req`` 0): replies to this client were dropped."""
 
-    code = "dropped"
 
-
-CODES = frozenset(c.code for c in (BadRequest, VersionMismatch, MapNotFound, AmbiguousSelector,
-                                   MapNotDumpable, PermissionDenied, MapVanished, InternalError,
-                                   Busy, RepliesDropped))
+CODES = frozenset(_codes)  # every wire error code (docs/protocol.md's table lists exactly these)
 
 
 def error_reply(error: Exception, req: int) -> schema.ErrorReply:

@@ -21,11 +21,14 @@ from importlib import metadata
 import trio
 import zmq
 
+from ..kernel.objects import Broker
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
 from .access import Authenticator, Policy
 from .config import Config, ConfigError, DaemonConfig
+from .discovery import Discovery
 from .engine import Engine
+from .kdelta import start_broker, supervise
 from .logs import setup_logging
 from .memory import release_big_buffers_promptly, trim_heap
 from .metrics import MetricsServer
@@ -144,7 +147,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     publisher = PublisherOwner(xpub)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes)
-    engine = Engine(config, stream)
+    discovery = Discovery(config.watch.discovery)
+    engine = Engine(config, stream, discovery=discovery)
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
                             socket_name(events_endpoint))
     sources = Sources(config.sources, stream)
@@ -154,13 +158,17 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     try:
         for endpoint in (dconf.endpoint, events_endpoint):
             _refuse_live_socket(endpoint)  # before seconds of compiling, not after
+        # Before bcc and the seccomp filter: the process that makes the engine's objects.
+        engine.broker = await trio.to_thread.run_sync(start_broker, config.watch)
         # Event sources load before serving: once the daemon answers ping, they publish.
         # Before the signal handlers, too: LLVM (inside bcc) installs its own for SIGINT
         # and SIGTERM, which would kill the daemon without cleaning up.
         if config.sources:
             await trio.to_thread.run_sync(sources.open)
+        # It creates maps and programs: before the seccomp filter (harden), like sources.
+        await trio.to_thread.run_sync(discovery.open)
     except BaseException:
-        _close(sources, router, xpub, bound, ctx, auth)
+        _close(sources, discovery, router, xpub, bound, ctx, auth, engine.broker)
         raise
     # From here signals are ours until cleanup is done, a second one included.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -180,6 +188,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate,
                                    access=Policy(config.access))
             reloader.targets += [server.reconfigure, metrics.reconfigure]
+            metrics.daemon.refusals = server.refusals
             reloader.targets.append(lambda new: auth.update(new.curve.allowed(),
                                                             Policy(new.access)))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
@@ -199,12 +208,14 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 nursery.start_soon(server.serve)
                 nursery.start_soon(publisher.serve, gate.guard(engine.on_subscription))
                 nursery.start_soon(engine.run)
+                if engine.broker is not None:
+                    nursery.start_soon(supervise, engine.broker)
                 nursery.start_soon(sources.run)
                 nursery.start_soon(_heartbeats, engine)
                 task_status.started()
         finally:
             metrics.close()
-            _close(sources, router, xpub, bound, ctx, auth)
+            _close(sources, discovery, router, xpub, bound, ctx, auth, engine.broker)
     log.info("stopped")
 
 
@@ -225,11 +236,16 @@ def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
     return auth
 
 
-def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[str],
-           ctx: zmq.Context, auth: Authenticator) -> None:
-    """Free everything the daemon holds."""
+def _close(sources: Sources, discovery: Discovery, router: zmq.Socket, xpub: zmq.Socket,
+           bound: list[str], ctx: zmq.Context, auth: Authenticator,
+           broker: Broker | None) -> None:
+    """Free everything the daemon holds (detaching the discovery programs too, and
+    stopping the objects broker)."""
+    if broker is not None:
+        broker.close()
     auth.stop()
     sources.close()
+    discovery.close()
     router.close(linger=0)
     xpub.close(linger=0)
     for endpoint in bound:

@@ -4,9 +4,11 @@ Served by ``prometheus_client``'s HTTP server, which runs in its own thread:
 a scrape never waits for the trio loop, and the loop never waits for a
 scrape.  Collection reads only what the daemon already holds:
 
-- the daemon's own figures are plain attributes of the engine, the stream and
-  the sources (ints and floats, read without locks; a scrape may see one poll
-  more or less, never a torn value);
+- the daemon's own figures come from the query methods of the objects that
+  keep them: the engine's ``status`` and ``watch_figures``, the sources'
+  ``status``, the request server's ``refusals`` (the abuse bounds), and the
+  ZAP handler's refusal counters.  They are ints and floats read without
+  locks: a scrape may see one poll more or less, never a torn value;
 - a map exported with ``[[metrics.maps]]`` is watched ``always`` by the
   engine, and the scrape decodes the engine's **cached snapshot** of it (the
   last poll, at the map's watch interval).  The scrape thread never dumps a
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -37,7 +39,7 @@ from ..decode.choose import EntryFormatter, choose
 from . import catalog
 from .access import Authenticator
 from .config import Config, MetricMap, MetricsConfig
-from .engine import Engine, Watch
+from .engine import Engine, WatchFigures
 
 log = logging.getLogger("pymap.metrics")
 
@@ -104,7 +106,7 @@ class MapMetrics:
         self.truncated: dict[str, int] = {}  # metric -> entries left out (max_series)
         self._lock = threading.Lock()  # two concurrent scrapes share the caches
 
-    def _formatter(self, watch: Watch) -> EntryFormatter | None:
+    def _formatter(self, watch: WatchFigures) -> EntryFormatter | None:
         record = watch.record
         if record.id not in self._formatters:
             info = catalog.to_wire(record)
@@ -117,7 +119,7 @@ class MapMetrics:
             self._formatters[record.id] = decoding.formatter
         return self._formatters[record.id]
 
-    def _decode(self, spec: MetricMap, watch: Watch) -> _Decoded | None:
+    def _decode(self, spec: MetricMap, watch: WatchFigures) -> _Decoded | None:
         snap = watch.snapshot
         if snap is None:
             return None
@@ -152,7 +154,7 @@ class MapMetrics:
         return decoded
 
     def collect(self) -> Iterator[Metric]:
-        watches = tuple(self.engine.watches.values())  # one C-level copy: no resize mid-loop
+        watches = self.engine.watch_figures()
         with self._lock:
             for spec in self.config.maps:
                 family_type = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
@@ -181,26 +183,48 @@ class DaemonCollector(Collector):
         self.reloads = reloads  # "ok"/"refused" -> count, kept by the reload handler
         self.map_metrics: MapMetrics | None = None
         self.auth: Authenticator | None = None  # its refused-connection counters
+        # The request server's refusals() (set once it serves): the abuse bounds' counts.
+        self.refusals: Callable[[], dict[str, int]] | None = None
 
     def collect(self) -> Iterator[Metric]:
-        engine, stream = self.engine, self.engine.stream
-        watches = tuple(engine.watches.values())
+        st = self.engine.status()
+        watches = self.engine.watch_figures()
         yield _counter("pymap_events_published", "Events published on the stream",
-                       stream.events_published)
+                       st.events_published)
         yield _counter("pymap_messages_published", "Messages published on the stream",
-                       stream.messages_published)
+                       st.messages_published)
         yield _counter("pymap_subscriber_missed_events",
                        "Events subscribers reported missing (gaps: dropped at their queue)",
-                       engine.drops_reported)
+                       st.drops_reported)
         yield _counter("pymap_resyncs", "Snapshots clients took to recover from a gap or restart",
-                       engine.resyncs)
-        yield _counter("pymap_poll_errors", "Failed polls and enumerations", engine.poll_errors)
+                       st.resyncs)
+        yield _counter("pymap_poll_errors", "Failed polls and enumerations", st.poll_errors)
+        yield _counter("pymap_map_creations_seen", "Map creations the bpf() tracepoints "
+                       "reported (watch.discovery)", st.creations_seen)
         yield _gauge("pymap_subscriptions", "Distinct topic prefixes subscribed to",
-                     len(engine.demand.prefixes))
+                     len(st.subscriptions))
         yield _gauge("pymap_subscribe_requests", "Subscribe requests seen (all subscribers)",
-                     sum(engine.demand.prefixes.values()))
+                     sum(st.subscriptions.values()))
         yield _gauge("pymap_watched_maps", "Maps being polled", len(watches))
-        per_map = [
+        yield _gauge("pymap_map_discovery_tracepoint", "1 while map creation is learned from "
+                     "the bpf() tracepoints, 0 while only polled", st.discovery == "tracepoint")
+        missed = CounterMetricFamily(
+            "pymap_map_creations_missed", "Map creations the tracepoint discovery could not "
+            "report, by reason (the id poll still finds the maps that live)", labels=["reason"])
+        for reason, n in st.creations_missed.items():
+            missed.add_metric([reason], n)
+        yield missed
+        refusals = self.refusals() if self.refusals else {}
+        for name, help_, key in (
+                ("pymap_requests_refused", "Requests refused 'busy': too many in flight from "
+                 "one client (daemon.max_requests_in_flight)", "requests_refused"),
+                ("pymap_replies_dropped", "Replies dropped: the client's outbox was full "
+                 "(daemon.client_outbox_bytes); the client is told how many", "replies_dropped"),
+                ("pymap_subscriptions_refused", "Event-socket connections cut for holding too "
+                 "many subscriptions (daemon.max_subscriptions)", "subscriptions_refused")):
+            yield _counter(name, help_, refusals.get(key, 0))
+        per_map: list[tuple[str, str, type[CounterMetricFamily] | type[GaugeMetricFamily],
+                            Callable[[WatchFigures], float]]] = [
             ("pymap_map_poll_seconds", "Time spent polling the map", CounterMetricFamily,
              lambda w: w.poll_seconds),
             ("pymap_map_polls", "Polls of the map", CounterMetricFamily, lambda w: w.polls),
@@ -216,7 +240,7 @@ class DaemonCollector(Collector):
             for w in watches:
                 family.add_metric([w.record.name, str(w.record.id)], get(w))
             yield family
-        buffers = tuple(self.sources.buffers) if self.sources else ()
+        buffers = self.sources.status() if self.sources else []
         for name, help_, get in (
                 ("pymap_source_records", "Records read from an event source", lambda b: b.records),
                 ("pymap_source_lost", "Records an event source lost (perf loss, drops_map)",

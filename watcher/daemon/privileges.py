@@ -24,7 +24,7 @@ from .config import Config, ConfigError
 log = logging.getLogger("pymap.daemon")
 
 __all__ = ["CAPABILITIES", "Capability", "PrivilegeError", "check_capabilities", "harden",
-           "allowed_bpf_commands", "READ_COMMANDS", "KERNEL_DELTA_COMMANDS"]
+           "allowed_bpf_commands", "READ_COMMANDS", "KERNEL_DELTA_COMMANDS", "WRITE_COMMANDS"]
 
 
 # The commands the daemon reads with (watcher/kernel/maps.py, dump.py, btf.py).
@@ -33,15 +33,24 @@ READ_COMMANDS = (
     "BPF_BTF_GET_FD_BY_ID", "BPF_MAP_LOOKUP_ELEM", "BPF_MAP_GET_NEXT_KEY",
     "BPF_MAP_LOOKUP_BATCH",
 )
-# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/progload.py) does
-# while the daemon runs: it creates its own shadow, state and ring buffer maps, a BTF
-# blob and its programs when a watch starts, then per poll writes its state map, runs
-# an iterator (link, iter) or a for_each walk (test run), and clears removed keys from
-# its shadow map.  seccomp cannot tell pymap's maps from the watched ones, so with the
-# engine on these are allowed for every map; see docs/operations.md.
+# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/iterdelta.py) adds
+# in the daemon's process: running objects that already exist.  It creates nothing here:
+# its maps, BTF and programs come from the objects broker (watcher/kernel/broker.py), a
+# process of its own that checks every program (writes only to the maps it made for the
+# same engine) before loading it, so BPF_MAP_CREATE, BPF_BTF_LOAD and BPF_PROG_LOAD stay
+# refused here, and with them any program that could write a watched map or issue bpf()
+# commands from inside the kernel (docs/operations.md, "bpf() commands").  The engine's
+# own writes (state, shadow) are those checked programs, run by BPF_PROG_TEST_RUN.
 KERNEL_DELTA_COMMANDS = (
-    "BPF_MAP_CREATE", "BPF_BTF_LOAD", "BPF_PROG_LOAD", "BPF_LINK_CREATE", "BPF_ITER_CREATE",
-    "BPF_PROG_TEST_RUN", "BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_BATCH",
+    "BPF_LINK_CREATE",    # a bpf_map_elem iterator over one map (first walk, per-CPU maps)
+    "BPF_ITER_CREATE",    # one run of that iterator (read() it)
+    "BPF_PROG_TEST_RUN",  # one run of a for_each walk, a sweep, or a writer program
+)
+# Refused in every configuration, engine on or off (tests/test_seccomp.py).
+WRITE_COMMANDS = (
+    "BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_ELEM", "BPF_MAP_UPDATE_BATCH", "BPF_MAP_DELETE_BATCH",
+    "BPF_MAP_LOOKUP_AND_DELETE_ELEM", "BPF_MAP_LOOKUP_AND_DELETE_BATCH", "BPF_MAP_FREEZE",
+    "BPF_OBJ_PIN",
 )
 
 
@@ -101,5 +110,7 @@ def harden(config: Config) -> None:
     except OSError as e:
         log.warning("seccomp filter NOT installed: the kernel refused it: %s", e)
         return
-    log.info("seccomp filter installed: bpf() allows only %s",
-             ", ".join(c.removeprefix("BPF_") for c in commands))
+    log.info("seccomp filter installed: bpf() allows only %s; never an update, delete, "
+             "create or load%s", ", ".join(c.removeprefix("BPF_") for c in commands),
+             " (the in-kernel engine's objects come from the objects broker)"
+             if kernel_delta_enabled(config) else "")

@@ -10,8 +10,8 @@ stay connected and the stream continues (same epoch, same sequence).
 
 Keys that name what was bound or loaded at start-up (endpoints, socket
 mode and group, the stream high-water mark, ``log_format``, the metrics
-listen address, ``[[sources]]``, and ``seccomp`` and ``watch.kernel_delta``, which
-chose the seccomp filter) need a restart: a reload that changes them
+listen address, ``[[sources]]``, ``seccomp`` and ``watch.kernel_delta``, which
+chose the seccomp filter, and ``watch.discovery``, loaded before it) need a restart: a reload that changes them
 applies everything else and logs one warning naming them.  Sources are not
 reloaded in place because bcc's LLVM replaces the process' signal handlers
 while compiling, which the daemon only allows before it starts serving.
@@ -41,6 +41,8 @@ AT_RESTART: tuple[str, ...] = (
     # The seccomp filter is installed once, for the engine chosen at start
     # (watcher/daemon/privileges.py): it can narrow but never widen again.
     "daemon.seccomp", "watch.kernel_delta",
+    # The tracepoint programs are loaded before that filter, once.
+    "watch.discovery",
 )
 
 

@@ -60,6 +60,12 @@ class RequestServer:
         self.requests_refused = 0  # refused with `busy`: too many in flight
         self.replies_dropped = 0  # could not even be queued: the client's outbox was full
 
+    def refusals(self) -> dict[str, int]:
+        """What the abuse bounds refused or dropped, for ``status`` and the metrics."""
+        return {"requests_refused": self.requests_refused,
+                "replies_dropped": self.replies_dropped,
+                "subscriptions_refused": self.gate.refused if self.gate else 0}
+
     def reconfigure(self, config) -> None:
         """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
         self.config = config.daemon  # its endpoints are the running ones (reload keeps them)
@@ -270,8 +276,8 @@ class RequestServer:
             drops_reported=st.drops_reported, resyncs=st.resyncs, poll_errors=st.poll_errors,
             watched=st.watched, sources=[s for s in (self.sources.status() if self.sources else [])
                                          if view is None or view.sees_name(s.name)],
-            requests_refused=self.requests_refused, replies_dropped=self.replies_dropped,
-            subscriptions_refused=self.gate.refused if self.gate else 0, req=request.req))
+            discovery=st.discovery, creations_seen=st.creations_seen,
+            creations_missed=st.creations_missed, **self.refusals(), req=request.req))
 
     async def _get(self, peer: bytes, request: schema.GetRequest, view: View | None) -> None:
         self._check_selector(request.selector)

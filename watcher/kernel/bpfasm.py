@@ -16,10 +16,12 @@ import struct
 # Instruction classes, sizes, modes, operations (linux/bpf_common.h, linux/bpf.h).
 LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = range(8)
 W, H, B, DW = 0x00, 0x08, 0x10, 0x18
-IMM, MEM = 0x00, 0x60
+IMM, MEM, ATOMIC = 0x00, 0x60, 0xC0
 K, X = 0x00, 0x08
-ADD, SUB, MUL, OR, AND, LSH, RSH, XOR, MOV = 0x00, 0x10, 0x20, 0x40, 0x50, 0x60, 0x70, 0xA0, 0xB0
+ADD, SUB, MUL, DIV, OR, AND, LSH, RSH, XOR, MOV = (0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70,
+                                                  0xA0, 0xB0)
 JA, JEQ, JGT, JGE, JNE, CALL, EXIT = 0x00, 0x10, 0x20, 0x30, 0x50, 0x80, 0x90
+JSLT = 0xC0  # signed <
 SIZES = {1: B, 2: H, 4: W, 8: DW}
 
 PSEUDO_MAP_FD = 1  # ld_imm64 src_reg: imm is a map fd, the kernel puts the map's address
@@ -85,6 +87,10 @@ class Asm:
 
     def st(self, size: int, dst: int, off: int, imm: int) -> None:
         self._emit(ST | SIZES[size] | MEM, dst, 0, off, imm)
+
+    def atomic_add(self, size: int, dst: int, off: int, src: int) -> None:
+        """``*(dst + off) += src`` atomically (a counter bumped on several CPUs at once)."""
+        self._emit(STX | SIZES[size] | ATOMIC, dst, src, off, ADD)
 
     # --- jumps ---
     def jmp(self, op: int, dst: int, src_or_imm: int, label: str, reg: bool = False) -> None:

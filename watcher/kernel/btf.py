@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..decode.btf import (  # noqa: F401  (re-exported: the kernel-facing BTF API)
@@ -18,11 +20,10 @@ from ..decode.btf import (  # noqa: F401  (re-exported: the kernel-facing BTF AP
     parse_btf,
 )
 from . import syscall
+from .progload import VMLINUX_BTF
 
 if TYPE_CHECKING:
     from .maps import MapRecord
-
-VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 
 def standalone_blob(btf_id: int) -> bytes:
@@ -67,3 +68,91 @@ def map_formatters(record: MapRecord) -> tuple[Formatter | None, Formatter] | No
     btf = load_btf(record.btf_id)
     key = btf.formatter(record.btf_key_type_id) if record.btf_key_type_id else None
     return key, btf.formatter(record.btf_value_type_id)
+
+
+# --- offsets in kernel structures (for programs that read kernel memory) ---
+
+# Bytes after a type's 12-byte record: fixed per kind, and per vlen item (btf.h).
+_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}  # int, array, var, decl_tag
+_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # struct, union, enum, proto, ...
+_STRUCT, _UNION, _FUNC = 4, 5, 12
+
+
+def scan_types(raw: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(type id, position, kind, vlen, name offset)`` of every type in a BTF blob.
+
+    A scan, not a parse: ~10x faster than :func:`parse_btf` over vmlinux's
+    126,000 types, and nothing kept but what the caller keeps.
+    """
+    _magic, _ver, _flags, hdr_len, type_off, type_len, _str_off, _str_len = struct.unpack_from(
+        "<HBBIIIII", raw)
+    pos = hdr_len + type_off
+    end, type_id = pos + type_len, 0
+    while pos < end:
+        name_off, info, _size = struct.unpack_from("<III", raw, pos)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        type_id += 1
+        yield type_id, pos, kind, vlen, name_off
+        pos += 12 + _FIXED.get(kind, 0) + _PER_VLEN.get(kind, 0) * vlen
+
+
+def _name(raw: bytes, name_off: int) -> bytes:
+    strings = struct.unpack_from("<I", raw, 16)[0] + struct.unpack_from("<I", raw, 4)[0]
+    start = strings + name_off
+    return raw[start:raw.index(b"\0", start)]
+
+
+def find_func(raw: bytes, name: bytes) -> int | None:
+    """The id of FUNC ``name`` in a BTF blob, None if there is none."""
+    for type_id, _pos, kind, _vlen, name_off in scan_types(raw):
+        if kind == _FUNC and _name(raw, name_off) == name:
+            return type_id
+    return None
+
+
+def member_offsets(wanted: dict[str, tuple[str, ...]], raw: bytes | None = None
+                   ) -> dict[str, int]:
+    """Byte offsets of ``struct.member`` in the running kernel (vmlinux BTF by default).
+
+    ``wanted``: struct name -> member names; members of anonymous structs and
+    unions inside are found too (``struct file``'s fields move between kernels,
+    and some sit in anonymous unions).  Raises :class:`BtfError` naming what
+    this kernel's BTF lacks: a program reading kernel memory must not guess.
+    """
+    if raw is None:
+        with open(VMLINUX_BTF, "rb") as f:  # not the cached copy: read once, then freed
+            raw = f.read()
+    where: dict[int, tuple[int, int]] = {}  # type id -> (position, vlen): structs and unions
+    named: dict[str, int] = {}
+    names = {n.encode(): n for n in wanted}
+    for type_id, pos, kind, vlen, name_off in scan_types(raw):
+        if kind in (_STRUCT, _UNION):
+            where[type_id] = (pos, vlen)
+            if kind == _STRUCT and name_off:
+                name = names.get(_name(raw, name_off))
+                if name is not None and name not in named:
+                    named[name] = type_id
+
+    def members(type_id: int, base: int) -> Iterator[tuple[str, int]]:
+        pos, vlen = where[type_id]
+        kflag = struct.unpack_from("<I", raw, pos + 4)[0] >> 31
+        for i in range(vlen):
+            name_off, member_type, off = struct.unpack_from("<III", raw, pos + 12 + 12 * i)
+            bits = base + (off & 0xFFFFFF if kflag else off)
+            if name_off:
+                yield _name(raw, name_off).decode(), bits
+            elif member_type in where:  # an anonymous struct or union: its members are ours
+                yield from members(member_type, bits)
+
+    found: dict[str, int] = {}
+    for struct_name, fields in wanted.items():
+        if struct_name not in named:
+            raise BtfError(f"the kernel's BTF has no struct {struct_name}")
+        offsets = dict(members(named[struct_name], 0))
+        for field in fields:
+            if field not in offsets:
+                raise BtfError(f"the kernel's struct {struct_name} has no member {field}")
+            if offsets[field] % 8:
+                raise BtfError(f"{struct_name}.{field} is a bitfield")
+            found[f"{struct_name}.{field}"] = offsets[field] // 8
+    return found

@@ -29,7 +29,7 @@ CAPABILITIES = (
                "the in-kernel delta engine's shadow maps and iterators"),
     Capability("CAP_PERFMON", 38, False,
                "perf rings for perf event arrays (perf_event_open), tracing programs "
-               "of event sources"),
+               "of event sources and of map discovery (bpf syscall tracepoints)"),
     Capability("CAP_DAC_READ_SEARCH", 2, False,
                "opening pins the daemon's user cannot read (root's pins are 0600) and "
                "tracefs (0700) for bcc sources"),

@@ -2,7 +2,7 @@
 and emits only the entries whose value changed since its last walk.
 
 Per watched map pymap owns these kernel objects (made in :meth:`IterDelta._create_objects`
-through :mod:`.progload`, the one place the daemon creates BPF objects):
+through :mod:`.objects`: in the daemon by the objects broker, a process of its own):
 
 * a **shadow map** with the watched map's keys: ``{fingerprint words, generation}``
   per key (a hash map; an array for arrays, where keys are indices);
@@ -39,10 +39,19 @@ then commits its shadow entry.
 
 Read only: the watched map is opened ``BPF_F_RDONLY``, but the kernel does not
 check an fd's mode when attaching an iterator or loading a program that names
-the map, and the element's value pointer is writable to the verifier.  What
-keeps the watched map unwritten is the generated code: every store targets the
-stack or pymap's own memory, which :func:`_check_read_only` asserts before
-every load (see docs/architecture.md).
+the map: the element's value pointer is writable to the verifier, and
+``bpf_map_update_elem``/``delete_elem`` on it run.  What keeps the watched map
+unwritten is the generated code: every store and every writing helper targets
+the stack or pymap's own maps, which :func:`.progcheck.check_read_only` asserts
+before every load, in the objects broker when the daemon runs the engine (see
+docs/architecture.md).
+
+pymap's own writes, the state reset before each walk and removing swept keys
+from the shadow map, are programs too (:func:`state_program`,
+:func:`delete_program`, run with ``BPF_PROG_TEST_RUN``): the daemon's process
+issues no map update or delete command, so its seccomp filter allows none, and
+no create or load command either: the broker makes every object
+(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -56,13 +65,12 @@ import weakref
 
 import attrs
 
-from . import progload
+from . import progcheck, progload
 from .bpfasm import (
     ADD,
+    DIV,
     JEQ,
     JGE,
-    JMP,
-    JMP32,
     JNE,
     LSH,
     MUL,
@@ -79,16 +87,13 @@ from .bpfasm import (
     R9,
     R10,
     RSH,
-    ST,
-    STX,
     XOR,
     Asm,
     func_btf,
-    store_targets,
 )
-from .btf import VMLINUX_BTF
-from .maps import MapRecord
+from .maps import MapRecord, fdinfo
 from .maptypes import TYPE_IDS
+from .objects import EngineObjects, LocalObjects
 from .ringbuf import RingBufReader
 
 log = logging.getLogger("pymap.kernel.iterdelta")
@@ -102,15 +107,18 @@ LOOKAHEAD = 4  # old record entries a hash walk looks at before the shadow map
 RING_BYTES = 4 << 20  # for_each output per run; more goes through the iterator
 
 # helpers
-_LOOKUP, _UPDATE, _SEQ_WRITE = 1, 2, 127
-_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH = 131, 132, 164
+_LOOKUP, _UPDATE, _DELETE, _SKB_LOAD_BYTES, _SEQ_WRITE = (
+    progcheck.LOOKUP, progcheck.UPDATE, progcheck.DELETE, progcheck.SKB_LOAD_BYTES,
+    progcheck.SEQ_WRITE)
+_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH, _LOOP = (
+    progcheck.RINGBUF_RESERVE, progcheck.RINGBUF_SUBMIT, progcheck.FOR_EACH, progcheck.LOOP)
 _BPF_NOEXIST, _BPF_RB_NO_WAKEUP = 1, 1
 _EACH_CALLBACK_AT = 9  # the for_each program's callback starts at this instruction
 # struct bpf_iter__bpf_map_elem: meta, map, key, value (8-byte pointers)
 _CTX_META, _CTX_KEY, _CTX_VALUE = 0, 16, 24
 # state value: generation, then counters the walk and sweep add to
 STATE_FIELDS = ("gen", "seen", "added", "changed", "full", "overflow", "ord", "dirty", "j",
-                "old_count", "hits")
+                "old_count", "hits", "deleted")
 _STATE = {name: 8 * i for i, name in enumerate(STATE_FIELDS)}
 _STATE_SIZE = 8 * len(STATE_FIELDS)
 _PRIME = 0x9E3779B97F4A7C15
@@ -122,8 +130,9 @@ class ShadowFull(OSError):
     """The shadow map could not hold the watched map's keys (the engine falls back)."""
 
 
-class Unsupported(Exception):
-    """The in-kernel engine cannot watch this map; the message says why."""
+Unsupported = progload.Unsupported
+_check_read_only = progcheck.check_read_only
+_map_elem_iter_btf_id = progload.map_elem_iter_btf_id
 
 
 def unsupported_reason(record: MapRecord, stride: int) -> str | None:
@@ -428,13 +437,18 @@ def record_sweep_program(key_size: int, stride: int, state_fd: int, old_fd: int,
     a.ldx(8, R2, R5, _STATE["gen"])
     a.jmp(JEQ, R1, R2, "out", reg=True)
     _ring_write(a, ring_fd, state_fd, [(R8, key_size)], "out")
-    a.label("out")
+    _callback_end(a, "out", "stop")
+    return a.assemble()
+
+
+def _callback_end(a: Asm, next_: str, stop: str) -> None:
+    """A loop callback's two ends: ``next_`` goes on to the next element, ``stop`` stops."""
+    a.label(next_)
     a.movi(R0, 0)
     a.exit()
-    a.label("stop")
+    a.label(stop)
     a.movi(R0, 1)
     a.exit()
-    return a.assemble()
 
 
 def check_program(key_size: int, stride: int, state_fd: int, order_fd: int, map_fd: int
@@ -600,72 +614,79 @@ def sweep_program(key_size: int, nw: int, state_fd: int, ring_fd: int | None = N
     return a.assemble()
 
 
-def _check_read_only(program: bytes) -> None:
-    """Refuse a generated program that could store anywhere but pymap's own memory.
+# --- pymap's writes to its own maps, done by programs (no bpf() write command) ---
+#
+# Under the daemon's seccomp filter bpf() has no update or delete command at all
+# (docs/operations.md).  The engine's own writes, resetting its state map and
+# clearing removed keys from its shadow map, are done by these two programs, run
+# with BPF_PROG_TEST_RUN on a packet that carries the data; each names only
+# pymap's own maps, embedded when it is loaded.
 
-    Stores may target only R10 (stack), R4, R5 and R9.  R5 may only be loaded
-    with the state map's value address; R9 only from R0 after a map lookup
-    (the programs look up only their shadow map); R4 only from R0 after a ring
-    buffer reservation, or with a constant.  The watched map's key and value
-    pointers (R7, R8, or R2, R3 as a callback's arguments) can then never be a
-    store's base.
+_ETH_HLEN = 14  # a socket filter's test run pulls an Ethernet header off the packet
+_SKB_LEN = 0  # struct __sk_buff: len
+# A test run's packet fits in one page with the skb's head and tail room (bpf_test_init).
+RUN_BYTES = 3072
+DELETE_CALLBACK_AT = 17  # the delete program's callback starts at this instruction
+
+
+def state_program(state_fd: int) -> bytes:
+    """Copy the packet's payload over the state map's value (returns 0, or the error)."""
+    a = Asm()
+    a.movi(R2, 0)
+    a.ld_map_value(R3, state_fd)
+    a.movi(R4, _STATE_SIZE)
+    a.call(_SKB_LOAD_BYTES)  # R1: the packet (the program's context)
+    a.exit()
+    return a.assemble()
+
+
+def delete_program(key_size: int, shadow_fd: int, state_fd: int) -> bytes:
+    """Delete the keys in the packet's payload (back to back) from the shadow map.
+
+    ``bpf_loop`` calls the callback once per key (the verifier checks its body
+    once, whatever the count); the callback reads its key from the packet with
+    ``bpf_skb_load_bytes`` into its stack and deletes it.  Returns how many
+    keys were there to delete (``deleted``).
     """
-    targets = store_targets(program)
-    if not targets <= {R4, R5, R9, R10}:
-        raise AssertionError(f"generated program stores through r{sorted(targets)}")
-    last_call = -1
-    for pos in range(0, len(program), 8):
-        code, regs, imm_src = program[pos], program[pos + 1], program[pos + 1] >> 4
-        dst = regs & 0xF
-        if pos and program[pos - 8] == 0x18:  # second half of an ld_imm64
-            continue
-        if code == 0x85:
-            last_call = struct.unpack_from("<i", program, pos + 4)[0]
-        if code & 0x07 in (ST, STX, JMP, JMP32):
-            continue  # these do not write their dst register
-        from_r0 = code == 0xBF and imm_src == R0
-        if dst == R5 and not (code == 0x18 and imm_src == 2):
-            raise AssertionError("R5 is loaded with something other than the state value")
-        if dst == R9 and not (from_r0 and last_call == _LOOKUP):
-            raise AssertionError("R9 is loaded with something other than a shadow entry")
-        if dst == R4 and not ((from_r0 and last_call == _RINGBUF_RESERVE) or code == 0xB7
-                              or (code == 0x18 and imm_src == 0)):
-            raise AssertionError("R4 is loaded with something other than a reservation")
+    room = (key_size + 7) & ~7
+    a = Asm()
+    a.mov(R6, R1)
+    a.stx(8, R10, -8, R6)  # the callback's context: the packet, spilled
+    a.ld_map_value(R5, state_fd)
+    a.st(8, R5, _STATE["deleted"], 0)
+    a.ldx(4, R1, R6, _SKB_LEN)
+    a.alu64(DIV, R1, key_size)
+    a.ld_func(R2, "callback")
+    a.mov(R3, R10)
+    a.alu64(ADD, R3, -8)
+    a.movi(R4, 0)
+    a.call(_LOOP)
+    a.ld_map_value(R5, state_fd)
+    a.ldx(8, R0, R5, _STATE["deleted"])
+    a.exit()
+    assert len(a.insns) == DELETE_CALLBACK_AT
+    a.label("callback")  # (index, &packet)
+    a.ldx(8, R6, R2, 0)
+    a.alu64(MUL, R1, key_size)
+    a.mov(R2, R1)
+    a.mov(R1, R6)
+    a.mov(R3, R10)
+    a.alu64(ADD, R3, -room)
+    a.movi(R4, key_size)
+    a.call(_SKB_LOAD_BYTES)
+    a.jmp(JNE, R0, 0, "stop")
+    a.ld_map_fd(R1, shadow_fd)
+    a.mov(R2, R10)
+    a.alu64(ADD, R2, -room)
+    a.call(_DELETE)
+    a.jmp(JNE, R0, 0, "next")
+    _count(a, state_fd, "deleted")
+    _callback_end(a, "next", "stop")
+    return a.assemble()
 
 
-_iter_btf_id: int | None = None
-
-
-def _map_elem_iter_btf_id() -> int:
-    """BTF id of the kernel's ``bpf_iter_bpf_map_elem`` (what the program attaches to)."""
-    global _iter_btf_id
-    if _iter_btf_id is None:
-        with open(VMLINUX_BTF, "rb") as f:
-            raw = f.read()
-        _iter_btf_id = _find_func(raw, b"bpf_iter_bpf_map_elem")
-    return _iter_btf_id
-
-
-def _find_func(raw: bytes, name: bytes) -> int:
-    """The id of FUNC ``name`` in a BTF blob (a scan, not a full parse: ~10x faster)."""
-    _magic, _ver, _flags, hdr_len, type_off, type_len, str_off, _str_len = struct.unpack_from(
-        "<HBBIIIII", raw)
-    types, strings = hdr_len + type_off, hdr_len + str_off
-    pos, end, type_id = types, types + type_len, 0
-    # extra bytes after the 12-byte header, per kind (btf.h); vlen-scaled kinds below
-    fixed = {1: 4, 3: 12, 14: 4, 17: 4}  # int, array, var, decl_tag
-    per_vlen = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # struct, union, enum, proto, ...
-    while pos < end:
-        name_off, info, _size = struct.unpack_from("<III", raw, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        type_id += 1
-        if kind == 12 and raw.startswith(name + b"\0", strings + name_off):
-            return type_id
-        pos += 12 + fixed.get(kind, 0) + per_vlen.get(kind, 0) * vlen
-    raise Unsupported(f"this kernel's BTF has no {name.decode()} (no map element iterators)")
-
-
-def _close_all(fds: list[int], ring: RingBufReader | None = None) -> None:
+def _close_all(fds: list[int], objects: EngineObjects,
+               ring: RingBufReader | None = None) -> None:
     if ring is not None:
         ring.close()
     for fd in fds:
@@ -673,12 +694,14 @@ def _close_all(fds: list[int], ring: RingBufReader | None = None) -> None:
             os.close(fd)
         except OSError:
             pass
+    objects.release()
 
 
 class IterDelta:
     """The kernel side of the in-kernel engine for ONE watched map."""
 
-    def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True):
+    def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True,
+                 objects: EngineObjects | None = None):
         reason = unsupported_reason(record, stride)
         if reason:
             raise Unsupported(reason)
@@ -692,7 +715,9 @@ class IterDelta:
         self.sweep_fallbacks = 0  # sweeps whose output overflowed the ring (then: iterator)
         self.timings: dict[str, float] = {}  # where the last walk's time went (bench_kdelta)
         self._fds: list[int] = []
-        self._finalizer = weakref.finalize(self, _close_all, self._fds)
+        # made by the objects broker in the daemon (docs/operations.md), here otherwise
+        self.objects = objects if objects is not None else LocalObjects()
+        self._finalizer = weakref.finalize(self, _close_all, self._fds, self.objects)
         try:
             self._create_objects(record)
         except BaseException:
@@ -700,36 +725,39 @@ class IterDelta:
             raise
 
     def _create_objects(self, record: MapRecord) -> None:
-        """Every kernel object this engine makes for one map (see :mod:`.progload`)."""
+        """Every kernel object this engine makes for one map (see :mod:`.objects`)."""
         value = 8 * (self.nw + 1)
-        self.state_fd = self._own(progload.create_map(TYPE_IDS["array"], 4, _STATE_SIZE, 1,
+        self.ring: RingBufReader | None = None
+        self.records: list[int] = []  # the walk record's two buffers (for_each hash walks)
+        self.state_fd = self._own(self.objects.create_map(TYPE_IDS["array"], 4, _STATE_SIZE, 1,
                                                       "pymap_kd_state"))
         if self.array:
-            self.shadow_fd = self._own(progload.create_map(
+            self.shadow_fd = self._own(self.objects.create_map(
                 TYPE_IDS["array"], 4, value, record.max_entries, "pymap_kd_shadow"))
         else:
-            self.shadow_fd = self._own(progload.create_map(
+            self.shadow_fd = self._own(self.objects.create_map(
                 TYPE_IDS["hash"], record.key_size, value, shadow_entries(record),
                 "pymap_kd_shadow"))
-        btf_id = _map_elem_iter_btf_id()
+        self._state_prog = self._load_writer(state_program(self.state_fd), "pymap_kd_state")
+        if not self.array:  # an array's shadow keeps every index: nothing to delete
+            blob, info = func_btf([("pymap_kd_delete", 0, True),
+                                   ("pymap_kd_del_key", DELETE_CALLBACK_AT, False)])
+            self._delete_prog = self._load_writer(
+                delete_program(self.key_size, self.shadow_fd, self.state_fd), "pymap_kd_delete",
+                self._own(self.objects.load_btf(blob)), info)
         walk = walk_program(self.key_size, self.stride, self.shadow_fd, self.state_fd,
                             self.array)
-        _check_read_only(walk)
-        self.walk_fd = self._own(progload.load_program(
-            walk, "pymap_kd_walk", progload.BPF_PROG_TYPE_TRACING, progload.BPF_TRACE_ITER,
-            btf_id))
+        self.walk_fd = self._own(self.objects.load_program(
+            walk, "pymap_kd_walk", progload.BPF_PROG_TYPE_TRACING, progload.BPF_TRACE_ITER))
         self.sweep_link = -1
         if not self.array:
             sweep = sweep_program(self.key_size, self.nw, self.state_fd)
-            _check_read_only(sweep)
-            sweep_fd = self._own(progload.load_program(
+            sweep_fd = self._own(self.objects.load_program(
                 sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_TRACING,
-                progload.BPF_TRACE_ITER, btf_id))
+                progload.BPF_TRACE_ITER))
             # the sweep walks pymap's own shadow map: its link may hold it for good
             self.sweep_link = self._own(progload.attach_map_iter(sweep_fd, self.shadow_fd))
-        self.ring = None
         self.order_fd: int | None = None  # the last complete walk's record (of two buffers)
-        self.records: list[int] = []
         self._written: int | None = None  # the record buffer the last for_each walk wrote
         self._record_entries = shadow_entries(record)
         self.order_count = -1  # elements the last full for_each walk recorded; -1: no record
@@ -738,25 +766,25 @@ class IterDelta:
         self.resweeps = 0  # ... that did not add up (the map changed meanwhile): walked again
         if self.each:
             size = ring_bytes(record, self.stride)
-            ring_fd = self._own(progload.create_map(TYPE_IDS["ringbuf"], 0, 0, size,
+            ring_fd = self._own(self.objects.create_map(TYPE_IDS["ringbuf"], 0, 0, size,
                                                     "pymap_kd_ring"))
             self.ring = RingBufReader(ring_fd, size)
             self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _close_all, self._fds, self.ring)
+            self._finalizer = weakref.finalize(self, _close_all, self._fds, self.objects,
+                                               self.ring)
             blob, self._func_info = func_btf([("pymap_kd_each", 0, True),
                                               ("pymap_kd_element", _EACH_CALLBACK_AT, False)])
-            self._btf_fd = self._own(progload.load_btf(blob))
+            self._btf_fd = self._own(self.objects.load_btf(blob))
             if not self.array:
                 # a hash walk costs a shadow lookup per element: an unchanged map is
                 # recognised first by its walk order (sequential memory, no hashing)
-                self.records = [self._own(progload.create_map(
+                self.records = [self._own(self.objects.create_map(
                     TYPE_IDS["array"], 4, 8 * ((self.key_size + 7) // 8 + self.nw + 1),
                     shadow_entries(record), "pymap_kd_order")) for _ in range(2)]
                 self.order_fd = self.records[0]
                 sweep = sweep_program(self.key_size, self.nw, self.state_fd, ring_fd,
                                       self.shadow_fd)
-                _check_read_only(sweep)
-                self._sweep_each_fd = self._own(progload.load_program(
+                self._sweep_each_fd = self._own(self.objects.load_program(
                     sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_SOCKET_FILTER,
                     btf_fd=self._btf_fd, func_info=self._func_info))
         self.memlock = sum(_fdinfo_memlock(fd) for fd in (self.shadow_fd, self.state_fd)) + (
@@ -766,6 +794,12 @@ class IterDelta:
     def _own(self, fd: int) -> int:
         self._fds.append(fd)
         return fd
+
+    def _load_writer(self, program: bytes, name: str, btf_fd: int = 0,
+                     func_info: bytes = b"") -> int:
+        return self._own(self.objects.load_program(program, name,
+                                                   progload.BPF_PROG_TYPE_SOCKET_FILTER,
+                                                   btf_fd=btf_fd, func_info=func_info))
 
     def close(self) -> None:
         self._finalizer()
@@ -819,7 +853,7 @@ class IterDelta:
                     self.record_sweeps += 1
                 else:
                     gone = self._sweep()
-                progload.delete_batch(self.shadow_fd, gone, len(gone) // self.key_size)
+                self._delete(gone)
                 self.timings["sweep"] = self.timings.get("sweep", 0.0) + time.perf_counter() - t1
                 removed.append(gone)
             self.shadow_entries = present + counters["added"]
@@ -882,13 +916,28 @@ class IterDelta:
         values = dict.fromkeys(STATE_FIELDS, 0)
         values["gen"], values["old_count"] = gen, old_count
         state = struct.pack(f"<{len(STATE_FIELDS)}Q", *values.values())
-        progload.syscall.map_update_elem(self.state_fd, bytes(4), state)
+        result, _ = progload.syscall.prog_test_run(self._state_prog, bytes(_ETH_HLEN) + state)
+        if result:
+            raise progload.BpfError(errno.EFAULT, "pymap_kd_state",
+                                    f"the state was not written ({result:#x})")
+
+    def _delete(self, keys: bytes) -> None:
+        """Remove ``keys`` (back to back) from the shadow map, a packet of them per run."""
+        per_run = (RUN_BYTES - _ETH_HLEN) // self.key_size * self.key_size
+        for start in range(0, len(keys), per_run):
+            chunk = keys[start:start + per_run]
+            deleted, _ = progload.syscall.prog_test_run(self._delete_prog,
+                                                        bytes(_ETH_HLEN) + chunk)
+            if deleted != len(chunk) // self.key_size:
+                raise progload.BpfError(errno.ENOENT, "pymap_kd_delete",
+                                        f"{len(chunk) // self.key_size - deleted} of "
+                                        f"{len(chunk) // self.key_size} removed keys were "
+                                        "not in the shadow map")
 
     def _run_each_program(self, program: bytes) -> None:
-        _check_read_only(program)
-        prog = progload.load_program(program, "pymap_kd_each",
-                                     progload.BPF_PROG_TYPE_SOCKET_FILTER,
-                                     btf_fd=self._btf_fd, func_info=self._func_info)
+        prog = self.objects.load_program(program, "pymap_kd_each",
+                                         progload.BPF_PROG_TYPE_SOCKET_FILTER,
+                                         btf_fd=self._btf_fd, func_info=self._func_info)
         try:
             progload.syscall.prog_test_run(prog, bytes(64))
         finally:
@@ -966,13 +1015,7 @@ def _read_iter(link_fd: int) -> bytes:
 
 
 def _fdinfo_memlock(fd: int) -> int:
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("memlock:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    memlock = fdinfo(fd).get("memlock", "")
+    return int(memlock) if memlock.isdigit() else 0
 
 

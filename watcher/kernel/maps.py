@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -128,10 +128,11 @@ def open_map(map_id: int | None = None, pin: str | None = None) -> int:
     return syscall.map_get_fd_by_id(map_id)
 
 
-def _fdinfo(fd: int) -> dict[str, str]:
+def fdinfo(fd: int, pid: int | str = "self") -> dict[str, str]:
+    """``/proc/PID/fdinfo/FD`` as fields (empty when the fd is closed or unreadable)."""
     fields: dict[str, str] = {}
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
             for line in f:
                 k, _, v = line.partition(":")
                 fields[k.strip()] = v.strip()
@@ -151,9 +152,9 @@ def display_name(kernel_name: str, pins: tuple[str, ...]) -> str:
 
 def record_from_fd(fd: int, pins: tuple[str, ...] = ()) -> MapRecord:
     info = syscall.map_info(fd)
-    fdinfo = _fdinfo(fd)
+    fields = fdinfo(fd)
     kname = info.name.decode(errors="replace")
-    memlock = fdinfo.get("memlock")
+    memlock = fields.get("memlock")
     return MapRecord(
         id=info.id,
         name=display_name(kname, pins),
@@ -168,7 +169,7 @@ def record_from_fd(fd: int, pins: tuple[str, ...] = ()) -> MapRecord:
         btf_key_type_id=info.btf_key_type_id,
         btf_value_type_id=info.btf_value_type_id,
         memlock=int(memlock) if memlock and memlock.isdigit() else None,
-        frozen=fdinfo.get("frozen", "0") == "1",
+        frozen=fields.get("frozen", "0") == "1",
         pinned=tuple(sorted(pins)),
     )
 
@@ -205,11 +206,13 @@ def walk_pins(roots: tuple[str, ...] = (DEFAULT_BPFFS,)) -> dict[int, list[str]]
     return found
 
 
-def list_maps(roots: tuple[str, ...] = (DEFAULT_BPFFS,)) -> list[MapRecord]:
-    """Every map on the host, with its pins; maps that vanish meanwhile are left out."""
+def list_maps(roots: tuple[str, ...] = (DEFAULT_BPFFS,),
+              only: Iterable[int] | None = None) -> list[MapRecord]:
+    """Every map on the host (or the ``only`` ids), with its pins; maps that vanish
+    meanwhile are left out."""
     pins = walk_pins(roots)
     records = []
-    for map_id in map_ids():
+    for map_id in (map_ids() if only is None else sorted(only)):
         try:
             fd = syscall.map_get_fd_by_id(map_id)
         except OSError as e:

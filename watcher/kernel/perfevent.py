@@ -1,10 +1,14 @@
-"""``perf_event_open(2)`` for BPF output rings, through ctypes.
+"""``perf_event_open(2)`` for BPF output rings and tracepoints, through ctypes.
 
 A perf event array (``BPF_MAP_TYPE_PERF_EVENT_ARRAY``) holds, per CPU, the
 fd of a ``PERF_COUNT_SW_BPF_OUTPUT`` software event; ``bpf_perf_event_output``
 writes ``PERF_RECORD_SAMPLE`` records with the program's bytes as
 ``PERF_SAMPLE_RAW`` into that CPU's event ring.  This module opens such
 events the way bcc and libbpf do; :mod:`.perfbuf` maps and reads them.
+
+A tracepoint event (:func:`open_tracepoint`) is how a BPF program is attached
+to a tracepoint without a link: ``PERF_EVENT_IOC_SET_BPF`` gives the event the
+program, and closing the event's fd detaches it (:mod:`.mapwatch`).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import os
 import platform
 
 PERF_TYPE_SOFTWARE = 1
+PERF_TYPE_TRACEPOINT = 2
 PERF_COUNT_SW_BPF_OUTPUT = 10
 PERF_SAMPLE_RAW = 1 << 10
 PERF_FLAG_FD_CLOEXEC = 1 << 3
 PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_EVENT_IOC_DISABLE = 0x2401
+PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 
 _NR = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "armv7l": 364, "ppc64le": 319}
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -61,17 +67,10 @@ def open_bpf_output(cpu: int, wakeup_events: int = 1) -> int:
     values batch wakeups, and the reader must also drain on a timer so a
     quiet CPU's last records are not held back forever.
     """
-    try:
-        nr = _NR[platform.machine()]
-    except KeyError:  # pragma: no cover - depends on the host
-        raise OSError(f"pymap does not know perf_event_open on {platform.machine()}") from None
     attr = PerfEventAttr(type=PERF_TYPE_SOFTWARE, size=ctypes.sizeof(PerfEventAttr),
                          config=PERF_COUNT_SW_BPF_OUTPUT, sample_period=1,
                          sample_type=PERF_SAMPLE_RAW, wakeup_events=max(wakeup_events, 1))
-    fd = _syscall(nr, ctypes.byref(attr), -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"perf_event_open(BPF output, cpu {cpu}): {os.strerror(err)}")
+    fd = _perf_event_open(attr, cpu, f"BPF output, cpu {cpu}")
     try:
         fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
     except OSError:
@@ -82,3 +81,35 @@ def open_bpf_output(cpu: int, wakeup_events: int = 1) -> int:
 
 def disable(fd: int) -> None:
     fcntl.ioctl(fd, PERF_EVENT_IOC_DISABLE, 0)
+
+
+def _perf_event_open(attr: PerfEventAttr, cpu: int, what: str) -> int:
+    try:
+        nr = _NR[platform.machine()]
+    except KeyError:  # pragma: no cover - depends on the host
+        raise OSError(f"pymap does not know perf_event_open on {platform.machine()}") from None
+    fd = _syscall(nr, ctypes.byref(attr), -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"perf_event_open({what}): {os.strerror(err)}")
+    return fd
+
+
+def open_tracepoint(tracepoint_id: int, prog_fd: int) -> int:
+    """Attach BPF program ``prog_fd`` to tracepoint ``tracepoint_id`` (tracefs ``id``).
+
+    One event (pid -1, cpu 0) is enough: the kernel runs a tracepoint's
+    programs on every CPU, whichever CPU the event that carries them is bound
+    to (libbpf does the same).  The program stays attached while the
+    returned fd is open.
+    """
+    attr = PerfEventAttr(type=PERF_TYPE_TRACEPOINT, size=ctypes.sizeof(PerfEventAttr),
+                         config=tracepoint_id, sample_period=1, wakeup_events=1)
+    fd = _perf_event_open(attr, 0, f"tracepoint {tracepoint_id}")
+    try:
+        fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
+        fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -1,18 +1,27 @@
 """The bpf() commands that CREATE kernel objects for the in-kernel delta engine.
 
-Every privileged object the daemon makes while it runs is made here, so a
-seccomp policy (issue 12) has one place to reconcile with:
+Every privileged object the engine makes is made here, so a seccomp policy
+(issue 12) has one place to reconcile with.  The creating commands run in the
+objects broker (:mod:`.broker`), a process of its own, when the daemon runs the
+engine; the daemon itself only runs what it was handed (docs/operations.md):
 
-* ``BPF_MAP_CREATE``: shadow and state maps owned by pymap;
-* ``BPF_PROG_LOAD``: the generated iterator programs (``BPF_PROG_TYPE_TRACING``,
-  expected attach type ``BPF_TRACE_ITER``);
+* ``BPF_MAP_CREATE`` (broker): shadow and state maps owned by pymap;
+* ``BPF_PROG_LOAD`` (broker): the generated iterator programs
+  (``BPF_PROG_TYPE_TRACING``, expected attach type ``BPF_TRACE_ITER``) and
+  socket filters;
+* ``BPF_BTF_LOAD`` (broker): function info for programs with a callback;
 * ``BPF_LINK_CREATE``: attaching a program to one map (``iter_info.map.map_fd``);
 * ``BPF_ITER_CREATE``: one walk (a readable fd);
-* ``BPF_BTF_LOAD``: function info for the for_each program's callback;
-* ``BPF_PROG_TEST_RUN``: one run of the for_each walk (a socket filter program);
-* ``BPF_MAP_UPDATE_ELEM`` / ``BPF_MAP_LOOKUP_ELEM`` / ``BPF_MAP_DELETE_BATCH``: on
-  pymap's OWN state and shadow maps only (see :mod:`.iterdelta`).
+* ``BPF_PROG_TEST_RUN``: one run of the for_each walk, or of one of the small
+  programs that write pymap's own state and shadow maps (socket filters: the
+  data to write is their packet, see :mod:`.iterdelta`).
 
+At start-up only (before the seccomp filter), :mod:`.mapwatch` makes its
+maps and two ``BPF_PROG_TYPE_TRACEPOINT`` programs here as well, attached
+with ``perf_event_open`` (:mod:`.perfevent`), not with a bpf() command.
+
+No update or delete command is used: the engine writes its own maps from
+inside the kernel, so the daemon's seccomp filter allows none (docs/operations.md).
 Watched maps are only ever opened read-only (``BPF_F_RDONLY``).
 """
 
@@ -22,17 +31,22 @@ import ctypes
 import errno
 
 from . import syscall
-from .syscall import BpfError, _addr, _BatchAttr, _bpf
+from .syscall import BpfError, _addr, _bpf
 
 BPF_PROG_LOAD = 5
 BPF_BTF_LOAD = 18
 BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_LINK_CREATE = 28
 BPF_ITER_CREATE = 33
-BPF_MAP_DELETE_BATCH = 27
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_ITER = 28
 BPF_F_NO_PREALLOC = 1
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+
+class Unsupported(Exception):
+    """The in-kernel engine cannot watch this map; the message says why."""
 
 
 class _ProgLoadAttr(ctypes.Structure):
@@ -105,9 +119,21 @@ def load_btf(blob: bytes) -> int:
         raise BpfError(e.errno or errno.EINVAL, "BPF_BTF_LOAD", " | ".join(lines[-3:])) from None
 
 
+# The only program types pymap loads: the first two after start-up too, tracepoints at
+# start-up only (map discovery, before the seccomp filter).  Not BPF_PROG_TYPE_SYSCALL,
+# whose bpf_sys_bpf helper issues bpf() commands from inside the kernel, unseen by seccomp.
+LOADABLE_TYPES = {BPF_PROG_TYPE_SOCKET_FILTER: "socket filter",
+                  BPF_PROG_TYPE_TRACING: "tracing (map element iterator)",
+                  BPF_PROG_TYPE_TRACEPOINT: "tracepoint (map discovery)"}
+
+
 def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
                  attach_btf_id: int = 0, btf_fd: int = 0, func_info: bytes = b"") -> int:
     """Load ``insns``; on refusal, raise with the verifier's last lines as detail."""
+    if prog_type not in LOADABLE_TYPES or (prog_type == BPF_PROG_TYPE_TRACING
+                                           and attach_type != BPF_TRACE_ITER):
+        raise ValueError(f"{name}: pymap loads only socket filters, map element "
+                         f"iterators and tracepoints, not program type {prog_type}")
     license_ = ctypes.create_string_buffer(b"GPL")
     code = ctypes.create_string_buffer(insns, len(insns))
     finfo = ctypes.create_string_buffer(func_info, max(len(func_info), 1))
@@ -151,10 +177,20 @@ def iter_create(link_fd: int) -> int:
     return _bpf(BPF_ITER_CREATE, _IterCreateAttr(link_fd=link_fd), "BPF_ITER_CREATE")
 
 
-def delete_batch(map_fd: int, keys: bytes, count: int) -> None:
-    """Delete ``count`` keys from one of pymap's own maps in one call."""
-    if not count:
-        return
-    kbuf = ctypes.create_string_buffer(keys, len(keys))
-    attr = _BatchAttr(keys=_addr(kbuf), count=count, map_fd=map_fd)
-    _bpf(BPF_MAP_DELETE_BATCH, attr, "BPF_MAP_DELETE_BATCH")
+_iter_btf_id: int | None = None
+
+
+def map_elem_iter_btf_id() -> int:
+    """BTF id of the kernel's ``bpf_iter_bpf_map_elem`` (what the program attaches to)."""
+    global _iter_btf_id
+    if _iter_btf_id is None:
+        with open(VMLINUX_BTF, "rb") as f:
+            raw = f.read()
+        from .btf import find_func  # at first use: the broker imports this module
+
+        found = find_func(raw, b"bpf_iter_bpf_map_elem")
+        if found is None:
+            raise Unsupported("this kernel's BTF has no bpf_iter_bpf_map_elem (no map "
+                              "element iterators)")
+        _iter_btf_id = found
+    return _iter_btf_id

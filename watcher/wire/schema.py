@@ -270,6 +270,11 @@ class StatusReply:
     requests_refused: int = 0
     replies_dropped: int = 0
     subscriptions_refused: int = 0
+    # How new maps are learned of: "tracepoint", or "poll (...why)"; creations the
+    # kernel reported, and those that could not be reported, by reason (docs/operations.md).
+    discovery: str = ""
+    creations_seen: int = 0
+    creations_missed: dict[str, int] = attrs.Factory(dict)
     req: int = 0
     v: int = SCHEMA_VERSION
 
