@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import struct
 
@@ -118,3 +119,14 @@ def test_the_broker_runs_under_its_own_filter_and_exits_with_its_socket(broker):
     assert broker.sock is not None
     broker.sock.shutdown(socket.SHUT_RDWR)  # as a SIGKILLed daemon's end
     assert broker.proc.wait(30) == 0
+
+
+def test_signals_to_the_process_group_leave_the_broker_to_the_daemon(broker):
+    """Ctrl-C and a service manager's SIGTERM reach every process of the daemon's group:
+    the broker stays until the daemon closes its socket, so shutdown is not a failure."""
+    assert broker.proc is not None
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        os.kill(broker.proc.pid, signum)
+    fd = broker.engine().create_map(1, 8, 8, 4, "pymap_t_sig")
+    os.close(fd)
+    assert broker.proc.poll() is None and broker.gone is None

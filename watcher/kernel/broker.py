@@ -20,7 +20,9 @@ serves its socket with, and of ``bpf()`` only the creating commands plus
 ``open``.  It keeps no object: each fd goes to the daemon and is closed here,
 so it holds nothing the daemon does not; it remembers only the ids of the maps
 it made, per engine, to know which maps a program may write.  It exits when
-its socket closes, so a daemon killed with SIGKILL leaves nothing behind.
+its socket closes, so a daemon killed with SIGKILL leaves nothing behind; it
+ignores SIGINT, SIGTERM and SIGHUP, which a terminal or service manager sends to
+the daemon's whole process group, so it is never gone before the daemon.
 
 Protocol (one request, one reply; :data:`REQUEST` header, then a payload):
 
@@ -39,6 +41,7 @@ A reply is :data:`REPLY` (0 or an errno) and, on error, one line of text.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import sys
@@ -248,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m watcher.kernel.broker FD (started by the pymap daemon)",
               file=sys.stderr)
         return 2
+    # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group:
+    # the broker leaves when the daemon does (its socket closes), not before it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     with socket.socket(fileno=int(args[0])) as sock:
         server = Server(sock)
         try:
