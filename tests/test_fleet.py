@@ -390,6 +390,22 @@ def test_batch_option():
             parse_url(bad)
 
 
+def test_batch_in_an_exports_table(tmp_path):
+    """``batch``/``linger`` as ``[[exports]]`` keys reach the nats output, validated."""
+    from consumers.export.config import load
+    from consumers.export.outputs import OutputConfigError, make_output
+
+    conf = tmp_path / "export.toml"
+    conf.write_text("[[exports]]\nname='f'\nmaps=['m']\nto='nats://127.0.0.1:4222'\n"
+                    "batch=256\nlinger='0.2s'\n")
+    (spec,) = load(str(conf))
+    out = make_output(spec.to, spec.options)
+    assert out.grouping is not None and (out.grouping.size, out.grouping.linger) == (256, 0.2)
+    assert make_output("nats://127.0.0.1:4222", {}).grouping is None  # default: 1 per event
+    with pytest.raises(OutputConfigError, match="batch=5000"):
+        make_output(spec.to, {"batch": 5000})
+
+
 def mixed_records(n: int) -> list[ExportRecord]:
     """Daemon events as an exporter sees them: runs of one map and action, other maps
     in between, seqs missing (filtered), a newline payload, an exporter-made record."""
