@@ -14,7 +14,13 @@ and a 1,000,000-entry array (4-byte keys, 16-byte values), side by side:
     changes made;
 (d) a real ``pymap daemon`` watching the unchanged 1M hash map at a 1 s
     interval for a subscriber: CPU seconds per second (user + system, from
-    /proc/PID/stat over 10 s), once per engine.
+    /proc/PID/stat over 10 s), once per engine;
+(e) what the objects broker costs (its round trips, not the walk): a watch's
+    set-up and an unchanged poll (one program load each) of a 1,000-entry hash
+    map, objects made in this process against made by the broker, best of
+    :data:`SMALL_REPEATS`.
+
+(a)-(c) run with the broker, as the daemon does.
 
 Where the in-kernel time goes is printed from the same runs: the iterator's
 own per-element step (a walk with a program that does nothing), the walk
@@ -50,10 +56,12 @@ from bench_events import (
 
 from watcher.kernel import syscall
 from watcher.kernel.maptypes import TYPE_IDS
+from watcher.kernel.objects import Broker
 from watcher.wire import schema
 
 TARGET_UNCHANGED, AIM_UNCHANGED, TARGET_CHANGED = 0.35, 0.25, 0.6
 CPU_SECONDS = 10.0
+SMALL_ENTRIES, SMALL_REPEATS = 1000, 20
 
 
 class ArrayMap:
@@ -154,6 +162,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
 
     from watcher.daemon.config import Config
     from watcher.daemon.engine import Engine
+    from watcher.daemon.kdelta import supervise
     from watcher.daemon.publisher import Stream
     from watcher.kernel import maps as kmaps
     from watcher.wire.transport import PublisherOwner
@@ -166,6 +175,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
     xpub.setsockopt(zmq.SNDHWM, 100_000)
     xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
     sub = None
+    broker: Broker | None = None
     try:
         xpub.bind(endpoint)
         publisher = PublisherOwner(xpub)
@@ -180,6 +190,9 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                 config.watch.kernel_delta_types = [bm_type]
                 stream = Stream(publisher, secrets.token_hex(8), 100, 4096, 1.0)
                 engines[engine_name] = Engine(config, stream)
+            engines["in-kernel"].broker = broker = Broker()
+            broker.start()
+            nursery.start_soon(supervise, broker)
             nursery.start_soon(publisher.serve, lambda frames: [  # XPUB gives zmq.Frames
                 e.on_subscription([f.bytes for f in frames]) for e in engines.values()])
             sub = Subscriber(endpoint, schema.map_topic(bm.name), tmp / f"sub-{kind}.err")
@@ -193,7 +206,9 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                 out["nop_each"] = nop_each(fd)
             for engine_name, engine in engines.items():
                 res = out[engine_name] = {}
+                t0 = time.perf_counter()
                 watch = engine._start(record)
+                res["setup"] = time.perf_counter() - t0
                 res["engine"] = watch.engine
                 if (watch.kernel is not None) != (engine_name == "in-kernel"):
                     raise BenchError(f"{engine_name} run got engine {watch.engine!r}")
@@ -239,10 +254,46 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                     watch.kernel.close()
             nursery.cancel_scope.cancel()
     finally:
+        if broker is not None:
+            broker.close()
         if sub is not None:
             sub.stop()
         xpub.close(linger=0)
         ctx.term()
+
+
+def broker_costs() -> dict[str, tuple[float, float]]:
+    """(e): best set-up and unchanged-poll seconds, in this process and by the broker."""
+    from watcher.daemon.kdelta import KernelDelta
+    from watcher.kernel import maps as kmaps
+
+    fd = syscall.map_create(TYPE_IDS["hash"], 8, 8, SMALL_ENTRIES, name="pymap_bench_kds")
+    broker = Broker()
+    out = {}
+    try:
+        for i in range(SMALL_ENTRIES):
+            syscall.map_update_elem(fd, i.to_bytes(8, "little"), i.to_bytes(8, "little"))
+        record = kmaps.record_from_fd(fd)
+        broker.start()
+        for where, owner in (("in this process", None), ("by the broker", broker)):
+            setups, polls = [], []
+            for _ in range(SMALL_REPEATS):
+                t0 = time.perf_counter()
+                kernel = KernelDelta(record, 8, broker=owner)
+                setups.append(time.perf_counter() - t0)
+                try:
+                    state, _ = kernel.poll(fd, None, False)
+                    state, _ = kernel.poll(fd, state, False)  # the walk-order record
+                    t0 = time.perf_counter()
+                    kernel.poll(fd, state, False)
+                    polls.append(time.perf_counter() - t0)
+                finally:
+                    kernel.close()
+            out[where] = (min(setups), min(polls))
+    finally:
+        broker.close()
+        os.close(fd)
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -288,7 +339,8 @@ def report(results: dict) -> None:
             res = out[engine_name]
             un = min(res["unchanged"])
             ch, polled = min(res["changed"])
-            print(f"  {engine_name:<10} first poll {res['first']:.3f} s; unchanged poll {un:.3f} s "
+            print(f"  {engine_name:<10} set-up {res['setup'] * 1000:.1f} ms; "
+                  f"first poll {res['first']:.3f} s; unchanged poll {un:.3f} s "
                   f"= {un / raw:.2f}x raw; {N_CHANGED:,} changed -> subscriber {ch:.3f} s "
                   f"= {ch / raw:.2f}x raw (poll {polled:.3f} s)")
         k = out["in-kernel"]
@@ -314,6 +366,11 @@ def report(results: dict) -> None:
     for engine_name, (cps, w) in results["daemon"].items():
         print(f"(d) daemon watching the unchanged 1M hash map every 1 s, {engine_name}: "
               f"{cps:.3f} CPU s/s (last poll {w['last_poll_ms']:.0f} ms; {w['engine']})")
+    print()
+    for where, (setup, poll) in results["small"].items():
+        print(f"(e) {SMALL_ENTRIES:,}-entry hash map, objects made {where}: watch set-up "
+              f"{setup * 1000:.2f} ms, unchanged poll {poll * 1000:.3f} ms "
+              f"(best of {SMALL_REPEATS})")
 
 
 def main() -> int:
@@ -339,6 +396,7 @@ def main() -> int:
             run_trio(engine_runs, array, "array", tmp, pin_dir, out)
             for engine_name in ("user-space", "in-kernel"):
                 results["daemon"][engine_name] = daemon_cpu(hash_map, tmp, pin_dir, engine_name)
+            results["small"] = broker_costs()
         except BenchError as e:
             print(f"bench_kdelta: FAILED: {e}", file=sys.stderr)
             return 1

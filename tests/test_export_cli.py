@@ -24,6 +24,8 @@ def export(*args: str, tmp_path) -> subprocess.CompletedProcess:
     (["m", "--to", "file://relative/path"], "expected file:///ABSOLUTE/PATH"),
     (["m", "--to", "syslog+tcp://:601"], "no host"),
     (["m", "--to", "syslog+tls://127.0.0.1:6514?ca=/nonexistent.pem"], "TLS setup"),
+    (["m", "--to", "nats://127.0.0.1:4222?batch=0"], "batch=0: events per message, 1 to 1000"),
+    (["m", "--to", "nats://127.0.0.1:4222?batch=8&linger=soon"], "option linger='soon'"),
     ([], "give at least one map name"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path):

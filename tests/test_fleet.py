@@ -18,6 +18,10 @@ from conftest import PYMAP, require
 from support import procs
 from support.nats import free_port, nats_problem, nats_server
 
+from consumers.export.checkpoint import Checkpoint
+from consumers.export.delivery import Delivery
+from consumers.export.grouping import Grouping
+from consumers.export.outputs.base import Output
 from consumers.export.record import ExportRecord
 from consumers.fleet.jetstream import FleetError, FleetUnavailable
 from consumers.fleet.options import FleetConfigError, parse_duration, parse_url
@@ -247,15 +251,16 @@ def stream_leader(url: str, stream: str) -> str:
     return asyncio.run(ask())
 
 
-def test_cluster_member_restart_loses_nothing():
+@pytest.mark.parametrize("batch", [1, 256])
+def test_cluster_member_restart_loses_nothing(batch):
     """R3 stream; the stream's leader is stopped mid-stream and started again.  Batches
     that fail are re-sent as they are (as the delivery layer does); afterwards every
-    (node, epoch, seq) is in the stream exactly once."""
+    (node, epoch, seq) is in the stream exactly once (one event or 256 per message)."""
     from support.nats import nats_cluster
 
     require(nats_problem())
     with nats_cluster(3) as cluster:
-        url = cluster.url + "?stream=R3&ack_timeout=5"
+        url = cluster.url + f"?stream=R3&ack_timeout=5&batch={batch}"
         opts = parse_url(url)
         assert opts.replicas == 3
         batches = [records("n", "e1", 200, start=1 + 200 * i) for i in range(30)]
@@ -286,6 +291,7 @@ def test_cluster_member_restart_loses_nothing():
         member = next(s for s in cluster.servers if s.name == leader)
         trio.run(publish_all, 10, 20, member)
         got = trio.run(read_all, url)
+        assert all(m.node == "n" for m in got)
         seqs = [m.seq for m in got]
         print(f"leader {leader} stopped and restarted; batches re-sent: {resent}")
         assert len(seqs) == len(set(seqs)) == 30 * 200, (len(seqs), len(set(seqs)), resent)
@@ -369,3 +375,203 @@ def test_follower_holds_on_across_a_broker_restart(nats):
     lines = first + out.splitlines()
     assert [json.loads(x)["seq"] for x in lines] == [1, 2, 3, 4, 5, 6]
     assert "disconnected from NATS" in err and "Traceback" not in err
+
+
+# --- batched messages (batch=N) ------------------------------------------------------
+
+
+def test_batch_option():
+    assert parse_url("nats://a?batch=256&linger=0.2").batch == 256
+    assert parse_url("nats://a?batch=256&linger=0.2").linger == 0.2
+    assert parse_url("nats://a").batch == 1
+    for bad in ("nats://a?batch=0", "nats://a?batch=1001", "nats://a?batch=many",
+                "nats://a?linger=10s", "nats://a?linger=50ms"):
+        with pytest.raises(FleetConfigError):
+            parse_url(bad)
+
+
+def test_batch_in_an_exports_table(tmp_path):
+    """``batch``/``linger`` as ``[[exports]]`` keys reach the nats output, validated."""
+    from consumers.export.config import load
+    from consumers.export.outputs import OutputConfigError, make_output
+
+    conf = tmp_path / "export.toml"
+    conf.write_text("[[exports]]\nname='f'\nmaps=['m']\nto='nats://127.0.0.1:4222'\n"
+                    "batch=256\nlinger='0.2s'\n")
+    (spec,) = load(str(conf))
+    out = make_output(spec.to, spec.options)
+    assert out.grouping is not None and (out.grouping.size, out.grouping.linger) == (256, 0.2)
+    assert make_output("nats://127.0.0.1:4222", {}).grouping is None  # default: 1 per event
+    with pytest.raises(OutputConfigError, match="batch=5000"):
+        make_output(spec.to, {"batch": 5000})
+
+
+def mixed_records(n: int) -> list[ExportRecord]:
+    """Daemon events as an exporter sees them: runs of one map and action, other maps
+    in between, seqs missing (filtered), a newline payload, an exporter-made record."""
+    out = []
+    for seq in range(1, n + 1):
+        if seq % 997 in (5, 6):
+            continue  # not selected: a gap
+        map_name = "m2" if seq % 1000 > 980 else "m1"
+        action = "updated" if seq % 700 < 10 else "added"
+        payload = b"two\nlines" if seq == 77 else b'{"seq":%d}' % seq
+        out.append(ExportRecord("n", "e1", seq, map_name, action, 1.0, payload))
+        if seq == 500:
+            out.append(ExportRecord("n", "e1", 0, "", "resync", 1.0, b'{"action":"resync"}'))
+    return out
+
+
+class Recorder(Output):
+    """An Output that keeps the messages its grouping cuts (to test the delivery layer)."""
+
+    def __init__(self, size: int, linger: float):
+        super().__init__("rec://")
+        self.grouping = Grouping(size, linger)
+        self.messages: list[tuple[int, int]] = []
+
+    async def open(self) -> None:
+        pass
+
+    async def send(self, batch) -> None:
+        assert self.grouping is not None
+        self.messages += [(m[0].seq, m[-1].seq) for m in self.grouping.split(batch)]
+
+    async def aclose(self) -> None:
+        pass
+
+
+class CutLog(Checkpoint):
+    """A checkpoint that also remembers every cut it was told of (pruned or not)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.log: list[tuple[str, int]] = []
+
+    def cut(self, epoch: str, seq: int) -> None:
+        self.log.append((epoch, seq))
+        super().cut(epoch, seq)
+
+
+async def deliver(records, chunks, pauses, linger, state=None, after=0):
+    """Records through the real delivery layer into a Recorder: the messages cut."""
+    out = Recorder(256, linger)
+    cp = CutLog(state)
+    if state:
+        cp.load()
+    d = Delivery(out, lambda gap: None, cp, batch_bytes=4096)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(d.run)
+        for k, pause in zip(chunks, pauses, strict=True):
+            chunk, records = records[:k], records[k:]
+            d.put_many([r for r in chunk if r.seq == 0 or r.seq > after])
+            await trio.sleep(pause)
+        await d.close()
+    return out.messages, cp.log
+
+
+def test_message_boundaries_do_not_depend_on_delivery(tmp_path):
+    """The same records put all at once, or in random chunks: the same messages.  With
+    pauses longer than the linger, messages are cut where the stream paused; an exporter
+    restarted from an older checkpoint (holding the cuts written since, as a SIGKILLed
+    one's state file does) cuts its re-sends exactly as the first run cut them."""
+    import random
+
+    records = mixed_records(2000)
+    whole, _ = trio.run(deliver, records, [len(records)], [0], 5.0)
+    assert sum(b - a + 1 for a, b in whole if a) == len(records) - 1  # each event once
+    assert (0, 0) in whole  # the exporter's own record goes alone
+    assert max(b - a + 1 for a, b in whole) == 256
+    assert all(b < (a // 256 + 1) * 256 for a, b in whole if a), "a message crossed k*256"
+    rng = random.Random(9)
+    chunks = []
+    while sum(chunks) < len(records):
+        chunks.append(rng.randint(1, 300))
+    fast, _ = trio.run(deliver, records, chunks, [0.001] * len(chunks), 5.0)
+    assert fast == whole, "delivery batches changed the message boundaries"
+
+    state = tmp_path / "state"
+    pauses = [0.15 if j % 3 == 0 else 0.0 for j in range(len(chunks))]
+    paused, cuts = trio.run(deliver, records, chunks, pauses, 0.05, str(state))
+    assert cuts and paused != whole
+    for back in (paused[5][1], paused[len(paused) // 2][1], paused[-3][1]):
+        # SIGKILLed with the checkpoint at `back` (written at most every 0.5 s), and
+        # every cut made since in the state file (each is written before its message)
+        state.write_bytes(json.dumps({"epoch": "e1", "seq": back,
+                                      "cuts": [c for c in cuts if c[1] > back]}).encode())
+        again, _ = trio.run(deliver, records, [len(records)], [0], 5.0, str(state), back)
+        assert again == [m for m in paused if m[0] == 0 or m[0] > back], back
+
+
+def fleet_json(url: str, *args: str) -> tuple[list[dict], str]:
+    r = subprocess.run([PYMAP, "events", "m*", "--fleet", url, "-o", "json", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(x) for x in r.stdout.splitlines()], r.stderr
+
+
+def test_batched_messages_read_back_like_single_events(nats):
+    """The same records published one message per event and batch=256: fewer messages,
+    and ``pymap events --fleet -o json`` prints the same events, each naming its node."""
+    import asyncio
+
+    import nats as nats_py
+
+    recs = mixed_records(2000) + records("node.b", "e2", 300, map_name="m3")
+    single = nats.url + "?stream=SINGLE&prefix=one"
+    batched = nats.url + "?stream=BATCHED&prefix=many&batch=256"
+
+    async def publish():
+        for url in (single, batched):
+            async with FleetPublisher(parse_url(url)) as pub:
+                r = await pub.publish(recs)
+                assert (r.stored, r.duplicates) == (len(recs), 0)
+        return r.messages
+
+    messages = trio.run(publish)
+
+    async def stored(stream: str) -> int:
+        nc = await nats_py.connect(nats.url)
+        try:
+            return (await nc.jetstream().stream_info(stream)).state.messages
+        finally:
+            await nc.close()
+
+    assert asyncio.run(stored("SINGLE")) == len(recs)
+    assert asyncio.run(stored("BATCHED")) == messages < len(recs) // 10
+    one, _ = fleet_json(single)
+    many, _ = fleet_json(batched)
+    key = lambda x: (x["node"], x.get("epoch", ""), x["seq"], x.get("payload", ""))  # noqa: E731
+    assert sorted(many, key=key) == sorted(one, key=key)
+    assert len(one) == len(recs) and {x["node"] for x in many} == {"n", "node.b"}
+    # a batched message's events carry their own seq, map and action
+    got = trio.run(read_all, batched)
+    assert [(m.seq, m.map, m.action) for m in got if m.node == "n"] == \
+        [(r.seq, r.map, r.action) for r in recs if r.node == "n"]
+
+
+def test_reader_drops_events_stored_twice(nats):
+    """A re-send cut differently (another id: JetStream stores it again) or sent after the
+    duplicate window: the reader drops the events it has seen, counts and says so."""
+    url = nats.url + "?stream=TWICE"
+
+    async def publish():
+        async with FleetPublisher(parse_url(url + "&batch=256")) as pub:
+            await pub.publish(records("n", "e1", 300))  # 1-255, 256-300
+        async with FleetPublisher(parse_url(url + "&batch=20")) as pub:
+            r = await pub.publish(records("n", "e1", 60, start=281))  # 281-299, 300-319, ...
+        assert r.duplicates == 0  # other ids: JetStream cannot tell
+        async with FleetPublisher(parse_url(url)) as pub:
+            await pub.publish(records("n", "e1", 5, start=250))  # single events again
+
+    trio.run(publish)
+
+    async def read():
+        async with FleetSubscription(parse_url(url), follow=False) as sub:
+            return [m.seq async for m in sub], sub.duplicates
+
+    seqs, dups = trio.run(read)
+    assert seqs == list(range(1, 341)) and dups == 20 + 5
+    lines, err = fleet_json(url)
+    assert [x["seq"] for x in lines] == list(range(1, 341))
+    assert "25 duplicate event(s) dropped" in err

@@ -33,6 +33,7 @@ from watcher.kernel.iterdelta import (
     state_program,
     walk_program,
 )
+from watcher.kernel.objects import Broker
 
 
 def events(delta: Delta | None, key_size: int, stride: int) -> list[tuple]:
@@ -70,9 +71,18 @@ CASES = [  # (type, key size, value size, max entries, for_each allowed)
 ]
 
 
+@pytest.fixture(scope="module")
+def broker():
+    """The objects broker, as the daemon runs it: the engine's objects are made there."""
+    owner = Broker()
+    owner.start()
+    yield owner
+    owner.close()
+
+
 @pytest.mark.parametrize("map_type,key_size,value_size,max_entries,for_each", CASES)
-def test_both_engines_make_identical_events(maps, map_type, key_size, value_size, max_entries,
-                                            for_each):
+def test_both_engines_make_identical_events(maps, broker, map_type, key_size, value_size,
+                                            max_entries, for_each):
     rng = random.Random(f"{map_type}{key_size}{value_size}")
     fd, map_id = maps.create(map_type, key_size, value_size, max_entries, name="pymap_kd_t")
     record = kmaps.record_from_fd(fd)
@@ -83,7 +93,7 @@ def test_both_engines_make_identical_events(maps, map_type, key_size, value_size
     keyspace = [struct.pack("<I", i) for i in range(max_entries)] if is_array else \
         [rng.randbytes(key_size) for _ in range(max_entries * 2)]
     ro = kmaps.open_map(map_id=map_id)
-    kernel = KernelDelta(record, stride, use_for_each=for_each)
+    kernel = KernelDelta(record, stride, use_for_each=for_each, broker=broker)
     assert kernel.walker.each == (for_each and not record.percpu)
     try:
         u_state, _ = user_poll(ro, record, None)
@@ -454,3 +464,45 @@ def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
     assert watch.kernel is None and watch.engine.startswith("user-space: in-kernel walk failed")
     assert events(delta, 8, 8) == [("UPDATED", struct.pack("<Q", 1), struct.pack("<Q", 11),
                                     struct.pack("<Q", 1))]
+
+
+def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, caplog):
+    """The objects broker killed under a running engine: one warning that the engine is
+    unavailable, one for the map whose next walk needed a program; the map goes on through
+    user space, and a map watched later starts there without another warning."""
+    from watcher.daemon.config import Config
+    from watcher.daemon.engine import Engine
+
+    fd, _ = maps.create("hash", 8, 8, 64, name="pymap_kd_dead")
+    later, _ = maps.create("hash", 8, 8, 64, name="pymap_kd_later")
+    for i in range(3):
+        syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
+    config = Config()
+    config.watch.kernel_delta_min_entries = 0
+    engine = Engine(config, stream=None)
+    engine.broker = Broker()
+    engine.broker.start()
+    try:
+        watch = engine._start(kmaps.record_from_fd(fd))
+        assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
+        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)
+        syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
+        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)  # a for_each walk
+        assert watch.kernel is not None
+        engine.broker.proc.kill()
+        engine.broker.proc.wait()
+        syscall.map_update_elem(fd, struct.pack("<Q", 2), struct.pack("<Q", 22))
+        with caplog.at_level("WARNING"):
+            snap, delta = engine._read_kernel(watch, report_all=False)
+            other = engine._start(kmaps.record_from_fd(later))
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 2, warnings
+        assert "the in-kernel engine is unavailable" in warnings[0]
+        assert "in-kernel walk failed" in warnings[1]
+        assert watch.kernel is None
+        assert events(delta, 8, 8) == [("UPDATED", struct.pack("<Q", 2),
+                                        struct.pack("<Q", 22), struct.pack("<Q", 2))]
+        assert other.kernel is None
+        assert other.engine.startswith("user-space: objects broker unavailable"), other.engine
+    finally:
+        engine.broker.close()

@@ -9,6 +9,10 @@
   and ``sys_exit_bpf`` tracepoints (kernel evidence, no ptrace), filtered by the
   daemon's pid, under list, get, events with snapshots, and event sources: only
   read commands appear after start-up, and none is refused.
+* With the in-kernel engine on, the daemon's pid creates and loads nothing; the
+  objects broker's pid (watcher/kernel/broker.py) does, only that, and refuses
+  programs that could write what they did not make; neither leaves anything
+  behind when the daemon stops or is killed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -26,9 +31,10 @@ from collections.abc import Callable, Iterator
 import pytest
 from conftest import REPO, need_bcc, need_kernel, require
 from support.events import Follower, status, wait_ready, wait_until, watch_of
-from support.kernel import lpm_key, token
+from support.kernel import bpftool, lpm_key, token
 
 from watcher.daemon import privileges
+from watcher.kernel import broker as broker_module
 from watcher.kernel import seccomp, syscall
 
 pytestmark = pytest.mark.kernel
@@ -49,7 +55,7 @@ CHILD = r"""
 import ctypes, errno, json, logging, os, sys, threading
 from watcher.daemon import privileges
 from watcher.daemon.config import Config
-from watcher.kernel import syscall as s
+from watcher.kernel import progload, syscall as s
 
 def attempt(fn):
     try:
@@ -80,12 +86,15 @@ if profile == "kernel_delta":
     # more removals than one packet of the delete program holds, all before the filter.
     from watcher.kernel import maps as kmaps
     from watcher.kernel.iterdelta import IterDelta
+    from watcher.kernel.objects import Broker
     import struct
+    broker = Broker()                                # as the daemon: before its filter
+    broker.start()
     watched = s.map_create(1, 8, 8, 4096, name="pymap_sc_kd")
     for i in range(2000):
         s.map_update_elem(watched, struct.pack("<Q", i), struct.pack("<Q", i))
     ro = kmaps.open_map(map_id=s.map_info(watched).id)
-    engine = IterDelta(kmaps.record_from_fd(watched), 8)
+    engine = IterDelta(kmaps.record_from_fd(watched), 8, objects=broker.engine())
     first = engine.walk(ro)
     for i in range(900):
         s.map_delete_elem(watched, struct.pack("<Q", i))
@@ -127,6 +136,9 @@ out = {
     "delete": attempt(lambda: s.map_delete_elem(rw, b"\0" * 4)),
     "smuggled_update": attempt(smuggled_update),
     "create": attempt(lambda: os.close(s.map_create(1, 4, 8, 4, name="pymap_sc_new"))),
+    "prog_load": attempt(lambda: os.close(progload.load_program(
+        bytes.fromhex("b700000000000000 9500000000000000".replace(" ", "")), "pymap_sc_nop",
+        progload.BPF_PROG_TYPE_SOCKET_FILTER))),
     "pin": attempt(lambda: s.obj_pin(rw, pin)),
     "ptrace": "ok" if libc.ptrace(16, os.getppid(), 0, 0) == 0 else errno.errorcode[ctypes.get_errno()],
     "get_next_id": attempt(lambda: s.map_get_next_id(0)),
@@ -157,6 +169,8 @@ if profile == "kernel_delta":
                      "removed": second.nremoved, "swept": second.swept,
                      "again": [third.nchanged, third.nremoved], "shadow_keys": shadow_keys}
     engine.close()
+    out["broker_filtered"] = broker.filtered
+    broker.close()
 go.set()
 done.wait(30)
 out["thread"] = from_thread
@@ -177,7 +191,8 @@ def test_after_harden_writes_fail_with_eperm_and_reads_work(maps, bpffs_dir):
     _fd, _id = maps.create("hash", 4, 4, 4, name=f"sc_{token()}", pin=bpffs_dir / "readable")
     out, log = run_child("read", str(bpffs_dir / "pin_attempt"), str(bpffs_dir / "readable"))
     assert "seccomp filter installed" in log
-    refused = ("update", "update_batch", "delete", "smuggled_update", "create", "pin", "ptrace")
+    refused = ("update", "update_batch", "delete", "smuggled_update", "create", "prog_load",
+               "pin", "ptrace")
     assert {k: out[k] for k in refused} == {k: "EPERM" for k in refused}
     reads = ("get_next_id", "get_fd_by_id", "info", "lookup", "next_key", "batch", "btf",
              "obj_get")
@@ -188,17 +203,21 @@ def test_after_harden_writes_fail_with_eperm_and_reads_work(maps, bpffs_dir):
     assert not (bpffs_dir / "pin_attempt").exists()
 
 
-def test_kernel_delta_profile_creates_but_never_updates_or_deletes(maps, bpffs_dir):
-    """With the in-kernel engine on (the default), the filter allows creating objects but
-    no update or delete of any map; the engine still walks, resets its state and clears
-    removed keys from its shadow map under it (its own programs do those writes)."""
+def test_kernel_delta_profile_neither_creates_nor_writes(maps, bpffs_dir):
+    """With the in-kernel engine on (the default), the daemon's filter refuses creating a
+    map or loading a program as well as every update and delete; the engine still walks,
+    resets its state and clears removed keys from its shadow map under it: the objects
+    broker, started before the filter, made its objects, and its own programs (run by
+    BPF_PROG_TEST_RUN) do those writes."""
     need_binding()
     maps.create("hash", 4, 4, 4, name=f"sc_{token()}", pin=bpffs_dir / "readable")
     out, log = run_child("kernel_delta", str(bpffs_dir / "pin_attempt"),
                          str(bpffs_dir / "readable"))
-    assert "never an update or delete (the in-kernel engine writes its own maps" in log
-    assert out["create"] == "ok"
-    for k in ("update", "update_batch", "delete", "smuggled_update", "pin", "ptrace"):
+    assert "never an update, delete, create or load (the in-kernel engine's objects come " \
+        "from the objects broker)" in log
+    assert out["broker_filtered"] is True
+    for k in ("update", "update_batch", "delete", "smuggled_update", "create", "prog_load",
+              "pin", "ptrace"):
         assert out[k] == "EPERM", (k, out)
     assert out["never"] == {name: "EPERM" for name in privileges.WRITE_COMMANDS}
     assert out["thread"] == {"update": "EPERM", "lookup": "ok"}
@@ -228,6 +247,7 @@ from watcher.daemon import privileges
 from watcher.daemon.config import Config
 from watcher.kernel import maps as kmaps, progload, syscall as s
 from watcher.kernel.bpfasm import ADD, R0, R1, R2, R3, R4, R6, R10, Asm
+from watcher.kernel.objects import Broker
 
 logging.basicConfig(level="INFO")
 fd = s.map_create(1, 8, 8, 4, name="pymap_sc_victim")   # made before the filter
@@ -236,8 +256,12 @@ for k in (1, 2):
 map_id = s.map_info(fd).id
 ro = kmaps.open_map(map_id=map_id)                       # BPF_F_RDONLY, as for every watched map
 config = Config()
-config.watch.kernel_delta = sys.argv[1]
-privileges.harden(config)
+config.watch.kernel_delta = "off" if sys.argv[1] == "off" else "auto"
+broker = Broker() if sys.argv[1] == "auto" else None
+if broker:
+    broker.start()                                       # as the daemon: before its filter
+if sys.argv[1] != "unfiltered":                          # the kernel alone: what it allows
+    privileges.harden(config)
 
 def attempt(fn):
     try:
@@ -246,14 +270,14 @@ def attempt(fn):
     except OSError as e:
         return errno.errorcode.get(e.errno, str(e.errno))
 
-def helper_program(helper):
+def helper_program(helper, target=ro):
     # bpf_map_update_elem(map, &1, &99) or bpf_map_delete_elem(map, &2), the map named by ro
     a = Asm()
     a.ld_imm64(R1, 1 if helper == 2 else 2)
     a.stx(8, R10, -8, R1)
     a.ld_imm64(R1, 99)
     a.stx(8, R10, -16, R1)
-    a.ld_map_fd(R1, ro)
+    a.ld_map_fd(R1, target)
     a.mov(R2, R10)
     a.alu64(ADD, R2, -8)
     a.mov(R3, R10)
@@ -276,7 +300,7 @@ class TestRunCtx(ctypes.Structure):  # union bpf_attr, test: up to ctx_in
                 ("ctx_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_uint64),
                 ("ctx_out", ctypes.c_uint64), ("pad3", ctypes.c_uint8 * 72)]
 
-def sys_bpf_update():
+def sys_bpf_program():
     # A BPF_PROG_TYPE_SYSCALL program: bpf_sys_bpf(BPF_MAP_GET_FD_BY_ID) for a read-write
     # fd of the map (id from its context), then bpf_sys_bpf(BPF_MAP_UPDATE_ELEM) key 1 = 1234.
     a = Asm()
@@ -304,7 +328,10 @@ def sys_bpf_update():
     a.movi(R3, 32)
     a.call(166)
     a.exit()
-    insns, license_ = a.assemble(), ctypes.create_string_buffer(b"GPL")
+    return a.assemble()
+
+def sys_bpf_update():
+    insns, license_ = sys_bpf_program(), ctypes.create_string_buffer(b"GPL")
     code = ctypes.create_string_buffer(insns, len(insns))
     attr = progload._ProgLoadAttr(prog_type=31, insn_cnt=len(insns) // 8,
                                   insns=ctypes.addressof(code),
@@ -323,36 +350,86 @@ out = {"update_syscall": attempt(lambda: s.map_update_elem(ro, struct.pack("<Q",
                                                      for k in (1, 2))]}
 out["sys_bpf_update"] = attempt(sys_bpf_update)
 out["after_sys_bpf"] = (s.map_lookup_elem(fd, struct.pack("<Q", 1), 8) or b"").hex()
+if broker:
+    # What the daemon can still ask for: programs through the broker, which checks them.
+    mine, other = broker.engine(), broker.engine()
+    own = mine.create_map(1, 8, 8, 4, "pymap_sc_own")
+    elsewhere = other.create_map(1, 8, 8, 4, "pymap_sc_other")
+    def through_broker(insns, prog_type=progload.BPF_PROG_TYPE_SOCKET_FILTER, run=True):
+        prog = mine.load_program(insns, "pymap_sc_b", prog_type)
+        if run:
+            s.prog_test_run(prog, bytes(64))
+        os.close(prog)
+    def sys_bpf_socket_filter():
+        a = Asm()
+        a.movi(R1, 2)
+        a.mov(R2, R10)
+        a.movi(R3, 0)
+        a.call(166)
+        a.exit()
+        return a.assemble()
+    refusals = {}
+    def refused(key, fn):
+        try:
+            fn()
+            out[key] = "ok"
+        except OSError as e:
+            out[key] = errno.errorcode.get(e.errno, str(e.errno))
+            refusals[key] = str(e)
+    refused("broker_own_update", lambda: through_broker(helper_program(2, own)))
+    refused("broker_watched_update", lambda: through_broker(helper_program(2)))
+    refused("broker_watched_delete", lambda: through_broker(helper_program(3)))
+    refused("broker_other_engine", lambda: through_broker(helper_program(2, elsewhere)))
+    refused("broker_syscall_type", lambda: through_broker(sys_bpf_program(), 31, run=False))
+    refused("broker_sys_bpf_helper", lambda: through_broker(sys_bpf_socket_filter()))
+    out["own_after"] = (s.map_lookup_elem(own, struct.pack("<Q", 1), 8) or b"").hex()
+    out["victim_after_broker"] = [(s.map_lookup_elem(fd, struct.pack("<Q", k), 8) or b"").hex()
+                                  for k in (1, 2)]
+    out["refusals"] = refusals
+    broker.close()
 print(json.dumps(out))
 """
 
 
-def test_what_prog_load_allows_a_filtered_process(maps):
-    """Measured on this kernel: a program may write any map it names, and the fd's
-    BPF_F_RDONLY does not stop it (neither the verifier nor the helper looks at the fd's
-    mode); a BPF_PROG_TYPE_SYSCALL program can even issue BPF_MAP_UPDATE_ELEM itself
-    (bpf_sys_bpf), which seccomp never sees.  So where the filter allows PROG_LOAD (the
-    in-kernel engine on), what keeps watched maps unwritten is pymap's generated code
-    (iterdelta._check_read_only), not the kernel; with the engine off PROG_LOAD is refused
-    and nothing of this can run (docs/operations.md)."""
+def test_what_a_filtered_daemon_can_load_and_what_the_broker_refuses(maps):
+    """Measured on this kernel without a filter: a program may write any map it names,
+    whatever the fd's mode, and a BPF_PROG_TYPE_SYSCALL program can even issue
+    BPF_MAP_UPDATE_ELEM (bpf_sys_bpf), which seccomp would never see.  So the daemon's
+    filter refuses BPF_PROG_LOAD (and BPF_MAP_CREATE) in every profile: none of those
+    writers loads.  With the engine on, programs come from
+    the objects broker, which loads one that writes a map it made for the same engine,
+    and refuses (EPERM, with the reason) one that writes the watched map or another
+    engine's map, a syscall program, and bpf_sys_bpf in a socket filter."""
     need_binding()
     results = {}
-    for profile in ("auto", "off"):
+    for profile in ("unfiltered", "auto", "off"):
         proc = subprocess.run([sys.executable, "-c", WRITER_CHILD, profile],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         results[profile] = json.loads(proc.stdout.splitlines()[-1])
     print("writes from a filtered process:", results)
     seven, ninety_nine = struct.pack("<Q", 7).hex(), struct.pack("<Q", 99).hex()
-    assert results["auto"] == {
-        "update_syscall": "EPERM",  # the bpf() command: refused by the filter
+    assert results["unfiltered"] == {
+        "update_syscall": "EPERM",  # the command checks the fd's mode: BPF_F_RDONLY
         "helper_update": "ok", "helper_delete": "ok",  # through the read-only fd
         "after_helpers": [ninety_nine, ""],
         "sys_bpf_update": "ok",  # no fd at all: by id, from inside the kernel
         "after_sys_bpf": struct.pack("<Q", 1234).hex()}
-    assert results["off"] == {
+    refused_here = {
         "update_syscall": "EPERM", "helper_update": "EPERM", "helper_delete": "EPERM",
         "after_helpers": [seven, seven], "sys_bpf_update": "EPERM", "after_sys_bpf": seven}
+    assert results["off"] == refused_here
+    auto = results["auto"]
+    assert {k: auto[k] for k in refused_here} == refused_here
+    assert auto["broker_own_update"] == "ok" and auto["own_after"] == ninety_nine
+    for k in ("broker_watched_update", "broker_watched_delete", "broker_other_engine",
+              "broker_syscall_type", "broker_sys_bpf_helper"):
+        assert auto[k] == "EPERM", (k, auto)
+        assert "objects broker: pymap_sc_b refused" in auto["refusals"][k] \
+            or "not program type 31" in auto["refusals"][k], auto["refusals"][k]
+    assert "helper 166" in auto["refusals"]["broker_sys_bpf_helper"]
+    assert "not pymap's own" in auto["refusals"]["broker_other_engine"]
+    assert auto["victim_after_broker"] == [seven, seven]
 
 
 def test_every_command_in_the_profiles_is_known():
@@ -413,14 +490,15 @@ def audit(bcc, pid: int) -> Iterator[Callable[[], tuple[dict[str, int], dict[str
         tracer.cleanup()
 
 
-def held_map_ids(pid: int) -> set[int]:
-    """Ids of the maps process ``pid`` holds fds to (pymap leaves itself out of holders)."""
+def held_ids(pid: int, kind: str = "map") -> set[int]:
+    """Ids of the maps (or ``kind="prog"``: programs) process ``pid`` holds fds to
+    (pymap leaves itself out of map holders, so /proc it is)."""
     ids = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-map":
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"anon_inode:bpf-{kind}":
                 with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    ids |= {int(ln.split()[1]) for ln in f if ln.startswith("map_id:")}
+                    ids |= {int(ln.split()[1]) for ln in f if ln.startswith(f"{kind}_id:")}
     return ids
 
 
@@ -444,7 +522,7 @@ def test_daemon_uses_only_read_commands_after_start_up(daemon_factory, maps, bpf
         got = d.cli("get", f"au_{tag}", "-o", "json", check=True)
         assert json.loads(got.stdout)["count"] == 8
         # A bcc map, decoded with its BTF: this daemon's (other tests may load execsnoop too).
-        held = held_map_ids(d.proc.pid)
+        held = held_ids(d.proc.pid)
         (dropped,) = [m["id"] for m in json.loads(listed.stdout)
                       if m["name"] == "dropped" and m["id"] in held]
         d.cli("get", f"id:{dropped}", check=True)
@@ -487,12 +565,31 @@ def test_without_the_binding_the_daemon_says_so_and_serves(daemon_factory):
     assert "seccomp filter off (daemon.seccomp = false)" in d.log.read_text()
 
 
+def broker_pid(log: str) -> int:
+    """The objects broker's pid, from the daemon's log line about it."""
+    (pid,) = re.findall(r"objects broker \(pid (\d+)\) serving the in-kernel engine", log)
+    return int(pid)
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except OSError:
+        return False
+
+
+def loaded_prog_ids() -> set[int]:
+    return {p["id"] for p in bpftool("prog", "show")}
+
+
 def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_factory, maps,
                                                                        bpffs_dir):
-    """With watch.kernel_delta on, the engine creates its objects after the filter is in:
-    adds, changes and removals (more than one delete packet) arrive as events that replay
-    to what bpftool shows, and the daemon's pid issues no update or delete command at all:
-    its engine writes its own maps with its own programs (BPF_PROG_TEST_RUN)."""
+    """With watch.kernel_delta on, adds, changes and removals (more than one delete packet)
+    arrive as events that replay to what bpftool shows.  The daemon's pid issues no create,
+    load, update or delete command at all: the objects broker's pid creates the maps and
+    loads the programs (and issues nothing else), and the daemon runs them.  When the
+    daemon stops, the broker is gone and no program of theirs is left."""
     bcc = need_bcc()
     need_binding()
     from support.events import replay_lines
@@ -502,12 +599,15 @@ def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_f
     fd, map_id = maps.create("hash", 4, 8, 4096, name=name, pin=bpffs_dir / name)
     d = daemon_factory("--interval", "0.2", "--set", "watch.kernel_delta_min_entries=0",
                        "--set", 'watch.kernel_delta_types=["hash"]')
-    assert "never an update or delete (the in-kernel engine" in d.log.read_text()
+    log = d.log.read_text()
+    assert "never an update, delete, create or load (the in-kernel engine's objects come " \
+        "from the objects broker)" in log
+    broker = broker_pid(log)
 
     def put(i: int, v: int) -> None:
         syscall.map_update_elem(fd, struct.pack("<I", i), struct.pack("<Q", v))
 
-    with audit(bcc, d.proc.pid) as tables:
+    with audit(bcc, d.proc.pid) as tables, audit(bcc, broker) as broker_tables:
         with Follower(d, name, "-f") as f:
             wait_ready(d, name)
             watch = watch_of(status(d), name)
@@ -526,14 +626,44 @@ def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_f
             actions = [ln["action"] for ln in lines[2000:]]
             assert (actions.count("removed"), actions.count("updated"),
                     actions.count("added")) == (1200, 100, 10)
+            progs = held_ids(d.proc.pid, "prog")
         calls, refused = tables()
+        broker_calls, broker_refused = broker_tables()
     print("daemon bpf() with the in-kernel engine:", calls, "refused:", refused)
-    assert calls.get("BPF_MAP_CREATE", 0) > 0 and calls.get("BPF_PROG_LOAD", 0) > 0
-    assert calls.get("BPF_PROG_TEST_RUN", 0) > 0
+    print("objects broker bpf():", broker_calls, "refused:", broker_refused)
+    assert calls.get("BPF_PROG_TEST_RUN", 0) > 0 and calls.get("BPF_MAP_LOOKUP_ELEM", 0) > 0
     assert set(calls) <= set(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS)
-    assert not set(calls) & set(privileges.WRITE_COMMANDS), calls
+    assert not set(calls) & {"BPF_MAP_CREATE", "BPF_PROG_LOAD", "BPF_BTF_LOAD",
+                             *privileges.WRITE_COMMANDS}, calls
     assert refused == {}
-    assert "in-kernel engine failed" not in d.log.read_text()
+    assert broker_calls.get("BPF_MAP_CREATE", 0) > 0 and broker_calls.get("BPF_PROG_LOAD", 0) > 0
+    assert set(broker_calls) <= set(broker_module.ENGINE_BPF_COMMANDS), broker_calls
+    assert broker_refused == {}
+    assert "in-kernel walk failed" not in d.log.read_text()
+    assert progs and progs <= loaded_prog_ids()
+    assert d.stop() == 0
+    wait_until(lambda: not running(broker), "the broker's exit")
+    assert not progs & loaded_prog_ids()
+
+
+def test_a_killed_daemon_leaves_no_broker_and_no_program(daemon_factory, maps):
+    """SIGKILL gives the daemon no chance to clean up: the broker sees its socket close and
+    exits, and the kernel frees every object of theirs."""
+    need_binding()
+    name = f"ax_{token()}"
+    maps.create("hash", 4, 8, 64, name=name)
+    d = daemon_factory("--interval", "0.2", "--set", "watch.kernel_delta_min_entries=0",
+                       "--set", 'watch.kernel_delta_types=["hash"]')
+    broker = broker_pid(d.log.read_text())
+    with Follower(d, name, "-f"):
+        wait_ready(d, name)
+        assert watch_of(status(d), name)["engine"].startswith("in-kernel:")
+        progs = held_ids(d.proc.pid, "prog")
+    assert progs and running(broker)
+    d.proc.kill()
+    d.proc.wait(30)
+    wait_until(lambda: not running(broker), "the broker's exit")
+    assert not progs & loaded_prog_ids()
 
 
 def test_reload_keeps_the_engine_the_filter_was_made_for(tmp_path, daemon_factory, maps):

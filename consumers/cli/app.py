@@ -406,10 +406,15 @@ def _fleet_events(url: str, selectors: list[str], node: str | None, since: str |
         async with FleetSubscription(options, selectors, node_glob=node, since=since_s,
                                      follow=follow, durable=durable,
                                      on_notice=lambda t: say(f"pymap: fleet: {t}")) as sub:
-            async for message in sub:
-                printer.print(message)
-                if count and printer.count >= count:
-                    return
+            try:
+                async for message in sub:
+                    printer.print(message)
+                    if count and printer.count >= count:
+                        return
+            finally:
+                if sub.duplicates:
+                    say(f"pymap: fleet: {sub.duplicates} duplicate event(s) dropped (re-sent "
+                        "by a restarted exporter and stored twice; docs/fleet.md)")
 
     try:
         run_async(main)

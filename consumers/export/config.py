@@ -15,7 +15,7 @@ OUTPUT_KEYS = ("max_bytes", "backups", "mode", "sd_id", "app_name", "facility", 
                "key", "server_name", "subject", "stream", "creds",
                # nats:// (docs/fleet.md)
                "prefix", "nkey", "tls_ca", "tls_cert", "tls_key", "replicas", "max_age",
-               "duplicate_window", "create", "ack_timeout", "connect_timeout")
+               "duplicate_window", "create", "ack_timeout", "connect_timeout", "batch", "linger")
 
 
 def load(path: str) -> list[ExportSpec]:

@@ -8,6 +8,12 @@ in a :class:`Gap` kept at their place in the queue; the sender turns it into
 a ``dropped`` record (its count, the first and last sequence lost) when the
 output takes data again, so the receiver sees exactly where and how much it
 missed.  The rate limiter drops the same way.
+
+An output that packs records into messages (``output.grouping``, see
+grouping.py) gets only whole messages: a batch ends where a message ends, and
+a trailing message that may still grow waits in the buffer for more records,
+``linger`` seconds at most; then it is cut where it stands and the cut is
+written to the checkpoint before it is sent.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import attrs
 import trio
 
 from .checkpoint import Checkpoint
+from .grouping import Grouping
 from .outputs import Output, OutputUnavailable
 from .record import ExportRecord
 
@@ -88,6 +95,10 @@ class Delivery:
         self._wakeup = trio.Event()
         self._closing = False
         self._idle = trio.Event()
+        self.grouping: Grouping | None = output.grouping
+        if self.grouping is not None and checkpoint is not None:
+            self.grouping.cuts = checkpoint.cuts  # cuts persist with the checkpoint
+        self._held: tuple[ExportRecord, float] | None = None  # open message, since when
 
     # --- the stream side: never waits ---
 
@@ -148,7 +159,47 @@ class Delivery:
                 item_record = item
             batch.append(item_record)
             size += item_record.size
+        if self.grouping is not None:
+            self._whole_messages(batch)
         return batch
+
+    def _whole_messages(self, batch: list[ExportRecord]) -> None:
+        """End ``batch`` where a message ends: take the rest of a message the byte
+        limit cut, and give back a trailing message that may still grow, unless it
+        waited ``linger`` seconds (then cut it, noting the cut first)."""
+        g, q = self.grouping, self._queue
+        assert g is not None
+        while batch and q:
+            record = q[0]
+            if not isinstance(record, ExportRecord) or not g.continues(batch[-1], record):
+                break
+            q.popleft()
+            self._bytes -= record.size
+            batch.append(record)
+        tail = 0 if q or self._closing else g.open_tail(batch)
+        if not tail:
+            self._held = None
+            return
+        first, now = batch[-tail], time.monotonic()
+        if self._held is None or self._held[0] is not first:
+            self._held = (first, now)
+        if now - self._held[1] >= g.linger:
+            last = batch[-1]
+            if self.checkpoint is not None:
+                self.checkpoint.cut(last.epoch, last.seq)
+            else:
+                g.cuts[(last.epoch, last.seq)] = None
+            self._held = None
+            return
+        for record in reversed(batch[-tail:]):
+            q.appendleft(record)
+            self._bytes += record.size
+        del batch[-tail:]
+
+    def _linger_deadline(self) -> float:
+        held = self._held
+        assert self.grouping is not None and held is not None
+        return held[1] + self.grouping.linger
 
     async def run(self) -> None:
         """Deliver until :meth:`close` and the buffer is empty (or cancelled)."""
@@ -167,6 +218,12 @@ class Delivery:
                         self._idle = trio.Event()
                         continue
                     batch = self._take()
+                    if not batch:  # one message that may still grow: wait for more, or cut it
+                        self._wakeup = trio.Event()
+                        with trio.move_on_at(self._linger_deadline() - time.monotonic()
+                                             + trio.current_time()):
+                            await self._wakeup.wait()
+                        continue
                 try:
                     if not is_open:
                         await self.output.open()
@@ -189,8 +246,11 @@ class Delivery:
                 self.stats.last_error = ""
                 self.stats.delivered += len(batch)
                 self._advance(batch)
+                if self.grouping is not None and self.checkpoint is None:
+                    self.grouping.cuts.clear()  # sent: no restart will re-send these
                 batch = []
         finally:
+            self._idle.set()  # a close() waiting for the buffer to drain: it has
             if is_open:
                 await self.output.aclose()
             if self.checkpoint is not None:

@@ -7,6 +7,8 @@ whose ring still reaches back that far.  Every other map (its ring no longer
 covers the gap, or the daemon restarted since) is re-read as a fresh snapshot
 behind an explicit ``resync`` event.  Everything after that is the ordinary
 stream, with the stream's own gap and restart handling (tail -F included).
+Replayed events come in the daemon's sequence order (after any resyncs), as the
+live stream delivered them the first time.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class ResumingStream(EventStream):
                 by_map.setdefault(name, []).append((message, frames))
         names = set(by_map) | {n for n in await _all_names(self.client, self.selection)}
         out: list[Event] = []
+        replayed: list[Event] = []
         for name in sorted(names):
             replay = by_map.get(name, [])
             covered = (any(m.seq <= resume.seq for m, _ in replay)  # type: ignore[attr-defined]
@@ -73,12 +76,15 @@ class ResumingStream(EventStream):
                 self._topic_seq[name] = last
                 for event in events_of(message, frames, self._formatters):
                     if event.seq > resume.seq:
-                        out.append(event)
+                        replayed.append(event)
                         self.replayed += 1
             if not replay:
                 self._topic_seq[name] = self._beat_topics.get(name, 0)
         self._retry = None
-        return out
+        # In the daemon's order, as they first went out: outputs that pack consecutive
+        # events into messages (grouping.py) then cut the re-sends as they cut the originals.
+        replayed.sort(key=lambda e: e.seq)
+        return out + replayed
 
 
 async def _all_names(client, selection: Selection) -> list[str]:

@@ -5,7 +5,11 @@ take the same string::
 
     nats://h1:4222,h2:4222,h3:4222?stream=PYMAP&prefix=pymap&replicas=3
         &max_age=7d&max_bytes=10GiB&duplicate_window=2m
-        &creds=/etc/pymap/fleet.creds&tls_ca=/etc/pymap/nats-ca.pem
+        &creds=/etc/pymap/fleet.creds&tls_ca=/etc/pymap/nats-ca.pem&batch=256
+
+``batch=N`` packs up to N consecutive events of one map and action into one
+JetStream message (docs/fleet.md, "Batched messages"); the default, 1, sends
+one message per event.
 
 ``tls://`` instead of ``nats://`` requires TLS.  Credentials follow the NATS
 ecosystem: a ``.creds`` file (JWT + nkey seed, as ``nsc`` writes them), a bare
@@ -29,6 +33,9 @@ DEFAULT_PREFIX = "pymap"
 DEFAULT_MAX_AGE = 7 * 86400.0
 DEFAULT_MAX_BYTES = 10 * 2**30
 DEFAULT_DUPLICATE_WINDOW = 120.0  # JetStream's own default; each id in the window costs memory
+MAX_BATCH = 1000  # events per message: 1000 x ~1 KB stays below NATS' default 1 MB max_payload
+DEFAULT_LINGER = 0.05  # seconds a batched message may wait for more events (adds latency)
+MAX_LINGER = 5.0
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _SIZES = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -77,6 +84,8 @@ class FleetOptions:
     tls_required: bool = False
     connect_timeout: float = 5.0
     ack_timeout: float = 10.0
+    batch: int = 1
+    linger: float = DEFAULT_LINGER
 
     @property
     def subjects(self) -> list[str]:
@@ -109,7 +118,7 @@ _FIELDS: dict[str, Any] = {
     "stream": str, "prefix": check_prefix, "replicas": int, "max_age": parse_duration,
     "max_bytes": parse_size, "duplicate_window": parse_duration, "creds": str, "nkey": str,
     "tls_ca": str, "tls_cert": str, "tls_key": str, "ack_timeout": parse_duration,
-    "connect_timeout": parse_duration,
+    "connect_timeout": parse_duration, "batch": int, "linger": parse_duration,
     "create": lambda v: _BOOL[v.lower()],
 }
 
@@ -146,4 +155,8 @@ def parse_url(url: str, **overrides: Any) -> FleetOptions:
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if not 1 <= kw["replicas"] <= 5:
         raise FleetConfigError(f"replicas={kw['replicas']}: JetStream allows 1 to 5")
+    if not 1 <= kw.get("batch", 1) <= MAX_BATCH:
+        raise FleetConfigError(f"batch={kw['batch']}: events per message, 1 to {MAX_BATCH}")
+    if not 0 <= kw.get("linger", DEFAULT_LINGER) <= MAX_LINGER:
+        raise FleetConfigError(f"linger={kw['linger']:g}s: 0 to {MAX_LINGER:g} s")
     return FleetOptions(**kw)

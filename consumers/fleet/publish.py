@@ -7,6 +7,12 @@ a batch goes out pipelined: every event is published with its own reply inbox
 or recognised as a duplicate by its message id) or raises: FleetUnavailable
 when the servers cannot be reached or do not ack in time (retrying later is
 right, and the ids make the retry harmless), FleetError when JetStream refuses.
+
+With ``batch=N`` the records are first cut into messages by the output's
+:class:`~consumers.export.grouping.Grouping` (consecutive events of one map and
+action, at most N, boundaries a function of the records alone), each message
+packing its events one per line; a message too big for the server's
+``max_payload`` goes out as single events instead.
 """
 
 from __future__ import annotations
@@ -21,35 +27,53 @@ import trio
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from ..export.grouping import Grouping
 from ..export.record import ExportRecord
 from .bridge import AsyncioThread
 from .jetstream import FleetError, FleetUnavailable, close_connection, connect, ensure_stream
 from .options import FleetOptions
-from .subjects import headers, subject
+from .subjects import batch_headers, headers, subject
 
 
 @attrs.frozen
 class PublishResult:
-    stored: int  # newly stored in the stream
-    duplicates: int  # already there (a re-send within the duplicate window)
+    stored: int  # events newly stored in the stream
+    duplicates: int  # events already there (a re-send within the duplicate window)
+    messages: int = 0  # JetStream messages they went in
 
 
-async def _publish_batch(js: JetStreamContext, prefix: str, records: Sequence[ExportRecord]
+async def _publish_batch(nc: NATS, js: JetStreamContext, prefix: str,
+                         records: Sequence[ExportRecord], grouping: Grouping | None
                          ) -> PublishResult:
     futures = []
-    for r in records:
-        futures.append(await js.publish_async(
-            subject(prefix, r.node, r.map, r.action), r.payload,
-            headers=headers(r.node, r.map, r.action, r.epoch, r.seq, r.time, r.payload)))
+    counts = []
+    groups = grouping.split(records) if grouping is not None else [records]
+    for group in groups:
+        if len(group) > 1 and grouping is not None:
+            payload = b"\n".join(r.payload for r in group)
+            if len(payload) <= nc.max_payload - 1024:  # room for the headers
+                first, last = group[0], group[-1]
+                futures.append(await js.publish_async(
+                    subject(prefix, first.node, first.map, first.action), payload,
+                    headers=batch_headers(first.node, first.map, first.action, first.epoch,
+                                          first.seq, last.seq, first.time)))
+                counts.append(len(group))
+                continue
+        for r in group:
+            futures.append(await js.publish_async(
+                subject(prefix, r.node, r.map, r.action), r.payload,
+                headers=headers(r.node, r.map, r.action, r.epoch, r.seq, r.time, r.payload)))
+            counts.append(1)
     acks = await asyncio.gather(*futures)
-    dups = sum(1 for a in acks if a.duplicate)
-    return PublishResult(len(acks) - dups, dups)
+    dups = sum(n for a, n in zip(acks, counts, strict=True) if a.duplicate)
+    return PublishResult(len(records) - dups, dups, len(acks))
 
 
-async def _publish_within(js: JetStreamContext, prefix: str, records: Sequence[ExportRecord],
+async def _publish_within(nc: NATS, js: JetStreamContext, prefix: str,
+                          records: Sequence[ExportRecord], grouping: Grouping | None,
                           timeout: float) -> PublishResult:
     try:
-        return await asyncio.wait_for(_publish_batch(js, prefix, records), timeout)
+        return await asyncio.wait_for(_publish_batch(nc, js, prefix, records, grouping), timeout)
     except TimeoutError:
         raise FleetUnavailable(f"no JetStream ack within {timeout:g} s") from None
     except (nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError) as e:
@@ -61,11 +85,18 @@ async def _publish_within(js: JetStreamContext, prefix: str, records: Sequence[E
 
 
 class FleetPublisher:
-    """``async with FleetPublisher(options) as pub: await pub.publish(records)`` from trio."""
+    """``async with FleetPublisher(options) as pub: await pub.publish(records)`` from trio.
 
-    def __init__(self, options: FleetOptions, client_name: str = "pymap-export"):
+    With ``options.batch`` > 1, ``records`` must end where a message ends (the
+    delivery layer sees to it through ``grouping``)."""
+
+    def __init__(self, options: FleetOptions, client_name: str = "pymap-export",
+                 grouping: Grouping | None = None):
         self.options = options
         self.client_name = client_name
+        if grouping is None and options.batch > 1:
+            grouping = Grouping(options.batch, options.linger)
+        self.grouping = grouping
         self._thread: AsyncioThread | None = None
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -84,8 +115,10 @@ class FleetPublisher:
     async def publish(self, records: Sequence[ExportRecord]) -> PublishResult:
         if not records:
             return PublishResult(0, 0)
-        assert self._thread is not None and self._js is not None, "publish before open"
-        return await self._thread.run(_publish_within(self._js, self.options.prefix, records,
+        assert self._thread is not None and self._js is not None and self._nc is not None, \
+            "publish before open"
+        return await self._thread.run(_publish_within(self._nc, self._js, self.options.prefix,
+                                                      records, self.grouping,
                                                       self.options.ack_timeout))
 
     async def aclose(self) -> None:

@@ -6,6 +6,10 @@ names travel in headers, which is what consumers read.  The message id
 ``<node>.<epoch>.<seq>`` names an event uniquely across daemon restarts (a new
 epoch per start), so JetStream drops an exporter's re-sends within the stream's
 duplicate window.
+
+A batched message (``batch=N``) packs consecutive events of one map and one
+action, one per line; its id is ``<node>.<epoch>.<first>-<last>`` and
+``Pymap-Count``, ``Pymap-First`` and ``Pymap-Last`` say what it holds.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import re
 HEADER_NODE = "Pymap-Node"
 HEADER_MAP = "Pymap-Map"
 HEADER_ACTION = "Pymap-Action"
-HEADER_TIME = "Pymap-Time"  # event time at the node, seconds since the epoch
+HEADER_TIME = "Pymap-Time"  # event time at the node (a batch's first), seconds since the epoch
+HEADER_COUNT = "Pymap-Count"  # events in a batched message (absent: one)
+HEADER_FIRST = "Pymap-First"  # seq of a batched message's first event
+HEADER_LAST = "Pymap-Last"  # ... and of its last
 MSG_ID = "Nats-Msg-Id"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -57,11 +64,20 @@ def headers(node: str, map_name: str, action: str, epoch: str, seq: int, time: f
             HEADER_MAP: map_name, HEADER_ACTION: action, HEADER_TIME: repr(time)}
 
 
+def batch_headers(node: str, map_name: str, action: str, epoch: str, first: int, last: int,
+                  time: float) -> dict[str, str]:
+    """Headers of a message packing events ``first``..``last`` (consecutive seqs)."""
+    return {MSG_ID: f"{node}.{epoch}.{first}-{last}", HEADER_NODE: node, HEADER_MAP: map_name,
+            HEADER_ACTION: action, HEADER_TIME: repr(time), HEADER_COUNT: str(last - first + 1),
+            HEADER_FIRST: str(first), HEADER_LAST: str(last)}
+
+
 def parse_msg_id(node: str, mid: str) -> tuple[str, int]:
-    """(epoch, seq) from a message id of ``node`` (node names may contain dots)."""
+    """(epoch, seq) from a message id of ``node`` (node names may contain dots); a
+    batched message's seq is its first event's."""
     rest = mid[len(node) + 1:] if mid.startswith(node + ".") else mid
     epoch, _, seq = rest.partition(".")
-    seq = seq.partition(".")[0]
+    seq = seq.partition(".")[0].partition("-")[0]
     return epoch, int(seq) if seq.isdigit() else 0
 
 

@@ -13,6 +13,13 @@ and map glob on the headers.  A SIEM forwarder in Python::
 
 Iterating ``sub`` itself yields messages and acknowledges each fetched batch when
 the next one is asked for, i.e. after the caller handled it (at-least-once).
+
+A batched JetStream message (``batch=N`` at the exporter) is unpacked here:
+each line becomes one FleetMessage naming its node, with its own seq.  Acks are
+per JetStream message, so acknowledging one event of a batched message
+acknowledges all of them: acknowledge what ``batches()`` yields as a whole.
+Events seen before (same node, epoch and seq: a re-send JetStream did not
+recognise) are dropped and counted in ``duplicates`` (consumers/fleet/dedup.py).
 """
 
 from __future__ import annotations
@@ -31,10 +38,13 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .bridge import AsyncioThread
+from .dedup import SeenWindow
 from .jetstream import FleetError, FleetUnavailable, close_connection, connect
 from .options import FleetOptions
 from .subjects import (
     HEADER_ACTION,
+    HEADER_COUNT,
+    HEADER_FIRST,
     HEADER_MAP,
     HEADER_NODE,
     HEADER_TIME,
@@ -66,14 +76,24 @@ class FleetMessage:
     msg: Msg = attrs.field(repr=False, eq=False)
 
 
-def _message(msg: Msg, now: float) -> FleetMessage:
+def _messages(msg: Msg, now: float) -> list[FleetMessage]:
+    """The events of one JetStream message: one, or one per line of a batched message."""
     h = msg.headers or {}
     node = h.get(HEADER_NODE, "")
     epoch, seq = parse_msg_id(node, h.get(MSG_ID, ""))
-    return FleetMessage(node=node, map=h.get(HEADER_MAP, ""), action=h.get(HEADER_ACTION, ""),
-                        epoch=epoch, seq=seq, time=float(h.get(HEADER_TIME, 0) or 0),
-                        payload=msg.data, stream_seq=msg.metadata.sequence.stream,
-                        received=now, msg=msg)
+    map_name, action = h.get(HEADER_MAP, ""), h.get(HEADER_ACTION, "")
+    t = float(h.get(HEADER_TIME, 0) or 0)
+    stream_seq = msg.metadata.sequence.stream
+    count = h.get(HEADER_COUNT)
+    lines = msg.data.split(b"\n") if count is not None else [msg.data]
+    if count is not None and (len(lines) != int(count) or not h.get(HEADER_FIRST, "").isdigit()):
+        lines, count = [msg.data], None  # not what its headers say: shown whole, seq 0
+        seq = 0
+    elif count is not None:
+        seq = int(h[HEADER_FIRST])
+    return [FleetMessage(node=node, map=map_name, action=action, epoch=epoch, seq=seq + i,
+                         time=t, payload=line, stream_seq=stream_seq, received=now, msg=msg)
+            for i, line in enumerate(lines)]
 
 
 def _start(since: float | None, follow: bool, after_seq: int) -> dict:
@@ -116,6 +136,8 @@ class FleetSubscription:
         self._sub: JetStreamContext.PullSubscription | None = None
         self._last_stream_seq = 0
         self.filtered_out = 0  # messages the subject filter let through but the globs did not
+        self.seen = SeenWindow()
+        self.duplicates = 0  # events dropped as seen before (a re-send stored twice)
 
     def wanted(self, m: FleetMessage) -> bool:
         if self.node_glob and not fnmatch.fnmatchcase(m.node, self.node_glob):
@@ -234,16 +256,38 @@ class FleetSubscription:
                     return
                 continue
             now = time.time()
-            batch = [_message(m, now) for m in msgs]
-            self._last_stream_seq = batch[-1].stream_seq
-            wanted = [m for m in batch if self.wanted(m)]
-            self.filtered_out += len(batch) - len(wanted)
-            if len(wanted) < len(batch):  # ack what we skip, so it is not redelivered
-                await self.ack([m for m in batch if not self.wanted(m)])
+            self._last_stream_seq = msgs[-1].metadata.sequence.stream
+            wanted: list[FleetMessage] = []
+            done: list[Msg] = []  # JetStream messages with nothing to yield: acked now
+            for msg in msgs:
+                events = _messages(msg, now)
+                if not self.wanted(events[0]):
+                    self.filtered_out += 1
+                    done.append(msg)
+                elif fresh := self._fresh(events):
+                    wanted += fresh
+                else:
+                    done.append(msg)
+            await self._ack_msgs(done)
             if wanted:
                 yield wanted
-            if not self.follow and batch[-1].msg.metadata.num_pending == 0:
+            if not self.follow and msgs[-1].metadata.num_pending == 0:
                 return
+
+    def _fresh(self, events: list[FleetMessage]) -> list[FleetMessage]:
+        """``events`` (of one JetStream message) less those seen before, counted."""
+        first = events[0]
+        if first.seq <= 0:
+            return events  # records the exporter made: JetStream's id de-duplication only
+        seen = self.seen.runs(first.node, first.epoch).add(first.seq, events[-1].seq)
+        if not seen:
+            return events
+        dup = {s for a, b in seen for s in range(a, b + 1)}
+        self.duplicates += len(dup)
+        if self.on_notice:
+            self.on_notice(f"{len(dup)} event(s) of {first.node} seen before (seq "
+                           f"{min(dup)}..{max(dup)}; a re-send stored twice): dropped")
+        return [m for m in events if m.seq not in dup]
 
     async def __aiter__(self) -> AsyncIterator[FleetMessage]:
         async for batch in self.batches():
@@ -252,13 +296,17 @@ class FleetSubscription:
             await self.ack(batch)
 
     async def ack(self, messages: Sequence[FleetMessage]) -> None:
-        """Acknowledge ``messages`` (one crossing to the asyncio side for all of them)."""
-        if not messages or self._thread is None:
+        """Acknowledge the JetStream messages of ``messages`` (one crossing to the asyncio
+        side for all of them; a batched message's events share one ack)."""
+        await self._ack_msgs(list({id(m.msg): m.msg for m in messages}.values()))
+
+    async def _ack_msgs(self, msgs: Sequence[Msg]) -> None:
+        if not msgs or self._thread is None:
             return
 
         async def ack_all() -> None:
-            for m in messages:
-                await m.msg.ack()
+            for msg in msgs:
+                await msg.ack()
 
         await self._thread.run(ack_all())
 

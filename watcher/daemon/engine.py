@@ -33,6 +33,7 @@ from ..kernel import maps as kmaps
 from ..kernel.dump import value_stride
 from ..kernel.maptypes import DumpMethod, dump_method
 from ..kernel.mapwatch import Created
+from ..kernel.objects import Broker
 from ..wire import schema
 from ..wire.transport import OutFrames
 from . import catalog, errors
@@ -175,6 +176,7 @@ class Engine:
         self.poll_errors = 0
         self.drops_reported = 0
         self.resyncs = 0
+        self.broker: Broker | None = None  # makes the in-kernel engine's objects (main.run)
 
     # --- demand ---
 
@@ -384,7 +386,7 @@ class Engine:
         if watch.pollable:
             in_use = sum(w.kernel.kernel_bytes for w in self.watches.values() if w.kernel)
             watch.kernel, watch.engine = choose_engine(record, watch.stride, self.config.watch,
-                                                       in_use)
+                                                       in_use, self.broker)
             log.debug("%s (id %d): %s", record.name, record.id, watch.engine)
         log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval,
                  extra={"map": record.name, "map_id": record.id, "interval": watch.interval})

@@ -19,9 +19,11 @@ order can follow the dump, so tests compare a poll's events as sets).
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
+import trio
 
 from ..kernel.iterdelta import (
     IterDelta,
@@ -31,6 +33,7 @@ from ..kernel.iterdelta import (
     unsupported_reason,
 )
 from ..kernel.maps import MapRecord
+from ..kernel.objects import Broker
 from .config import WatchConfig
 from .delta import Delta, Snapshot, _assemble, _key_dtype
 
@@ -42,8 +45,10 @@ USER, KERNEL = "user-space", "in-kernel"
 class KernelDelta:
     """One watched map on the in-kernel engine."""
 
-    def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True):
-        self.walker = IterDelta(record, stride, use_for_each)
+    def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True,
+                 broker: Broker | None = None):
+        self.walker = IterDelta(record, stride, use_for_each,
+                                broker.engine() if broker is not None else None)
         self.key_size = record.key_size
         self.stride = stride
         self.last_walk: dict[str, int] = {}
@@ -134,12 +139,14 @@ def _is_identity(order: np.ndarray) -> bool:
     return bool(order[0] == 0 and order[-1] == len(order) - 1 and np.all(np.diff(order) == 1))
 
 
-def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_bytes: int
-           ) -> tuple[KernelDelta | None, str]:
+def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_bytes: int,
+                  broker: Broker | None = None) -> tuple[KernelDelta | None, str]:
     """The engine for one map and why: a :class:`KernelDelta`, or None for user space.
 
-    A kernel that refuses the objects (no iterator BTF, verifier, memlock) costs
-    one warning and leaves the map on the user-space engine.
+    Its objects are made by ``broker`` (the daemon's), or in this process without one.
+    A kernel that refuses the objects (no iterator BTF, verifier, memlock) or a broker
+    that refuses a program costs one warning and leaves the map on the user-space
+    engine; a broker that is gone was warned about once (:class:`~.objects.Broker`).
     """
     if config.kernel_delta == "off":
         return None, f"{USER}: watch.kernel_delta is off"
@@ -156,7 +163,9 @@ def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_by
         return None, (f"{USER}: its shadow map needs ~{need} bytes, over kernel_delta_max_bytes "
                       f"{config.kernel_delta_max_bytes} ({in_use_bytes} in use)")
     try:
-        engine = KernelDelta(record, stride)
+        if broker is not None and broker.gone is not None:
+            return None, f"{USER}: objects broker unavailable: {broker.gone}"
+        engine = KernelDelta(record, stride, broker=broker)
     except (OSError, Unsupported) as e:
         log.warning("%s (id %d): in-kernel change detection unavailable, using user space: %s",
                     record.name, record.id, e)
@@ -164,3 +173,30 @@ def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_by
     route = ("bpf_for_each_map_elem" if engine.walker.each
              else "bpf_iter (a for_each callback sees one CPU's slot)")
     return engine, f"{KERNEL}: {record.max_entries} max entries, walked by {route}"
+
+
+def start_broker(config: WatchConfig) -> Broker | None:
+    """The objects broker, started while the daemon may still create (before its seccomp
+    filter); None with the engine off.  One that did not start is returned ``gone``:
+    the engine is then unavailable, with one warning."""
+    if config.kernel_delta == "off":
+        return None
+    broker = Broker()
+    try:
+        broker.start()
+    except OSError as e:
+        log.warning("in-kernel change detection unavailable, maps are polled in user space: %s",
+                    e)
+    return broker
+
+
+async def supervise(broker: Broker) -> None:
+    """Learn of the broker's exit as it happens (a pidfd): one warning, engine unavailable."""
+    if broker.proc is None or broker.gone is not None:
+        return
+    pidfd = os.pidfd_open(broker.proc.pid)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    await trio.to_thread.run_sync(broker.died, broker.proc.poll())

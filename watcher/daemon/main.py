@@ -21,12 +21,14 @@ from importlib import metadata
 import trio
 import zmq
 
+from ..kernel.objects import Broker
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
 from .access import Authenticator, Policy
 from .config import Config, ConfigError, DaemonConfig
 from .discovery import Discovery
 from .engine import Engine
+from .kdelta import start_broker, supervise
 from .logs import setup_logging
 from .memory import release_big_buffers_promptly, trim_heap
 from .metrics import MetricsServer
@@ -156,6 +158,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     try:
         for endpoint in (dconf.endpoint, events_endpoint):
             _refuse_live_socket(endpoint)  # before seconds of compiling, not after
+        # Before bcc and the seccomp filter: the process that makes the engine's objects.
+        engine.broker = await trio.to_thread.run_sync(start_broker, config.watch)
         # Event sources load before serving: once the daemon answers ping, they publish.
         # Before the signal handlers, too: LLVM (inside bcc) installs its own for SIGINT
         # and SIGTERM, which would kill the daemon without cleaning up.
@@ -164,7 +168,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
         # It creates maps and programs: before the seccomp filter (harden), like sources.
         await trio.to_thread.run_sync(discovery.open)
     except BaseException:
-        _close(sources, discovery, router, xpub, bound, ctx, auth)
+        _close(sources, discovery, router, xpub, bound, ctx, auth, engine.broker)
         raise
     # From here signals are ours until cleanup is done, a second one included.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -204,12 +208,14 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 nursery.start_soon(server.serve)
                 nursery.start_soon(publisher.serve, gate.guard(engine.on_subscription))
                 nursery.start_soon(engine.run)
+                if engine.broker is not None:
+                    nursery.start_soon(supervise, engine.broker)
                 nursery.start_soon(sources.run)
                 nursery.start_soon(_heartbeats, engine)
                 task_status.started()
         finally:
             metrics.close()
-            _close(sources, discovery, router, xpub, bound, ctx, auth)
+            _close(sources, discovery, router, xpub, bound, ctx, auth, engine.broker)
     log.info("stopped")
 
 
@@ -231,8 +237,12 @@ def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
 
 
 def _close(sources: Sources, discovery: Discovery, router: zmq.Socket, xpub: zmq.Socket,
-           bound: list[str], ctx: zmq.Context, auth: Authenticator) -> None:
-    """Free everything the daemon holds (detaching the discovery programs too)."""
+           bound: list[str], ctx: zmq.Context, auth: Authenticator,
+           broker: Broker | None) -> None:
+    """Free everything the daemon holds (detaching the discovery programs too, and
+    stopping the objects broker)."""
+    if broker is not None:
+        broker.close()
     auth.stop()
     sources.close()
     discovery.close()

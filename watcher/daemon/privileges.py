@@ -33,17 +33,15 @@ READ_COMMANDS = (
     "BPF_BTF_GET_FD_BY_ID", "BPF_MAP_LOOKUP_ELEM", "BPF_MAP_GET_NEXT_KEY",
     "BPF_MAP_LOOKUP_BATCH",
 )
-# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/progload.py,
-# iterdelta.py) adds while the daemon runs.  Creation only: no command here writes an
-# existing map's entries.  The engine writes its OWN maps (state, shadow) from inside the
-# kernel, with programs that name only those maps, run by BPF_PROG_TEST_RUN; so
-# update and delete stay refused in every configuration (docs/operations.md, "bpf()
-# commands").  What these commands do allow, a program that writes a watched map, is
-# guarded by pymap's generated code (iterdelta._check_read_only), not by the kernel.
+# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/iterdelta.py) adds
+# in the daemon's process: running objects that already exist.  It creates nothing here:
+# its maps, BTF and programs come from the objects broker (watcher/kernel/broker.py), a
+# process of its own that checks every program (writes only to the maps it made for the
+# same engine) before loading it, so BPF_MAP_CREATE, BPF_BTF_LOAD and BPF_PROG_LOAD stay
+# refused here, and with them any program that could write a watched map or issue bpf()
+# commands from inside the kernel (docs/operations.md, "bpf() commands").  The engine's
+# own writes (state, shadow) are those checked programs, run by BPF_PROG_TEST_RUN.
 KERNEL_DELTA_COMMANDS = (
-    "BPF_MAP_CREATE",     # its shadow, state, walk-record and ring buffer maps, per watch
-    "BPF_BTF_LOAD",       # func_info for programs with a callback (for_each, bpf_loop)
-    "BPF_PROG_LOAD",      # its generated walk, sweep and writer programs
     "BPF_LINK_CREATE",    # a bpf_map_elem iterator over one map (first walk, per-CPU maps)
     "BPF_ITER_CREATE",    # one run of that iterator (read() it)
     "BPF_PROG_TEST_RUN",  # one run of a for_each walk, a sweep, or a writer program
@@ -112,7 +110,7 @@ def harden(config: Config) -> None:
     except OSError as e:
         log.warning("seccomp filter NOT installed: the kernel refused it: %s", e)
         return
-    log.info("seccomp filter installed: bpf() allows only %s; never an update or delete%s",
-             ", ".join(c.removeprefix("BPF_") for c in commands),
-             " (the in-kernel engine writes its own maps with its programs)"
+    log.info("seccomp filter installed: bpf() allows only %s; never an update, delete, "
+             "create or load%s", ", ".join(c.removeprefix("BPF_") for c in commands),
+             " (the in-kernel engine's objects come from the objects broker)"
              if kernel_delta_enabled(config) else "")

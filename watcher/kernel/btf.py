@@ -20,11 +20,10 @@ from ..decode.btf import (  # noqa: F401  (re-exported: the kernel-facing BTF AP
     parse_btf,
 )
 from . import syscall
+from .progload import VMLINUX_BTF
 
 if TYPE_CHECKING:
     from .maps import MapRecord
-
-VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 
 def standalone_blob(btf_id: int) -> bytes:

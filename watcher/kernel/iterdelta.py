@@ -2,7 +2,7 @@
 and emits only the entries whose value changed since its last walk.
 
 Per watched map pymap owns these kernel objects (made in :meth:`IterDelta._create_objects`
-through :mod:`.progload`, the one place the daemon creates BPF objects):
+through :mod:`.objects`: in the daemon by the objects broker, a process of its own):
 
 * a **shadow map** with the watched map's keys: ``{fingerprint words, generation}``
   per key (a hash map; an array for arrays, where keys are indices);
@@ -42,13 +42,15 @@ check an fd's mode when attaching an iterator or loading a program that names
 the map: the element's value pointer is writable to the verifier, and
 ``bpf_map_update_elem``/``delete_elem`` on it run.  What keeps the watched map
 unwritten is the generated code: every store and every writing helper targets
-the stack or pymap's own maps, which :func:`_check_read_only` asserts before
-every load (see docs/architecture.md).
+the stack or pymap's own maps, which :func:`.progcheck.check_read_only` asserts
+before every load, in the objects broker when the daemon runs the engine (see
+docs/architecture.md).
 
 pymap's own writes, the state reset before each walk and removing swept keys
 from the shadow map, are programs too (:func:`state_program`,
 :func:`delete_program`, run with ``BPF_PROG_TEST_RUN``): the daemon's process
-issues no map update or delete command, so its seccomp filter allows none
+issues no map update or delete command, so its seccomp filter allows none, and
+no create or load command either: the broker makes every object
 (docs/operations.md).
 """
 
@@ -60,18 +62,15 @@ import os
 import struct
 import time
 import weakref
-from collections.abc import Collection
 
 import attrs
 
-from . import progload
+from . import progcheck, progload
 from .bpfasm import (
     ADD,
     DIV,
     JEQ,
     JGE,
-    JMP,
-    JMP32,
     JNE,
     LSH,
     MUL,
@@ -88,16 +87,13 @@ from .bpfasm import (
     R9,
     R10,
     RSH,
-    ST,
-    STX,
     XOR,
     Asm,
     func_btf,
-    store_targets,
 )
-from .btf import VMLINUX_BTF, find_func
 from .maps import MapRecord, fdinfo
 from .maptypes import TYPE_IDS
+from .objects import EngineObjects, LocalObjects
 from .ringbuf import RingBufReader
 
 log = logging.getLogger("pymap.kernel.iterdelta")
@@ -111,8 +107,11 @@ LOOKAHEAD = 4  # old record entries a hash walk looks at before the shadow map
 RING_BYTES = 4 << 20  # for_each output per run; more goes through the iterator
 
 # helpers
-_LOOKUP, _UPDATE, _DELETE, _SKB_LOAD_BYTES, _SEQ_WRITE = 1, 2, 3, 26, 127
-_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH, _LOOP = 131, 132, 164, 181
+_LOOKUP, _UPDATE, _DELETE, _SKB_LOAD_BYTES, _SEQ_WRITE = (
+    progcheck.LOOKUP, progcheck.UPDATE, progcheck.DELETE, progcheck.SKB_LOAD_BYTES,
+    progcheck.SEQ_WRITE)
+_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH, _LOOP = (
+    progcheck.RINGBUF_RESERVE, progcheck.RINGBUF_SUBMIT, progcheck.FOR_EACH, progcheck.LOOP)
 _BPF_NOEXIST, _BPF_RB_NO_WAKEUP = 1, 1
 _EACH_CALLBACK_AT = 9  # the for_each program's callback starts at this instruction
 # struct bpf_iter__bpf_map_elem: meta, map, key, value (8-byte pointers)
@@ -131,8 +130,9 @@ class ShadowFull(OSError):
     """The shadow map could not hold the watched map's keys (the engine falls back)."""
 
 
-class Unsupported(Exception):
-    """The in-kernel engine cannot watch this map; the message says why."""
+Unsupported = progload.Unsupported
+_check_read_only = progcheck.check_read_only
+_map_elem_iter_btf_id = progload.map_elem_iter_btf_id
 
 
 def unsupported_reason(record: MapRecord, stride: int) -> str | None:
@@ -685,102 +685,8 @@ def delete_program(key_size: int, shadow_fd: int, state_fd: int) -> bytes:
     return a.assemble()
 
 
-# The helpers generated programs may call; every other one (bpf_sys_bpf, ...) is refused.
-_HELPERS = frozenset({_LOOKUP, _UPDATE, _DELETE, _SKB_LOAD_BYTES, _SEQ_WRITE, _RINGBUF_RESERVE,
-                      _RINGBUF_SUBMIT, _FOR_EACH, _LOOP})
-
-
-def _check_read_only(program: bytes, own_maps: Collection[int]) -> None:
-    """Refuse a generated program that could write anything but pymap's own memory.
-
-    The kernel does not (tests/test_seccomp.py measures it): a program may write
-    every map it names, whatever the mode of the fd it was named through.  So:
-
-    * Stores may target only R10 (stack), R4, R5 and R9.  R5 may only be loaded
-      with the value address of a map in ``own_maps`` (the state map); R9 only
-      from R0 after a lookup in one of ``own_maps``; R4 only from R0 after a ring
-      buffer reservation, or with a constant.  The watched map's key and value
-      pointers (R7, R8, or R2, R3 as a callback's arguments) can then never be a
-      store's base.
-    * Helpers only from :data:`_HELPERS`.  Those that write a map
-      (``bpf_map_update_elem``, ``bpf_map_delete_elem``) must get R1 from
-      ``ld_map_fd`` of one of ``own_maps``; ``bpf_skb_load_bytes`` writes to
-      R3, which must be the stack or one of ``own_maps``' value.
-
-    Registers are followed by their last assignment in program order: enough
-    for code pymap generates (each helper's arguments are set right before the
-    call), which is what this guards.
-    """
-    own = frozenset(own_maps)
-    targets = store_targets(program)
-    if not targets <= {R4, R5, R9, R10}:
-        raise AssertionError(f"generated program stores through r{sorted(targets)}")
-    last_call = -1
-    lookup_own = False  # the last lookup was in one of pymap's own maps
-    maps: dict[int, int | None] = {}  # register -> map fd it holds (ld_map_fd), or None
-    values: dict[int, int | None] = {}  # register -> map fd whose value address it holds
-    stack = {R10}  # registers holding R10 plus a constant
-    for pos in range(0, len(program), 8):
-        code, regs, imm_src = program[pos], program[pos + 1], program[pos + 1] >> 4
-        dst = regs & 0xF
-        imm = struct.unpack_from("<i", program, pos + 4)[0]
-        if pos and program[pos - 8] == 0x18:  # second half of an ld_imm64
-            continue
-        if code == 0x85:
-            if imm_src == 0 and imm not in _HELPERS:
-                raise AssertionError(f"generated program calls helper {imm}")
-            if imm in (_UPDATE, _DELETE) and maps.get(R1) not in own:
-                raise AssertionError(f"helper {imm} on a map that is not pymap's own")
-            if imm == _SKB_LOAD_BYTES and R3 not in stack and values.get(R3) not in own:
-                raise AssertionError("bpf_skb_load_bytes into memory that is not pymap's own")
-            last_call = imm
-            lookup_own = imm == _LOOKUP and maps.get(R1) in own
-            for reg in (R0, R1, R2, R3, R4, R5):  # a call clobbers these
-                maps.pop(reg, None)
-                values.pop(reg, None)
-                stack.discard(reg)
-            continue
-        if code & 0x07 in (ST, STX, JMP, JMP32):
-            continue  # these do not write their dst register
-        from_r0 = code == 0xBF and imm_src == R0
-        if dst == R5 and not (code == 0x18 and imm_src == 2 and imm in own):
-            raise AssertionError("R5 is loaded with something other than the state value")
-        if dst == R9 and not (from_r0 and last_call == _LOOKUP and lookup_own):
-            raise AssertionError("R9 is loaded with something other than an own map's entry")
-        if dst == R4 and not ((from_r0 and last_call == _RINGBUF_RESERVE) or code == 0xB7
-                              or (code == 0x18 and imm_src == 0)):
-            raise AssertionError("R4 is loaded with something other than a reservation")
-        is_stack = (code == 0xBF and imm_src == R10) or (code == 0x07 and dst in stack)
-        maps[dst] = imm if code == 0x18 and imm_src == 1 else None
-        values[dst] = imm if code == 0x18 and imm_src == 2 else None
-        if is_stack:
-            stack.add(dst)
-        elif dst != R10:
-            stack.discard(dst)
-
-
-_iter_btf_id: int | None = None
-
-
-def _map_elem_iter_btf_id() -> int:
-    """BTF id of the kernel's ``bpf_iter_bpf_map_elem`` (what the program attaches to)."""
-    global _iter_btf_id
-    if _iter_btf_id is None:
-        with open(VMLINUX_BTF, "rb") as f:
-            raw = f.read()
-        _iter_btf_id = _find_func(raw, b"bpf_iter_bpf_map_elem")
-    return _iter_btf_id
-
-
-def _find_func(raw: bytes, name: bytes) -> int:
-    """The id of FUNC ``name`` in a BTF blob (a scan, not a full parse: ~10x faster)."""
-    type_id = find_func(raw, name)
-    if type_id is None:
-        raise Unsupported(f"this kernel's BTF has no {name.decode()} (no map element iterators)")
-    return type_id
-
-
-def _close_all(fds: list[int], ring: RingBufReader | None = None) -> None:
+def _close_all(fds: list[int], objects: EngineObjects,
+               ring: RingBufReader | None = None) -> None:
     if ring is not None:
         ring.close()
     for fd in fds:
@@ -788,12 +694,14 @@ def _close_all(fds: list[int], ring: RingBufReader | None = None) -> None:
             os.close(fd)
         except OSError:
             pass
+    objects.release()
 
 
 class IterDelta:
     """The kernel side of the in-kernel engine for ONE watched map."""
 
-    def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True):
+    def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True,
+                 objects: EngineObjects | None = None):
         reason = unsupported_reason(record, stride)
         if reason:
             raise Unsupported(reason)
@@ -807,7 +715,9 @@ class IterDelta:
         self.sweep_fallbacks = 0  # sweeps whose output overflowed the ring (then: iterator)
         self.timings: dict[str, float] = {}  # where the last walk's time went (bench_kdelta)
         self._fds: list[int] = []
-        self._finalizer = weakref.finalize(self, _close_all, self._fds)
+        # made by the objects broker in the daemon (docs/operations.md), here otherwise
+        self.objects = objects if objects is not None else LocalObjects()
+        self._finalizer = weakref.finalize(self, _close_all, self._fds, self.objects)
         try:
             self._create_objects(record)
         except BaseException:
@@ -815,17 +725,17 @@ class IterDelta:
             raise
 
     def _create_objects(self, record: MapRecord) -> None:
-        """Every kernel object this engine makes for one map (see :mod:`.progload`)."""
+        """Every kernel object this engine makes for one map (see :mod:`.objects`)."""
         value = 8 * (self.nw + 1)
         self.ring: RingBufReader | None = None
         self.records: list[int] = []  # the walk record's two buffers (for_each hash walks)
-        self.state_fd = self._own(progload.create_map(TYPE_IDS["array"], 4, _STATE_SIZE, 1,
+        self.state_fd = self._own(self.objects.create_map(TYPE_IDS["array"], 4, _STATE_SIZE, 1,
                                                       "pymap_kd_state"))
         if self.array:
-            self.shadow_fd = self._own(progload.create_map(
+            self.shadow_fd = self._own(self.objects.create_map(
                 TYPE_IDS["array"], 4, value, record.max_entries, "pymap_kd_shadow"))
         else:
-            self.shadow_fd = self._own(progload.create_map(
+            self.shadow_fd = self._own(self.objects.create_map(
                 TYPE_IDS["hash"], record.key_size, value, shadow_entries(record),
                 "pymap_kd_shadow"))
         self._state_prog = self._load_writer(state_program(self.state_fd), "pymap_kd_state")
@@ -834,21 +744,17 @@ class IterDelta:
                                    ("pymap_kd_del_key", DELETE_CALLBACK_AT, False)])
             self._delete_prog = self._load_writer(
                 delete_program(self.key_size, self.shadow_fd, self.state_fd), "pymap_kd_delete",
-                self._own(progload.load_btf(blob)), info)
-        btf_id = _map_elem_iter_btf_id()
+                self._own(self.objects.load_btf(blob)), info)
         walk = walk_program(self.key_size, self.stride, self.shadow_fd, self.state_fd,
                             self.array)
-        _check_read_only(walk, self.own_maps())
-        self.walk_fd = self._own(progload.load_program(
-            walk, "pymap_kd_walk", progload.BPF_PROG_TYPE_TRACING, progload.BPF_TRACE_ITER,
-            btf_id))
+        self.walk_fd = self._own(self.objects.load_program(
+            walk, "pymap_kd_walk", progload.BPF_PROG_TYPE_TRACING, progload.BPF_TRACE_ITER))
         self.sweep_link = -1
         if not self.array:
             sweep = sweep_program(self.key_size, self.nw, self.state_fd)
-            _check_read_only(sweep, self.own_maps())
-            sweep_fd = self._own(progload.load_program(
+            sweep_fd = self._own(self.objects.load_program(
                 sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_TRACING,
-                progload.BPF_TRACE_ITER, btf_id))
+                progload.BPF_TRACE_ITER))
             # the sweep walks pymap's own shadow map: its link may hold it for good
             self.sweep_link = self._own(progload.attach_map_iter(sweep_fd, self.shadow_fd))
         self.order_fd: int | None = None  # the last complete walk's record (of two buffers)
@@ -860,25 +766,25 @@ class IterDelta:
         self.resweeps = 0  # ... that did not add up (the map changed meanwhile): walked again
         if self.each:
             size = ring_bytes(record, self.stride)
-            ring_fd = self._own(progload.create_map(TYPE_IDS["ringbuf"], 0, 0, size,
+            ring_fd = self._own(self.objects.create_map(TYPE_IDS["ringbuf"], 0, 0, size,
                                                     "pymap_kd_ring"))
             self.ring = RingBufReader(ring_fd, size)
             self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _close_all, self._fds, self.ring)
+            self._finalizer = weakref.finalize(self, _close_all, self._fds, self.objects,
+                                               self.ring)
             blob, self._func_info = func_btf([("pymap_kd_each", 0, True),
                                               ("pymap_kd_element", _EACH_CALLBACK_AT, False)])
-            self._btf_fd = self._own(progload.load_btf(blob))
+            self._btf_fd = self._own(self.objects.load_btf(blob))
             if not self.array:
                 # a hash walk costs a shadow lookup per element: an unchanged map is
                 # recognised first by its walk order (sequential memory, no hashing)
-                self.records = [self._own(progload.create_map(
+                self.records = [self._own(self.objects.create_map(
                     TYPE_IDS["array"], 4, 8 * ((self.key_size + 7) // 8 + self.nw + 1),
                     shadow_entries(record), "pymap_kd_order")) for _ in range(2)]
                 self.order_fd = self.records[0]
                 sweep = sweep_program(self.key_size, self.nw, self.state_fd, ring_fd,
                                       self.shadow_fd)
-                _check_read_only(sweep, self.own_maps())
-                self._sweep_each_fd = self._own(progload.load_program(
+                self._sweep_each_fd = self._own(self.objects.load_program(
                     sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_SOCKET_FILTER,
                     btf_fd=self._btf_fd, func_info=self._func_info))
         self.memlock = sum(_fdinfo_memlock(fd) for fd in (self.shadow_fd, self.state_fd)) + (
@@ -889,17 +795,11 @@ class IterDelta:
         self._fds.append(fd)
         return fd
 
-    def own_maps(self) -> list[int]:
-        """The maps this engine made: the only ones its programs may write."""
-        own = [self.state_fd, self.shadow_fd, *self.records]
-        return own + [self.ring.fd] if self.ring is not None else own
-
     def _load_writer(self, program: bytes, name: str, btf_fd: int = 0,
                      func_info: bytes = b"") -> int:
-        _check_read_only(program, self.own_maps())
-        return self._own(progload.load_program(program, name,
-                                               progload.BPF_PROG_TYPE_SOCKET_FILTER,
-                                               btf_fd=btf_fd, func_info=func_info))
+        return self._own(self.objects.load_program(program, name,
+                                                   progload.BPF_PROG_TYPE_SOCKET_FILTER,
+                                                   btf_fd=btf_fd, func_info=func_info))
 
     def close(self) -> None:
         self._finalizer()
@@ -1035,10 +935,9 @@ class IterDelta:
                                         "not in the shadow map")
 
     def _run_each_program(self, program: bytes) -> None:
-        _check_read_only(program, self.own_maps())
-        prog = progload.load_program(program, "pymap_kd_each",
-                                     progload.BPF_PROG_TYPE_SOCKET_FILTER,
-                                     btf_fd=self._btf_fd, func_info=self._func_info)
+        prog = self.objects.load_program(program, "pymap_kd_each",
+                                         progload.BPF_PROG_TYPE_SOCKET_FILTER,
+                                         btf_fd=self._btf_fd, func_info=self._func_info)
         try:
             progload.syscall.prog_test_run(prog, bytes(64))
         finally:

@@ -1,14 +1,17 @@
 """The bpf() commands that CREATE kernel objects for the in-kernel delta engine.
 
-Every privileged object the daemon makes while it runs is made here, so a
-seccomp policy (issue 12) has one place to reconcile with:
+Every privileged object the engine makes is made here, so a seccomp policy
+(issue 12) has one place to reconcile with.  The creating commands run in the
+objects broker (:mod:`.broker`), a process of its own, when the daemon runs the
+engine; the daemon itself only runs what it was handed (docs/operations.md):
 
-* ``BPF_MAP_CREATE``: shadow and state maps owned by pymap;
-* ``BPF_PROG_LOAD``: the generated iterator programs (``BPF_PROG_TYPE_TRACING``,
-  expected attach type ``BPF_TRACE_ITER``);
+* ``BPF_MAP_CREATE`` (broker): shadow and state maps owned by pymap;
+* ``BPF_PROG_LOAD`` (broker): the generated iterator programs
+  (``BPF_PROG_TYPE_TRACING``, expected attach type ``BPF_TRACE_ITER``) and
+  socket filters;
+* ``BPF_BTF_LOAD`` (broker): function info for programs with a callback;
 * ``BPF_LINK_CREATE``: attaching a program to one map (``iter_info.map.map_fd``);
 * ``BPF_ITER_CREATE``: one walk (a readable fd);
-* ``BPF_BTF_LOAD``: function info for the for_each program's callback;
 * ``BPF_PROG_TEST_RUN``: one run of the for_each walk, or of one of the small
   programs that write pymap's own state and shadow maps (socket filters: the
   data to write is their packet, see :mod:`.iterdelta`).
@@ -39,6 +42,11 @@ BPF_ITER_CREATE = 33
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_ITER = 28
 BPF_F_NO_PREALLOC = 1
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+
+class Unsupported(Exception):
+    """The in-kernel engine cannot watch this map; the message says why."""
 
 
 class _ProgLoadAttr(ctypes.Structure):
@@ -168,3 +176,21 @@ def iter_create(link_fd: int) -> int:
     """One walk of an iterator link: read() it to the end (0) to run it."""
     return _bpf(BPF_ITER_CREATE, _IterCreateAttr(link_fd=link_fd), "BPF_ITER_CREATE")
 
+
+_iter_btf_id: int | None = None
+
+
+def map_elem_iter_btf_id() -> int:
+    """BTF id of the kernel's ``bpf_iter_bpf_map_elem`` (what the program attaches to)."""
+    global _iter_btf_id
+    if _iter_btf_id is None:
+        with open(VMLINUX_BTF, "rb") as f:
+            raw = f.read()
+        from .btf import find_func  # at first use: the broker imports this module
+
+        found = find_func(raw, b"bpf_iter_bpf_map_elem")
+        if found is None:
+            raise Unsupported("this kernel's BTF has no bpf_iter_bpf_map_elem (no map "
+                              "element iterators)")
+        _iter_btf_id = found
+    return _iter_btf_id

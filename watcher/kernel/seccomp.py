@@ -86,3 +86,17 @@ def install(allowed_bpf_commands: Iterable[str]) -> None:
     for name in DENIED_SYSCALLS:
         flt.add_rule(refuse, name)
     flt.load()
+
+
+def install_allow_list(syscalls: Iterable[str], bpf_commands: Iterable[str]) -> None:
+    """The objects broker's filter (:mod:`.broker`): only ``syscalls``, and ``bpf()`` only
+    with ``bpf_commands``; everything else fails with ``EPERM``.  This thread only (the
+    broker has one); irreversible."""
+    libseccomp = _binding()
+    flt = libseccomp.SyscallFilter(defaction=libseccomp.ERRNO(errno.EPERM))
+    for name in syscalls:
+        flt.add_rule(libseccomp.ALLOW, name)
+    for name in bpf_commands:
+        flt.add_rule(libseccomp.ALLOW, "bpf", libseccomp.Arg(0, libseccomp.EQ,
+                                                             command_number(name)))
+    flt.load()

@@ -12,6 +12,9 @@ needs no locking.  The contract:
   a receiver may see a record twice, never a silent hole), so ``send`` should
   not swallow partial failures.
 - ``aclose()`` releases everything; it must not raise for a dead destination.
+- ``grouping``: None, or the :class:`~consumers.export.grouping.Grouping` of an
+  output that packs several records into one message; the delivery layer then
+  hands ``send`` whole messages only (the output cuts them with ``grouping.split``).
 
 Other errors (a bad URL, a certificate that cannot be read) are configuration
 mistakes: raise :class:`OutputConfigError` from the constructor with a one-line
@@ -27,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import SplitResult, urlsplit
 
+from ..grouping import Grouping
 from ..record import ExportRecord
 
 
@@ -42,6 +46,7 @@ class Output(abc.ABC):
     """One destination.  Subclasses set ``schemes`` and implement the three methods."""
 
     schemes: ClassVar[tuple[str, ...]] = ()
+    grouping: Grouping | None = None
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None):
         self.url = url

@@ -1,4 +1,4 @@
-"""``nats://HOST:4222[,HOST2...]``: each record as one JetStream message, acknowledged.
+"""``nats://HOST:4222[,HOST2...]``: records as JetStream messages, acknowledged.
 
 The fleet output (docs/fleet.md).  Subject ``<prefix>.<node>.<map>.<action>``,
 message id ``<node>.<epoch>.<seq>`` so JetStream de-duplicates what the
@@ -11,7 +11,11 @@ module only adapts them to the Output contract.
 Options (URL query or ``[[exports]]`` keys): stream, prefix (alias subject),
 replicas, max_age, max_bytes, duplicate_window, create, creds, nkey,
 tls_ca/tls_cert/tls_key (aliases ca/cert/key, as for syslog+tls),
-ack_timeout, connect_timeout.
+ack_timeout, connect_timeout, batch (events per message, default 1), linger.
+
+With ``batch`` > 1 the output has a :class:`Grouping`, so the delivery layer
+hands it whole messages only and notes pause cuts in the checkpoint
+(consumers/export/grouping.py says why).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from ...fleet.jetstream import FleetError, FleetUnavailable
 from ...fleet.options import FleetConfigError, FleetOptions, parse_url
 from ...fleet.publish import FleetPublisher
+from ..grouping import Grouping
 from ..record import ExportRecord
 from .base import Output, OutputConfigError, OutputUnavailable
 
@@ -55,11 +60,13 @@ class NatsOutput(Output):
     def __init__(self, url: str, options: Mapping[str, Any] | None = None):
         super().__init__(url, options)
         self.fleet = fleet_options(url, self.options)
+        if self.fleet.batch > 1:
+            self.grouping = Grouping(self.fleet.batch, self.fleet.linger)
         self._publisher: FleetPublisher | None = None
         self.duplicates = 0  # re-sends JetStream recognised by message id
 
     async def open(self) -> None:
-        publisher = FleetPublisher(self.fleet)
+        publisher = FleetPublisher(self.fleet, grouping=self.grouping)
         try:
             await publisher.open()
         except (FleetUnavailable, FleetError) as e:
