@@ -15,7 +15,7 @@
    time of 100,000 ``BPF_OBJ_GET_INFO_BY_FD`` calls with and without them.
 4. Churn cost on a full host: 2,000 maps present, 1,000 maps a minute created (each
    living 2 s) for 20 s, two daemons at once (tracepoint and poll discovery), each with
-   a follower of the churned glob: each daemon's CPU.  Target: the tracepoint daemon
+   a subscriber of the churned maps' prefix: each daemon's CPU.  Target: the tracepoint daemon
    within a small factor of the polling one (a cycle reads only the new maps' info).
 5. Fuzzing: pings answered per second by one client alone, then while another client
    sends malformed frames flat out (and how many of those were answered per second).
@@ -237,7 +237,16 @@ def churn_cost(tmp, bpffs, seconds: float = 20.0, rate: float = 1000 / 60) -> No
                 running_daemon(subdir(tmp, "cost_poll"), bpffs,
                                "--set", 'watch.discovery="poll"') as poll:
             daemons = {"tracepoint": auto, "poll": poll}
-            followers = {how: Follower(d.endpoint, "bcc_*") for how, d in daemons.items()}
+            # A bare subscriber of the glob's prefix: a `pymap events -f` follower would
+            # add its own requests (a `get` per new map), which are not discovery's cost.
+            ctx = zmq.Context()
+            subs = []
+            for d in daemons.values():
+                sub = ctx.socket(zmq.SUB)
+                sub.setsockopt(zmq.LINGER, 0)
+                sub.connect(d.endpoint.replace("pymap.sock", "events.sock"))
+                sub.setsockopt(zmq.SUBSCRIBE, schema.MAP_TOPIC_PREFIX + b"bcc_")
+                subs.append(sub)
             try:
                 time.sleep(3)
                 cpu0 = {how: cpu_seconds(d.proc.pid) for how, d in daemons.items()}
@@ -261,8 +270,9 @@ def churn_cost(tmp, bpffs, seconds: float = 20.0, rate: float = 1000 / 60) -> No
                     pct = (cpu_seconds(d.proc.pid) - cpu0[how]) / elapsed * 100
                     print(f"  {how:>10} daemon: {pct:.1f}% of a core")
             finally:
-                for f in followers.values():
-                    f.stop()
+                for sub in subs:
+                    sub.close(0)
+                ctx.term()
     finally:
         for fd in made:
             os.close(fd)
