@@ -5,17 +5,19 @@ covering it (learned from the XPUB socket), a snapshot of it was asked for,
 the config lists it under ``watch.always``, or it is lingering after its
 last subscriber left (so ``pymap events NAME`` still has recent events).
 
-Each cycle walks the host's map ids (one syscall per map, nothing opened)
-to notice maps appearing and disappearing, re-reads every map's info and
-pins only when that set changed (or every ``RECORDS_REFRESH`` seconds, for
-pins), then polls the watched maps that are due.  A map recreated under the
-same name gets a new id, so it shows as ``map_removed`` of the old id and
+Once per ``watch.interval`` (or when poked: a subscription, a pin) a cycle
+walks the host's map ids (one syscall per map, nothing opened) to notice
+maps appearing and disappearing, and reads the info of new ids only (every
+map's info and pins every ``RECORDS_REFRESH`` seconds, or after a pin); every
+wake-up polls the watched maps that are due.  A map recreated under the same
+name gets a new id, so it shows as ``map_removed`` of the old id and
 ``map_created`` of the new one.
 
 With tracepoint discovery (:mod:`.discovery`) the kernel also reports each
 creation as it happens, with the map's description read while it was alive:
-a cycle runs at once, and a map that is already gone by then (it lived a few
-milliseconds) is still published, as ``map_created`` then ``map_removed``.
+a cycle runs at once (reading those ids only), and a map that is already gone
+by then (it lived a few milliseconds) is still published, as ``map_created``
+then ``map_removed``.
 """
 
 from __future__ import annotations
