@@ -298,3 +298,14 @@ async def test_created_and_gone_maps_are_reported_and_late_reports_wait():
     await engine.cycle()
     events = [(m.action, m.map.id) for m, _ in rec.messages(schema.MapEvent)][3:]
     assert events == [("map_created", 14)]
+
+    # A cycle woken only by reported creations reads those ids, without walking every id.
+    def no_walk():
+        raise AssertionError("walked every map id for a reported creation")
+
+    cat.ids = no_walk  # type: ignore[method-assign]
+    cat.add(record(16, "flows_e"))
+    engine.maps_created(created(record(15, "flows_d"), record(16, "flows_e")))
+    await engine.cycle(discover=False, created_only=True)
+    events = [(m.action, m.map.id) for m, _ in rec.messages(schema.MapEvent)][4:]
+    assert events == [("map_created", 16), ("map_created", 15), ("map_removed", 15)]

@@ -247,7 +247,7 @@ class Engine:
                     # once per interval or when poked, not at every due watch (with
                     # thousands of maps, the walk and the matching are what cost).
                     discover, self._poked = self._poked or started >= self._discover_due, False
-                    await self.cycle(discover)
+                    await self.cycle(discover, created_only=not discover and bool(self._created))
             except OSError as e:  # enumeration itself failed: log, count, keep going
                 self.poll_errors += 1
                 log.error("enumerating maps failed: %s", e)
@@ -257,7 +257,7 @@ class Engine:
             with trio.move_on_after(tick):
                 await self._wake.wait()
 
-    async def _records(self) -> list[kmaps.MapRecord]:
+    async def _records(self, created: set[int] | None = None) -> list[kmaps.MapRecord]:
         """The host's maps: re-read only what the id set says changed (or to catch pins).
 
         Map ids are not reused soon, so an id seen before is the same map: when
@@ -268,7 +268,16 @@ class Engine:
         from known maps are caught by a full read every ``RECORDS_REFRESH``
         seconds, or at once when told (:meth:`maps_changed`: a pin the kernel
         reported, or a return from idle).
+
+        ``created``: ids the kernel reported created, when nothing else is due:
+        read just those, without walking every id.
         """
+        if created is not None and self._known_ids is not None:
+            cached = {r.id for r in self._cached_records}
+            if new := created - cached:
+                self._cached_records = self._cached_records + await trio.to_thread.run_sync(
+                    self.catalog.records, new)
+            return self._cached_records
         ids = await trio.to_thread.run_sync(self.catalog.ids)
         if (self._known_ids is None or self._records_stale
                 or trio.current_time() >= self._records_due):
@@ -301,30 +310,39 @@ class Engine:
                 self.created_dropped += 1  # counted; the poll still sees the live ones
                 continue
             self._created[map_id] = c.record
-        self.poke()  # a new id changes the id set: the cycle reads every map's info
+        self._wake.set()  # a cycle now, reading these ids only (cycle's created_only)
 
-    async def cycle(self, discover: bool = True) -> None:
-        """Walk the map ids (``discover``) and publish what came and went; poll due watches."""
+    async def cycle(self, discover: bool = True, created_only: bool = False) -> None:
+        """Walk the map ids (``discover``) and publish what came and went; poll due watches.
+
+        ``created_only``: instead of the walk, look only at the creations the kernel
+        reported (a map gone since is published as created and removed); removals of
+        other maps wait for the next walk, one ``watch.interval`` at most.
+        """
         if discover:
             self._discover_due = trio.current_time() + self.config.watch.interval
             await self._discover()
+        elif created_only:
+            await self._discover(created_only=True)
         for watch in list(self.watches.values()):
             if watch.pollable and watch.next_due <= trio.current_time():
                 await self.poll(watch)
 
-    async def _discover(self) -> None:
+    async def _discover(self, created_only: bool = False) -> None:
         prefixes, always = tuple(self.demand.prefixes), tuple(self.config.always_watched())
         # Creations reported before the ids are read: a map among them that the read
         # below does not find is gone.  Later ones wait for the next cycle.
         fresh, self._created = self._created, {}
-        records = await self._records()
-        wanted = await trio.to_thread.run_sync(self._wanted, records, prefixes, always)
-        now = time.monotonic()
+        records = await self._records(set(fresh) if created_only else None)
         current = {r.id: r for r in records}
+        # Only the new maps need looking at when nothing but creations woke the cycle.
+        check = [current[i] for i in fresh if i in current] if created_only else records
+        wanted = await trio.to_thread.run_sync(self._wanted, check, prefixes, always)
+        now = time.monotonic()
         for map_id in [i for i in self.watches if i not in current]:
             gone = self.watches.pop(map_id)
             self.stream.publish_map_event("map_removed", catalog.to_wire(gone.record))
-        for record in records:
+        for record in check:
             watch = self.watches.get(record.id)
             if watch is None and record.id not in wanted and record.name not in self._holds:
                 continue  # the many maps nobody wants: nothing more to do on the loop
