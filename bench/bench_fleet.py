@@ -97,8 +97,8 @@ def publisher(url: str, node: str, events: int, start, out, rate: float | None =
 
 
 def consumer(url: str, expected: int, ready, out) -> None:
-    """Read ``expected`` events with a fleet consumer; fetch 1,000 messages at a time, or
-    64 batched ones (16,384 events at batch=256)."""
+    """Read ``expected`` events with a fleet consumer, fetching about 1,000 events at a
+    time (16,384 when batched: 64 messages of 256)."""
     import trio
 
     from consumers.fleet.options import parse_url
@@ -108,7 +108,7 @@ def consumer(url: str, expected: int, ready, out) -> None:
         lat: list[float] = []
         options = parse_url(url)
         async with FleetSubscription(options, follow=True,
-                                     batch=1000 if options.batch == 1 else 64) as sub:
+                                     batch=1000 if options.batch == 1 else 16384) as sub:
             ready.set()
             with trio.move_on_after(300):
                 async for batch in sub.batches():

@@ -250,7 +250,7 @@ class Delivery:
                     self.grouping.cuts.clear()  # sent: no restart will re-send these
                 batch = []
         finally:
-            self._idle.set()  # a close() waiting for the buffer to drain: it has
+            self._idle.set()  # wakes a close() still waiting for the buffer to drain
             if is_open:
                 await self.output.aclose()
             if self.checkpoint is not None:

@@ -76,6 +76,12 @@ class FleetMessage:
     msg: Msg = attrs.field(repr=False, eq=False)
 
 
+def _count(msg: Msg) -> int:
+    """Events in ``msg`` as its headers say (one without the header; 0 if garbled)."""
+    count = (msg.headers or {}).get(HEADER_COUNT)
+    return 1 if count is None else int(count) if count.isdigit() else 0
+
+
 def _messages(msg: Msg, now: float) -> list[FleetMessage]:
     """The events of one JetStream message: one, or one per line of a batched message."""
     h = msg.headers or {}
@@ -86,7 +92,7 @@ def _messages(msg: Msg, now: float) -> list[FleetMessage]:
     stream_seq = msg.metadata.sequence.stream
     count = h.get(HEADER_COUNT)
     lines = msg.data.split(b"\n") if count is not None else [msg.data]
-    if count is not None and (len(lines) != int(count) or not h.get(HEADER_FIRST, "").isdigit()):
+    if count is not None and (len(lines) != _count(msg) or not h.get(HEADER_FIRST, "").isdigit()):
         lines, count = [msg.data], None  # not what its headers say: shown whole, seq 0
         seq = 0
     elif count is not None:
@@ -124,7 +130,8 @@ class FleetSubscription:
         self.since = since
         self.follow = follow
         self.durable = durable
-        self.batch = batch
+        self.batch = batch  # events per fetch, about: see _fetch
+        self._fetch_n = 1  # messages to ask for next; grows once their size is known
         self.inactive = inactive
         self.ack_wait = ack_wait
         self.on_notice = on_notice
@@ -214,13 +221,17 @@ class FleetSubscription:
         self._sub = await self._thread.run(create())
 
     async def _fetch(self) -> list[Msg] | None:
-        """The next batch, or None when nothing came within FETCH_WAIT."""
+        """The next batch, or None when nothing came within FETCH_WAIT.
+
+        A fetch asks for messages, and a batched message holds up to 1,000 events:
+        what a fetch holds is kept near ``batch`` events by asking for as many
+        messages as the last fetch's events per message allow (one at first)."""
         sub = self._sub
         assert self._thread is not None and sub is not None
 
         async def fetch() -> list[Msg] | None:
             try:
-                return await sub.fetch(self.batch, timeout=FETCH_WAIT)
+                return await sub.fetch(self._fetch_n, timeout=FETCH_WAIT)
             except (TimeoutError, nats.errors.TimeoutError):
                 return None
 
@@ -257,6 +268,8 @@ class FleetSubscription:
                 continue
             now = time.time()
             self._last_stream_seq = msgs[-1].metadata.sequence.stream
+            in_msgs = sum(max(1, _count(m)) for m in msgs)
+            self._fetch_n = max(1, min(self.batch, self.batch * len(msgs) // in_msgs))
             wanted: list[FleetMessage] = []
             done: list[Msg] = []  # JetStream messages with nothing to yield: acked now
             for msg in msgs:
