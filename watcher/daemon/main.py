@@ -158,8 +158,6 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     try:
         for endpoint in (dconf.endpoint, events_endpoint):
             _refuse_live_socket(endpoint)  # before seconds of compiling, not after
-        # Before bcc and the seccomp filter: the process that makes the engine's objects.
-        engine.broker = await trio.to_thread.run_sync(start_broker, config.watch)
         # Event sources load before serving: once the daemon answers ping, they publish.
         # Before the signal handlers, too: LLVM (inside bcc) installs its own for SIGINT
         # and SIGTERM, which would kill the daemon without cleaning up.
@@ -167,6 +165,9 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             await trio.to_thread.run_sync(sources.open)
         # It creates maps and programs: before the seccomp filter (harden), like sources.
         await trio.to_thread.run_sync(discovery.open)
+        # The process that makes the engine's objects: before the seccomp filter, and
+        # after the sources, so a broken source is the one line a failed start prints.
+        engine.broker = await trio.to_thread.run_sync(start_broker, config.watch)
     except BaseException:
         _close(sources, discovery, router, xpub, bound, ctx, auth, engine.broker)
         raise
