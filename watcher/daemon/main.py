@@ -137,8 +137,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     # libzmq cuts a connection sending a longer subscription before storing it.
     xpub.setsockopt(zmq.MAXMSGSIZE, dconf.max_subscription_bytes + 1)
     router.setsockopt(zmq.SNDHWM, REQUEST_SNDHWM)
-    # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
-    xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+    # Subscriptions take effect only when the gate applies them (subgate.py): access rules.
+    xpub.setsockopt(zmq.XPUB_MANUAL, 1)
     bound: list[str] = []
     auth = _authenticate(config, ctx, router, xpub)
     publisher = PublisherOwner(xpub)
@@ -146,11 +146,14 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                     dconf.heartbeat_interval, dconf.stream_message_bytes)
     engine = Engine(config, stream)
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
-                            socket_name(events_endpoint))
+                            socket_name(events_endpoint), policy=Policy(config.access))
+    gate.sock = xpub  # only its owner task (publisher.serve) calls the gate
+    engine.set_views(gate.policy.views())
     sources = Sources(config.sources, stream)
     reloader = Reloader(reload or (lambda: config), engine, [])
     metrics = MetricsServer(engine, sources, reloader.counts)
     metrics.daemon.auth = auth
+    metrics.daemon.gate = gate
     try:
         for endpoint in (dconf.endpoint, events_endpoint):
             _refuse_live_socket(endpoint)  # before seconds of compiling, not after
@@ -180,8 +183,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             server = RequestServer(router, dconf, epoch, _version(), engine, sources, gate=gate,
                                    access=Policy(config.access))
             reloader.targets += [server.reconfigure, metrics.reconfigure]
-            reloader.targets.append(lambda new: auth.update(new.curve.allowed(),
-                                                            Policy(new.access)))
+            reloader.targets.append(lambda new: auth.update(new.curve.allowed()))
+            reloader.targets.append(lambda new: _new_views(Policy(new.access), gate, engine))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, events_endpoint, epoch)
             async with trio.open_nursery() as nursery:
@@ -200,7 +203,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 nursery.start_soon(publisher.serve, gate.guard(engine.on_subscription))
                 nursery.start_soon(engine.run)
                 nursery.start_soon(sources.run)
-                nursery.start_soon(_heartbeats, engine)
+                nursery.start_soon(_heartbeats, engine, gate)
                 task_status.started()
         finally:
             metrics.close()
@@ -208,10 +211,15 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     log.info("stopped")
 
 
+def _new_views(policy: Policy, gate: SubscriptionGate, engine: Engine) -> None:
+    """Reloaded access rules: the gate re-checks its connections, the stream its views."""
+    engine.set_views(policy.views())
+    gate.reconfigure(policy)
+
+
 def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
                   xpub: zmq.Socket) -> Authenticator:
-    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys), and ZAP on
-    the event socket in any case, where access rules keep restricted peers out."""
+    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys)."""
     dconf = config.daemon
     keys = config.curve.server_keys() if config.curve.server_key else None
     for sock, endpoint, domain in ((router, dconf.endpoint, ZAP_DOMAIN),
@@ -219,8 +227,7 @@ def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
         if is_tcp(endpoint):
             assert keys is not None
             keys.apply(sock, domain)
-    xpub.zap_domain = EVENTS_ZAP_DOMAIN
-    auth = Authenticator(ctx, config.curve.allowed(), Policy(config.access))
+    auth = Authenticator(ctx, config.curve.allowed())
     auth.start()
     return auth
 
@@ -237,8 +244,9 @@ def _close(sources: Sources, router: zmq.Socket, xpub: zmq.Socket, bound: list[s
     ctx.term()
 
 
-async def _heartbeats(engine: Engine) -> None:
+async def _heartbeats(engine: Engine, gate: SubscriptionGate) -> None:
     while True:
+        gate.sweep()  # subscribers gone since: their maps stop being wanted
         engine.heartbeat()
         trim_heap()  # memory freed after abuse and under stalled subscribers goes back
         await trio.sleep(engine.stream.heartbeat_interval)  # a reload may change it

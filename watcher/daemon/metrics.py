@@ -38,6 +38,7 @@ from . import catalog
 from .access import Authenticator
 from .config import Config, MetricMap, MetricsConfig
 from .engine import Engine, Watch
+from .subgate import SubscriptionGate
 
 log = logging.getLogger("pymap.metrics")
 
@@ -181,6 +182,7 @@ class DaemonCollector(Collector):
         self.reloads = reloads  # "ok"/"refused" -> count, kept by the reload handler
         self.map_metrics: MapMetrics | None = None
         self.auth: Authenticator | None = None  # its refused-connection counters
+        self.gate: SubscriptionGate | None = None  # the event socket's counters
 
     def collect(self) -> Iterator[Metric]:
         engine, stream = self.engine, self.engine.stream
@@ -235,8 +237,20 @@ class DaemonCollector(Collector):
                                       labels=["reason"])
         if self.auth is not None:
             refused.add_metric(["unknown_key"], self.auth.refused)
-            refused.add_metric(["restricted_on_events"], self.auth.events_refused)
         yield refused
+        gate = self.gate
+        not_applied = CounterMetricFamily(
+            "pymap_subscriptions_not_applied",
+            "Subscriptions the event socket's gate did not apply, by reason", labels=["reason"])
+        cut = CounterMetricFamily("pymap_subscriber_connections_cut",
+                                  "Subscriber connections the daemon cut, by reason",
+                                  labels=["reason"])
+        if gate is not None:
+            not_applied.add_metric(["outside_view"], gate.outside_view)
+            cut.add_metric(["too_many_subscriptions"], gate.refused)
+            cut.add_metric(["view_changed"], gate.view_changed)
+        yield not_applied
+        yield cut
         mm = self.map_metrics
         for name, help_, table in (
                 ("pymap_metrics_decode_errors", "Map entries that did not decode into a sample",
