@@ -261,25 +261,44 @@ def test_a_restricted_unix_peer_follows_only_its_maps(daemon_factory, maps, nobo
 
 
 @pytest.mark.kernel
-def test_reload_applies_new_keys_and_rules(tmp_path, bpffs_dir, maps):
-    """SIGHUP re-reads the allowed keys and the access rules; connected clients stay."""
+def test_reload_applies_new_keys_and_rules(tmp_path, bpffs_dir, maps, monkeypatch):
+    """SIGHUP re-reads the allowed keys and the access rules; connected clients stay.  A
+    follower whose view the reload changes is cut, asks for its new namespace and goes on
+    in the new view; a follower whose view is unchanged is not touched."""
     tag = token()
-    secret = f"acl_secret{tag[:4]}"
-    maps.create("hash", 4, 8, 8, name=secret)
+    public, secret = f"acl_p_{tag}", f"acl_secret{tag[:4]}"
+    ids = {name: maps.create("hash", 4, 8, 8, name=name)[1] for name in (public, secret)}
     d = start_tcp_daemon(tmp_path, bpffs_dir, RULES)
     try:
         mallory = {"PYMAP_CURVE_CLIENT_CERT": str(d.keys / "mallory" / "mallory.key_secret")}
         assert d.cli("ping", "--timeout", "2", env=mallory).returncode != 0
         listed = {m["name"] for m in json.loads(d.cli("list", "-o", "json", check=True).stdout)}
         assert secret not in listed  # alice's rule denies acl_secret*
-        (d.keys / "clients" / "mallory.key").write_bytes(
-            (d.keys / "mallory" / "mallory.key").read_bytes())
-        config = tmp_path / "pymap.toml"
-        config.write_text(config.read_text().replace('deny = ["acl_secret*"]', "deny = []"))
-        d.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "config reloaded" in d.log.read_text(), "the reload")
-        assert d.cli("ping", "--timeout", "5", env=mallory).returncode == 0
-        listed = {m["name"] for m in json.loads(d.cli("list", "-o", "json", check=True).stdout)}
-        assert secret in listed
+        for var, value in d.client_env.items():
+            monkeypatch.setenv(var, value)
+        with Follower(d, "acl_*", "-f") as alice:
+            for var, value in as_client(d, "ops").items():
+                monkeypatch.setenv(var, value)
+            with Follower(d, "acl_*", "-f") as ops:
+                _change_until(maps, [ids[public], ids[secret]], lambda: (
+                    _names(alice) >= {public} and _names(ops) >= {public, secret}))
+                assert secret not in _names(alice)
+                (d.keys / "clients" / "mallory.key").write_bytes(
+                    (d.keys / "mallory" / "mallory.key").read_bytes())
+                config = tmp_path / "pymap.toml"
+                config.write_text(config.read_text().replace('deny = ["acl_secret*"]',
+                                                             "deny = []"))
+                d.proc.send_signal(signal.SIGHUP)
+                wait_until(lambda: "config reloaded" in d.log.read_text(), "the reload")
+                assert d.cli("ping", "--timeout", "5", env=mallory).returncode == 0
+                listed = {m["name"] for m in
+                          json.loads(d.cli("list", "-o", "json", check=True).stdout)}
+                assert secret in listed
+                _change_until(maps, [ids[secret]], lambda: secret in _names(alice),
+                              timeout=120)
+                # Told on stderr: the silence after the cut, and the way back.
+                assert "the daemon is back" in alice.stderr, alice.stderr
+                assert "the daemon is back" not in ops.stderr  # its view did not change
+        assert "cut 1 subscriber connections whose view changed" in d.log.read_text()
     finally:
         d.stop()

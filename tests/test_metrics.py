@@ -111,7 +111,7 @@ def test_prometheus_sees_map_entries_as_bpftool_does(tmp_path, maps, daemon_fact
                   lambda r: r and float(r[0]["value"][1]) > 0)
     assert prom.query('pymap_config_reloads_total{result="refused"}')[0]["value"][1] == "0"
     assert {r["metric"]["reason"]: r["value"][1] for r in prom.query(
-        "pymap_connections_refused_total")} == {"unknown_key": "0", "restricted_on_events": "0"}
+        "pymap_connections_refused_total")} == {"unknown_key": "0"}
     errors = prom.query("pymap_metrics_decode_errors_total")
     assert {r["metric"]["metric"]: r["value"][1] for r in errors} == {
         "pymap_test_flow_packets": "0", "pymap_test_cpu_packets": "0"}
