@@ -189,6 +189,9 @@ def events_of(message, frames: list[bytes], formatters: FormatterCache | None = 
     return []
 
 
+RECHECK_MAX = 60.0  # seconds between namespace checks during a long stall at most
+
+
 class EventStream:
     """``async with client.events([...]) as stream: async for event in stream: ...``
 
@@ -227,6 +230,7 @@ class EventStream:
         self._pending: list[bytes] | None = None  # frames that ended a stall, not yet handled
         self._retry: str | None = None  # a resync that failed: redo it (its reason) when heard
         self._sub: zmq.Socket | None = None
+        self._namespace: bytes | None = None  # the stream_prefix subscribed with
 
     # ZeroMQ options of the SUB socket: a deep receive queue, so a subscriber that is
     # briefly busy loses nothing (tests shrink it to provoke gaps).
@@ -236,11 +240,40 @@ class EventStream:
         pong = await self.client.ping()
         self._sub = endpoint.connect(zmq.SUB, self.client.events_endpoint or pong.events_endpoint,
                                      self.SOCKET_OPTIONS)
-        for topic in self.selection.subscriptions():
-            self._sub.setsockopt(zmq.SUBSCRIBE, topic)
-        # hb last: a heartbeat then proves the map subscriptions reached the daemon too.
-        self._sub.setsockopt(zmq.SUBSCRIBE, schema.HEARTBEAT_TOPIC)
+        self._subscribe(pong.stream_prefix.encode())
         return self
+
+    def _topics(self) -> list[bytes]:
+        # hb last: a heartbeat then proves the map subscriptions reached the daemon too.
+        return [*self.selection.subscriptions(), schema.HEARTBEAT_TOPIC]
+
+    def _subscribe(self, namespace: bytes) -> None:
+        """Subscribe in ``namespace``: a peer that access rules restrict subscribes inside
+        its view's (the daemon applies nothing else of it, and publishes its maps there)."""
+        assert self._sub is not None
+        if namespace == self._namespace:
+            return
+        if self._namespace is not None:
+            for topic in self._topics():
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, self._namespace + topic)
+        self._namespace = namespace
+        for topic in self._topics():
+            self._sub.setsockopt(zmq.SUBSCRIBE, namespace + topic)
+
+    async def _recheck_namespace(self, deadline: float) -> None:
+        """Ask the daemon for this client's namespace again, during a stall.
+
+        A reload that changes this client's view cuts its connection; the SUB
+        reconnects with the old namespace's subscriptions, which the daemon no
+        longer applies, so the stream stays silent until the client subscribes
+        in the new one.  A daemon that does not answer is simply still gone.
+        """
+        with trio.move_on_at(deadline):
+            try:
+                pong = await self.client.ping()
+            except DaemonError:
+                return
+            self._subscribe(pong.stream_prefix.encode())
 
     async def __aexit__(self, *exc) -> None:
         if self._sub is not None:
@@ -277,14 +310,13 @@ class EventStream:
             return self._decode(frames)
         if self._stalled:
             since = self._heard
-            frames = await self._recv_within(math.inf if self.max_wait is None
-                                             else self.max_wait)
-            if frames is None:
+            after = await self._await_daemon()
+            if after is None:
                 raise DaemonUnavailable(
                     f"no heartbeat from the pymap daemon for {trio.current_time() - since:.0f} s; "
                     f"gave up after waiting {self.max_wait:g} s for it to come back")
             self._stalled = False
-            self._pending = frames
+            self._pending = after
             return Event("resumed", MapRef(0, ""), time=time.time(),
                          reason=f"after {self._heard - since:.0f} s of silence")
         frames = await self._recv_within(self._silence)
@@ -295,6 +327,22 @@ class EventStream:
             self._stalled = True
             return Event("stalled", MapRef(0, ""), time=time.time(), reason=silent)
         return self._decode(frames)
+
+    async def _await_daemon(self) -> list[bytes] | None:
+        """The first message after a stall, or None once ``max_wait`` has passed.
+
+        Meanwhile the namespace is asked for again after one silence period, then
+        at doubling intervals (at most a minute apart): a daemon that is down
+        finds few pings queued for it when it comes back.
+        """
+        deadline = math.inf if self.max_wait is None else trio.current_time() + self.max_wait
+        wait = self._silence
+        while True:
+            frames = await self._recv_within(max(min(wait, deadline - trio.current_time()), 0.0))
+            if frames is not None or trio.current_time() >= deadline:
+                return frames
+            await self._recheck_namespace(deadline)
+            wait = min(wait * 2, RECHECK_MAX)
 
     @staticmethod
     def _decode(frames: list[bytes]) -> tuple[object, list[bytes]]:

@@ -20,6 +20,7 @@ import zmq
 from support.catalog import FakeCatalog, record
 
 from watcher.daemon import errors
+from watcher.daemon.access import View
 from watcher.daemon.catalog import Catalog
 from watcher.daemon.config import Config, DaemonConfig
 from watcher.daemon.engine import Demand, Engine
@@ -92,16 +93,33 @@ def events_of(rec: Recorder) -> list[tuple[int, bytes, bytes, bytes]]:
 # --- demand ------------------------------------------------------------------------
 
 
-def test_demand_is_a_set_of_prefixes():
+def test_demand_counts_the_connections_holding_a_prefix():
+    """The subscription gate reports each connection's topics once: two connections on
+    one topic, two unsubscriptions before it goes."""
     d = Demand()
     assert d.update(b"\x01map:flows\0") and d.update(b"\x01map:flows\0")
     assert d.prefixes == {b"map:flows\0": 2}
     assert d.wants("flows") and not d.wants("flows2") and d.any_maps()
+    assert not d.update(b"\x00map:flows\0")  # one of the two left
+    assert d.wants("flows")
     assert not d.update(b"\x00map:flows\0")  # the last holder left: the prefix goes
     assert not d.wants("flows") and not d.any_maps()
     assert not d.update(b"") and not d.update(b"\x07junk")
     assert d.update(b"\x01map:cil") and d.wants("cilium_ct4") and not d.wants("flows")
     assert d.update(b"\x01hb") and not Demand().any_maps()
+
+
+def test_demand_in_a_view_covers_only_the_maps_it_sees():
+    view = View(("acl_*",), ("acl_secret*",))
+    d = Demand()
+    d.views = {view.namespace: view}
+    assert d.update(b"\x01" + view.namespace + b"map:acl_")
+    assert d.wants("acl_public") and not d.wants("acl_secret1") and not d.wants("other")
+    assert d.active_views() == {view.namespace: view} and d.any_maps()
+    assert d.update(b"\x01v00000000:map:")  # a namespace no rule has: covers nothing
+    assert not d.wants("other")
+    d.update(b"\x00" + view.namespace + b"map:acl_")
+    assert d.active_views() == {} and not d.wants("acl_public")
 
 
 # --- the engine's cycle ----------------------------------------------------------------
@@ -141,6 +159,49 @@ async def test_engine_cycle_baseline_changes_removal_and_creation():
     assert (created.action, created.map.id, created.topic_seq) == ("map_created", 12, 5)
     assert events_of(rec)[-1] == (0, k(7), v(7), bytes(8))
     assert all(h.closed for h in cat.opened)
+
+
+async def test_a_view_gets_copies_of_its_maps_only():
+    """A subscribed view gets each message of a map it sees once more under its namespace,
+    and its own heartbeat; a hidden map's events and map_created never go there; and
+    without a restricted subscriber nothing more than before is sent."""
+    cat = FakeCatalog()
+    pub, sec = cat.add(record(10, "acl_pub"), {k(1): v(1)}), cat.add(record(11, "acl_secret"))
+    engine, rec = make_engine(cat)
+    view = View(("acl_*",), ("acl_secret*",))
+    engine.set_views({view.namespace: view})
+    ns = view.namespace
+    subscribe(engine, schema.map_topic("acl_pub"))  # an unrestricted subscriber first
+    await engine.cycle()
+    pub.entries[k(2)] = v(2)
+    await engine.poll(engine.watches[10])
+    assert [f[0] for f in rec.sent] == [b"hb", b"map:acl_pub\0"]  # no view subscribed: no copy
+    rec.sent.clear()
+
+    subscribe(engine, ns + b"map:acl_")
+    subscribe(engine, ns + b"hb")
+    subscribe(engine, schema.MAP_TOPIC_PREFIX + b"acl_")
+    await engine.cycle()
+    assert set(engine.watches) == {10, 11}
+    rec.sent.clear()
+    pub.entries[k(3)] = v(3)
+    sec.entries[k(3)] = v(3)
+    cat.add(record(12, "acl_secret2"))
+    cat.add(record(13, "acl_new"))
+    await engine.cycle()
+    for watch in list(engine.watches.values()):
+        await engine.poll(watch)
+    engine.heartbeat()
+    topics = [f[0] for f in rec.sent]
+    seen = [f[0][len(ns):] for f in rec.sent if f[0].startswith(ns)]
+    assert sorted(set(seen)) == [b"hb", b"map:acl_new\0", b"map:acl_pub\0"]
+    assert b"map:acl_secret\0" in topics and b"map:acl_secret2\0" in topics  # for the others
+    for frames in rec.sent:  # a copy is the same message, under another topic
+        if frames[0].startswith(ns + b"map:"):
+            assert [frames[0][len(ns):], *frames[1:]] in rec.sent
+    beats = {f[0]: schema.decode(f[1]) for f in rec.sent if f[0].endswith(b"hb")}
+    assert set(beats[ns + b"hb"].topics) == {"acl_pub", "acl_new"}
+    assert set(beats[b"hb"].topics) == {"acl_pub", "acl_secret", "acl_secret2", "acl_new"}
 
 
 async def test_engine_query_api():

@@ -111,7 +111,7 @@ def test_prometheus_sees_map_entries_as_bpftool_does(tmp_path, maps, daemon_fact
                   lambda r: r and float(r[0]["value"][1]) > 0)
     assert prom.query('pymap_config_reloads_total{result="refused"}')[0]["value"][1] == "0"
     assert {r["metric"]["reason"]: r["value"][1] for r in prom.query(
-        "pymap_connections_refused_total")} == {"unknown_key": "0", "restricted_on_events": "0"}
+        "pymap_connections_refused_total")} == {"unknown_key": "0"}
     for bound in ("requests_refused", "replies_dropped", "subscriptions_refused"):
         # Exported from the start (zero until a bound is hit: tests/test_abuse.py hits them).
         assert prom.query(f"pymap_{bound}_total")[0]["value"][1] == "0"

@@ -139,9 +139,13 @@ class Follower:
     writing, a stuck consumer.
     """
 
-    def __init__(self, daemon, *args: str, read: bool = True):
-        env = {**os.environ, "PYMAP_ENDPOINT": daemon.endpoint, "COLUMNS": "200"}
-        self.argv = [PYMAP, "events", *args, "-o", "json"]
+    def __init__(self, daemon, *args: str, read: bool = True, command: list[str] | None = None,
+                 env: dict[str, str] | None = None):
+        """``command``: how to run pymap (default: this checkout's, as this user);
+        ``env``: the environment to start from (default: this process')."""
+        env = {**(os.environ if env is None else env), "PYMAP_ENDPOINT": daemon.endpoint,
+               "COLUMNS": "200"}
+        self.argv = [*(command or [PYMAP]), "events", *args, "-o", "json"]
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=env)
         self.lines: list[dict] = []

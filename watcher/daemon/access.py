@@ -18,14 +18,20 @@ socket peer's user and groups from SO_PEERCRED, which libzmq passes as the
 deny globs on map names.  The request server filters ``list``, ``status``
 and ``recent`` through it, and answers ``get`` of a map outside it exactly
 as it answers a map that does not exist (:func:`hidden`), so a denial never
-confirms that a map exists.  See docs/operations.md#who-sees-which-maps.
+confirms that a map exists.  On the event stream each view has its own topic
+namespace (:attr:`View.namespace`): the publisher sends a copy of each
+message of a visible map under it, and the subscription gate applies a
+restricted peer's subscriptions only inside it.
+See docs/operations.md#who-sees-which-maps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import grp
+import hashlib
 import logging
 import os
 import pwd
@@ -44,70 +50,45 @@ log = logging.getLogger("pymap.access")
 
 
 class Authenticator(ThreadAuthenticator):
-    """The ZAP handler of both sockets: CURVE keys on tcp://, and the events gate.
+    """The ZAP handler of the tcp:// sockets: CURVE keys.
 
     The request socket's domain is ``pymap``, the event socket's
-    ``pymap-events``.  A peer whose access rule restricts it to some maps is
-    refused on the event socket (over CURVE and over ipc://, by its uid): one
-    XPUB serves every subscriber, and a subscription to a prefix such as
-    ``map:`` cannot be cut down to the maps a rule allows, so such a peer gets
-    no event stream rather than a filtered one (docs/operations.md).
+    ``pymap-events``; both admit the same keys.  What a client may see is not
+    decided here: the request server filters replies, and the event socket's
+    subscription gate (watcher/daemon/subgate.py) keeps a restricted peer's
+    subscriptions inside its view's namespace (docs/operations.md).
     """
 
-    def __init__(self, ctx: zmq.Context, allowed: dict[bytes, str], policy: Policy):
+    def __init__(self, ctx: zmq.Context, allowed: dict[bytes, str]):
         super().__init__(ctx, log=logging.getLogger("pymap.zap"))
         self.allowed = allowed  # Z85 public key -> client name; replaced whole on reload
-        self.policy = policy
         self.refused = 0  # unknown keys
-        self.events_refused = 0  # restricted peers on the event socket
-        self._reported: set[bytes | str] = set()
+        self._reported: set[bytes] = set()
 
     def start(self) -> None:
         super().start()
         for domain in (ZAP_DOMAIN, EVENTS_ZAP_DOMAIN):
             self.configure_curve_callback(domain.decode(), self)
 
-    def update(self, allowed: dict[bytes, str], policy: Policy) -> None:
-        self.allowed, self.policy = allowed, policy
+    def update(self, allowed: dict[bytes, str]) -> None:
+        self.allowed = allowed
         self._reported.clear()
 
-    def _once(self, what: bytes | str) -> bool:
+    def _once(self, what: bytes) -> bool:
         if what in self._reported or len(self._reported) >= 1000:
             return False
         self._reported.add(what)
         return True
 
-    def _restricted_on_events(self, who: Principal, label: str) -> bool:
-        if self.policy.view_for(who) is None:
-            return False
-        self.events_refused += 1
-        if self._once(label):
-            log.warning("refused %s on the event socket: its access rule limits the maps it "
-                        "sees, and events are not filtered per client", label,
-                        extra={"peer": label})
-        return True
-
     def callback(self, domain: str, key: bytes) -> bool:
         """zmq.auth's credentials provider hook: is this Z85 public key allowed here?"""
-        name = self.allowed.get(key)
-        if name is None:
-            self.refused += 1
-            if self._once(key):
-                log.warning("refused a CURVE client with an unknown key %s", key.decode(),
-                            extra={"client_key": key.decode()})
-            return False
-        if domain == EVENTS_ZAP_DOMAIN.decode():
-            return not self._restricted_on_events(Principal(client=name), f"client {name}")
-        return True
-
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        # ipc:// peers come with the NULL mechanism and "...:uid:gid:pid" as their address.
-        if len(msg) >= 6 and msg[5] == b"NULL" and msg[2] == EVENTS_ZAP_DOMAIN:
-            who = Principal.from_metadata("", msg[3].decode(errors="replace"))
-            if self._restricted_on_events(who, f"uid {who.uid}"):
-                self._send_zap_reply(msg[1], b"400", b"NO ACCESS")
-                return
-        await super().handle_zap_message(msg)
+        if key in self.allowed:
+            return True
+        self.refused += 1
+        if self._once(key):
+            log.warning("refused a CURVE client with an unknown key %s", key.decode(),
+                        extra={"client_key": key.decode()})
+        return False
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.allowed.get(z85.encode(client_public_key), "")
@@ -133,7 +114,7 @@ class Principal:
         return cls(client)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class View:
     """The maps one principal may see: allowed by a glob (or all), denied by none."""
 
@@ -158,7 +139,18 @@ class View:
     def sees_name(self, name: str) -> bool:
         return self.sees([name])
 
+    @functools.cached_property
+    def namespace(self) -> bytes:
+        """This view's topic prefix on the event stream, ``v<8 hex>:``.
 
+        A hash of the rule's globs, not its position: a SIGHUP that leaves a
+        rule unchanged leaves its namespace (and its subscribers) alone.
+        """
+        digest = hashlib.sha256(repr((self.allow, self.deny, self.nothing)).encode())
+        return b"v" + digest.hexdigest()[:8].encode() + b":"
+
+
+NAMESPACE_BYTES = len(b"v12345678:")  # a view's topic namespace: "v", 8 hex digits, ":"
 EVERYTHING: View | None = None  # no rule restricts the principal
 
 
@@ -206,6 +198,14 @@ class Policy:
                 return View(tuple(rule.allow), tuple(rule.deny))
         return EVERYTHING if self.config.default == "allow" else View((), (), nothing=True)
 
+    def views(self) -> dict[bytes, View]:
+        """Every restricted view the rules can give, by namespace."""
+        found = [View(tuple(r.allow), tuple(r.deny)) for r in self.config.rules
+                 if r.allow or r.deny]
+        if self.active and self.config.default == "deny":
+            found.append(View((), (), nothing=True))
+        return {v.namespace: v for v in found}
+
 
 def hidden(selector: str) -> errors.MapNotFound:
     """The error a selector naming no map gets, word for word: a denied map is invisible."""
@@ -241,12 +241,10 @@ def open_visible(open_selected: Callable, selector: str, view: View):
 
 
 def restricted_status(status, view: View):
-    """An engine status showing only what ``view`` may see (watched maps, exact topics)."""
-    def shown(prefix: str) -> bool:
-        if prefix == "hb":
-            return True
-        return (prefix.startswith("map:") and prefix.endswith("\0")
-                and view.sees_name(prefix[len("map:"):-1]))
-
+    """An engine status showing only what ``view`` may see: watched maps, and the
+    subscriptions in its own namespace (shown without it, as its peers made them)."""
+    namespace = view.namespace.decode()
     return attrs.evolve(status, watched=[w for w in status.watched if view.sees_name(w.name)],
-                        subscriptions={p: n for p, n in status.subscriptions.items() if shown(p)})
+                        subscriptions={p[len(namespace):]: n
+                                       for p, n in status.subscriptions.items()
+                                       if p.startswith(namespace)})

@@ -39,6 +39,7 @@ from ..kernel.objects import Broker
 from ..wire import schema
 from ..wire.transport import OutFrames
 from . import catalog, errors
+from .access import NAMESPACE_BYTES, View
 from .catalog import Catalog, MapGone
 from .config import Config
 from .delta import Delta, Snapshot, diff, snapshot_as_added
@@ -75,43 +76,71 @@ class Watch:
         return not self.unreadable and dump_method(self.record.type) is not DumpMethod.NONE
 
 
-class Demand:
-    """Topic prefixes that at least one subscriber holds.
+Scope = tuple[View | None, bytes]  # (the view a prefix is limited to, or None; the prefix)
 
-    The XPUB runs with ``XPUB_VERBOSE``: every subscribe reaches us (so each
-    new subscriber can be greeted with a heartbeat), but an unsubscribe only
-    when the last holder of that prefix leaves.  Demand is therefore a set;
-    ``seen`` counts subscribe requests per prefix, for ``pymap status``.
-    (``XPUB_VERBOSER`` would forward every unsubscribe too, but a subscriber
-    that subscribed twice and disconnects unsubscribes once: counts leak.)
+
+class Demand:
+    """Topic prefixes that at least one subscriber connection holds.
+
+    The subscription gate (watcher/daemon/subgate.py) reports a topic when a
+    connection first takes it and again when it lets go of it or is gone, so
+    a prefix is held while some connection holds it; ``prefixes`` counts the
+    subscribe requests seen per held prefix, for ``pymap status``.  A prefix in
+    a view's namespace (``v<hash>:map:...``, ``views``: the namespaces of the
+    access rules in force) covers only the maps that view sees.
     """
 
     def __init__(self):
         self.prefixes: dict[bytes, int] = {}  # prefix -> subscribe requests seen
+        self._holders: dict[bytes, int] = {}  # prefix -> connections holding it
+        self.views: dict[bytes, View] = {}  # namespace -> view
 
     def update(self, message: bytes) -> bool:
-        """Apply one XPUB subscription message; True if it was a subscribe."""
+        """Apply one subscription change; True if it was a subscribe."""
         if not message or message[0] not in (0, 1):
             return False
         prefix = bytes(message[1:])
         if message[0] == 1:
+            self._holders[prefix] = self._holders.get(prefix, 0) + 1
             self.prefixes[prefix] = self.prefixes.get(prefix, 0) + 1
             return True
-        self.prefixes.pop(prefix, None)
+        left = self._holders.get(prefix, 0) - 1
+        if left > 0:
+            self._holders[prefix] = left
+        else:
+            self._holders.pop(prefix, None)
+            self.prefixes.pop(prefix, None)
         return False
+
+    def scopes(self) -> tuple[Scope, ...]:
+        """Each held prefix as (its view, or None: unrestricted; the prefix within it)."""
+        out = []
+        for prefix in self.prefixes:
+            ns = prefix[:NAMESPACE_BYTES]
+            view = self.views.get(ns) if prefix.startswith(b"v") else None
+            out.append((view, prefix[len(ns):]) if view is not None else (None, prefix))
+        return tuple(out)
+
+    def active_views(self) -> dict[bytes, View]:
+        """The views some connection subscribes in: the stream publishes for these."""
+        return {ns: view for ns, view in self.views.items()
+                if any(p.startswith(ns) for p in self.prefixes)}
 
     def any_maps(self) -> bool:
         """Could any subscription cover a map topic at all?"""
         prefix = schema.MAP_TOPIC_PREFIX
-        return any(p.startswith(prefix) or prefix.startswith(p) for p in self.prefixes)
+        return any(p.startswith(prefix) or prefix.startswith(p) for _, p in self.scopes())
 
     def wants(self, name: str) -> bool:
-        return self.covers(tuple(self.prefixes), name)
+        return self.covers(self.scopes(), name)
 
     @staticmethod
-    def covers(prefixes: tuple[bytes, ...], name: str) -> bool:
+    def covers(scopes: tuple[Scope, ...], name: str, record: kmaps.MapRecord | None = None
+               ) -> bool:
         topic = schema.map_topic(name)
-        return any(topic.startswith(p) for p in prefixes)
+        return any(topic.startswith(p) and (view is None or (
+            view.sees_map(record) if record is not None else view.sees_name(name)))
+            for view, p in scopes)
 
 
 @attrs.frozen
@@ -184,8 +213,16 @@ class Engine:
 
     def on_subscription(self, frames: list[bytes]) -> None:
         """XPUB callback: a subscription changed; re-evaluate soon, greet new subscribers."""
-        if self.demand.update(frames[0]):
-            self.stream.heartbeat(self.watched_topics())
+        subscribed = self.demand.update(frames[0])
+        self.stream.views = self.demand.active_views()
+        if subscribed:
+            self.heartbeat()
+        self.poke()
+
+    def set_views(self, views: dict[bytes, View]) -> None:
+        """The access rules' views by namespace (at start and on reload)."""
+        self.demand.views = views
+        self.stream.views = self.demand.active_views()
         self.poke()
 
     def poke(self) -> None:
@@ -194,7 +231,7 @@ class Engine:
         self._wake.set()
 
     @staticmethod
-    def _wanted(records: list[kmaps.MapRecord], prefixes: tuple[bytes, ...],
+    def _wanted(records: list[kmaps.MapRecord], scopes: tuple[Scope, ...],
                 always: tuple[str, ...]) -> dict[int, str]:
         """Map id -> "subscribed" or "always", for the maps demand or config want.
 
@@ -203,7 +240,7 @@ class Engine:
         """
         wanted = {}
         for record in records:
-            if Demand.covers(prefixes, record.name):
+            if Demand.covers(scopes, record.name, record):
                 wanted[record.id] = "subscribed"
             elif any(fnmatch.fnmatchcase(record.name, p) for p in always):
                 wanted[record.id] = "always"
@@ -331,7 +368,7 @@ class Engine:
                 await self.poll(watch)
 
     async def _discover(self, created_only: bool = False) -> None:
-        prefixes, always = tuple(self.demand.prefixes), tuple(self.config.always_watched())
+        scopes, always = self.demand.scopes(), tuple(self.config.always_watched())
         # Creations reported before the ids are read: a map among them that the read
         # below does not find is gone.  Later ones wait for the next cycle.
         fresh, self._created = self._created, {}
@@ -339,7 +376,7 @@ class Engine:
         current = {r.id: r for r in records}
         # Only the new maps need looking at when nothing but creations woke the cycle.
         check = [current[i] for i in fresh if i in current] if created_only else records
-        wanted = await trio.to_thread.run_sync(self._wanted, check, prefixes, always)
+        wanted = await trio.to_thread.run_sync(self._wanted, check, scopes, always)
         now = time.monotonic()
         for map_id in [i for i in self.watches if i not in current]:
             gone = self.watches.pop(map_id)
@@ -361,11 +398,11 @@ class Engine:
                     self.stream.publish_map_event("map_created", catalog.to_wire(record))
                     await self.poll(watch, report_all=True)
             watch.reason = reason
-        self._report_gone(fresh, current, prefixes, always)
+        self._report_gone(fresh, current, scopes, always)
         self._known_ids = set(current)
 
     def _report_gone(self, fresh: dict[int, kmaps.MapRecord | None],
-                     current: dict[int, kmaps.MapRecord], prefixes: tuple[bytes, ...],
+                     current: dict[int, kmaps.MapRecord], scopes: tuple[Scope, ...],
                      always: tuple[str, ...]) -> None:
         """Maps the kernel saw created that were gone before this cycle read the ids:
         ``map_created`` and ``map_removed`` from the description taken at creation."""
@@ -376,7 +413,7 @@ class Engine:
             if record is None:
                 log.debug("map id %d was created and freed before it could be read", map_id)
                 continue
-            if self._wanted([record], prefixes, always):
+            if self._wanted([record], scopes, always):
                 info = catalog.to_wire(record)
                 self.stream.publish_map_event("map_created", info)
                 self.stream.publish_map_event("map_removed", info)
@@ -473,7 +510,7 @@ class Engine:
         return Snapshot(keys, values, count, watch.record.key_size, watch.stride)
 
     def heartbeat(self) -> None:
-        self.stream.heartbeat(self.watched_topics())
+        self.stream.heartbeat(self.watched_topics(), [w.record for w in self.watches.values()])
 
     # --- the query API of the request server ---
 

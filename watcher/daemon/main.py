@@ -140,8 +140,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     # libzmq cuts a connection sending a longer subscription before storing it.
     xpub.setsockopt(zmq.MAXMSGSIZE, dconf.max_subscription_bytes + 1)
     router.setsockopt(zmq.SNDHWM, REQUEST_SNDHWM)
-    # Every subscribe (to greet new subscribers), but unsubscribes only from the last holder.
-    xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+    # Subscriptions take effect only when the gate applies them (subgate.py): access rules.
+    xpub.setsockopt(zmq.XPUB_MANUAL, 1)
     bound: list[str] = []
     auth = _authenticate(config, ctx, router, xpub)
     publisher = PublisherOwner(xpub)
@@ -150,11 +150,14 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     discovery = Discovery(config.watch.discovery)
     engine = Engine(config, stream, discovery=discovery)
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
-                            socket_name(events_endpoint))
+                            socket_name(events_endpoint), policy=Policy(config.access))
+    gate.sock = xpub  # only its owner task (publisher.serve) calls the gate
+    engine.set_views(gate.policy.views())
     sources = Sources(config.sources, stream)
     reloader = Reloader(reload or (lambda: config), engine, [])
     metrics = MetricsServer(engine, sources, reloader.counts)
     metrics.daemon.auth = auth
+    metrics.daemon.gate = gate
     try:
         for endpoint in (dconf.endpoint, events_endpoint):
             _refuse_live_socket(endpoint)  # before seconds of compiling, not after
@@ -190,8 +193,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                                    access=Policy(config.access))
             reloader.targets += [server.reconfigure, metrics.reconfigure]
             metrics.daemon.refusals = server.refusals
-            reloader.targets.append(lambda new: auth.update(new.curve.allowed(),
-                                                            Policy(new.access)))
+            reloader.targets.append(lambda new: auth.update(new.curve.allowed()))
+            reloader.targets.append(lambda new: _new_views(Policy(new.access), gate, engine))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, events_endpoint, epoch)
             async with trio.open_nursery() as nursery:
@@ -212,7 +215,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 if engine.broker is not None:
                     nursery.start_soon(supervise, engine.broker)
                 nursery.start_soon(sources.run)
-                nursery.start_soon(_heartbeats, engine)
+                nursery.start_soon(_heartbeats, engine, gate)
                 task_status.started()
         finally:
             metrics.close()
@@ -220,10 +223,15 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     log.info("stopped")
 
 
+def _new_views(policy: Policy, gate: SubscriptionGate, engine: Engine) -> None:
+    """Reloaded access rules: the gate re-checks its connections, the stream its views."""
+    engine.set_views(policy.views())
+    gate.reconfigure(policy)
+
+
 def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
                   xpub: zmq.Socket) -> Authenticator:
-    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys), and ZAP on
-    the event socket in any case, where access rules keep restricted peers out."""
+    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys)."""
     dconf = config.daemon
     keys = config.curve.server_keys() if config.curve.server_key else None
     for sock, endpoint, domain in ((router, dconf.endpoint, ZAP_DOMAIN),
@@ -231,8 +239,7 @@ def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
         if is_tcp(endpoint):
             assert keys is not None
             keys.apply(sock, domain)
-    xpub.zap_domain = EVENTS_ZAP_DOMAIN
-    auth = Authenticator(ctx, config.curve.allowed(), Policy(config.access))
+    auth = Authenticator(ctx, config.curve.allowed())
     auth.start()
     return auth
 
@@ -254,8 +261,9 @@ def _close(sources: Sources, discovery: Discovery, router: zmq.Socket, xpub: zmq
     ctx.term()
 
 
-async def _heartbeats(engine: Engine) -> None:
+async def _heartbeats(engine: Engine, gate: SubscriptionGate) -> None:
     while True:
+        gate.sweep()  # subscribers gone since: their maps stop being wanted
         engine.heartbeat()
         trim_heap()  # memory freed after abuse and under stalled subscribers goes back
         await trio.sleep(engine.stream.heartbeat_interval)  # a reload may change it

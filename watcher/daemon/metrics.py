@@ -40,6 +40,7 @@ from . import catalog
 from .access import Authenticator
 from .config import Config, MetricMap, MetricsConfig
 from .engine import Engine, WatchFigures
+from .subgate import SubscriptionGate
 
 log = logging.getLogger("pymap.metrics")
 
@@ -185,6 +186,7 @@ class DaemonCollector(Collector):
         self.auth: Authenticator | None = None  # its refused-connection counters
         # The request server's refusals() (set once it serves): the abuse bounds' counts.
         self.refusals: Callable[[], dict[str, int]] | None = None
+        self.gate: SubscriptionGate | None = None  # the event socket's view counters
 
     def collect(self) -> Iterator[Metric]:
         st = self.engine.status()
@@ -259,8 +261,20 @@ class DaemonCollector(Collector):
                                       labels=["reason"])
         if self.auth is not None:
             refused.add_metric(["unknown_key"], self.auth.refused)
-            refused.add_metric(["restricted_on_events"], self.auth.events_refused)
         yield refused
+        gate = self.gate
+        not_applied = CounterMetricFamily(
+            "pymap_subscriptions_not_applied",
+            "Subscriptions the event socket's gate did not apply, by reason", labels=["reason"])
+        cut = CounterMetricFamily("pymap_subscriber_connections_cut",
+                                  "Subscriber connections the daemon cut, by reason (too many "
+                                  "subscriptions: pymap_subscriptions_refused)",
+                                  labels=["reason"])
+        if gate is not None:
+            not_applied.add_metric(["outside_view"], gate.outside_view)
+            cut.add_metric(["view_changed"], gate.view_changed)
+        yield not_applied
+        yield cut
         mm = self.map_metrics
         for name, help_, table in (
                 ("pymap_metrics_decode_errors", "Map entries that did not decode into a sample",

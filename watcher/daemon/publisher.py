@@ -4,6 +4,12 @@ Every event gets its place in one daemon-wide sequence (total order across
 maps) and in its topic's own sequence, so a subscriber of any subset of
 topics can tell a quiet topic from lost events, and count them exactly.  The epoch, random per daemon run,
 tells a restarted daemon from a continuing one.  See docs/protocol.md.
+
+Views (``[access]`` rules that restrict what a peer sees) have their own
+namespaces on the same socket: a message of a map that a view with
+subscribers sees goes out once more, under ``<namespace><topic>``, with the
+same frames (no copy); heartbeats once per such view, listing only its
+topics.  With no restricted subscriber, nothing more is sent than that.
 """
 
 from __future__ import annotations
@@ -11,12 +17,18 @@ from __future__ import annotations
 import collections
 import fnmatch
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from ..kernel.maps import MapRecord
 from ..wire import schema
 from ..wire.transport import OutFrames, PublisherOwner
+from .access import View
 from .delta import Delta
+
+# What a message is about, for a view's decision: the map (record or MapInfo: its
+# names and pins, as list and get decide), or None: its topic name (event sources).
+Subject = MapRecord | schema.MapInfo | None
 
 HEADER_ALLOWANCE = 1024  # bytes kept for a batch's JSON header within message_bytes
 
@@ -39,10 +51,23 @@ class Stream:
         self._recent_counts: dict[str, int] = {}
         # Topics always listed in heartbeats (event source buffers), watched or not.
         self.source_topics: set[str] = set()
+        # Namespace -> view, for the views some connection subscribes in (the engine's
+        # demand keeps it): each is sent the messages of the maps it sees.
+        self.views: dict[bytes, View] = {}
 
-    def _send(self, name: str, header, frames: OutFrames, events: int) -> None:
-        topic = schema.map_topic(name)
-        self.publisher.publish([topic, schema.encode(header), *frames])
+    def namespaces(self, name: str, subject: Subject) -> list[bytes]:
+        """The namespaces of the subscribed views that see this map."""
+        if not self.views:
+            return []
+        return [ns for ns, view in self.views.items()
+                if (view.sees_map(subject) if subject is not None else view.sees_name(name))]
+
+    def _send(self, name: str, header, frames: OutFrames, events: int,
+              namespaces: list[bytes]) -> None:
+        topic, head = schema.map_topic(name), schema.encode(header)
+        self.publisher.publish([topic, head, *frames])
+        for ns in namespaces:
+            self.publisher.publish([ns + topic, head, *frames])
         self.messages_published += 1
         self.events_published += events
         self._remember(name, header, frames, max(events, 1))
@@ -67,6 +92,7 @@ class Stream:
         # ZeroMQ sends from a buffer without copying it.  A delta is never changed after.
         actions, keys, values, old_values = (memoryview(b) for b in (
             delta.actions, delta.keys, delta.values, delta.old_values))
+        namespaces = self.namespaces(name, record)
         for start in range(0, delta.count, step):
             n = min(step, delta.count - start)
             header = schema.EventBatch(
@@ -78,7 +104,7 @@ class Stream:
             ks, vs = start * key_size, start * stride
             frames: OutFrames = [actions[start:start + n], keys[ks:ks + n * key_size],
                       values[vs:vs + n * stride], old_values[vs:vs + n * stride]]
-            self._send(name, header, frames, n)
+            self._send(name, header, frames, n, namespaces)
         self._own_recent(name)
 
     def _own_recent(self, name: str) -> None:
@@ -108,7 +134,7 @@ class Stream:
                                  time=time.time() if when is None else when,
                                  action=action, map=info)
         self.topic_seq[info.name] = tseq
-        self._send(info.name, header, [], 1)
+        self._send(info.name, header, [], 1, self.namespaces(info.name, info))
 
     def publish_records(self, name: str, map_id: int, count: int, lengths: bytes, data: bytes,
                         layout: dict | None, when: float) -> None:
@@ -119,7 +145,7 @@ class Stream:
             map=schema.MapRef(map_id, name), layout=layout)
         self.seq += count
         self.topic_seq[name] = header.topic_seq + count - 1
-        self._send(name, header, [lengths, data], count)
+        self._send(name, header, [lengths, data], count, self.namespaces(name, None))
 
     def publish_lost(self, name: str, map_id: int, lost: int, reason: str, when: float) -> None:
         """Records of buffer ``name`` that never reached pymap; takes one sequence number."""
@@ -128,14 +154,31 @@ class Stream:
         header = schema.LostRecords(epoch=self.epoch, seq=self.seq, topic_seq=tseq, time=when,
                                     map=schema.MapRef(map_id, name), lost=lost, reason=reason)
         self.topic_seq[name] = tseq
-        self._send(name, header, [], 1)
+        self._send(name, header, [], 1, self.namespaces(name, None))
 
-    def heartbeat(self, watched_topics: list[str]) -> None:
-        topics = {name: self.topic_seq.get(name, 0)
-                  for name in (*watched_topics, *self.source_topics)}
-        beat = schema.Heartbeat(epoch=self.epoch, seq=self.seq, time=time.time(),
-                                interval=self.heartbeat_interval, topics=topics)
-        self.publisher.publish([schema.HEARTBEAT_TOPIC, schema.encode(beat)])
+    def heartbeat(self, watched_topics: list[str], watched: Iterable[MapRecord] = ()) -> None:
+        """One heartbeat for everyone, and one per subscribed view listing only its topics.
+
+        ``watched``: the watched maps (records), so a view decides on a map's pins
+        as well as its name; without them, on the names in ``watched_topics``.
+        """
+        now = time.time()
+
+        def beat(names: Iterable[str]) -> bytes:
+            return schema.encode(schema.Heartbeat(
+                epoch=self.epoch, seq=self.seq, time=now, interval=self.heartbeat_interval,
+                topics={name: self.topic_seq.get(name, 0) for name in names}))
+
+        self.publisher.publish([schema.HEARTBEAT_TOPIC,
+                                beat((*watched_topics, *self.source_topics))])
+        if not self.views:
+            return
+        records = list(watched)
+        for ns, view in self.views.items():
+            names = ({r.name for r in records if view.sees_map(r)} if records
+                     else {n for n in watched_topics if view.sees_name(n)})
+            names |= {n for n in self.source_topics if view.sees_name(n)}
+            self.publisher.publish([ns + schema.HEARTBEAT_TOPIC, beat(sorted(names))])
 
     def recent(self, pattern: str) -> list[tuple[Any, OutFrames]]:
         """Recent messages of every topic whose name matches ``pattern``, in sequence order."""

@@ -146,9 +146,10 @@ class RequestServer:
             request = self._parse(frames)
             req = getattr(request, "req", 0)  # stream kinds sent as requests have none
             if isinstance(request, schema.Ping):
-                await self._reply(peer, schema.Pong(self.version, self.epoch,
-                                                    time.monotonic() - self.started,
-                                                    self.config.events_endpoint or "", req=req))
+                await self._reply(peer, schema.Pong(
+                    self.version, self.epoch, time.monotonic() - self.started,
+                    self.config.events_endpoint or "", req=req,
+                    stream_prefix=view.namespace.decode() if view is not None else ""))
             elif isinstance(request, schema.ListRequest):
                 await self._list(peer, request, view)
             elif isinstance(request, schema.GetRequest):

@@ -134,6 +134,9 @@ class Pong:
     epoch: str
     uptime: float
     events_endpoint: str = ""  # where the event stream is published
+    # The asker's view's topic namespace ("v<hash>:"), when an access rule restricts what it
+    # sees: its subscriptions take effect only with it in front ("" : unrestricted).
+    stream_prefix: str = ""
     req: int = 0
     v: int = SCHEMA_VERSION
 
