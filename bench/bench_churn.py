@@ -235,13 +235,16 @@ def churn_cost(tmp, bpffs, seconds: float = 20.0, rate: float = 1000 / 60) -> No
     try:
         with running_daemon(subdir(tmp, "cost_auto"), bpffs) as auto, \
                 running_daemon(subdir(tmp, "cost_poll"), bpffs,
-                               "--set", 'watch.discovery="poll"') as poll:
-            daemons = {"tracepoint": auto, "poll": poll}
-            # A bare subscriber of the glob's prefix: a `pymap events -f` follower would
-            # add its own requests (a `get` per new map), which are not discovery's cost.
+                               "--set", 'watch.discovery="poll"') as poll, \
+                running_daemon(subdir(tmp, "cost_followed"), bpffs) as followed:
+            daemons = {"tracepoint": auto, "poll": poll, "tracepoint, CLI follower": followed}
+            # A bare subscriber of the glob's prefix on the first two: discovery's cost.
+            # The third has a `pymap events -f -o json` follower, which adds a `get` (no
+            # entries: metadata, holders) per new map: what a user's follower costs.
+            follower = Follower(followed.endpoint, "bcc_*")
             ctx = zmq.Context()
             subs = []
-            for d in daemons.values():
+            for d in (auto, poll):
                 sub = ctx.socket(zmq.SUB)
                 sub.setsockopt(zmq.LINGER, 0)
                 sub.connect(d.endpoint.replace("pymap.sock", "events.sock"))
@@ -268,8 +271,11 @@ def churn_cost(tmp, bpffs, seconds: float = 20.0, rate: float = 1000 / 60) -> No
                 print(f"churn cost, {len(ids)} maps created in {seconds:g} s among 2,000 others:")
                 for how, d in daemons.items():
                     pct = (cpu_seconds(d.proc.pid) - cpu0[how]) / elapsed * 100
-                    print(f"  {how:>10} daemon: {pct:.1f}% of a core")
+                    print(f"  {how:>25} daemon: {pct:.1f}% of a core")
+                print(f"  (the follower saw {len(follower.seen['map_created'])}/{len(ids)} "
+                      f"map_created)")
             finally:
+                follower.stop()
                 for sub in subs:
                     sub.close(0)
                 ctx.term()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 
 import pytest
 from conftest import need_bcc
@@ -117,3 +119,35 @@ def test_list_table(daemon, maps, bpffs_dir):
     assert lines[0].split()[:2] == ["ID", "NAME"] and len(lines) == 1 + len(zoo)
     for z in zoo:
         assert any(z.name in line.split() for line in lines[1:]), z.name
+
+
+def test_one_holders_walk_answers_requests_close_in_time(maps):
+    """Finding holders walks every process's fds whatever map is asked about, and a
+    follower asks once per new map: requests within ``HOLDERS_MAX_AGE`` share one walk
+    (concurrent ones wait for it), and a later request walks again and sees a new holder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from watcher.daemon.catalog import HOLDERS_MAX_AGE, Catalog
+
+    def holder(fd: int) -> subprocess.Popen:  # pymap leaves its own process out of holders
+        return subprocess.Popen(["sleep", "60"], pass_fds=[fd])
+
+    cat = Catalog(())
+    fd, map_id = maps.create("hash", 4, 4, 8, name=f"hw{token()}")
+    first = holder(fd)
+    later = None
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: cat.holders(), range(32)))
+        assert cat.holders_walks == 1
+        assert all(first.pid in [pid for pid, _ in a.get(map_id, [])] for a in answers)
+        later = holder(fd)
+        assert later.pid not in [pid for pid, _ in cat.holders()[map_id]]  # the shared walk
+        time.sleep(HOLDERS_MAX_AGE + 0.1)
+        assert later.pid in [pid for pid, _ in cat.holders()[map_id]]
+        assert cat.holders_walks == 2
+    finally:
+        for p in (first, later):
+            if p is not None:
+                p.kill()
+                p.wait()

@@ -78,7 +78,7 @@ def drain(watch: mapwatch.MapWatch, want: set[int], timeout: float = 20,
 
 @pytest.mark.kernel
 def test_creations_are_recorded_with_the_kernel_description(tracepoints):
-    watch = mapwatch.MapWatch(own_tgid=1)  # not our tgid: our creations are recorded
+    watch = mapwatch.MapWatch(own_tgids=(1,))  # not our tgid: our creations are recorded
     btf_fd = progload.load_btf(func_btf([("f", 0, True)])[0])  # type 1: an 8-byte int
     fds = []
     # other pymap daemons on the host have their own: only this process' count here
@@ -116,6 +116,33 @@ def test_creations_are_recorded_with_the_kernel_description(tracepoints):
         watch.close()  # idempotent
     assert attachments(os.getpid()) == []
     assert not ours & {p["id"] for p in pymap_programs()}
+
+
+@pytest.mark.kernel
+def test_the_objects_brokers_creations_are_left_out(tracepoints, bpffs_dir):
+    """The in-kernel engine's maps are made by the objects broker, another process:
+    the daemon passes its pid, and the programs leave its creations out as its own."""
+    from watcher.kernel.objects import Broker
+
+    broker = Broker()
+    broker.start()
+    assert broker.proc is not None
+    watch = mapwatch.MapWatch((os.getpid(), broker.proc.pid))
+    objects = broker.engine()
+    try:
+        made = objects.create_map(TYPE_IDS["hash"], 4, 8, 16, "pymap_kd_test")
+        made_id = syscall.map_info(made).id
+        pin = bpffs_dir / "after"
+        subprocess.run(["bpftool", "map", "create", str(pin), "type", "hash", "key", "4",
+                        "value", "8", "entries", "16", "name", "mw_after"], check=True)
+        after_id = bpftool("map", "show", "pinned", str(pin))["id"]
+        seen = drain(watch, {after_id})  # the broker's came first: it would be here
+        assert made_id not in seen
+        os.close(made)
+    finally:
+        objects.release()
+        watch.close()
+        broker.close()
 
 
 @pytest.mark.kernel

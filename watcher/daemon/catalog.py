@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import threading
+import time
 from collections.abc import Iterator
 
 import attrs
@@ -174,6 +176,9 @@ def btf_blob(record: kmaps.MapRecord) -> bytes | None:
         return None  # BTF object freed with its map: entries go out undecoded
 
 
+HOLDERS_MAX_AGE = 1.0  # seconds a walk of /proc for map holders answers for
+
+
 class Catalog:
     """The catalog as one object: what the engine and the request server ask the host.
 
@@ -185,6 +190,9 @@ class Catalog:
 
     def __init__(self, bpffs: tuple[str, ...] | list[str]):
         self.bpffs = tuple(bpffs)
+        self.holders_walks = 0  # walks of /proc for holders (tests count them)
+        self._holders_lock = threading.Lock()
+        self._holders: tuple[float, dict[int, list[tuple[int, str]]]] | None = None
 
     def records(self, only: set[int] | None = None) -> list[kmaps.MapRecord]:
         """Every map on the host (or the ``only`` ids), with its pins (no dumps, but a
@@ -227,7 +235,19 @@ class Catalog:
         return dump(handle.fd, handle.record, chunk_entries)
 
     def holders(self) -> dict[int, list[tuple[int, str]]]:
-        return kmaps.map_holders()
+        """Map id -> the processes holding it, as of at most ``HOLDERS_MAX_AGE`` ago.
+
+        Finding holders walks every process's fds (a readlink each), whatever map
+        is asked about, and a follower asks once per new map: under churn that was
+        half a core.  One walk answers every map, so requests share it: concurrent
+        ones wait for the walk in progress instead of starting their own.
+        """
+        with self._holders_lock:
+            now = time.monotonic()
+            if self._holders is None or now - self._holders[0] > HOLDERS_MAX_AGE:
+                self._holders = (now, kmaps.map_holders())
+                self.holders_walks += 1
+            return self._holders[1]
 
     def btf_blob(self, record: kmaps.MapRecord) -> bytes | None:
         return btf_blob(record)

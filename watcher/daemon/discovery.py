@@ -22,6 +22,7 @@ while the map was alive.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import trio
@@ -44,15 +45,18 @@ class Discovery:
         self.lost = 0  # creations the kernel could not hand over (ring full)
         self.unresolved = 0  # creations whose map id neither the kernel nor /proc gave
 
-    def open(self) -> None:
-        """Load and attach the tracepoint programs if asked; blocking, before seccomp."""
+    def open(self, also_own: tuple[int, ...] = ()) -> None:
+        """Load and attach the tracepoint programs if asked; blocking, before seccomp.
+
+        ``also_own``: processes besides this one whose creations are pymap's own (the
+        objects broker's pid), left out like the daemon's."""
         if self.mode == "poll":
             self.how = "poll (watch.discovery)"
             log.info("map discovery: polling map ids every watch.interval "
                      "(watch.discovery = \"poll\")")
             return
         try:
-            self.watch = MapWatch()
+            self.watch = MapWatch((os.getpid(), *also_own))
         except (OSError, ValueError) as e:
             self.how = f"poll (tracepoints unavailable: {e})"
             log.warning("map discovery: polling map ids every watch.interval; the bpf() "

@@ -166,11 +166,14 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
         # and SIGTERM, which would kill the daemon without cleaning up.
         if config.sources:
             await trio.to_thread.run_sync(sources.open)
-        # It creates maps and programs: before the seccomp filter (harden), like sources.
-        await trio.to_thread.run_sync(discovery.open)
         # The process that makes the engine's objects: before the seccomp filter, and
         # after the sources, so a broken source is the one line a failed start prints.
         engine.broker = await trio.to_thread.run_sync(start_broker, config.watch)
+        # It creates maps and programs: before the seccomp filter (harden), like sources;
+        # after the broker, whose creations it leaves out like the daemon's own.
+        broker = engine.broker.proc if engine.broker is not None else None
+        broker_pid = () if broker is None else (broker.pid,)
+        await trio.to_thread.run_sync(discovery.open, broker_pid)
     except BaseException:
         _close(sources, discovery, router, xpub, bound, ctx, auth, engine.broker)
         raise

@@ -32,8 +32,9 @@ or the fd now holds something that is not the requested map type): then the
 record says so and carries the creator's tgid and fd, and the reader tries
 ``/proc/TGID/fdinfo/FD`` (``map_id:``), which works while the fd is open.
 
-The daemon's own creations (the in-kernel delta engine's maps) are skipped in
-the kernel, by tgid: the id-set poll sees those as it always did.
+pymap's own creations (its discovery maps, the in-kernel delta engine's maps
+made by the objects broker) are skipped in the kernel, by tgid: the id-set poll
+sees those as it always did.
 
 All objects are made at start-up, before the seccomp filter (see
 :mod:`watcher.daemon.privileges`); afterwards the ring is only read through
@@ -151,9 +152,10 @@ def tracepoint(category: str, name: str, roots: tuple[str, ...] = TRACEFS) -> Tr
                       "(tracefs not mounted?)")
 
 
-def enter_program(tp: Tracepoint, pending_fd: int, own_tgid: int) -> bytes:
+def enter_program(tp: Tracepoint, pending_fd: int, own_tgids: tuple[int, ...]) -> bytes:
     """``sys_enter_bpf``: remember a thread entering ``BPF_MAP_CREATE`` or ``BPF_OBJ_PIN``
-    (not the daemon's); for a creation, with the map type asked for."""
+    (not pymap's own: the daemon and its objects broker); for a creation, with the map
+    type asked for."""
     cmd, uattr = tp.field("cmd", 8), tp.field("uattr", 8)
     a = Asm()
     a.mov(R6, R1)
@@ -164,7 +166,8 @@ def enter_program(tp: Tracepoint, pending_fd: int, own_tgid: int) -> bytes:
     a.call(_PID_TGID)
     a.stx(8, R10, -8, R0)
     a.alu64(RSH, R0, 32)
-    a.jmp(JEQ, R0, own_tgid, "out")
+    for tgid in own_tgids:
+        a.jmp(JEQ, R0, tgid, "out")
     a.st(8, R10, -16, _PIN)
     a.jmp(JEQ, R7, _BPF_OBJ_PIN, "store")
     # the requested map type (union bpf_attr starts with it), checked again at exit
@@ -354,17 +357,18 @@ class MapWatch:
     cannot do it: the caller falls back to polling.
     """
 
-    def __init__(self, own_tgid: int | None = None, tracefs: tuple[str, ...] = TRACEFS):
+    def __init__(self, own_tgids: tuple[int, ...] | None = None,
+                 tracefs: tuple[str, ...] = TRACEFS):
         self._fds: list[int] = []
         self._ring: list[RingBufReader] = []
         self._finalizer = weakref.finalize(self, _close_all, self._fds, self._ring)
         try:
-            self._open(os.getpid() if own_tgid is None else own_tgid, tracefs)
+            self._open((os.getpid(),) if own_tgids is None else own_tgids, tracefs)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, own_tgid: int, tracefs: tuple[str, ...]) -> None:
+    def _open(self, own_tgids: tuple[int, ...], tracefs: tuple[str, ...]) -> None:
         enter = tracepoint("syscalls", "sys_enter_bpf", tracefs)
         leave = tracepoint("syscalls", "sys_exit_bpf", tracefs)
         try:
@@ -379,7 +383,7 @@ class MapWatch:
                                                 "pymap_mw_ring"))
         self._ring.append(RingBufReader(ring_fd, RING_BYTES))
         enter_fd = self._own(progload.load_program(
-            enter_program(enter, self.pending_fd, own_tgid), "pymap_mw_enter",
+            enter_program(enter, self.pending_fd, own_tgids), "pymap_mw_enter",
             progload.BPF_PROG_TYPE_TRACEPOINT))
         exit_fd = self._own(progload.load_program(
             exit_program(leave, offsets, self.pending_fd, ring_fd, self.lost_fd),
