@@ -50,7 +50,9 @@ class ExportProc:
 def json_lines(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_bytes().split(b"\n") if line]
+    # Only whole lines: the exporter may be writing the last one as we read.
+    complete = path.read_bytes().rpartition(b"\n")[0]
+    return [json.loads(line) for line in complete.split(b"\n") if line]
 
 
 def entry_seqs(docs: list[dict]) -> list[int]:

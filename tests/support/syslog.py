@@ -92,7 +92,9 @@ class Receiver:
         path = self.dir / f"{which}.log"
         if not path.exists():
             return []
-        return [line for line in path.read_bytes().split(b"\n") if line]
+        # Only whole lines: the receiver may be writing the last one as we read.
+        complete = path.read_bytes().rpartition(b"\n")[0]
+        return [line for line in complete.split(b"\n") if line]
 
 
 class Rsyslog(Receiver):
