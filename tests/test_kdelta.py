@@ -16,6 +16,7 @@ import os
 import random
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -506,3 +507,36 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
         assert other.engine.startswith("user-space: objects broker unavailable"), other.engine
     finally:
         engine.broker.close()
+
+
+@pytest.mark.kernel
+def test_the_engines_own_maps_are_not_the_hosts(daemon_factory, maps, bpffs_dir):
+    """The in-kernel engine's maps (the objects broker makes them) are named ``pymap_kd_*``
+    and so match a ``pymap_*`` glob, but they are pymap's, not the host's: the daemon
+    never watches them or reports them, by their ids, whatever their names."""
+    from support.events import FAST, Follower, status, wait_until, watch_of
+    from support.kernel import token, u32
+
+    d = daemon_factory(*FAST, "--set", "watch.kernel_delta_min_entries=0",
+                       "--set", 'watch.kernel_delta_types=["hash"]')
+    first = f"pymap_o{token()}"
+    fd, _ = maps.create("hash", 4, 8, 64, name=first, pin=bpffs_dir / first)
+    with Follower(d, "pymap_*", "-f") as f:
+        wait_until(lambda: (watch_of(status(d), first) or {}).get("polls", 0) >= 2,
+                   "the glob's map watched")
+        assert watch_of(status(d), first)["engine"].startswith("in-kernel:")  # maps made
+        second = f"pymap_n{token()}"  # made after the first's engine: its own come later
+        fd2, _ = maps.create("hash", 4, 8, 64, name=second, pin=bpffs_dir / second)
+        f.wait_for(lambda lines: any(ln.get("action") == "map_created"
+                                     and ln["map"]["name"] == second for ln in lines),
+                   "the second map's map_created")
+        syscall.map_update_elem(fd2, u32(1), u32(1) * 2)  # past the cycles after its engine
+        f.wait_for(lambda lines: any(ln.get("action") == "added" for ln in lines),
+                   "the second map's change")
+        time.sleep(1)  # five more intervals: time for a watch of an own map to start
+        reported = {ln["map"]["name"] for ln in f.lines if ln.get("action") == "map_created"}
+        watched = {w["name"] for w in status(d)["watched"]}
+        assert reported == {second}, reported
+        assert watched == {first, second}, watched
+        maps.close(fd2)
+        maps.close(fd)

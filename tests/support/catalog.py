@@ -109,5 +109,11 @@ class FakeCatalog:
     def holders(self) -> dict[int, list[tuple[int, str]]]:
         return {}
 
+    def own_ids(self) -> frozenset[int]:
+        return frozenset()
+
+    def forget_own(self, gone: set[int]) -> None:
+        pass
+
     def btf_blob(self, rec: MapRecord) -> bytes | None:
         return None

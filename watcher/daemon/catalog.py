@@ -18,6 +18,7 @@ import attrs
 
 from ..kernel import btf as kbtf
 from ..kernel import maps as kmaps
+from ..kernel import progload
 from ..kernel.cpus import possible_cpus
 from ..kernel.dump import Chunk, count_entries, dump, value_stride
 from ..kernel.maptypes import DumpMethod, dump_method, not_dumpable_reason
@@ -233,6 +234,13 @@ class Catalog:
     def chunks(self, handle: kmaps.MapHandle, chunk_entries: int) -> Iterator[Chunk]:
         """``handle``'s entries, ``chunk_entries`` at a time (``NotDumpable`` for ring buffers...)."""
         return dump(handle.fd, handle.record, chunk_entries)
+
+    def own_ids(self) -> frozenset[int]:
+        """Ids of the maps pymap itself made (watcher.kernel.progload): never watched."""
+        return progload.own_map_ids()
+
+    def forget_own(self, gone: set[int]) -> None:
+        progload.forget_own_maps(gone)
 
     def holders(self) -> dict[int, list[tuple[int, str]]]:
         """Map id -> the processes holding it, as of at most ``HOLDERS_MAX_AGE`` ago.

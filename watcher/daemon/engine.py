@@ -372,7 +372,14 @@ class Engine:
         # Creations reported before the ids are read: a map among them that the read
         # below does not find is gone.  Later ones wait for the next cycle.
         fresh, self._created = self._created, {}
+        noted = self.catalog.own_ids()  # noted before the read: gone if the read lacks them
         records = await self._records(set(fresh) if created_only else None)
+        if own := self.catalog.own_ids():  # after the read: every own map the read can hold
+            if not created_only:  # forgotten once gone from the host: the set stays small
+                self.catalog.forget_own(set(noted - {r.id for r in records}))
+            # pymap's own maps (the in-kernel engine's, discovery's) are not the host's
+            records = [r for r in records if r.id not in own]
+            fresh = {i: r for i, r in fresh.items() if i not in own}
         current = {r.id: r for r in records}
         # Only the new maps need looking at when nothing but creations woke the cycle.
         check = [current[i] for i in fresh if i in current] if created_only else records

@@ -212,8 +212,9 @@ class BrokerObjects:
 
     def create_map(self, map_type: int, key_size: int, value_size: int, max_entries: int,
                    name: str, flags: int = 0) -> int:
-        return self.owner.request(broker.OP_MAP, self.engine,
-                                  (map_type, key_size, value_size, max_entries, flags), name)
+        return progload.note_own_map(self.owner.request(
+            broker.OP_MAP, self.engine, (map_type, key_size, value_size, max_entries, flags),
+            name))
 
     def load_btf(self, blob: bytes) -> int:
         return self.owner.request(broker.OP_BTF, payload=blob)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import threading
 
 from . import syscall
 from .syscall import BpfError, _addr, _bpf
@@ -102,8 +103,34 @@ class _IterCreateAttr(ctypes.Structure):
 def create_map(map_type: int, key_size: int, value_size: int, max_entries: int, name: str,
                flags: int = 0) -> int:
     """A map pymap owns (shadow or state)."""
-    return syscall.map_create(map_type, key_size, value_size, max_entries, name=name,
-                              flags=flags)
+    return note_own_map(syscall.map_create(map_type, key_size, value_size, max_entries,
+                                           name=name, flags=flags))
+
+
+# The ids of the maps pymap made, in this process or for it (the objects broker's fds):
+# the daemon never watches them or reports them as the host's maps.  A set, not a
+# name rule: any program may call its map pymap_*.  Ids are not reused soon, so ids
+# no longer on the host are forgotten (forget_own_maps) and the set stays bounded.
+_own_map_ids: set[int] = set()
+_own_lock = threading.Lock()
+
+
+def note_own_map(fd: int) -> int:
+    """Remember ``fd``'s map as pymap's own; returns ``fd``."""
+    map_id = syscall.map_info(fd).id
+    with _own_lock:
+        _own_map_ids.add(map_id)
+    return fd
+
+
+def own_map_ids() -> frozenset[int]:
+    with _own_lock:
+        return frozenset(_own_map_ids)
+
+
+def forget_own_maps(gone: set[int]) -> None:
+    with _own_lock:
+        _own_map_ids.difference_update(gone)
 
 
 def load_btf(blob: bytes) -> int:
