@@ -534,9 +534,12 @@ def test_the_engines_own_maps_are_not_the_hosts(daemon_factory, maps, bpffs_dir)
         f.wait_for(lambda lines: any(ln.get("action") == "added" for ln in lines),
                    "the second map's change")
         time.sleep(1)  # five more intervals: time for a watch of an own map to start
+        # Other maps of the host may match pymap_* too; pymap's own are named pymap_kd_*
+        # (the engine) and pymap_mw_* (discovery).
         reported = {ln["map"]["name"] for ln in f.lines if ln.get("action") == "map_created"}
         watched = {w["name"] for w in status(d)["watched"]}
-        assert reported == {second}, reported
-        assert watched == {first, second}, watched
+        assert second in reported and {first, second} <= watched
+        own = {n for n in reported | watched if n.startswith(("pymap_kd", "pymap_mw"))}
+        assert not own, own
         maps.close(fd2)
         maps.close(fd)
