@@ -25,6 +25,10 @@ from .maps import MapRecord
 from .maptypes import DumpMethod, dump_method
 
 DEFAULT_CHUNK = 65536
+# Bytes of values one batch call fills at most.  The buffers are zeroed when made, so a
+# 64k-entry buffer for 1 KiB values cost a 64 MiB memset and 64 MiB of RSS on every poll
+# of a 512-entry map; the kernel fills only what the map holds.
+BATCH_BUFFER_BYTES = 4 << 20
 _ENOTSUPP = 524  # kernel-internal "operation not supported", seen by user space
 
 
@@ -54,7 +58,8 @@ def dump(fd: int, record: MapRecord, chunk_entries: int = DEFAULT_CHUNK) -> Iter
     stride = value_stride(record)
     if method is DumpMethod.BATCH:
         try:
-            yield from _dump_batch(fd, record.key_size, stride, chunk_entries)
+            yield from _dump_batch(fd, record.key_size, stride,
+                                   batch_entries(chunk_entries, record.max_entries, stride))
             return
         except _BatchRefused:
             pass
@@ -63,6 +68,14 @@ def dump(fd: int, record: MapRecord, chunk_entries: int = DEFAULT_CHUNK) -> Iter
 
 class _BatchRefused(Exception):
     pass
+
+
+def batch_entries(chunk: int, max_entries: int, stride: int) -> int:
+    """Entries per batch buffer: ``chunk``, no more than the map can hold or
+    ``BATCH_BUFFER_BYTES`` of values take (a bucket larger than that is met by ENOSPC)."""
+    if max_entries > 0:
+        chunk = min(chunk, max_entries)
+    return max(1, min(chunk, BATCH_BUFFER_BYTES // max(stride, 1)))
 
 
 def _dump_batch(fd: int, key_size: int, stride: int, chunk: int) -> Iterator[Chunk]:
