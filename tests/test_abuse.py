@@ -2,7 +2,8 @@
 
 - a client that floods requests and never reads the replies;
 - subscribers with long or many subscriptions;
-- a stopped (SIGSTOP) subscriber under a heavy change rate, beside one that keeps up.
+- a stopped (SIGSTOP) subscriber under a heavy change rate, beside one that keeps up;
+- a daemon producing faster than it hands messages to ZeroMQ (a tiny queue bound).
 
 Figures (RSS, other clients' ping latency) are printed (``pytest -s``) and asserted
 generously: bounds on memory, never precise timings.  PYMAP_LONG_TESTS=1 runs the
@@ -19,7 +20,7 @@ import time
 
 import pytest
 import zmq
-from support.events import DEADLINE, FAST, Follower, status, wait_ready, wait_until
+from support.events import DEADLINE, FAST, Follower, status, wait_ready, wait_until, watch_of
 from support.kernel import fill_batch, pattern, token, u32
 from support.prometheus import free_port, scrape
 
@@ -261,7 +262,6 @@ def test_long_and_many_subscriptions_are_refused(daemon_factory):
     assert "cut its connection" in d.log.read_text()
 
 
-@pytest.mark.kernel
 def growth_rate(samples: list[tuple[float, int]]) -> float:
     """Bytes per second, the Theil-Sen slope: the median of every pair's slope, so a few
     transient outliers do not tilt it."""
@@ -284,6 +284,18 @@ def published_when_settled(d, quiet: float = 1.0) -> int:
     return last
 
 
+def accounts_for(total: int):
+    """A ``wait_for`` check: the follower printed events and ``lost`` counts adding up
+    to ``total`` topic sequence numbers; returns (events, lost)."""
+    def check(lines):
+        got = sum(1 for ln in lines if ln.get("action") in ("added", "updated", "removed"))
+        lost = sum(ln.get("missed", 0) for ln in lines if ln.get("action") == "lost")
+        return got + lost >= total and (got, lost)
+
+    return check
+
+
+@pytest.mark.kernel
 def test_stopped_subscriber_is_bounded_and_told_its_loss(daemon_factory, maps, bpffs_dir):
     """A SIGSTOPped follower (30 s in long mode, 8 s by default) under a heavy change rate:
     daemon memory stays within the byte bound, a reading follower keeps up, and the
@@ -341,14 +353,9 @@ def test_stopped_subscriber_is_bounded_and_told_its_loss(daemon_factory, maps, b
               f"its second half, growing {slope / MB:.2f} MB/s in its second half "
               f"(queue bound {queue / MB:.0f} MB per subscriber)")
 
-        def accounted(lines):
-            got = sum(1 for ln in lines if ln.get("action") in ("added", "updated", "removed"))
-            lost = sum(ln.get("missed", 0) for ln in lines if ln.get("action") == "lost")
-            return got + lost >= tseq and (got, lost)
-
-        got, lost = live.wait_for(accounted, "the live follower", timeout=120)
+        got, lost = live.wait_for(accounts_for(tseq), "the live follower", timeout=120)
         print(f"live follower: {got} events, {lost} lost")
-        sgot, slost = stopped.wait_for(accounted, "the stopped follower", timeout=120)
+        sgot, slost = stopped.wait_for(accounts_for(tseq), "the stopped follower", timeout=120)
         print(f"stopped follower: {sgot} events, {slost} lost")
         assert slost > 0, "the stopped follower lost nothing: the bound was not reached"
         assert sgot + slost == tseq and got + lost == tseq  # exact: nothing lost silently
@@ -360,3 +367,41 @@ def test_stopped_subscriber_is_bounded_and_told_its_loss(daemon_factory, maps, b
         os.kill(stopped.proc.pid, signal.SIGCONT)
         stopped.stop()
         live.stop()
+
+
+@pytest.mark.kernel
+def test_the_queue_to_zeromq_makes_producers_wait_and_nothing_is_lost_silently(
+        daemon_factory, maps, bpffs_dir):
+    """The daemon's own queue before ZeroMQ, bounded at 1 KiB: a poll whose delta
+    (256 x 256 B) passes the bound waits for the pump before the engine goes on
+    (``publish_waits``); the queue drains, and every follower accounts for every event
+    (the same bound makes ZeroMQ's high-water mark 1 message, so some are ``lost``)."""
+    d = daemon_factory(*FAST, "--set", "daemon.stream_queue_bytes=1024")
+    names = [f"aq{token()}" for _ in range(3)]
+    fds = [maps.create("hash", 4, 256, 256, name=n, pin=bpffs_dir / n)[0] for n in names]
+    keys = [u32(i) for i in range(256)]
+    followers = {name: Follower(d, name, "-f") for name in names}
+    try:
+        for name in names:
+            wait_ready(d, name)
+        for r in range(1, 11):
+            for fd in fds:
+                fill_batch(fd, keys, [pattern(r * 1000 + i, 256) for i in range(256)])
+            time.sleep(0.1)
+        published_when_settled(d)
+        st = status(d)
+        print(f"publish_waits {st['publish_waits']}, queued now {st['stream_queued_bytes']} bytes")
+        # Rounds 0.1 s apart, polls every FAST interval: each poll with changes waits.
+        assert st["publish_waits"] >= len(names), "polls went on past the queue's bound"
+        assert st["stream_queued_bytes"] <= 1024  # drained (heartbeats may be in it)
+        for name, follower in followers.items():
+            total = watch_of(st, name)["events"]
+            assert total >= 256  # polls coalesce rounds, but each saw at least one
+            got, lost = follower.wait_for(accounts_for(total), f"the follower of {name}",
+                                          timeout=120)
+            assert got + lost == total, (name, got, lost, total)
+        scraped = d.cli("status", "-o", "json", check=True)
+        assert '"publish_waits"' in scraped.stdout
+    finally:
+        for follower in followers.values():
+            follower.stop()

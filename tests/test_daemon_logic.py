@@ -14,6 +14,7 @@ import pathlib
 import re
 import struct
 
+import numpy as np
 import pytest
 import trio
 import zmq
@@ -52,9 +53,13 @@ class Recorder:
 
     def __init__(self):
         self.sent: list[list[bytes]] = []
+        self.outbox_bytes = self.waits = 0  # never queues: nothing to wait for
 
     def publish(self, frames: list[bytes]) -> None:
         self.sent.append([bytes(f) for f in frames])
+
+    async def room(self) -> None:
+        pass
 
     def messages(self, kind: type | None = None) -> list[tuple[object, list[bytes]]]:
         out = [(schema.decode(f[1]), f[2:]) for f in self.sent]
@@ -420,6 +425,43 @@ async def test_publisher_owner_reports_subscriptions_and_never_waits(zctx):
             got = [await recv_multipart(sub) for _ in range(3)]
         assert got == [[b"map:a\0", b"0"], [b"map:a\0", b"1"], [b"map:a\0", b"2"]]
         assert owner.sent == 6
+        nursery.cancel_scope.cancel()
+    sub.close()
+
+
+async def test_publisher_owner_bounds_its_queue_in_bytes_by_making_producers_wait(zctx):
+    """The queue before ZeroMQ is the daemon's: past its byte bound producers wait
+    (``room``) until the pump has drained it to half; nothing is dropped there."""
+    endpoint = f"inproc://pub-{next(_ids)}"
+    xpub = zctx.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.LINGER, 0)
+    xpub.bind(endpoint)
+    owner = PublisherOwner(xpub, outbox_bytes=1000)
+    sub = zctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"map:a")
+    sub.connect(endpoint)
+    big = np.zeros(100, dtype=np.uint64)  # a view's len is 100 items; its bytes are 800
+    await owner.room()  # empty: at once
+    owner.publish([b"map:a\0", memoryview(big)])
+    assert owner.outbox_bytes == 806 and owner.waits == 0
+    owner.publish([b"map:a\0", b"x" * 300])
+    assert owner.outbox_bytes == 1112
+    resumed = trio.Event()
+
+    async def producer():
+        await owner.room()
+        resumed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer)
+        await trio.sleep(0.1)
+        assert not resumed.is_set(), "a producer went on past the byte bound"
+        assert owner.waits == 1
+        nursery.start_soon(owner.serve, lambda frames: None)  # the pump drains the queue
+        with trio.fail_after(5):
+            await resumed.wait()
+        assert owner.outbox_bytes == 0 and owner.sent == 2
         nursery.cancel_scope.cancel()
     sub.close()
 

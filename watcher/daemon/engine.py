@@ -160,6 +160,10 @@ class EngineStatus:
     # those that live): ring_full, unresolved (no map id), queue_full (MAX_CREATED).
     creations_missed: dict[str, int] = attrs.Factory(dict)
     creations_seen: int = 0  # creations the tracepoint path reported
+    # The queue to ZeroMQ (bounded by stream_queue_bytes): bytes in it now, and how
+    # often a poll or buffer read waited for room.
+    stream_queued_bytes: int = 0
+    publish_waits: int = 0
 
 
 @attrs.frozen
@@ -495,6 +499,10 @@ class Engine:
             watch.last_poll_ms = elapsed
             watch.poll_seconds += elapsed / 1000
             watch.max_poll_ms = max(watch.max_poll_ms, elapsed)
+        # The daemon's queue to ZeroMQ is bounded in bytes: no next poll while this
+        # one's delta is still queued past the bound (the lock is released: a snapshot
+        # request for this map need not wait).
+        await self.stream.room()
 
     def _read_kernel(self, watch: Watch, report_all: bool) -> tuple[Snapshot, Delta | None]:
         """A poll on the in-kernel engine; if a walk fails, user space from now on."""
@@ -577,7 +585,9 @@ class Engine:
                 "ring_full": self.discovery.lost if self.discovery else 0,
                 "unresolved": self.discovery.unresolved if self.discovery else 0,
                 "queue_full": self.created_dropped},
-            creations_seen=self.discovery.seen if self.discovery else 0)
+            creations_seen=self.discovery.seen if self.discovery else 0,
+            stream_queued_bytes=stream.publisher.outbox_bytes,
+            publish_waits=stream.publisher.waits)
 
     def watch_figures(self) -> list[WatchFigures]:
         """Each watched map's counters and cached snapshot (never a kernel read).

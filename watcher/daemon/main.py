@@ -144,7 +144,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     xpub.setsockopt(zmq.XPUB_MANUAL, 1)
     bound: list[str] = []
     auth = _authenticate(config, ctx, router, xpub)
-    publisher = PublisherOwner(xpub)
+    publisher = PublisherOwner(xpub, dconf.stream_queue_bytes)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes)
     discovery = Discovery(config.watch.discovery)

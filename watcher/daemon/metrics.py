@@ -203,6 +203,10 @@ class DaemonCollector(Collector):
         yield _counter("pymap_poll_errors", "Failed polls and enumerations", st.poll_errors)
         yield _counter("pymap_map_creations_seen", "Map creations the bpf() tracepoints "
                        "reported (watch.discovery)", st.creations_seen)
+        yield _counter("pymap_publish_waits", "Times a poll or buffer read waited for the "
+                       "queue to ZeroMQ to drain (daemon.stream_queue_bytes)", st.publish_waits)
+        yield _gauge("pymap_stream_queued_bytes", "Bytes queued for ZeroMQ in the daemon, "
+                     "all subscribers together", st.stream_queued_bytes)
         yield _gauge("pymap_subscriptions", "Distinct topic prefixes subscribed to",
                      len(st.subscriptions))
         yield _gauge("pymap_subscribe_requests", "Subscribe requests seen (all subscribers)",

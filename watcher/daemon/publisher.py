@@ -55,6 +55,10 @@ class Stream:
         # demand keeps it): each is sent the messages of the maps it sees.
         self.views: dict[bytes, View] = {}
 
+    async def room(self) -> None:
+        """Wait while the queue to ZeroMQ is over its byte bound (producers call this)."""
+        await self.publisher.room()
+
     def namespaces(self, name: str, subject: Subject) -> list[bytes]:
         """The namespaces of the subscribed views that see this map."""
         if not self.views:

@@ -278,7 +278,8 @@ class RequestServer:
             watched=st.watched, sources=[s for s in (self.sources.status() if self.sources else [])
                                          if view is None or view.sees_name(s.name)],
             discovery=st.discovery, creations_seen=st.creations_seen,
-            creations_missed=st.creations_missed, **self.refusals(), req=request.req))
+            creations_missed=st.creations_missed, stream_queued_bytes=st.stream_queued_bytes,
+            publish_waits=st.publish_waits, **self.refusals(), req=request.req))
 
     async def _get(self, peer: bytes, request: schema.GetRequest, view: View | None) -> None:
         self._check_selector(request.selector)

@@ -244,6 +244,7 @@ class Sources:
                 buf.wakeups += 1
             reader.clear_wakeups()
             while True:
+                await self.stream.room()  # meanwhile the kernel's ring holds (or counts) records
                 t0 = time.perf_counter()
                 chunk = reader.read(cfg.read_slice, min(MAX_READ_BYTES, self.stream.message_bytes
                                                          - HEADER_ALLOWANCE))

@@ -278,6 +278,10 @@ class StatusReply:
     discovery: str = ""
     creations_seen: int = 0
     creations_missed: dict[str, int] = attrs.Factory(dict)
+    # The daemon's queue to ZeroMQ, shared by all subscribers and bounded in bytes by
+    # making polls and buffer reads wait (docs/operations.md): bytes queued, waits.
+    stream_queued_bytes: int = 0
+    publish_waits: int = 0
     req: int = 0
     v: int = SCHEMA_VERSION
 

@@ -134,7 +134,8 @@ class OwnedSocket:
 
 
 def frames_size(frames: OutFrames) -> int:
-    return sum(len(f) for f in frames)
+    """Bytes in ``frames`` (a view's ``nbytes``: its ``len`` counts items, not bytes)."""
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
 def identity(frame: zmq.Frame) -> tuple[str, str]:
@@ -286,10 +287,19 @@ class PublisherOwner(OwnedSocket):
     to the ``on_message`` callback given to :meth:`serve`.
     """
 
-    def __init__(self, sock: zmq.Socket):
+    def __init__(self, sock: zmq.Socket, outbox_bytes: int = 64 << 20):
         super().__init__(sock)
         self._outbox: collections.deque[OutFrames] = collections.deque()
         self.sent = 0
+        # The queue before ZeroMQ is the daemon's, shared by all subscribers: bounded in
+        # bytes by making producers wait (:meth:`room`), never by dropping.  A poll that
+        # waits is coalesced into the next one; a buffer reader that waits leaves records
+        # in the kernel's ring, which counts what it overwrites.
+        self.outbox_limit = outbox_bytes
+        self.outbox_bytes = 0
+        self.waits = 0  # times a producer waited for room
+        self._room = trio.Event()
+        self._room.set()
 
     def _receive_all(self, on_message: OnMessage) -> bool:
         # Uncopied frames: their metadata (ZMQ_SRCFD, Peer-Address) says who subscribed.
@@ -300,8 +310,22 @@ class PublisherOwner(OwnedSocket):
         return received
 
     def publish(self, frames: OutFrames) -> None:
+        """Queue ``frames``; never waits (producers call :meth:`room` first)."""
         self._outbox.append(frames)
+        self.outbox_bytes += frames_size(frames)
+        if self.outbox_bytes > self.outbox_limit and self._room.is_set():
+            self._room = trio.Event()
         self._poke()
+
+    async def room(self) -> None:
+        """Return once the queue is under its byte bound (at once if it is).
+
+        Once over the bound, producers wait until the queue is down to half of it,
+        so they resume in one batch rather than one message at a time.
+        """
+        if not self._room.is_set():
+            self.waits += 1
+            await self._room.wait()
 
     def _pump(self, on_message: OnMessage) -> bool:
         while True:
@@ -313,7 +337,9 @@ class PublisherOwner(OwnedSocket):
                     self.sock.send_multipart(self._outbox[0], zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     return True  # only with XPUB_NODROP; retried shortly
-                self._outbox.popleft()
+                self.outbox_bytes -= frames_size(self._outbox.popleft())
+                if self.outbox_bytes <= self.outbox_limit // 2:
+                    self._room.set()
                 self.sent += 1
                 progressed = True
             if not progressed:
