@@ -20,7 +20,7 @@ import trio
 import zmq
 from support.catalog import FakeCatalog, record
 
-from watcher.daemon import errors
+from watcher.daemon import errors, publisher
 from watcher.daemon.access import View
 from watcher.daemon.catalog import Catalog
 from watcher.daemon.config import Config, DaemonConfig
@@ -164,6 +164,45 @@ async def test_engine_cycle_baseline_changes_removal_and_creation():
     assert (created.action, created.map.id, created.topic_seq) == ("map_created", 12, 5)
     assert events_of(rec)[-1] == (0, k(7), v(7), bytes(8))
     assert all(h.closed for h in cat.opened)
+
+
+async def test_a_gone_maps_name_is_forgotten_and_its_topic_seq_never_goes_back(monkeypatch):
+    """Under churn of uniquely named maps, what is kept per name (the engine's hold, the
+    stream's recent ring and topic_seq) grew for ever: it now goes once nothing wants the
+    name.  A name that comes back continues its topic_seq, and one forgotten past the
+    bounded table starts above every number it had: a subscriber would drop a repeat."""
+    monkeypatch.setattr(publisher, "GONE_TOPICS_MAX", 2)
+    cat = FakeCatalog()
+    cat.add(record(10, "churn_a"), {k(1): v(1)})
+    engine, rec = make_engine(cat)
+    engine.config.watch.linger = 0.0
+    subscribe(engine, schema.MAP_TOPIC_PREFIX + b"churn_")  # a glob's prefix
+    await engine.cycle()
+    del cat.maps[10]
+    await engine.cycle()  # map_removed; the hold (linger 0) has expired
+    assert [(m.action, m.topic_seq) for m, _ in rec.messages(schema.MapEvent)] == [
+        ("map_removed", 1)]
+    assert engine._holds == {} and "churn_a" not in engine.stream.topic_seq
+    assert engine.recent("churn_*")[0] == []  # its recent ring went with it
+
+    cat.add(record(11, "churn_a"), {})  # the name comes back: its topic_seq continues
+    await engine.cycle()
+    assert [m.topic_seq for m, _ in rec.messages(schema.MapEvent)][-1] == 2
+    del cat.maps[11]
+    await engine.cycle()  # removed (3), forgotten again
+    for i, name in enumerate(["churn_b", "churn_c", "churn_d"]):  # push churn_a out
+        cat.add(record(20 + i, name), {})
+        await engine.cycle()
+        del cat.maps[20 + i]
+        await engine.cycle()
+    assert "churn_a" not in engine.stream._gone and len(engine.stream._gone) == 2
+    assert engine.stream.last_topic_seq("churn_a") >= 3  # the floor: never back to 0
+    cat.add(record(30, "churn_a"), {})
+    await engine.cycle()
+    assert [m.topic_seq for m, _ in rec.messages(schema.MapEvent)][-1] > 3
+    engine.heartbeat()
+    beat = rec.messages(schema.Heartbeat)[-1][0]
+    assert beat.topics["churn_a"] == engine.stream.topic_seq["churn_a"]
 
 
 async def test_a_view_gets_copies_of_its_maps_only():

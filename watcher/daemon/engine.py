@@ -283,6 +283,7 @@ class Engine:
             try:
                 if idle:  # nobody watches anything: not even enumerate
                     self._known_ids = None  # the next cycle is a fresh baseline
+                    self.stream.forget_topics_except(set())
                     self._discover_due = started + self.config.watch.interval
                     self._created.clear()
                 else:
@@ -411,6 +412,16 @@ class Engine:
             watch.reason = reason
         self._report_gone(fresh, current, scopes, always)
         self._known_ids = set(current)
+        if not created_only:
+            self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        """What is kept per map name goes once nothing wants the name: expired holds (a
+        gone map's was never looked at again, and kept the engine from idling), and the
+        stream's per-topic state.  Under churn of uniquely named maps both grew for ever."""
+        self._holds = {name: hold for name, hold in self._holds.items() if hold[0] > now}
+        self.stream.forget_topics_except({w.record.name for w in self.watches.values()}
+                                         | set(self._holds))
 
     def _report_gone(self, fresh: dict[int, kmaps.MapRecord | None],
                      current: dict[int, kmaps.MapRecord], scopes: tuple[Scope, ...],
@@ -557,7 +568,7 @@ class Engine:
         async with watch.lock:
             if watch.snapshot is None:
                 raise errors.MapVanished(f"{record.name} could not be read")
-            return watch.record, watch.snapshot, self.stream.topic_seq.get(record.name, 0)
+            return watch.record, watch.snapshot, self.stream.last_topic_seq(record.name)
 
     def recent(self, pattern: str) -> tuple[list[tuple[Any, OutFrames]], list[str]]:
         """Recent stream messages of the topics ``pattern`` matches, and which of those

@@ -31,6 +31,9 @@ from .delta import Delta
 Subject = MapRecord | schema.MapInfo | None
 
 HEADER_ALLOWANCE = 1024  # bytes kept for a batch's JSON header within message_bytes
+# Topics forgotten (nobody watches the name, no source) whose last topic_seq is kept, so
+# a name that comes back continues where it was: ~150 bytes each.
+GONE_TOPICS_MAX = 65536
 
 
 class Stream:
@@ -44,6 +47,11 @@ class Stream:
         self.heartbeat_interval = heartbeat_interval
         self.seq = 0
         self.topic_seq: dict[str, int] = {}  # topic name -> last topic_seq published on it
+        # Forgotten topics' last topic_seq, oldest first; past GONE_TOPICS_MAX the oldest
+        # go and the floor rises to theirs: any topic not known starts above the floor,
+        # so a topic_seq never goes back within an epoch (a subscriber would drop it).
+        self._gone: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._topic_floor = 0
         self.events_published = 0
         self.messages_published = 0
         # topic name -> recent (header, frames) messages, bounded by total events
@@ -54,6 +62,31 @@ class Stream:
         # Namespace -> view, for the views some connection subscribes in (the engine's
         # demand keeps it): each is sent the messages of the maps it sees.
         self.views: dict[bytes, View] = {}
+
+    def last_topic_seq(self, name: str) -> int:
+        """The last topic_seq published on ``name`` (for a forgotten name, at least that)."""
+        tseq = self.topic_seq.get(name)
+        return tseq if tseq is not None else self._gone.get(name, self._topic_floor)
+
+    def _take_topic_seqs(self, name: str, count: int) -> int:
+        """Reserve ``count`` topic sequence numbers of ``name``; the first of them."""
+        first = self.last_topic_seq(name) + 1
+        self.topic_seq[name] = first + count - 1
+        self._gone.pop(name, None)
+        return first
+
+    def forget_topics_except(self, keep: set[str]) -> None:
+        """Drop the per-topic state (recent ring, topic_seq) of every topic not in ``keep``
+        nor an event source: under churn of uniquely named maps it grew ~2.5 KB per name,
+        for ever.  Their last topic_seq moves to the bounded ``_gone`` table."""
+        keep = keep | self.source_topics
+        for name in [n for n in self.topic_seq if n not in keep]:
+            self._gone[name] = self.topic_seq.pop(name)
+        for name in [n for n in self._recent if n not in keep]:
+            del self._recent[name]
+            self._recent_counts.pop(name, None)
+        while len(self._gone) > GONE_TOPICS_MAX:
+            self._topic_floor = max(self._topic_floor, self._gone.popitem(last=False)[1])
 
     async def room(self) -> None:
         """Wait while the queue to ZeroMQ is over its byte bound (producers call this)."""
@@ -101,10 +134,9 @@ class Stream:
             n = min(step, delta.count - start)
             header = schema.EventBatch(
                 epoch=self.epoch, seq=self.seq + 1, count=n,
-                topic_seq=self.topic_seq.get(name, 0) + 1,
+                topic_seq=self._take_topic_seqs(name, n),
                 time=when, map=ref, key_size=key_size, value_stride=stride)
             self.seq += n
-            self.topic_seq[name] = header.topic_seq + n - 1
             ks, vs = start * key_size, start * stride
             frames: OutFrames = [actions[start:start + n], keys[ks:ks + n * key_size],
                       values[vs:vs + n * stride], old_values[vs:vs + n * stride]]
@@ -133,11 +165,10 @@ class Stream:
 
     def publish_map_event(self, action: str, info: schema.MapInfo, when: float | None = None) -> None:
         self.seq += 1
-        tseq = self.topic_seq.get(info.name, 0) + 1
-        header = schema.MapEvent(epoch=self.epoch, seq=self.seq, topic_seq=tseq,
+        header = schema.MapEvent(epoch=self.epoch, seq=self.seq,
+                                 topic_seq=self._take_topic_seqs(info.name, 1),
                                  time=time.time() if when is None else when,
                                  action=action, map=info)
-        self.topic_seq[info.name] = tseq
         self._send(info.name, header, [], 1, self.namespaces(info.name, info))
 
     def publish_records(self, name: str, map_id: int, count: int, lengths: bytes, data: bytes,
@@ -145,19 +176,17 @@ class Stream:
         """One read of a buffer: ``count`` records as a lengths frame and a data frame."""
         header = schema.RecordBatch(
             epoch=self.epoch, seq=self.seq + 1, count=count,
-            topic_seq=self.topic_seq.get(name, 0) + 1, time=when,
+            topic_seq=self._take_topic_seqs(name, count), time=when,
             map=schema.MapRef(map_id, name), layout=layout)
         self.seq += count
-        self.topic_seq[name] = header.topic_seq + count - 1
         self._send(name, header, [lengths, data], count, self.namespaces(name, None))
 
     def publish_lost(self, name: str, map_id: int, lost: int, reason: str, when: float) -> None:
         """Records of buffer ``name`` that never reached pymap; takes one sequence number."""
         self.seq += 1
-        tseq = self.topic_seq.get(name, 0) + 1
-        header = schema.LostRecords(epoch=self.epoch, seq=self.seq, topic_seq=tseq, time=when,
+        header = schema.LostRecords(epoch=self.epoch, seq=self.seq,
+                                    topic_seq=self._take_topic_seqs(name, 1), time=when,
                                     map=schema.MapRef(map_id, name), lost=lost, reason=reason)
-        self.topic_seq[name] = tseq
         self._send(name, header, [], 1, self.namespaces(name, None))
 
     def heartbeat(self, watched_topics: list[str], watched: Iterable[MapRecord] = ()) -> None:
@@ -171,7 +200,7 @@ class Stream:
         def beat(names: Iterable[str]) -> bytes:
             return schema.encode(schema.Heartbeat(
                 epoch=self.epoch, seq=self.seq, time=now, interval=self.heartbeat_interval,
-                topics={name: self.topic_seq.get(name, 0) for name in names}))
+                topics={name: self.last_topic_seq(name) for name in names}))
 
         self.publisher.publish([schema.HEARTBEAT_TOPIC,
                                 beat((*watched_topics, *self.source_topics))])
