@@ -76,7 +76,7 @@ def make_engine(cat: FakeCatalog, **daemon) -> tuple[Engine, Recorder]:
     rec = Recorder()
     config = user_space_config(**daemon)
     stream = Stream(rec, "e" * 16, config.daemon.recent_events, batch_events=2,  # type: ignore[arg-type]
-                    heartbeat_interval=1.0)
+                    heartbeat_interval=1.0, recent_bytes=config.daemon.recent_bytes)
     return Engine(config, stream, catalog=cat), rec
 
 
@@ -203,6 +203,20 @@ async def test_a_gone_maps_name_is_forgotten_and_its_topic_seq_never_goes_back(m
     engine.heartbeat()
     beat = rec.messages(schema.Heartbeat)[-1][0]
     assert beat.topics["churn_a"] == engine.stream.topic_seq["churn_a"]
+
+
+def test_the_recent_ring_is_bounded_in_bytes_too():
+    """``recent_events`` counts events; with large values 1,000 of them could hold 128 MB
+    per map, so ``recent_bytes`` bounds the ring as well (the last message always stays)."""
+    engine, rec = make_engine(FakeCatalog(), recent_bytes=4096)
+    stream = engine.stream
+    for i in range(10):
+        stream.publish_records("big", 7, 1, b"\x00" * 4, bytes([i]) * 1500, None, 0.0)
+    kept = [frames[1] for _, frames in stream.recent("big")]
+    assert kept == [bytes([i]) * 1500 for i in (8, 9)]  # 2 x 1504 bytes fit in 4096
+    stream.publish_records("big", 7, 1, b"\x00" * 4, b"x" * 10000, None, 0.0)
+    assert [frames[1] for _, frames in stream.recent("big")] == [b"x" * 10000]
+    assert len(rec.sent) == 11  # the bound is on what is kept, never on what is sent
 
 
 async def test_a_view_gets_copies_of_its_maps_only():

@@ -95,6 +95,9 @@ class DaemonConfig:
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
     # Events kept per map for `pymap events NAME` without --follow.
     recent_events: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
+    # ... and at most these bytes of them per map (large values: 1,000 events of 64 KiB
+    # would hold 128 MB per map).
+    recent_bytes: int = attrs.field(default=4 << 20, validator=attrs.validators.ge(1024))
     # Stream messages queued per subscriber before ZeroMQ drops (seen as gaps); the
     # high-water mark is the smaller of this and stream_queue_bytes / stream_message_bytes.
     stream_hwm: int = attrs.field(default=10000, validator=attrs.validators.ge(1))

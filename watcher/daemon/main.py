@@ -146,7 +146,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     auth = _authenticate(config, ctx, router, xpub)
     publisher = PublisherOwner(xpub, dconf.stream_queue_bytes)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
-                    dconf.heartbeat_interval, dconf.stream_message_bytes)
+                    dconf.heartbeat_interval, dconf.stream_message_bytes, dconf.recent_bytes)
     discovery = Discovery(config.watch.discovery)
     engine = Engine(config, stream, discovery=discovery)
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,

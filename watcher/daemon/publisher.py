@@ -22,7 +22,7 @@ from typing import Any
 
 from ..kernel.maps import MapRecord
 from ..wire import schema
-from ..wire.transport import OutFrames, PublisherOwner
+from ..wire.transport import OutFrames, PublisherOwner, frames_size
 from .access import View
 from .delta import Delta
 
@@ -38,11 +38,13 @@ GONE_TOPICS_MAX = 65536
 
 class Stream:
     def __init__(self, publisher: PublisherOwner, epoch: str, recent_limit: int,
-                 batch_events: int, heartbeat_interval: float, message_bytes: int = 256 << 10):
+                 batch_events: int, heartbeat_interval: float, message_bytes: int = 256 << 10,
+                 recent_bytes: int = 4 << 20):
         self.publisher = publisher
         self.message_bytes = message_bytes  # bytes per message at most (docs/operations.md)
         self.epoch = epoch
         self.recent_limit = recent_limit
+        self.recent_bytes = recent_bytes  # the ring's bytes per topic at most (the last message stays)
         self.batch_events = batch_events
         self.heartbeat_interval = heartbeat_interval
         self.seq = 0
@@ -57,6 +59,7 @@ class Stream:
         # topic name -> recent (header, frames) messages, bounded by total events
         self._recent: dict[str, collections.deque[tuple[Any, OutFrames]]] = {}
         self._recent_counts: dict[str, int] = {}
+        self._recent_sizes: dict[str, int] = {}  # topic name -> bytes of frames in its ring
         # Topics always listed in heartbeats (event source buffers), watched or not.
         self.source_topics: set[str] = set()
         # Namespace -> view, for the views some connection subscribes in (the engine's
@@ -85,6 +88,7 @@ class Stream:
         for name in [n for n in self._recent if n not in keep]:
             del self._recent[name]
             self._recent_counts.pop(name, None)
+            self._recent_sizes.pop(name, None)
         while len(self._gone) > GONE_TOPICS_MAX:
             self._topic_floor = max(self._topic_floor, self._gone.popitem(last=False)[1])
 
@@ -115,9 +119,12 @@ class Stream:
         ring = self._recent.setdefault(name, collections.deque())
         ring.append((header, frames))
         self._recent_counts[name] = self._recent_counts.get(name, 0) + weight
-        while self._recent_counts[name] > self.recent_limit and len(ring) > 1:
-            old, _ = ring.popleft()
+        self._recent_sizes[name] = self._recent_sizes.get(name, 0) + frames_size(frames)
+        while (self._recent_counts[name] > self.recent_limit
+               or self._recent_sizes[name] > self.recent_bytes) and len(ring) > 1:
+            old, old_frames = ring.popleft()
             self._recent_counts[name] -= max(getattr(old, "count", 1), 1)
+            self._recent_sizes[name] -= frames_size(old_frames)
 
     def publish_delta(self, record: MapRecord, key_size: int, stride: int, delta: Delta,
                       when: float) -> None:

@@ -95,6 +95,7 @@ class Reloader:
         engine.catalog.bpffs = tuple(new.daemon.bpffs)
         stream = engine.stream
         stream.recent_limit = new.daemon.recent_events
+        stream.recent_bytes = new.daemon.recent_bytes
         stream.batch_events = new.daemon.batch_events
         stream.heartbeat_interval = new.daemon.heartbeat_interval
         now = trio.current_time()
