@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import random
-import re
 import struct
 import subprocess
 import time
@@ -512,26 +511,13 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
 
 
 def held_map_ids(pid: int) -> dict[int, str]:
-    """Ids and names of the maps process ``pid`` and its children hold fds of (fdinfo)."""
-    pids, held = [pid], {}
+    """Ids and names of the maps process ``pid`` and its children hold fds of."""
+    pids = {pid}
     for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        pids += [int(c) for c in (task / "children").read_text().split()]
-    for p in pids:
-        for info in pathlib.Path(f"/proc/{p}/fdinfo").glob("*"):
-            try:
-                found = re.search(r"^map_id:\s*(\d+)", info.read_text(), re.M)
-            except OSError:
-                continue  # closed meanwhile
-            if found and int(found[1]) not in held:
-                try:
-                    fd = syscall.map_get_fd_by_id(int(found[1]))
-                except OSError:
-                    continue  # freed meanwhile
-                try:
-                    held[int(found[1])] = syscall.map_info(fd).name.decode()
-                finally:
-                    os.close(fd)
-    return held
+        pids |= {int(c) for c in (task / "children").read_text().split()}
+    held = {map_id for map_id, procs in kmaps.map_holders().items()
+            if any(p in pids for p, _ in procs)}
+    return {r.id: r.name for r in kmaps.list_maps(only=held)}
 
 
 @pytest.mark.kernel
