@@ -51,6 +51,7 @@ import zmq
 # bench/_common.py (beside this file) puts the repository on sys.path.
 from _common import BenchError, Daemon, big_hash, check_root, private_bpffs, private_tmp, procs
 
+from watcher.kernel import features
 from watcher.wire import schema
 
 ENTRIES = 1_000_000
@@ -323,7 +324,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
         publisher = PublisherOwner(xpub)
         stream = Stream(publisher, secrets.token_hex(8), config.daemon.recent_events,
                         config.daemon.batch_events, config.daemon.heartbeat_interval)
-        engine = Engine(config, stream)
+        engine = Engine(config, stream, features.probe())
 
         # Instrument the poll's steps (same functions, timed around).
         orig_read, orig_publish = engine._read, stream.publish_delta

@@ -22,6 +22,12 @@ and a 1,000,000-entry array (4-byte keys, 16-byte values), side by side:
 
 (a)-(c) run with the broker, as the daemon does.
 
+The route is the one the daemon would take on this host (its feature probe,
+``watcher.kernel.features``, printed first): on a host that refuses BPF
+iterators (tracing programs refused with EPERM), every step, the first poll
+included, runs as ``bpf_for_each_map_elem`` socket filters: the "for_each
+only" route, whose ratios are then the ones printed against (a).
+
 Where the in-kernel time goes is printed from the same runs: the iterator's
 own per-element step (a walk with a program that does nothing), the walk
 with fingerprints and shadow lookups (in the daemon's read() of the iterator,
@@ -54,7 +60,8 @@ from bench_events import (
     wait_polls,
 )
 
-from watcher.kernel import syscall
+from watcher.kernel import features, syscall
+from watcher.kernel.features import Features
 from watcher.kernel.maptypes import TYPE_IDS
 from watcher.kernel.objects import Broker
 from watcher.wire import schema
@@ -101,8 +108,11 @@ def check_counts(batches: list[dict], expected: dict[str, int]) -> None:
         raise BenchError(f"expected actions {want}, got {counts}")
 
 
-def nop_walk(fd: int) -> float:
-    """The iterator's per-element cost alone: a program that returns at once."""
+def nop_walk(fd: int, host: Features) -> float | str:
+    """The iterator's per-element cost alone: a program that returns at once (or why the
+    host refuses it)."""
+    if not host.allows(features.MAP_ITER):
+        return host.why_not(features.MAP_ITER)
     from watcher.kernel import progload
     from watcher.kernel.bpfasm import R0, Asm
     from watcher.kernel.iterdelta import _map_elem_iter_btf_id, _read_iter
@@ -156,7 +166,8 @@ def nop_each(fd: int) -> float:
         os.close(btf)
 
 
-async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> None:
+async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
+                      host: Features) -> None:
     """(a)-(c) for one map: both engines in this process, the same subscriber."""
     import trio
 
@@ -189,7 +200,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                 config.watch.kernel_delta_min_entries = 0
                 config.watch.kernel_delta_types = [bm_type]
                 stream = Stream(publisher, secrets.token_hex(8), 100, 4096, 1.0)
-                engines[engine_name] = Engine(config, stream)
+                engines[engine_name] = Engine(config, stream, host)
             engines["in-kernel"].broker = broker = Broker()
             broker.start()
             nursery.start_soon(supervise, broker)
@@ -202,7 +213,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
             with kmaps.open_fd(fd):
                 record = kmaps.record_from_fd(fd, (str(bm.pin),))
                 out["raw"] = [raw_read(fd, record)[0] for _ in range(REPEATS)]
-                out["nop_walk"] = nop_walk(fd)
+                out["nop_walk"] = nop_walk(fd, host)
                 out["nop_each"] = nop_each(fd)
             for engine_name, engine in engines.items():
                 res = out[engine_name] = {}
@@ -251,6 +262,8 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
                     res["kernel_bytes"] = watch.kernel.kernel_bytes
                     res["route"] = ("bpf_for_each_map_elem (BPF_PROG_TEST_RUN)"
                                     if watch.kernel.walker.each else "bpf_iter")
+                    res["first_route"] = ("bpf_iter" if watch.kernel.walker.iterators else
+                                          "bpf_for_each_map_elem passes, no iterator")
                     watch.kernel.close()
             nursery.cancel_scope.cancel()
     finally:
@@ -262,7 +275,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict) -> Non
         ctx.term()
 
 
-def broker_costs() -> dict[str, tuple[float, float]]:
+def broker_costs(host: Features) -> dict[str, tuple[float, float]]:
     """(e): best set-up and unchanged-poll seconds, in this process and by the broker."""
     from watcher.daemon.kdelta import KernelDelta
     from watcher.kernel import maps as kmaps
@@ -279,7 +292,8 @@ def broker_costs() -> dict[str, tuple[float, float]]:
             setups, polls = [], []
             for _ in range(SMALL_REPEATS):
                 t0 = time.perf_counter()
-                kernel = KernelDelta(record, 8, broker=owner)
+                kernel = KernelDelta(record, 8, broker=owner,
+                                     iterators=host.allows(features.MAP_ITER))
                 setups.append(time.perf_counter() - t0)
                 try:
                     state, _ = kernel.poll(fd, None, False)
@@ -328,7 +342,14 @@ def daemon_cpu(bm, tmp: Path, pin_dir: Path, engine_name: str) -> tuple[float, d
 
 
 def report(results: dict) -> None:
-    print(f"pymap bench_kdelta: {ENTRIES:,} entries, 16-byte values, {os.cpu_count()} CPUs")
+    print(f"pymap bench_kdelta: {ENTRIES:,} entries, 16-byte values, {os.cpu_count()} CPUs, "
+          f"kernel {os.uname().release}")
+    host = results["host"]
+    iterators = host.allows(features.MAP_ITER)
+    print("host (the daemon's feature probe): " + (
+        "map-element iterators load: the for_each route, iterators for first polls and "
+        "overflow" if iterators else f"{host.why_not(features.MAP_ITER)}: the for_each only "
+        "route, every step a bpf_for_each_map_elem socket filter"))
     for kind, out in results["maps"].items():
         raw = min(out["raw"])
         print()
@@ -349,13 +370,16 @@ def report(results: dict) -> None:
               f"aim {AIM_UNCHANGED}): {'met' if un <= TARGET_UNCHANGED else 'MISSED'}")
         print(f"  in-kernel changed-10k delivery / raw read = {ch:.2f} (target <= "
               f"{TARGET_CHANGED}): {'met' if ch <= TARGET_CHANGED else 'MISSED'}")
-        print(f"  in-kernel route after the first poll: {k['route']} (the first poll: bpf_iter)")
+        print(f"  in-kernel route after the first poll: {k['route']} (the first poll: "
+              f"{k['first_route']}); daemon's reason: {k['engine']}")
         for phase in ("unchanged", "changed"):
             steps = k.get(f"{phase}_steps") or {}
             print(f"  in-kernel {phase} poll, last run: " + "; ".join(
                 f"{name} {sec:.3f} s" for name, sec in steps.items()))
+        nop = out["nop_walk"]
         print(f"  where the in-kernel time goes: bpf_iter step alone (nop program) "
-              f"{out['nop_walk']:.3f} s; for_each step alone (nop callback) "
+              f"{f'{nop:.3f} s' if isinstance(nop, float) else nop}; for_each step alone "
+              "(nop callback) "
               f"{out['nop_each']:.3f} s; walk incl. fingerprint, shadow lookup, output copy: "
               f"unchanged {', '.join(f'{x:.3f}' for x in k['unchanged_walk'])} s, changed "
               f"{', '.join(f'{x:.3f}' for x in k['changed_walk'])} s; user-space parse/apply: "
@@ -377,7 +401,7 @@ def main() -> int:
     if len(sys.argv) > 1:
         print(f"usage: {sys.argv[0]}   (no arguments; needs root)", file=sys.stderr)
         return 2
-    results: dict = {"maps": {}, "daemon": {}}
+    results: dict = {"maps": {}, "daemon": {}, "host": features.probe()}
     with contextlib.ExitStack() as cleanup:
         try:
             check_root()
@@ -388,15 +412,15 @@ def main() -> int:
                                                 max_entries=1 << 20))
             hash_map = BenchMap(fd, name, pin_dir / name)
             results["maps"]["hash"] = out = {}
-            run_trio(engine_runs, hash_map, "hash", tmp, pin_dir, out)
+            run_trio(engine_runs, hash_map, "hash", tmp, pin_dir, out, results["host"])
             aname = f"pmkda_{secrets.token_hex(3)}"
             array = ArrayMap(pin_dir / aname, aname)
             cleanup.callback(array.close)
             results["maps"]["array"] = out = {}
-            run_trio(engine_runs, array, "array", tmp, pin_dir, out)
+            run_trio(engine_runs, array, "array", tmp, pin_dir, out, results["host"])
             for engine_name in ("user-space", "in-kernel"):
                 results["daemon"][engine_name] = daemon_cpu(hash_map, tmp, pin_dir, engine_name)
-            results["small"] = broker_costs()
+            results["small"] = broker_costs(results["host"])
         except BenchError as e:
             print(f"bench_kdelta: FAILED: {e}", file=sys.stderr)
             return 1

@@ -19,6 +19,7 @@ import pytest
 import trio
 import zmq
 from support.catalog import FakeCatalog, record
+from support.kernel import host_features
 
 from watcher.daemon import errors, publisher
 from watcher.daemon.access import View
@@ -77,7 +78,7 @@ def make_engine(cat: FakeCatalog, **daemon) -> tuple[Engine, Recorder]:
     config = user_space_config(**daemon)
     stream = Stream(rec, "e" * 16, config.daemon.recent_events, batch_events=2,  # type: ignore[arg-type]
                     heartbeat_interval=1.0, recent_bytes=config.daemon.recent_bytes)
-    return Engine(config, stream, catalog=cat), rec
+    return Engine(config, stream, host_features(), catalog=cat), rec
 
 
 def subscribe(engine: Engine, topic: bytes) -> None:

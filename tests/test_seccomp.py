@@ -85,6 +85,7 @@ if profile == "kernel_delta":
     # The in-kernel engine on a map of its own: a first walk, then adds, changes and
     # more removals than one packet of the delete program holds, all before the filter.
     from watcher.kernel import maps as kmaps
+    from watcher.kernel import features
     from watcher.kernel.iterdelta import IterDelta
     from watcher.kernel.objects import Broker
     import struct
@@ -94,7 +95,8 @@ if profile == "kernel_delta":
     for i in range(2000):
         s.map_update_elem(watched, struct.pack("<Q", i), struct.pack("<Q", i))
     ro = kmaps.open_map(map_id=s.map_info(watched).id)
-    engine = IterDelta(kmaps.record_from_fd(watched), 8, objects=broker.engine())
+    engine = IterDelta(kmaps.record_from_fd(watched), 8, objects=broker.engine(),
+                       iterators=features.probe().allows(features.MAP_ITER))
     first = engine.walk(ro)
     for i in range(900):
         s.map_delete_elem(watched, struct.pack("<Q", i))

@@ -8,6 +8,7 @@ test compares two dicts and a failure shows the differing entries.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -15,10 +16,22 @@ import subprocess
 import uuid
 
 from watcher.decode.bpfabi import percpu_slot
-from watcher.kernel import syscall
+from watcher.kernel import features, syscall
 from watcher.kernel.cpus import possible_cpus
 
 NCPUS = possible_cpus()
+
+
+@functools.cache
+def host_features() -> features.Features:
+    """This host's answers, probed once per test run as the daemon probes once per start:
+    a test of a facility checks its behaviour where the host allows it, and the documented
+    fallback where the host refuses it."""
+    return features.probe()
+
+
+def host_allows(name: str) -> bool:
+    return host_features().allows(name)
 
 
 def token() -> str:

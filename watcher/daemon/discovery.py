@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import trio
 
+from ..kernel import features as kf
+from ..kernel.features import Features
 from ..kernel.mapwatch import Created, MapWatch, fdinfo_map_id
 
 log = logging.getLogger("pymap.discovery")
@@ -37,8 +39,9 @@ COALESCE = 0.05  # seconds between two hand-overs of creations to the engine at 
 class Discovery:
     """The tracepoint side of map discovery (or nothing, when polling alone)."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, features: Features):
         self.mode = mode
+        self.features = features  # the daemon's probe: whether tracepoint programs load
         self.watch: MapWatch | None = None
         self.how = "poll"  # "tracepoint" once the programs are attached; else why not
         self.seen = 0  # creations the kernel reported
@@ -54,6 +57,11 @@ class Discovery:
             self.how = "poll (watch.discovery)"
             log.info("map discovery: polling map ids every watch.interval "
                      "(watch.discovery = \"poll\")")
+            return
+        refused = self.features.why_not(kf.TRACEPOINT)
+        if refused:
+            self.how = f"poll ({refused})"
+            log.info("map discovery: polling map ids every watch.interval: %s", refused)
             return
         try:
             self.watch = MapWatch((os.getpid(), *also_own))

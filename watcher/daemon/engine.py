@@ -33,6 +33,7 @@ import trio
 
 from ..kernel import maps as kmaps
 from ..kernel.dump import value_stride
+from ..kernel.features import Features
 from ..kernel.maptypes import DumpMethod, dump_method
 from ..kernel.mapwatch import Created
 from ..kernel.objects import Broker
@@ -164,6 +165,7 @@ class EngineStatus:
     # often a poll or buffer read waited for room.
     stream_queued_bytes: int = 0
     publish_waits: int = 0
+    facilities: list[schema.FacilityStatus] = attrs.Factory(list)  # the host probe's answers
 
 
 @attrs.frozen
@@ -188,9 +190,10 @@ class Engine:
     ``catalog`` (a :class:`~watcher.daemon.catalog.Catalog`, or a test's).
     """
 
-    def __init__(self, config: Config, stream: Stream, catalog: Catalog | None = None,
-                 discovery: Discovery | None = None):
+    def __init__(self, config: Config, stream: Stream, features: Features,
+                 catalog: Catalog | None = None, discovery: Discovery | None = None):
         self.config = config
+        self.features = features  # the daemon's one probe of the host (kernel/features.py)
         self.discovery = discovery
         # map id -> its description from the kernel (None: the id alone), until a cycle
         # settles it: reported through the normal path, or as created-and-gone
@@ -447,7 +450,7 @@ class Engine:
         if watch.pollable:
             in_use = sum(w.kernel.kernel_bytes for w in self.watches.values() if w.kernel)
             watch.kernel, watch.engine = choose_engine(record, watch.stride, self.config.watch,
-                                                       in_use, self.broker)
+                                                       in_use, self.features, self.broker)
             log.debug("%s (id %d): %s", record.name, record.id, watch.engine)
         log.info("watching %s (id %d, every %g s)", record.name, record.id, watch.interval,
                  extra={"map": record.name, "map_id": record.id, "interval": watch.interval})
@@ -598,7 +601,10 @@ class Engine:
                 "queue_full": self.created_dropped},
             creations_seen=self.discovery.seen if self.discovery else 0,
             stream_queued_bytes=stream.publisher.outbox_bytes,
-            publish_waits=stream.publisher.waits)
+            publish_waits=stream.publisher.waits,
+            facilities=[schema.FacilityStatus(f.name, f.title, f.state, f.detail, f.error,
+                                              f.degrades, f.fix)
+                        for f in self.features.facilities])
 
     def watch_figures(self) -> list[WatchFigures]:
         """Each watched map's counters and cached snapshot (never a kernel read).

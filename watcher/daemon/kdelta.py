@@ -25,10 +25,13 @@ import time
 import numpy as np
 import trio
 
+from ..kernel import features as kf
+from ..kernel.features import Features
 from ..kernel.iterdelta import (
     IterDelta,
     Unsupported,
     WalkResult,
+    iterator_needed,
     shadow_bytes_estimate,
     unsupported_reason,
 )
@@ -46,9 +49,9 @@ class KernelDelta:
     """One watched map on the in-kernel engine."""
 
     def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True,
-                 broker: Broker | None = None):
+                 broker: Broker | None = None, iterators: bool = True):
         self.walker = IterDelta(record, stride, use_for_each,
-                                broker.engine() if broker is not None else None)
+                                broker.engine() if broker is not None else None, iterators)
         self.key_size = record.key_size
         self.stride = stride
         self.last_walk: dict[str, int] = {}
@@ -139,11 +142,28 @@ def _is_identity(order: np.ndarray) -> bool:
     return bool(order[0] == 0 and order[-1] == len(order) - 1 and np.all(np.diff(order) == 1))
 
 
+def routes(features: Features) -> tuple[bool, bool, str]:
+    """What the host lets the in-kernel engine walk with: (for_each, iterators, why not).
+
+    Every route resets its state with ``BPF_PROG_TEST_RUN``; the for_each route also
+    needs ``bpf_for_each_map_elem`` and a ring buffer; the other, ``bpf_map_elem``
+    iterators.  ``why not`` names what was refused, "" when nothing was.
+    """
+    refused = [features.why_not(name) for name in (kf.PROG_TEST_RUN, kf.FOR_EACH, kf.RINGBUF,
+                                                    kf.MAP_ITER) if not features.allows(name)]
+    run = features.allows(kf.PROG_TEST_RUN)
+    each = run and features.allows(kf.FOR_EACH) and features.allows(kf.RINGBUF)
+    return each, run and features.allows(kf.MAP_ITER), "; ".join(refused)
+
+
 def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_bytes: int,
-                  broker: Broker | None = None) -> tuple[KernelDelta | None, str]:
+                  features: Features, broker: Broker | None = None
+                  ) -> tuple[KernelDelta | None, str]:
     """The engine for one map and why: a :class:`KernelDelta`, or None for user space.
 
-    Its objects are made by ``broker`` (the daemon's), or in this process without one.
+    The route (for_each or iterator) follows what ``features`` (the daemon's one
+    probe) says the host allows.  Its objects are made by ``broker`` (the daemon's),
+    or in this process without one.
     A kernel that refuses the objects (no iterator BTF, verifier, memlock) or a broker
     that refuses a program costs one warning and leaves the map on the user-space
     engine; a broker that is gone was warned about once (:class:`~.objects.Broker`).
@@ -158,6 +178,11 @@ def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_by
     if record.max_entries < config.kernel_delta_min_entries:
         return None, (f"{USER}: {record.max_entries} max entries < kernel_delta_min_entries "
                       f"{config.kernel_delta_min_entries}")
+    each, iterators, refused = routes(features)
+    if not (each or iterators):
+        return None, f"{USER}: in-kernel engine unavailable: {refused}"
+    if not (iterators or (each and not record.percpu)):
+        return None, f"{USER}: {iterator_needed(record)}: {refused}"
     need = shadow_bytes_estimate(record, stride)
     if in_use_bytes + need > config.kernel_delta_max_bytes:
         return None, (f"{USER}: its shadow map needs ~{need} bytes, over kernel_delta_max_bytes "
@@ -165,14 +190,20 @@ def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_by
     try:
         if broker is not None and broker.gone is not None:
             return None, f"{USER}: objects broker unavailable: {broker.gone}"
-        engine = KernelDelta(record, stride, broker=broker)
+        engine = KernelDelta(record, stride, each, broker, iterators)
     except (OSError, Unsupported) as e:
         log.warning("%s (id %d): in-kernel change detection unavailable, using user space: %s",
                     record.name, record.id, e)
         return None, f"{USER}: in-kernel setup failed: {e}"
-    route = ("bpf_for_each_map_elem" if engine.walker.each
-             else "bpf_iter (a for_each callback sees one CPU's slot)")
-    return engine, f"{KERNEL}: {record.max_entries} max entries, walked by {route}"
+    if engine.walker.each:
+        route = "bpf_for_each_map_elem" + ("" if iterators else f" only ({refused})")
+    elif record.percpu:
+        route = "bpf_iter (a for_each callback sees one CPU's slot)"
+    else:
+        route = f"bpf_iter ({refused})"
+    reason = f"{KERNEL}: {record.max_entries} max entries, walked by {route}"
+    log.debug("%s (id %d): %s", record.name, record.id, reason)
+    return engine, reason
 
 
 def start_broker(config: WatchConfig) -> Broker | None:

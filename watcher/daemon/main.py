@@ -21,6 +21,7 @@ from importlib import metadata
 import trio
 import zmq
 
+from ..kernel import features as kf
 from ..kernel.objects import Broker
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
@@ -128,6 +129,9 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     events_endpoint = dconf.events_endpoint
     assert events_endpoint is not None  # DaemonConfig derives it from endpoint
     check_capabilities()  # before anything is opened: one line naming what is missing
+    # The one probe of what this kernel allows, before the seccomp filter: every choice
+    # between routes (engine, discovery) is made from it, and status shows it.
+    features = await trio.to_thread.run_sync(probe_features)
     release_big_buffers_promptly()
     epoch = secrets.token_hex(8)
     ctx = zmq.Context()
@@ -147,8 +151,8 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     publisher = PublisherOwner(xpub, dconf.stream_queue_bytes)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes, dconf.recent_bytes)
-    discovery = Discovery(config.watch.discovery)
-    engine = Engine(config, stream, discovery=discovery)
+    discovery = Discovery(config.watch.discovery, features)
+    engine = Engine(config, stream, features, discovery=discovery)
     gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
                             socket_name(events_endpoint), policy=Policy(config.access))
     gate.sock = xpub  # only its owner task (publisher.serve) calls the gate
@@ -224,6 +228,17 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             metrics.close()
             _close(sources, discovery, router, xpub, bound, ctx, auth, engine.broker)
     log.info("stopped")
+
+
+def probe_features() -> kf.Features:
+    """Probe the host once (:mod:`watcher.kernel.features`); log what is refused and what
+    degrades because of it (``pymap status`` and ``pymap doctor`` show the same)."""
+    found = kf.probe()
+    for f in found.facilities:
+        log.debug("kernel facility %s: %s: %s", f.name, f.state, f.detail)
+    for f in found.refused():
+        log.info("kernel: %s refused (%s): %s", f.title, f.error, f.degrades)
+    return found
 
 
 def _new_views(policy: Policy, gate: SubscriptionGate, engine: Engine) -> None:

@@ -279,7 +279,8 @@ class RequestServer:
                                          if view is None or view.sees_name(s.name)],
             discovery=st.discovery, creations_seen=st.creations_seen,
             creations_missed=st.creations_missed, stream_queued_bytes=st.stream_queued_bytes,
-            publish_waits=st.publish_waits, **self.refusals(), req=request.req))
+            publish_waits=st.publish_waits, facilities=st.facilities, **self.refusals(),
+            req=request.req))
 
     async def _get(self, peer: bytes, request: schema.GetRequest, view: View | None) -> None:
         self._check_selector(request.selector)

@@ -146,6 +146,14 @@ def unsupported_reason(record: MapRecord, stride: int) -> str | None:
     return None
 
 
+def iterator_needed(record: MapRecord) -> str:
+    """Why ``record`` cannot be walked without a ``bpf_map_elem`` iterator."""
+    if record.percpu:
+        return ("per-CPU maps need a bpf_map_elem iterator (a for_each callback sees one "
+                "CPU's slot)")
+    return "the iterator route was asked for"
+
+
 def fingerprint_words(stride: int) -> int:
     return (stride + 7) // 8 if stride <= EXACT_MAX else 1
 
@@ -701,7 +709,11 @@ class IterDelta:
     """The kernel side of the in-kernel engine for ONE watched map."""
 
     def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True,
-                 objects: EngineObjects | None = None):
+                 objects: EngineObjects | None = None, iterators: bool = True):
+        """``iterators``: whether this host loads ``bpf_map_elem`` iterators
+        (:mod:`.features`).  Without them every step runs as a for_each program:
+        the first walk and any walk or sweep whose output overflows the ring
+        take several passes instead of one iterator read."""
         reason = unsupported_reason(record, stride)
         if reason:
             raise Unsupported(reason)
@@ -709,10 +721,15 @@ class IterDelta:
         self.stride = stride
         self.array = record.type in ("array", "percpu_array")
         self.each = uses_for_each(record) and use_for_each
+        if not (self.each or iterators):
+            raise Unsupported(iterator_needed(record))
+        self.iterators = iterators
+        self.passes = 0  # for_each passes of the last walk (more than one: the ring overflowed)
         self.nw = fingerprint_words(stride)
         self.shadow_entries = 0  # keys in the shadow map after the last walk
         self.walks = 0
-        self.sweep_fallbacks = 0  # sweeps whose output overflowed the ring (then: iterator)
+        self.sweep_fallbacks = 0  # sweeps whose output overflowed the ring (then: the
+        # iterator, or another for_each pass)
         self.timings: dict[str, float] = {}  # where the last walk's time went (bench_kdelta)
         self._fds: list[int] = []
         # made by the objects broker in the daemon (docs/operations.md), here otherwise
@@ -745,18 +762,9 @@ class IterDelta:
             self._delete_prog = self._load_writer(
                 delete_program(self.key_size, self.shadow_fd, self.state_fd), "pymap_kd_delete",
                 self._own(self.objects.load_btf(blob)), info)
-        walk = walk_program(self.key_size, self.stride, self.shadow_fd, self.state_fd,
-                            self.array)
-        self.walk_fd = self._own(self.objects.load_program(
-            walk, "pymap_kd_walk", progload.BPF_PROG_TYPE_TRACING, progload.BPF_TRACE_ITER))
-        self.sweep_link = -1
-        if not self.array:
-            sweep = sweep_program(self.key_size, self.nw, self.state_fd)
-            sweep_fd = self._own(self.objects.load_program(
-                sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_TRACING,
-                progload.BPF_TRACE_ITER))
-            # the sweep walks pymap's own shadow map: its link may hold it for good
-            self.sweep_link = self._own(progload.attach_map_iter(sweep_fd, self.shadow_fd))
+        self.walk_fd = self.sweep_link = -1  # the iterator programs, where the host loads them
+        if self.iterators:
+            self._load_iterators()
         self.order_fd: int | None = None  # the last complete walk's record (of two buffers)
         self._written: int | None = None  # the record buffer the last for_each walk wrote
         self._record_entries = shadow_entries(record)
@@ -791,6 +799,21 @@ class IterDelta:
             _fdinfo_memlock(self.ring.fd) if self.ring else 0) + (
             sum(_fdinfo_memlock(fd) for fd in self.records))
 
+    def _load_iterators(self) -> None:
+        """The iterator walk (first walks, per-CPU maps, output beyond the ring) and,
+        for hash-like maps, the iterator sweep (unbounded output)."""
+        walk = walk_program(self.key_size, self.stride, self.shadow_fd, self.state_fd,
+                            self.array)
+        self.walk_fd = self._own(self.objects.load_program(
+            walk, "pymap_kd_walk", progload.BPF_PROG_TYPE_TRACING, progload.BPF_TRACE_ITER))
+        if not self.array:
+            sweep = sweep_program(self.key_size, self.nw, self.state_fd)
+            sweep_fd = self._own(self.objects.load_program(
+                sweep, "pymap_kd_sweep", progload.BPF_PROG_TYPE_TRACING,
+                progload.BPF_TRACE_ITER))
+            # the sweep walks pymap's own shadow map: its link may hold it for good
+            self.sweep_link = self._own(progload.attach_map_iter(sweep_fd, self.shadow_fd))
+
     def _own(self, fd: int) -> int:
         self._fds.append(fd)
         return fd
@@ -813,12 +836,19 @@ class IterDelta:
         ones arrive) left some emitted entries unrecorded, and an unrecorded key
         could vanish unnoticed: so sweep, which frees the removed keys' room, and
         walk once more.  Still full after that: :class:`ShadowFull`.
+
+        A for_each walk whose output overflowed the ring left the entries it
+        could not write uncommitted (each element writes first, then commits):
+        the iterator finishes the walk where the host loads one; elsewhere the
+        for_each walk runs again, and each pass commits at least what the ring
+        held, so the passes end.
         """
         outputs: list[bytes] = []
         removed: list[bytes] = []
         totals = dict.fromkeys(STATE_FIELDS, 0)
-        # The first walk outputs every entry: the iterator (no limit on its output) does it.
-        each = self.each and self.walks > 0
+        # The first walk outputs every entry: the iterator (no limit on its output) does it
+        # where it loads; elsewhere for_each passes, as many as the ring needs.
+        each = self.each and (self.walks > 0 or not self.iterators)
         self.timings = {}
         if each and self.order_count >= 0:
             t0 = time.perf_counter()
@@ -828,7 +858,10 @@ class IterDelta:
                 self.quick_polls += 1
                 return WalkResult(b"", 0, b"", 0, dict.fromkeys(STATE_FIELDS, 0), False)
         positional = each and self.order_count >= 0
-        for _ in range(4):
+        stalls = 0  # passes that committed nothing new: the shadow full, or a re-sweep
+        self.passes = 0
+        while True:
+            self.passes += 1
             t0 = time.perf_counter()
             counters, out = self._walk_once(map_fd, each, positional)
             t1 = time.perf_counter()
@@ -849,11 +882,12 @@ class IterDelta:
                         self.shadow_entries += counters["added"]  # inserted all the same
                         self.order_count, positional = -1, False
                         self.resweeps += 1
+                        stalls = self._stalled(stalls, totals)
                         continue
                     self.record_sweeps += 1
+                    self._delete(gone)
                 else:
-                    gone = self._sweep()
-                self._delete(gone)
+                    gone = self._sweep()  # removed from the shadow map as it finds them
                 self.timings["sweep"] = self.timings.get("sweep", 0.0) + time.perf_counter() - t1
                 removed.append(gone)
             self.shadow_entries = present + counters["added"]
@@ -865,10 +899,12 @@ class IterDelta:
                 self.order_count = -1
             if complete:
                 break
-            each = positional = False  # more output than the ring holds: the iterator
-        else:
-            raise ShadowFull(errno.ENOSPC, f"shadow map full twice in a row ({totals['full']} "
-                             "entries unrecorded): the map churns faster than it is walked")
+            if counters["full"] or not out:  # nothing new committed by this pass
+                stalls = self._stalled(stalls, totals)
+            if self.iterators:
+                each = positional = False  # more output than the ring holds: the iterator
+            else:
+                positional = False  # another for_each pass for what the ring could not hold
         row = self.key_size + self.stride
         gone_keys = b"".join(removed)
         if len(outputs) > 1 and gone_keys:
@@ -880,6 +916,13 @@ class IterDelta:
         totals["gen"] = self.walks
         return WalkResult(changed, len(changed) // row, gone_keys,
                           len(gone_keys) // self.key_size, totals, bool(removed))
+
+    @staticmethod
+    def _stalled(stalls: int, totals: dict[str, int]) -> int:
+        if stalls + 1 >= 4:
+            raise ShadowFull(errno.ENOSPC, f"shadow map full again and again ({totals['full']} "
+                             "entries unrecorded): the map churns faster than it is walked")
+        return stalls + 1
 
     def _walk_once(self, map_fd: int, each: bool, positional: bool = False
                    ) -> tuple[dict[str, int], bytes]:
@@ -944,17 +987,33 @@ class IterDelta:
             os.close(prog)
 
     def _sweep(self) -> bytes:
-        """Keys of the shadow map not stamped by the last walk: removed from the map."""
-        if self.ring is not None:
+        """Keys of the shadow map not stamped by the last walk (removed from the watched
+        map), deleted from the shadow map too.
+
+        A ring that overflowed: the iterator sweeps again (unbounded output); without
+        iterators the keys found are deleted and the for_each sweep runs again,
+        finding the rest (each pass deletes at least what the ring held).
+        """
+        found: list[bytes] = []
+        while self.ring is not None:
             self._reset_state(self.walks)  # clear overflow, keep the generation
             progload.syscall.prog_test_run(self._sweep_each_fd, bytes(64))
             gone = self._drain_ring()
             raw = progload.syscall.map_lookup_elem(self.state_fd, bytes(4), _STATE_SIZE)
-            if not struct.unpack_from("<Q", raw or bytes(_STATE_SIZE),
-                                      _STATE["overflow"])[0]:
-                return gone
-            self.sweep_fallbacks += 1
-        return _read_iter(self.sweep_link)  # unbounded output
+            overflow = struct.unpack_from("<Q", raw or bytes(_STATE_SIZE), _STATE["overflow"])[0]
+            if overflow:
+                self.sweep_fallbacks += 1
+                if self.iterators:
+                    break
+                if not gone:
+                    raise ShadowFull(errno.ENOSPC, "the sweep's ring holds no key")
+            self._delete(gone)
+            found.append(gone)
+            if not overflow:
+                return b"".join(found)
+        gone = _read_iter(self.sweep_link)  # unbounded output; finds what the ring did too
+        self._delete(gone)
+        return gone
 
     def _drain_ring(self) -> bytes:
         assert self.ring is not None

@@ -255,6 +255,21 @@ class SourceStatus:
 
 
 @attrs.define
+class FacilityStatus:
+    """One kernel facility as the daemon's start-up probe found it (docs/troubleshooting.md):
+    ``state`` is ``available`` or ``refused``; when refused, ``error`` is the errno name and
+    ``degrades`` what pymap does instead."""
+
+    name: str
+    title: str
+    state: str
+    detail: str = ""
+    error: str = ""
+    degrades: str = ""
+    fix: str = ""
+
+
+@attrs.define
 class StatusReply:
     version: str
     epoch: str
@@ -282,6 +297,7 @@ class StatusReply:
     # making polls and buffer reads wait (docs/operations.md): bytes queued, waits.
     stream_queued_bytes: int = 0
     publish_waits: int = 0
+    facilities: list[FacilityStatus] = attrs.Factory(list)  # the host probe, at start-up
     req: int = 0
     v: int = SCHEMA_VERSION
 
