@@ -9,10 +9,11 @@ import subprocess
 
 import pytest
 from conftest import PYMAP
+from support.events import cli_status
 
 from watcher.kernel import probe
 
-CHECKS = ("privileges", "bpf syscall", "bpffs", "kernel BTF", "batch lookup", "tracefs", "bcc",
+CHECKS = ("privileges", "bpf syscall", "bpffs", "kernel BTF", "tracefs", "bcc",
           "kernel headers", "daemon")
 
 
@@ -52,6 +53,22 @@ def rows(stdout: str) -> dict[str, tuple[str, str, str]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+def facility_rows(stdout: str) -> dict[str, tuple[str, ...]]:
+    """Facility title -> (state, errno, detail, fix) from doctor's second table."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if not line.startswith("│") or len(cells) != 5:
+            continue
+        if cells[0]:
+            current = cells[0]
+            out[current] = cells[1:]
+        elif current:
+            out[current] = [f"{a} {b}".strip() for a, b in zip(out[current], cells[1:])]
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def assert_clean(proc: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert proc.stderr == ""
@@ -71,7 +88,14 @@ def test_doctor_all_ok_with_a_running_daemon(daemon):
     assert daemon.endpoint in table["daemon"][1]
     assert "epoch" in table["daemon"][1]
     assert "FAIL" not in proc.stdout and "warn" not in proc.stdout
-    assert "all 9 checks passed" in proc.stdout
+    assert "all 8 checks passed" in proc.stdout
+    # the feature probe's table: what this host allows, as the daemon's status says it
+    facilities = facility_rows(proc.stdout)
+    shown = {f["name"]: f for f in cli_status(daemon)["facilities"]}
+    assert set(facilities) == {f["title"] for f in shown.values()}
+    for f in shown.values():
+        assert facilities[f["title"]][0] == ("ok" if f["state"] == "available" else "refused")
+        assert facilities[f["title"]][1] == f["error"]
 
 
 def test_doctor_dead_ipc_endpoint_fails_on_the_daemon_check(kernel, tmp_path):
@@ -87,7 +111,7 @@ def test_doctor_dead_ipc_endpoint_fails_on_the_daemon_check(kernel, tmp_path):
     assert fix.replace(" ", "") == f"startit:pymapdaemon-e{endpoint}"
     # Everything else on this host is fine: the daemon is the one failure.
     assert [n for n, (s, _, _) in table.items() if s != "ok"] == ["daemon"]
-    assert "1 of 9 checks failed: daemon" in proc.stdout
+    assert "1 of 8 checks failed: daemon" in proc.stdout
 
 
 def test_doctor_silent_tcp_endpoint_times_out(kernel, tmp_path, monkeypatch):
@@ -126,7 +150,9 @@ def test_doctor_as_an_unprivileged_user(kernel, tmp_path, nobody_pymap):
     table = rows(proc.stdout)
     assert table["privileges"][0] == "FAIL" and "run as root" in table["privileges"][2]
     assert table["bpf syscall"][0] == "FAIL"
-    assert table["batch lookup"][0] == "warn"  # not required: dumps fall back to per-key
+    facilities = facility_rows(proc.stdout)  # refusals degrade, named with their errno
+    assert facilities["maps by id"][:2] == ("refused", "EPERM"), facilities
+    assert facilities["batch lookups"][0] == "refused"
 
 
 # --- the checks, one by one, on fake files -----------------------------------------------
@@ -212,4 +238,3 @@ def test_host_checks_on_this_host(kernel):
     checks = probe.host_checks()
     assert [c.name for c in checks] == list(CHECKS[:-1])
     assert all(c.ok for c in checks if c.required), checks
-    assert next(c for c in checks if c.name == "batch lookup").ok  # Linux 6.x

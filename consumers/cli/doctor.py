@@ -2,6 +2,10 @@
 
 The host checks live in :mod:`watcher.kernel.probe` (they touch the kernel);
 the daemon check is a ``ping`` through the client library, like any consumer.
+The second table is the feature probe (:mod:`watcher.kernel.features`, the one
+the daemon runs at start): each kernel facility, available or refused with its
+errno, what pymap does instead, and the fix.  A refused facility degrades, it
+does not fail: the exit code follows the checks alone.
 Every check runs, even after a failure, so one run shows every problem.
 Failures of required checks make the exit code 1; optional ones (bcc,
 kernel headers, tracefs, ...) are warnings.  Never a traceback.
@@ -14,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from watcher.kernel.features import Features, probe
 from watcher.kernel.probe import Check, host_checks
 
 from ..client import DEFAULT_ENDPOINT, Client, DaemonError, DaemonUnavailable
@@ -88,6 +93,21 @@ def render(checks: list[Check]) -> Table:
     return table
 
 
+def render_facilities(features: Features) -> Table:
+    table = Table(title="kernel facilities (what this host lets pymap use)",
+                  title_justify="left")
+    table.add_column("Facility", no_wrap=True)
+    table.add_column("State", no_wrap=True)
+    table.add_column("Errno", no_wrap=True)
+    table.add_column("Detail, or what pymap does instead", overflow="fold")
+    table.add_column("Fix", overflow="fold")
+    for f in features.facilities:
+        state = Text("ok", style="green") if f.available else Text("refused", style="yellow")
+        text = f.detail if f.available else f"{f.degrades} ({f.detail})"
+        table.add_row(Text(f.title), state, Text(f.error), Text(text), Text(f.fix))
+    return table
+
+
 def exit_code(checks: list[Check]) -> int:
     return 1 if any(not c.ok and c.required for c in checks) else 0
 
@@ -144,8 +164,10 @@ def run_checks(console: Console, endpoint: str) -> int:
     try:
         daemon = daemon_check(endpoint)
         checks = [*host_checks(), daemon, *(source_checks(endpoint) if daemon.ok else [])]
+        features = probe()
     except KeyboardInterrupt:
         return 130
     console.print(render(checks))
+    console.print(render_facilities(features))
     console.print(Text(summary(checks)))
     return exit_code(checks)

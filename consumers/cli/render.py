@@ -228,6 +228,12 @@ STATUS_COLUMNS = (
     Column("Engine reason", drop=11),
 )
 
+FACILITY_COLUMNS = (
+    Column("Refused facility", keep=True),
+    Column("Errno", keep=True),
+    Column("What pymap does instead", drop=1),
+)
+
 SOURCE_COLUMNS = (
     Column("Buffer", keep=True),
     Column("Kind", drop=5),
@@ -258,6 +264,10 @@ def print_status(console: Console, st, wide: bool = False) -> None:
              _size(w.state_bytes), w.reason, _size(w.kernel_bytes),
              w.engine.partition(":")[0], w.engine.partition(": ")[2]) for w in st.watched]
     print_table(console, STATUS_COLUMNS, rows, title=title, caption=caption, wide=wide)
+    refused = [f for f in getattr(st, "facilities", []) if f.state != "available"]
+    if refused:  # what this kernel refused at the daemon's start (pymap doctor: all of it)
+        print_table(console, FACILITY_COLUMNS, [(f.title, f.error, f.degrades) for f in refused],
+                    title="kernel facilities refused at start-up", wide=wide)
     sources = getattr(st, "sources", None)
     if sources:
         source_rows = [(s.name, s.kind, str(s.map_id), str(s.records), str(s.lost),

@@ -10,7 +10,7 @@ headers and tracefs only matter for programs loaded with bcc (the examples and
 the tests), kernel BTF and batch lookups only make things nicer or faster:
 those are warnings, not failures.
 
-This module lives in the kernel layer because two checks issue ``bpf()``
+This module lives in the kernel layer because a check issues ``bpf()``
 (through :mod:`.syscall`, the only module that does).
 """
 
@@ -213,48 +213,6 @@ def _kernel_btf(path: str = KERNEL_BTF) -> Check:
 kernel_btf = _guarded(_kernel_btf, "kernel BTF", False)
 
 
-def _batch_lookup() -> Check:
-    """Create a tiny hash map, read it back with BPF_MAP_LOOKUP_BATCH, close it."""
-    name = "batch lookup"
-    try:
-        from . import syscall
-    except ImportError as e:
-        return Check(name, False, str(e), "see the bpf syscall check", required=False)
-    from .maptypes import TYPE_IDS
-
-    slow = "pymap falls back to one lookup per key (about 10x slower dumps)"
-    try:
-        fd = syscall.map_create(TYPE_IDS["hash"], 4, 8, 4, name="pymap_probe")
-    except OSError as e:
-        return Check(name, False, f"cannot create a test map: {os.strerror(e.errno or 0)}",
-                     "run as root", required=False)
-    try:
-        syscall.map_update_elem(fd, (7).to_bytes(4, "little"), (42).to_bytes(8, "little"))
-        cursor = syscall.BatchCursor(fd, 4)
-        keys = ctypes.create_string_buffer(4 * 4)
-        values = ctypes.create_string_buffer(4 * 8)
-        found = 0
-        try:
-            while not cursor.done:
-                found += syscall.map_lookup_batch(cursor, keys, values, 4)
-        except OSError as e:
-            if e.errno in (errno.EINVAL, _ENOTSUPP, errno.EOPNOTSUPP):
-                return Check(name, False, f"BPF_MAP_LOOKUP_BATCH refused ({os.strerror(e.errno)}; "
-                             f"needs Linux 5.6+): {slow}", "use Linux 5.6 or newer",
-                             required=False)
-            raise
-        if found != 1 or keys.raw[:4] != (7).to_bytes(4, "little"):
-            return Check(name, False, f"BPF_MAP_LOOKUP_BATCH returned {found} entries for 1",
-                         "report this as a pymap bug", required=False)
-        return Check(name, True, "BPF_MAP_LOOKUP_BATCH works",
-                     required=False)
-    finally:
-        os.close(fd)
-
-
-batch_lookup = _guarded(_batch_lookup, "batch lookup", False)
-
-
 # --- bcc --------------------------------------------------------------------------------
 
 
@@ -296,5 +254,5 @@ kernel_headers = _guarded(_kernel_headers, "kernel headers", False)
 
 def host_checks() -> list[Check]:
     """Every host check, in the order ``doctor`` shows them."""
-    return [privileges(), bpf_syscall(), bpffs(), kernel_btf(), batch_lookup(), tracefs(),
-            bcc(), kernel_headers()]
+    return [privileges(), bpf_syscall(), bpffs(), kernel_btf(), tracefs(), bcc(),
+            kernel_headers()]
