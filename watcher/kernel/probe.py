@@ -16,7 +16,6 @@ This module lives in the kernel layer because a check issues ``bpf()``
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Callable
