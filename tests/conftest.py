@@ -133,12 +133,15 @@ def maps(kernel):
 class Daemon:
     start_timeout = 15.0  # seconds until it must answer ping
 
-    def __init__(self, tmp: Path, bpffs: Path, extra: list[str]):
+    def __init__(self, tmp: Path, bpffs: Path, extra: list[str], prefix: tuple[str, ...] = ()):
+        """``prefix``: a command the daemon runs under (the degradation harness's
+        ``python -m support.refuse RULES --``)."""
         self.run_dir = tmp / "run"
         self.endpoint = f"ipc://{self.run_dir}/pymap.sock"
         self.socket = self.run_dir / "pymap.sock"
         self.log = tmp / "daemon.log"
-        self.args = [PYMAP, "daemon", "--endpoint", self.endpoint, "--bpffs", str(bpffs), *extra]
+        self.args = [*prefix, PYMAP, "daemon", "--endpoint", self.endpoint, "--bpffs", str(bpffs),
+                     *extra]
         self.client_env: dict[str, str] = {}  # for every cli() run (a CURVE client's keys)
         self.proc: subprocess.Popen | None = None
 
@@ -176,8 +179,8 @@ class Daemon:
 def daemon_factory(tmp_path, bpffs_dir):
     started: list[Daemon] = []
 
-    def make(*extra: str, start: bool = True) -> Daemon:
-        d = Daemon(tmp_path / f"d{len(started)}", bpffs_dir, list(extra))
+    def make(*extra: str, start: bool = True, prefix: tuple[str, ...] = ()) -> Daemon:
+        d = Daemon(tmp_path / f"d{len(started)}", bpffs_dir, list(extra), prefix)
         d.run_dir.parent.mkdir(parents=True, exist_ok=True)
         started.append(d)
         if start:

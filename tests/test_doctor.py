@@ -10,6 +10,7 @@ import subprocess
 import pytest
 from conftest import PYMAP
 from support.events import cli_status
+from support.kernel import facility_rows
 
 from watcher.kernel import probe
 
@@ -44,22 +45,6 @@ def rows(stdout: str) -> dict[str, tuple[str, str, str]]:
             continue
         cells = [c.strip() for c in line.strip("│").split("│")]
         if len(cells) != 4:
-            continue
-        if cells[0]:
-            current = cells[0]
-            out[current] = cells[1:]
-        elif current:
-            out[current] = [f"{a} {b}".strip() for a, b in zip(out[current], cells[1:])]
-    return {k: tuple(v) for k, v in out.items()}
-
-
-def facility_rows(stdout: str) -> dict[str, tuple[str, ...]]:
-    """Facility title -> (state, errno, detail, fix) from doctor's second table."""
-    out: dict[str, list[str]] = {}
-    current = None
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.strip("│").split("│")]
-        if not line.startswith("│") or len(cells) != 5:
             continue
         if cells[0]:
             current = cells[0]

@@ -103,6 +103,22 @@ def pymap_entries(doc: dict) -> dict[str, str | tuple[str, ...]]:
     return out
 
 
+def facility_rows(stdout: str) -> dict[str, tuple[str, ...]]:
+    """Facility title -> (state, errno, detail, fix) from doctor's second table."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if not line.startswith("│") or len(cells) != 5:
+            continue
+        if cells[0]:
+            current = cells[0]
+            out[current] = cells[1:]
+        elif current:
+            out[current] = [f"{a} {b}".strip() for a, b in zip(out[current], cells[1:])]
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def one_error_line(stderr: str) -> str:
     """The CLI's error contract: one ``pymap: error:`` line, never a traceback."""
     assert "Traceback" not in stderr, stderr

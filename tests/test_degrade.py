@@ -1,0 +1,199 @@
+"""The degradation matrix: the real daemon under a refused kernel facility.
+
+Hosts differ: an older kernel has no batch lookups, a lockdown build refuses
+programs or iterators, a trimmed capability set cannot raise rlimits.  Each
+case here runs the daemon (and ``doctor``) under a seccomp filter that answers
+one facility's calls with the errno such a kernel gives (support/refuse.py),
+then checks what every host must give:
+
+* the daemon serves, and no traceback anywhere;
+* ``list`` and ``get`` equal bpftool (decoded where the facility allows);
+* a follower replays a foreign writer's changes exactly, on every map type;
+* the refusal shows, with its errno, in ``status -o json``, in ``status``'s
+  table and in ``doctor``; and the route the daemon took instead shows too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PYMAP
+from support.events import (
+    FAST,
+    Follower,
+    cli_status,
+    replay_lines,
+    status,
+    wait_ready,
+    watch_of,
+)
+from support.kernel import (
+    bpftool_entries,
+    bpftool_formatted,
+    bpftool_show,
+    facility_rows,
+    host_features,
+    pattern,
+    percpu_value,
+    pymap_entries,
+    token,
+    u32,
+    u64,
+)
+
+from watcher.kernel import features as kf
+from watcher.kernel import progload, syscall
+from watcher.kernel.bpfasm import func_btf
+from watcher.kernel.cpus import possible_cpus
+
+pytestmark = pytest.mark.kernel
+
+REFUSE = Path(__file__).parent / "support" / "refuse.py"
+ENGINE_ENTRIES = 65536  # the default watch.kernel_delta_min_entries
+
+# rule for support/refuse.py, the facility it takes away, what the daemon must say instead
+CASES = {
+    "no batch lookups (before 5.6)": ("bpf:BPF_MAP_LOOKUP_BATCH=EINVAL", kf.BATCH_LOOKUP),
+    "programs refused": ("bpf:BPF_PROG_LOAD=EPERM", kf.PROG_TEST_RUN),
+    "BTF by id refused": ("bpf:BPF_BTF_GET_FD_BY_ID=EPERM", kf.BTF_BY_ID),
+    "perf events refused": ("perf_event_open=EACCES", kf.PERF_EVENT_ARRAY),
+    "iterator links refused": ("bpf:BPF_LINK_CREATE=EINVAL", kf.MAP_ITER),
+    "rlimits fixed": ("setrlimit=EPERM", kf.RLIMITS),
+}
+
+
+def refused_with(rule: str, facility: str) -> str:
+    """The errno the probe reports under ``rule``: the rule's, unless this host refused
+    the facility natively at an earlier step (its own errno then stands)."""
+    native = host_features().get(facility)
+    return native.error if not native.available else rule.rpartition("=")[2]
+
+
+def btf_hash(maps, name: str, pin: Path) -> tuple[int, int]:
+    """A hash map with BTF (``long`` keys and values), as a BPF loader would make it."""
+    blob, _ = func_btf([("pymap_t", 0, True)])  # type 1 is a ``long``
+    btf = progload.load_btf(blob)
+    try:
+        fd = syscall.map_create(1, 8, 8, 256, name=name, btf_fd=btf, btf_key_type_id=1,
+                                btf_value_type_id=1)
+    finally:
+        syscall.os.close(btf)
+    maps.fds.append(fd)
+    syscall.obj_pin(fd, str(pin))
+    return fd, syscall.map_info(fd).id
+
+
+def make_maps(maps, bpffs_dir: Path, tag: str) -> dict[str, tuple[int, int]]:
+    """One map per kind the routes differ on, filled by this process (a foreign writer)."""
+    out = {}
+    out["hash"] = maps.create("hash", 8, 16, ENGINE_ENTRIES, name=f"dg{tag}_h",
+                              pin=bpffs_dir / f"dg{tag}_h")
+    out["array"] = maps.create("array", 4, 8, ENGINE_ENTRIES, name=f"dg{tag}_a",
+                               pin=bpffs_dir / f"dg{tag}_a")
+    out["percpu"] = maps.create("percpu_hash", 4, 8, 128, name=f"dg{tag}_p",
+                                pin=bpffs_dir / f"dg{tag}_p")
+    out["btf"] = btf_hash(maps, f"dg{tag}_b", bpffs_dir / f"dg{tag}_b")
+    for i in range(200):
+        syscall.map_update_elem(out["hash"][0], u64(i), pattern(i, 16))
+        syscall.map_update_elem(out["array"][0], u32(i), pattern(i, 8))
+        syscall.map_update_elem(out["btf"][0], u64(i), u64(i * 3))
+    for i in range(20):
+        syscall.map_update_elem(out["percpu"][0], u32(i), percpu_value(8, [
+            pattern(i * 16 + c, 8) for c in range(possible_cpus())]))
+    return out
+
+
+def write_foreign(made: dict[str, tuple[int, int]]) -> None:
+    """Adds, updates and removes on every map, as another program would."""
+    h, a, p, b = (made[k][0] for k in ("hash", "array", "percpu", "btf"))
+    for i in range(5):
+        syscall.map_update_elem(h, u64(1000 + i), pattern(1000 + i, 16))
+        syscall.map_update_elem(a, u32(i), pattern(2000 + i, 8))
+        syscall.map_update_elem(b, u64(i), u64(7777))
+        syscall.map_update_elem(p, u32(i), percpu_value(8, [pattern(3000 + c, 8)
+                                                            for c in range(possible_cpus())]))
+    for i in range(10, 13):
+        syscall.map_delete_elem(h, u64(i))
+        syscall.map_delete_elem(b, u64(i))
+        syscall.map_delete_elem(p, u32(i))
+
+
+def no_traceback(*texts: str) -> None:
+    for text in texts:
+        assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_daemon_serves_under_a_refused_facility(daemon_factory, maps, bpffs_dir, case):
+    rule, facility = CASES[case]
+    prefix = (sys.executable, str(REFUSE), rule, "--")
+    d = daemon_factory(*FAST, prefix=prefix)
+    made = make_maps(maps, bpffs_dir, token())
+    error = refused_with(rule, facility)
+
+    # the refusal, with its errno, in status -o json and in status's table
+    shown = {f["name"]: f for f in cli_status(d)["facilities"]}
+    assert shown[facility]["state"] == "refused" and shown[facility]["error"] == error, shown
+    assert shown[facility]["degrades"]
+    table = d.cli("status", check=True).stdout
+    assert "kernel facilities refused" in table and shown[facility]["title"] in table
+
+    # list and get equal bpftool, decoded where BTF may be read
+    listed = {m["id"]: m for m in json.loads(d.cli("list", "-o", "json", check=True).stdout)}
+    for _fd, map_id in made.values():
+        theirs = bpftool_show(map_id)
+        assert listed[map_id]["type"] == theirs["type"]
+        assert listed[map_id]["btf_id"] == theirs.get("btf_id", 0)
+        got = d.cli("get", f"id:{map_id}", "-o", "json", check=True)
+        assert pymap_entries(json.loads(got.stdout)) == bpftool_entries(map_id), case
+        no_traceback(got.stderr)
+    btf_id = made["btf"][1]
+    doc = json.loads(d.cli("get", f"id:{btf_id}", "-o", "json", check=True).stdout)
+    formatted = {e["key"]: e.get("formatted") for e in doc["entries"]}
+    if facility == kf.BTF_BY_ID:
+        assert set(formatted.values()) == {None}, "decoded without BTF?"
+    else:
+        assert formatted == bpftool_formatted(btf_id)
+
+    # a follower replays a foreign writer's changes exactly, whatever engine each map is on
+    names = {k: listed[map_id]["name"] for k, (_, map_id) in made.items()}
+    with Follower(d, *names.values(), "-f") as f:
+        for name in names.values():
+            wait_ready(d, name, subscribers=1)
+        engines = {k: watch_of(status(d), n)["engine"] for k, n in names.items()}
+        before = {k: bpftool_entries(map_id) for k, (_, map_id) in made.items()}
+        write_foreign(made)
+        after = {k: bpftool_entries(map_id) for k, (_, map_id) in made.items()}
+
+        def replayed(lines: list[dict]) -> bool:
+            return all(replay_lines([ln for ln in lines if ln["map"]["name"] == names[k]],
+                                    dict(before[k])) == after[k] for k in made)
+
+        f.wait_for(replayed, "every map's changes, replayed to bpftool's dump")
+        follower_err = f.stderr
+    if facility == kf.PROG_TEST_RUN:
+        assert all(e.startswith("user-space: in-kernel engine unavailable: BPF_PROG_TEST_RUN "
+                                "refused by this kernel (EPERM)") for k, e in engines.items()
+                   if k in ("hash", "array")), engines
+        assert status(d)["discovery"].startswith("poll (tracepoint programs refused")
+    elif facility == kf.MAP_ITER:
+        for k in ("hash", "array"):
+            assert engines[k].startswith("in-kernel: ") and engines[k].endswith(
+                f"walked by bpf_for_each_map_elem only (map-element iterators refused by "
+                f"this kernel ({error}))"), engines
+    else:
+        assert all(engines[k].startswith("in-kernel: ") for k in ("hash", "array")), engines
+
+    # doctor, under the same refusal, says the same
+    doctor = subprocess.run([*prefix, PYMAP, "doctor", "-e", d.endpoint], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    rows = facility_rows(doctor.stdout)
+    assert rows[shown[facility]["title"]][:2] == ("refused", error), doctor.stdout
+    assert doctor.returncode == 0, doctor.stdout  # a refusal degrades, it does not fail
+    no_traceback(doctor.stdout, doctor.stderr, d.log.read_text(), follower_err)
+    assert d.proc.poll() is None, "the daemon must still serve"
