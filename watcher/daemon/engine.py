@@ -67,10 +67,17 @@ class Watch:
     max_poll_ms: float = 0.0
     poll_seconds: float = 0.0  # all polls together, for the poll-duration metric
     events: int = 0
+    by_action: list[int] = attrs.Factory(lambda: [0, 0, 0])  # added, updated, removed (pymap top)
     reason: str = ""
     unreadable: str = ""  # why the map cannot be read (e.g. created write-only): not polled
     kernel: KernelDelta | None = None  # the in-kernel engine, when chosen (kdelta.py)
     engine: str = ""  # which engine polls it and why (status, debug log)
+
+    def count(self, delta: Delta) -> None:
+        """Add a published delta to the event counters (``status``: events, added, ...)."""
+        self.events += delta.count
+        for action in range(3):  # Action.ADDED, UPDATED, REMOVED: one C-level scan each
+            self.by_action[action] += delta.actions.count(action)
 
     @property
     def pollable(self) -> bool:
@@ -494,7 +501,7 @@ class Engine:
                 if kernel_delta is not None and kernel_delta.count:
                     self.stream.publish_delta(watch.record, snap.key_size, snap.stride,
                                               kernel_delta, when)
-                    watch.events += kernel_delta.count
+                    watch.count(kernel_delta)
             elif watch.snapshot is None and not report_all:
                 watch.snapshot = snap
             else:
@@ -507,7 +514,7 @@ class Engine:
                 if delta.count:
                     self.stream.publish_delta(watch.record, snap.key_size, snap.stride,
                                               delta, when)
-                    watch.events += delta.count
+                    watch.count(delta)
             elapsed = (time.perf_counter() - t0) * 1000
             watch.polls += 1
             watch.last_poll_ms = elapsed
@@ -620,6 +627,7 @@ class Engine:
             id=w.record.id, name=w.record.name, type=w.record.type,
             entries=w.snapshot.count if w.snapshot else 0, interval=w.interval, polls=w.polls,
             last_poll_ms=round(w.last_poll_ms, 3), max_poll_ms=round(w.max_poll_ms, 3),
-            events=w.events, state_bytes=w.snapshot.nbytes() if w.snapshot else 0,
+            events=w.events, added=w.by_action[0], updated=w.by_action[1],
+            removed=w.by_action[2], state_bytes=w.snapshot.nbytes() if w.snapshot else 0,
             reason=w.reason, engine=w.engine,
             kernel_bytes=w.kernel.kernel_bytes if w.kernel else 0) for w in sorted(self.watches.values(), key=lambda w: w.record.id)]

@@ -230,6 +230,9 @@ class WatchStatus:
     # which delta engine polls it and why ("in-kernel: ...", "user-space: ...")
     engine: str = ""
     kernel_bytes: int = 0  # kernel memory (memlock) of its in-kernel shadow maps
+    added: int = 0  # ``events`` by action, since watched (pymap top's per-map rates)
+    updated: int = 0
+    removed: int = 0
 
 
 @attrs.define
