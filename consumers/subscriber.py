@@ -280,6 +280,11 @@ class EventStream:
             self._sub.close(linger=0)
         self._sub = None
 
+    def entries(self, name: str) -> dict[bytes, bytes]:
+        """Map ``name``'s entries as the events so far make them (snapshot mode; empty
+        before its snapshot).  Read-only: the stream applies every event to it."""
+        return self._state.get(name, {})
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 

@@ -45,19 +45,12 @@ def print_table(console: Console, columns: Sequence[Column], rows: Sequence[Sequ
                 title: str | None = None, caption: str | None = None,
                 wide: bool = False) -> None:
     """Print ``rows`` (one cell per column) for a person or for a pipe; see the module doc."""
-    chosen = [i for i, c in enumerate(columns) if wide or not c.wide]
     if not console.is_terminal:
+        chosen = [i for i, c in enumerate(columns) if wide or not c.wide]
         _print_plain(console, [columns[i] for i in chosen],
                      [[row[i] for i in chosen] for row in rows], title, caption)
         return
-    while True:
-        table = _rich_table([columns[i] for i in chosen], [[row[i] for i in chosen] for row in rows],
-                            title, caption)
-        needed = console.measure(table, options=console.options.update_width(UNBOUNDED)).maximum
-        droppable = [i for i in chosen if columns[i].drop and not wide]
-        if needed <= console.width or not droppable:
-            break
-        chosen.remove(max(droppable, key=lambda i: columns[i].drop))
+    table, needed = fit_table(console, columns, rows, console.width, title, caption, wide)
     if needed <= console.width:
         console.print(table)
         return
@@ -70,9 +63,26 @@ def print_table(console: Console, columns: Sequence[Column], rows: Sequence[Sequ
         console.width = width
 
 
+def fit_table(console: Console, columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
+              width: int, title: str | None = None, caption: str | None = None,
+              wide: bool = False, **table_options) -> tuple[Table, int]:
+    """A rich table of ``rows`` that fits ``width`` if dropping columns can make it fit
+    (see the module doc), and the width it needs.  Also ``pymap top``'s live tables."""
+    chosen = [i for i, c in enumerate(columns) if wide or not c.wide]
+    while True:
+        table = _rich_table([columns[i] for i in chosen], [[row[i] for i in chosen] for row in rows],
+                            title, caption, **table_options)
+        needed = console.measure(table, options=console.options.update_width(UNBOUNDED)).maximum
+        droppable = [i for i in chosen if columns[i].drop and not wide]
+        if needed <= width or not droppable:
+            return table, needed
+        chosen.remove(max(droppable, key=lambda i: columns[i].drop))
+
+
 def _rich_table(columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
-                title: str | None, caption: str | None) -> Table:
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+                title: str | None, caption: str | None, **table_options) -> Table:
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left",
+                  **table_options)
     for c in columns:
         table.add_column(c.header, justify="right" if c.right else "left", no_wrap=c.keep,
                          overflow="ignore" if c.keep else "fold")

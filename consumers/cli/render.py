@@ -109,8 +109,8 @@ def print_entries(console: Console, m: MapInfo, rows: list[tuple[bytes, bytes, d
     for key, value, formatted in rows:
         failed = formatted is not None and not raw and "error" in formatted
         fmt = formatted if formatted is not None and not raw and not failed else None
-        text_key, _, text_value = (fmt.get("text", "") if fmt else "").partition(" -> ")
-        k = (text_key or compact(fmt["key"])) if fmt is not None else _spaced_hex(key)
+        text_value = (fmt.get("text", "") if fmt else "").partition(" -> ")[2]
+        k = key_text(key, fmt)
         if failed and formatted is not None:  # this entry did not decode
             k += f"  (not decoded: {formatted['error']})"
         if m.percpu:
@@ -126,6 +126,27 @@ def print_entries(console: Console, m: MapInfo, rows: list[tuple[bytes, bytes, d
                           else _spaced_hex(value)))
     print_table(console, columns, table, title=f"{m.name} (id {m.id}, {m.type}, {total} entries)",
                 caption=caption, wide=wide)
+
+
+def key_text(key: bytes, fmt: dict | None) -> str:
+    """An entry's key as ``get`` shows it: a built-in decoder's text, the decoded key, or hex."""
+    if fmt is None or "error" in fmt:
+        return _spaced_hex(key)
+    return fmt.get("text", "").partition(" -> ")[0] or compact(fmt["key"])
+
+
+def value_text(value: bytes, fmt: dict | None) -> str:
+    """An entry's value in one line (a per-CPU value: its total, else every CPU's)."""
+    if fmt is None or "error" in fmt:
+        return _spaced_hex(value)
+    text = fmt.get("text", "").partition(" -> ")[2]
+    if text:
+        return text
+    if "value" in fmt:
+        return compact(fmt["value"])
+    if "total" in fmt:
+        return compact(fmt["total"])
+    return compact([v["value"] for v in fmt.get("values", [])])
 
 
 def compact(obj) -> str:
