@@ -227,19 +227,10 @@ def get(
 
     async def main():
         from ..client import Client
-        from ..decoding import choose_decoding
         from . import render
 
         async with Client(endpoint, timeout) as client, client.get(selector) as dump:
-            layout = next((x for x in own_layouts
-                           if x.matches([dump.map.name, dump.map.kernel_name], dump.map.pinned)),
-                          None)
-            if layout is None:
-                if own_layouts:
-                    say(f"pymap: note: no layout in {layout_file} matches {dump.map.name}; "
-                        "using the daemon's decoding")
-                layout = dump.layout
-            decoding = None if raw else choose_decoding(dump.map, dump.btf, layout)
+            decoding = _decoding(dump, own_layouts, layout_file, raw)
             formatter = decoding.formatter if decoding else None
             if output is Output.json:
                 writer = render.JsonDumpWriter(dump.map, sys.stdout, formatter,
@@ -264,6 +255,21 @@ def get(
                                  wide=output is Output.wide)
 
     run_async(main)
+
+
+def _decoding(dump, own_layouts: list, layout_file: str | None, raw: bool):
+    """How ``get`` (and ``top MAP``) decode a map: a --layout of the user's that matches,
+    else the daemon's layout, a built-in decoder or BTF (None with --raw: hex)."""
+    from ..decoding import choose_decoding
+
+    layout = next((x for x in own_layouts
+                   if x.matches([dump.map.name, dump.map.kernel_name], dump.map.pinned)), None)
+    if layout is None:
+        if own_layouts:
+            say(f"pymap: note: no layout in {layout_file} matches {dump.map.name}; "
+                "using the daemon's decoding")
+        layout = dump.layout
+    return None if raw else choose_decoding(dump.map, dump.btf, layout)
 
 
 class _Progress:
@@ -446,6 +452,108 @@ async def _print_recent(client: Client, names: list[str], printer, snapshot: boo
             say(f"pymap: {name} is not being watched, so the daemon has no recent events "
                 "for it; follow it with -f (or list it under watch.always)")
     return None
+
+
+@app.command(epilog=(
+    "Examples:  pymap top  ·  pymap top 'cilium_*'  ·  pymap top syscounts  ·  "
+    "pymap top syscounts --once  ·  pymap top -n 5 -o json.  Keys: q quit, p pause, "
+    "s/S and 1-9 sort, r reverse, / filter."))
+def top(
+    selector: Annotated[str | None, typer.Argument(
+        help="A map (name, id:N or pin path): one row per key.  A glob ('cilium_*'): one row "
+        "per watched map, and the maps it matches are watched while top runs.  None: every "
+        "map the daemon watches.", show_default=False)] = None,
+    once: Annotated[bool, typer.Option("--once", help="Print one refresh and exit.")] = False,
+    count: Annotated[int, typer.Option(
+        "--count", "-n", min=0, help="Print this many refreshes and exit (plain tables, or "
+        "JSON lines with -o json); 0 with stdout not a terminal: until stopped.")] = 0,
+    output: OutputOpt = Output.table,
+    delay: Annotated[float, typer.Option(
+        "--delay", "-d", min=0.1, metavar="SECONDS", help="Seconds between refreshes.")] = 1.0,
+    window: Annotated[float, typer.Option(
+        "--window", "-w", min=0.5, metavar="SECONDS",
+        help="top MAP: seconds of events each rate is averaged over.")] = 5.0,
+    sort: Annotated[str, typer.Option(
+        "--sort", metavar="COLUMN", help="Sort by this column (maps: events, added, updated, "
+        "removed, name, type, entries, poll_ms, engine, memory; keys: key, changes, value or a "
+        "value field).  Default: events per map; the first numeric field, else changes, "
+        "per key.")] = "",
+    reverse: Annotated[bool, typer.Option("--reverse", help="Smallest first.")] = False,
+    filter_: Annotated[str, typer.Option(
+        "--filter", metavar="TEXT", help="Only rows whose name (key) contains TEXT.")] = "",
+    raw: Annotated[bool, typer.Option("--raw", help="top MAP: keys and values as hex.")] = False,
+    layout_file: Annotated[str | None, typer.Option(
+        "--layout", help="top MAP: TOML file of declared layouts to decode with, as for get.")
+    ] = None,
+    max_wait: Annotated[float | None, typer.Option(
+        "--max-wait", min=0, metavar="SECONDS",
+        help="When the daemon falls silent, wait at most this long for it to come back, "
+        "then exit 1 (default: for ever, like tail -F).")] = None,
+    endpoint: EndpointOpt = DEFAULT_ENDPOINT,
+    server_key: CurveServerOpt = None,
+    client_cert: CurveCertOpt = None,
+    timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Live rates: per watched map (pymap top), or per key of one map (pymap top MAP).
+
+    Full screen in a terminal; with --once, -n N, -o json or stdout not a terminal, N
+    refreshes as plain tables or JSON lines.  Rates come from the event stream and the
+    daemon's counters, never from re-reading maps.  Holds on through daemon restarts.
+    """
+    from watcher.wire.globs import is_glob
+
+    use_curve(server_key, client_cert)
+    own_layouts = _read_layouts(layout_file) if layout_file else []
+    per_map = selector is None or is_glob(selector)
+    if selector is not None:
+        valid_glob(selector)
+    if per_map and (raw or layout_file):
+        fail("--raw and --layout apply to top MAP (one map), not to a glob", EXIT_USAGE)
+    from .top import MAP_SORTS, Status, View, feed_keys, feed_maps, print_refreshes
+
+    if per_map and sort and sort not in MAP_SORTS:
+        fail(f"no column {sort!r} to sort maps by; one of: {', '.join(MAP_SORTS)}", EXIT_USAGE)
+    view = View(Status(endpoint), by=sort, reverse=reverse, text=filter_, window=window)
+    plain = once or count > 0 or output is Output.json or not sys.stdout.isatty()
+
+    async def feed(client: Client) -> None:
+        if per_map:
+            await feed_maps(client, view, [selector] if selector else [], delay, max_wait)
+        else:
+            assert selector is not None
+            await feed_keys(client, selector, view,
+                            lambda dump: _decoding(dump, own_layouts, layout_file, raw), max_wait)
+
+    async def printed() -> None:
+        import trio
+
+        from ..client import Client
+        from ..nurseries import one_error
+
+        with one_error():
+            async with Client(endpoint, timeout) as client, trio.open_nursery() as nursery:
+                nursery.start_soon(feed, client)
+                await print_refreshes(view, 1 if once else count, delay, output is Output.json,
+                                      out(), sys.stdout, 1000 if output is Output.json else 100)
+                nursery.cancel_scope.cancel()
+
+    async def screen_feed() -> None:
+        from ..client import Client
+        from ..nurseries import one_error
+
+        with one_error():
+            async with Client(endpoint, timeout) as client:
+                await feed(client)
+
+    def on_screen() -> None:
+        from .topui import run_screen
+
+        run_screen(view, screen_feed, delay)
+
+    try:
+        run_async(printed) if plain else run(on_screen)
+    except ValueError as e:  # a sort column the map does not have
+        fail(str(e), EXIT_USAGE)
 
 
 @app.command(epilog=(

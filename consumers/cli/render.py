@@ -36,7 +36,7 @@ def map_json(m: MapInfo) -> dict:
     return d
 
 
-def _size(n: int | None) -> str:
+def size_text(n: int | None) -> str:
     if n is None:
         return "-"
     size = float(n)
@@ -74,7 +74,7 @@ def print_maps(console: Console, maps: list[MapInfo], wide: bool = False) -> Non
             holders = [*holders[:3], f"+{len(holders) - 3}"]
         rows.append((str(m.id), m.name, m.type, f"{m.key_size}/{m.value_size}",
                      str(m.max_entries), "-" if m.entries is None else str(m.entries),
-                     _size(m.memlock), m.pinned, ",".join(holders), m.kernel_name,
+                     size_text(m.memlock), m.pinned, ",".join(holders), m.kernel_name,
                      f"{m.flags:#x}", str(m.btf_id or "-"), boolean(m.frozen)))
     title = f"{len(maps)} BPF maps" if console.is_terminal else None  # piped: rows only
     print_table(console, MAP_COLUMNS, rows, title=title, wide=wide)
@@ -282,7 +282,7 @@ def print_status(console: Console, st, wide: bool = False) -> None:
         f"{p or '(all)'}×{n}" for p, n in sorted(st.subscriptions.items())) or "none")
     rows = [(str(w.id), w.name, w.type, str(w.entries), f"{w.interval:g}s", str(w.polls),
              f"{w.last_poll_ms:.1f}ms", f"{w.max_poll_ms:.1f}ms", str(w.events),
-             _size(w.state_bytes), w.reason, _size(w.kernel_bytes),
+             size_text(w.state_bytes), w.reason, size_text(w.kernel_bytes),
              w.engine.partition(":")[0], w.engine.partition(": ")[2]) for w in st.watched]
     print_table(console, STATUS_COLUMNS, rows, title=title, caption=caption, wide=wide)
     refused = [f for f in getattr(st, "facilities", []) if f.state != "available"]
@@ -292,6 +292,6 @@ def print_status(console: Console, st, wide: bool = False) -> None:
     sources = getattr(st, "sources", None)
     if sources:
         source_rows = [(s.name, s.kind, str(s.map_id), str(s.records), str(s.lost),
-                        _size(s.bytes), str(s.wakeups), f"{s.max_read_ms:.1f}ms", s.origin,
+                        size_text(s.bytes), str(s.wakeups), f"{s.max_read_ms:.1f}ms", s.origin,
                         s.drops_map or "-") for s in sources]
         print_table(console, SOURCE_COLUMNS, source_rows, title="event sources", wide=wide)

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import metadata
 
 import trio
 
 from ..client import Client
+from ..nurseries import one_error
 from .exporter import Exporter, ExportSpec
 
 FLUSH_SECONDS = 5.0  # on SIGTERM/SIGINT, time given to deliver what is buffered
-
-
-@contextlib.contextmanager
-def _one_error() -> Iterator[None]:
-    """Exporters fail alone: re-raise the first real error out of the nursery's group,
-    so the CLI reports it as one line."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        raise (real or leaves)[0] from None
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
-    return out
 
 
 def _teller(say: Callable[[str], None], name: str) -> Callable[[str], None]:
@@ -54,7 +35,7 @@ async def run_exports(specs: list[ExportSpec], endpoint: str, timeout: float,
         exporters = [Exporter(client, spec, pymap_version(), on_status=_teller(say, spec.name))
                      for spec in specs]
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
-                _one_error():
+                one_error():
             async with trio.open_nursery() as nursery:
                 for ex in exporters:
                     nursery.start_soon(ex.run)

@@ -1,0 +1,386 @@
+"""``pymap top``'s figures: rates per map and per key, with their history.
+
+Two models, fed by the client library and read by the screen (consumers/cli/topui.py)
+or the plain printer (consumers/cli/top.py):
+
+- :class:`MapRates`: one row per watched map, from the daemon's ``status``
+  (its published events by action): rates are differences of counters between
+  two status replies; a new epoch (a restarted daemon) starts them again.
+- :class:`KeyRates`: one row per key of one map, from its event stream
+  (``EventStream`` with ``snapshot=True, entry_batches=True``): each poll of the
+  daemon is one message; a key's change rate is its events in the window, and a
+  numeric value field's rate of change is its new value minus its value before
+  the window, over the time the window's polls cover (exact for counters: the
+  first event in the window carries the value of the poll before it).
+
+Nothing here re-reads a map: the snapshot the stream takes at start is the baseline.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from watcher.wire.schema import StatusReply
+
+HISTORY = 60.0  # seconds of history behind a sparkline
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(samples: list[float], width: int) -> str:
+    """``samples`` (oldest first) as at most ``width`` block characters, the latest at the
+    right; each is the largest sample of its share, scaled to the largest of all (``▁``: 0)."""
+    if width <= 0:
+        return ""
+    if len(samples) > width:
+        per = len(samples) / width
+        samples = [max(samples[int(i * per):max(int((i + 1) * per), int(i * per) + 1)])
+                   for i in range(width)]
+    top = max(samples, default=0.0)
+    if top <= 0:
+        return "▁" * len(samples)
+    return "".join(SPARKS[min(len(SPARKS) - 1, int(s / top * (len(SPARKS) - 1) + 0.5))]
+                   for s in samples)
+
+
+def rate_text(rate: float) -> str:
+    """A rate for a column: 3 significant figures, thousands as k and M."""
+    if rate == 0:
+        return "0"
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(rate) >= scale:
+            return f"{rate / scale:.3g}{unit}"
+    return f"{rate:.3g}" if abs(rate) >= 0.01 else f"{rate:.1e}"
+
+
+# --- per map ------------------------------------------------------------------------
+
+
+@attrs.define
+class MapRow:
+    id: int
+    name: str
+    type: str
+    entries: int
+    added: float  # per second
+    updated: float
+    removed: float
+    events: float
+    poll_ms: float
+    engine: str
+    memory: int  # bytes: the daemon's state for it plus in-kernel shadow maps
+    trend: list[float]  # events/s, one sample per status reply, oldest first
+
+    def as_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out.pop("trend")
+        return out
+
+
+MAP_SORTS = ("events", "added", "updated", "removed", "name", "type", "entries", "poll_ms",
+             "engine", "memory")
+
+
+class MapRates:
+    """Rates per watched map from successive ``status`` replies."""
+
+    def __init__(self, history: float = HISTORY):
+        self.history = history
+        self.epoch = ""
+        self.restarts = 0  # epochs seen after the first
+        self.updated_at = 0.0  # wall time of the last status reply
+        self.samples = 0  # status replies taken
+        self._prev: dict[int, tuple[float, int, int, int, int]] = {}  # id -> (t, ev, a, u, r)
+        self._trend: dict[int, deque[tuple[float, float]]] = {}  # id -> (t, events/s)
+        self.rows: list[MapRow] = []
+
+    def update(self, st: StatusReply, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if st.epoch != self.epoch:
+            if self.epoch:
+                self.restarts += 1
+            self.epoch = st.epoch
+            self._prev.clear()  # counters start again with the daemon
+            self.samples = 0
+        rows, seen = [], set()
+        for w in st.watched:
+            seen.add(w.id)
+            counters = (w.events, w.added, w.updated, w.removed)
+            prev = self._prev.get(w.id)
+            self._prev[w.id] = (now, *counters)
+            rates = [0.0] * 4
+            if prev is not None and now > prev[0]:
+                rates = [max(0.0, (c - p) / (now - prev[0])) for c, p in zip(counters, prev[1:])]
+            trend = self._trend.setdefault(w.id, deque())
+            if prev is not None:
+                trend.append((now, rates[0]))
+            while trend and trend[0][0] < now - self.history:
+                trend.popleft()
+            rows.append(MapRow(w.id, w.name, w.type, w.entries, rates[1], rates[2], rates[3],
+                               rates[0], w.last_poll_ms, w.engine.partition(":")[0],
+                               w.state_bytes + w.kernel_bytes, [r for _, r in trend]))
+        for gone in set(self._prev) - seen:  # no longer watched
+            self._prev.pop(gone, None)
+            self._trend.pop(gone, None)
+        self.rows = rows
+        self.updated_at = time.time()
+        self.samples += 1
+
+    def sorted_rows(self, by: str = "events", reverse: bool = False,
+                    text: str = "") -> list[MapRow]:
+        """Rows whose name contains ``text``, biggest first for figures, A-Z for names."""
+        rows = [r for r in self.rows if text.lower() in r.name.lower()] if text else self.rows
+        if by in ("name", "type", "engine"):
+            return sorted(rows, key=lambda r: (getattr(r, by), r.name), reverse=reverse)
+        return sorted(rows, key=lambda r: (-getattr(r, by), r.name), reverse=reverse)
+
+
+# --- per key ------------------------------------------------------------------------
+
+
+def numeric_fields(formatted: dict | None) -> dict[str, float]:
+    """The numbers of a decoded value by field path (``value`` for a plain number);
+    per-CPU values are summed over CPUs (or their decoder's ``total`` taken)."""
+    if not formatted or "error" in formatted:
+        return {}
+    out: dict[str, float] = {}
+    if "total" in formatted:
+        _flatten(formatted["total"], "", out)
+    elif "values" in formatted:
+        for cpu in formatted["values"]:
+            one: dict[str, float] = {}
+            _flatten(cpu.get("value"), "", one)
+            for name, v in one.items():
+                out[name] = out.get(name, 0) + v
+    else:
+        _flatten(formatted.get("value"), "", out)
+    return out
+
+
+def _flatten(obj, path: str, out: dict[str, float]) -> None:
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        out[path or "value"] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(v, f"{path}.{k}" if path else str(k), out)
+    elif isinstance(obj, list) and len(obj) <= 16:  # a short array; long ones are data
+        for i, v in enumerate(obj):
+            _flatten(v, f"{path}[{i}]", out)
+
+
+@attrs.define
+class KeyRow:
+    key: bytes
+    key_text: str
+    changes: float  # events per second in the window
+    fields: dict[str, float]  # numeric field -> change per second in the window
+    value_text: str
+    trend: list[float]  # the sort figure per poll over the history, oldest first
+
+    def as_json(self) -> dict[str, Any]:
+        return {"key": self.key.hex(), "key_text": self.key_text, "changes": self.changes,
+                "fields": self.fields, "value": self.value_text}
+
+
+Formatter = Callable[[bytes, bytes], dict]
+
+
+class _Poll:
+    """What one poll of the daemon changed: key -> [events, value before, value after]."""
+
+    __slots__ = ("changes", "deltas", "time")
+
+    def __init__(self, when: float):
+        self.time = when
+        self.changes: dict[bytes, list] = {}
+        self.deltas: dict[bytes, float] = {}  # first field's change, worked out when shown
+
+
+class KeyRates:
+    """Per-key rates of one map from its event stream.
+
+    ``entries``: the stream's state of the map (every key, for keys that did not
+    change lately); ``formatter``: as ``get`` decodes (None: hex, no fields);
+    ``key_text``/``value_text``: how ``get`` shows them.
+    """
+
+    def __init__(self, entries: Callable[[], Mapping[bytes, bytes]], formatter: Formatter | None,
+                 key_text: Callable[[bytes, dict | None], str],
+                 value_text: Callable[[bytes, dict | None], str],
+                 window: float = 5.0, history: float = HISTORY):
+        self.entries = entries
+        self.formatter = formatter
+        self._key_text, self._value_text = key_text, value_text
+        self.window = window
+        self.history = history
+        self.fields: list[str] = []  # numeric fields, from the first value decoded
+        self.polls: deque[_Poll] = deque()
+        self.events = 0  # entry events counted (not snapshot rows)
+        self._received: tuple[float, float] | None = None  # (daemon time, local monotonic)
+        self._texts: dict[bytes, str] = {}  # key -> its text (keys never change)
+        self.started = time.monotonic()
+
+    # -- feeding --
+
+    def add_batch(self, batch) -> None:
+        """One EntryBatch (a poll's changes, or part of them)."""
+        when = batch.message.time
+        poll = self.polls[-1] if self.polls and self.polls[-1].time == when else None
+        if poll is None:
+            poll = _Poll(when)
+            self.polls.append(poll)
+        self._received = (when, time.monotonic())
+        changes = poll.changes
+        for _, action, key, value, old in batch.entries():
+            rec = changes.get(key)
+            new = None if action == "removed" else value
+            if rec is None:
+                changes[key] = [1, old, new]
+            else:
+                rec[0] += 1
+                rec[2] = new
+            self.events += 1
+        self._trim()
+
+    def add_event(self, event) -> None:
+        """A per-event ``Event``: snapshot rows are the baseline (nothing to count);
+        a resync, a restart or a gap makes the rates start again."""
+        if event.snapshot or event.action in ("stalled", "resumed", "lost"):
+            if not self.fields and event.key is not None and event.value is not None:
+                self._learn_fields(event.key, event.value)
+            if event.action == "lost":
+                self.reset()
+            return
+        if event.action in ("resync", "map_created", "map_removed"):
+            self.reset()
+
+    def reset(self) -> None:
+        self.polls.clear()
+        self._received = None
+        self.started = time.monotonic()
+
+    def _trim(self) -> None:
+        oldest = self.polls[-1].time - self.history - self.window
+        while self.polls and self.polls[0].time < oldest:
+            self.polls.popleft()
+
+    def _learn_fields(self, key: bytes, value: bytes) -> None:
+        if self.formatter is not None:
+            self.fields = list(numeric_fields(self.formatter(key, value)))
+
+    # -- reading --
+
+    def daemon_now(self) -> float:
+        """Now on the daemon's clock (polls are stamped with it; a remote daemon's may differ)."""
+        if self._received is None:
+            return time.time()
+        when, local = self._received
+        return when + (time.monotonic() - local)
+
+    def _fields_of(self, key: bytes, value: bytes | None) -> dict[str, float]:
+        if value is None or self.formatter is None:
+            return {}
+        return numeric_fields(self.formatter(key, value))
+
+    def key_text(self, key: bytes) -> str:
+        text = self._texts.get(key)
+        if text is None:
+            if len(self._texts) > 100_000:
+                self._texts.clear()
+            value = self.entries().get(key)
+            fmt = self.formatter(key, value) if self.formatter and value is not None else None
+            text = self._texts[key] = self._key_text(key, fmt)
+        return text
+
+    def rows(self, by: str = "", reverse: bool = False, text: str = "",
+             limit: int = 50) -> list[KeyRow]:
+        """The ``limit`` first rows: keys that changed in the window sorted ``by`` ("key",
+        "changes", "value" or a field name; "" is the first field, else changes), then
+        keys that did not, in map order."""
+        if not self.fields:
+            for key, value in self.entries().items():
+                self._learn_fields(key, value)
+                break
+        by = by or (self.fields[0] if self.fields else "changes")
+        now = self.daemon_now()
+        start = now - self.window
+        window = [p for p in self.polls if p.time > start]
+        times = [p.time for p in self.polls]
+        agg: dict[bytes, list] = {}  # key -> [events, value before, value after, first poll time]
+        for poll in window:
+            for key, (n, old, new) in poll.changes.items():
+                rec = agg.get(key)
+                if rec is None:
+                    agg[key] = [n, old, new, poll.time]
+                else:
+                    rec[0] += n
+                    rec[2] = new
+        if text:
+            needle = text.lower()
+            agg = {k: v for k, v in agg.items() if needle in self.key_text(k).lower()}
+        # The window's changes happened after the poll before its first one, up to the
+        # last poll (or, on a quiet map, about now): exact spans, not the refresh's.
+        every = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 1.0
+        end = max(times[-1], now - every) if times else now
+        rows = []
+        for key, (n, old, new, first) in agg.items():
+            i = bisect.bisect_left(times, first)
+            before = times[i - 1] if i > 0 else first - every
+            covered = max(end - before, 1e-3)
+            a, b = self._fields_of(key, old), self._fields_of(key, new)
+            fields = {f: (b[f] - a[f]) / covered for f in self.fields if f in a and f in b}
+            rows.append((key, n / covered, fields, new))
+        if by in ("key", "value"):
+            built = sorted((self._row(*r) for r in rows), reverse=reverse,
+                           key=lambda r: r.key_text if by == "key" else r.value_text)
+            out = built[:limit]
+        else:
+            def figure(r):
+                return r[1] if by == "changes" else r[2].get(by, 0.0)
+            rows.sort(key=lambda r: (-figure(r), self.key_text(r[0])), reverse=reverse)
+            out = [self._row(*r) for r in rows[:limit]]
+        if len(out) < limit:  # quiet keys fill the screen
+            needle = text.lower()
+            for key, value in self.entries().items():
+                if len(out) >= limit:
+                    break
+                if key in agg or (needle and needle not in self.key_text(key).lower()):
+                    continue
+                out.append(self._row(key, 0.0, dict.fromkeys(self.fields, 0.0), value))
+        return out
+
+    def _row(self, key: bytes, changes: float, fields: dict[str, float],
+             new: bytes | None) -> KeyRow:
+        value = new if new is not None else self.entries().get(key)
+        fmt = self.formatter(key, value) if self.formatter and value is not None else None
+        text = "(removed)" if value is None else self._value_text(value, fmt)
+        return KeyRow(key, self.key_text(key), changes, fields, text, self._trend(key))
+
+    def _trend(self, key: bytes) -> list[float]:
+        """Per poll of the history: the key's first field's change per second (its
+        events, for a map without numeric fields)."""
+        field = self.fields[0] if self.fields else ""
+        out, prev = [], None
+        for poll in self.polls:
+            gap = poll.time - prev if prev is not None else 0.0
+            prev = poll.time
+            rec = poll.changes.get(key)
+            if rec is None or gap <= 0:
+                out.append(0.0)
+                continue
+            if not field:
+                out.append(rec[0] / gap)
+                continue
+            delta = poll.deltas.get(key)
+            if delta is None:
+                a, b = self._fields_of(key, rec[1]), self._fields_of(key, rec[2])
+                delta = poll.deltas[key] = b.get(field, 0.0) - a.get(field, 0.0)
+            out.append(max(delta, 0.0) / gap)
+        return out
