@@ -372,7 +372,9 @@ class KeyRates:
             gap = poll.time - prev if prev is not None else 0.0
             prev = poll.time
             rec = poll.changes.get(key)
-            if rec is None or gap <= 0:
+            if gap <= 0:
+                continue  # the first poll: no time to divide by
+            if rec is None:
                 out.append(0.0)
                 continue
             if not field:

@@ -118,9 +118,9 @@ class View:
     def _key_table(self, keys: KeyRates, limit: int):
         fields = keys.fields
         columns = [Column("Key", keep=True)]
-        columns += [Column(f"{f}/s", right=True, keep=i == 0, drop=0 if i == 0 else 10 + i)
+        columns += [Column(f"{f}/s", right=True, drop=0 if i == 0 else 10 + i)
                     for i, f in enumerate(fields)]
-        columns += [Column("Changes/s", right=True, drop=3 if fields else 0, keep=not fields),
+        columns += [Column("Changes/s", right=True, drop=3 if fields else 0),
                     Column("Value", drop=2), Column("Trend", drop=1)]
         rows = keys.rows(self.by, self.reverse, self.text, limit)
         cells: list[list[Cell]] = [

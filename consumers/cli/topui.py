@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import trio
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.containers import Vertical
 from textual.widgets import Input, Static
 
 from .columns import fit_table
@@ -30,11 +31,14 @@ HELP = "q quit · p pause · s/S sort · 1-9 sort by column · r reverse · / fi
 
 class TopApp(App):
     CSS = """
+    #title { height: 1; text-style: bold; }
     #table { height: 1fr; overflow: hidden; }
-    #filter { dock: bottom; display: none; }
-    #status { dock: bottom; height: 1; background: $panel; }
-    #help { dock: bottom; height: 1; color: $text-muted; }
+    #foot { dock: bottom; height: auto; }
+    #filter { display: none; }
+    #help { height: 1; color: $text-muted; }
+    #status { height: 1; background: $panel; }
     """
+    AUTO_FOCUS = None  # keys go to the bindings until / opens the filter
     BINDINGS = [  # noqa: RUF012 -- Textual's own class attribute
         Binding("q", "quit_top", "quit"), Binding("p", "pause", "pause"),
         Binding("s", "sort(1)", "sort"), Binding("S", "sort(-1)", "sort back"),
@@ -55,10 +59,12 @@ class TopApp(App):
         self._quitting = False
 
     def compose(self) -> ComposeResult:
+        yield Static(id="title")
         yield Static(id="table")
-        yield Input(id="filter", placeholder="filter keys by text; Enter applies, Escape clears")
-        yield Static(HELP, id="help")
-        yield Static(id="status")
+        with Vertical(id="foot"):
+            yield Input(id="filter", placeholder="filter by text; Enter applies, Escape clears")
+            yield Static(HELP, id="help")
+            yield Static(id="status")
 
     # -- the trio guest --
 
@@ -109,9 +115,9 @@ class TopApp(App):
             self.action_quit_top()
             return
         size = table.size
-        columns, cells, _ = self.view.table(max(size.height - 5, 1))
-        rendered, _ = fit_table(self.console, columns, cells, size.width, title=self.view.title(),
-                                expand=False)
+        columns, cells, _ = self.view.table(max(size.height - 4, 1))
+        rendered, _ = fit_table(self.console, columns, cells, size.width)
+        self.query_one("#title", Static).update(self.view.title())
         table.update(rendered)
         self.view.status.refreshes += 1
 
@@ -152,7 +158,7 @@ class TopApp(App):
     def on_input_submitted(self, message: Input.Submitted) -> None:
         self.view.text = message.value
         message.input.display = False
-        self.query_one("#table", Static).focus()
+        self.set_focus(None)
         self.show()
 
     def action_clear_filter(self) -> None:
@@ -160,6 +166,7 @@ class TopApp(App):
         box.display = False
         box.value = ""
         self.view.text = ""
+        self.set_focus(None)
         self.show()
 
 
