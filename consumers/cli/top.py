@@ -51,7 +51,8 @@ class Status:
 
     endpoint: str
     state: str = "connecting"
-    note: str = ""
+    note: str = ""  # the last stall's end
+    stream_note: str = ""  # the last resync or gap
     stalled_at: float | None = None
     refreshes: int = 0
 
@@ -68,7 +69,8 @@ class Status:
         self.state = "live"
 
     def line(self) -> str:
-        return "  ".join(x for x in (f"{_clock()} {self.endpoint}", self.state, self.note) if x)
+        return "  ".join(x for x in (_clock(), self.state, self.note, self.stream_note,
+                                     self.endpoint) if x)
 
 
 def _clock() -> str:
@@ -207,9 +209,9 @@ def _stream_state(status: Status, event) -> None:
     elif event.action == "resumed":
         status.resumed(f"after {event.reason.removeprefix('after ')}")
     elif event.action == "resync":
-        status.note = f"resynced at {_clock()} ({event.reason})"
+        status.stream_note = f"resynced at {_clock()} ({event.reason})"
     elif event.action == "lost":
-        status.note = f"{event.missed} events missed at {_clock()}; rates start again"
+        status.stream_note = f"{event.missed} events missed at {_clock()}; rates start again"
 
 
 async def feed_keys(client: Client, selector: str, view: View,

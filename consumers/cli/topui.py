@@ -104,7 +104,7 @@ class TopApp(App):
             return
         table = self.query_one("#table", Static)
         status = self.query_one("#status", Static)
-        status.update(self.view.status.line() + ("  PAUSED" if self.paused else ""))
+        status.update(self.view.status.line())
         if not self.view.ready():
             table.update("waiting for the daemon...")
             return
@@ -124,7 +124,7 @@ class TopApp(App):
     def action_pause(self) -> None:
         self.paused = not self.paused
         status = self.query_one("#status", Static)
-        status.update(self.view.status.line() + ("  PAUSED (p resumes)" if self.paused else ""))
+        status.update(("PAUSED (p resumes)  " if self.paused else "") + self.view.status.line())
         if not self.paused:
             self.show()
 
