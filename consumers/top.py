@@ -182,7 +182,6 @@ class KeyRow:
     changes: float  # events per second in the window
     fields: dict[str, float]  # numeric field -> change per second in the window
     value_text: str
-    trend: list[float]  # the sort figure per poll over the history, oldest first
 
     def as_json(self) -> dict[str, Any]:
         return {"key": self.key.hex(), "key_text": self.key_text, "changes": self.changes,
@@ -361,9 +360,9 @@ class KeyRates:
         value = new if new is not None else self.entries().get(key)
         fmt = self.formatter(key, value) if self.formatter and value is not None else None
         text = "(removed)" if value is None else self._value_text(value, fmt)
-        return KeyRow(key, self.key_text(key), changes, fields, text, self._trend(key))
+        return KeyRow(key, self.key_text(key), changes, fields, text)
 
-    def _trend(self, key: bytes) -> list[float]:
+    def trend(self, key: bytes) -> list[float]:
         """Per poll of the history: the key's first field's change per second (its
         events, for a map without numeric fields)."""
         field = self.fields[0] if self.fields else ""

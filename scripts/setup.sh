@@ -20,10 +20,10 @@ root=$PWD
 # bcc comes from Debian (python3-bpfcc, libbpfcc); PyPI's `bcc` is an unrelated project.
 # The second line is what the tests run for real on loopback (receivers, brokers,
 # scrapers) and what the hardening uses (libseccomp's binding, strace for audits,
-# systemd-analyze to verify the example unit).
+# systemd-analyze to verify the example unit), tmux (the `pymap top` tests drive it).
 packages=(python3-bpfcc libbpfcc bpftool linux-headers-amd64 python3-venv
           rsyslog rsyslog-gnutls nats-server prometheus python3-seccomp strace openssl
-          systemd)
+          systemd tmux)
 missing=()
 for p in "${packages[@]}"; do
     status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)

@@ -534,7 +534,7 @@ def top(
             async with Client(endpoint, timeout) as client, trio.open_nursery() as nursery:
                 nursery.start_soon(feed, client)
                 await print_refreshes(view, 1 if once else count, delay, output is Output.json,
-                                      out(), sys.stdout, 1000 if output is Output.json else 100)
+                                      out(), sys.stdout, 100)
                 nursery.cancel_scope.cancel()
 
     async def screen_feed() -> None:

@@ -89,6 +89,7 @@ class View:
     reverse: bool = False
     text: str = ""  # filter
     window: float = 5.0
+    cells: bool = True  # tables are drawn (JSON lines need no sparklines)
 
     def ready(self) -> bool:
         """Rates can be shown: two status replies, or the stream is open."""
@@ -127,7 +128,8 @@ class View:
         rows = keys.rows(self.by, self.reverse, self.text, limit)
         cells: list[list[Cell]] = [
             [r.key_text, *(rate_text(r.fields.get(f, 0.0)) for f in fields),
-             rate_text(r.changes), r.value_text, sparkline(r.trend, TREND_WIDTH)] for r in rows]
+             rate_text(r.changes), r.value_text, sparkline(keys.trend(r.key), TREND_WIDTH)]
+            for r in rows] if self.cells else []
         return columns, cells, [r.as_json() for r in rows]
 
     def title(self) -> str:
@@ -146,12 +148,15 @@ class View:
 
     def print(self, console: Console, out: IO[str], as_json: bool, limit: int) -> None:
         """One refresh, as a table (plain when piped) or one JSON line."""
+        self.cells = not as_json
         columns, cells, data = self.table(limit)
         self.status.refreshes += 1
         if as_json:
             out.write(orjson.dumps({
                 "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-                "map": self.map_name or None, "status": self.status.state,
+                "map": self.map_name or None,
+                "keys": len(self.keys.entries()) if self.keys is not None else None,
+                "status": self.status.state,
                 "note": self.status.note, "rows": data}).decode() + "\n")
             out.flush()
             return
@@ -242,8 +247,8 @@ async def print_refreshes(view: View, count: int, delay: float, as_json: bool,
     while not view.ready():
         await trio.sleep(0.05)
     view.check_sort()
-    n = 0
+    n, start = 0, trio.current_time()
     while not count or n < count:
-        await trio.sleep(delay)
-        view.print(console, out, as_json, limit)
         n += 1
+        await trio.sleep_until(max(start + n * delay, trio.current_time()))  # a steady pace
+        view.print(console, out, as_json, limit)
