@@ -195,7 +195,7 @@ class Client:
     def events(self, selectors: list[str], snapshot: bool = False,
                heartbeat_timeout: float | None = None, record_batches: bool = False,
                hold_on: bool = True, max_wait: float | None = None,
-               entry_batches: bool = False) -> EventStream:
+               entry_batches: bool = False, snapshot_rows: bool = True) -> EventStream:
         """Stream events of the maps ``selectors`` name (names or globs); see EventStream.
 
         (Imported here: the subscriber builds on this module, not the reverse.)
@@ -203,12 +203,14 @@ class Client:
         ``hold_on`` (default): a silent or restarted daemon is waited for, up to
         ``max_wait`` seconds (None: for ever), like ``tail -F``.  ``entry_batches``:
         one ``EntryBatch`` per map events message instead of an ``Event`` per change.
+        ``snapshot_rows=False``: snapshots update ``stream.entries()`` without events.
         """
         from .subscriber import EventStream
 
         return EventStream(self, selectors, snapshot=snapshot,
                            heartbeat_timeout=heartbeat_timeout, record_batches=record_batches,
-                           hold_on=hold_on, max_wait=max_wait, entry_batches=entry_batches)
+                           hold_on=hold_on, max_wait=max_wait, entry_batches=entry_batches,
+                           snapshot_rows=snapshot_rows)
 
     @contextlib.asynccontextmanager
     async def get(self, selector: str, snapshot: bool = False, entries: bool = True,
