@@ -185,7 +185,18 @@ def _from_layout(m, layout: Layout, btf_blob: bytes | None, notes: list[str]
         btf_key, btf_value, _ = _btf_sides(m, btf_blob, notes)
     fmt_key = layout.key.decode if layout.key is not None else (btf_key or _hex)
     fmt_value = layout.value.decode if layout.value is not None else (btf_value or _hex)
-    return _plain_entry(m, fmt_key, fmt_value)
+    decode = _plain_entry(m, fmt_key, fmt_value)
+    if layout.value is not None and not m.percpu:
+        _add_value_rows(decode, layout.value.flat())
+    return decode
+
+
+def _add_value_rows(decode: EntryFormatter, value_flat) -> None:
+    """Give ``decode`` a ``value_rows``: (a Struct, its members' names, None for a plain
+    number) reading a value as one unpack gives what ``decode(...)["value"]`` holds, for
+    readers of many values' numbers (``pymap top``); nothing when there is none."""
+    if value_flat is not None:
+        decode.value_rows = value_flat  # type: ignore[attr-defined]
 
 
 def choose(m, btf_blob: bytes | None = None,
@@ -217,6 +228,7 @@ def choose(m, btf_blob: bytes | None = None,
         decode = _plain_entry(m, fmt_key, fmt_value)
         if flats is not None:
             _add_chunk_json(decode, *flats)
+            _add_value_rows(decode, flats[1])
         return Decoding(decode, "btf", tuple(notes))
 
     if not notes:

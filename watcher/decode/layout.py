@@ -76,6 +76,22 @@ class Side(NamedTuple):
             raise ValueError(f"{len(data)} bytes, the layout describes {self.size}")
         return {f.name: f.decode(data, f.offset) for f in self.fields if f.decode is not None}
 
+    def flat(self) -> tuple[struct.Struct, list[str]] | None:
+        """One little-endian ``struct`` unpack giving what :meth:`decode` gives, for a side of
+        host-order integers and padding only: the Struct and the fields' names; None
+        otherwise (network order, enum names, text, addresses, bools)."""
+        fmt, names = "<", []
+        for f in self.fields:
+            if f.decode is None:
+                fmt += f"{f.size}x"
+            elif f.type in _INT_CODES and not f.values:
+                fmt += _INT_CODES[f.type]
+                names.append(f.name)
+            else:
+                return None
+        rows = struct.Struct(fmt)
+        return (rows, names) if rows.size == self.size else None
+
 
 class Layout(NamedTuple):
     match: str
