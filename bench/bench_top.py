@@ -104,35 +104,45 @@ class Writer:
             raise BenchError(f"writer failed: {self.error}")
 
 
-def run_top(daemon, name: str, entries: int, seconds: float) -> tuple[float, float, float, float, int]:
-    """(seconds to the first refresh, longest gap after it, top cores, daemon cores,
-    refreshes) for one run of ``pymap top NAME -o json``."""
+def run_top(daemon, name: str, entries: int, seconds: float) -> dict:
+    """One run of ``pymap top NAME -o json``: seconds to the first refresh with every key
+    (``first``), the longest gap between refreshes from start to then (``startup_gap``)
+    and after (``gap``), top's and the daemon's cores after it, refreshes, and the
+    stream's stalls, lost events and resyncs at the end (``stream``)."""
     env = {**os.environ, "PYMAP_ENDPOINT": daemon.endpoint}
     t0 = time.monotonic()
     proc = subprocess.Popen([PYMAP, "top", name, "-o", "json", "-d", "1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
+        early: list[float] = []  # refreshes during start-up
         while True:  # until the snapshot is in: start-up, not the steady state measured
             line = proc.stdout.readline()
             if not line:
                 raise BenchError(f"top stopped: {proc.stderr.read() if proc.stderr else ''}")
+            early.append(time.monotonic())
             if (json.loads(line)["keys"] or 0) >= entries:
                 break
         start = time.monotonic()
         cpu_top, cpu_daemon = cpu_seconds(proc.pid), cpu_seconds(daemon.proc.pid)
-        stamps = [start]
+        stamps, last = [start], line
         while time.monotonic() - start < seconds:
-            if not proc.stdout.readline():
+            line = proc.stdout.readline()
+            if not line:
                 raise BenchError("top stopped printing")
             stamps.append(time.monotonic())
+            last = line
         elapsed = stamps[-1] - start
         top_cores = (cpu_seconds(proc.pid) - cpu_top) / elapsed
         daemon_cores = (cpu_seconds(daemon.proc.pid) - cpu_daemon) / elapsed
     finally:
         procs.stop(proc, 10, proc.stdout, proc.stderr)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return start - t0, max(gaps), top_cores, daemon_cores, len(stamps)
+    startup = [b - a for a, b in zip([t0, *early], early)]
+    return {"first": start - t0, "startup_gap": max(startup[1:], default=0.0),
+            "first_refresh": startup[0], "gap": max(gaps), "top_cores": top_cores,
+            "daemon_cores": daemon_cores, "refreshes": len(stamps),
+            "stream": json.loads(last).get("stream", {})}
 
 
 def run_subscriber(daemon, name: str, seconds: float) -> float:
@@ -166,19 +176,23 @@ def main() -> int:
         with big_hash(bpffs / name, args.entries, name) as fd, \
                 running_daemon(tmp, bpffs, "--config", str(conf)) as daemon, \
                 Writer(fd, args.entries, args.rate) as writer:
-            first, gap, top_cores, daemon_top, refreshes = run_top(daemon, name, args.entries,
-                                                                   args.seconds)
+            run = run_top(daemon, name, args.entries, args.seconds)
             daemon_sub = run_subscriber(daemon, name, args.seconds)
             changes = writer.changes
-    ok_gap = gap <= 1.1
+    gap, top_cores, daemon_top = run["gap"], run["top_cores"], run["daemon_cores"]
+    ok_gap = max(gap, run["startup_gap"]) <= 1.1
     ok_cpu = top_cores <= 1.0
     ratio = daemon_top / daemon_sub if daemon_sub > 0 else float("inf")
+    stream = ", ".join(f"{v} {k}" for k, v in run["stream"].items())
     ok_daemon = ratio <= 1.2
     print(f"map {args.entries:,} entries, {args.rate:,} changes/s asked "
           f"({changes:,} written), {args.seconds:g} s per run")
-    print(f"(a) top: every key in after {first:.1f} s (the snapshot), {refreshes} refreshes, "
-          f"longest gap {gap:.2f} s (target <= 1.1 s) {'met' if ok_gap else 'MISSED'}; "
-          f"CPU {top_cores:.2f} cores (target <= 1) {'met' if ok_cpu else 'MISSED'}")
+    print(f"(a) top: first refresh after {run['first_refresh']:.1f} s, every key in after "
+          f"{run['first']:.1f} s (the snapshot; longest gap meanwhile "
+          f"{run['startup_gap']:.2f} s), then {run['refreshes']} refreshes, longest gap "
+          f"{gap:.2f} s (target <= 1.1 s, start-up included) {'met' if ok_gap else 'MISSED'}; "
+          f"CPU {top_cores:.2f} cores (target <= 1) {'met' if ok_cpu else 'MISSED'}; "
+          f"stream: {stream}")
     print(f"(b) daemon CPU: {daemon_top:.3f} cores with top, {daemon_sub:.3f} with one "
           f"events -f subscriber: ratio {ratio:.2f} (target <= 1.2) "
           f"{'met' if ok_daemon else 'MISSED'}")

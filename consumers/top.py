@@ -19,12 +19,14 @@ Nothing here re-reads a map: the snapshot the stream takes at start is the basel
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+import numpy as np
 
 from watcher.wire.schema import StatusReply
 
@@ -192,14 +194,24 @@ Formatter = Callable[[bytes, bytes], dict]
 
 
 class _Poll:
-    """What one poll of the daemon changed: key -> [events, value before, value after]."""
+    """What one poll of the daemon changed: key -> [events, value before, value after],
+    and (worked out once, when first shown) each key's change of every numeric field."""
 
-    __slots__ = ("changes", "deltas", "time")
+    __slots__ = ("arrays", "changes", "complete", "deltas", "time")
 
     def __init__(self, when: float):
         self.time = when
         self.changes: dict[bytes, list] = {}
-        self.deltas: dict[bytes, float] = {}  # first field's change, worked out when shown
+        self.deltas: dict[bytes, tuple[float, ...] | None] = {}  # None: not numbers both sides
+        self.complete = False  # deltas has every key of changes
+        self.arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see _arrays
+
+
+def _raw_key(key: np.generic) -> bytes:
+    """A key back as bytes from its array form (big-endian unsigned, or void)."""
+    if isinstance(key, np.void):
+        return key.tobytes()
+    return int(key).to_bytes(key.dtype.itemsize, "big")
 
 
 class KeyRates:
@@ -207,19 +219,27 @@ class KeyRates:
 
     ``entries``: the stream's state of the map (every key, for keys that did not
     change lately); ``formatter``: as ``get`` decodes (None: hex, no fields);
-    ``key_text``/``value_text``: how ``get`` shows them.
+    ``key_text``/``value_text``: how ``get`` shows them; ``ready``: whether ``entries``
+    holds the map yet (the snapshot may take seconds).
+
+    Cost: each change is kept as raw bytes (no decoding) when it arrives; a refresh
+    decodes each poll's changed values once (the first refresh that shows it), and
+    keys and values only for the rows it shows.
     """
 
     def __init__(self, entries: Callable[[], Mapping[bytes, bytes]], formatter: Formatter | None,
                  key_text: Callable[[bytes, dict | None], str],
                  value_text: Callable[[bytes, dict | None], str],
-                 window: float = 5.0, history: float = HISTORY):
+                 window: float = 5.0, history: float = HISTORY,
+                 ready: Callable[[], bool] = lambda: True):
         self.entries = entries
+        self.ready = ready  # the baseline (the stream's snapshot) is in
         self.formatter = formatter
         self._key_text, self._value_text = key_text, value_text
         self.window = window
         self.history = history
         self.fields: list[str] = []  # numeric fields, from the first value decoded
+        self._unpack: Callable[[bytes], tuple] | None = None  # a value's fields in one unpack
         self.polls: deque[_Poll] = deque()
         self.events = 0  # entry events counted (not snapshot rows)
         self._received: tuple[float, float] | None = None  # (daemon time, local monotonic)
@@ -235,6 +255,8 @@ class KeyRates:
         if poll is None:
             poll = _Poll(when)
             self.polls.append(poll)
+        poll.complete = False
+        poll.arrays = None
         self._received = (when, time.monotonic())
         changes = poll.changes
         for _, action, key, value, old in batch.entries():
@@ -245,6 +267,7 @@ class KeyRates:
             else:
                 rec[0] += 1
                 rec[2] = new
+                poll.deltas.pop(key, None)
             self.events += 1
         self._trim()
 
@@ -270,9 +293,28 @@ class KeyRates:
         while self.polls and self.polls[0].time < oldest:
             self.polls.popleft()
 
+    def learn(self) -> list[str]:
+        """The numeric fields, learnt from the map's first entry if not yet known."""
+        if not self.fields:
+            for key, value in self.entries().items():
+                self._learn_fields(key, value)
+                break
+        return self.fields
+
     def _learn_fields(self, key: bytes, value: bytes) -> None:
-        if self.formatter is not None:
-            self.fields = list(numeric_fields(self.formatter(key, value)))
+        if self.formatter is None:
+            return
+        numbers = numeric_fields(self.formatter(key, value))
+        self.fields = list(numbers)
+        # Values of plain integers (a declared layout, flat BTF): one struct unpack per
+        # value instead of decoding, once it is seen to give the decoder's numbers.
+        rows = getattr(self.formatter, "value_rows", None)
+        if rows is not None and self.fields:
+            unpack, names = rows[0].unpack, rows[1] or ["value"]
+            got = unpack(value)
+            if (names == self.fields and all(type(x) in (int, float) for x in got)
+                    and list(got) == list(numbers.values())):
+                self._unpack = unpack
 
     # -- reading --
 
@@ -288,6 +330,36 @@ class KeyRates:
             return {}
         return numeric_fields(self.formatter(key, value))
 
+    def _delta(self, poll: _Poll, key: bytes) -> tuple[float, ...] | None:
+        """Each field's change by ``key`` in ``poll`` (None: a side is not a number)."""
+        try:
+            return poll.deltas[key]
+        except KeyError:
+            pass
+        _, old, new = poll.changes[key]
+        delta = None
+        if old is not None and new is not None and self._unpack is not None:
+            delta = tuple(y - x for x, y in zip(self._unpack(old), self._unpack(new)))
+        elif old is not None and new is not None:
+            a, b = self._fields_of(key, old), self._fields_of(key, new)
+            if a and b:
+                delta = tuple(b[f] - a[f] if f in a and f in b else 0.0 for f in self.fields)
+        poll.deltas[key] = delta
+        return delta
+
+    def _poll_deltas(self, poll: _Poll) -> dict[bytes, tuple[float, ...] | None]:
+        if not poll.complete:
+            deltas, unpack = poll.deltas, self._unpack
+            for key, (_, old, new) in poll.changes.items():
+                if key in deltas:
+                    continue
+                if unpack is None or old is None or new is None:
+                    self._delta(poll, key)
+                else:
+                    deltas[key] = tuple(y - x for x, y in zip(unpack(old), unpack(new)))
+            poll.complete = True
+        return poll.deltas
+
     def key_text(self, key: bytes) -> str:
         text = self._texts.get(key)
         if text is None:
@@ -298,62 +370,105 @@ class KeyRates:
             text = self._texts[key] = self._key_text(key, fmt)
         return text
 
+    def _arrays(self, poll: _Poll) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The poll as flat arrays: keys (sortable in byte order), events, and each
+        field's change (a row per key, NaN where a side is not a number)."""
+        if poll.arrays is None:
+            deltas = self._poll_deltas(poll) if self.fields else {}
+            keys = list(poll.changes)
+            width = len(keys[0]) if keys else 1
+            kind = f">u{width}" if width in (1, 2, 4, 8) else f"V{width}"
+            nan = (math.nan,) * len(self.fields)
+            poll.arrays = (
+                np.frombuffer(b"".join(keys), dtype=kind),
+                np.fromiter((rec[0] for rec in poll.changes.values()), np.float64, len(keys)),
+                np.array([deltas.get(k) or nan for k in keys],
+                         np.float64).reshape(len(keys), len(self.fields)))
+        return poll.arrays
+
     def rows(self, by: str = "", reverse: bool = False, text: str = "",
              limit: int = 50) -> list[KeyRow]:
         """The ``limit`` first rows: keys that changed in the window sorted ``by`` ("key",
         "changes", "value" or a field name; "" is the first field, else changes), then
         keys that did not, in map order."""
-        if not self.fields:
-            for key, value in self.entries().items():
-                self._learn_fields(key, value)
-                break
-        by = by or (self.fields[0] if self.fields else "changes")
+        fields = self.learn()
+        by = by or (fields[0] if fields else "changes")
         now = self.daemon_now()
-        start = now - self.window
-        window = [p for p in self.polls if p.time > start]
         times = [p.time for p in self.polls]
-        agg: dict[bytes, list] = {}  # key -> [events, value before, value after, first poll time]
-        for poll in window:
-            for key, (n, old, new) in poll.changes.items():
-                rec = agg.get(key)
-                if rec is None:
-                    agg[key] = [n, old, new, poll.time]
-                else:
-                    rec[0] += n
-                    rec[2] = new
-        if text:
-            needle = text.lower()
-            agg = {k: v for k, v in agg.items() if needle in self.key_text(k).lower()}
         # The window's changes happened after the poll before its first one, up to the
         # last poll (or, on a quiet map, about now): exact spans, not the refresh's.
         every = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 1.0
         end = max(times[-1], now - every) if times else now
-        rows = []
-        for key, (n, old, new, first) in agg.items():
-            i = bisect.bisect_left(times, first)
-            before = times[i - 1] if i > 0 else first - every
-            covered = max(end - before, 1e-3)
-            a, b = self._fields_of(key, old), self._fields_of(key, new)
-            fields = {f: (b[f] - a[f]) / covered for f in self.fields if f in a and f in b}
-            rows.append((key, n / covered, fields, new))
-        if by in ("key", "value"):
-            built = sorted((self._row(*r) for r in rows), reverse=reverse,
-                           key=lambda r: r.key_text if by == "key" else r.value_text)
-            out = built[:limit]
-        else:
-            def figure(r):
-                return r[1] if by == "changes" else r[2].get(by, 0.0)
-            rows.sort(key=lambda r: (-figure(r), self.key_text(r[0])), reverse=reverse)
-            out = [self._row(*r) for r in rows[:limit]]
+        first = bisect.bisect_right(times, now - self.window)
+        window = [self._arrays(self.polls[i]) for i in range(first, len(times))]
+        window = [w for w in window if len(w[0])]
+        out: list[KeyRow] = []
+        changed: set[bytes] = set()
+        if window:
+            # Every key of the window once (in byte order), with its events, its fields'
+            # changes and the span since the poll before its first change.
+            spans = np.array([max(end - (times[i - 1] if i > 0 else times[i] - every), 1e-3)
+                              for i in range(first, len(times)) if len(self.polls[i].changes)])
+            keys, inverse = np.unique(np.concatenate([w[0] for w in window]),
+                                      return_inverse=True)
+            inverse = inverse.reshape(-1)
+            events = np.bincount(inverse, np.concatenate([w[1] for w in window]), len(keys))
+            covered = np.zeros(len(keys))  # the span of each key's first poll: the longest
+            np.maximum.at(covered, inverse, np.repeat(spans, [len(w[0]) for w in window]))
+            deltas = np.concatenate([w[2] for w in window])
+            sums = np.zeros((len(keys), len(fields)))
+            for j in range(len(fields)):
+                col = deltas[:, j]
+                sums[:, j] = np.bincount(inverse, np.nan_to_num(col), len(keys))
+            known = np.bincount(inverse, ~np.isnan(deltas[:, 0]), len(keys)) > 0 \
+                if fields else np.zeros(len(keys), bool)
+            picked = np.arange(len(keys))
+            if text:
+                needle = text.lower()
+                picked = np.array([i for i, k in enumerate(keys)
+                                   if needle in self.key_text(_raw_key(k)).lower()], np.int64)
+            out = self._pick(keys, picked, events / covered, sums / covered[:, None], known,
+                             by, reverse, limit)
+            if len(out) < limit:
+                changed = {_raw_key(k) for k in keys}
         if len(out) < limit:  # quiet keys fill the screen
             needle = text.lower()
             for key, value in self.entries().items():
                 if len(out) >= limit:
                     break
-                if key in agg or (needle and needle not in self.key_text(key).lower()):
+                if key in changed or (needle and needle not in self.key_text(key).lower()):
                     continue
-                out.append(self._row(key, 0.0, dict.fromkeys(self.fields, 0.0), value))
+                out.append(self._row(key, 0.0, dict.fromkeys(fields, 0.0), value))
         return out
+
+    def _pick(self, keys: np.ndarray, picked: np.ndarray, changes: np.ndarray,
+              rates: np.ndarray, known: np.ndarray, by: str, reverse: bool,
+              limit: int) -> list[KeyRow]:
+        """The first ``limit`` rows of the window's keys (``picked`` of them) in order
+        ``by``: only they are decoded (by figures, ties go by raw key while picking, by
+        key text as shown)."""
+        fields = self.fields
+
+        def row(i: int) -> KeyRow:
+            key = _raw_key(keys[i])
+            new = next(p.changes[key][2] for p in reversed(self.polls) if key in p.changes)
+            figures = dict(zip(fields, map(float, rates[i]))) if known[i] else {}
+            return self._row(key, float(changes[i]), figures, new)
+
+        if by == "key":
+            texts = sorted(((self.key_text(_raw_key(keys[i])), int(i)) for i in picked),
+                           reverse=reverse)
+            return [row(i) for _, i in texts[:limit]]
+        if by == "value":
+            built = [row(int(i)) for i in picked]
+            return sorted(built, key=lambda r: r.value_text, reverse=reverse)[:limit]
+        figure = changes if by not in fields else np.where(known, rates[:, fields.index(by)], 0.0)
+        order = picked[np.argsort(-figure[picked], kind="stable")]
+        chosen = (order[::-1] if reverse else order)[:limit]
+        rows = [row(int(i)) for i in chosen]
+        by_key = {r.key: float(figure[i]) for r, i in zip(rows, chosen)}
+        rows.sort(key=lambda r: (-by_key[r.key], r.key_text), reverse=reverse)
+        return rows
 
     def _row(self, key: bytes, changes: float, fields: dict[str, float],
              new: bytes | None) -> KeyRow:
@@ -365,7 +480,6 @@ class KeyRates:
     def trend(self, key: bytes) -> list[float]:
         """Per poll of the history: the key's first field's change per second (its
         events, for a map without numeric fields)."""
-        field = self.fields[0] if self.fields else ""
         out, prev = [], None
         for poll in self.polls:
             gap = poll.time - prev if prev is not None else 0.0
@@ -375,13 +489,9 @@ class KeyRates:
                 continue  # the first poll: no time to divide by
             if rec is None:
                 out.append(0.0)
-                continue
-            if not field:
+            elif not self.fields:
                 out.append(rec[0] / gap)
-                continue
-            delta = poll.deltas.get(key)
-            if delta is None:
-                a, b = self._fields_of(key, rec[1]), self._fields_of(key, rec[2])
-                delta = poll.deltas[key] = b.get(field, 0.0) - a.get(field, 0.0)
-            out.append(max(delta, 0.0) / gap)
+            else:
+                delta = self._delta(poll, key)
+                out.append(max(delta[0], 0.0) / gap if delta else 0.0)
         return out

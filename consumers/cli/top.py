@@ -7,7 +7,9 @@ pipe) show the same :class:`View`; only the screen imports Textual.
   refresh (with a GLOB it also follows those maps' events, so the daemon watches
   them while top runs).
 - ``pymap top MAP``: :func:`feed_keys` follows MAP's event stream with a snapshot
-  first (the subscriber's hold-on, resync and gap handling included).
+  first (the subscriber's hold-on, resync and gap handling included); the snapshot
+  is the stream's state, not rows as events (``snapshot_rows=False``), and is read
+  chunk by chunk while refreshes go on.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ class Status:
     stream_note: str = ""  # the last resync or gap
     stalled_at: float | None = None
     refreshes: int = 0
+    stalls: int = 0  # the stream's stalled events so far
+    lost: int = 0  # events the stream missed (its lost events' counts)
+    resyncs: int = 0  # the stream's resync events
+    progress: Callable[[], str] | None = None  # what a snapshot under way has read
+
+    def counts(self) -> dict[str, int]:
+        return {"stalls": self.stalls, "lost": self.lost, "resyncs": self.resyncs}
 
     def stalled(self, why: str) -> None:
         if self.stalled_at is None:
@@ -69,8 +78,9 @@ class Status:
         self.state = "live"
 
     def line(self) -> str:
-        return "  ".join(x for x in (_clock(), self.state, self.note, self.stream_note,
-                                     self.endpoint) if x)
+        reading = self.progress() if self.progress is not None else ""
+        return "  ".join(x for x in (_clock(), self.state, reading, self.note,
+                                     self.stream_note, self.endpoint) if x)
 
 
 def _clock() -> str:
@@ -92,8 +102,11 @@ class View:
     cells: bool = True  # tables are drawn (JSON lines need no sparklines)
 
     def ready(self) -> bool:
-        """Rates can be shown: two status replies, or the stream is open."""
-        return self.keys is not None or (self.maps is not None and self.maps.samples >= 2)
+        """Rates can be shown: two status replies, or the map's state (the stream's
+        snapshot, the baseline) is in."""
+        if self.keys is not None:
+            return self.keys.ready()
+        return self.maps is not None and self.maps.samples >= 2
 
     def check_sort(self) -> None:
         """A usage error (ValueError) for a sort column this view does not have."""
@@ -102,7 +115,7 @@ class View:
 
     def sorts(self) -> tuple[str, ...]:
         if self.keys is not None:
-            return ("key", *self.keys.fields, "changes", "value")
+            return ("key", *self.keys.learn(), "changes", "value")
         return MAP_SORTS
 
     def table(self, limit: int) -> tuple[list[Column], list[list[Cell]], list[dict]]:
@@ -119,7 +132,7 @@ class View:
         return [*MAP_COLUMNS], cells, [r.as_json() for r in rows]
 
     def _key_table(self, keys: KeyRates, limit: int):
-        fields = keys.fields
+        fields = keys.learn()
         columns = [Column("Key", keep=True)]
         columns += [Column(f"{f}/s", right=True, drop=0 if i == 0 else 10 + i)
                     for i, f in enumerate(fields)]
@@ -149,7 +162,7 @@ class View:
     def print(self, console: Console, out: IO[str], as_json: bool, limit: int) -> None:
         """One refresh, as a table (plain when piped) or one JSON line."""
         self.cells = not as_json
-        columns, cells, data = self.table(limit)
+        columns, cells, data = self.table(limit) if self.ready() else ([], [], [])
         self.status.refreshes += 1
         if as_json:
             out.write(orjson.dumps({
@@ -157,7 +170,8 @@ class View:
                 "map": self.map_name or None,
                 "keys": len(self.keys.entries()) if self.keys is not None else None,
                 "status": self.status.state,
-                "note": self.status.note, "rows": data}).decode() + "\n")
+                "progress": self.status.progress() if self.status.progress else "",
+                "note": self.status.note, "stream": self.status.counts(), "rows": data}).decode() + "\n")
             out.flush()
             return
         print_table(console, columns, cells, title=f"{self.title()}  ·  {self.status.line()}")
@@ -210,12 +224,15 @@ async def _follow_only(client: Client, status: Status, selectors: list[str],
 
 def _stream_state(status: Status, event) -> None:
     if event.action == "stalled":
+        status.stalls += 1
         status.stalled(event.reason)
     elif event.action == "resumed":
         status.resumed(f"after {event.reason.removeprefix('after ')}")
     elif event.action == "resync":
+        status.resyncs += 1
         status.stream_note = f"resynced at {_clock()} ({event.reason})"
     elif event.action == "lost":
+        status.lost += event.missed
         status.stream_note = f"{event.missed} events missed at {_clock()}; rates start again"
 
 
@@ -227,12 +244,18 @@ async def feed_keys(client: Client, selector: str, view: View,
             pass
     decoding = decide(dump)
     name = view.map_name = dump.map.name
-    async with client.events([name], snapshot=True, entry_batches=True,
+    async with client.events([name], snapshot=True, entry_batches=True, snapshot_rows=False,
                              max_wait=max_wait) as stream:
         view.keys = KeyRates(lambda: stream.entries(name),
                              decoding.formatter if decoding else None,
-                             render.key_text, render.value_text, view.window)
+                             render.key_text, render.value_text, view.window,
+                             ready=lambda: stream.has_state(name))
         view.status.state = "live"
+
+        def reading() -> str:
+            return f"reading the map's state: {stream.reading[1]:,} keys" if stream.reading else ""
+
+        view.status.progress = reading
         async for event in stream:
             if isinstance(event, EntryBatch):
                 view.keys.add_batch(event)
@@ -243,12 +266,21 @@ async def feed_keys(client: Client, selector: str, view: View,
 
 async def print_refreshes(view: View, count: int, delay: float, as_json: bool,
                           console: Console, out: IO[str], limit: int) -> None:
-    """``count`` refreshes (0: until stopped), ``delay`` apart, once rates can be shown."""
+    """``count`` refreshes (0: until stopped), ``delay`` apart, once rates can be shown.
+    Until then, JSON lines until stopped say how far start-up has got (no rows), one a
+    ``delay``: a big map's snapshot takes seconds."""
+    n, start = 0, trio.current_time()
     while not view.ready():
         await trio.sleep(0.05)
+        if as_json and not count and trio.current_time() >= start + (n + 1) * delay:
+            n += 1
+            view.print(console, out, as_json, limit)
+    if not n:  # the first rates a refresh after they can be had; else keep the pace
+        start = trio.current_time()
     view.check_sort()
-    n, start = 0, trio.current_time()
-    while not count or n < count:
+    printed = 0
+    while not count or printed < count:
         n += 1
+        printed += 1
         await trio.sleep_until(max(start + n * delay, trio.current_time()))  # a steady pace
         view.print(console, out, as_json, limit)
