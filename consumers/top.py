@@ -91,8 +91,9 @@ MAP_SORTS = ("events", "added", "updated", "removed", "name", "type", "entries",
 class MapRates:
     """Rates per watched map from successive ``status`` replies."""
 
-    def __init__(self, history: float = HISTORY):
+    def __init__(self, history: float = HISTORY, match: Callable[[str], bool] | None = None):
         self.history = history
+        self.match = match  # the maps shown (``pymap top GLOB``); None: every watched map
         self.epoch = ""
         self.restarts = 0  # epochs seen after the first
         self.updated_at = 0.0  # wall time of the last status reply
@@ -111,6 +112,8 @@ class MapRates:
             self.samples = 0
         rows, seen = [], set()
         for w in st.watched:
+            if self.match is not None and not self.match(w.name):
+                continue
             seen.add(w.id)
             counters = (w.events, w.added, w.updated, w.removed)
             prev = self._prev.get(w.id)

@@ -9,14 +9,19 @@ bounded time; tmux sessions are killed, daemons stopped and maps closed at the e
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import require
-from support.events import wait_until
+from support import procs
+from support.events import status, wait_until, watch_of
 from support.top import TOP_LAYOUT, CounterWriter, rate_of, tmux_top
 
 FAST = ("--interval", "0.2")
@@ -177,3 +182,136 @@ def _pymap() -> str:
     from conftest import PYMAP
 
     return PYMAP
+
+
+# --- who may see what, where: a glob watched while top runs, an access view, CURVE ----
+
+
+def _refreshes(proc) -> list[dict]:
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _shown(refresh: dict) -> set[str]:
+    return {row["name"] for row in refresh["rows"]}
+
+
+def test_a_glob_is_watched_while_top_runs(maps, daemon_factory):
+    """``pymap top 'GLOB'``: the daemon watches the matching maps while top runs (shown,
+    and only they), and stops once top has quit and the linger has passed."""
+    prefix = f"tg{uuid.uuid4().hex[:6]}_"
+    names = [f"{prefix}{i}" for i in range(3)]
+    other = f"tx{uuid.uuid4().hex[:6]}"
+    for name in [*names, other]:
+        maps.create("hash", 4, 8, 8, name=name)
+    daemon = daemon_factory("--set", "watch.linger=1", *FAST)
+    assert not any(watch_of(status(daemon), n) for n in [*names, other])
+    env = {**os.environ, **_env(daemon)}
+    top = subprocess.Popen([_pymap(), "top", f"{prefix}*", "-n", "8", "-d", "0.5", "-o", "json"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: all(watch_of(status(daemon), n) for n in names),
+                   "the glob's maps watched while top runs", timeout=20)
+        assert not watch_of(status(daemon), other)
+        out, err = top.communicate(timeout=60)
+    finally:
+        procs.stop(top, 10, top.stdout, top.stderr)
+    assert top.returncode == 0, err
+    refreshes = [json.loads(line) for line in out.splitlines()]
+    assert _shown(refreshes[-1]) == set(names), refreshes[-1]
+    wait_until(lambda: not any(watch_of(status(daemon), n) for n in names),
+               "the glob's maps no longer watched after top quit and the linger", timeout=20)
+
+
+RESTRICTED = """
+[daemon]
+socket_group = "nogroup"
+
+[watch]
+always = ["acl_*"]
+
+[[access.rules]]
+groups = ["nogroup"]
+allow = ["acl_*"]
+deny = ["acl_secret*"]
+"""
+
+
+def test_a_restricted_user_sees_only_its_maps(daemon_factory, maps, nobody_pymap, tmp_path):
+    """nobody (an access view: acl_* but not acl_secret*) runs top: its maps only, per map
+    and per key (with rates); a denied map is answered as a missing one."""
+    tag = uuid.uuid4().hex[:6]
+    public, secret = f"acl_p_{tag}", f"acl_secret{tag[:4]}"
+    fds = {name: maps.create("hash", 4, 8, 64, name=name)[0] for name in (public, secret)}
+    base = Path(tempfile.mkdtemp(prefix="pymap-top-", dir="/tmp"))  # reachable by nobody
+    base.chmod(0o711)
+    conf = tmp_path / "pymap.toml"
+    conf.write_text(RESTRICTED + TOP_LAYOUT.format(name=public))
+    d = daemon_factory("-c", str(conf), *FAST, start=False)
+    d.run_dir = base / "run"
+    d.endpoint = f"ipc://{d.run_dir}/pymap.sock"
+    d.socket = d.run_dir / "pymap.sock"
+    d.args = [*d.args, "--endpoint", d.endpoint]
+    env = {"PATH": os.environ["PATH"], "PYMAP_ENDPOINT": d.endpoint}
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", nobody_pymap]
+
+    def top(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_nobody, "top", *args], capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    try:
+        d.start()
+        wait_until(lambda: all(watch_of(status(d), n) for n in (public, secret)),
+                   "both maps watched (root sees both)")
+        with CounterWriter(fds[public], TRUTH, seconds=30), \
+                CounterWriter(fds[secret], TRUTH, seconds=30):
+            proc = top("-n", "2", "-d", "0.5", "-o", "json")
+            assert proc.returncode == 0, proc.stderr
+            assert _shown(_refreshes(proc)[-1]) == {public}, proc.stdout
+            time.sleep(3)  # a window of writes
+            proc = top(public, "-n", "2", "-o", "json")
+            assert proc.returncode == 0, proc.stderr
+            rows = {r["key_text"]: r for r in _refreshes(proc)[-1]["rows"]}
+            assert abs(rows[A]["fields"]["calls"] - TRUTH[1]) <= 0.15 * TRUTH[1], rows
+            hidden, missing = top(secret, "--once"), top(f"acl_secret_{tag}", "--once")
+        assert hidden.returncode == missing.returncode != 0
+        assert hidden.stderr.replace(secret, "X") == missing.stderr.replace(
+            f"acl_secret_{tag}", "X"), (hidden.stderr, missing.stderr)
+    finally:
+        d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+CURVE_RULES = """
+[watch]
+always = ["acl_*", "other_*"]
+
+[[access.rules]]
+clients = ["alice"]
+allow = ["acl_*"]
+"""
+
+
+def test_top_over_tcp_with_curve(tmp_path, bpffs_dir, maps):
+    """top over tcp:// with CURVE, as client alice (a view of acl_*): her maps only, and
+    per-key rates within 15% of the truth."""
+    from support.curve import start_tcp_daemon
+
+    tag = uuid.uuid4().hex[:6]
+    mine, theirs = f"acl_c_{tag}", f"other_{tag}"
+    fds = {name: maps.create("hash", 4, 8, 64, name=name)[0] for name in (mine, theirs)}
+    d = start_tcp_daemon(tmp_path, bpffs_dir, CURVE_RULES + TOP_LAYOUT.format(name=mine))
+    try:
+        assert d.endpoint.startswith("tcp://")
+        with CounterWriter(fds[mine], TRUTH, seconds=30), \
+                CounterWriter(fds[theirs], TRUTH, seconds=30):
+            wait_until(lambda: mine in d.cli("list", "-o", "json").stdout, "alice's map listed")
+            proc = d.cli("top", "-n", "3", "-d", "0.5", "-o", "json", check=True)
+            assert _shown(_refreshes(proc)[-1]) == {mine}, proc.stdout
+            time.sleep(3)  # a window of writes
+            proc = d.cli("top", mine, "-n", "2", "-o", "json", check=True)
+            rows = {r["key_text"]: r for r in _refreshes(proc)[-1]["rows"]}
+            for key, text in ((1, A), (2, B)):
+                assert abs(rows[text]["fields"]["calls"] - TRUTH[key]) <= 0.15 * TRUTH[key], rows
+            assert d.cli("top", theirs, "--once").returncode != 0
+    finally:
+        d.stop()

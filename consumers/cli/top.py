@@ -25,6 +25,7 @@ import trio
 from rich.console import Console
 
 from ..errors import DaemonUnavailable
+from ..selection import Selection
 from ..subscriber import EntryBatch
 from ..top import KeyRates, MapRates, rate_text, sparkline
 from . import render
@@ -183,8 +184,9 @@ class View:
 
 async def feed_maps(client: Client, view: View, selectors: list[str], delay: float,
                     max_wait: float | None) -> None:
-    """Status once per ``delay``; with ``selectors``, their events are followed too."""
-    view.maps = MapRates()
+    """Status once per ``delay``; with ``selectors``, their events are followed too (so the
+    daemon watches those maps) and only their maps are shown."""
+    view.maps = MapRates(match=Selection(selectors).matches if selectors else None)
     async with trio.open_nursery() as nursery:
         if selectors:
             nursery.start_soon(_follow_only, client, view.status, selectors, max_wait)
