@@ -256,6 +256,8 @@ class KeyRates:
         when = batch.message.time
         poll = self.polls[-1] if self.polls and self.polls[-1].time == when else None
         if poll is None:
+            if self.polls and self.fields:  # the last poll is whole: its arrays now, not
+                self._arrays(self.polls[-1])  # in the refresh that first shows it
             poll = _Poll(when)
             self.polls.append(poll)
         poll.complete = False
@@ -412,12 +414,12 @@ class KeyRates:
             # changes and the span since the poll before its first change.
             spans = np.array([max(end - (times[i - 1] if i > 0 else times[i] - every), 1e-3)
                               for i in range(first, len(times)) if len(self.polls[i].changes)])
-            keys, inverse = np.unique(np.concatenate([w[0] for w in window]),
-                                      return_inverse=True)
+            keys, firsts, inverse = np.unique(np.concatenate([w[0] for w in window]),
+                                              return_index=True, return_inverse=True)
             inverse = inverse.reshape(-1)
             events = np.bincount(inverse, np.concatenate([w[1] for w in window]), len(keys))
-            covered = np.zeros(len(keys))  # the span of each key's first poll: the longest
-            np.maximum.at(covered, inverse, np.repeat(spans, [len(w[0]) for w in window]))
+            # polls in time order: a key's first occurrence is in its first poll
+            covered = np.repeat(spans, [len(w[0]) for w in window])[firsts]
             deltas = np.concatenate([w[2] for w in window])
             sums = np.zeros((len(keys), len(fields)))
             for j in range(len(fields)):
