@@ -47,6 +47,7 @@ CAPABILITIES = "capabilities"
 RLIMITS = "rlimits"
 LOCKDOWN = "lockdown"
 UNPRIVILEGED_BPF = "unprivileged_bpf"
+INFORMATIONAL = frozenset({LOCKDOWN, UNPRIVILEGED_BPF})
 
 
 @attrs.frozen
@@ -64,6 +65,10 @@ class Facility:
 
     @property
     def state(self) -> str:
+        """``available``, ``refused``, or ``info`` for a setting pymap reads but needs no
+        particular value of (lockdown, the unprivileged-bpf sysctl)."""
+        if self.name in INFORMATIONAL:
+            return "info"
         return "available" if self.available else "refused"
 
 
