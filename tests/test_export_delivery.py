@@ -253,7 +253,7 @@ def test_exporter_killed_and_restarted_resumes_from_the_checkpoint(fmt, daemon, 
         p0.kill()
     older = tmp_path / "older.state"
     total = _export_then_kill(daemon, fd, name, tmp_path, state, adds=50, removes=10, fmt=fmt,
-                              older=older)
+                              older=older, rows=rows)
     for _ in range(3):  # changes while no exporter runs
         total += change_round(fd, state, adds=20, removes=10)
         time.sleep(0.6)
@@ -319,14 +319,18 @@ def _export_args(name: str, tmp_path, fmt: str = "json") -> tuple[tuple[str, ...
 
 
 def _export_then_kill(daemon, fd: int, name: str, tmp_path, state: dict, adds: int,
-                      removes: int = 0, fmt: str = "json", older: Path | None = None) -> int:
+                      removes: int = 0, fmt: str = "json", older: Path | None = None,
+                      rows: int = 0) -> int:
     """Export (_export_args) until a round of changes is out and checkpointed, then SIGKILL
     the exporter; returns the events in the round.  ``older``: where to copy the first
-    checkpoint, made before the round."""
+    checkpoint, made before the round.  ``rows``: the snapshot rows it starts with (once
+    they are out its snapshot is taken, and the sentinel is a live event)."""
     args, out, state_file = _export_args(name, tmp_path, fmt)
+    before = len(records(out, fmt))
     p = ExportProc(daemon, *args, log=tmp_path / "export1.log")
     try:
         wait_ready(daemon, name)
+        wait_until(lambda: len(records(out, fmt)) >= before + rows, "the snapshot rows")
         start_sync(fd, lambda key: any(d.get("key") == key for d in records(out, fmt)))
         wait_until(state_file.exists, "a checkpoint")
         if older is not None:
