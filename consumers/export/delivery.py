@@ -42,6 +42,7 @@ class Gap:
     first_seq: int
     last_seq: int
     reason: str
+    first_id: str = ""  # the event id of the first record dropped here
 
 
 @attrs.define
@@ -139,7 +140,7 @@ class Delivery:
             tail.count += 1
             tail.last_seq = record.seq or tail.last_seq
         else:
-            self._queue.append(Gap(1, record.seq, record.seq, reason))
+            self._queue.append(Gap(1, record.seq, record.seq, reason, record.id))
             self._bytes += GAP_BYTES  # may pass max_bytes by a marker: bounded all the same
         self._wakeup.set()
 

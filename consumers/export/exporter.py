@@ -27,7 +27,7 @@ from .delivery import Delivery, Gap
 from .formats import FORMATS, facts
 from .formats.base import STREAM_ACTIONS
 from .outputs import make_output
-from .record import ExportRecord
+from .record import ExportRecord, covers_dropped
 from .resume import ResumingStream
 
 BUFFER_ACTIONS = ("record", "records")
@@ -89,7 +89,8 @@ class Exporter:
         if gap.first_seq:
             reason += f"; seq {gap.first_seq}..{gap.last_seq}"
         event = Event("dropped", MapRef(0, ""), time=time.time(), missed=gap.count, reason=reason)
-        return self.format.render(facts(event, None, None, self.node, self.epoch))
+        made = covers_dropped(gap.first_seq, gap.last_seq, gap.first_id, gap.count)
+        return self.format.render(facts(event, None, None, self.node, self.epoch, made))
 
     def wanted(self, event: Event) -> bool:
         if not self.spec.actions and not self.spec.exclude:
