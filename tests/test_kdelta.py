@@ -28,6 +28,7 @@ import struct
 import subprocess
 import time
 
+import numpy as np
 import pytest
 from support.kernel import bpftool_entries, host_allows, host_features
 
@@ -202,7 +203,7 @@ def test_both_engines_make_identical_events(maps, broker, map_type, key_size, va
         out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
                              capture_output=True, text=True, check=True).stdout
         held = {bytes(int(b, 16) for b in e["key"]) for e in json.loads(out)}
-        mine = {k_state.keys[i * key_size:(i + 1) * key_size] for i in range(k_state.count)}
+        mine = {bytes(k_state.keys[i * key_size:(i + 1) * key_size]) for i in range(k_state.count)}
         assert mine == held
     finally:
         kernel.close()
@@ -736,3 +737,33 @@ def test_the_engines_own_maps_are_not_the_hosts(daemon_factory, maps, bpffs_dir)
         assert not leaked, leaked
         maps.close(fd2)
         maps.close(fd)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_state_rebuild_equals_delete_then_insert(seed, monkeypatch):
+    """The kept state's rebuild after removals and additions (one copy, slice by slice)
+    against numpy's delete-then-insert, with adds and removals at the same spots, at the
+    ends, and in runs; also past the step limit, where it takes numpy's way."""
+    from watcher.daemon import kdelta
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 400))
+    sk = np.unique(rng.integers(0, 10_000, size=n).astype(np.uint64) * 2)
+    sv = rng.integers(0, 256, size=(len(sk), 12), dtype=np.uint8)
+    rpos = np.sort(rng.choice(len(sk), size=int(rng.integers(0, len(sk) + 1)), replace=False)) \
+        if len(sk) else np.zeros(0, dtype=np.intp)
+    add_k = np.unique(rng.integers(-1, 10_002, size=int(rng.integers(0, 300))).astype(np.uint64)
+                      * 2 + 1)  # odd: never present
+    add_v = rng.integers(0, 256, size=(len(add_k), 12), dtype=np.uint8)
+    keep = np.ones(len(sk), dtype=bool)
+    keep[rpos] = False
+    want_k = np.sort(np.concatenate([sk[keep], add_k]))
+    want_v = np.concatenate([sv[keep], add_v])[np.argsort(np.concatenate([sk[keep], add_k]),
+                                                          kind="stable")]
+    for limit in (kdelta._REBUILD_STEPS, 0):
+        monkeypatch.setattr(kdelta, "_REBUILD_STEPS", limit)
+        got = kdelta._rebuild(sk, sv, rpos, add_k, add_v, 12)
+        assert got.count == len(want_k)
+        assert np.array_equal(got.key_array(), want_k)
+        assert np.array_equal(got.value_rows(), want_v)
+        assert np.array_equal(got.order, np.arange(len(want_k)))
