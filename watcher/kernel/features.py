@@ -372,3 +372,16 @@ def _run(name: str, title: str, fn: Callable[[], str]) -> Facility:
 def probe() -> Features:
     """Probe every facility (about 20 ms); call once, before the seccomp filter."""
     return Features(tuple(_run(name, title, fn) for name, title, fn in _PROBES))
+
+
+def main() -> None:
+    """``python -m watcher.kernel.features``: the probe's answers as one JSON object per
+    facility, one per line (make test-kernels reads it inside each kernel it boots)."""
+    import json
+
+    for f in probe().facilities:
+        print(json.dumps(dict(attrs.asdict(f), state=f.state)))
+
+
+if __name__ == "__main__":
+    main()
