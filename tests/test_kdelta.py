@@ -317,10 +317,12 @@ def test_engine_choice_reasons(maps):
     engine, why = choose_engine(record, 8, config, 0, host_features())
     try:
         assert engine is not None and why.startswith("in-kernel: 1000 max entries")
-        # the estimate used for the cap is close to what the kernel charges
+        # the estimate used for the cap is never much below what the kernel charges (the
+        # cap holds); kernels count differently: 6.18 charges within 10 % of it, 6.1's
+        # fdinfo memlock for the same objects is under half (make test-kernels)
         assert engine.kernel_bytes > 0
         from watcher.kernel.iterdelta import shadow_bytes_estimate
-        assert 0.9 < shadow_bytes_estimate(record, 8) / engine.kernel_bytes < 1.1
+        assert 0.9 < shadow_bytes_estimate(record, 8) / engine.kernel_bytes < 2.5
     finally:
         if engine:
             engine.close()
