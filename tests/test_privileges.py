@@ -30,7 +30,6 @@ from watcher.kernel import syscall
 from watcher.kernel.capabilities import CAPABILITIES
 
 UNIT = REPO / "examples/systemd/pymap.service"
-DAEMONSET = REPO / "examples/kubernetes/pymap-daemonset.yaml"
 NAMES = {cap.name for cap in CAPABILITIES}
 NOBODY = pwd.getpwnam("nobody")
 
@@ -70,11 +69,11 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
 
 
 def test_daemonset_mounts_bpffs_read_only_and_adds_exactly_the_capability_list():
-    yaml = pytest.importorskip("yaml")
-    doc = yaml.safe_load(DAEMONSET.read_text())
-    assert doc["kind"] == "DaemonSet"
-    spec = doc["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
+    pytest.importorskip("yaml")
+    from support import manifest
+
+    spec = manifest.pod_spec()
+    container = manifest.container("pymap")
     sc = container["securityContext"]
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert {f"CAP_{c}" for c in sc["capabilities"]["add"]} == NAMES
@@ -85,6 +84,8 @@ def test_daemonset_mounts_bpffs_read_only_and_adds_exactly_the_capability_list()
         assert mounts[path].get("readOnly") is True, path
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes[mounts["/sys/fs/bpf"]["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
+    # the exporter beside it holds no capability at all
+    assert manifest.container("export")["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
 def test_operations_doc_explains_every_capability():
