@@ -26,10 +26,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import PYMAP
 from support import manifest
-from support.events import Follower, replay_lines, status, wait_ready
+from support.events import Follower, status, wait_ready
 from support.kernel import bpftool_entries, bpftool_show, pymap_entries, token
 from support.prometheus import free_port, scrape
-from test_degrade import make_maps, no_traceback, write_foreign
+from test_degrade import make_maps, no_traceback, replay_foreign_writes
 
 pytestmark = pytest.mark.kernel
 
@@ -129,15 +129,7 @@ def test_the_image_runs_as_the_daemonset_and_serves_the_host(pod, maps, bpffs_di
             except AssertionError as e:
                 raise AssertionError(f"{e}; status: {status(pod)}; daemon log: {pod.logs()}; "
                                      f"follower: {f.stderr}") from None
-        before = {k: bpftool_entries(map_id) for k, (_, map_id) in made.items()}
-        write_foreign(made)
-        after = {k: bpftool_entries(map_id) for k, (_, map_id) in made.items()}
-
-        def replayed(lines: list[dict]) -> bool:
-            return all(replay_lines([ln for ln in lines if ln["map"]["name"] == names[k]],
-                                    dict(before[k])) == after[k] for k in made)
-
-        f.wait_for(replayed, "the host writer's changes, replayed to bpftool's dump")
+        replay_foreign_writes(f, made, names)
         follower_err = f.stderr
 
     metrics = scrape(pod.metrics)
