@@ -516,6 +516,10 @@ def export(
     name: Annotated[str | None, typer.Option(
         "--name", help="With -c: run only the exports table of this name.")] = None,
     name_n: Annotated[str | None, typer.Option("-n", hidden=True)] = None,  # before 0.2
+    metrics: Annotated[str | None, typer.Option(
+        "--metrics", metavar="HOST:PORT", envvar="PYMAP_EXPORT_METRICS",
+        help="Serve Prometheus metrics (delivered, dropped, buffer, lag, checkpoint age, "
+        "reconnects) on http://HOST:PORT/metrics.")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
@@ -561,12 +565,14 @@ def export(
         async with Client(endpoint, timeout) as client:
             for spec in specs:
                 spec.selectors = [await _name_of(client, s) for s in spec.selectors]
-        await run_exports(specs, endpoint, timeout, say)
+        await run_exports(specs, endpoint, timeout, say, metrics=metrics)
 
     try:
         run_async(main)
     except (OutputConfigError, CheckpointError, ExportConfigError) as e:
         fail(str(e), EXIT_USAGE if not isinstance(e, CheckpointError) else EXIT_ERROR)
+    except OSError as e:  # --metrics: the port is taken, or not an address
+        fail(str(e))
 
 
 @app.command()
