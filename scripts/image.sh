@@ -112,7 +112,8 @@ label_key=$(cat Containerfile "$wheels/.src-$src_key" <(echo "$base") | sha256su
 if [[ $(podman image inspect --format '{{index .Labels "pymap.build-key"}}' "$image" 2>/dev/null) != "$label_key-$src_key" ]]; then
     t=$SECONDS
     mkdir -p "$out/context"
-    podman build --quiet --file Containerfile --build-arg BASE="$base" \
+    # --no-cache: the RUN step reads /wheels, a volume the layer cache cannot see change.
+    podman build --quiet --no-cache --file Containerfile --build-arg BASE="$base" \
         --label "pymap.build-key=$label_key-$src_key" \
         --volume "$wheels:/wheels:ro" --network none \
         --tag "$image" --tag localhost/pymap:latest "$out/context" >/dev/null
