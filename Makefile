@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PYTEST_ARGS ?= -q -ra
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo bench lint typecheck clean
+.PHONY: help setup test demo bench lint typecheck clean image
 
 help: ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-6s %s\n", $$1, $$2 }'
@@ -16,6 +16,9 @@ test: setup ## run the tests (pass options with PYTEST_ARGS='...', default -q -r
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "test: FAILED: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
+
+image: setup ## the OCI image localhost/pymap:VERSION (mmdebstrap + podman; Containerfile)
+	@bash scripts/image.sh
 
 demo: setup ## start a daemon and show its maps
 	@bash scripts/demo.sh

@@ -240,8 +240,9 @@ class EventStream:
 
     async def __aenter__(self) -> EventStream:
         pong = await self.client.ping()
-        self._sub = endpoint.connect(zmq.SUB, self.client.events_endpoint or pong.events_endpoint,
-                                     self.SOCKET_OPTIONS)
+        events = self.client.events_endpoint or endpoint.events_seen_from_here(
+            self.client.endpoint, pong.events_endpoint)
+        self._sub = endpoint.connect(zmq.SUB, events, self.SOCKET_OPTIONS)
         self._subscribe(pong.stream_prefix.encode())
         return self
 

@@ -22,7 +22,7 @@ from watcher.wire.schema import MapRef
 
 from ..eventjson import MapCache
 from ..subscriber import ACTIONS, EntryBatch, Event
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, Position
 from .delivery import Delivery, Gap
 from .formats import FORMATS, facts
 from .formats.base import STREAM_ACTIONS
@@ -83,6 +83,8 @@ class Exporter:
                                  max_bytes=spec.buffer_bytes, rate=spec.rate,
                                  on_status=self.on_status)
         self.stream: ResumingStream | None = None
+        self.received = Position("", 0)  # the daemon's newest seq seen (metrics: lag)
+        self._base = Position("", 0)
 
     def _gap_record(self, gap: Gap) -> ExportRecord:
         reason = gap.reason
@@ -113,13 +115,34 @@ class Exporter:
                 async for event in stream:
                     self.epoch = stream.epoch or ""
                     if isinstance(event, EntryBatch):
+                        self._received(event.message.seq + event.start,
+                                       event.message.seq + event.message.count - 1)
                         await self.put_batch(event)
                         continue
                     if event.action in ("stalled", "resumed"):
                         self.on_status(f"daemon {event.action}: {event.reason}")
+                    self._received(event.seq, event.seq)
                     if not self.wanted(event):
                         continue
                     await self.put(event)
+
+    def _received(self, first: int, last: int) -> None:
+        """Events ``first`` .. ``last`` of the daemon's sequence came in."""
+        if not first:
+            return
+        if self.received.epoch != self.epoch:  # a new daemon: lag counts from here
+            self._base = Position(self.epoch, first - 1)
+        if last > self.received.seq or self.received.epoch != self.epoch:
+            self.received = Position(self.epoch, last)
+
+    def lag(self) -> int:
+        """Events received from the daemon and not delivered yet: the newest seq seen
+        minus the checkpoint's (or minus the first one seen, before any delivery)."""
+        done = self.checkpoint.position
+        floor = self._base.seq
+        if done is not None and done.epoch == self.received.epoch:
+            floor = max(floor, done.seq)
+        return max(0, self.received.seq - floor)
 
     async def put_batch(self, view: EntryBatch) -> None:
         """A map events message, formatted as a whole (the fast path: formats/batch.py)."""
