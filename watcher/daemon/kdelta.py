@@ -25,13 +25,13 @@ import time
 import numpy as np
 import trio
 
-from ..kernel import features as kf
 from ..kernel.features import Features
 from ..kernel.iterdelta import (
     IterDelta,
     Unsupported,
     WalkResult,
     iterator_needed,
+    routes,
     shadow_bytes_estimate,
     unsupported_reason,
 )
@@ -179,20 +179,6 @@ def _rebuild(sk: np.ndarray, sv: np.ndarray, rpos: np.ndarray, add_k: np.ndarray
 
 def _is_identity(order: np.ndarray) -> bool:
     return bool(order[0] == 0 and order[-1] == len(order) - 1 and np.all(np.diff(order) == 1))
-
-
-def routes(features: Features) -> tuple[bool, bool, str]:
-    """What the host lets the in-kernel engine walk with: (for_each, iterators, why not).
-
-    Every route resets its state with ``BPF_PROG_TEST_RUN``; the for_each route also
-    needs ``bpf_for_each_map_elem`` and a ring buffer; the other, ``bpf_map_elem``
-    iterators.  ``why not`` names what was refused, "" when nothing was.
-    """
-    refused = [features.why_not(name) for name in (kf.PROG_TEST_RUN, kf.FOR_EACH, kf.RINGBUF,
-                                                    kf.MAP_ITER) if not features.allows(name)]
-    run = features.allows(kf.PROG_TEST_RUN)
-    each = run and features.allows(kf.FOR_EACH) and features.allows(kf.RINGBUF)
-    return each, run and features.allows(kf.MAP_ITER), "; ".join(refused)
 
 
 def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_bytes: int,

@@ -192,7 +192,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             bound.append(dconf.endpoint)
             bind_endpoint(xpub, events_endpoint, dconf)
             bound.append(events_endpoint)
-            harden(config)  # start-up is over: from here bpf() only reads (seccomp)
+            harden(config, features)  # start-up is over: from here bpf() only reads (seccomp)
             # What start-up made (modules, bcc, config) lives as long as the daemon: out of
             # the collector's sight, so a full collection, which stops the loop too, is short.
             gc.freeze()

@@ -65,6 +65,7 @@ import weakref
 
 import attrs
 
+from . import features as features_mod
 from . import progcheck, progload
 from .bpfasm import (
     ADD,
@@ -91,6 +92,7 @@ from .bpfasm import (
     Asm,
     func_btf,
 )
+from .features import Features
 from .maps import MapRecord, fdinfo
 from .maptypes import TYPE_IDS
 from .objects import EngineObjects, LocalObjects
@@ -144,6 +146,21 @@ def unsupported_reason(record: MapRecord, stride: int) -> str | None:
     if stride > MAX_STRIDE:
         return f"values of {stride} bytes exceed {MAX_STRIDE} (program too long)"
     return None
+
+
+def routes(features: Features) -> tuple[bool, bool, str]:
+    """What the host lets the in-kernel engine walk with: (for_each, iterators, why not).
+
+    Every route resets its state with ``BPF_PROG_TEST_RUN``; the for_each route also
+    needs ``bpf_for_each_map_elem`` and a ring buffer; the other, ``bpf_map_elem``
+    iterators.  ``why not`` names what was refused, "" when nothing was.
+    """
+    f = features_mod
+    refused = [features.why_not(name) for name in (f.PROG_TEST_RUN, f.FOR_EACH, f.RINGBUF,
+                                                    f.MAP_ITER) if not features.allows(name)]
+    run = features.allows(f.PROG_TEST_RUN)
+    each = run and features.allows(f.FOR_EACH) and features.allows(f.RINGBUF)
+    return each, run and features.allows(f.MAP_ITER), "; ".join(refused)
 
 
 def iterator_needed(record: MapRecord) -> str:
