@@ -244,7 +244,7 @@ def log_degraded(features: kf.Features) -> None:
     (``pymap status`` and ``pymap doctor`` show the same).  Logged once the daemon serves,
     so a start that fails still prints its one error line alone."""
     for f in features.refused():
-        log.info("kernel: no %s here (%s): %s", f.title, f.error, f.degrades)
+        log.info("kernel facility not available: %s (%s): %s", f.title, f.error, f.degrades)
 
 
 def _new_views(policy: Policy, gate: SubscriptionGate, engine: Engine) -> None:
