@@ -741,7 +741,8 @@ class IterDelta:
         if not (self.each or iterators):
             raise Unsupported(iterator_needed(record))
         self.iterators = iterators
-        self.passes = 0  # for_each passes of the last walk (more than one: the ring overflowed)
+        self.passes = 0  # walks of the map in the last poll (0: settled by the order check;
+        # more than 1: the ring overflowed, or the shadow map filled, or a re-sweep)
         self.nw = fingerprint_words(stride)
         self.shadow_entries = 0  # keys in the shadow map after the last walk
         self.walks = 0
@@ -867,6 +868,7 @@ class IterDelta:
         # where it loads; elsewhere for_each passes, as many as the ring needs.
         each = self.each and (self.walks > 0 or not self.iterators)
         self.timings = {}
+        self.passes = 0
         if each and self.order_count >= 0:
             t0 = time.perf_counter()
             unchanged = self._unchanged(map_fd)
@@ -876,7 +878,6 @@ class IterDelta:
                 return WalkResult(b"", 0, b"", 0, dict.fromkeys(STATE_FIELDS, 0), False)
         positional = each and self.order_count >= 0
         stalls = 0  # passes that committed nothing new: the shadow full, or a re-sweep
-        self.passes = 0
         while True:
             self.passes += 1
             t0 = time.perf_counter()
