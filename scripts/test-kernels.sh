@@ -26,6 +26,8 @@ default_tests=(
     "tests/test_dump.py"                                           # dumps, batch buffers
     "tests/test_kdelta.py::test_both_engines_make_identical_events"  # both engines, diff
     "tests/test_kdelta.py::test_engine_choice_reasons"
+    "tests/test_kdelta.py::test_each_route_is_chosen_from_the_probe_and_says_why"
+    "tests/test_kdelta.py::test_output_larger_than_one_read_is_complete"  # overflow, both routes
     "tests/test_events.py::test_follow_hash_added_updated_removed"   # events -f
     "tests/test_mapwatch.py::test_creations_are_recorded_with_the_kernel_description"  # discovery
     "tests/test_sources_kernel.py::test_ringbuf_variable_records_in_bounded_slices"    # ring buffer
