@@ -89,3 +89,23 @@ def connect(kind: int, endpoint: str, options: dict[int, int] | None = None) -> 
         sock.close(0)
         raise
     return sock
+
+
+def events_seen_from_here(request_endpoint: str, reported: str) -> str:
+    """The event endpoint to connect to, given the one the daemon reports (as it sees it).
+
+    A daemon in a container whose socket directory is mounted elsewhere on the host
+    (a test's temp directory, a ``hostPath`` other than ``/run/pymap``) reports an
+    ``ipc://`` path that does not exist out here. When the request socket this client
+    reached is an ``ipc://`` one and the reported file is missing, the file of that name
+    beside the request socket is taken instead (the daemon's default is ``events.sock``
+    beside its request socket)."""
+    prefix = "ipc://"
+    if not (request_endpoint.startswith(prefix) and reported.startswith(prefix)):
+        return reported
+    here = reported[len(prefix):]
+    if os.path.exists(here):
+        return reported
+    beside = os.path.join(os.path.dirname(request_endpoint[len(prefix):]),
+                          os.path.basename(here))
+    return prefix + beside if os.path.exists(beside) else reported

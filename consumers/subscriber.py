@@ -63,7 +63,9 @@ class Event:
     never arrived); stalled (the daemon fell silent: ``reason`` says for how
     long; the stream waits for it) and resumed (it speaks again: ``reason``
     says after how long).  ``seq`` is the daemon-wide sequence (0 for events the
-    client made: snapshot rows, lost, resync); values are raw bytes, per-CPU
+    client made: snapshot rows, lost, resync); ``topic_seq`` the map's own sequence
+    (snapshot rows and a map's resync: the last one the state read includes;
+    lost: the first one missed); values are raw bytes, per-CPU
     maps' values hold every CPU's slot (see MapInfo.value_stride).
 
     Buffers (event sources, docs/sources.md): ``record`` (``value`` is the raw
@@ -245,8 +247,9 @@ class EventStream:
 
     async def __aenter__(self) -> EventStream:
         pong = await self.client.ping()
-        self._sub = endpoint.connect(zmq.SUB, self.client.events_endpoint or pong.events_endpoint,
-                                     self.SOCKET_OPTIONS)
+        events = self.client.events_endpoint or endpoint.events_seen_from_here(
+            self.client.endpoint, pong.events_endpoint)
+        self._sub = endpoint.connect(zmq.SUB, events, self.SOCKET_OPTIONS)
         self._subscribe(pong.stream_prefix.encode())
         return self
 
@@ -490,7 +493,8 @@ class EventStream:
 
     async def _gap(self, name: str, ref: MapRef, missed: int) -> list[Event]:
         self.lost += missed
-        out = [Event("lost", ref, time=time.time(), missed=missed)]
+        first = self._topic_seq.get(name, 0) + 1  # the callers have not moved it on yet
+        out = [Event("lost", ref, topic_seq=first, time=time.time(), missed=missed)]
         try:
             await self.client.report_gap(name, missed)
         except DaemonError:
@@ -538,7 +542,8 @@ class EventStream:
             self.resyncs += 1
         old = self._state.get(name, {})
         out = [] if reason == "start" or not announce else [
-            Event("resync", MapRef(snap.map.id, snap.map.name), time=time.time(), reason=reason)]
+            Event("resync", MapRef(snap.map.id, snap.map.name), topic_seq=snap.seq,
+                  time=time.time(), reason=reason)]
         if self.snapshot_rows:
             out += diff_events(snap, old, reason)
         self._state[name] = snap.entries
@@ -549,20 +554,20 @@ class EventStream:
 def diff_events(snap: snapshot.Snapshot, old: dict[bytes, bytes], reason: str) -> list[Event]:
     """What changed from ``old`` to the snapshot, as events marked ``snapshot``."""
     m = snap.map
-    ref, now = MapRef(m.id, m.name), time.time()
+    ref, now, tseq = MapRef(m.id, m.name), time.time(), snap.seq
     out = []
     for key, value in snap.entries.items():
         before = old.get(key)
         if before is None:
-            out.append(Event("added", ref, time=now, key=key, value=value, reason=reason,
-                             snapshot=True, info=m))
-        elif before != value:
-            out.append(Event("updated", ref, time=now, key=key, value=value, old_value=before,
+            out.append(Event("added", ref, topic_seq=tseq, time=now, key=key, value=value,
                              reason=reason, snapshot=True, info=m))
+        elif before != value:
+            out.append(Event("updated", ref, topic_seq=tseq, time=now, key=key, value=value,
+                             old_value=before, reason=reason, snapshot=True, info=m))
     for key, value in old.items():
         if key not in snap.entries:
-            out.append(Event("removed", ref, time=now, key=key, value=value, reason=reason,
-                             snapshot=True, info=m))
+            out.append(Event("removed", ref, topic_seq=tseq, time=now, key=key, value=value,
+                             reason=reason, snapshot=True, info=m))
     return out
 
 

@@ -24,6 +24,10 @@ from support import procs
 REPO = Path(__file__).resolve().parent.parent
 PYMAP = str(Path(sys.executable).with_name("pymap"))
 BPFFS = "/sys/fs/bpf"
+# Where everything is slow, deadlines stretch by this factor (make test-kernels sets it in
+# its emulated guests, where starting one Python process takes ~10 s). Timings are never
+# asserted on; this only moves how long a test waits before it gives up.
+TIME_SCALE = float(os.environ.get("PYMAP_TEST_TIME_SCALE", "1"))
 
 
 def _kernel_problem() -> str | None:
@@ -131,7 +135,7 @@ def maps(kernel):
 
 
 class Daemon:
-    start_timeout = 15.0  # seconds until it must answer ping
+    start_timeout = 15.0 * TIME_SCALE  # seconds until it must answer ping
 
     def __init__(self, tmp: Path, bpffs: Path, extra: list[str], prefix: tuple[str, ...] = ()):
         """``prefix``: a command the daemon runs under (the degradation harness's

@@ -123,6 +123,21 @@ def write_foreign(made: dict[str, tuple[int, int]]) -> None:
         syscall.map_delete_elem(p, u32(i))
 
 
+def replay_foreign_writes(f: Follower, made: dict[str, tuple[int, int]],
+                          names: dict[str, str]) -> None:
+    """:func:`write_foreign`, then wait until follower ``f`` replays every map's changes
+    to exactly what bpftool dumps (``names``: the maps' names as the follower sees them)."""
+    before = {k: bpftool_entries(map_id) for k, (_, map_id) in made.items()}
+    write_foreign(made)
+    after = {k: bpftool_entries(map_id) for k, (_, map_id) in made.items()}
+
+    def replayed(lines: list[dict]) -> bool:
+        return all(replay_lines([ln for ln in lines if ln["map"]["name"] == names[k]],
+                                dict(before[k])) == after[k] for k in made)
+
+    f.wait_for(replayed, "every map's changes, replayed to bpftool's dump")
+
+
 def no_traceback(*texts: str) -> None:
     for text in texts:
         assert "Traceback" not in text, text
@@ -166,15 +181,7 @@ def test_the_daemon_serves_under_a_refused_facility(daemon_factory, maps, bpffs_
         for name in names.values():
             wait_ready(d, name, subscribers=1)
         engines = {k: watch_of(status(d), n)["engine"] for k, n in names.items()}
-        before = {k: bpftool_entries(map_id) for k, (_, map_id) in made.items()}
-        write_foreign(made)
-        after = {k: bpftool_entries(map_id) for k, (_, map_id) in made.items()}
-
-        def replayed(lines: list[dict]) -> bool:
-            return all(replay_lines([ln for ln in lines if ln["map"]["name"] == names[k]],
-                                    dict(before[k])) == after[k] for k in made)
-
-        f.wait_for(replayed, "every map's changes, replayed to bpftool's dump")
+        replay_foreign_writes(f, made, names)
         follower_err = f.stderr
     if facility == kf.PROG_TEST_RUN:
         assert all(e.startswith("user-space: in-kernel engine unavailable: BPF_PROG_TEST_RUN "

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from conftest import PYMAP
 from support.events import cli_status
-from support.kernel import facility_rows
+from support.kernel import facility_rows, table_rows
 
 from watcher.kernel import probe
 
@@ -36,22 +36,9 @@ def doctor(*args: str, endpoint: str | None = None, prefix: tuple[str, ...] = ()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def rows(stdout: str) -> dict[str, tuple[str, str, str]]:
+def rows(stdout: str) -> dict[str, tuple[str, ...]]:
     """Check name -> (status, detail, fix) from doctor's table (continuation lines joined)."""
-    out: dict[str, list[str]] = {}
-    current = None
-    for line in stdout.splitlines():
-        if not line.startswith("│"):
-            continue
-        cells = [c.strip() for c in line.strip("│").split("│")]
-        if len(cells) != 4:
-            continue
-        if cells[0]:
-            current = cells[0]
-            out[current] = cells[1:]
-        elif current:
-            out[current] = [f"{a} {b}".strip() for a, b in zip(out[current], cells[1:])]
-    return {k: tuple(v) for k, v in out.items()}
+    return table_rows(stdout, 4)
 
 
 def assert_clean(proc: subprocess.CompletedProcess) -> None:
@@ -79,7 +66,7 @@ def test_doctor_all_ok_with_a_running_daemon(daemon):
     shown = {f["name"]: f for f in cli_status(daemon)["facilities"]}
     assert set(facilities) == {f["title"] for f in shown.values()}
     for f in shown.values():
-        assert facilities[f["title"]][0] == ("ok" if f["state"] == "available" else "refused")
+        assert facilities[f["title"]][0] == {"available": "ok"}.get(f["state"], f["state"])
         assert facilities[f["title"]][1] == f["error"]
 
 

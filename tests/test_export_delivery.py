@@ -14,10 +14,20 @@ from pathlib import Path
 
 import pytest
 from support.events import Follower, wait_ready, wait_until
-from support.export import ExportProc, NameTailer, entry_seqs, json_lines, rotated_files
+from support.export import (
+    ExportProc,
+    NameTailer,
+    assert_one_id_per_event,
+    entry_seqs,
+    json_lines,
+    record_doc,
+    records,
+    rotated_files,
+)
 from support.kernel import bpftool_entries, pattern, token, u32
-from support.syslog import Rsyslog, parse_rfc5424
+from support.syslog import SD_ID, Rsyslog, parse_rfc5424
 
+from consumers.export.formats import FORMATS
 from watcher.kernel import syscall
 
 pytestmark = pytest.mark.kernel
@@ -29,8 +39,16 @@ def docs_of_lines(lines: list[bytes]) -> list[dict]:
     return [json.loads(line) for line in lines if line]
 
 
-def syslog_docs(rs: Rsyslog) -> list[dict]:
-    return [json.loads(parse_rfc5424(line)["msg"]) for line in rs.lines("tcp")]
+def syslog_docs(rs: Rsyslog, fmt: str = "json") -> list[dict]:
+    """The records rsyslog received, as support.export.record_doc reads them; each
+    message's structured-data ``id`` is its payload's event id."""
+    docs = []
+    for line in rs.lines("tcp"):
+        m = parse_rfc5424(line)
+        doc = record_doc(fmt, m["msg"])
+        assert m["sd"][SD_ID]["id"] == doc["id"], (m["sd"], doc)
+        docs.append(doc)
+    return docs
 
 
 def live(docs: list[dict]) -> list[dict]:
@@ -127,17 +145,18 @@ def test_three_exporters_and_a_follower_get_the_same_events(daemon, maps, bpffs_
     assert seen["file"] == seen["syslog"] == seen["stdout"] == seen["follower"]
 
 
-def test_receiver_down_for_10s_then_back_loses_nothing(daemon, maps, bpffs_dir, tmp_path):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_receiver_down_for_10s_then_back_loses_nothing(fmt, daemon, maps, bpffs_dir, tmp_path):
     name = f"exd{token()}"
     fd, _ = maps.create("hash", 4, 8, 4096, name=name, pin=bpffs_dir / name)
     with Rsyslog(tmp_path) as rs, \
-            ExportProc(daemon, name, "--to", f"syslog+tcp://127.0.0.1:{rs.tcp}",
+            ExportProc(daemon, name, "--format", fmt, "--to", f"syslog+tcp://127.0.0.1:{rs.tcp}",
                        log=tmp_path / "export.log") as p:
         wait_ready(daemon, name)
-        start_sync(fd, lambda key: any(d.get("key") == key for d in syslog_docs(rs)))
+        start_sync(fd, lambda key: any(d.get("key") == key for d in syslog_docs(rs, fmt)))
         state: dict = {}
         total = change_round(fd, state, adds=50, removes=10)
-        wait_until(lambda: len(live(syslog_docs(rs))) >= total, "events before the outage")
+        wait_until(lambda: len(live(syslog_docs(rs, fmt))) >= total, "events before the outage")
         rs.stop()
         down_at = time.monotonic()
         for _ in range(5):  # the stream goes on while the receiver is down
@@ -146,15 +165,22 @@ def test_receiver_down_for_10s_then_back_loses_nothing(daemon, maps, bpffs_dir, 
         time.sleep(max(0.0, 10 - (time.monotonic() - down_at)))
         rs.start()
         total += change_round(fd, state, adds=10)
-        wait_until(lambda: len(set(entry_seqs(live(syslog_docs(rs))))) >= total,
+        wait_until(lambda: len(set(entry_seqs(live(syslog_docs(rs, fmt))))) >= total,
                    "every event after the receiver came back", timeout=60)
         assert p.alive(), p.stderr()
         assert "retrying" in p.stderr()
-    seqs = entry_seqs(live(syslog_docs(rs)))
+    docs = syslog_docs(rs, fmt)
+    seqs = entry_seqs(live(docs))
     # At-least-once: the batch in flight when it died may come twice; nothing is missing.
     assert len(set(seqs)) == total
     assert sorted(set(seqs)) == sorted(dict.fromkeys(seqs))
-    assert not [d for d in syslog_docs(rs) if d["action"] in ("dropped", "lost")]
+    assert not [d for d in docs if d["action"] in ("dropped", "lost")]
+    # The batch before the failed one is always sent again (the receiver's hang-up is seen
+    # before the next send): re-sends happened, and each carried its first send's id.
+    assert len(docs) > assert_one_id_per_event(docs) == total + 1  # + the sentinel
+    # rsyslog's own parse of the structured data (mmpstrucdata, as docs/export.md's
+    # de-duplication key for rsyslog reads it) finds the same ids
+    assert rs.lines("tcp-id") == [d["id"].encode() for d in docs]
 
 
 def test_buffer_overflow_while_down_is_counted_and_reported(daemon, maps, bpffs_dir, tmp_path):
@@ -212,25 +238,39 @@ def test_rate_limit_drops_are_counted_as_events(daemon, maps, bpffs_dir, tmp_pat
     assert len(live(docs)) < total
 
 
-def test_exporter_killed_and_restarted_resumes_from_the_checkpoint(daemon, maps, bpffs_dir,
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exporter_killed_and_restarted_resumes_from_the_checkpoint(fmt, daemon, maps, bpffs_dir,
                                                                    tmp_path):
     name = f"exk{token()}"
     fd, _ = maps.create("hash", 4, 8, 4096, name=name, pin=bpffs_dir / name)
     state: dict = {}
-    args, out, state_file, total = _export_then_kill(daemon, fd, name, tmp_path, state,
-                                                     adds=50, removes=10)
+    rows = change_round(fd, state, adds=5)  # there before any exporter: its snapshot rows
+    args, out, state_file = _export_args(name, tmp_path, fmt)
+    # Killed before its first checkpoint: the next start sends the snapshot rows again.
+    with ExportProc(daemon, *args, log=tmp_path / "export0.log") as p0:
+        wait_until(lambda: len(records(out, fmt)) >= rows, "the snapshot rows")
+        assert not state_file.exists()
+        p0.kill()
+    older = tmp_path / "older.state"
+    total = _export_then_kill(daemon, fd, name, tmp_path, state, adds=50, removes=10, fmt=fmt,
+                              older=older, rows=rows)
     for _ in range(3):  # changes while no exporter runs
         total += change_round(fd, state, adds=20, removes=10)
         time.sleep(0.6)
+    # An older checkpoint (a SIGKILL before the next write): everything since comes again.
+    state_file.write_bytes(older.read_bytes())
     with ExportProc(daemon, *args, log=tmp_path / "export2.log") as p2:
-        wait_until(lambda: len(set(entry_seqs(live(json_lines(out))))) >= total,
+        wait_until(lambda: len(set(entry_seqs(live(records(out, fmt))))) >= total,
                    "every event, the ones made while it was dead too")
         assert p2.alive(), p2.stderr()
-    docs = json_lines(out)
+    docs = records(out, fmt)
     seqs = entry_seqs(live(docs))
     assert len(set(seqs)) == total  # at-least-once: a few may repeat, none is missing
     assert not [d for d in docs if d["action"] in ("resync", "lost", "dropped")]
     assert json.loads(state_file.read_text())["seq"] >= max(seqs)
+    # Snapshot rows and events were sent twice, each time with the same id.
+    assert len([d for d in docs if d["seq"] == 0]) == 2 * rows
+    assert len(docs) > assert_one_id_per_event(docs) == rows + 1 + total  # + the sentinel
 
 
 def test_daemon_restart_gives_a_resync_and_the_fresh_state(daemon, maps, bpffs_dir, tmp_path):
@@ -271,30 +311,44 @@ def replay(docs: list[dict]) -> dict:
     return entries
 
 
-def _export_then_kill(daemon, fd: int, name: str, tmp_path, state: dict, adds: int,
-                      removes: int = 0) -> tuple[tuple[str, ...], Path, Path, int]:
-    """Export with a state file until a round of changes is out and checkpointed, then
-    SIGKILL the exporter: (its arguments, output file, state file, events in the round)."""
+def _export_args(name: str, tmp_path, fmt: str = "json") -> tuple[tuple[str, ...], Path, Path]:
+    """An exporter's arguments with a file output and a state file: (args, output, state)."""
     out, state_file = tmp_path / "out.json", tmp_path / "export.state"
-    args = (name, "--to", f"file://{out}", "--state-file", str(state_file))
+    return (name, "--format", fmt, "--to", f"file://{out}", "--state-file", str(state_file)), \
+        out, state_file
+
+
+def _export_then_kill(daemon, fd: int, name: str, tmp_path, state: dict, adds: int,
+                      removes: int = 0, fmt: str = "json", older: Path | None = None,
+                      rows: int = 0) -> int:
+    """Export (_export_args) until a round of changes is out and checkpointed, then SIGKILL
+    the exporter; returns the events in the round.  ``older``: where to copy the first
+    checkpoint, made before the round.  ``rows``: the snapshot rows it starts with (once
+    they are out its snapshot is taken, and the sentinel is a live event)."""
+    args, out, state_file = _export_args(name, tmp_path, fmt)
+    before = len(records(out, fmt))
     p = ExportProc(daemon, *args, log=tmp_path / "export1.log")
     try:
         wait_ready(daemon, name)
-        start_sync(fd, lambda key: out.exists() and key.encode() in out.read_bytes())
-        total = change_round(fd, state, adds=adds, removes=removes)
-        wait_until(lambda: len(live(json_lines(out))) >= total, "events before the kill")
+        wait_until(lambda: len(records(out, fmt)) >= before + rows, "the snapshot rows")
+        start_sync(fd, lambda key: any(d.get("key") == key for d in records(out, fmt)))
         wait_until(state_file.exists, "a checkpoint")
+        if older is not None:
+            older.write_bytes(state_file.read_bytes())
+        total = change_round(fd, state, adds=adds, removes=removes)
+        wait_until(lambda: len(live(records(out, fmt))) >= total, "events before the kill")
         time.sleep(1.0)  # a checkpoint past them
     finally:
         p.kill()
-    return args, out, state_file, total
+    return total
 
 
 def _killed_then_restarted(daemon, fd: int, name: str, tmp_path, while_dead) -> list[dict]:
     """Export with a state file, SIGKILL the exporter, run ``while_dead()``, start it
     again; returns the output once it rebuilds the map's state."""
     state: dict = {}
-    args, out, _, _ = _export_then_kill(daemon, fd, name, tmp_path, state, adds=30)
+    _export_then_kill(daemon, fd, name, tmp_path, state, adds=30)
+    args, out, _ = _export_args(name, tmp_path)
     while_dead(state)
     with ExportProc(daemon, *args, log=tmp_path / "export2.log") as p2:
         wait_until(lambda: replay(json_lines(out)) == bpftool_entries(_map_id(fd)),

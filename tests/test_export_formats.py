@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from support.events import FAST, wait_ready, wait_until
-from support.export import ExportProc
+from support.export import ExportProc, record_doc
 from support.kernel import token, u32, u64
 
 from consumers.export.formats import FORMATS, facts
@@ -93,20 +93,10 @@ def _lines(path: Path) -> list[bytes]:
 
 def live(fmt: str, lines: list[bytes]) -> list[bytes]:
     """The lines of live entry events (seq > 0), the sentinel left out."""
-    import orjson
-    import pycef
-
     out = []
     for line in lines:
-        if fmt == "cef":
-            p = pycef.parse(line.decode())
-            action, seq, key = p["act"], int(p["seq"]), p.get("key")
-        else:
-            doc = orjson.loads(line)
-            doc = {"json": doc, "ecs": doc.get("pymap"),
-                   "ocsf": doc.get("unmapped", {}).get("pymap")}[fmt]
-            action, seq, key = doc["action"], doc["seq"], doc.get("key")
-        if action in ENTRY and seq > 0 and key != SENTINEL.hex():
+        d = record_doc(fmt, line)
+        if d["action"] in ENTRY and d["seq"] > 0 and d.get("key") != SENTINEL.hex():
             out.append(line)
     return out
 
@@ -226,3 +216,18 @@ def test_cef_escaping_survives_a_parser():
     from consumers.export.formats.cef import header
 
     assert header("a|b\\c") == "a\\|b\\\\c"
+
+
+def test_every_format_carries_the_same_event_id(exported):
+    """One id per event, the same in every format's own field (record_doc reads ECS
+    event.id, OCSF metadata.uid, CEF externalId, the JSON lines' id), <node>.<epoch>.<seq>."""
+    import socket
+
+    _, all_lines, _ = exported
+    docs = {fmt: [record_doc(fmt, line) for line in lines] for fmt, lines in all_lines.items()}
+    ids = {fmt: {d["seq"]: d["id"] for d in ds if d["seq"]} for fmt, ds in docs.items()}
+    assert len(ids["json"]) == 36, docs["json"]  # the sentinel and 35 changes
+    for fmt in FORMATS:
+        assert ids[fmt] == ids["json"], (fmt, docs[fmt], docs["json"])
+    assert all(d["id"] == f"{socket.gethostname()}.{d['epoch']}.{d['seq']}"
+               for d in docs["json"] if d["seq"])

@@ -12,12 +12,11 @@ from conftest import require
 from support.events import FAST, wait_ready, wait_until
 from support.export import ExportProc
 from support.kernel import pattern, token, u32
-from support.syslog import Rsyslog, SyslogNG, parse_rfc5424
+from support.syslog import SD_ID, Rsyslog, SyslogNG, parse_rfc5424
 
 from watcher.kernel import syscall
 
 pytestmark = pytest.mark.kernel
-SD_ID = "pymap@32473"
 ENTRY_ACTIONS = ("added", "updated", "removed")
 
 
@@ -72,6 +71,7 @@ def check_messages(messages: list[dict], name: str, made: list[tuple[str, str]],
         doc = doc_of(m["doc"])
         assert sd["map"] == name and sd["action"] == m["msgid"] == doc["action"]
         assert int(sd["seq"]) == doc["seq"] and sd["epoch"]
+        assert sd["id"] == doc["id"] == f"{m['host']}.{sd['epoch']}.{sd['seq']}"
         assert m["app"] == "pymap" and m["host"]
     got = sorted((doc_of(m["doc"])["action"], doc_of(m["doc"])["key"]) for m in messages)
     assert got == sorted(made)

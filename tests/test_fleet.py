@@ -22,11 +22,11 @@ from consumers.export.checkpoint import Checkpoint
 from consumers.export.delivery import Delivery
 from consumers.export.grouping import Grouping
 from consumers.export.outputs.base import Output
-from consumers.export.record import ExportRecord
+from consumers.export.record import ExportRecord, event_id
 from consumers.fleet.jetstream import FleetError, FleetUnavailable
 from consumers.fleet.options import FleetConfigError, parse_duration, parse_url
 from consumers.fleet.publish import FleetPublisher
-from consumers.fleet.subjects import filter_subjects, msg_id, parse_msg_id, subject, token
+from consumers.fleet.subjects import filter_subjects, parse_msg_id, subject, token
 from consumers.fleet.subscribe import FleetSubscription
 
 
@@ -88,9 +88,10 @@ def test_subjects_are_safe_tokens():
     assert filter_subjects("pymap", "web-*", "cilium_lxc") == ["pymap.*.cilium_lxc.*",
                                                                "pymap.*._.*"]
     assert filter_subjects("pymap", "n1", "cilium_*") == ["pymap.n1.*.*"]
-    assert parse_msg_id("node.1", msg_id("node.1", "e9", 42)) == ("e9", 42)
-    made = msg_id("n", "e9", 0, b"resync", 1.5)  # exporter-made records: a content digest
-    assert made != msg_id("n", "e9", 0, b"resync", 2.5) and parse_msg_id("n", made) == ("e9", 0)
+    assert parse_msg_id("node.1", event_id("node.1", "e9", 42)) == ("e9", 42)
+    # records the exporter made: what they cover instead of a seq, read back as seq 0
+    assert parse_msg_id("n", event_id("n", "e9", 0, "resync.m1.7")) == ("e9", 0)
+    assert parse_msg_id("n", event_id("n", "e9", 0, "dropped.5-9")) == ("e9", 0)
 
 
 # --- one server ----------------------------------------------------------------------
@@ -193,6 +194,7 @@ def test_cli_events_fleet(nats):
     r = subprocess.run([PYMAP, "events", "m1", "--fleet", url, "-o", "json"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # closing its own connection is no disconnect to report
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert len(lines) == 15
     assert {x["node"] for x in lines} == {"n1", "n2", "web-3"}
@@ -418,7 +420,8 @@ def mixed_records(n: int) -> list[ExportRecord]:
         payload = b"two\nlines" if seq == 77 else b'{"seq":%d}' % seq
         out.append(ExportRecord("n", "e1", seq, map_name, action, 1.0, payload))
         if seq == 500:
-            out.append(ExportRecord("n", "e1", 0, "", "resync", 1.0, b'{"action":"resync"}'))
+            out.append(ExportRecord("n", "e1", 0, "", "resync", 1.0, b'{"action":"resync"}',
+                                    "resync"))
     return out
 
 

@@ -28,6 +28,7 @@ import struct
 import subprocess
 import time
 
+import numpy as np
 import pytest
 from support.kernel import bpftool_entries, host_allows, host_features
 
@@ -36,8 +37,8 @@ from watcher.daemon.delta import Action, Delta, Snapshot, diff
 from watcher.daemon.kdelta import KernelDelta, choose_engine
 from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel import features as kf
+from watcher.kernel import iterdelta, syscall
 from watcher.kernel import maps as kmaps
-from watcher.kernel import syscall
 from watcher.kernel.bpfasm import R3, R8, Asm
 from watcher.kernel.dump import dump, value_stride
 from watcher.kernel.iterdelta import (
@@ -73,8 +74,10 @@ def user_poll(fd: int, record, prev: Snapshot | None) -> tuple[Snapshot, Delta |
 
 
 FOR_EACH_ONLY, FOR_EACH, ITERATOR = "for_each only", "for_each", "iterator"
+TINY_RING = "for_each only, a one-page ring"  # every burst overflows: passes and re-sweeps
 CASES = [  # (type, key size, value size, max entries, route)
     ("hash", 8, 12, 300, FOR_EACH_ONLY),
+    ("hash", 8, 12, 300, TINY_RING),
     ("hash", 8, 12, 300, FOR_EACH),
     ("hash", 8, 12, 300, ITERATOR),  # the iterator route for every walk
     ("hash", 6, 40, 300, FOR_EACH_ONLY),  # odd key size; value over EXACT_MAX: hashed
@@ -82,6 +85,7 @@ CASES = [  # (type, key size, value size, max entries, route)
     ("lru_hash", 8, 16, 300, FOR_EACH_ONLY),
     ("lru_hash", 8, 16, 300, FOR_EACH),
     ("array", 4, 12, 300, FOR_EACH_ONLY),
+    ("array", 4, 12, 300, TINY_RING),
     ("array", 4, 12, 300, FOR_EACH),
     ("array", 4, 12, 300, ITERATOR),
     ("percpu_hash", 8, 12, 300, ITERATOR),  # per-CPU maps always take the iterator
@@ -92,7 +96,7 @@ CASES = [  # (type, key size, value size, max entries, route)
 
 def iterators_for(route: str) -> bool:
     """Whether a walker on ``route`` may use iterators on this host."""
-    return route != FOR_EACH_ONLY and host_allows(kf.MAP_ITER)
+    return route not in (FOR_EACH_ONLY, TINY_RING) and host_allows(kf.MAP_ITER)
 
 
 def replay(first: Snapshot, deltas: list[Delta | None], key_size: int, stride: int
@@ -154,8 +158,10 @@ def broker():
 
 @pytest.mark.parametrize("map_type,key_size,value_size,max_entries,route", CASES)
 def test_both_engines_make_identical_events(maps, broker, map_type, key_size, value_size,
-                                            max_entries, route):
+                                            max_entries, route, monkeypatch):
     rng = random.Random(f"{map_type}{key_size}{value_size}")
+    if route == TINY_RING:  # 4 KiB: about 140 rows, so the 250-change bursts overflow it
+        monkeypatch.setattr(iterdelta, "ring_bytes", lambda record, stride: 4096)
     fd, map_id = maps.create(map_type, key_size, value_size, max_entries, name="pymap_kd_t")
     record = kmaps.record_from_fd(fd)
     stride = value_stride(record)
@@ -166,7 +172,7 @@ def test_both_engines_make_identical_events(maps, broker, map_type, key_size, va
         [rng.randbytes(key_size) for _ in range(max_entries * 2)]
     ro = kmaps.open_map(map_id=map_id)
     live: set[bytes] = set()
-    if route != FOR_EACH_ONLY and not host_allows(kf.MAP_ITER) and \
+    if route not in (FOR_EACH_ONLY, TINY_RING) and not host_allows(kf.MAP_ITER) and \
             (route == ITERATOR or record.percpu):
         try:
             check_iterator_fallback(fd, ro, map_id, record, rng, keyspace, live, limit, route)
@@ -182,27 +188,33 @@ def test_both_engines_make_identical_events(maps, broker, map_type, key_size, va
         k_state, k_delta = kernel.poll(ro, None, report_all=False)
         assert k_delta is None, "the first poll only records the state"
         total = hits = 0
+        overflowed = False
+        extra = kernel.walker.passes - 1  # walks beyond one per poll: the first poll's too
         for round_ in range(40):
             change_randomly(rng, fd, record, keyspace, live, limit, round_)
             u_state, u_delta = user_poll(ro, record, u_state)
             k_state, k_delta = kernel.poll(ro, k_state, report_all=False)
             hits += kernel.last_walk.get("hits", 0)
+            overflowed = overflowed or kernel.walker.passes > 1
+            extra += max(kernel.walker.passes - 1, 0)
             expected = events(u_delta, key_size, stride)
             assert events(k_delta, key_size, stride) == expected, f"round {round_}"
             total += len(expected)
         assert total > 100, "the rounds changed too little to compare engines"
         walker = kernel.walker
-        assert walker.walks + walker.quick_polls == 41
+        assert walker.walks + walker.quick_polls == 41 + extra
         # unchanged rounds of a for_each hash map are settled by the walk-order check, and
         # its walks find most entries through the record, removals included
         assert (walker.quick_polls > 0) == (walker.each and not is_array)
         assert (walker.record_sweeps > 0) == (walker.each and not is_array)
         assert hits > 0 if walker.each and not is_array else hits == 0
+        if route == TINY_RING:
+            assert overflowed, "the ring never overflowed: the passes went untested"
         # bpftool: the state the in-kernel engine keeps is what the map holds
         out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
                              capture_output=True, text=True, check=True).stdout
         held = {bytes(int(b, 16) for b in e["key"]) for e in json.loads(out)}
-        mine = {k_state.keys[i * key_size:(i + 1) * key_size] for i in range(k_state.count)}
+        mine = {bytes(k_state.keys[i * key_size:(i + 1) * key_size]) for i in range(k_state.count)}
         assert mine == held
     finally:
         kernel.close()
@@ -316,10 +328,12 @@ def test_engine_choice_reasons(maps):
     engine, why = choose_engine(record, 8, config, 0, host_features())
     try:
         assert engine is not None and why.startswith("in-kernel: 1000 max entries")
-        # the estimate used for the cap is close to what the kernel charges
+        # the estimate used for the cap is never much below what the kernel charges (the
+        # cap holds); kernels count differently: 6.18 charges within 10 % of it, 6.1's
+        # fdinfo memlock for the same objects is under half (make test-kernels)
         assert engine.kernel_bytes > 0
         from watcher.kernel.iterdelta import shadow_bytes_estimate
-        assert 0.9 < shadow_bytes_estimate(record, 8) / engine.kernel_bytes < 1.1
+        assert 0.9 < shadow_bytes_estimate(record, 8) / engine.kernel_bytes < 2.5
     finally:
         if engine:
             engine.close()
@@ -736,3 +750,33 @@ def test_the_engines_own_maps_are_not_the_hosts(daemon_factory, maps, bpffs_dir)
         assert not leaked, leaked
         maps.close(fd2)
         maps.close(fd)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_state_rebuild_equals_delete_then_insert(seed, monkeypatch):
+    """The kept state's rebuild after removals and additions (one copy, slice by slice)
+    against numpy's delete-then-insert, with adds and removals at the same spots, at the
+    ends, and in runs; also past the step limit, where it takes numpy's way."""
+    from watcher.daemon import kdelta
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 400))
+    sk = np.unique(rng.integers(0, 10_000, size=n).astype(np.uint64) * 2)
+    sv = rng.integers(0, 256, size=(len(sk), 12), dtype=np.uint8)
+    rpos = np.sort(rng.choice(len(sk), size=int(rng.integers(0, len(sk) + 1)), replace=False)) \
+        if len(sk) else np.zeros(0, dtype=np.intp)
+    add_k = np.unique(rng.integers(-1, 10_002, size=int(rng.integers(0, 300))).astype(np.uint64)
+                      * 2 + 1)  # odd: never present
+    add_v = rng.integers(0, 256, size=(len(add_k), 12), dtype=np.uint8)
+    keep = np.ones(len(sk), dtype=bool)
+    keep[rpos] = False
+    want_k = np.sort(np.concatenate([sk[keep], add_k]))
+    want_v = np.concatenate([sv[keep], add_v])[np.argsort(np.concatenate([sk[keep], add_k]),
+                                                          kind="stable")]
+    for limit in (kdelta._REBUILD_STEPS, 0):
+        monkeypatch.setattr(kdelta, "_REBUILD_STEPS", limit)
+        got = kdelta._rebuild(sk, sv, rpos, add_k, add_v, 12)
+        assert got.count == len(want_k)
+        assert np.array_equal(got.key_array(), want_k)
+        assert np.array_equal(got.value_rows(), want_v)
+        assert np.array_equal(got.order, np.arange(len(want_k)))

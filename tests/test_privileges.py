@@ -30,7 +30,7 @@ from watcher.kernel import syscall
 from watcher.kernel.capabilities import CAPABILITIES
 
 UNIT = REPO / "examples/systemd/pymap.service"
-DAEMONSET = REPO / "examples/kubernetes/pymap-daemonset.yaml"
+BINARY = "/usr/local/bin/pymap"  # where docs/install.md puts it
 NAMES = {cap.name for cap in CAPABILITIES}
 NOBODY = pwd.getpwnam("nobody")
 
@@ -56,25 +56,58 @@ def test_systemd_unit_grants_exactly_the_capability_list():
     assert {"bpf", "perf_event_open"} <= set(filt.split())
 
 
-def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+@pytest.mark.parametrize("name", ["pymap.service", "pymap-export@.service"])
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path, name):
     if shutil.which("systemd-analyze") is None:
         require("systemd-analyze is missing (Debian package systemd; scripts/setup.sh)")
-    # The example points at /opt/pymap; verify checks that ExecStart exists.
-    unit = tmp_path / "pymap.service"
-    unit.write_text(UNIT.read_text().replace("/opt/pymap/.venv/bin/pymap",
-                                             str(Path(sys.executable).with_name("pymap"))))
+    text = (UNIT.parent / name).read_text()
+    # one binary path in both units, the one docs/install.md links; verify checks it exists
+    (exec_start,) = unit_values(text, "ExecStart")
+    assert exec_start.startswith(f"{BINARY} "), exec_start
+    unit = tmp_path / name.replace("@.", "@siem.")
+    unit.write_text(text.replace(BINARY, str(Path(sys.executable).with_name("pymap"))))
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                           text=True, timeout=60)
     # verify exits 0 on settings it ignores; those are printed, so nothing may be printed.
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
 
 
+def test_systemd_units_reload_and_keep_state_where_the_docs_say():
+    daemon = UNIT.read_text()
+    assert unit_values(daemon, "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    export = (UNIT.parent / "pymap-export@.service").read_text()
+    (state,) = unit_values(export, "StateDirectory")
+    docs = (REPO / "docs/export.md").read_text() + (REPO / "README.md").read_text()
+    used = set(re.findall(r"/var/lib/([\w.-]+)/[\w.-]+\.state", docs))
+    assert used == {state}, f"docs keep state files in {used}, the unit in {state}"
+
+
+def test_sysusers_creates_the_units_users_in_the_socket_group(tmp_path):
+    if shutil.which("systemd-sysusers") is None:
+        require("systemd-sysusers is missing (Debian package systemd; scripts/setup.sh)")
+    (tmp_path / "usr/lib/sysusers.d").mkdir(parents=True)
+    (tmp_path / "etc").mkdir()
+    shutil.copy(UNIT.parent / "pymap.sysusers", tmp_path / "usr/lib/sysusers.d/pymap.conf")
+    proc = subprocess.run(["systemd-sysusers", f"--root={tmp_path}"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    groups = {line.split(":")[0]: line.split(":")[2]
+              for line in (tmp_path / "etc/group").read_text().splitlines()}
+    users = {line.split(":")[0]: line.split(":")[3]
+             for line in (tmp_path / "etc/passwd").read_text().splitlines()}
+    for name in ("pymap.service", "pymap-export@.service"):
+        text = (UNIT.parent / name).read_text()
+        (user,) = unit_values(text, "User")
+        (group,) = unit_values(text, "Group")
+        assert users[user] == groups[group] == groups["pymap"], (name, users, groups)
+
+
 def test_daemonset_mounts_bpffs_read_only_and_adds_exactly_the_capability_list():
-    yaml = pytest.importorskip("yaml")
-    doc = yaml.safe_load(DAEMONSET.read_text())
-    assert doc["kind"] == "DaemonSet"
-    spec = doc["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
+    pytest.importorskip("yaml")
+    from support import manifest
+
+    spec = manifest.pod_spec()
+    container = manifest.container("pymap")
     sc = container["securityContext"]
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert {f"CAP_{c}" for c in sc["capabilities"]["add"]} == NAMES
@@ -85,6 +118,8 @@ def test_daemonset_mounts_bpffs_read_only_and_adds_exactly_the_capability_list()
         assert mounts[path].get("readOnly") is True, path
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes[mounts["/sys/fs/bpf"]["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
+    # the exporter beside it holds no capability at all
+    assert manifest.container("export")["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
 def test_operations_doc_explains_every_capability():

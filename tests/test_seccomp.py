@@ -28,14 +28,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+import attrs
 import pytest
 from conftest import REPO, need_bcc, need_kernel, require
 from support.events import Follower, status, wait_ready, wait_until, watch_of
-from support.kernel import bpftool, lpm_key, token
+from support.kernel import bpftool, host_features, lpm_key, token
 
 from watcher.daemon import privileges
 from watcher.kernel import broker as broker_module
+from watcher.kernel import features as kf
 from watcher.kernel import seccomp, syscall
+from watcher.kernel.features import assume_all
 
 pytestmark = pytest.mark.kernel
 
@@ -55,7 +58,7 @@ CHILD = r"""
 import ctypes, errno, json, logging, os, sys, threading
 from watcher.daemon import privileges
 from watcher.daemon.config import Config
-from watcher.kernel import progload, syscall as s
+from watcher.kernel import features, progload, syscall as s
 
 def attempt(fn):
     try:
@@ -85,7 +88,6 @@ if profile == "kernel_delta":
     # The in-kernel engine on a map of its own: a first walk, then adds, changes and
     # more removals than one packet of the delete program holds, all before the filter.
     from watcher.kernel import maps as kmaps
-    from watcher.kernel import features
     from watcher.kernel.iterdelta import IterDelta
     from watcher.kernel.objects import Broker
     import struct
@@ -106,7 +108,7 @@ if profile == "kernel_delta":
         s.map_update_elem(watched, struct.pack("<Q", i), struct.pack("<Q", i))
 else:
     config.watch.kernel_delta = "off"
-privileges.harden(config)                            # exactly what the daemon calls
+privileges.harden(config, features.probe())          # exactly what the daemon calls
 
 libc = ctypes.CDLL(None, use_errno=True)
 raw = libc.syscall
@@ -237,8 +239,30 @@ def test_write_commands_are_refused_in_every_profile():
     for kernel_delta in ("auto", "off"):
         config = Config()
         config.watch.kernel_delta = kernel_delta
-        allowed = set(privileges.allowed_bpf_commands(config))
+        allowed = set(privileges.allowed_bpf_commands(config, host_features()))
         assert not allowed & set(privileges.WRITE_COMMANDS), kernel_delta
+
+
+@pytest.mark.parametrize("refused, absent", [
+    ((), ()),
+    ((kf.MAP_ITER,), privileges.ITERATOR_COMMANDS),  # the for_each only route
+    ((kf.FOR_EACH,), ()),  # the iterator route
+    ((kf.MAP_ITER, kf.FOR_EACH), privileges.KERNEL_DELTA_COMMANDS),  # no engine
+    ((kf.PROG_TEST_RUN,), privileges.KERNEL_DELTA_COMMANDS),
+])
+def test_the_filter_keeps_only_what_the_hosts_routes_run(refused, absent):
+    """The fewest privileges: the engine's commands only for the routes this host allows
+    (the probe's answers here made up; the refusals themselves: test_degrade.py)."""
+    from watcher.daemon.config import Config
+
+    host = kf.Features(tuple(attrs.evolve(f, available=f.name not in refused)
+                             for f in assume_all().facilities))
+    allowed = set(privileges.allowed_bpf_commands(Config(), host))
+    assert allowed == set(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS) - \
+        set(absent), refused
+    off = Config()
+    off.watch.kernel_delta = "off"
+    assert set(privileges.allowed_bpf_commands(off, host)) == set(privileges.READ_COMMANDS)
 
 
 # What PROG_LOAD still allows, measured: a child installs the daemon's filter, then loads
@@ -247,7 +271,7 @@ WRITER_CHILD = r"""
 import ctypes, errno, json, logging, os, struct, sys
 from watcher.daemon import privileges
 from watcher.daemon.config import Config
-from watcher.kernel import maps as kmaps, progload, syscall as s
+from watcher.kernel import features, maps as kmaps, progload, syscall as s
 from watcher.kernel.bpfasm import ADD, R0, R1, R2, R3, R4, R6, R10, Asm
 from watcher.kernel.objects import Broker
 
@@ -263,7 +287,7 @@ broker = Broker() if sys.argv[1] == "auto" else None
 if broker:
     broker.start()                                       # as the daemon: before its filter
 if sys.argv[1] != "unfiltered":                          # the kernel alone: what it allows
-    privileges.harden(config)
+    privileges.harden(config, features.probe())
 
 def attempt(fn):
     try:
@@ -559,7 +583,8 @@ def test_without_the_binding_the_daemon_says_so_and_serves(daemon_factory):
     proc = subprocess.run([sys.executable, "-c", (
         "import logging, sys; sys.modules['seccomp'] = None; logging.basicConfig(level='INFO')\n"
         "from watcher.daemon import privileges; from watcher.daemon.config import Config\n"
-        "privileges.harden(Config())")], capture_output=True, text=True, timeout=60)
+        "from watcher.kernel.features import probe\n"
+        "privileges.harden(Config(), probe())")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "seccomp filter NOT installed: libseccomp's Python binding does not import" in proc.stderr
     assert "python3-seccomp" in proc.stderr

@@ -42,10 +42,28 @@ _APP_SETTINGS: dict = dict(
             "pymap doctor.  The daemon (pymap daemon, as root) must be running; "
             "see README.md and docs/."),
     no_args_is_help=True,
-    add_completion=False,
+    # typer's own: pymap --install-completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 app = typer.Typer(**_APP_SETTINGS)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        typer.echo(f"pymap {metadata.version('pymap')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print pymap's version and exit.")] = False,
+) -> None:
+    pass
 
 
 @functools.cache
@@ -323,7 +341,8 @@ def events(
     output: OutputOpt = Output.table,
     raw: Annotated[bool, typer.Option("--raw", help="No decoding, hex only.")] = False,
     count: Annotated[int, typer.Option(
-        "--count", "-c", help="Exit after this many events (0: no limit).")] = 0,
+        "--count", "-n", help="Exit after this many events (0: no limit).")] = 0,
+    count_c: Annotated[int | None, typer.Option("-c", hidden=True)] = None,  # before 0.2
     max_wait: Annotated[float | None, typer.Option(
         "--max-wait", min=0, metavar="SECONDS",
         help="With -f: when the daemon falls silent, wait at most this long for it to "
@@ -351,6 +370,7 @@ def events(
     so on stderr, waits, resyncs, and prints what it missed as lost/resync lines.
     With --fleet, the same for every node publishing to NATS (pymap export --to nats://).
     """
+    count = count if count_c is None else count_c
     use_curve(server_key, client_cert)
     from ..eventjson import MapCache
     from .eventsout import EventPrinter
@@ -602,7 +622,12 @@ def export(
         "--config", "-c", metavar="TOML", help="Read exporters from the exports tables of a TOML file "
         "instead of flags (docs/export.md).")] = None,
     name: Annotated[str | None, typer.Option(
-        "--name", "-n", help="With -c: run only the exports table of this name.")] = None,
+        "--name", help="With -c: run only the exports table of this name.")] = None,
+    name_n: Annotated[str | None, typer.Option("-n", hidden=True)] = None,  # before 0.2
+    metrics: Annotated[str | None, typer.Option(
+        "--metrics", metavar="HOST:PORT", envvar="PYMAP_EXPORT_METRICS",
+        help="Serve Prometheus metrics (delivered, dropped, buffer, lag, checkpoint age, "
+        "reconnects) on http://HOST:PORT/metrics.")] = None,
     endpoint: EndpointOpt = DEFAULT_ENDPOINT,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
@@ -610,6 +635,7 @@ def export(
 
     Runs until SIGTERM/SIGINT, then flushes for up to 5 s. A daemon restart or stall is waited for (like tail -F) and written out as resync/lost records; a destination that is down is retried with backoff while events are buffered in memory (--buffer); what does not fit is counted and written out as a 'dropped' record when it is back.
     """
+    name = name if name_n is None else name_n
     from ..export import config as export_config
     from ..export.checkpoint import CheckpointError
     from ..export.exporter import ExportConfigError, ExportSpec
@@ -647,12 +673,14 @@ def export(
         async with Client(endpoint, timeout) as client:
             for spec in specs:
                 spec.selectors = [await _name_of(client, s) for s in spec.selectors]
-        await run_exports(specs, endpoint, timeout, say)
+        await run_exports(specs, endpoint, timeout, say, metrics=metrics)
 
     try:
         run_async(main)
     except (OutputConfigError, CheckpointError, ExportConfigError) as e:
         fail(str(e), EXIT_USAGE if not isinstance(e, CheckpointError) else EXIT_ERROR)
+    except OSError as e:  # --metrics: the port is taken, or not an address
+        fail(str(e))
 
 
 @app.command()

@@ -102,7 +102,8 @@ def render_facilities(features: Features) -> Table:
     table.add_column("Detail, or what pymap does instead", overflow="fold")
     table.add_column("Fix", overflow="fold")
     for f in features.facilities:
-        state = Text("ok", style="green") if f.available else Text("refused", style="yellow")
+        state = (Text(f.state) if f.state == "info" else Text("ok", style="green")
+                 if f.available else Text("refused", style="yellow"))
         text = f.detail if f.available else f"{f.degrades} ({f.detail})"
         table.add_row(Text(f.title), state, Text(f.error), Text(text), Text(f.fix))
     return table

@@ -285,7 +285,7 @@ def print_status(console: Console, st, wide: bool = False) -> None:
              size_text(w.state_bytes), w.reason, size_text(w.kernel_bytes),
              w.engine.partition(":")[0], w.engine.partition(": ")[2]) for w in st.watched]
     print_table(console, STATUS_COLUMNS, rows, title=title, caption=caption, wide=wide)
-    refused = [f for f in getattr(st, "facilities", []) if f.state != "available"]
+    refused = [f for f in getattr(st, "facilities", []) if f.state == "refused"]
     if refused:  # what this kernel refused at the daemon's start (pymap doctor: all of it)
         print_table(console, FACILITY_COLUMNS, [(f.title, f.error, f.degrades) for f in refused],
                     title="kernel facilities refused at start-up", wide=wide)

@@ -45,6 +45,7 @@ class Checkpoint:
         self._written: Position | None = None
         self._cuts_dirty = False
         self._last_write = 0.0
+        self.advanced_at = time.time()  # wall time the position last moved (metrics)
 
     def load(self) -> Position | None:
         if not self.path:
@@ -64,6 +65,7 @@ class Checkpoint:
     def advance(self, epoch: str, seq: int) -> None:
         """Note that everything up to ``seq`` of ``epoch`` is delivered."""
         self.position = Position(epoch, seq)
+        self.advanced_at = time.time()
         if time.monotonic() - self._last_write >= self.interval:
             self.save()
 

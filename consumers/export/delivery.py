@@ -42,6 +42,7 @@ class Gap:
     first_seq: int
     last_seq: int
     reason: str
+    first_id: str = ""  # the event id of the first record dropped here
 
 
 @attrs.define
@@ -92,6 +93,7 @@ class Delivery:
         self.stats = DeliveryStats()
         self._queue: collections.deque[ExportRecord | Gap] = collections.deque()
         self._bytes = 0
+        self.in_flight_bytes = 0  # the batch being sent (or retried): out of _bytes
         self._wakeup = trio.Event()
         self._closing = False
         self._idle = trio.Event()
@@ -139,7 +141,7 @@ class Delivery:
             tail.count += 1
             tail.last_seq = record.seq or tail.last_seq
         else:
-            self._queue.append(Gap(1, record.seq, record.seq, reason))
+            self._queue.append(Gap(1, record.seq, record.seq, reason, record.id))
             self._bytes += GAP_BYTES  # may pass max_bytes by a marker: bounded all the same
         self._wakeup.set()
 
@@ -218,6 +220,7 @@ class Delivery:
                         self._idle = trio.Event()
                         continue
                     batch = self._take()
+                    self.in_flight_bytes = sum(r.size for r in batch)
                     if not batch:  # one message that may still grow: wait for more, or cut it
                         self._wakeup = trio.Event()
                         with trio.move_on_at(self._linger_deadline() - time.monotonic()
@@ -245,6 +248,7 @@ class Delivery:
                 delay = self.backoff[0]
                 self.stats.last_error = ""
                 self.stats.delivered += len(batch)
+                self.in_flight_bytes = 0
                 self._advance(batch)
                 if self.grouping is not None and self.checkpoint is None:
                     self.grouping.cuts.clear()  # sent: no restart will re-send these

@@ -22,12 +22,12 @@ from watcher.wire.schema import MapRef
 
 from ..eventjson import MapCache
 from ..subscriber import ACTIONS, EntryBatch, Event
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, Position
 from .delivery import Delivery, Gap
 from .formats import FORMATS, facts
 from .formats.base import STREAM_ACTIONS
 from .outputs import make_output
-from .record import ExportRecord
+from .record import ExportRecord, covers_dropped
 from .resume import ResumingStream
 
 BUFFER_ACTIONS = ("record", "records")
@@ -83,13 +83,16 @@ class Exporter:
                                  max_bytes=spec.buffer_bytes, rate=spec.rate,
                                  on_status=self.on_status)
         self.stream: ResumingStream | None = None
+        self.received = Position("", 0)  # the daemon's newest seq seen (metrics: lag)
+        self._base = Position("", 0)
 
     def _gap_record(self, gap: Gap) -> ExportRecord:
         reason = gap.reason
         if gap.first_seq:
             reason += f"; seq {gap.first_seq}..{gap.last_seq}"
         event = Event("dropped", MapRef(0, ""), time=time.time(), missed=gap.count, reason=reason)
-        return self.format.render(facts(event, None, None, self.node, self.epoch))
+        made = covers_dropped(gap.first_seq, gap.last_seq, gap.first_id, gap.count)
+        return self.format.render(facts(event, None, None, self.node, self.epoch, made))
 
     def wanted(self, event: Event) -> bool:
         if not self.spec.actions and not self.spec.exclude:
@@ -112,13 +115,34 @@ class Exporter:
                 async for event in stream:
                     self.epoch = stream.epoch or ""
                     if isinstance(event, EntryBatch):
+                        self._received(event.message.seq + event.start,
+                                       event.message.seq + event.message.count - 1)
                         await self.put_batch(event)
                         continue
                     if event.action in ("stalled", "resumed"):
                         self.on_status(f"daemon {event.action}: {event.reason}")
+                    self._received(event.seq, event.seq)
                     if not self.wanted(event):
                         continue
                     await self.put(event)
+
+    def _received(self, first: int, last: int) -> None:
+        """Events ``first`` .. ``last`` of the daemon's sequence came in."""
+        if not first:
+            return
+        if self.received.epoch != self.epoch:  # a new daemon: lag counts from here
+            self._base = Position(self.epoch, first - 1)
+        if last > self.received.seq or self.received.epoch != self.epoch:
+            self.received = Position(self.epoch, last)
+
+    def lag(self) -> int:
+        """Events received from the daemon and not delivered yet: the newest seq seen
+        minus the checkpoint's (or minus the first one seen, before any delivery)."""
+        done = self.checkpoint.position
+        floor = self._base.seq
+        if done is not None and done.epoch == self.received.epoch:
+            floor = max(floor, done.seq)
+        return max(0, self.received.seq - floor)
 
     async def put_batch(self, view: EntryBatch) -> None:
         """A map events message, formatted as a whole (the fast path: formats/batch.py)."""

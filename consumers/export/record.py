@@ -1,10 +1,77 @@
-"""The unit every format produces and every output carries."""
+"""The unit every format produces and every output carries, and its event id.
+
+The event id names one event for every receiver, in every format (ECS
+``event.id``, OCSF ``metadata.uid``, CEF ``externalId``, the JSON lines'
+``id``, the syslog structured-data parameter ``id``, the NATS message id):
+``<node>.<epoch>.<seq>`` for an event of the daemon (the daemon's epoch
+changes at every start and ``seq`` numbers its events, so the id is unique for
+ever); ``<node>.<epoch>.<covers>`` for a record the exporter or the client
+library made itself (seq 0), where ``covers`` says what the record stands for
+(:func:`covers`), so that the same record made again (re-sent after a receiver
+outage, or made again by an exporter restarted from its checkpoint) has the
+same id and two different ones never share one.  docs/export.md ("Event ids")
+documents it for users.
+"""
 
 from __future__ import annotations
 
+import hashlib
+
 import attrs
 
+from ..subscriber import Event
+
 RECORD_OVERHEAD = 64  # bytes counted per record beside its payload (the object itself)
+
+
+def event_id(node: str, epoch: str, seq: int | str, covers: str = "") -> str:
+    """``<node>.<epoch>.<seq>``, or ``<node>.<epoch>.<covers>`` for a record the exporter
+    made (seq 0).  ``seq`` may be a string: the batch renderer passes a marker."""
+    return f"{node}.{epoch}.{covers or seq}"
+
+
+def digest(*parts: object) -> str:
+    """A short stable digest of ``parts`` (16 hex digits)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def covers(event: Event) -> str:
+    """What a record without a daemon seq stands for, as the tail of its id ("" when it
+    has a seq).  Always starts with a letter, so no id of a made record looks like a seq.
+
+    - snapshot rows: ``snapshot.<map>.<topic_seq>.<digest>``: the row of one key in the
+      map's state as of ``topic_seq``, the digest over action, key, values and reason;
+    - ``lost``: ``lost.<map>.<first>-<last>``, the map's topic seqs that never arrived;
+    - ``resync``: ``resync.<map>.<topic_seq>`` for one map re-read as of ``topic_seq``,
+      ``resync`` alone for the re-read of everything at the start of a daemon epoch;
+    - ``dropped``: :func:`covers_dropped`, from what the exporter dropped;
+    - anything else (``stalled``, ``resumed``): ``<action>.<digest>`` over its time and
+      reason: a moment, not events; stable for re-sends of the record itself.
+    """
+    if event.seq:
+        return ""
+    action, name = event.action, event.map.name
+    if event.snapshot:
+        return (f"snapshot.{name}.{event.topic_seq}."
+                f"{digest(action, event.reason, event.key, event.value, event.old_value)}")
+    if action == "lost":
+        return f"lost.{name}.{event.topic_seq}-{event.topic_seq + max(event.missed, 1) - 1}"
+    if action == "resync":
+        return f"resync.{name}.{event.topic_seq}" if name else "resync"
+    return f"{action}.{digest(event.time, event.reason, name, event.missed)}"
+
+
+def covers_dropped(first_seq: int, last_seq: int, first_id: str, count: int) -> str:
+    """A ``dropped`` record's tail: ``dropped.<first>-<last>``, the daemon seqs it
+    covers; when its first record had no seq (snapshot rows), a digest of that record's
+    id and the count instead."""
+    if first_seq:
+        return f"dropped.{first_seq}-{last_seq}"
+    return f"dropped.{digest(first_id, count)}"
 
 
 @attrs.frozen(slots=True)
@@ -18,8 +85,9 @@ class ExportRecord:
     beside the payload so outputs can route and label without parsing it:
     ``node`` (host name), the daemon's ``epoch`` and daemon-wide ``seq`` (0 for
     records the exporter made itself: snapshot rows, lost, resync), the ``map``
-    name ("" for stream-wide records), the ``action`` and the event ``time``
-    (unix seconds).
+    name ("" for stream-wide records), the ``action``, the event ``time``
+    (unix seconds) and, for records with seq 0, what they stand for
+    (``covers``).  ``id`` is the event id the payload carries.
     """
 
     node: str
@@ -29,6 +97,11 @@ class ExportRecord:
     action: str
     time: float
     payload: bytes
+    covers: str = ""
+
+    @property
+    def id(self) -> str:
+        return event_id(self.node, self.epoch, self.seq, self.covers)
 
     @property
     def size(self) -> int:

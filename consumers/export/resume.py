@@ -66,10 +66,12 @@ class ResumingStream(EventStream):
                        or (not replay and self._beat_topics.get(name, 0) == 0))
             if not covered:
                 self.resyncs += 1
-                out.append(Event("resync", MapRef(0, name), time=time.time(),
+                rows = await self._resync(name, "gap", announce=False)
+                out.append(Event("resync", MapRef(0, name), topic_seq=self._topic_seq.get(name, 0),
+                                 time=time.time(),
                                  reason="the daemon's recent events no longer cover the gap "
                                         "since the checkpoint"))
-                out += await self._resync(name, "gap", announce=False)
+                out += rows
                 continue
             for message, frames in replay:
                 last = message.topic_seq + getattr(message, "count", 1) - 1  # type: ignore[attr-defined]

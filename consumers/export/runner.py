@@ -11,6 +11,7 @@ import trio
 from ..client import Client
 from ..nurseries import one_error
 from .exporter import Exporter, ExportSpec
+from .metrics import serve
 
 FLUSH_SECONDS = 5.0  # on SIGTERM/SIGINT, time given to deliver what is buffered
 
@@ -29,21 +30,30 @@ def pymap_version() -> str:
 
 
 async def run_exports(specs: list[ExportSpec], endpoint: str, timeout: float,
-                      say: Callable[[str], None]) -> None:
-    """Run every spec side by side until SIGTERM or SIGINT, then flush and save checkpoints."""
+                      say: Callable[[str], None], metrics: str | None = None) -> None:
+    """Run every spec side by side until SIGTERM or SIGINT, then flush and save checkpoints.
+    ``metrics``: HOST:PORT to serve the exporters' /metrics on."""
     async with Client(endpoint, timeout) as client:
         exporters = [Exporter(client, spec, pymap_version(), on_status=_teller(say, spec.name))
                      for spec in specs]
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
-                one_error():
-            async with trio.open_nursery() as nursery:
+        server = serve(metrics, exporters) if metrics else None
+        try:
+            await _run(exporters)
+        finally:
+            if server is not None:
+                server.shutdown()
+
+
+async def _run(exporters: list[Exporter]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, one_error():
+        async with trio.open_nursery() as nursery:
+            for ex in exporters:
+                nursery.start_soon(ex.run)
+            async for _ in signals:
+                break
+            with trio.move_on_after(FLUSH_SECONDS):
                 for ex in exporters:
-                    nursery.start_soon(ex.run)
-                async for _ in signals:
-                    break
-                with trio.move_on_after(FLUSH_SECONDS):
-                    for ex in exporters:
-                        await ex.delivery.close()
-                nursery.cancel_scope.cancel()
-        for ex in exporters:
-            ex.checkpoint.save()
+                    await ex.delivery.close()
+            nursery.cancel_scope.cancel()
+    for ex in exporters:
+        ex.checkpoint.save()

@@ -49,13 +49,16 @@ async def connect(options: FleetOptions, name: str,
     disconnects and reconnects.  nats-py's errors go to the ``pymap.fleet`` logger,
     one line each, instead of its default traceback on stderr."""
     last_error: list[BaseException] = []
+    client: list[NATS] = []
 
     async def error_cb(e: Exception) -> None:
         last_error[:] = [e]
         log.debug("nats: %s", e or type(e).__name__)
 
     async def disconnected_cb() -> None:
-        if on_state is not None:
+        # nats-py calls this on our own close() too (status CLOSED): only a lost
+        # connection that it now tries to restore is news.
+        if on_state is not None and client and client[0].is_reconnecting:
             on_state("disconnected from NATS; reconnecting")
 
     async def reconnected_cb() -> None:
@@ -75,6 +78,7 @@ async def connect(options: FleetOptions, name: str,
                                f"{cause or type(cause).__name__}") from None
     except nats.errors.Error as e:
         raise FleetError(f"NATS refused the connection: {e}") from None
+    client.append(nc)
     return nc, nc.jetstream(timeout=options.ack_timeout)
 
 

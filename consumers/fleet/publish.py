@@ -62,7 +62,7 @@ async def _publish_batch(nc: NATS, js: JetStreamContext, prefix: str,
         for r in group:
             futures.append(await js.publish_async(
                 subject(prefix, r.node, r.map, r.action), r.payload,
-                headers=headers(r.node, r.map, r.action, r.epoch, r.seq, r.time, r.payload)))
+                headers=headers(r.id, r.node, r.map, r.action, r.time)))
             counts.append(1)
     acks = await asyncio.gather(*futures)
     dups = sum(n for a, n in zip(acks, counts, strict=True) if a.duplicate)

@@ -2,10 +2,10 @@
 
 Subjects are ``<prefix>.<node>.<map>.<action>``.  NATS splits subjects on ``.``
 and reserves ``*`` and ``>``, so every name becomes one safe token; the real
-names travel in headers, which is what consumers read.  The message id
-``<node>.<epoch>.<seq>`` names an event uniquely across daemon restarts (a new
-epoch per start), so JetStream drops an exporter's re-sends within the stream's
-duplicate window.
+names travel in headers, which is what consumers read.  A one-event message's
+id is the event's id (consumers/export/record.py: ``<node>.<epoch>.<seq>``, unique
+across daemon restarts since the epoch is new at each start), so JetStream drops
+an exporter's re-sends within the stream's duplicate window.
 
 A batched message (``batch=N``) packs consecutive events of one map and one
 action, one per line; its id is ``<node>.<epoch>.<first>-<last>`` and
@@ -14,7 +14,6 @@ action, one per line; its id is ``<node>.<epoch>.<first>-<last>`` and
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 HEADER_NODE = "Pymap-Node"
@@ -46,22 +45,13 @@ def subject(prefix: str, node: str, map_name: str, action: str) -> str:
     return f"{prefix}.{token(node)}.{token(map_name)}.{token(action)}"
 
 
-def msg_id(node: str, epoch: str, seq: int, payload: bytes = b"", time: float = 0.0) -> str:
-    """``<node>.<epoch>.<seq>``; records the exporter made itself (seq 0: snapshot rows,
-    lost, resync, dropped) add a digest of their content, so two of them never collide
-    while a resent one is still recognised."""
-    if seq:
-        return f"{node}.{epoch}.{seq}"
-    digest = hashlib.blake2b(payload + repr(time).encode(), digest_size=8).hexdigest()
-    return f"{node}.{epoch}.0.{digest}"
-
-
-def headers(node: str, map_name: str, action: str, epoch: str, seq: int, time: float,
-            payload: bytes = b"") -> dict[str, str]:
+def headers(event_id: str, node: str, map_name: str, action: str, time: float
+            ) -> dict[str, str]:
+    """A one-event message's headers; its message id is the event id (record.event_id)."""
     # Few headers: nats-py validates and encodes each one per message (the publisher's
     # main cost); epoch and seq are read back from the message id (parse_msg_id).
-    return {MSG_ID: msg_id(node, epoch, seq, payload, time), HEADER_NODE: node,
-            HEADER_MAP: map_name, HEADER_ACTION: action, HEADER_TIME: repr(time)}
+    return {MSG_ID: event_id, HEADER_NODE: node, HEADER_MAP: map_name, HEADER_ACTION: action,
+            HEADER_TIME: repr(time)}
 
 
 def batch_headers(node: str, map_name: str, action: str, epoch: str, first: int, last: int,

@@ -22,11 +22,11 @@ from typing import Self
 
 import trio
 import zmq
-from conftest import PYMAP
+from conftest import PYMAP, TIME_SCALE
 
 from support import procs
 
-DEADLINE = 20.0  # seconds to wait for anything the daemon should do within a few intervals
+DEADLINE = 20.0 * TIME_SCALE  # seconds to wait for anything the daemon should do in a few polls
 FAST = ("--interval", "0.2")  # daemon flags for quick polling
 
 

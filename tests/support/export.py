@@ -48,11 +48,59 @@ class ExportProc:
 
 
 def json_lines(path: Path) -> list[dict]:
+    return records(path, "json")
+
+
+def records(path: Path, fmt: str) -> list[dict]:
+    """The records of an exporter's file output in format ``fmt``, as :func:`record_doc`."""
     if not path.exists():
         return []
     # Only whole lines: the exporter may be writing the last one as we read.
     complete = path.read_bytes().rpartition(b"\n")[0]
-    return [json.loads(line) for line in complete.split(b"\n") if line]
+    return [record_doc(fmt, line) for line in complete.split(b"\n") if line]
+
+
+def record_doc(fmt: str, payload: bytes) -> dict:
+    """One exported record, whatever its format, as pymap's event object (action, seq,
+    key, value, missed, ...) whose ``id`` is the format's own event id field: ECS
+    ``event.id``, OCSF ``metadata.uid``, CEF ``externalId``, the JSON lines' ``id``.
+    CEF carries fewer of pymap's fields: action, seq, key, value, missed."""
+    if fmt == "cef":
+        import pycef
+
+        p = pycef.parse(payload.decode())
+        if p is None:
+            raise ValueError(f"not CEF: {payload[:120]!r}")
+        doc = {"id": p["externalId"], "action": p["act"], "seq": int(p["seq"])}
+        doc |= {k: p[k] for k in ("key", "value") if k in p}
+        if "missed" in p:
+            doc["missed"] = int(p["missed"])
+        return doc
+    d = json.loads(payload)
+    if fmt == "ecs":
+        return {**d["pymap"], "id": d["event"]["id"]}
+    if fmt == "ocsf":
+        return {**d["unmapped"]["pymap"], "id": d["metadata"]["uid"]}
+    assert fmt == "json", fmt
+    return d
+
+
+def assert_one_id_per_event(docs: list[dict]) -> int:
+    """Each event has one id however often it was received, and no two events share one:
+    the distinct ids are the distinct events.  An event is its daemon seq; a record the
+    exporter made (seq 0) is its action and content.  Returns how many there are."""
+    ids_of: dict[tuple, set[str]] = {}
+    for d in docs:
+        event = ((d["seq"],) if d["seq"] else
+                 ("made", d["action"], d.get("key"), d.get("value"), d.get("missed")))
+        ids_of.setdefault(event, set()).add(d["id"])
+        if d["seq"]:
+            assert d["id"].endswith(f".{d['seq']}"), d
+    assert all(len(ids) == 1 for ids in ids_of.values()), \
+        {e: ids for e, ids in ids_of.items() if len(ids) > 1}
+    distinct = {d["id"] for d in docs}
+    assert len(distinct) == len(ids_of)
+    return len(distinct)
 
 
 def entry_seqs(docs: list[dict]) -> list[int]:

@@ -103,13 +103,14 @@ def pymap_entries(doc: dict) -> dict[str, str | tuple[str, ...]]:
     return out
 
 
-def facility_rows(stdout: str) -> dict[str, tuple[str, ...]]:
-    """Facility title -> (state, errno, detail, fix) from doctor's second table."""
+def table_rows(stdout: str, columns: int) -> dict[str, tuple[str, ...]]:
+    """First cell -> the other cells, from rich tables of ``columns`` columns in
+    ``stdout`` (continuation lines joined)."""
     out: dict[str, list[str]] = {}
     current = None
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.strip("│").split("│")]
-        if not line.startswith("│") or len(cells) != 5:
+        if not line.startswith("│") or len(cells) != columns:
             continue
         if cells[0]:
             current = cells[0]
@@ -117,6 +118,11 @@ def facility_rows(stdout: str) -> dict[str, tuple[str, ...]]:
         elif current:
             out[current] = [f"{a} {b}".strip() for a, b in zip(out[current], cells[1:])]
     return {k: tuple(v) for k, v in out.items()}
+
+
+def facility_rows(stdout: str) -> dict[str, tuple[str, ...]]:
+    """Facility title -> (state, errno, detail, fix) from doctor's second table."""
+    return table_rows(stdout, 5)
 
 
 def one_error_line(stderr: str) -> str:

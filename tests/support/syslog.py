@@ -19,6 +19,7 @@ from typing import Self
 from support import procs
 
 SYSLOG_NG_ROOT = Path("/opt/pymap-test/syslog-ng")
+SD_ID = "pymap@32473"  # the exporter's default SD-ID
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -101,7 +102,9 @@ class Rsyslog(Receiver):
     """rsyslogd -n with UDP (imudp), plain TCP (imptcp) and TLS (imtcp + gtls) inputs.
 
     ``tls``: (ca, cert, key) file paths for the TLS input, or None for no TLS input.
-    Messages land in udp.log, tcp.log and tls.log.
+    Messages land in udp.log, tcp.log and tls.log.  The TCP input also parses each
+    message's structured data (mmpstrucdata) and writes its event id, as the
+    de-duplication key docs/export.md gives for rsyslog reads it, to tcp-id.log.
     """
 
     name = "rsyslog"
@@ -115,6 +118,9 @@ class Rsyslog(Receiver):
         self.conf = self.dir / "rsyslog.conf"
         self.pidfile = self.dir / "rsyslog.pid"
         (self.dir / "work").mkdir(exist_ok=True)
+        extra = {"tcp": f'action(type="mmpstrucdata") action(type="omfile" '
+                        f'file="{self.dir / "tcp-id"}.log" template="sd-id" flushOnTXEnd="on" '
+                        'asyncWriting="off") '}
         gtls = ""
         tls_input = ""
         if tls:
@@ -128,12 +134,13 @@ class Rsyslog(Receiver):
             f'global(workDirectory="{self.dir / "work"}" maxMessageSize="64k")\n'
             + gtls
             + 'template(name="raw" type="string" string="%rawmsg%\\n")\n'
-            + 'module(load="imudp")\nmodule(load="imptcp")\n'
+            + f'template(name="sd-id" type="string" string="%$!rfc5424-sd!{SD_ID}!id%\\n")\n'
+            + 'module(load="imudp")\nmodule(load="imptcp")\nmodule(load="mmpstrucdata")\n'
             + f'input(type="imudp" address="127.0.0.1" port="{self.udp}" ruleset="udp")\n'
             + f'input(type="imptcp" address="127.0.0.1" port="{self.tcp}" ruleset="tcp")\n'
             + tls_input
             + "".join(f'ruleset(name="{r}") {{ action(type="omfile" file="{self.dir / r}.log" '
-                      f'template="raw" flushOnTXEnd="on" asyncWriting="off") }}\n'
+                      f'template="raw" flushOnTXEnd="on" asyncWriting="off") {extra.get(r, "")}}}\n'
                       for r in ("udp", "tcp", "tls")))
 
     def command(self) -> list[str]:

@@ -25,13 +25,13 @@ import time
 import numpy as np
 import trio
 
-from ..kernel import features as kf
 from ..kernel.features import Features
 from ..kernel.iterdelta import (
     IterDelta,
     Unsupported,
     WalkResult,
     iterator_needed,
+    routes,
     shadow_bytes_estimate,
     unsupported_reason,
 )
@@ -113,24 +113,15 @@ class KernelDelta:
         old_upd = sv[upd_pos]  # fancy indexing copies: safe from the writes below
         removed = (sk[rpos], sv[rpos])
         if not (len(rpos) or len(add_k)):  # same keys: they carry over, values are patched
-            new_v = sv.copy()
-            new_v[upd_pos] = upd_v
             carry = in_order and not first
-            state = Snapshot(prev.keys if carry else sk.tobytes(), new_v.tobytes(), len(sk), ks,
+            values = bytearray(prev.values if carry else sv.tobytes())  # the one copy
+            np.frombuffer(values, dtype=np.uint8).reshape(len(sk), stride)[upd_pos] = upd_v
+            state = Snapshot(prev.keys if carry else sk.tobytes(), values, len(sk), ks,
                              stride, order=prev.order if carry else None)
-        else:  # one copy per step: drop the removed rows, insert the added ones, patch
-            new_k, new_v = sk, sv
-            if len(rpos):
-                keep = np.ones(len(sk), dtype=bool)
-                keep[rpos] = False
-                new_k, new_v = sk[keep], sv[keep]
-            if len(add_k):
-                at = np.searchsorted(new_k, add_k)
-                new_k = np.insert(new_k, at, add_k)
-                new_v = np.insert(new_v, at, add_v, axis=0)
+        else:
+            state = _rebuild(sk, sv, rpos, add_k, add_v, stride)
             if len(upd_k):
-                new_v[np.searchsorted(new_k, upd_k)] = upd_v
-            state = Snapshot(new_k.tobytes(), new_v.tobytes(), len(new_k), ks, stride)
+                state.value_rows()[np.searchsorted(state.key_array(), upd_k)] = upd_v
         if state.order is None:
             state.order = np.arange(state.count, dtype=np.int32)
         if first and not report_all:
@@ -138,22 +129,56 @@ class KernelDelta:
         return state, _assemble(stride, (add_k, add_v), (upd_k, upd_v, old_upd), removed)
 
 
+_REBUILD_STEPS = 20_000  # more removals and insertion points: numpy's delete/insert instead
+
+
+def _rebuild(sk: np.ndarray, sv: np.ndarray, rpos: np.ndarray, add_k: np.ndarray,
+             add_v: np.ndarray, stride: int) -> Snapshot:
+    """The sorted state ``sk``/``sv`` without rows ``rpos`` and with ``add_k`` (sorted,
+    none present) inserted in key order: written once into the new state's buffers.
+
+    Why not ``np.delete`` then ``np.insert``: each copies the whole state (a 1M-entry
+    map's 24 MB several times over, then ``tobytes`` once more); here the rows between
+    two removals or insertion points move as one slice, and only the changed rows
+    cost a Python step.  Past :data:`_REBUILD_STEPS` such points numpy's way is faster.
+    """
+    ks = sk.dtype.itemsize
+    n = len(sk) - len(rpos) + len(add_k)
+    keys, values = bytearray(n * ks), bytearray(n * stride)
+    nk = np.frombuffer(keys, dtype=sk.dtype, count=n)
+    nv = np.frombuffer(values, dtype=np.uint8).reshape(n, stride)
+    at = np.searchsorted(sk, add_k)  # each goes before row at[i] of the old state
+    if len(rpos) + len(add_k) > _REBUILD_STEPS:
+        keep = np.ones(len(sk), dtype=bool)
+        keep[rpos] = False
+        kept_k = sk[keep]
+        at = np.searchsorted(kept_k, add_k)
+        nk[:] = np.insert(kept_k, at, add_k)
+        nv[:] = np.insert(sv[keep], at, add_v, axis=0)
+        return Snapshot(keys, values, n, ks, stride, order=np.arange(n, dtype=np.int32))
+    points = sorted([(int(p), 0, i) for i, p in enumerate(at)]  # insert before removing
+                    + [(int(p), 1, 0) for p in rpos])
+    src = dst = 0
+    for pos, removal, i in points:
+        run = pos - src
+        if run:
+            nk[dst:dst + run] = sk[src:pos]
+            nv[dst:dst + run] = sv[src:pos]
+            dst += run
+            src = pos
+        if removal:
+            src += 1
+        else:
+            nk[dst] = add_k[i]
+            nv[dst] = add_v[i]
+            dst += 1
+    nk[dst:] = sk[src:]
+    nv[dst:] = sv[src:]
+    return Snapshot(keys, values, n, ks, stride, order=np.arange(n, dtype=np.int32))
+
+
 def _is_identity(order: np.ndarray) -> bool:
     return bool(order[0] == 0 and order[-1] == len(order) - 1 and np.all(np.diff(order) == 1))
-
-
-def routes(features: Features) -> tuple[bool, bool, str]:
-    """What the host lets the in-kernel engine walk with: (for_each, iterators, why not).
-
-    Every route resets its state with ``BPF_PROG_TEST_RUN``; the for_each route also
-    needs ``bpf_for_each_map_elem`` and a ring buffer; the other, ``bpf_map_elem``
-    iterators.  ``why not`` names what was refused, "" when nothing was.
-    """
-    refused = [features.why_not(name) for name in (kf.PROG_TEST_RUN, kf.FOR_EACH, kf.RINGBUF,
-                                                    kf.MAP_ITER) if not features.allows(name)]
-    run = features.allows(kf.PROG_TEST_RUN)
-    each = run and features.allows(kf.FOR_EACH) and features.allows(kf.RINGBUF)
-    return each, run and features.allows(kf.MAP_ITER), "; ".join(refused)
 
 
 def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_bytes: int,

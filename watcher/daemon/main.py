@@ -192,7 +192,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             bound.append(dconf.endpoint)
             bind_endpoint(xpub, events_endpoint, dconf)
             bound.append(events_endpoint)
-            harden(config)  # start-up is over: from here bpf() only reads (seccomp)
+            harden(config, features)  # start-up is over: from here bpf() only reads (seccomp)
             # What start-up made (modules, bcc, config) lives as long as the daemon: out of
             # the collector's sight, so a full collection, which stops the loop too, is short.
             gc.freeze()
@@ -204,6 +204,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
             reloader.targets.append(lambda new: _new_views(Policy(new.access), gate, engine))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, events_endpoint, epoch)
+            log_degraded(features)
             async with trio.open_nursery() as nursery:
 
                 async def on_signal():
@@ -231,14 +232,19 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
 
 
 def probe_features() -> kf.Features:
-    """Probe the host once (:mod:`watcher.kernel.features`); log what is refused and what
-    degrades because of it (``pymap status`` and ``pymap doctor`` show the same)."""
+    """Probe the host once (:mod:`watcher.kernel.features`); every answer to the debug log."""
     found = kf.probe()
     for f in found.facilities:
         log.debug("kernel facility %s: %s: %s", f.name, f.state, f.detail)
-    for f in found.refused():
-        log.info("kernel: %s refused (%s): %s", f.title, f.error, f.degrades)
     return found
+
+
+def log_degraded(features: kf.Features) -> None:
+    """One line per facility this kernel does not give pymap, and what pymap does instead
+    (``pymap status`` and ``pymap doctor`` show the same).  Logged once the daemon serves,
+    so a start that fails still prints its one error line alone."""
+    for f in features.refused():
+        log.info("kernel facility not available: %s (%s): %s", f.title, f.error, f.degrades)
 
 
 def _new_views(policy: Policy, gate: SubscriptionGate, engine: Engine) -> None:

@@ -18,6 +18,8 @@ import logging
 
 from ..kernel import seccomp
 from ..kernel.capabilities import CAPABILITIES, Capability
+from ..kernel.features import Features
+from ..kernel.iterdelta import routes as kernel_routes
 from ..kernel.probe import parse_capeff
 from .config import Config, ConfigError
 
@@ -46,6 +48,8 @@ KERNEL_DELTA_COMMANDS = (
     "BPF_ITER_CREATE",    # one run of that iterator (read() it)
     "BPF_PROG_TEST_RUN",  # one run of a for_each walk, a sweep, or a writer program
 )
+# Of those, what only the iterator route needs: left out where the host refuses iterators.
+ITERATOR_COMMANDS = ("BPF_LINK_CREATE", "BPF_ITER_CREATE")
 # Refused in every configuration, engine on or off (tests/test_seccomp.py).
 WRITE_COMMANDS = (
     "BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_ELEM", "BPF_MAP_UPDATE_BATCH", "BPF_MAP_DELETE_BATCH",
@@ -86,13 +90,19 @@ def kernel_delta_enabled(config: Config) -> bool:
     return getattr(config.watch, "kernel_delta", "off") != "off"
 
 
-def allowed_bpf_commands(config: Config) -> tuple[str, ...]:
-    if kernel_delta_enabled(config):
+def allowed_bpf_commands(config: Config, features: Features) -> tuple[str, ...]:
+    """The reads, and what the in-kernel engine runs on the routes this host allows
+    (``features``, the daemon's probe): none of it where the engine cannot run, and no
+    iterator commands where the host refuses iterators (the for_each only route)."""
+    each, iterators, _ = kernel_routes(features)
+    if not kernel_delta_enabled(config) or not (each or iterators):
+        return READ_COMMANDS
+    if iterators:
         return READ_COMMANDS + KERNEL_DELTA_COMMANDS
-    return READ_COMMANDS
+    return READ_COMMANDS + tuple(c for c in KERNEL_DELTA_COMMANDS if c not in ITERATOR_COMMANDS)
 
 
-def harden(config: Config) -> None:
+def harden(config: Config, features: Features) -> None:
     """Install the seccomp filter once start-up is done (``[daemon] seccomp``).
 
     Called after event sources' programs are loaded and their rings installed:
@@ -101,7 +111,7 @@ def harden(config: Config) -> None:
     if not config.daemon.seccomp:
         log.warning("seccomp filter off (daemon.seccomp = false): bpf() is not restricted")
         return
-    commands = allowed_bpf_commands(config)
+    commands = allowed_bpf_commands(config, features)
     try:
         seccomp.install(commands)
     except seccomp.SeccompUnavailable as e:

@@ -65,6 +65,7 @@ import weakref
 
 import attrs
 
+from . import features as features_mod
 from . import progcheck, progload
 from .bpfasm import (
     ADD,
@@ -91,6 +92,7 @@ from .bpfasm import (
     Asm,
     func_btf,
 )
+from .features import Features
 from .maps import MapRecord, fdinfo
 from .maptypes import TYPE_IDS
 from .objects import EngineObjects, LocalObjects
@@ -144,6 +146,21 @@ def unsupported_reason(record: MapRecord, stride: int) -> str | None:
     if stride > MAX_STRIDE:
         return f"values of {stride} bytes exceed {MAX_STRIDE} (program too long)"
     return None
+
+
+def routes(features: Features) -> tuple[bool, bool, str]:
+    """What the host lets the in-kernel engine walk with: (for_each, iterators, why not).
+
+    Every route resets its state with ``BPF_PROG_TEST_RUN``; the for_each route also
+    needs ``bpf_for_each_map_elem`` and a ring buffer; the other, ``bpf_map_elem``
+    iterators.  ``why not`` names what was refused, "" when nothing was.
+    """
+    f = features_mod
+    refused = [features.why_not(name) for name in (f.PROG_TEST_RUN, f.FOR_EACH, f.RINGBUF,
+                                                    f.MAP_ITER) if not features.allows(name)]
+    run = features.allows(f.PROG_TEST_RUN)
+    each = run and features.allows(f.FOR_EACH) and features.allows(f.RINGBUF)
+    return each, run and features.allows(f.MAP_ITER), "; ".join(refused)
 
 
 def iterator_needed(record: MapRecord) -> str:
@@ -724,7 +741,8 @@ class IterDelta:
         if not (self.each or iterators):
             raise Unsupported(iterator_needed(record))
         self.iterators = iterators
-        self.passes = 0  # for_each passes of the last walk (more than one: the ring overflowed)
+        self.passes = 0  # walks of the map in the last poll (0: settled by the order check;
+        # more than 1: the ring overflowed, or the shadow map filled, or a re-sweep)
         self.nw = fingerprint_words(stride)
         self.shadow_entries = 0  # keys in the shadow map after the last walk
         self.walks = 0
@@ -850,6 +868,7 @@ class IterDelta:
         # where it loads; elsewhere for_each passes, as many as the ring needs.
         each = self.each and (self.walks > 0 or not self.iterators)
         self.timings = {}
+        self.passes = 0
         if each and self.order_count >= 0:
             t0 = time.perf_counter()
             unchanged = self._unchanged(map_fd)
@@ -859,7 +878,6 @@ class IterDelta:
                 return WalkResult(b"", 0, b"", 0, dict.fromkeys(STATE_FIELDS, 0), False)
         positional = each and self.order_count >= 0
         stalls = 0  # passes that committed nothing new: the shadow full, or a re-sweep
-        self.passes = 0
         while True:
             self.passes += 1
             t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from watcher.wire.schema import MapInfo
 from ...decoding import EntryFormatter
 from ...eventjson import event_json
 from ...subscriber import EntryBatch, Event
-from ..record import ExportRecord
+from ..record import ExportRecord, covers, event_id
 from .batch import BatchRenderer
 
 # Actions about the stream itself rather than a map: they say what the receiver missed.
@@ -22,13 +22,16 @@ STREAM_ACTIONS = ("lost", "resync", "stalled", "resumed", "dropped")
 @attrs.define(slots=True)
 class Facts:
     """One event as every format sees it: ``doc`` is pymap's own JSON event object
-    (``pymap events -o json``), with the map's type and pins filled in when known."""
+    (``pymap events -o json``) with its event id first (``doc["id"]``, see
+    record.event_id), the map's type and pins filled in when known, host and epoch.
+    ``covers`` is what a record without a daemon seq stands for (record.covers)."""
 
     doc: dict[str, Any]
     event: Event
     info: MapInfo | None
     node: str
     epoch: str
+    covers: str = ""
 
     @property
     def map_type(self) -> str:
@@ -57,8 +60,11 @@ class Facts:
 
 
 def facts(event: Event, info: MapInfo | None, fmt: EntryFormatter | None,
-          node: str, epoch: str) -> Facts:
-    doc = event_json(event, info, fmt)
+          node: str, epoch: str, made: str | None = None) -> Facts:
+    """The facts of ``event``; ``made``: what a record the exporter made stands for, when
+    the event alone does not say (``dropped``: what was dropped)."""
+    tail = covers(event) if made is None else made
+    doc = {"id": event_id(node, epoch, event.seq, tail), **event_json(event, info, fmt)}
     if event.action in ("dropped",) or (event.action == "lost" and event.missed):
         doc["missed"] = event.missed
     if info is not None:
@@ -66,7 +72,7 @@ def facts(event: Event, info: MapInfo | None, fmt: EntryFormatter | None,
         doc["map"].setdefault("pinned", list(info.pinned))
     doc["host"] = node
     doc["epoch"] = epoch
-    return Facts(doc, event, info, node, epoch)
+    return Facts(doc, event, info, node, epoch, tail)
 
 
 class Format(abc.ABC):
@@ -92,4 +98,4 @@ class Format(abc.ABC):
     def render(self, f: Facts) -> ExportRecord:
         e = f.event
         return ExportRecord(f.node, f.epoch, e.seq, e.map.name, e.action, e.time or 0.0,
-                            self.payload(f))
+                            self.payload(f), f.covers)

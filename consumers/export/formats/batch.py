@@ -29,7 +29,7 @@ from watcher.wire.schema import MapInfo
 from ...decoding import EntryFormatter
 from ...eventjson import formatted_entry
 from ...subscriber import EntryBatch, Event
-from ..record import ExportRecord
+from ..record import ExportRecord, event_id
 from . import base
 
 SLOTS = ("seq", "key", "value", "old", "fmt")
@@ -134,6 +134,7 @@ class BatchRenderer:
         f = base.facts(event, info, fmt, node, epoch)
         d = f.doc
         d["seq"] = mark("seq")
+        d["id"] = event_id(node, epoch, mark("seq"))
         d["key"] = mark("key")
         d["value"] = mark("value")
         if d.get("old_value") is not None:

@@ -36,7 +36,7 @@ class CEFFormat(Format):
             ("dvchost", f.node),
             ("act", action),
             ("msg", f.summary()),
-            ("externalId", f"{f.epoch}:{d['seq']}"),
+            ("externalId", d["id"]),
             ("cn1Label", "mapId"), ("cn1", str(d["map"]["id"])),
             ("cn2Label", "seq"), ("cn2", str(d["seq"])),
             ("cs1Label", "map"), ("cs1", d["map"]["name"]),

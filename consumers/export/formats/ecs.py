@@ -37,6 +37,7 @@ class ECSFormat(Format):
                 "category": category,
                 "type": ["error" if stream_fault else EVENT_TYPES.get(action, "info")],
                 "action": action,
+                "id": d["id"],
                 "sequence": d["seq"],
                 "dataset": "pymap.events",
                 "module": "pymap",

@@ -52,7 +52,7 @@ class OCSFFormat(Format):
                 "product": {"name": "pymap", "vendor_name": "pymap", "version": self.version},
                 "version": OCSF_VERSION,
                 "sequence": d["seq"],
-                "uid": f"{f.epoch}:{d['seq']}",
+                "uid": d["id"],
             },
             "device": {"hostname": f.node, "type_id": 0},
             "actor": {"app_name": "pymap"},

@@ -2,10 +2,12 @@
 
 Each record becomes one message::
 
-    <134>1 2026-11-28T15:00:00.123456Z HOST pymap PID added [pymap@32473 map="cilium_lxc"
-    action="added" seq="42" epoch="..."] PAYLOAD
+    <134>1 2026-11-28T15:00:00.123456Z HOST pymap PID added [pymap@32473
+    id="HOST.EPOCH.42" map="cilium_lxc" action="added" seq="42" epoch="EPOCH"] PAYLOAD
 
 Facility local0, severity informational (warning for lost/dropped records).
+The event id (record.event_id) is the structured-data parameter ``id``, not the
+MSGID: RFC 5424 limits MSGID to 32 characters and an id holds the node name.
 The SD-ID uses the private enterprise number 32473, which RFC 5612 reserves for
 documentation and examples; a site that owns a number can set ``sd_id``.
 
@@ -77,16 +79,17 @@ class SyslogFramer:
             if len(self._heads) > 64:
                 self._heads.clear()
             head = self._heads[key] = self._head(r)
-        return head % (r.seq, r.payload)
+        return head % (_sd_escape(r.id).encode(), r.seq, r.payload)
 
     def _head(self, r: ExportRecord) -> bytes:
-        """The message up to the payload as a ``bytes %`` pattern of (seq, payload)."""
+        """The message up to the payload as a ``bytes %`` pattern of (id, seq, payload)."""
         sev = SEV_WARNING if r.action in ("lost", "dropped") else SEV_INFO
-        sd = (f'[{self.sd_id} map="{_sd_escape(r.map)}" action="{_sd_escape(r.action)}" '
-              f'seq="\x00" epoch="{_sd_escape(r.epoch)}"]')
+        sd = (f'[{self.sd_id} id="\x01" map="{_sd_escape(r.map)}" '
+              f'action="{_sd_escape(r.action)}" seq="\x00" epoch="{_sd_escape(r.epoch)}"]')
         head = (f"<{self.facility * 8 + sev}>1 {self._stamp(r.time)} {_printable(r.node, 255)} "
                 f"{self.app} {self.procid} {_printable(r.action, 32)} {sd} ")
-        return head.encode().replace(b"%", b"%%").replace(b"\x00", b"%d") + b"%s"
+        return (head.encode().replace(b"%", b"%%").replace(b"\x01", b"%s")
+                .replace(b"\x00", b"%d") + b"%s")
 
 
 class SyslogUDPOutput(Output):
