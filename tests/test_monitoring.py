@@ -15,9 +15,11 @@ import attrs
 import pytest
 import yaml
 from conftest import REPO, require
+from support import manifest
 from support.events import FAST, wait_ready, wait_until
 from support.export import ExportProc
 from support.kernel import token, u32, u64
+from support.markdown import code_blocks
 from support.prometheus import Prometheus, free_port, scrape
 
 from watcher.kernel import syscall
@@ -278,3 +280,34 @@ def test_every_dashboard_query_runs_on_live_metrics(tmp_path, kit):
             p.stop()
         assert ex.alive(), ex.stderr()
     assert "Traceback" not in ex.stderr()
+
+
+def test_the_prometheus_configs_in_operations_md_pass_promtool(tmp_path):
+    """docs/operations.md, Monitoring: the scrape configs shown pass ``promtool check
+    config``, the rule file they name being the kit's."""
+    if shutil.which("promtool") is None:
+        require("promtool is missing (Debian package prometheus; scripts/setup.sh)")
+    full, kubernetes = code_blocks(REPO / "docs/operations.md", "yaml", "Monitoring")
+    assert full.first_comment() == "/etc/prometheus/prometheus.yml"
+    assert "- /etc/prometheus/rules/pymap-alerts.yml" in full.text
+    # Debian's Prometheus is built without Kubernetes discovery: the test swaps it for a
+    # static target and checks the rest (the relabelling) with promtool
+    sd = "kubernetes_sd_configs: [{role: pod, namespaces: {names: [kube-system]}}]"
+    assert kubernetes.text.count(sd) == 2
+    configs = [full.text.replace("/etc/prometheus/rules/pymap-alerts.yml", str(RULES)),
+               "scrape_configs:\n" + kubernetes.text.replace(
+                   sd, 'static_configs: [{targets: ["127.0.0.1:9435"]}]')]
+    for i, text in enumerate(configs):
+        path = tmp_path / f"prometheus{i}.yml"
+        path.write_text(text)
+        proc = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, text + proc.stdout + proc.stderr
+    # the DaemonSet's pods carry the label and the port names the relabelling keeps
+    assert {p["name"] for c in manifest.pod_spec()["containers"] for p in c.get("ports", ())} \
+        == {"metrics", "export-metrics"}
+    assert manifest.documents()["DaemonSet"]["spec"]["template"]["metadata"]["labels"] \
+        == {"app.kubernetes.io/name": "pymap"}
+    for text in configs:  # the jobs the rules and the dashboard expect
+        jobs = [j["job_name"] for j in yaml.safe_load(text)["scrape_configs"]]
+        assert jobs == ["pymap", "pymap-export"], text
