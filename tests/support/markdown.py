@@ -33,14 +33,14 @@ def code_blocks(path: Path, info: str | None = None, section: str | None = None)
         line = lines[i]
         if m := re.match(r"#{1,6} (.*)", line):
             heading = m.group(1).strip()
-        elif m := re.match(r"(```+)(.*)", line):
-            fence, start = m.group(1), i
+        elif m := re.match(r"( *)(```+)(.*)", line):  # indented in a list item too
+            indent, fence, start = m.group(1), m.group(2), i
             i += 1
             body = []
-            while i < len(lines) and not lines[i].startswith(fence):
-                body.append(lines[i])
+            while i < len(lines) and not lines[i].startswith(indent + fence):
+                body.append(lines[i].removeprefix(indent))
                 i += 1
-            blocks.append(Block(m.group(2).strip(), "\n".join(body) + "\n", heading, start + 1))
+            blocks.append(Block(m.group(3).strip(), "\n".join(body) + "\n", heading, start + 1))
         i += 1
     return [b for b in blocks if (info is None or b.info == info)
             and (section is None or b.section == section)]
