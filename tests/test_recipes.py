@@ -118,3 +118,70 @@ def test_nats_recipe_export_toml_loads(tmp_path):
     exports.write_text(block("nats-fleet.md", "toml", "/etc/pymap/export.toml").text)
     (spec,) = load_exports(str(exports))
     assert spec.to.startswith("nats://")
+
+
+def test_nats_recipe_permissions_hold_on_a_real_server(nats_recipe):
+    """The recipe's server config (one server: no cluster block) with its users: the
+    operator's key creates the stream with create_stream.py, each node publishes its own
+    subjects only (the FQDN's too, as the exporter makes its token), the reader reads."""
+    import trio
+    import trustme
+    from support.nats import nats_problem, nats_server
+
+    from consumers.export.record import ExportRecord
+    from consumers.fleet.jetstream import FleetError, FleetUnavailable
+    from consumers.fleet.options import parse_url
+    from consumers.fleet.publish import FleetPublisher
+    from consumers.fleet.subscribe import FleetSubscription
+
+    require(nats_problem())
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem = nats_recipe / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(nats_recipe / "server.pem"))
+    cert.private_key_pem.write_to_path(str(nats_recipe / "server.key"))
+    text = block("nats-fleet.md", "", "/etc/nats-server.conf").text
+    cluster = text[text.index("cluster {"):text.index("authorization {")]
+    # the test's server takes its store directory (-sd) and ports from the command line
+    text = (text.replace(cluster, "").replace("/etc/nats/", f"{nats_recipe}/")
+            .replace("  store_dir: /var/lib/nats\n", ""))
+    (nats_recipe / "nats-server.conf").write_text(text)
+    with nats_server(["-c", str(nats_recipe / "nats-server.conf")]) as server:
+        host = f"127.0.0.1:{server.port}"
+        script = block("nats-fleet.md", "python", "create_stream.py").text
+        for old, new in (('["tls://n1:4222", "tls://n2:4222", "tls://n3:4222"]', f'["tls://{host}"]'),
+                         ("num_replicas=3", "num_replicas=1"),
+                         ('nkeys_seed="keys/admin.nk"', 'nkeys_seed="keys/admin.nk", tls=__import__'
+                          f'("ssl").create_default_context(cafile="{ca_pem}")')):
+            assert old in script, old
+            script = script.replace(old, new)
+        (nats_recipe / "create_stream.py").write_text(script)
+        made = subprocess.run([sys.executable, "create_stream.py"], cwd=nats_recipe,
+                              capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+
+        def url(user: str) -> str:
+            return (f"nats://{host}?tls_ca={ca_pem}&nkey={nats_recipe}/keys/{user}.nk"
+                    "&create=false&ack_timeout=2s&connect_timeout=2s")
+
+        def events(node: str, n: int, epoch: str = "e1") -> list[ExportRecord]:
+            return [ExportRecord(node, epoch, seq, "m1", "added", 0.0, b'{"seq": %d}' % seq)
+                    for seq in range(1, n + 1)]
+
+        async def main():
+            for node in ("node-001", "web-7.example.org"):
+                async with FleetPublisher(parse_url(url(node))) as p:
+                    assert (await p.publish(events(node, 5))).stored == 5
+            async with FleetPublisher(parse_url(url("node-002"))) as p:
+                try:  # another node's subject: refused, so never acknowledged
+                    stored = (await p.publish(events("node-001", 1, "e2"))).stored
+                except (FleetError, FleetUnavailable):
+                    stored = 0
+            assert stored == 0
+            async with FleetSubscription(parse_url(url("reader")), follow=False) as sub:
+                got = [m async for m in sub]
+            assert sorted({m.node for m in got}) == ["node-001", "web-7.example.org"]
+            assert len(got) == 10
+
+        trio.run(main)
