@@ -20,7 +20,7 @@ test: setup ## run the tests (pass options with PYTEST_ARGS='...', default -q -r
 image: setup ## the OCI image localhost/pymap:VERSION (mmdebstrap + podman; Containerfile)
 	@bash scripts/image.sh
 
-# Not in .ci/run: it boots kernels under emulation and takes ~30 minutes (docs/kernels.md).
+# Not in .ci/run: it boots kernels under emulation and takes 17 to 30 minutes (docs/kernels.md).
 test-kernels: setup ## kernel-facing tests here and in Debian's 6.1 and 6.12 under qemu (KERNELS='host 6.1 6.12')
 	@bash scripts/test-kernels.sh
 
