@@ -22,7 +22,7 @@ ENTRY_ACTIONS = ("added", "updated", "removed")
 
 @pytest.fixture
 def tls_files(tmp_path):
-    trustme = pytest.importorskip("trustme")
+    import trustme
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     paths = {k: tmp_path / f"{k}.pem" for k in ("ca", "cert", "key")}

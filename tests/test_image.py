@@ -24,12 +24,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import PYMAP
+from conftest import PYMAP, require
 from support import manifest
 from support.events import Follower, status, wait_ready
+from support.foreign import make_maps, no_traceback, replay_foreign_writes
 from support.kernel import bpftool_entries, bpftool_show, pymap_entries, token
 from support.prometheus import free_port, scrape
-from test_degrade import make_maps, no_traceback, replay_foreign_writes
 
 pytestmark = pytest.mark.kernel
 
@@ -40,8 +40,8 @@ IMAGE = manifest.container("pymap")["image"]
 @pytest.fixture(scope="module")
 def image():
     """``make image`` (idempotent: seconds when nothing changed)."""
-    if shutil.which("podman") is None and os.geteuid() != 0:
-        pytest.skip("podman missing and not root to install it")
+    require("podman missing and not root to install it"
+            if shutil.which("podman") is None and os.geteuid() != 0 else None)
     started = time.monotonic()
     proc = subprocess.run(["bash", str(REPO / "scripts/image.sh")], capture_output=True,
                           text=True, timeout=1200)

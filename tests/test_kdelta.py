@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 import pytest
-from support.kernel import bpftool_entries, host_allows, host_features
+from support.kernel import bpftool_entries, host_allows, host_features, made_up_features
 
 from watcher.daemon.config import WatchConfig
 from watcher.daemon.delta import Action, Delta, Snapshot, diff
@@ -339,15 +339,6 @@ def test_engine_choice_reasons(maps):
             engine.close()
 
 
-def refusing(name: str, err: str) -> kf.Features:
-    """This host's probe answers with ``name`` refused as a kernel refuses it (for the
-    choice alone: the real refusals are made by the seccomp harness, test_degrade.py)."""
-    base = host_features()
-    return kf.Features(tuple(
-        kf.Facility(f.name, f.title, False, f"refused ({err})", err, "-", "-")
-        if f.name == name else f for f in base.facilities))
-
-
 def test_each_route_is_chosen_from_the_probe_and_says_why(maps):
     config = WatchConfig(kernel_delta_min_entries=0,
                          kernel_delta_types=["hash", "array", "percpu_hash"])
@@ -355,7 +346,7 @@ def test_each_route_is_chosen_from_the_probe_and_says_why(maps):
     hash_rec = kmaps.record_from_fd(fd)
     fd, _ = maps.create("percpu_hash", 8, 8, 100, name="pymap_kd_rpcpu")
     percpu_rec = kmaps.record_from_fd(fd)
-    no_iter = refusing(kf.MAP_ITER, "EPERM")
+    no_iter = made_up_features({kf.MAP_ITER: "EPERM"})
     engine, why = choose_engine(hash_rec, 8, config, 0, no_iter)
     try:
         assert engine is not None and not engine.walker.iterators and engine.walker.each
@@ -367,11 +358,11 @@ def test_each_route_is_chosen_from_the_probe_and_says_why(maps):
     engine, why = choose_engine(percpu_rec, 8, config, 0, no_iter)
     assert engine is None and why.startswith("user-space: per-CPU maps need a bpf_map_elem "
                                              "iterator"), why
-    engine, why = choose_engine(hash_rec, 8, config, 0, refusing(kf.PROG_TEST_RUN, "EPERM"))
+    engine, why = choose_engine(hash_rec, 8, config, 0, made_up_features({kf.PROG_TEST_RUN: "EPERM"}))
     assert engine is None and why.startswith("user-space: in-kernel engine unavailable: "
                                              "BPF_PROG_TEST_RUN refused by this kernel (EPERM)")
     if host_allows(kf.MAP_ITER):  # for_each refused, iterators loaded: the iterator route
-        engine, why = choose_engine(hash_rec, 8, config, 0, refusing(kf.FOR_EACH, "EINVAL"))
+        engine, why = choose_engine(hash_rec, 8, config, 0, made_up_features({kf.FOR_EACH: "EINVAL"}))
         try:
             assert engine is not None and not engine.walker.each, why
             assert why.endswith("walked by bpf_iter (bpf_for_each_map_elem refused by this "
@@ -380,7 +371,7 @@ def test_each_route_is_chosen_from_the_probe_and_says_why(maps):
             if engine:
                 engine.close()
     else:  # neither: user space, both reasons named
-        engine, why = choose_engine(hash_rec, 8, config, 0, refusing(kf.FOR_EACH, "EINVAL"))
+        engine, why = choose_engine(hash_rec, 8, config, 0, made_up_features({kf.FOR_EACH: "EINVAL"}))
         assert engine is None and "bpf_for_each_map_elem refused by this kernel (EINVAL)" in why
         assert f"map-element iterators refused by this kernel " \
                f"({host_features().get(kf.MAP_ITER).error})" in why, why

@@ -103,7 +103,6 @@ def test_sysusers_creates_the_units_users_in_the_socket_group(tmp_path):
 
 
 def test_daemonset_mounts_bpffs_read_only_and_adds_exactly_the_capability_list():
-    pytest.importorskip("yaml")
     from support import manifest
 
     spec = manifest.pod_spec()

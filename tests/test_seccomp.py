@@ -28,17 +28,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-import attrs
 import pytest
 from conftest import REPO, need_bcc, need_kernel, require
 from support.events import Follower, status, wait_ready, wait_until, watch_of
-from support.kernel import bpftool, host_features, lpm_key, token
+from support.kernel import bpftool, host_features, lpm_key, made_up_features, token
 
 from watcher.daemon import privileges
 from watcher.kernel import broker as broker_module
 from watcher.kernel import features as kf
 from watcher.kernel import seccomp, syscall
-from watcher.kernel.features import assume_all
 
 pytestmark = pytest.mark.kernel
 
@@ -255,8 +253,7 @@ def test_the_filter_keeps_only_what_the_hosts_routes_run(refused, absent):
     (the probe's answers here made up; the refusals themselves: test_degrade.py)."""
     from watcher.daemon.config import Config
 
-    host = kf.Features(tuple(attrs.evolve(f, available=f.name not in refused)
-                             for f in assume_all().facilities))
+    host = made_up_features(dict.fromkeys(refused, "EPERM"), others=True)
     allowed = set(privileges.allowed_bpf_commands(Config(), host))
     assert allowed == set(privileges.READ_COMMANDS + privileges.KERNEL_DELTA_COMMANDS) - \
         set(absent), refused

@@ -15,6 +15,8 @@ import struct
 import subprocess
 import uuid
 
+import attrs
+
 from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel import features, syscall
 from watcher.kernel.cpus import possible_cpus
@@ -32,6 +34,18 @@ def host_features() -> features.Features:
 
 def host_allows(name: str) -> bool:
     return host_features().allows(name)
+
+
+def made_up_features(refused: dict[str, str], others: bool | None = None
+                     ) -> features.Features:
+    """This host's answers with the facilities in ``refused`` refused with those errnos,
+    and the others as the host says (or all available with ``others=True``): for testing
+    a choice made from the answers; the refusals themselves are test_degrade.py's."""
+    return features.Features(tuple(
+        attrs.evolve(f, available=False, error=refused[f.name], detail=f"made up ({refused[f.name]})",
+                     degrades="-", fix="-") if f.name in refused
+        else attrs.evolve(f, available=True) if others else f
+        for f in host_features().facilities))
 
 
 def token() -> str:

@@ -98,12 +98,6 @@ class Features:
         return f"{f.title} refused by this kernel ({f.error or f.detail})"
 
 
-def assume_all() -> Features:
-    """Every facility available: for code run without a probe (unit tests of one part)."""
-    return Features(tuple(Facility(name, title, True, "assumed, not probed")
-                          for name, title, _ in _PROBES))
-
-
 def _errname(e: OSError) -> str:
     return errno.errorcode.get(e.errno or 0, str(e.errno)) if e.errno else type(e).__name__
 
