@@ -28,8 +28,8 @@ for _path in (REPO, REPO / "tests"):  # the packages; tests/support (procs)
 
 from support import procs  # noqa: E402 (after the sys.path lines above)
 
-from watcher.kernel import syscall  # noqa: E402
-from watcher.kernel.maptypes import TYPE_IDS  # noqa: E402
+from watcher.kernel.maps.kinds import TYPE_IDS  # noqa: E402
+from watcher.kernel.sys import syscall  # noqa: E402
 
 BPFFS = "/sys/fs/bpf"
 PYMAP = str(Path(sys.executable).with_name("pymap"))

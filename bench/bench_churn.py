@@ -42,9 +42,9 @@ import zmq  # noqa: E402
 from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, running_daemon
 
 from watcher.daemon.catalog import Catalog  # noqa: E402
-from watcher.kernel import syscall  # noqa: E402
-from watcher.kernel.maptypes import TYPE_IDS  # noqa: E402
-from watcher.kernel.mapwatch import MapWatch  # noqa: E402
+from watcher.kernel.discovery.mapwatch import MapWatch  # noqa: E402
+from watcher.kernel.maps.kinds import TYPE_IDS  # noqa: E402
+from watcher.kernel.sys import syscall
 from watcher.wire import schema  # noqa: E402
 
 MB = 1 << 20

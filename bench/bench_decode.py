@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import BenchError, best_of, check_root, private_bpffs, private_tmp, running_daemon
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 ENTRIES = 1_000_000
 TARGET = 2.0

@@ -1,7 +1,7 @@
 """Benchmark: a poll's dump of a small map of large values, buffers sized to the map.
 
 Run as root: ``.venv/bin/python bench/bench_dump.py``.  A 512-entry hash map with
-1 KiB values (the abuse test's map) is dumped with ``watcher.kernel.dump.dump``:
+1 KiB values (the abuse test's map) is dumped with ``watcher.kernel.maps.dump.dump``:
 
 (a) as the daemon does now: batch buffers of at most ``max_entries`` entries and
     ``BATCH_BUFFER_BYTES`` of values;
@@ -23,10 +23,10 @@ import tracemalloc
 
 from _common import BenchError, check_root, run_main
 
-from watcher.kernel import dump as kdump
-from watcher.kernel import syscall
-from watcher.kernel.maps import record_from_fd
-from watcher.kernel.maptypes import TYPE_IDS
+from watcher.kernel.maps import dump as kdump
+from watcher.kernel.maps.find import record_from_fd
+from watcher.kernel.maps.kinds import TYPE_IDS
+from watcher.kernel.sys import syscall
 
 ENTRIES, VALUE_SIZE, OLD_CHUNK = 512, 1024, 65536
 MiB = 1 << 20

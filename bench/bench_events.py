@@ -2,7 +2,7 @@
 
 Run as root: ``.venv/bin/python bench/bench_events.py``.  One run measures:
 
-(a) raw read: ``watcher.kernel.dump.dump`` of the whole map into flat
+(a) raw read: ``watcher.kernel.maps.dump.dump`` of the whole map into flat
     buffers, joined (what any poll must at least do), best of 3;
 (b) an unchanged poll: ``Engine.poll`` on the watched map when nothing
     changed, best of 3 (target: <= 1.5 x (a));
@@ -51,7 +51,7 @@ import zmq
 # bench/_common.py (beside this file) puts the repository on sys.path.
 from _common import BenchError, Daemon, big_hash, check_root, private_bpffs, private_tmp, procs
 
-from watcher.kernel import features
+from watcher.kernel.features import probe as features
 from watcher.wire import schema
 
 ENTRIES = 1_000_000
@@ -206,7 +206,7 @@ class BenchMap:
     """The 1M-entry map (made by ``_common.big_hash``) and the changes we make to it."""
 
     def __init__(self, fd: int, name: str, pin: Path):
-        from watcher.kernel import syscall
+        from watcher.kernel.sys import syscall
 
         self.fd, self.name, self.pin = fd, name, pin
         self.id = syscall.map_info(fd).id
@@ -217,7 +217,7 @@ class BenchMap:
 
     def _write(self, keys: np.ndarray, tag: int) -> None:
         """Value (key, tag): differs from big_hash's (3 * key, key ^ 0xFFFF) and earlier tags."""
-        from watcher.kernel import syscall
+        from watcher.kernel.sys import syscall
 
         for start in range(0, len(keys), 1 << 17):
             k = keys[start:start + (1 << 17)]
@@ -226,7 +226,7 @@ class BenchMap:
 
     def change(self) -> dict[str, tuple[int, int]]:
         """8,000 updates, 1,000 adds, 1,000 deletes; returns action -> (count, key sum)."""
-        from watcher.kernel import syscall
+        from watcher.kernel.sys import syscall
 
         self.round += 1
         picked = self.rng.choice(len(self.present), N_UPDATED + N_REMOVED, replace=False)
@@ -267,7 +267,7 @@ def check_events(batches: list[dict], expected: dict[str, tuple[int, int]]) -> N
 
 
 def raw_read(fd: int, record) -> tuple[float, int]:
-    from watcher.kernel.dump import dump
+    from watcher.kernel.maps.dump import dump
 
     t0 = time.perf_counter()
     keys, values, count = [], [], 0
@@ -283,8 +283,8 @@ def raw_read(fd: int, record) -> tuple[float, int]:
 
 def kernel_only_read(fd: int, record) -> float:
     """The batch syscalls alone, into reused buffers: the floor under (a)."""
-    from watcher.kernel import syscall
-    from watcher.kernel.dump import DEFAULT_CHUNK
+    from watcher.kernel.maps.dump import DEFAULT_CHUNK
+    from watcher.kernel.sys import syscall
 
     keys = ctypes.create_string_buffer(DEFAULT_CHUNK * record.key_size)
     values = ctypes.create_string_buffer(DEFAULT_CHUNK * record.value_size)
@@ -302,7 +302,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     from watcher.daemon.config import Config
     from watcher.daemon.engine import Engine
     from watcher.daemon.publisher import Stream
-    from watcher.kernel import maps as kmaps
+    from watcher.kernel.maps import find as kmaps
     from watcher.wire.transport import PublisherOwner
 
     config = Config()

@@ -41,8 +41,8 @@ import zmq
 from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, running_daemon
 from support.syslog import Rsyslog  # the rsyslog runner the tests use
 
-from watcher.kernel import syscall
-from watcher.kernel.maptypes import TYPE_IDS
+from watcher.kernel.maps.kinds import TYPE_IDS
+from watcher.kernel.sys import syscall
 from watcher.wire import schema
 
 N = 100_000

@@ -11,7 +11,7 @@ reader runs 3 times; the best wall time counts:
 (b) ``bpftool -j map dump pinned PATH > /dev/null``: the reference;
 (c) bcc ``Table.items()``: one GET_NEXT_KEY + LOOKUP_ELEM per entry;
 (d) bcc ``Table.items_lookup_batch()``;
-(e) ``watcher.kernel.dump.dump()`` in this process: the raw batch read pymap's
+(e) ``watcher.kernel.maps.dump.dump()`` in this process: the raw batch read pymap's
     daemon does, without wire or JSON.
 
 Target: (a) / (b) <= 0.25.  A missed target is printed, not fatal; the exit
@@ -43,8 +43,8 @@ from _common import (
     running_daemon,
 )
 
-from watcher.kernel import dump as kdump
-from watcher.kernel import maps as kmaps
+from watcher.kernel.maps import dump as kdump
+from watcher.kernel.maps import find as kmaps
 
 ENTRIES = 1_000_000
 TARGET = 0.25

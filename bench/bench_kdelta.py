@@ -23,7 +23,7 @@ and a 1,000,000-entry array (4-byte keys, 16-byte values), side by side:
 (a)-(c) run with the broker, as the daemon does.
 
 The route is the one the daemon would take on this host (its feature probe,
-``watcher.kernel.features``, printed first): on a host that refuses BPF
+``watcher.kernel.features.probe``, printed first): on a host that refuses BPF
 iterators (tracing programs refused with EPERM), every step, the first poll
 included, runs as ``bpf_for_each_map_elem`` socket filters: the "for_each
 only" route, whose ratios are then the ones printed against (a).
@@ -60,10 +60,11 @@ from bench_events import (
     wait_polls,
 )
 
-from watcher.kernel import features, syscall
-from watcher.kernel.features import Features
-from watcher.kernel.maptypes import TYPE_IDS
-from watcher.kernel.objects import Broker
+from watcher.kernel.features import probe as features
+from watcher.kernel.features.probe import Features
+from watcher.kernel.kdelta.objects import Broker
+from watcher.kernel.maps.kinds import TYPE_IDS
+from watcher.kernel.sys import syscall
 from watcher.wire import schema
 
 TARGET_UNCHANGED, AIM_UNCHANGED, TARGET_CHANGED = 0.35, 0.25, 0.6
@@ -113,9 +114,9 @@ def nop_walk(fd: int, host: Features) -> float | str:
     host refuses it)."""
     if not host.allows(features.MAP_ITER):
         return host.why_not(features.MAP_ITER)
-    from watcher.kernel import progload
-    from watcher.kernel.bpfasm import R0, Asm
-    from watcher.kernel.iterdelta import _map_elem_iter_btf_id, _read_iter
+    from watcher.kernel.asm.assembler import R0, Asm
+    from watcher.kernel.kdelta.iterdelta import _map_elem_iter_btf_id, _read_iter
+    from watcher.kernel.sys import create as progload
 
     a = Asm()
     a.movi(R0, 0)
@@ -139,9 +140,9 @@ def nop_walk(fd: int, host: Features) -> float | str:
 
 def nop_each(fd: int) -> float:
     """bpf_for_each_map_elem's own cost: a callback that returns at once, one program run."""
-    from watcher.kernel import progload
-    from watcher.kernel.bpfasm import R0, Asm, func_btf
-    from watcher.kernel.iterdelta import _EACH_CALLBACK_AT, _each_main
+    from watcher.kernel.asm.assembler import R0, Asm, func_btf
+    from watcher.kernel.kdelta.iterdelta import _EACH_CALLBACK_AT, _each_main
+    from watcher.kernel.sys import create as progload
 
     a = Asm()
     _each_main(a, fd)
@@ -175,7 +176,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
     from watcher.daemon.engine import Engine
     from watcher.daemon.kdelta import supervise
     from watcher.daemon.publisher import Stream
-    from watcher.kernel import maps as kmaps
+    from watcher.kernel.maps import find as kmaps
     from watcher.wire.transport import PublisherOwner
 
     endpoint = f"ipc://{tmp}/kd-{kind}.sock"
@@ -278,7 +279,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
 def broker_costs(host: Features) -> dict[str, tuple[float, float]]:
     """(e): best set-up and unchanged-poll seconds, in this process and by the broker."""
     from watcher.daemon.kdelta import KernelDelta
-    from watcher.kernel import maps as kmaps
+    from watcher.kernel.maps import find as kmaps
 
     fd = syscall.map_create(TYPE_IDS["hash"], 8, 8, SMALL_ENTRIES, name="pymap_bench_kds")
     broker = Broker()

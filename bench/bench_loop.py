@@ -39,8 +39,8 @@ from bench_sources import LAYOUT, Producer
 
 from watcher.daemon import main as daemon_main
 from watcher.daemon.config import load_config
-from watcher.kernel import syscall
-from watcher.kernel.maptypes import TYPE_IDS
+from watcher.kernel.maps.kinds import TYPE_IDS
+from watcher.kernel.sys import syscall
 from watcher.wire import schema
 
 ENTRIES = 1_000_000

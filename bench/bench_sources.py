@@ -54,7 +54,7 @@ from _common import (
     private_tmp,
 )
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 RING_PAGES = 4096  # 16 MiB, for pymap's ring and bcc's alike
 CHUNK = 20_000  # records per BPF_PROG_TEST_RUN call

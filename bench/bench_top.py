@@ -47,7 +47,7 @@ from _common import (
     running_daemon,
 )
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 ENTRIES = 1_000_000
 RATE = 10_000  # changes per second

@@ -147,7 +147,7 @@ if [[ ! -L $site/bcc || ! -f $site/bcc/__init__.py ]]; then
 fi
 
 # Likewise libseccomp's binding (python3-seccomp): one extension module, the daemon's
-# seccomp filter (watcher/kernel/seccomp.py) is built with it.
+# seccomp filter (watcher/kernel/sys/seccomp.py) is built with it.
 seccomp_so=$(/usr/bin/python3 -c 'import seccomp; print(seccomp.__file__)' 2>/dev/null) \
     || die "Debian's /usr/bin/python3 cannot import seccomp (is python3-seccomp installed?)"
 if [[ ! -L $site/$(basename "$seccomp_so") || ! -e $site/$(basename "$seccomp_so") ]]; then

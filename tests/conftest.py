@@ -34,7 +34,7 @@ def _kernel_problem() -> str | None:
     if os.geteuid() != 0:
         return "needs root for the bpf syscall"
     try:
-        from watcher.kernel import syscall
+        from watcher.kernel.sys import syscall
 
         syscall.map_get_next_id(0)
     except OSError as e:
@@ -107,8 +107,8 @@ class Maps:
     def create(self, type_name: str, key_size: int, value_size: int, max_entries: int,
                name: str = "", flags: int = 0, pin: str | Path | None = None) -> tuple[int, int]:
         """Returns (fd, map id)."""
-        from watcher.kernel import syscall
-        from watcher.kernel.maptypes import TYPE_IDS
+        from watcher.kernel.maps.kinds import TYPE_IDS
+        from watcher.kernel.sys import syscall
 
         fd = syscall.map_create(TYPE_IDS[type_name], key_size, value_size, max_entries,
                                 name=name, flags=flags)

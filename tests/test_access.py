@@ -20,7 +20,7 @@ from support.kernel import token, u32, u64
 
 from watcher.daemon.access import Policy, Principal, View
 from watcher.daemon.config import AccessConfig, AccessRule, ConfigError
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 RULES = """
 [watch]

@@ -1,4 +1,4 @@
-"""The objects broker (watcher/kernel/broker.py) under bad requests, for real.
+"""The objects broker (watcher/kernel/kdelta/broker.py) under bad requests, for real.
 
 Every malformed, oversized or out-of-bounds request gets one line of error with an
 errno, and the broker goes on serving: a valid request right after works.  It runs
@@ -16,10 +16,11 @@ import struct
 import pytest
 from conftest import need_kernel
 
-from watcher.kernel import broker as b
-from watcher.kernel import progload, syscall
-from watcher.kernel.bpfasm import R0, R1, Asm
-from watcher.kernel.objects import Broker, BrokerError
+from watcher.kernel.asm.assembler import R0, R1, Asm
+from watcher.kernel.kdelta import broker as b
+from watcher.kernel.kdelta.objects import Broker, BrokerError
+from watcher.kernel.sys import create as progload
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 

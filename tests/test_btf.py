@@ -1,4 +1,4 @@
-"""watcher.kernel.btf against bpftool, on real maps with rich BTF made by bcc.
+"""watcher.kernel.btf.cache against bpftool, on real maps with rich BTF made by bcc.
 
 bpftool is the oracle: for every entry, ``map_formatters`` applied to pymap's
 raw dump must equal the ``formatted`` object of ``bpftool -j map dump``.  The
@@ -24,9 +24,9 @@ import pytest
 from conftest import require
 
 from watcher.decode.bpfabi import percpu_slot
-from watcher.kernel import btf as B
-from watcher.kernel import maps as M
-from watcher.kernel.dump import dump, value_stride
+from watcher.kernel.btf import cache as B
+from watcher.kernel.maps import find as M
+from watcher.kernel.maps.dump import dump, value_stride
 
 pytestmark = pytest.mark.kernel
 

@@ -16,8 +16,8 @@ import pytest
 from support.events import FAST, Follower, status, wait_until
 from support.kernel import token
 
-from watcher.kernel import syscall
-from watcher.kernel.maptypes import TYPE_IDS
+from watcher.kernel.maps.kinds import TYPE_IDS
+from watcher.kernel.sys import syscall
 
 LONG = os.environ.get("PYMAP_LONG_TESTS") == "1"
 MB = 1 << 20

@@ -14,7 +14,7 @@ from support.events import Follower, dealer
 from support.kernel import bpftool_entries, one_error_line, token, u32, u64
 from support.prometheus import free_port
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 from watcher.wire import schema
 
 pytestmark = pytest.mark.kernel

@@ -10,8 +10,8 @@ from conftest import need_bcc
 
 from watcher.daemon.catalog import to_wire
 from watcher.decode.choose import choose
-from watcher.kernel import btf as kbtf
-from watcher.kernel import maps as kmaps
+from watcher.kernel.btf import cache as kbtf
+from watcher.kernel.maps import find as kmaps
 
 FLAT = """
 struct flat { u64 a; s32 b; u16 c; char d; u8 e; u32 f; };   /* padding after f */

@@ -294,7 +294,7 @@ def test_unknown_sizes_fall_back_with_a_note(daemon, maps, bpffs_dir):
     odd = bpffs_dir / "odd"
     odd.mkdir()
     fd, _ = maps.create("hash", 20, 40, 8, name="cilium_lxc", pin=odd / "cilium_lxc")
-    from watcher.kernel import syscall
+    from watcher.kernel.sys import syscall
 
     syscall.map_update_elem(fd, bytes(range(20)), bytes(40))
     doc = get_json(daemon, str(odd / "cilium_lxc"))
@@ -309,7 +309,7 @@ def test_unknown_sizes_fall_back_with_a_note(daemon, maps, bpffs_dir):
 @pytest.mark.kernel
 def test_bad_entry_does_not_stop_the_others(daemon, bpffs_dir):
     run_fixture(bpffs_dir)
-    from watcher.kernel import syscall
+    from watcher.kernel.sys import syscall
 
     pin = str(bpffs_dir / "cilium_ipcache_v2")
     fd = syscall.obj_get(pin, flags=0)

@@ -35,7 +35,7 @@ from support.kernel import (
     token,
 )
 
-from watcher.kernel import features as kf
+from watcher.kernel.features import probe as kf
 
 pytestmark = pytest.mark.kernel
 

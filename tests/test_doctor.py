@@ -12,7 +12,7 @@ from conftest import PYMAP
 from support.events import cli_status
 from support.kernel import facility_rows, table_rows
 
-from watcher.kernel import probe
+from watcher.kernel.features import checks as probe
 
 CHECKS = ("privileges", "bpf syscall", "bpffs", "kernel BTF", "tracefs", "bcc",
           "kernel headers", "daemon")

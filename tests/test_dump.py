@@ -12,8 +12,8 @@ import tracemalloc
 import pytest
 from support.kernel import bpftool_entries, fill_batch, pattern, token, u32
 
-from watcher.kernel import dump as kdump
-from watcher.kernel.maps import record_from_fd
+from watcher.kernel.maps import dump as kdump
+from watcher.kernel.maps.find import record_from_fd
 
 pytestmark = pytest.mark.kernel
 

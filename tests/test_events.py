@@ -27,7 +27,7 @@ from support.events import (
 )
 from support.kernel import NCPUS, bpftool_entries, lpm_key, pattern, percpu_value, token, u32
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 

@@ -12,7 +12,7 @@ import pytest
 from support.events import FAST, Follower, replay_lines, wait_ready
 from support.kernel import bpftool_entries, fill_batch, one_error_line, pattern, token, u32
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 

@@ -29,7 +29,7 @@ from support.kernel import bpftool_entries, fill_batch, one_error_line, pattern,
 
 from consumers.client import Client, DaemonUnavailable
 from consumers.subscriber import EventStream
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 from watcher.wire import schema
 
 # --- gaps, end to end ------------------------------------------------------------------

@@ -22,7 +22,7 @@ from support.events import (
 from support.kernel import bpftool_entries, fill_batch, pattern, token, u32
 
 from consumers.client import Client
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 

@@ -21,8 +21,8 @@ from consumers.client import Client
 from consumers.eventjson import MapCache
 from consumers.export.formats import FORMATS, facts
 from consumers.subscriber import EntryBatch, Event
-from watcher.kernel import syscall
-from watcher.kernel.cpus import possible_cpus
+from watcher.kernel.sys import syscall
+from watcher.kernel.sys.cpus import possible_cpus
 
 pytestmark = pytest.mark.kernel
 LAYOUT = """

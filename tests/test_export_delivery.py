@@ -28,7 +28,7 @@ from support.kernel import bpftool_entries, pattern, token, u32
 from support.syslog import SD_ID, Rsyslog, parse_rfc5424
 
 from consumers.export.formats import FORMATS
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 ENTRY = ("added", "updated", "removed")

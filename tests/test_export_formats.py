@@ -18,7 +18,7 @@ from support.kernel import token, u32, u64
 
 from consumers.export.formats import FORMATS, facts
 from consumers.subscriber import Event
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 from watcher.wire.schema import MapRef
 
 pytestmark = pytest.mark.kernel

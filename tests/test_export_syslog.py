@@ -14,7 +14,7 @@ from support.export import ExportProc
 from support.kernel import pattern, token, u32
 from support.syslog import SD_ID, Rsyslog, SyslogNG, parse_rfc5424
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 ENTRY_ACTIONS = ("added", "updated", "removed")

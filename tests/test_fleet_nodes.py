@@ -25,7 +25,7 @@ from support.nats import nats_problem, nats_server
 from consumers.fleet.jetstream import FleetError
 from consumers.fleet.options import parse_url
 from consumers.fleet.subscribe import FleetSubscription
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 ENTRY_ACTIONS = ("added", "updated", "removed")

@@ -25,7 +25,7 @@ from support.kernel import (
     u64,
 )
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 

@@ -36,19 +36,20 @@ from watcher.daemon.config import WatchConfig
 from watcher.daemon.delta import Action, Delta, Snapshot, diff
 from watcher.daemon.kdelta import KernelDelta, choose_engine
 from watcher.decode.bpfabi import percpu_slot
-from watcher.kernel import features as kf
-from watcher.kernel import iterdelta, syscall
-from watcher.kernel import maps as kmaps
-from watcher.kernel.bpfasm import R3, R8, Asm
-from watcher.kernel.dump import dump, value_stride
-from watcher.kernel.iterdelta import (
+from watcher.kernel.asm.assembler import R3, R8, Asm
+from watcher.kernel.features import probe as kf
+from watcher.kernel.kdelta import iterdelta
+from watcher.kernel.kdelta.iterdelta import (
     Unsupported,
     _check_read_only,
     delete_program,
     state_program,
     walk_program,
 )
-from watcher.kernel.objects import Broker
+from watcher.kernel.kdelta.objects import Broker
+from watcher.kernel.maps import find as kmaps
+from watcher.kernel.maps.dump import dump, value_stride
+from watcher.kernel.sys import syscall
 
 
 def events(delta: Delta | None, key_size: int, stride: int) -> list[tuple]:
@@ -332,7 +333,7 @@ def test_engine_choice_reasons(maps):
         # cap holds); kernels count differently: 6.18 charges within 10 % of it, 6.1's
         # fdinfo memlock for the same objects is under half (make test-kernels)
         assert engine.kernel_bytes > 0
-        from watcher.kernel.iterdelta import shadow_bytes_estimate
+        from watcher.kernel.kdelta.iterdelta import shadow_bytes_estimate
         assert 0.9 < shadow_bytes_estimate(record, 8) / engine.kernel_bytes < 2.5
     finally:
         if engine:
@@ -411,7 +412,7 @@ def test_generated_programs_cannot_store_through_the_watched_map():
 def test_loader_refuses_program_types_pymap_never_loads():
     """BPF_PROG_TYPE_SYSCALL (31) could call bpf_sys_bpf: pymap's loader refuses it, and
     tracing programs other than map element iterators, before the kernel sees them."""
-    from watcher.kernel import progload
+    from watcher.kernel.sys import create as progload
 
     with pytest.raises(ValueError, match="program type 31"):
         progload.load_program(bytes(16), "pymap_kd_sys", 31)
@@ -510,9 +511,9 @@ def test_kernel_lets_programs_write_through_a_read_only_fd(maps):
     names a map, ignores the fd's mode, and both may store into the map's values
     (docs/architecture.md).  A host that refuses iterators refuses this one at load, with
     the errno its probe gave; the for_each half holds on every host."""
-    from watcher.kernel import progload
-    from watcher.kernel.bpfasm import JEQ, R0, R1
-    from watcher.kernel.iterdelta import _map_elem_iter_btf_id, _read_iter
+    from watcher.kernel.asm.assembler import JEQ, R0, R1
+    from watcher.kernel.kdelta.iterdelta import _map_elem_iter_btf_id, _read_iter
+    from watcher.kernel.sys import create as progload
 
     fd, map_id = maps.create("hash", 8, 8, 4, name="pymap_kd_ro")
     syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 7))
@@ -563,8 +564,8 @@ def _bump_in_place(map_fd: int, key: int) -> None:
     """A real BPF program (socket filter, run once) that adds 1 to the first u64 of the
     value of ``key`` through its lookup pointer: an in-place update, as counters do,
     which keeps the element where it is in its bucket (the walk order does not change)."""
-    from watcher.kernel import progload
-    from watcher.kernel.bpfasm import ADD, JEQ, R0, R1, R2, R10
+    from watcher.kernel.asm.assembler import ADD, JEQ, R0, R1, R2, R10
+    from watcher.kernel.sys import create as progload
 
     a = Asm()
     a.ld_imm64(R1, key)

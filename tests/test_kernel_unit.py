@@ -8,8 +8,8 @@ import pytest
 from support.catalog import record
 
 from watcher.decode.bpfabi import percpu_slot
-from watcher.kernel.cpus import parse_cpu_list
-from watcher.kernel.maps import MapHandle
+from watcher.kernel.maps.find import MapHandle
+from watcher.kernel.sys.cpus import parse_cpu_list
 
 
 def test_cpu_lists_as_the_kernel_writes_them():

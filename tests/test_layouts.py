@@ -208,7 +208,7 @@ def _flows_config(tmp_path, name: str, extra: str = "") -> str:
 
 @pytest.mark.kernel
 def test_get_decodes_with_the_configured_layout(daemon_factory, maps, bpffs_dir, tmp_path):
-    from watcher.kernel import syscall
+    from watcher.kernel.sys import syscall
 
     name = f"flows_{token()}"
     fd, _ = maps.create("hash", 8, 16, 16, name=name, pin=bpffs_dir / name)
@@ -239,7 +239,7 @@ def test_get_decodes_with_the_configured_layout(daemon_factory, maps, bpffs_dir,
 
 @pytest.mark.kernel
 def test_layout_that_does_not_fit_the_map_is_a_note(daemon_factory, maps, bpffs_dir, tmp_path):
-    from watcher.kernel import syscall
+    from watcher.kernel.sys import syscall
 
     name = f"flows_{token()}"
     fd, _ = maps.create("hash", 12, 16, 4, name=name, pin=bpffs_dir / name)
@@ -253,7 +253,7 @@ def test_layout_that_does_not_fit_the_map_is_a_note(daemon_factory, maps, bpffs_
 
 @pytest.mark.kernel
 def test_cli_layout_file_overrides(daemon, maps, bpffs_dir, tmp_path):
-    from watcher.kernel import syscall
+    from watcher.kernel.sys import syscall
 
     name = f"pairs_{token()}"
     fd, _ = maps.create("percpu_hash", 4, 4, 4, name=name, pin=bpffs_dir / name)
@@ -278,7 +278,7 @@ def test_cli_layout_file_overrides(daemon, maps, bpffs_dir, tmp_path):
 def test_events_use_the_configured_layout(daemon_factory, maps, bpffs_dir, tmp_path):
     from support.events import FAST, wait_ready
 
-    from watcher.kernel import syscall
+    from watcher.kernel.sys import syscall
 
     name = f"flows_{token()}"
     fd, _ = maps.create("hash", 8, 16, 16, name=name, pin=bpffs_dir / name)

@@ -1,4 +1,4 @@
-"""Map discovery from the kernel: the bpf() syscall tracepoints (watcher/kernel/mapwatch.py).
+"""Map discovery from the kernel: the bpf() syscall tracepoints (watcher/kernel/discovery/mapwatch.py).
 
 Real programs on the real ``syscalls:sys_enter_bpf``/``sys_exit_bpf`` tracepoints,
 real maps, bpftool as the oracle:
@@ -31,9 +31,11 @@ from support.events import Follower, status, wait_until
 from support.kernel import bpftool, bpftool_show, token
 from test_daemon_logic import make_engine, subscribe
 
-from watcher.kernel import mapwatch, progload, syscall
-from watcher.kernel.bpfasm import func_btf
-from watcher.kernel.maptypes import TYPE_IDS
+from watcher.kernel.asm.assembler import func_btf
+from watcher.kernel.discovery import mapwatch
+from watcher.kernel.maps.kinds import TYPE_IDS
+from watcher.kernel.sys import create as progload
+from watcher.kernel.sys import syscall
 from watcher.wire import schema
 
 
@@ -122,7 +124,7 @@ def test_creations_are_recorded_with_the_kernel_description(tracepoints):
 def test_the_objects_brokers_creations_are_left_out(tracepoints, bpffs_dir):
     """The in-kernel engine's maps are made by the objects broker, another process:
     the daemon passes its pid, and the programs leave its creations out as its own."""
-    from watcher.kernel.objects import Broker
+    from watcher.kernel.kdelta.objects import Broker
 
     broker = Broker()
     broker.start()

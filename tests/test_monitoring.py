@@ -22,7 +22,7 @@ from support.kernel import token, u32, u64
 from support.markdown import code_blocks
 from support.prometheus import Prometheus, free_port, scrape
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 RULES = REPO / "examples/monitoring/pymap-alerts.yml"
 

@@ -1,6 +1,6 @@
 """Least privilege, for real: a non-root daemon with ambient capabilities, and the files
 that grant them (systemd unit, Kubernetes DaemonSet) checked against the one list in
-watcher/kernel/capabilities.py.
+watcher/kernel/sys/capabilities.py.
 
 The daemon runs as ``nobody`` under ``setpriv`` with exactly :data:`CAPABILITIES`
 in its ambient set and serves list (holders included), get (checked against
@@ -26,8 +26,8 @@ from conftest import REPO, Daemon, need_bcc, require
 from support.events import Follower, status, wait_ready, wait_until
 from support.kernel import bpftool_entries, token
 
-from watcher.kernel import syscall
-from watcher.kernel.capabilities import CAPABILITIES
+from watcher.kernel.sys import syscall
+from watcher.kernel.sys.capabilities import CAPABILITIES
 
 UNIT = REPO / "examples/systemd/pymap.service"
 BINARY = "/usr/local/bin/pymap"  # where docs/install.md puts it

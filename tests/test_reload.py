@@ -11,7 +11,7 @@ import pytest
 from support.events import Follower, status, wait_ready, wait_until, watch_of
 from support.kernel import token, u32, u64
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 

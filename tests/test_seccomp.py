@@ -1,4 +1,4 @@
-"""The seccomp wall (watcher/kernel/seccomp.py, watcher/daemon/privileges.py), for real.
+"""The seccomp wall (watcher/kernel/sys/seccomp.py, watcher/daemon/privileges.py), for real.
 
 * The daemon's own filter installation (``privileges.harden``, the function
   the daemon calls after start-up) runs in a child process that then tries to
@@ -10,7 +10,7 @@
   daemon's pid, under list, get, events with snapshots, and event sources: only
   read commands appear after start-up, and none is refused.
 * With the in-kernel engine on, the daemon's pid creates and loads nothing; the
-  objects broker's pid (watcher/kernel/broker.py) does, only that, and refuses
+  objects broker's pid (watcher/kernel/kdelta/broker.py) does, only that, and refuses
   programs that could write what they did not make; neither leaves anything
   behind when the daemon stops or is killed.
 """
@@ -34,9 +34,9 @@ from support.events import Follower, status, wait_ready, wait_until, watch_of
 from support.kernel import bpftool, host_features, lpm_key, made_up_features, token
 
 from watcher.daemon import privileges
-from watcher.kernel import broker as broker_module
-from watcher.kernel import features as kf
-from watcher.kernel import seccomp, syscall
+from watcher.kernel.features import probe as kf
+from watcher.kernel.kdelta import broker as broker_module
+from watcher.kernel.sys import seccomp, syscall
 
 pytestmark = pytest.mark.kernel
 
@@ -56,7 +56,9 @@ CHILD = r"""
 import ctypes, errno, json, logging, os, sys, threading
 from watcher.daemon import privileges
 from watcher.daemon.config import Config
-from watcher.kernel import features, progload, syscall as s
+from watcher.kernel.features import probe as features
+from watcher.kernel.sys import create as progload
+from watcher.kernel.sys import syscall as s
 
 def attempt(fn):
     try:
@@ -85,9 +87,9 @@ config = Config()
 if profile == "kernel_delta":
     # The in-kernel engine on a map of its own: a first walk, then adds, changes and
     # more removals than one packet of the delete program holds, all before the filter.
-    from watcher.kernel import maps as kmaps
-    from watcher.kernel.iterdelta import IterDelta
-    from watcher.kernel.objects import Broker
+    from watcher.kernel.maps import find as kmaps
+    from watcher.kernel.kdelta.iterdelta import IterDelta
+    from watcher.kernel.kdelta.objects import Broker
     import struct
     broker = Broker()                                # as the daemon: before its filter
     broker.start()
@@ -268,9 +270,12 @@ WRITER_CHILD = r"""
 import ctypes, errno, json, logging, os, struct, sys
 from watcher.daemon import privileges
 from watcher.daemon.config import Config
-from watcher.kernel import features, maps as kmaps, progload, syscall as s
-from watcher.kernel.bpfasm import ADD, R0, R1, R2, R3, R4, R6, R10, Asm
-from watcher.kernel.objects import Broker
+from watcher.kernel.features import probe as features
+from watcher.kernel.maps import find as kmaps
+from watcher.kernel.sys import create as progload
+from watcher.kernel.sys import syscall as s
+from watcher.kernel.asm.assembler import ADD, R0, R1, R2, R3, R4, R6, R10, Asm
+from watcher.kernel.kdelta.objects import Broker
 
 logging.basicConfig(level="INFO")
 fd = s.map_create(1, 8, 8, 4, name="pymap_sc_victim")   # made before the filter
@@ -580,7 +585,7 @@ def test_without_the_binding_the_daemon_says_so_and_serves(daemon_factory):
     proc = subprocess.run([sys.executable, "-c", (
         "import logging, sys; sys.modules['seccomp'] = None; logging.basicConfig(level='INFO')\n"
         "from watcher.daemon import privileges; from watcher.daemon.config import Config\n"
-        "from watcher.kernel.features import probe\n"
+        "from watcher.kernel.features.probe import probe\n"
         "privileges.harden(Config(), probe())")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "seccomp filter NOT installed: libseccomp's Python binding does not import" in proc.stderr

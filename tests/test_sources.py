@@ -329,7 +329,7 @@ async def test_daemon_gives_the_perf_array_back_on_exit(daemon_factory, bpffs_di
             wait_until(lambda: source_of(status(d), os.path.basename(pin))["records"] == 5,
                        "5 records")
         assert d.stop() == 0
-        from watcher.kernel.perfbuf import PerfBufReader
+        from watcher.kernel.buffers.perfbuf import PerfBufReader
 
         # A fresh reader installs rings again and gets records: the slots were free.
         reader = PerfBufReader(prod.fd("pb"), page_cnt=1)

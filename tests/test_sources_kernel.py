@@ -1,4 +1,4 @@
-"""The buffer readers (watcher/kernel/ringbuf.py, perfbuf.py) against real rings:
+"""The buffer readers (watcher/kernel/buffers/ringbuf.py, perfbuf.py) against real rings:
 variable-length and discarded records, bounded slices, records wrapping past the
 end of a ring, many rounds through a small ring."""
 
@@ -11,9 +11,9 @@ import pytest
 from conftest import need_bcc
 from support.sources import PACKET, OneCpu
 
-from watcher.kernel import syscall
-from watcher.kernel.perfbuf import PerfBufReader
-from watcher.kernel.ringbuf import RingBufReader
+from watcher.kernel.buffers.perfbuf import PerfBufReader
+from watcher.kernel.buffers.ringbuf import RingBufReader
+from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
 

@@ -10,7 +10,7 @@ from consumers.recordsets import FormatterCache, MalformedRecords, RecordSet, re
 from consumers.subscriber import events_of
 from watcher.daemon.sourceconf import SourceError, load_sources, parse_cli_source, parse_source
 from watcher.decode.layout import parse_layout
-from watcher.kernel.bccload import layout_from_bcc_fields
+from watcher.kernel.prog.bccload import layout_from_bcc_fields
 from watcher.wire import schema
 
 

@@ -1,8 +1,8 @@
 """``pymap doctor``: check this host and the daemon, and say how to fix each problem.
 
-The host checks live in :mod:`watcher.kernel.probe` (they touch the kernel);
+The host checks live in :mod:`watcher.kernel.features.checks` (they touch the kernel);
 the daemon check is a ``ping`` through the client library, like any consumer.
-The second table is the feature probe (:mod:`watcher.kernel.features`, the one
+The second table is the feature probe (:mod:`watcher.kernel.features.probe`, the one
 the daemon runs at start): each kernel facility, available or refused with its
 errno, what pymap does instead, and the fix.  A refused facility degrades, it
 does not fail: the exit code follows the checks alone.
@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from watcher.kernel.features import Features, probe
-from watcher.kernel.probe import Check, host_checks
+from watcher.kernel.features.checks import Check, host_checks
+from watcher.kernel.features.probe import Features, probe
 
 from ..client import DEFAULT_ENDPOINT, Client, DaemonError, DaemonUnavailable
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from watcher.kernel import syscall
-from watcher.kernel.cpus import possible_cpus
-from watcher.kernel.maptypes import TYPE_IDS
+from watcher.kernel.maps.kinds import TYPE_IDS
+from watcher.kernel.sys import syscall
+from watcher.kernel.sys.cpus import possible_cpus
 
 DEFAULT_BPFFS = "/sys/fs/bpf/tc/globals"
 BPF_F_NO_PREALLOC = 1

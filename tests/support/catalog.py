@@ -15,9 +15,9 @@ import attrs
 
 from watcher.daemon import catalog, errors
 from watcher.daemon.catalog import MapGone
-from watcher.kernel.dump import Chunk, NotDumpable
-from watcher.kernel.maps import MapRecord
-from watcher.kernel.maptypes import DumpMethod, dump_method
+from watcher.kernel.maps.dump import Chunk, NotDumpable
+from watcher.kernel.maps.find import MapRecord
+from watcher.kernel.maps.kinds import DumpMethod, dump_method
 from watcher.wire.schema import MapInfo
 
 

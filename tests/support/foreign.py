@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from watcher.kernel import progload, syscall
-from watcher.kernel.bpfasm import func_btf
-from watcher.kernel.cpus import possible_cpus
+from watcher.kernel.asm.assembler import func_btf
+from watcher.kernel.sys import create as progload
+from watcher.kernel.sys import syscall
+from watcher.kernel.sys.cpus import possible_cpus
 
 from .events import Follower, replay_lines
 from .kernel import bpftool_entries, pattern, percpu_value, u32, u64

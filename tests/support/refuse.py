@@ -17,7 +17,7 @@ import errno
 import os
 import sys
 
-from watcher.kernel.seccomp import _binding, command_number
+from watcher.kernel.sys.seccomp import _binding, command_number
 
 
 def parse(spec: str) -> list[tuple[str, int | None, int]]:

@@ -14,7 +14,7 @@ import ctypes
 import os
 import struct
 
-from watcher.kernel import syscall
+from watcher.kernel.sys import syscall
 
 PRODUCER_TEXT = r"""
 struct rec { u64 seq; u64 ts; u32 cpu; u32 tag; };

@@ -35,7 +35,7 @@ class CounterWriter:
         self._thread = threading.Thread(target=self._run, name="counter-writer", daemon=True)
 
     def _run(self) -> None:
-        from watcher.kernel import syscall
+        from watcher.kernel.sys import syscall
 
         self.started = time.monotonic()
         due = dict.fromkeys(self.rates, self.started)

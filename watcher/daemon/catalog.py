@@ -16,13 +16,14 @@ from collections.abc import Iterator
 
 import attrs
 
-from ..kernel import btf as kbtf
-from ..kernel import maps as kmaps
-from ..kernel import progload
-from ..kernel.cpus import possible_cpus
-from ..kernel.dump import Chunk, count_entries, dump, value_stride
-from ..kernel.maptypes import DumpMethod, dump_method, not_dumpable_reason
-from ..kernel.syscall import BpfError
+from watcher.kernel.btf import cache as kbtf
+from watcher.kernel.maps import find as kmaps
+from watcher.kernel.maps.dump import Chunk, count_entries, dump, value_stride
+from watcher.kernel.maps.kinds import DumpMethod, dump_method, not_dumpable_reason
+from watcher.kernel.sys import create as progload
+from watcher.kernel.sys.cpus import possible_cpus
+from watcher.kernel.sys.syscall import BpfError
+
 from ..wire.globs import GlobError, check_glob
 from ..wire.schema import Holder, MapInfo
 from . import errors
@@ -236,7 +237,7 @@ class Catalog:
         return dump(handle.fd, handle.record, chunk_entries)
 
     def own_ids(self) -> frozenset[int]:
-        """Ids of the maps pymap itself made (watcher.kernel.progload): never watched."""
+        """Ids of the maps pymap itself made (watcher.kernel.sys.create): never watched."""
         return progload.own_map_ids()
 
     def forget_own(self, gone: set[int]) -> None:

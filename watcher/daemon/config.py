@@ -16,8 +16,9 @@ from typing import NewType
 import attrs
 import cattrs
 
+from watcher.kernel.maps.find import DEFAULT_BPFFS
+
 from ..decode.layout import LayoutError, layout_matches, parse_layout
-from ..kernel.maps import DEFAULT_BPFFS
 from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
 from ..wire.endpoints import DEFAULT_ENDPOINT
 from ..wire.tomlfile import TomlFileError, read_toml

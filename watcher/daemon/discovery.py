@@ -1,6 +1,6 @@
 """How the engine learns of new maps: from the kernel's bpf() tracepoints, or by polling.
 
-``watch.discovery = "auto"`` loads :class:`watcher.kernel.mapwatch.MapWatch` at
+``watch.discovery = "auto"`` loads :class:`watcher.kernel.discovery.mapwatch.MapWatch` at
 start-up (before the seccomp filter: it creates maps and programs); where
 that fails (no tracefs, no BTF, missing capabilities, a kernel that refuses
 the programs) the daemon says why in one log line and polls, as with
@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import trio
 
-from ..kernel import features as kf
-from ..kernel.features import Features
-from ..kernel.mapwatch import Created, MapWatch, fdinfo_map_id
+from watcher.kernel.discovery.mapwatch import Created, MapWatch, fdinfo_map_id
+from watcher.kernel.features import probe as kf
+from watcher.kernel.features.probe import Features
 
 log = logging.getLogger("pymap.discovery")
 

@@ -31,12 +31,13 @@ from typing import Any
 import attrs
 import trio
 
-from ..kernel import maps as kmaps
-from ..kernel.dump import value_stride
-from ..kernel.features import Features
-from ..kernel.maptypes import DumpMethod, dump_method
-from ..kernel.mapwatch import Created
-from ..kernel.objects import Broker
+from watcher.kernel.discovery.mapwatch import Created
+from watcher.kernel.features.probe import Features
+from watcher.kernel.kdelta.objects import Broker
+from watcher.kernel.maps import find as kmaps
+from watcher.kernel.maps.dump import value_stride
+from watcher.kernel.maps.kinds import DumpMethod, dump_method
+
 from ..wire import schema
 from ..wire.transport import OutFrames
 from . import catalog, errors

@@ -1,7 +1,7 @@
 """The in-kernel delta engine, user-space half: choosing it per map, and turning
 a kernel walk's changed entries into the same events the user-space engine makes.
 
-The kernel half (:mod:`watcher.kernel.iterdelta`) sends only entries whose
+The kernel half (:mod:`watcher.kernel.kdelta.iterdelta`) sends only entries whose
 value changed and keys that were removed; it keeps fingerprints, not values.
 The old value of an ``updated``/``removed`` event, and the state a snapshot
 request is served from, come from here: the last delivered state, kept as the
@@ -25,8 +25,8 @@ import time
 import numpy as np
 import trio
 
-from ..kernel.features import Features
-from ..kernel.iterdelta import (
+from watcher.kernel.features.probe import Features
+from watcher.kernel.kdelta.iterdelta import (
     IterDelta,
     Unsupported,
     WalkResult,
@@ -35,8 +35,9 @@ from ..kernel.iterdelta import (
     shadow_bytes_estimate,
     unsupported_reason,
 )
-from ..kernel.maps import MapRecord
-from ..kernel.objects import Broker
+from watcher.kernel.kdelta.objects import Broker
+from watcher.kernel.maps.find import MapRecord
+
 from .config import WatchConfig
 from .delta import Delta, Snapshot, _assemble, _key_dtype
 

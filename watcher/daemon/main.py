@@ -21,8 +21,9 @@ from importlib import metadata
 import trio
 import zmq
 
-from ..kernel import features as kf
-from ..kernel.objects import Broker
+from watcher.kernel.features import probe as kf
+from watcher.kernel.kdelta.objects import Broker
+
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
 from .access import Authenticator, Policy
@@ -232,7 +233,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
 
 
 def probe_features() -> kf.Features:
-    """Probe the host once (:mod:`watcher.kernel.features`); every answer to the debug log."""
+    """Probe the host once (:mod:`watcher.kernel.features.probe`); every answer to the debug log."""
     found = kf.probe()
     for f in found.facilities:
         log.debug("kernel facility %s: %s: %s", f.name, f.state, f.detail)

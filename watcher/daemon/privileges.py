@@ -3,24 +3,25 @@
 One source of truth for both, so the systemd unit, the Kubernetes DaemonSet
 (``examples/``) and ``docs/operations.md`` can be checked against it by tests.
 
-* :data:`~watcher.kernel.capabilities.CAPABILITIES`: the capability set a
+* :data:`~watcher.kernel.sys.capabilities.CAPABILITIES`: the capability set a
   non-root daemon runs with, each with the calls that need it (measured on Linux
   6.18, see docs/operations.md).  :func:`check_capabilities` refuses to start without a required one, naming
   it, and logs one line per optional one that is missing.
 * :func:`allowed_bpf_commands`: the bpf(2) commands left to the daemon once
   start-up is over, and :func:`harden`, which installs the seccomp filter
-  (:mod:`watcher.kernel.seccomp`) that enforces them.
+  (:mod:`watcher.kernel.sys.seccomp`) that enforces them.
 """
 
 from __future__ import annotations
 
 import logging
 
-from ..kernel import seccomp
-from ..kernel.capabilities import CAPABILITIES, Capability
-from ..kernel.features import Features
-from ..kernel.iterdelta import routes as kernel_routes
-from ..kernel.probe import parse_capeff
+from watcher.kernel.features.checks import parse_capeff
+from watcher.kernel.features.probe import Features
+from watcher.kernel.kdelta.iterdelta import routes as kernel_routes
+from watcher.kernel.sys import seccomp
+from watcher.kernel.sys.capabilities import CAPABILITIES, Capability
+
 from .config import Config, ConfigError
 
 log = logging.getLogger("pymap.daemon")
@@ -29,15 +30,15 @@ __all__ = ["CAPABILITIES", "Capability", "PrivilegeError", "check_capabilities",
            "allowed_bpf_commands", "READ_COMMANDS", "KERNEL_DELTA_COMMANDS", "WRITE_COMMANDS"]
 
 
-# The commands the daemon reads with (watcher/kernel/maps.py, dump.py, btf.py).
+# The commands the daemon reads with (watcher/kernel/maps/find.py, dump.py, btf.py).
 READ_COMMANDS = (
     "BPF_MAP_GET_NEXT_ID", "BPF_MAP_GET_FD_BY_ID", "BPF_OBJ_GET", "BPF_OBJ_GET_INFO_BY_FD",
     "BPF_BTF_GET_FD_BY_ID", "BPF_MAP_LOOKUP_ELEM", "BPF_MAP_GET_NEXT_KEY",
     "BPF_MAP_LOOKUP_BATCH",
 )
-# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/iterdelta.py) adds
+# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/kdelta/iterdelta.py) adds
 # in the daemon's process: running objects that already exist.  It creates nothing here:
-# its maps, BTF and programs come from the objects broker (watcher/kernel/broker.py), a
+# its maps, BTF and programs come from the objects broker (watcher/kernel/kdelta/broker.py), a
 # process of its own that checks every program (writes only to the maps it made for the
 # same engine) before loading it, so BPF_MAP_CREATE, BPF_BTF_LOAD and BPF_PROG_LOAD stay
 # refused here, and with them any program that could write a watched map or issue bpf()

@@ -20,7 +20,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ..kernel.maps import MapRecord
+from watcher.kernel.maps.find import MapRecord
+
 from ..wire import schema
 from ..wire.transport import OutFrames, PublisherOwner, frames_size
 from .access import View

@@ -16,7 +16,8 @@ import attrs
 import trio
 import zmq
 
-from ..kernel.dump import NotDumpable
+from watcher.kernel.maps.dump import NotDumpable
+
 from ..wire import schema
 from ..wire.transport import PeerGone, SocketOwner
 from . import catalog, errors

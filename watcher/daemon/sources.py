@@ -34,14 +34,15 @@ import time
 import attrs
 import trio
 
+from watcher.kernel.buffers import reader as attach
+from watcher.kernel.buffers.perfbuf import PerfBufReader
+from watcher.kernel.buffers.ringbuf import RingBufReader
+from watcher.kernel.features.checks import tracefs_unreadable
+from watcher.kernel.maps import find as kmaps
+from watcher.kernel.maps.counters import counter_total
+from watcher.kernel.prog.bccload import BccError, BccProgram
+
 from ..decode.layout import LayoutError, parse_layout
-from ..kernel import attach
-from ..kernel import maps as kmaps
-from ..kernel.bccload import BccError, BccProgram
-from ..kernel.counters import counter_total
-from ..kernel.perfbuf import PerfBufReader
-from ..kernel.probe import tracefs_unreadable
-from ..kernel.ringbuf import RingBufReader
 from ..wire import schema
 from .config import ConfigError
 from .publisher import HEADER_ALLOWANCE, Stream

@@ -1,6 +1,6 @@
 """BTF: parsing type blobs, and formatting map bytes as bpftool does.
 
-Pure: no kernel access here (watcher/kernel/btf.py reads blobs from the
+Pure: no kernel access here (watcher/kernel/btf/cache.py reads blobs from the
 kernel), so clients decode with the blob the daemon ships them.
 
 Why here and not through a library: bcc's Python side cannot read BTF, and a

@@ -12,7 +12,7 @@ maps the broker created for the same engine, helpers from an allow-list, only
 socket filters and map element iterators.  A bug or an injected request in the
 daemon can therefore not get a writing program into the kernel.
 
-The daemon starts it (``python -m watcher.kernel.broker FD``, see
+The daemon starts it (``python -m watcher.kernel.kdelta.broker FD``, see
 :class:`.objects.Broker`) before installing its own filter.  The broker then
 installs its own (:func:`.seccomp.install_allow_list`): only the syscalls it
 serves its socket with, and of ``bpf()`` only the creating commands plus
@@ -46,7 +46,10 @@ import socket
 import struct
 import sys
 
-from . import progcheck, progload, seccomp, syscall
+import watcher.kernel.asm.readonly as progcheck
+import watcher.kernel.sys.create as progload
+import watcher.kernel.sys.seccomp as seccomp
+import watcher.kernel.sys.syscall as syscall
 
 OP_MAP, OP_BTF, OP_PROG, OP_RELEASE = 1, 2, 3, 4
 # op, engine, a..e, name (NUL-padded)
@@ -248,7 +251,7 @@ def _line(text: str) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m watcher.kernel.broker FD (started by the pymap daemon)",
+        print("usage: python -m watcher.kernel.kdelta.broker FD (started by the pymap daemon)",
               file=sys.stderr)
         return 2
     # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group:

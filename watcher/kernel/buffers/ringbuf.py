@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .mapping import PAGE_SIZE, PROT_READ, PROT_WRITE, Mapping
-from .recordchunk import EMPTY, RecordChunk
+from watcher.kernel.buffers.chunk import EMPTY, RecordChunk
+from watcher.kernel.sys.mapping import PAGE_SIZE, PROT_READ, PROT_WRITE, Mapping
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30

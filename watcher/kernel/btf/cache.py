@@ -8,7 +8,8 @@ import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..decode.btf import (  # noqa: F401  (re-exported: the kernel-facing BTF API)
+import watcher.kernel.sys.syscall as syscall
+from watcher.decode.btf import (  # noqa: F401  (re-exported: the kernel-facing BTF API)
     Btf,
     BtfError,
     BtfType,
@@ -19,11 +20,10 @@ from ..decode.btf import (  # noqa: F401  (re-exported: the kernel-facing BTF AP
     needs_base,
     parse_btf,
 )
-from . import syscall
-from .progload import VMLINUX_BTF
+from watcher.kernel.sys.create import VMLINUX_BTF
 
 if TYPE_CHECKING:
-    from .maps import MapRecord
+    from watcher.kernel.maps.find import MapRecord
 
 
 def standalone_blob(btf_id: int) -> bytes:

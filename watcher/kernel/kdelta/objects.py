@@ -24,7 +24,9 @@ import sys
 import threading
 from typing import Protocol
 
-from . import broker, progcheck, progload
+import watcher.kernel.asm.readonly as progcheck
+import watcher.kernel.kdelta.broker as broker
+import watcher.kernel.sys.create as progload
 
 log = logging.getLogger("pymap.kernel.broker")
 
@@ -107,7 +109,7 @@ class Broker:
         try:
             try:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "watcher.kernel.broker", str(theirs.fileno())],
+                    [sys.executable, "-m", "watcher.kernel.kdelta.broker", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
             finally:
                 theirs.close()  # the broker's end is the broker's alone: its exit is EOF here

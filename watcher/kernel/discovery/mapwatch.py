@@ -52,8 +52,10 @@ import weakref
 
 import attrs
 
-from . import perfevent, progload, syscall
-from .bpfasm import (
+import watcher.kernel.sys.create as progload
+import watcher.kernel.sys.perfevent as perfevent
+import watcher.kernel.sys.syscall as syscall
+from watcher.kernel.asm.assembler import (
     ADD,
     JEQ,
     JGE,
@@ -73,10 +75,10 @@ from .bpfasm import (
     RSH,
     Asm,
 )
-from .btf import member_offsets
-from .maps import MapRecord, fdinfo
-from .maptypes import TYPE_IDS, type_name
-from .ringbuf import RingBufReader
+from watcher.kernel.btf.cache import member_offsets
+from watcher.kernel.buffers.ringbuf import RingBufReader
+from watcher.kernel.maps.find import MapRecord, fdinfo
+from watcher.kernel.maps.kinds import TYPE_IDS, type_name
 
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 RING_BYTES = 256 << 10  # 4,096 records: far more creations than one wakeup ever sees

@@ -29,8 +29,8 @@ import sys
 
 import attrs
 
-from . import syscall
-from .maptypes import type_name
+import watcher.kernel.sys.syscall as syscall
+from watcher.kernel.maps.kinds import type_name
 
 log = logging.getLogger("pymap.kernel.bcc")
 

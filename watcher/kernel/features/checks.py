@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import attrs
 
-from .btf import VMLINUX_BTF as KERNEL_BTF
-from .capabilities import CAPABILITIES
-from .maps import DEFAULT_BPFFS
+from watcher.kernel.btf.cache import VMLINUX_BTF as KERNEL_BTF
+from watcher.kernel.maps.find import DEFAULT_BPFFS
+from watcher.kernel.sys.capabilities import CAPABILITIES
 
 DEFAULT_TRACEFS = "/sys/kernel/tracing"
 
@@ -105,7 +105,7 @@ privileges = _guarded(_privileges, "privileges", True)
 def _bpf_syscall() -> Check:
     name = "bpf syscall"
     try:
-        from . import syscall
+        import watcher.kernel.sys.syscall as syscall
     except ImportError as e:
         return Check(name, False, str(e),
                      "pymap supports x86_64, aarch64, riscv64, armv7l and ppc64le")

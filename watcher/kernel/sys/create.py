@@ -31,8 +31,8 @@ import ctypes
 import errno
 import threading
 
-from . import syscall
-from .syscall import BpfError, _addr, _bpf
+import watcher.kernel.sys.syscall as syscall
+from watcher.kernel.sys.syscall import BpfError, _addr, _bpf
 
 BPF_PROG_LOAD = 5
 BPF_BTF_LOAD = 18
@@ -213,7 +213,9 @@ def map_elem_iter_btf_id() -> int:
     if _iter_btf_id is None:
         with open(VMLINUX_BTF, "rb") as f:
             raw = f.read()
-        from .btf import find_func  # at first use: the broker imports this module
+        from watcher.kernel.btf.cache import (
+            find_func,  # at first use: the broker imports this module
+        )
 
         found = find_func(raw, b"bpf_iter_bpf_map_elem")
         if found is None:

@@ -15,7 +15,21 @@ from __future__ import annotations
 import struct
 from collections.abc import Collection
 
-from .bpfasm import JMP, JMP32, R0, R1, R2, R3, R4, R5, R9, R10, ST, STX, store_targets
+from watcher.kernel.asm.assembler import (
+    JMP,
+    JMP32,
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R5,
+    R9,
+    R10,
+    ST,
+    STX,
+    store_targets,
+)
 
 # What the engine loads at run time: socket filters (its for_each walks and writers, run
 # by BPF_PROG_TEST_RUN) and map element iterators.  Never a syscall program (its

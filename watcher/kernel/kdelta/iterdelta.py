@@ -65,9 +65,10 @@ import weakref
 
 import attrs
 
-from . import features as features_mod
-from . import progcheck, progload
-from .bpfasm import (
+import watcher.kernel.asm.readonly as progcheck
+import watcher.kernel.features.probe as features_mod
+import watcher.kernel.sys.create as progload
+from watcher.kernel.asm.assembler import (
     ADD,
     DIV,
     JEQ,
@@ -92,11 +93,11 @@ from .bpfasm import (
     Asm,
     func_btf,
 )
-from .features import Features
-from .maps import MapRecord, fdinfo
-from .maptypes import TYPE_IDS
-from .objects import EngineObjects, LocalObjects
-from .ringbuf import RingBufReader
+from watcher.kernel.buffers.ringbuf import RingBufReader
+from watcher.kernel.features.probe import Features
+from watcher.kernel.kdelta.objects import EngineObjects, LocalObjects
+from watcher.kernel.maps.find import MapRecord, fdinfo
+from watcher.kernel.maps.kinds import TYPE_IDS
 
 log = logging.getLogger("pymap.kernel.iterdelta")
 

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
-from ..decode.bpfabi import KERNEL_NAME_MAX
-from . import syscall
-from .maptypes import PERCPU_TYPES, type_name
+import watcher.kernel.sys.syscall as syscall
+from watcher.decode.bpfabi import KERNEL_NAME_MAX
+from watcher.kernel.maps.kinds import PERCPU_TYPES, type_name
 
 DEFAULT_BPFFS = "/sys/fs/bpf"
 

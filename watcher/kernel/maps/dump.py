@@ -18,11 +18,11 @@ from collections.abc import Iterator
 
 import attrs
 
-from ..decode.bpfabi import percpu_slot
-from . import syscall
-from .cpus import possible_cpus
-from .maps import MapRecord
-from .maptypes import DumpMethod, dump_method
+import watcher.kernel.sys.syscall as syscall
+from watcher.decode.bpfabi import percpu_slot
+from watcher.kernel.maps.find import MapRecord
+from watcher.kernel.maps.kinds import DumpMethod, dump_method
+from watcher.kernel.sys.cpus import possible_cpus
 
 DEFAULT_CHUNK = 65536
 # Bytes of values one batch call fills at most.  The buffers are zeroed when made, so a

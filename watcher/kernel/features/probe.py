@@ -26,9 +26,10 @@ from collections.abc import Callable
 
 import attrs
 
-from . import progload, syscall
-from .bpfasm import ADD, R0, R1, R2, R3, R4, R10, Asm, func_btf
-from .maptypes import TYPE_IDS
+import watcher.kernel.sys.create as progload
+import watcher.kernel.sys.syscall as syscall
+from watcher.kernel.asm.assembler import ADD, R0, R1, R2, R3, R4, R10, Asm, func_btf
+from watcher.kernel.maps.kinds import TYPE_IDS
 
 # helpers (enum bpf_func_id) the probe programs call
 _FOR_EACH, _PROBE_READ_KERNEL = 164, 113
@@ -160,7 +161,7 @@ def _ringbuf() -> str:
 
 
 def _perf_event_array() -> str:
-    from . import perfevent
+    import watcher.kernel.sys.perfevent as perfevent
 
     fd = _tiny_map("perf_event_array", 4, 4, 1)
     try:
@@ -253,8 +254,8 @@ def _tracepoint() -> str:
 
 
 def _capabilities(status_path: str = "/proc/self/status") -> str:
-    from .capabilities import CAPABILITIES as CAPS
-    from .probe import parse_capeff
+    from watcher.kernel.features.checks import parse_capeff
+    from watcher.kernel.sys.capabilities import CAPABILITIES as CAPS
 
     with open(status_path) as f:
         capeff = parse_capeff(f.read())
@@ -369,7 +370,7 @@ def probe() -> Features:
 
 
 def main() -> None:
-    """``python -m watcher.kernel.features``: the probe's answers as one JSON object per
+    """``python -m watcher.kernel.features.probe``: the probe's answers as one JSON object per
     facility, one per line (make test-kernels reads it inside each kernel it boots)."""
     import json
 

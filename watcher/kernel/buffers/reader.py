@@ -12,10 +12,10 @@ buffers explicitly configured as sources are opened this way.
 
 from __future__ import annotations
 
-from . import syscall
-from .maps import MapHandle
-from .perfbuf import PerfBufReader
-from .ringbuf import RingBufReader
+import watcher.kernel.sys.syscall as syscall
+from watcher.kernel.buffers.perfbuf import PerfBufReader
+from watcher.kernel.buffers.ringbuf import RingBufReader
+from watcher.kernel.maps.find import MapHandle
 
 BUFFER_TYPES = {"ringbuf": "ringbuf", "perf_event_array": "perf"}
 

@@ -41,10 +41,11 @@ import threading
 
 import numpy as np
 
-from . import perfevent, syscall
-from .cpus import online_cpus
-from .mapping import PAGE_SIZE, PROT_READ, PROT_WRITE, Mapping
-from .recordchunk import EMPTY, RecordChunk
+import watcher.kernel.sys.perfevent as perfevent
+import watcher.kernel.sys.syscall as syscall
+from watcher.kernel.buffers.chunk import EMPTY, RecordChunk
+from watcher.kernel.sys.cpus import online_cpus
+from watcher.kernel.sys.mapping import PAGE_SIZE, PROT_READ, PROT_WRITE, Mapping
 
 PERF_RECORD_LOST = 2
 PERF_RECORD_SAMPLE = 9
