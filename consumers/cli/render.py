@@ -17,6 +17,7 @@ import orjson
 from rich.console import Console
 
 from watcher.decode.bpfabi import percpu_slot
+from watcher.decode.dumptext import dump_lines
 from watcher.wire.schema import MapInfo
 
 from .columns import Column, print_table
@@ -171,6 +172,7 @@ class JsonDumpWriter:
         self.formatter = formatter
         self._first = True
         self._count = 0
+        self._lines = dump_lines(m.percpu, m.key_size, m.value_stride, formatter)
         head = '{"map":' + orjson.dumps(map_json(m)).decode()
         if decoder is not None:  # which decoder made "formatted", and notes on the others
             head += ',"decoder":' + orjson.dumps(decoder).decode()
@@ -180,6 +182,9 @@ class JsonDumpWriter:
         m = self.m
         n = chunk.count
         if n == 0:
+            return
+        if self._lines is not None:  # hex, or flat integers: the whole chunk at once
+            self._write(n, [self._lines.render(chunk.keys, chunk.values, n)])
             return
         kw, vw = 2 * m.key_size, 2 * m.value_stride
         khex, vhex = chunk.keys.hex(), chunk.values.hex()
@@ -206,12 +211,8 @@ class JsonDumpWriter:
             gc_was_enabled = gc.isenabled()
             gc.disable()
             try:
-                chunk_json = getattr(fmt, "chunk_json", None)
-                if chunk_json is not None:  # flat integer layouts: no per-entry objects
-                    texts = chunk_json(keys, values)
-                else:
-                    texts = [dumps(fmt(keys[i * ks:(i + 1) * ks],
-                                       values[i * vs_:(i + 1) * vs_])).decode() for i in range(n)]
+                texts = [dumps(fmt(keys[i * ks:(i + 1) * ks],
+                                   values[i * vs_:(i + 1) * vs_])).decode() for i in range(n)]
                 if m.percpu:
                     lines = [f'{{"key":"{khex[i * kw:(i + 1) * kw]}",{value_json(i)},'
                              f'"formatted":{text}}}' for i, text in enumerate(texts)]
@@ -222,6 +223,9 @@ class JsonDumpWriter:
             finally:
                 if gc_was_enabled:
                     gc.enable()
+        self._write(n, lines)
+
+    def _write(self, n: int, lines: list[str]) -> None:
         self._count += n
         sep = "\n" if self._first else ",\n"
         self._first = False

@@ -20,7 +20,7 @@ this module stays free of the wire schema.
 
 from __future__ import annotations
 
-import json
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -125,30 +125,13 @@ def _plain_entry(m, fmt_key: SideFormatter, fmt_value: SideFormatter) -> EntryFo
     return decode
 
 
-def _add_chunk_json(decode: EntryFormatter, key_flat, value_flat) -> None:
-    """Give ``decode`` a ``chunk_json(keys, values) -> [str]``: each entry's decoded form
-    as JSON text, from one unpack per chunk and a %-template (no dict per entry).
-
-    Only for integers, whose JSON and Python spellings agree; otherwise nothing is
-    added and callers use ``decode`` entry by entry.
+def _add_flat_layouts(decode: EntryFormatter, key_flat, value_flat) -> None:
+    """Give ``decode`` a ``flat_layouts``: the (key, value) flat layouts (Btf.flat_layout)
+    when each side reads as one ``struct`` unpack, so a whole dump chunk can be rendered
+    at once (watcher/decode/dumptext.py); nothing otherwise, and callers go entry by entry.
     """
-    if key_flat is None or value_flat is None:
-        return
-    parts = []
-    for rows, names in (key_flat, value_flat):
-        codes = rows.format.lstrip("<").replace("x", "")
-        if any(c not in "bBhHiIlLqQ0123456789" for c in codes):
-            return  # bool or float members: leave them to the per-entry path
-        if names is None:
-            parts.append("%d")
-        else:
-            parts.append("{" + ",".join(json.dumps(n).replace("%", "%%") + ":%d"
-                                        for n in names) + "}")
-    template = '{"key":' + parts[0] + ',"value":' + parts[1] + "}"
-    key_rows, value_rows = key_flat[0], value_flat[0]
-    decode.chunk_json = lambda keys, values: [  # type: ignore[attr-defined]
-        template % (k + v) for k, v in zip(key_rows.iter_unpack(keys),
-                                            value_rows.iter_unpack(values))]
+    if key_flat is not None and value_flat is not None:
+        decode.flat_layouts = (key_flat, value_flat)  # type: ignore[attr-defined]
 
 
 def _btf_sides(m, btf_blob: bytes | None, notes: list[str]
@@ -163,13 +146,20 @@ def _btf_sides(m, btf_blob: bytes | None, notes: list[str]
         fmt_key = (btf.formatter(m.btf_key_type_id) if m.btf_key_type_id
                    else lambda key: int.from_bytes(key, "little"))  # arrays: a u32 index
         flats = None
-        if m.btf_key_type_id and not m.percpu:
-            flats = (btf.flat_layout(m.btf_key_type_id, m.key_size),
-                     btf.flat_layout(m.btf_value_type_id, m.value_stride))
+        if not m.percpu:
+            key_flat = (btf.flat_layout(m.btf_key_type_id, m.key_size) if m.btf_key_type_id
+                        else _index_layout(m.key_size))
+            flats = (key_flat, btf.flat_layout(m.btf_value_type_id, m.value_stride))
     except (BtfError, ValueError) as e:
         notes.append(f"BTF not usable: {e}")
         return None, None, None
     return fmt_key, fmt_value, flats
+
+
+def _index_layout(key_size: int):
+    """An array's key (no BTF key type): the little-endian index, as one unpack."""
+    code = {1: "B", 2: "H", 4: "I", 8: "Q"}.get(key_size)
+    return (struct.Struct("<" + code), None) if code else None
 
 
 def _names(m) -> list[str]:
@@ -227,7 +217,7 @@ def choose(m, btf_blob: bytes | None = None,
         assert fmt_key is not None  # _btf_sides gives both or neither
         decode = _plain_entry(m, fmt_key, fmt_value)
         if flats is not None:
-            _add_chunk_json(decode, *flats)
+            _add_flat_layouts(decode, *flats)
             _add_value_rows(decode, flats[1])
         return Decoding(decode, "btf", tuple(notes))
 
