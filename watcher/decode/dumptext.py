@@ -140,12 +140,20 @@ class DumpLines:
                 assert cols is not None
                 number = _Number(np.frombuffer(buf, cols.dtype, count)[field])
                 parts.append((number.width, number))
-        rows = np.empty((count, sum(w for w, _ in parts)), np.uint8)
+        width = sum(w for w, _ in parts)
+        rows = np.empty((count, width), np.uint8)
+        blank = np.zeros(width, np.uint8)  # the constant text, broadcast once
+        at = 0
+        for w, fill in parts:
+            if isinstance(fill, np.ndarray) and fill.ndim == 1:
+                blank[at:at + w] = fill
+            at += w
+        rows[:] = blank
         at = 0
         for w, fill in parts:
             if isinstance(fill, _Number):
                 fill.write(rows[:, at:at + w])
-            else:
+            elif fill.ndim == 2:
                 rows[:, at:at + w] = fill
             at += w
         text = rows.tobytes()
@@ -165,11 +173,30 @@ def _merge(pieces: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return out
 
 
+def _pair_table() -> np.ndarray:
+    """Two digit characters per uint16 (tens first in memory), indexed by ``r + 100 * k``:
+    k=0 a pair with digits above it (``07``), k=1 the leading pair (``\\0 7``, ``\\0\\0``
+    for 0), k=2 the leading pair that is also the units pair (``\\0 0`` for 0)."""
+    cells = []
+    for k in range(3):
+        for r in range(100):
+            tens, units = divmod(r, 10)
+            text = bytes([48 + tens, 48 + units])
+            if k and r < 10:
+                text = b"\0" + (text[1:] if r or k == 2 else b"\0")
+            cells.append(text)
+    return np.frombuffer(b"".join(cells), "<u2")
+
+
+_PAIRS = _pair_table()
+
+
 class _Number:
     """A column of integers as decimal text in fixed-width cells: a sign character and
-    as many digits as the column's largest magnitude needs.  Unused cells (leading
-    zeros, the sign of a non-negative number) are NUL, deleted from the chunk's text
-    afterwards in one C-level ``bytes.replace``."""
+    an even number of digit cells, enough for the column's largest magnitude.  Unused
+    cells (leading zeros, the sign of a non-negative number) are NUL, deleted from the
+    chunk's text afterwards in one C-level ``bytes.replace``.  Digits go two at a time
+    (a divide by 100 and a look-up per pair): half the passes over the column."""
 
     def __init__(self, column: np.ndarray):
         self.negative = None
@@ -179,26 +206,23 @@ class _Number:
             magnitude = np.where(self.negative, -wide, wide).view(np.uint64)  # -(-2**63) wraps
         else:
             magnitude = column.astype(np.uint64)
-        self.digits = len(str(int(magnitude.max())))
-        if self.digits <= 9:
+        self.pairs = (len(str(int(magnitude.max()))) + 1) // 2
+        if self.pairs <= 4:
             magnitude = magnitude.astype(np.uint32)  # a 32-bit divide is the cheaper one
         self.magnitude = magnitude
-        self.width = self.digits + (self.negative is not None)
+        self.width = 2 * self.pairs + (self.negative is not None)
 
     def write(self, cells: np.ndarray) -> None:
         if self.negative is not None:
             cells[:, 0] = self.negative * np.uint8(ord("-"))
             cells = cells[:, 1:]
-        q, m = self.magnitude, self.magnitude
-        scale = 1
-        for p in range(self.digits - 1, -1, -1):
-            q, r = np.divmod(q, 10)
-            if p == self.digits - 1:
-                cells[:, p] = r + ord("0")  # the units digit is always shown
-            else:  # a digit is shown when the number reaches it
-                cells[:, p] = (r + ord("0")) * (m >= scale)
-            scale *= 10
-        return
+        pairs = cells.view("<u2")  # unaligned is fine: the row's last axis is contiguous
+        q = self.magnitude
+        for p in range(self.pairs - 1, -1, -1):
+            q, r = np.divmod(q, 100)
+            lead = np.uint32(200 if p == self.pairs - 1 else 100)  # the units pair: table 2
+            index = r + (q == 0) * lead
+            pairs[:, p] = _PAIRS[index]
 
 
 def dump_lines(percpu: bool, key_size: int, value_stride: int, formatter: Any
