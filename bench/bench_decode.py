@@ -10,9 +10,10 @@ private daemon.  Each reader runs 3 times; the best wall time counts:
 (a) ``pymap get NAME -o json --raw > /dev/null``: hex only;
 (b) ``pymap get NAME -o json > /dev/null``: hex plus ``formatted`` from the BTF.
 
-Target: (b) / (a) <= 2.  Decoding happens in the client with the BTF blob the
-daemon ships once (docs/architecture.md); the formatter is compiled once per
-type (watcher/decode/btf.py).  The output of (b) is checked once: every entry
+Target: (b) / (a) <= 1.3 (issue 20).  Decoding happens in the client with the
+BTF blob the daemon ships once (docs/architecture.md); both dumps render a
+whole chunk at a time (watcher/decode/dumptext.py), the decoded one with digit
+columns per struct member.  The output of (b) is checked once: every entry
 has a ``formatted`` object matching its raw bytes.
 """
 
@@ -36,7 +37,7 @@ from _common import BenchError, best_of, check_root, private_bpffs, private_tmp,
 from watcher.kernel.sys import syscall
 
 ENTRIES = 1_000_000
-TARGET = 2.0
+TARGET = 1.3
 VALUE = struct.Struct("<QIHBB")
 
 PROGRAM = """
@@ -124,7 +125,7 @@ def main() -> int:
           + " ".join(f"{t:.3f}" for t in dec_all))
     ratio = dec / raw
     verdict = "met" if ratio <= TARGET else "MISSED"
-    print(f"\ndecoded / undecoded = {ratio:.2f} (target <= {TARGET:g}): {verdict}")
+    print(f"\ndecoded / undecoded = {ratio:.2f} (target <= {TARGET:g}) {verdict}")
     return 0
 
 
