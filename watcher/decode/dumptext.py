@@ -6,17 +6,9 @@ template.  For the common shape of a map (not per-CPU; key and value each a
 plain integer or a struct of byte-aligned plain integers, see
 :meth:`watcher.decode.btf.Btf.flat_layout`) every line is the same template
 with different hex and different numbers, so the chunk is rendered as one
-byte matrix, a row per entry:
-
-* the template's constant text is broadcast into every row;
-* the key and value hex are columns of ``bytes.hex()`` of the whole buffer;
-* each integer member becomes as many digit columns as the chunk's largest
-  magnitude needs (a ``divmod`` by 10 per digit over the whole column) plus
-  a sign column, with a keep-mask that drops leading zeros and ``+`` signs;
-* ``matrix[mask]`` compacts the rows into the chunk's text, row-major.
-
-Without a decoder (``--raw``, or no decoder for the map) every line has the
-same width and no mask is needed.  Lines are exactly what the per-entry path
+byte matrix, a row per entry (watcher/decode/textrows.py): the template's
+constant text, the key and value hex as columns of ``bytes.hex()`` of the whole
+buffers, and each integer member as digit columns.  Lines are exactly what the per-entry path
 in ``consumers/cli/render.py`` writes (tests/test_decode_chunks.py compares
 them); anything else (per-CPU values, strings, enums, bools, floats, nesting)
 takes that path.
@@ -30,6 +22,8 @@ import struct
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from .textrows import Decimal, Part, hex_column, render_rows
 
 __all__ = ["Columns", "DumpLines", "columns", "dump_lines"]
 
@@ -126,39 +120,19 @@ class DumpLines:
             return ""
         sides = {"key": (keys, self.key_size, self.key_cols),
                  "value": (values, self.value_stride, self.value_cols)}
-        parts: list[tuple[int, Any]] = []  # (width, characters or a _Number) per piece
+        parts: list[Part] = []
         for kind, arg in self.pieces:
             if kind == "text":
-                parts.append((len(arg), np.frombuffer(arg, np.uint8)))
+                parts.append(arg)
             elif kind in sides:
                 buf, size, _ = sides[kind]
-                hexed = np.frombuffer(buf[:count * size].hex().encode(), np.uint8)
-                parts.append((2 * size, hexed.reshape(count, 2 * size)))
+                parts.append(hex_column(buf, size, count))
             else:
                 which, field = arg
                 buf, _, cols = sides[which]
                 assert cols is not None
-                number = _Number(np.frombuffer(buf, cols.dtype, count)[field])
-                parts.append((number.width, number))
-        width = sum(w for w, _ in parts)
-        rows = np.empty((count, width), np.uint8)
-        blank = np.zeros(width, np.uint8)  # the constant text, broadcast once
-        at = 0
-        for w, fill in parts:
-            if isinstance(fill, np.ndarray) and fill.ndim == 1:
-                blank[at:at + w] = fill
-            at += w
-        rows[:] = blank
-        at = 0
-        for w, fill in parts:
-            if isinstance(fill, _Number):
-                fill.write(rows[:, at:at + w])
-            elif fill.ndim == 2:
-                rows[:, at:at + w] = fill
-            at += w
-        text = rows.tobytes()
-        if self.decoded:  # the NULs _Number left in place of leading zeros and signs
-            text = text.replace(b"\0", b"")
+                parts.append(Decimal(np.frombuffer(buf, cols.dtype, count)[field]))
+        text = render_rows(parts, count)
         return text[len(_SEP):].decode("ascii")
 
 
@@ -171,58 +145,6 @@ def _merge(pieces: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         else:
             out.append((kind, arg))
     return out
-
-
-def _pair_table() -> np.ndarray:
-    """Two digit characters per uint16 (tens first in memory), indexed by ``r + 100 * k``:
-    k=0 a pair with digits above it (``07``), k=1 the leading pair (``\\0 7``, ``\\0\\0``
-    for 0), k=2 the leading pair that is also the units pair (``\\0 0`` for 0)."""
-    cells = []
-    for k in range(3):
-        for r in range(100):
-            tens, units = divmod(r, 10)
-            text = bytes([48 + tens, 48 + units])
-            if k and r < 10:
-                text = b"\0" + (text[1:] if r or k == 2 else b"\0")
-            cells.append(text)
-    return np.frombuffer(b"".join(cells), "<u2")
-
-
-_PAIRS = _pair_table()
-
-
-class _Number:
-    """A column of integers as decimal text in fixed-width cells: a sign character and
-    an even number of digit cells, enough for the column's largest magnitude.  Unused
-    cells (leading zeros, the sign of a non-negative number) are NUL, deleted from the
-    chunk's text afterwards in one C-level ``bytes.replace``.  Digits go two at a time
-    (a divide by 100 and a look-up per pair): half the passes over the column."""
-
-    def __init__(self, column: np.ndarray):
-        self.negative = None
-        if column.dtype.kind == "i":
-            wide = column.astype(np.int64)
-            self.negative = wide < 0
-            magnitude = np.where(self.negative, -wide, wide).view(np.uint64)  # -(-2**63) wraps
-        else:
-            magnitude = column.astype(np.uint64)
-        self.pairs = (len(str(int(magnitude.max()))) + 1) // 2
-        if self.pairs <= 4:
-            magnitude = magnitude.astype(np.uint32)  # a 32-bit divide is the cheaper one
-        self.magnitude = magnitude
-        self.width = 2 * self.pairs + (self.negative is not None)
-
-    def write(self, cells: np.ndarray) -> None:
-        if self.negative is not None:
-            cells[:, 0] = self.negative * np.uint8(ord("-"))
-            cells = cells[:, 1:]
-        pairs = cells.view("<u2")  # unaligned is fine: the row's last axis is contiguous
-        q = self.magnitude
-        for p in range(self.pairs - 1, -1, -1):
-            q, r = np.divmod(q, 100)
-            lead = np.uint32(200 if p == self.pairs - 1 else 100)  # the units pair: table 2
-            index = r + (q == 0) * lead
-            pairs[:, p] = _PAIRS[index]
 
 
 def dump_lines(percpu: bool, key_size: int, value_stride: int, formatter: Any

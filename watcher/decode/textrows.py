@@ -1,0 +1,113 @@
+"""Many lines of one template at once: a byte matrix, a row per line, built column-wise.
+
+Why: rendering a million dump entries, or the thousands of events of one
+exporter message, one line at a time costs Python work per line.  When the
+lines differ only in fixed-width hex and in integers, numpy builds them all
+at once:
+
+* the template's constant text is broadcast into every row;
+* hex parts are columns of one ``bytes.hex()`` of the whole buffer;
+* an integer column takes as many cells as its largest magnitude needs
+  (:class:`Decimal`: a divide by 100 and a table look-up per digit pair),
+  with NUL in the cells of leading zeros and of the sign of a non-negative
+  number;
+* the matrix is written out row-major, and one C-level ``bytes.replace``
+  deletes the NULs.
+
+Used by watcher/decode/dumptext.py (``pymap get -o json``) and by the
+exporter's batch templates (consumers/export/formats/batch.py).  The constant
+text must hold no NUL (callers check).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Decimal", "Part", "hex_column", "render_rows"]
+
+
+def _pair_table() -> np.ndarray:
+    """Two digit characters per uint16 (tens first in memory), indexed by ``r + 100 * k``:
+    k=0 a pair with digits above it (``07``), k=1 the leading pair (``\\0 7``, ``\\0\\0``
+    for 0), k=2 the leading pair that is also the units pair (``\\0 0`` for 0)."""
+    cells = []
+    for k in range(3):
+        for r in range(100):
+            tens, units = divmod(r, 10)
+            text = bytes([48 + tens, 48 + units])
+            if k and r < 10:
+                text = b"\0" + (text[1:] if r or k == 2 else b"\0")
+            cells.append(text)
+    return np.frombuffer(b"".join(cells), "<u2")
+
+
+_PAIRS = _pair_table()
+
+
+class Decimal:
+    """A column of integers as decimal text in fixed-width cells: a sign character and
+    an even number of digit cells, enough for the column's largest magnitude.  Unused
+    cells (leading zeros, the sign of a non-negative number) are NUL, deleted from the
+    chunk's text afterwards in one C-level ``bytes.replace``.  Digits go two at a time
+    (a divide by 100 and a look-up per pair): half the passes over the column."""
+
+    def __init__(self, column: np.ndarray):
+        self.negative = None
+        if column.dtype.kind == "i":
+            wide = column.astype(np.int64)
+            self.negative = wide < 0
+            magnitude = np.where(self.negative, -wide, wide).view(np.uint64)  # -(-2**63) wraps
+        else:
+            magnitude = column.astype(np.uint64)
+        self.pairs = (len(str(int(magnitude.max()))) + 1) // 2
+        if self.pairs <= 4:
+            magnitude = magnitude.astype(np.uint32)  # a 32-bit divide is the cheaper one
+        self.magnitude = magnitude
+        self.width = 2 * self.pairs + (self.negative is not None)
+
+    def write(self, cells: np.ndarray) -> None:
+        if self.negative is not None:
+            cells[:, 0] = self.negative * np.uint8(ord("-"))
+            cells = cells[:, 1:]
+        pairs = cells.view("<u2")  # unaligned is fine: the row's last axis is contiguous
+        q = self.magnitude
+        for p in range(self.pairs - 1, -1, -1):
+            q, r = np.divmod(q, 100)
+            lead = np.uint32(200 if p == self.pairs - 1 else 100)  # the units pair: table 2
+            index = r + (q == 0) * lead
+            pairs[:, p] = _PAIRS[index]
+
+
+Part = bytes | np.ndarray | Decimal  # constant text, a (rows, width) column, numbers
+
+
+def hex_column(buf: bytes, size: int, count: int) -> np.ndarray:
+    """The hex of ``count`` items of ``size`` bytes each, as a (count, 2*size) column."""
+    hexed = np.frombuffer(buf[:count * size].hex().encode(), np.uint8)
+    return hexed.reshape(count, 2 * size)
+
+
+def render_rows(parts: list[Part], count: int) -> bytes:
+    """``count`` rows, each the concatenation of ``parts``, back to back."""
+    widths = [len(p) if isinstance(p, bytes) else p.width if isinstance(p, Decimal)
+              else p.shape[1] for p in parts]
+    width = sum(widths)
+    blank = np.zeros(width, np.uint8)  # the constant text, broadcast into every row at once
+    at = 0
+    for w, part in zip(widths, parts):
+        if isinstance(part, bytes):
+            blank[at:at + w] = np.frombuffer(part, np.uint8)
+        at += w
+    rows = np.empty((count, width), np.uint8)
+    rows[:] = blank
+    at = 0
+    for w, part in zip(widths, parts):
+        if isinstance(part, Decimal):
+            part.write(rows[:, at:at + w])
+        elif isinstance(part, np.ndarray):
+            rows[:, at:at + w] = part
+        at += w
+    text = rows.tobytes()
+    if any(isinstance(p, Decimal) for p in parts):
+        text = text.replace(b"\0", b"")  # the cells Decimal left unused
+    return text
