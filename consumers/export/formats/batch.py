@@ -19,16 +19,19 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from operator import itemgetter
+from itertools import repeat
+from operator import attrgetter, itemgetter
 
 import attrs
+import numpy as np
 import orjson
 
+from watcher.decode.textrows import Decimal, Part, hex_column, render_rows
 from watcher.wire.schema import MapInfo
 
 from ...decoding import EntryFormatter
 from ...eventjson import formatted_entry
-from ...subscriber import EntryBatch, Event
+from ...subscriber import ACTIONS, EntryBatch, Event
 from ..record import ExportRecord, event_id
 from . import base
 
@@ -47,10 +50,16 @@ def mark(name: str) -> str:
 
 @attrs.frozen
 class Template:
-    """A payload as ``pattern % values``, values picked from (seq, key, value, old, fmt)."""
+    """A payload as ``pattern % values``, values picked from (seq, key, value, old, fmt).
+
+    ``texts`` and ``slots`` say the same for :func:`watcher.decode.textrows.render_rows`:
+    ``texts[0]``, slot ``slots[0]``'s value, ``texts[1]``, ... ``texts[-1]``.
+    """
 
     pattern: bytes
     pick: Callable[[tuple], tuple]
+    texts: tuple[bytes, ...] = ()
+    slots: tuple[int, ...] = ()
 
     def fill(self, values: tuple) -> bytes:
         return self.pattern % self.pick(values)
@@ -59,24 +68,25 @@ class Template:
 def make_template(payload: bytes, text: bool) -> Template | None:
     """Split a marked payload into a template, or None when it has no usable slots."""
     rx = TEXT_MARK if text else JSON_MARK
-    parts: list[bytes] = []
+    texts: list[bytes] = []
     picks: list[int] = []
-    at = 0
+    at, closing = 0, b""
     for m in rx.finditer(payload):
         whole, inner = m.group(1), m.group(2)
         name = (whole or inner).decode()
         if name not in _INDEX:
             return None
-        parts.append(payload[at:m.start()].replace(b"%", b"%%"))
-        parts.append(b'"%s"' if whole and name in QUOTED else b"%s")
+        quote = b'"' if whole and name in QUOTED else b""  # a JSON string keeps its quotes
+        texts.append(closing + payload[at:m.start()] + quote)
         picks.append(_INDEX[name])
-        at = m.end()
+        at, closing = m.end(), quote
     if not picks:
         return None
-    parts.append(payload[at:].replace(b"%", b"%%"))
+    texts.append(closing + payload[at:])
     getter = itemgetter(*picks)
     pick = getter if len(picks) > 1 else (lambda values: (getter(values),))
-    return Template(b"".join(parts), pick)
+    pattern = b"%s".join(t.replace(b"%", b"%%") for t in texts)
+    return Template(pattern, pick, tuple(texts), tuple(picks))
 
 
 class BatchRenderer:
@@ -94,6 +104,10 @@ class BatchRenderer:
         percpu = info is not None and info.percpu
         if percpu or (fmt is not None and self.text):
             return self._slow(view, when, info, fmt, node, epoch)
+        if fmt is None:
+            fast = self._columns(view, when, info, node, epoch)
+            if fast is not None:
+                return fast
         entries = list(view.entries())
         decoded = ([formatted_entry(fmt, k, v, o, False) for _, _, k, v, o in entries]
                    if fmt is not None else None)
@@ -115,9 +129,7 @@ class BatchRenderer:
             if action not in templates:
                 event = Event(action, message.map, seq, message.topic_seq + i, when,
                               key=key, value=value, old_value=old)
-                real = self.format.payload(base.facts(event, info, fmt, node, epoch))
-                t = self._template(event, info, fmt, node, epoch)
-                templates[action] = t if t is not None and t.fill(values) == real else None
+                templates[action] = self._checked(event, values, info, fmt, node, epoch)[0]
             t = templates[action]
             if t is None:
                 event = Event(action, message.map, seq, message.topic_seq + i, when,
@@ -128,6 +140,66 @@ class BatchRenderer:
                 self.templated += 1
             out.append(ExportRecord(node, epoch, seq, name, action, when, payload))
         return out
+
+    def _checked(self, event: Event, values: tuple, info: MapInfo | None,
+                 fmt: EntryFormatter | None, node: str, epoch: str
+                 ) -> tuple[Template | None, bytes]:
+        """The template of ``event``'s action if it gives ``event``'s real payload from its
+        ``values`` (else None), and that payload."""
+        real = self.format.payload(base.facts(event, info, fmt, node, epoch))
+        t = self._template(event, info, fmt, node, epoch)
+        return (t if t is not None and t.fill(values) == real else None), real
+
+    def _columns(self, view: EntryBatch, when: float, info: MapInfo | None, node: str,
+                 epoch: str) -> list[ExportRecord] | None:
+        """Undecoded events, each action's at once (textrows.render_rows); None when a
+        template does not apply, and the caller goes event by event."""
+        message, frames, start = view.message, view.frames, view.start
+        acts = np.frombuffer(frames[0], np.uint8)[start:message.count]
+        name, seq0, codes = message.map.name, message.seq, np.unique(acts).tolist()
+        out: list[ExportRecord] = []
+        for code in codes:
+            index = np.flatnonzero(acts == code) + start
+            action = ACTIONS[code]
+            payloads = self._action_rows(view, action, index, when, info, node, epoch)
+            if payloads is None:
+                return None
+            out += map(ExportRecord, repeat(node), repeat(epoch), (index + seq0).tolist(),
+                       repeat(name), repeat(action), repeat(when), payloads)
+            self.templated += len(payloads)
+        if len(codes) > 1:  # back in the message's order
+            out.sort(key=attrgetter("seq"))
+        return out
+
+    def _action_rows(self, view: EntryBatch, action: str, index: np.ndarray, when: float,
+                     info: MapInfo | None, node: str, epoch: str) -> list[bytes] | None:
+        """The payloads of the events at ``index`` (all ``action``), or None."""
+        message, frames = view.message, view.frames
+        ks, vs, i = message.key_size, message.value_stride, int(index[0])
+        key, value = frames[1][i * ks:(i + 1) * ks], frames[2][i * vs:(i + 1) * vs]
+        old = frames[3][i * vs:(i + 1) * vs] if action == "updated" else None
+        event = Event(action, message.map, message.seq + i, message.topic_seq + i, when,
+                      key=key, value=value, old_value=old)
+        values = (b"%d" % event.seq, key.hex().encode(), value.hex().encode(),
+                  old.hex().encode() if old is not None else b"", b"")
+        t, real = self._checked(event, values, info, None, node, epoch)
+        if t is None or _INDEX["fmt"] in t.slots or any(b"\0" in x or b"\n" in x
+                                                       for x in t.texts):
+            return None  # NUL and newline are the renderer's own bytes
+        n = len(index)
+        columns: dict[int, Part] = {
+            _INDEX["seq"]: Decimal(index.astype(np.uint64) + np.uint64(message.seq))}
+        for name, buf, size in (("key", frames[1], ks), ("value", frames[2], vs),
+                                ("old", frames[3], vs)):
+            if _INDEX[name] in t.slots:
+                rows = np.frombuffer(buf, np.uint8, message.count * size)
+                picked = rows.reshape(message.count, size)[index].tobytes()
+                columns[_INDEX[name]] = hex_column(picked, size, n)
+        parts: list[Part] = [b"\n" + t.texts[0]]
+        for slot, text in zip(t.slots, t.texts[1:]):
+            parts += [columns[slot], text]
+        payloads = render_rows(parts, n).split(b"\n")[1:]
+        return payloads if payloads[0] == real else None
 
     def _template(self, event: Event, info: MapInfo | None, fmt: EntryFormatter | None,
                   node: str, epoch: str) -> Template | None:
