@@ -45,11 +45,13 @@ _PAIRS = _pair_table()
 
 
 class Decimal:
-    """A column of integers as decimal text in fixed-width cells: a sign character and
-    an even number of digit cells, enough for the column's largest magnitude.  Unused
+    """A column of integers as decimal text in fixed-width cells: a sign character (signed
+    types) and as many digit cells as the column's largest magnitude needs.  Unused
     cells (leading zeros, the sign of a non-negative number) are NUL, deleted from the
-    chunk's text afterwards in one C-level ``bytes.replace``.  Digits go two at a time
-    (a divide by 100 and a look-up per pair): half the passes over the column."""
+    text afterwards in one C-level ``bytes.replace`` (none when every number of the
+    column has as many digits: a batch's sequence numbers).  Digits go two at a time
+    (a divide by 100 and a look-up per pair): half the passes over the column; an odd
+    count's leading digit alone."""
 
     def __init__(self, column: np.ndarray):
         self.negative = None
@@ -59,23 +61,26 @@ class Decimal:
             magnitude = np.where(self.negative, -wide, wide).view(np.uint64)  # -(-2**63) wraps
         else:
             magnitude = column.astype(np.uint64)
-        self.pairs = (len(str(int(magnitude.max()))) + 1) // 2
-        if self.pairs <= 4:
+        digits = len(str(int(magnitude.max())))
+        self.pairs, self.single = divmod(digits, 2)
+        if digits <= 9:
             magnitude = magnitude.astype(np.uint32)  # a 32-bit divide is the cheaper one
         self.magnitude = magnitude
-        self.width = 2 * self.pairs + (self.negative is not None)
+        self.width = digits + (self.negative is not None)
 
     def write(self, cells: np.ndarray) -> None:
         if self.negative is not None:
             cells[:, 0] = self.negative * np.uint8(ord("-"))
             cells = cells[:, 1:]
-        pairs = cells.view("<u2")  # unaligned is fine: the row's last axis is contiguous
+        pairs = cells[:, self.single:].view("<u2")  # unaligned is fine: last axis contiguous
         q = self.magnitude
         for p in range(self.pairs - 1, -1, -1):
             q, r = np.divmod(q, 100)
             lead = np.uint32(200 if p == self.pairs - 1 else 100)  # the units pair: table 2
             index = r + (q == 0) * lead
             pairs[:, p] = _PAIRS[index]
+        if self.single:  # what is left: one digit, shown unless a leading zero
+            cells[:, 0] = q + ord("0") if not self.pairs else (q + ord("0")) * (q > 0)
 
 
 Part = bytes | np.ndarray | Decimal  # constant text, a (rows, width) column, numbers
@@ -108,6 +113,6 @@ def render_rows(parts: list[Part], count: int) -> bytes:
             rows[:, at:at + w] = part
         at += w
     text = rows.tobytes()
-    if any(isinstance(p, Decimal) for p in parts):
-        text = text.replace(b"\0", b"")  # the cells Decimal left unused
+    if b"\0" in text:  # cells a Decimal left unused (memchr: cheap when there are none)
+        text = text.replace(b"\0", b"")
     return text
