@@ -17,14 +17,16 @@ import orjson
 from rich.console import Console
 
 from watcher.decode.bpfabi import percpu_slot
-from watcher.decode.dumptext import dump_lines
 from watcher.wire.schema import MapInfo
 
 from .columns import Column, print_table
 
 if TYPE_CHECKING:
+    from watcher.decode.dumptext import DumpLines
+
     from ..client import Chunk
 
+WHOLE_CHUNK_MIN = 1024  # entries in a dump's first chunk for the whole-chunk renderer
 MAP_FIELDS = ("id", "name", "type", "key_size", "value_size", "max_entries", "entries", "flags",
               "pinned", "kernel_name", "btf_id", "memlock", "frozen", "holders")
 
@@ -172,7 +174,7 @@ class JsonDumpWriter:
         self.formatter = formatter
         self._first = True
         self._count = 0
-        self._lines = dump_lines(m.percpu, m.key_size, m.value_stride, formatter)
+        self._lines: DumpLines | None | bool = True  # decided on the first chunk
         head = '{"map":' + orjson.dumps(map_json(m)).decode()
         if decoder is not None:  # which decoder made "formatted", and notes on the others
             head += ',"decoder":' + orjson.dumps(decoder).decode()
@@ -183,7 +185,9 @@ class JsonDumpWriter:
         n = chunk.count
         if n == 0:
             return
-        if self._lines is not None:  # hex, or flat integers: the whole chunk at once
+        if self._lines is True:  # numpy (for the whole-chunk renderer) pays off for big dumps only
+            self._lines = n >= WHOLE_CHUNK_MIN and self._whole_chunks()
+        if self._lines:  # hex, or flat integers: the whole chunk at once
             self._write(n, [self._lines.render(chunk.keys, chunk.values, n)])
             return
         kw, vw = 2 * m.key_size, 2 * m.value_stride
@@ -224,6 +228,12 @@ class JsonDumpWriter:
                 if gc_was_enabled:
                     gc.enable()
         self._write(n, lines)
+
+    def _whole_chunks(self) -> DumpLines | None:
+        from watcher.decode.dumptext import dump_lines
+
+        m = self.m
+        return dump_lines(m.percpu, m.key_size, m.value_stride, self.formatter)
 
     def _write(self, n: int, lines: list[str]) -> None:
         self._count += n
