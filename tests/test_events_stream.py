@@ -3,6 +3,8 @@ stuck subscribers, and a daemon restarted under a running stream.  Real kernel m
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
 import zmq
@@ -25,6 +27,11 @@ from consumers.client import Client
 from watcher.kernel.sys import syscall
 
 pytestmark = pytest.mark.kernel
+
+
+def has_entries(n: int, events: list) -> bool:
+    """At least ``n`` entry events (the library may add stalled/resumed notices)."""
+    return sum(e.key is not None for e in events) >= n
 
 
 async def test_three_subscribers_see_the_same_stream(daemon_factory, maps, bpffs_dir):
@@ -71,16 +78,20 @@ async def test_three_subscribers_see_the_same_stream(daemon_factory, maps, bpffs
                 prev, total = total, total + len(exp)
                 l1 = await f1.await_count(total)
                 l2 = await f2.await_count(total)
-                await lib.await_count(total)
+                await lib.await_count(total, pred=functools.partial(has_entries, total))
                 assert changes(l1[prev:total]) == exp
                 assert changes(l2[prev:total]) == exp
-                assert changes(lib.events[prev:total]) == exp
+                assert changes(lib.entry_events()[prev:total]) == exp
             nursery.cancel_scope.cancel()
         # Nothing extra arrived after the last round, and all three agree exactly.
         t1 = [line_tuple(x) for x in f1.snapshot()]
         t2 = [line_tuple(x) for x in f2.snapshot()]
-        t3 = [event_tuple(e) for e in lib.events]
+        t3 = [event_tuple(e) for e in lib.entry_events()]
         assert lib.error is None
+        # A loaded host may delay a heartbeat past the silence limit: the library then says
+        # so (stalled, then resumed). Those are the only other events it may add.
+        notices = [e.action for e in lib.events if e.key is None]
+        assert set(notices) <= {"stalled", "resumed"}, notices
         assert len(t1) == total
         assert t1 == t2 == t3
         seqs = [t[0] for t in t1]
