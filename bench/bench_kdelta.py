@@ -173,8 +173,8 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
     import trio
 
     from watcher.daemon.config import Config
+    from watcher.daemon.diff import supervise
     from watcher.daemon.engine import Engine
-    from watcher.daemon.kdelta import supervise
     from watcher.daemon.publisher import Stream
     from watcher.kernel.maps import find as kmaps
     from watcher.wire.transport import PublisherOwner
@@ -278,7 +278,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
 
 def broker_costs(host: Features) -> dict[str, tuple[float, float]]:
     """(e): best set-up and unchanged-poll seconds, in this process and by the broker."""
-    from watcher.daemon.kdelta import KernelDelta
+    from watcher.daemon.diff import KernelDelta
     from watcher.kernel.maps import find as kmaps
 
     fd = syscall.map_create(TYPE_IDS["hash"], 8, 8, SMALL_ENTRIES, name="pymap_bench_kds")

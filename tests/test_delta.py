@@ -1,4 +1,4 @@
-"""watcher.daemon.delta.diff against a brute-force dict diff, on random inputs.
+"""watcher.daemon.diff.diff against a brute-force dict diff, on random inputs.
 
 No kernel needed: snapshots are built from dicts, in a shuffled (kernel-like,
 arbitrary) order, so the same content in a different order must diff to nothing.
@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from watcher.daemon.delta import Action, Delta, Snapshot, diff, snapshot_as_added
+from watcher.daemon.diff import Action, Delta, Snapshot, diff, snapshot_as_added
 
 KEY_SIZES = (1, 2, 4, 8, 12, 16, 3)
 STRIDES = (1, 8, 13, 32)

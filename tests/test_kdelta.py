@@ -33,8 +33,7 @@ import pytest
 from support.kernel import bpftool_entries, host_allows, host_features, made_up_features
 
 from watcher.daemon.config import WatchConfig
-from watcher.daemon.delta import Action, Delta, Snapshot, diff
-from watcher.daemon.kdelta import KernelDelta, choose_engine
+from watcher.daemon.diff import Action, Delta, KernelDelta, Snapshot, choose_engine, diff
 from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel.asm.assembler import R3, R8, Asm
 from watcher.kernel.features import probe as kf
@@ -749,7 +748,7 @@ def test_state_rebuild_equals_delete_then_insert(seed, monkeypatch):
     """The kept state's rebuild after removals and additions (one copy, slice by slice)
     against numpy's delete-then-insert, with adds and removals at the same spots, at the
     ends, and in runs; also past the step limit, where it takes numpy's way."""
-    from watcher.daemon import kdelta
+    from watcher.daemon.diff import inkernel as kdelta
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(0, 400))

@@ -44,9 +44,8 @@ from . import catalog, errors
 from .access import NAMESPACE_BYTES, View
 from .catalog import Catalog, MapGone
 from .config import Config
-from .delta import Delta, Snapshot, diff, snapshot_as_added
+from .diff import Delta, KernelDelta, Snapshot, changes, choose_engine
 from .discovery import Discovery
-from .kdelta import KernelDelta, choose_engine
 from .publisher import Stream
 
 log = logging.getLogger("pymap.engine")
@@ -71,7 +70,7 @@ class Watch:
     by_action: list[int] = attrs.Factory(lambda: [0, 0, 0])  # added, updated, removed (pymap top)
     reason: str = ""
     unreadable: str = ""  # why the map cannot be read (e.g. created write-only): not polled
-    kernel: KernelDelta | None = None  # the in-kernel engine, when chosen (kdelta.py)
+    kernel: KernelDelta | None = None  # the in-kernel engine, when chosen (diff/inkernel.py)
     engine: str = ""  # which engine polls it and why (status, debug log)
 
     def count(self, delta: Delta) -> None:
@@ -478,13 +477,11 @@ class Engine:
             watch.next_due = trio.current_time() + watch.interval
             t0 = time.perf_counter()
             when = time.time()
-            kernel_delta: Delta | None = None
             try:
-                if watch.kernel is not None:
-                    snap, kernel_delta = await trio.to_thread.run_sync(
-                        self._read_kernel, watch, report_all)
-                else:
-                    snap = await trio.to_thread.run_sync(self._read, watch)
+                # Both walk every entry: a worker thread's job, never the loop's.
+                snap, delta = await trio.to_thread.run_sync(
+                    self._read_kernel if watch.kernel is not None else self._read_changes,
+                    watch, report_all)
             except MapGone:
                 return  # the next cycle reports map_removed
             except OSError as e:
@@ -497,25 +494,10 @@ class Engine:
                     return
                 log.error("polling %s (id %d) failed: %s", watch.record.name, watch.record.id, e)
                 return
-            if watch.kernel is not None:
-                watch.snapshot = snap
-                if kernel_delta is not None and kernel_delta.count:
-                    self.stream.publish_delta(watch.record, snap.key_size, snap.stride,
-                                              kernel_delta, when)
-                    watch.count(kernel_delta)
-            elif watch.snapshot is None and not report_all:
-                watch.snapshot = snap
-            else:
-                prev = watch.snapshot or Snapshot.empty(snap.key_size, snap.stride)
-                # Both walk every entry: a worker thread's job, never the loop's.
-                delta = await (trio.to_thread.run_sync(snapshot_as_added, snap)
-                               if watch.snapshot is None
-                               else trio.to_thread.run_sync(diff, prev, snap))
-                watch.snapshot = snap
-                if delta.count:
-                    self.stream.publish_delta(watch.record, snap.key_size, snap.stride,
-                                              delta, when)
-                    watch.count(delta)
+            watch.snapshot = snap
+            if delta is not None and delta.count:
+                self.stream.publish_delta(watch.record, snap.key_size, snap.stride, delta, when)
+                watch.count(delta)
             elapsed = (time.perf_counter() - t0) * 1000
             watch.polls += 1
             watch.last_poll_ms = elapsed
@@ -537,10 +519,12 @@ class Engine:
                             watch.record.name, watch.record.id, e)
                 watch.kernel.close()
                 watch.kernel, watch.engine = None, f"user-space: in-kernel walk failed: {e}"
+        return self._read_changes(watch, report_all)
+
+    def _read_changes(self, watch: Watch, report_all: bool) -> tuple[Snapshot, Delta | None]:
+        """A poll on the user-space engine: a dump, and its changes from the last one."""
         snap = self._read(watch)
-        if watch.snapshot is None:
-            return snap, (snapshot_as_added(snap) if report_all else None)
-        return snap, diff(watch.snapshot, snap)
+        return snap, changes(watch.snapshot, snap, report_all)
 
     def _read(self, watch: Watch) -> Snapshot:
         keys, values, count = self.catalog.read_entries(watch.record)

@@ -28,9 +28,9 @@ from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
 from .access import Authenticator, Policy
 from .config import Config, ConfigError, DaemonConfig
+from .diff import start_broker, supervise
 from .discovery import Discovery
 from .engine import Engine
-from .kdelta import start_broker, supervise
 from .logs import setup_logging
 from .memory import release_big_buffers_promptly, trim_heap
 from .metrics import MetricsServer

@@ -25,7 +25,7 @@ from watcher.kernel.maps.find import MapRecord
 from ..wire import schema
 from ..wire.transport import OutFrames, PublisherOwner, frames_size
 from .access import View
-from .delta import Delta
+from .diff import Delta
 
 # What a message is about, for a view's decision: the map (record or MapInfo: its
 # names and pins, as list and get decide), or None: its topic name (event sources).
