@@ -33,7 +33,7 @@ import pytest
 from support.kernel import bpftool_entries, host_allows, host_features, made_up_features
 
 from watcher.daemon.config import WatchConfig
-from watcher.daemon.diff import Action, Delta, KernelDelta, Snapshot, choose_engine, diff
+from watcher.daemon.diff import Action, Delta, EngineSnapshot, KernelDelta, choose_engine, diff
 from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel.asm.assembler import R3, R8, Asm
 from watcher.kernel.features import probe as kf
@@ -61,7 +61,7 @@ def events(delta: Delta | None, key_size: int, stride: int) -> list[tuple]:
                    delta.old_values[i * stride:(i + 1) * stride]) for i in range(delta.count))
 
 
-def user_poll(fd: int, record, prev: Snapshot | None) -> tuple[Snapshot, Delta | None]:
+def user_poll(fd: int, record, prev: EngineSnapshot | None) -> tuple[EngineSnapshot, Delta | None]:
     """The user-space engine's poll, as watcher.daemon.engine does it."""
     stride = value_stride(record)
     keys, values, count = bytearray(), bytearray(), 0
@@ -69,7 +69,7 @@ def user_poll(fd: int, record, prev: Snapshot | None) -> tuple[Snapshot, Delta |
         keys += chunk.keys
         values += chunk.values
         count += chunk.count
-    snap = Snapshot(keys, values, count, record.key_size, stride)
+    snap = EngineSnapshot(keys, values, count, record.key_size, stride)
     return snap, (None if prev is None else diff(prev, snap))
 
 
@@ -99,7 +99,7 @@ def iterators_for(route: str) -> bool:
     return route not in (FOR_EACH_ONLY, TINY_RING) and host_allows(kf.MAP_ITER)
 
 
-def replay(first: Snapshot, deltas: list[Delta | None], key_size: int, stride: int
+def replay(first: EngineSnapshot, deltas: list[Delta | None], key_size: int, stride: int
            ) -> dict[bytes, bytes]:
     """The first state with every delta applied, as a follower rebuilds the map."""
     state = {bytes(first.keys[i * key_size:(i + 1) * key_size]):

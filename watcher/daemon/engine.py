@@ -44,7 +44,7 @@ from . import catalog, errors
 from .access import NAMESPACE_BYTES, View
 from .catalog import Catalog, MapGone
 from .config import Config
-from .diff import Delta, KernelDelta, Snapshot, changes, choose_engine
+from .diff import Delta, EngineSnapshot, KernelDelta, changes, choose_engine
 from .discovery import Discovery
 from .publisher import Stream
 
@@ -60,7 +60,7 @@ class Watch:
     interval: float
     stride: int
     lock: trio.Lock = attrs.Factory(trio.Lock)
-    snapshot: Snapshot | None = None
+    snapshot: EngineSnapshot | None = None
     next_due: float = 0.0
     polls: int = 0
     last_poll_ms: float = 0.0
@@ -180,7 +180,7 @@ class WatchFigures:
     """One watched map's counters and its last snapshot, for the metrics scrape."""
 
     record: kmaps.MapRecord
-    snapshot: Snapshot | None
+    snapshot: EngineSnapshot | None
     polls: int
     poll_seconds: float
     last_poll_ms: float
@@ -508,7 +508,7 @@ class Engine:
         # request for this map need not wait).
         await self.stream.room()
 
-    def _read_kernel(self, watch: Watch, report_all: bool) -> tuple[Snapshot, Delta | None]:
+    def _read_kernel(self, watch: Watch, report_all: bool) -> tuple[EngineSnapshot, Delta | None]:
         """A poll on the in-kernel engine; if a walk fails, user space from now on."""
         assert watch.kernel is not None
         with self.catalog.open_watched(watch.record) as handle:
@@ -521,14 +521,14 @@ class Engine:
                 watch.kernel, watch.engine = None, f"user-space: in-kernel walk failed: {e}"
         return self._read_changes(watch, report_all)
 
-    def _read_changes(self, watch: Watch, report_all: bool) -> tuple[Snapshot, Delta | None]:
+    def _read_changes(self, watch: Watch, report_all: bool) -> tuple[EngineSnapshot, Delta | None]:
         """A poll on the user-space engine: a dump, and its changes from the last one."""
         snap = self._read(watch)
         return snap, changes(watch.snapshot, snap, report_all)
 
-    def _read(self, watch: Watch) -> Snapshot:
+    def _read(self, watch: Watch) -> EngineSnapshot:
         keys, values, count = self.catalog.read_entries(watch.record)
-        return Snapshot(keys, values, count, watch.record.key_size, watch.stride)
+        return EngineSnapshot(keys, values, count, watch.record.key_size, watch.stride)
 
     def heartbeat(self) -> None:
         self.stream.heartbeat(self.watched_topics(), [w.record for w in self.watches.values()])
@@ -540,7 +540,7 @@ class Engine:
         log.warning("a subscriber of %s missed %d events", name, missed)
 
     async def snapshot(self, selector: str, reason: str = ""
-                       ) -> tuple[kmaps.MapRecord, Snapshot, int]:
+                       ) -> tuple[kmaps.MapRecord, EngineSnapshot, int]:
         """The watched state of one map and the stream sequence it reflects.
 
         Starts watching the map (held for ``watch.linger``) if nobody did yet.

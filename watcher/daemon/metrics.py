@@ -89,7 +89,7 @@ def entry_value(entry: dict, path: str) -> float:
 
 @attrs.define(eq=False)
 class _Decoded:
-    snapshot: object  # the engine's Snapshot these samples came from (held: identity check)
+    snapshot: object  # the engine's EngineSnapshot these samples came from (held: identity check)
     samples: dict[tuple[str, ...], float]
     truncated: int
     errors: int

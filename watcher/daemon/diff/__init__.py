@@ -19,7 +19,7 @@ the user-space one against a brute-force diff.
 from .core import (
     Action,
     Delta,
-    Snapshot,
+    EngineSnapshot,
     assemble,
     first_poll_is_silent,
     key_dtype,
@@ -29,7 +29,7 @@ from .inkernel import KernelDelta, choose_engine, start_broker, supervise
 from .userspace import changes, diff
 
 __all__ = [
-    "Action", "Delta", "KernelDelta", "Snapshot", "assemble", "changes", "choose_engine",
+    "Action", "Delta", "EngineSnapshot", "KernelDelta", "assemble", "changes", "choose_engine",
     "diff", "first_poll_is_silent", "key_dtype", "snapshot_as_added", "start_broker",
     "supervise",
 ]

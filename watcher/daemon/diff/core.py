@@ -1,5 +1,5 @@
 """What both change-detection engines share: the kept state of a watched map
-(:class:`Snapshot`), the changes of one poll (:class:`Delta`), how a delta
+(:class:`EngineSnapshot`), the changes of one poll (:class:`Delta`), how a delta
 is put together (:func:`assemble`), and the first-poll rule.
 
 Why one module: the user-space engine (:mod:`.userspace`) and the in-kernel
@@ -40,9 +40,11 @@ def key_dtype(key_size: int) -> np.dtype:
 
 
 @attrs.define(eq=False)
-class Snapshot:
+class EngineSnapshot:
     """One dump of a map as an engine keeps it: keys and values back to back,
     in the kernel's order (user space) or in key order (in-kernel).
+
+    Named for its side: consumers have their own snapshot, of what a client holds.
     """
 
     keys: bytes | bytearray
@@ -53,7 +55,7 @@ class Snapshot:
     order: np.ndarray | None = None  # argsort of the keys, computed when first needed
 
     @classmethod
-    def empty(cls, key_size: int, stride: int) -> Snapshot:
+    def empty(cls, key_size: int, stride: int) -> EngineSnapshot:
         return cls(b"", b"", 0, key_size, stride)
 
     def key_array(self) -> np.ndarray:
@@ -117,13 +119,13 @@ def assemble(stride: int, added: Rows | None, updated: Rows | None,
     return Delta(act, b"".join(parts_k), b"".join(parts_v), b"".join(parts_o), len(act))
 
 
-def snapshot_as_added(snap: Snapshot) -> Delta:
+def snapshot_as_added(snap: EngineSnapshot) -> Delta:
     """Every entry of ``snap`` as an ``added`` event (a map created while watched)."""
     return Delta(bytes([Action.ADDED]) * snap.count, snap.keys, snap.values,
                  bytes(len(snap.values)), snap.count)
 
 
-def first_poll_is_silent(prev: Snapshot | None, report_all: bool) -> bool:
+def first_poll_is_silent(prev: EngineSnapshot | None, report_all: bool) -> bool:
     """The first-poll rule: a map's first poll (no kept state yet) only records its
     state and makes no events, unless ``report_all`` (a map created while watched:
     its entries are new, so each is an ``added`` event)."""

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import Delta, Snapshot, assemble, first_poll_is_silent, snapshot_as_added
+from .core import Delta, EngineSnapshot, assemble, first_poll_is_silent, snapshot_as_added
 
 
-def changes(prev: Snapshot | None, cur: Snapshot, report_all: bool
+def changes(prev: EngineSnapshot | None, cur: EngineSnapshot, report_all: bool
             ) -> Delta | None:
     """One user-space poll's events: None on a silent first poll
     (:func:`~.core.first_poll_is_silent`), every entry as added on a first poll that
@@ -36,7 +36,7 @@ def _empty_delta() -> Delta:
     return Delta(b"", b"", b"", b"", 0)
 
 
-def diff(prev: Snapshot, cur: Snapshot) -> Delta:
+def diff(prev: EngineSnapshot, cur: EngineSnapshot) -> Delta:
     """What changed from ``prev`` to ``cur``: added, then updated, then removed entries."""
     if prev.key_size != cur.key_size or prev.stride != cur.stride:
         raise ValueError("snapshots of differently shaped maps")
