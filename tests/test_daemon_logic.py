@@ -13,6 +13,7 @@ import itertools
 import pathlib
 import re
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,14 +24,16 @@ from support.kernel import host_features
 
 from watcher.daemon import errors, publisher
 from watcher.daemon.access import View
-from watcher.daemon.catalog import Catalog
+from watcher.daemon.catalog import HostCatalog
 from watcher.daemon.config import Config, DaemonConfig
 from watcher.daemon.engine import Demand, Engine
+from watcher.daemon.interfaces import Catalog
 from watcher.daemon.publisher import Stream
 from watcher.daemon.reload import Reloader
 from watcher.daemon.server import RequestServer
 from watcher.wire import schema
 from watcher.wire.transport import (
+    OutFrames,
     PeerGone,
     PublisherOwner,
     SocketOwner,
@@ -56,13 +59,13 @@ class Recorder:
         self.sent: list[list[bytes]] = []
         self.outbox_bytes = self.waits = 0  # never queues: nothing to wait for
 
-    def publish(self, frames: list[bytes]) -> None:
+    def publish(self, frames: OutFrames) -> None:
         self.sent.append([bytes(f) for f in frames])
 
     async def room(self) -> None:
         pass
 
-    def messages(self, kind: type | None = None) -> list[tuple[object, list[bytes]]]:
+    def messages(self, kind: type | None = None) -> list[tuple[Any, list[bytes]]]:
         out = [(schema.decode(f[1]), f[2:]) for f in self.sent]
         return [(m, fr) for m, fr in out if kind is None or isinstance(m, kind)]
 
@@ -73,10 +76,10 @@ def user_space_config(**daemon) -> Config:
     return config
 
 
-def make_engine(cat: FakeCatalog, **daemon) -> tuple[Engine, Recorder]:
+def make_engine(cat: Catalog, **daemon) -> tuple[Engine, Recorder]:
     rec = Recorder()
     config = user_space_config(**daemon)
-    stream = Stream(rec, "e" * 16, config.daemon.recent_events, batch_events=2,  # type: ignore[arg-type]
+    stream = Stream(rec, "e" * 16, config.daemon.recent_events, batch_events=2,
                     heartbeat_interval=1.0, recent_bytes=config.daemon.recent_bytes)
     return Engine(config, stream, host_features(), catalog=cat), rec
 
@@ -307,7 +310,7 @@ class Dealer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
-    async def ask(self, frame: bytes, *extra: bytes) -> list[tuple[object, list[bytes]]]:
+    async def ask(self, frame: bytes, *extra: bytes) -> list[tuple[Any, list[bytes]]]:
         """Send one request; every reply up to the one that ends it."""
         await send_multipart(self.sock, [frame, *extra])
         out = []
@@ -497,7 +500,7 @@ async def test_publisher_owner_bounds_its_queue_in_bytes_by_making_producers_wai
     sub.connect(endpoint)
     big = np.zeros(100, dtype=np.uint64)  # a view's len is 100 items; its bytes are 800
     await owner.room()  # empty: at once
-    owner.publish([b"map:a\0", memoryview(big)])
+    owner.publish([b"map:a\0", big.data])  # a memoryview of the array, as memoryview(big)
     assert owner.outbox_bytes == 806 and owner.waits == 0
     owner.publish([b"map:a\0", b"x" * 300])
     assert owner.outbox_bytes == 1112
@@ -522,11 +525,11 @@ async def test_publisher_owner_bounds_its_queue_in_bytes_by_making_producers_wai
 
 async def test_reload_reaches_the_catalog():
     """A reloaded daemon.bpffs is where the next listing and selection look."""
-    engine, _ = make_engine(FakeCatalog())
-    engine.catalog = Catalog(["/sys/fs/bpf/a"])
+    cat = HostCatalog(["/sys/fs/bpf/a"])
+    engine, _ = make_engine(cat)
     new = user_space_config(bpffs=["/sys/fs/bpf/b"])
     Reloader(lambda: new, engine, []).apply(new)
-    assert engine.catalog.bpffs == ("/sys/fs/bpf/b",) and engine.config is new
+    assert engine.catalog is cat and cat.bpffs == ("/sys/fs/bpf/b",) and engine.config is new
 
 
 def test_every_error_code_is_documented_and_no_other():

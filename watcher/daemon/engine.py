@@ -42,10 +42,11 @@ from ..wire import schema
 from ..wire.transport import OutFrames
 from . import catalog, errors
 from .access import NAMESPACE_BYTES, View
-from .catalog import Catalog, MapGone
+from .catalog import HostCatalog, MapGone
 from .config import Config
 from .diff import Delta, EngineSnapshot, KernelDelta, changes, choose_engine
 from .discovery import Discovery
+from .interfaces import Catalog
 from .publisher import Stream
 
 log = logging.getLogger("pymap.engine")
@@ -194,7 +195,7 @@ class Engine:
     class (:meth:`snapshot`, :meth:`recent`, :meth:`layout_for`,
     :meth:`status`, :meth:`report_gap`), and the metrics scrape through
     :meth:`status` and :meth:`watch_figures`; the host is reached only through
-    ``catalog`` (a :class:`~watcher.daemon.catalog.Catalog`, or a test's).
+    ``catalog`` (a :class:`~watcher.daemon.interfaces.Catalog`: the host's, or a test's).
     """
 
     def __init__(self, config: Config, stream: Stream, features: Features,
@@ -206,7 +207,7 @@ class Engine:
         # settles it: reported through the normal path, or as created-and-gone
         self._created: dict[int, kmaps.MapRecord | None] = {}
         self.created_dropped = 0
-        self.catalog = catalog or Catalog(config.daemon.bpffs)
+        self.catalog: Catalog = catalog or HostCatalog(config.daemon.bpffs)
         self.stream = stream
         self.demand = Demand()
         self.watches: dict[int, Watch] = {}

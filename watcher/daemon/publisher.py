@@ -23,9 +23,10 @@ from typing import Any
 from watcher.kernel.maps.find import MapRecord
 
 from ..wire import schema
-from ..wire.transport import OutFrames, PublisherOwner, frames_size
+from ..wire.transport import OutFrames, frames_size
 from .access import View
 from .diff import Delta
+from .interfaces import Publisher
 
 # What a message is about, for a view's decision: the map (record or MapInfo: its
 # names and pins, as list and get decide), or None: its topic name (event sources).
@@ -38,7 +39,7 @@ GONE_TOPICS_MAX = 65536
 
 
 class Stream:
-    def __init__(self, publisher: PublisherOwner, epoch: str, recent_limit: int,
+    def __init__(self, publisher: Publisher, epoch: str, recent_limit: int,
                  batch_events: int, heartbeat_interval: float, message_bytes: int = 256 << 10,
                  recent_bytes: int = 4 << 20):
         self.publisher = publisher

@@ -92,7 +92,7 @@ class Reloader:
     def apply(self, new: Config) -> None:
         engine = self.engine
         engine.config = new
-        engine.catalog.bpffs = tuple(new.daemon.bpffs)
+        engine.catalog.reconfigure(new)
         stream = engine.stream
         stream.recent_limit = new.daemon.recent_events
         stream.recent_bytes = new.daemon.recent_bytes

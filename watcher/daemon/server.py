@@ -22,9 +22,9 @@ from ..wire import schema
 from ..wire.transport import PeerGone, SocketOwner
 from . import catalog, errors
 from .access import Policy, Principal, View, open_visible, restricted_status
-from .catalog import Catalog
 from .config import AccessConfig, DaemonConfig
-from .engine import Engine
+from .interfaces import Catalog
+from .queries import EngineQueries
 from .subgate import SubscriptionGate
 
 log = logging.getLogger("pymap.server")
@@ -43,7 +43,7 @@ class Client:
 
 class RequestServer:
     def __init__(self, sock: zmq.Socket, config: DaemonConfig, epoch: str, version: str,
-                 engine: Engine, sources=None, catalog: Catalog | None = None,
+                 engine: EngineQueries, sources=None, catalog: Catalog | None = None,
                  gate: SubscriptionGate | None = None, access: Policy | None = None):
         self.owner = SocketOwner(sock, config.client_outbox_bytes, on_gone=self._on_gone)
         self.access = access or Policy(AccessConfig())
