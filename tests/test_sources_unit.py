@@ -35,7 +35,7 @@ def test_cli_source_specs():
     ({"pin": "/p", "buffers": ["a"]}, "buffers is for programs"),
     ({"pin": "/p", "page_cnt": 6}, "power of two"),
     ({"pin": "/p", "read_slice": 0}, "read_slice must be an integer"),
-    ({"pin": "/p", "wakeup_events": True}, "wakeup_events must be an integer"),
+    ({"pin": "/p", "wakeup_events": True}, "wakeup_events: expected an integer, got True"),
     ({"pin": "/p", "flush_interval": 0}, "flush_interval"),
     ({"pin": "/p", "drops_map": "relative"}, "pin path"),
     ({"pin": "/p", "layout": [{"name": "a", "type": "char[0]"}]}, "layout"),

@@ -14,20 +14,27 @@ import tomllib
 from typing import NewType
 
 import attrs
-import cattrs
 
 from watcher.kernel.maps.find import DEFAULT_BPFFS
 
-from ..decode.layout import LayoutError, layout_matches, parse_layout
+from ..decode.layout import LayoutError, layout_matches, validate_layout
 from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
 from ..wire.endpoints import DEFAULT_ENDPOINT
+from ..wire.tables import TableError, converter, structure
 from ..wire.tomlfile import TomlFileError, read_toml
-from .sourceconf import SourceConfig, SourceError, load_sources
+from .sourceconf import (
+    SourceConfig,
+    SourceError,
+    check_programs,
+    check_topics,
+    cli_sources,
+    with_base_dir,
+)
 
 DEFAULT_CONFIG = "/etc/pymap/pymap.toml"
 
 
-class ConfigError(ValueError):
+class ConfigError(TableError):
     """The configuration cannot be used; the message says which key and why."""
 
 
@@ -56,6 +63,8 @@ _list_of_str = attrs.validators.deep_iterable(attrs.validators.instance_of(str),
 
 # A file mode: TOML integers (0o660) as they are, strings ("0660") as octal.
 FileMode = NewType("FileMode", int)
+# A [[layouts]] table, validated and normalised (watcher/decode/layout.py): what clients get.
+LayoutSpec = NewType("LayoutSpec", dict)
 
 
 def _structure_mode(value, _type) -> int:
@@ -196,7 +205,7 @@ def _check_listen(_inst, attribute, value: str | None) -> None:
         return
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"metrics.{attribute.name}: {value!r} must be HOST:PORT, "
+        raise ConfigError(f"{attribute.name}: {value!r} must be HOST:PORT, "
                           "e.g. 127.0.0.1:9435")
 
 
@@ -206,13 +215,13 @@ _FIELD_PATH = re.compile(r"(key|value)(\.[A-Za-z0-9_]+)*\Z")
 
 def _check_metric_name(_inst, attribute, value: str) -> None:
     if not _METRIC_NAME.match(value):
-        raise ConfigError(f"metrics.maps: {attribute.name} {value!r} is not a Prometheus "
+        raise ConfigError(f"{attribute.name} {value!r} is not a Prometheus "
                           "metric name")
 
 
 def _check_field(_inst, attribute, value: str) -> None:
     if not _FIELD_PATH.match(value):
-        raise ConfigError(f"metrics.maps: {attribute.name} {value!r} must be a field path "
+        raise ConfigError(f"{attribute.name} {value!r} must be a field path "
                           "like key, key.proto or value.packets")
 
 
@@ -246,7 +255,7 @@ class MetricsConfig:
     def __attrs_post_init__(self) -> None:
         names = [m.name for m in self.maps]
         if len(set(names)) != len(names):
-            raise ConfigError("metrics.maps: two [[metrics.maps]] define the same metric name")
+            raise ConfigError("two [[metrics.maps]] define the same metric name")
 
 
 @attrs.define
@@ -292,7 +301,7 @@ class AccessRule:
 
     def __attrs_post_init__(self) -> None:
         if not (self.clients or self.users or self.groups):
-            raise ConfigError("access.rules: a rule names no clients, users or groups")
+            raise ConfigError("a rule names no clients, users or groups")
 
 
 @attrs.define
@@ -308,7 +317,7 @@ class Config:
     watch: WatchConfig = attrs.Factory(WatchConfig)
     # [[layouts]]: declared key/value layouts for maps without BTF, validated and
     # normalised at load (watcher/decode/layout.py, docs/decoding.md).
-    layouts: list[dict] = attrs.Factory(list)
+    layouts: list[LayoutSpec] = attrs.Factory(list)
     # [[sources]] and --source: BPF programs and pinned buffers to publish
     # (watcher/daemon/sourceconf.py, docs/sources.md).
     sources: list[SourceConfig] = attrs.Factory(list)
@@ -328,55 +337,16 @@ class Config:
         return None
 
 
-def _load_layouts(raw, path: str | None) -> list[dict]:
-    where = f"config {path}" if path else "config"
-    if not isinstance(raw, list):
-        raise ConfigError(f"{where}: layouts must be an array of tables ([[layouts]])")
+def _structure_layout(value, _type) -> LayoutSpec:
+    # Errors name the field; the converter's error line names the layout (layouts[0] (m)).
     try:
-        return [parse_layout(item, i).spec for i, item in enumerate(raw)]
+        return LayoutSpec(validate_layout(value).spec)
     except LayoutError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(str(e)) from None
 
 
-_converter = cattrs.Converter(forbid_extra_keys=True)
-_converter.register_structure_hook(FileMode, _structure_mode)
-
-
-def _reject_str_as_list(value, type_):
-    # cattrs would turn "cilium_*" into ["c", "i", ...]: a one-glob typo must not watch everything.
-    if isinstance(value, str):
-        raise ConfigError(f"expected a list of strings, got the string {value!r} "
-                          f"(write [{value!r}])")
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"expected a list of strings, got {value!r}")
-    return list(value)
-
-
-_converter.register_structure_hook_func(lambda t: t == list[str], _reject_str_as_list)
-
-
-def _strict_bool(value, _type) -> bool:
-    # cattrs would take bool("false") == True: a switch is written true or false.
-    if not isinstance(value, bool):
-        raise ConfigError(f"expected true or false, got {value!r}")
-    return value
-
-
-_converter.register_structure_hook(bool, _strict_bool)
-
-
-def _format_one(error: BaseException, type_) -> str:
-    if isinstance(error, ConfigError):
-        return str(error)
-    if isinstance(error, (ValueError, TypeError)) and error.args and isinstance(error.args[0], str):
-        return error.args[0]  # attrs validators name the key and the allowed range
-    return cattrs.v.format_exception(error, type_)
-
-
-def _describe(error: BaseException) -> list[str]:
-    if isinstance(error, cattrs.BaseValidationError):
-        return cattrs.transform_error(error, path="config", format_exception=_format_one)
-    return [str(error)]
+converter.register_structure_hook(FileMode, _structure_mode)
+converter.register_structure_hook(LayoutSpec, _structure_layout)
 
 
 def _apply_setting(data: dict, setting: str) -> None:
@@ -421,22 +391,20 @@ def load_config(path: str | None, overrides: dict | None = None,
             data[section].update(given)
     for setting in settings or ():
         _apply_setting(data, setting)
-    raw_layouts = data.pop("layouts", [])
-    raw_sources = data.pop("sources", [])
+    where = f"config {path}" if path else "config"
+    config = structure(data, Config, where, ConfigError)
+    base_dir = os.path.dirname(os.path.abspath(path)) if path else None
     try:
-        config = _converter.structure(data, Config)
-    except ConfigError:
-        raise
-    except Exception as e:  # cattrs groups every problem; report them all on one line
-        where = f"config {path}" if path else "config"
-        raise ConfigError(f"{where}: " + "; ".join(_describe(e))) from None
-    config.daemon.socket_gid()
-    config.curve.check(config.daemon)
-    config.layouts = _load_layouts(raw_layouts, path)
-    try:
-        config.sources = load_sources(raw_sources, f"config {path}" if path else "config",
-                                      os.path.dirname(os.path.abspath(path)) if path else None,
-                                      sources)
+        more = cli_sources(sources or [])
+        config = attrs.evolve(config, sources=[
+            *(with_base_dir(s, base_dir) for s in config.sources), *more])
+        check_topics(config.sources)
     except SourceError as e:
         raise ConfigError(str(e)) from None
+    config.daemon.socket_gid()
+    config.curve.check(config.daemon)
+    try:
+        check_programs(config.sources)
+    except SourceError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return config
