@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from conftest import PYMAP
 
-from watcher.daemon.config import ConfigError, load_config
+from watcher.daemon.config import ConfigError, load_config, parse_config, resolve
 
 
 def test_set_reaches_every_section_and_parses_toml_values(tmp_path):
@@ -76,3 +76,31 @@ def test_wrong_types_are_named_by_their_path(tmp_path, text, words):
     with pytest.raises(ConfigError) as e:
         load_config(str(conf))
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[daemon]\nsocket_group = 'no-such-group-pymap'\n", "no group named 'no-such-group-pymap'"),
+    ("[curve]\nserver_key = '/nonexistent/server.key_secret'\n", "curve: cannot read key file"),
+    ("[[sources]]\nprogram = 'absent.c'\n", "sources: program '{dir}/absent.c' does not exist"),
+])
+def test_validation_asks_the_host_nothing_resolve_does(tmp_path, text, words):
+    """Group lookups, key files and program files are the resolve step's, after validation:
+    the file validates, resolving it is refused, and load_config (the daemon's) refuses it."""
+    conf = tmp_path / "pymap.toml"
+    conf.write_text(text)
+    config = parse_config(str(conf))
+    words = words.format(dir=tmp_path)
+    with pytest.raises(ConfigError) as e:
+        resolve(config)
+    assert words in str(e.value)
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(str(conf))
+    assert words in str(e.value)
+
+
+def test_resolve_gives_the_facts_the_daemon_uses(tmp_path):
+    conf = tmp_path / "pymap.toml"
+    conf.write_text("[daemon]\nsocket_group = 'root'\n")
+    resolved = resolve(parse_config(str(conf)))
+    assert resolved.socket_gid == 0 and resolved.curve.server is None
+    assert resolved.curve.allowed == {} and resolved.config.daemon.socket_group == "root"

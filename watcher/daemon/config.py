@@ -148,14 +148,6 @@ class DaemonConfig:
         """The XPUB's high-water mark: at most stream_queue_bytes per subscriber."""
         return max(1, min(self.stream_hwm, self.stream_queue_bytes // self.stream_message_bytes))
 
-    def socket_gid(self) -> int | None:
-        if self.socket_group is None:
-            return None
-        try:
-            return grp.getgrnam(self.socket_group).gr_gid
-        except KeyError:
-            raise ConfigError(f"socket_group: no group named {self.socket_group!r}") from None
-
 
 @attrs.define
 class IntervalRule:
@@ -267,26 +259,12 @@ class CurveConfig:
     # Directory of allowed clients' public certificates (*.key); the file stem names the client.
     clients: str | None = None
 
-    def server_keys(self) -> ServerKeys:
-        assert self.server_key is not None
-        return ServerKeys(*load_secret(self.server_key))
-
-    def allowed(self) -> dict[bytes, str]:
-        return load_allowed(self.clients) if self.clients else {}
-
     def check(self, daemon: DaemonConfig) -> None:
-        """Refuse TCP without keys; read the keys now so a bad file is a config error."""
+        """Refuse TCP without keys (the key files are read when the config is resolved)."""
         tcp = [e for e in (daemon.endpoint, daemon.events_endpoint) if is_tcp(e)]
-        try:
-            if tcp and not (self.server_key and self.clients):
-                raise ConfigError(f"{tcp[0]}: a tcp:// endpoint needs CURVE: set curve.server_key "
-                                  "and curve.clients (make keys with: pymap keys make)")
-            if self.server_key:
-                self.server_keys()
-            if self.clients:
-                self.allowed()
-        except CurveError as e:
-            raise ConfigError(f"curve: {e}") from None
+        if tcp and not (self.server_key and self.clients):
+            raise ConfigError(f"{tcp[0]}: a tcp:// endpoint needs CURVE: set curve.server_key "
+                              "and curve.clients (make keys with: pymap keys make)")
 
 
 @attrs.define
@@ -324,6 +302,9 @@ class Config:
     metrics: MetricsConfig = attrs.Factory(MetricsConfig)
     curve: CurveConfig = attrs.Factory(CurveConfig)
     access: AccessConfig = attrs.Factory(AccessConfig)
+
+    def __attrs_post_init__(self) -> None:
+        self.curve.check(self.daemon)
 
     def always_watched(self) -> list[str]:
         """Name globs polled whatever the demand: ``watch.always`` and the metrics maps."""
@@ -368,7 +349,20 @@ def _apply_setting(data: dict, setting: str) -> None:
 def load_config(path: str | None, overrides: dict | None = None,
                 watch_overrides: dict | None = None, sources: list[str] | None = None,
                 settings: list[str] | None = None) -> Config:
-    """Read ``path`` (None: defaults, or the default file when it exists), then apply flags.
+    """The config the daemon starts (or reloads) with: validated, then resolved once, so
+    an unknown group or a bad key file is refused here, as a config error, before
+    anything starts.  Arguments as for :func:`parse_config`; ``main.run`` resolves
+    the config it is given for the facts it uses (:func:`resolve`)."""
+    config = parse_config(path, overrides, watch_overrides, sources, settings)
+    resolve(config)
+    return config
+
+
+def parse_config(path: str | None, overrides: dict | None = None,
+                 watch_overrides: dict | None = None, sources: list[str] | None = None,
+                 settings: list[str] | None = None) -> Config:
+    """Read ``path`` (None: defaults, or the default file when it exists), then apply flags;
+    validate, asking the host nothing.
 
     ``overrides`` and ``watch_overrides`` map ``daemon`` and ``watch`` keys to
     values given on the command line (None: not given); ``sources`` are
@@ -401,10 +395,51 @@ def load_config(path: str | None, overrides: dict | None = None,
         check_topics(config.sources)
     except SourceError as e:
         raise ConfigError(str(e)) from None
-    config.daemon.socket_gid()
-    config.curve.check(config.daemon)
+    return config
+
+
+@attrs.frozen
+class CurveKeys:
+    """The CURVE key files read: the server's secret (None: no tcp://) and the clients."""
+
+    server: ServerKeys | None
+    allowed: dict[bytes, str]
+
+
+@attrs.frozen
+class ResolvedConfig:
+    """A validated config with what the host says about it: the facts the daemon uses."""
+
+    config: Config
+    socket_gid: int | None
+    curve: CurveKeys
+
+
+def resolve(config: Config) -> ResolvedConfig:
+    """Ask the host what the config names: the socket group, the key files, the
+    programs.  After validation, apart from it: validating touches nothing."""
     try:
         check_programs(config.sources)
     except SourceError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    return config
+        raise ConfigError(f"sources: {e}") from None
+    return ResolvedConfig(config, socket_gid(config.daemon.socket_group),
+                          curve_keys(config.curve))
+
+
+def socket_gid(group: str | None) -> int | None:
+    """The id of the group given the ipc:// socket files (None: root's)."""
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket_group: no group named {group!r}") from None
+
+
+def curve_keys(curve: CurveConfig) -> CurveKeys:
+    """Read the key files (again at each reload: clients may have been added)."""
+    try:
+        server = ServerKeys(*load_secret(curve.server_key)) if curve.server_key else None
+        return CurveKeys(server, load_allowed(curve.clients) if curve.clients else {})
+    except CurveError as e:
+        raise ConfigError(f"curve: {e}") from None

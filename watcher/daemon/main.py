@@ -27,7 +27,7 @@ from watcher.kernel.kdelta.objects import Broker
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
 from .access import Authenticator, Policy
-from .config import Config, ConfigError, DaemonConfig
+from .config import Config, ConfigError, CurveKeys, DaemonConfig, curve_keys, resolve
 from .diff import start_broker, supervise
 from .discovery import Discovery
 from .engine import Engine
@@ -94,13 +94,13 @@ def _restrictive_umask() -> Iterator[None]:
 
 
 def bind_endpoint(sock: zmq.Socket, endpoint: str,
-                        config: DaemonConfig) -> None:
-    """Bind ``sock``; for ipc://, refuse to steal a live daemon's socket and fix permissions."""
+                        config: DaemonConfig, gid: int | None) -> None:
+    """Bind ``sock``; for ipc://, refuse to steal a live daemon's socket and fix permissions
+    (``gid``: the resolved ``socket_group``)."""
     path = _ipc_path(endpoint)
     if path is None:
         sock.bind(endpoint)
         return
-    gid = config.socket_gid()
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         os.makedirs(directory, mode=0o750 if gid is not None else 0o700)
@@ -127,6 +127,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
               reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); SIGHUP re-reads the config via ``reload``."""
     dconf = config.daemon
+    resolved = resolve(config)  # the socket group's id and the CURVE keys
     events_endpoint = dconf.events_endpoint
     assert events_endpoint is not None  # DaemonConfig derives it from endpoint
     check_capabilities()  # before anything is opened: one line naming what is missing
@@ -148,7 +149,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     # Subscriptions take effect only when the gate applies them (subgate.py): access rules.
     xpub.setsockopt(zmq.XPUB_MANUAL, 1)
     bound: list[str] = []
-    auth = _authenticate(config, ctx, router, xpub)
+    auth = _authenticate(config, resolved.curve, ctx, router, xpub)
     publisher = PublisherOwner(xpub, dconf.stream_queue_bytes)
     stream = Stream(publisher, epoch, dconf.recent_events, dconf.batch_events,
                     dconf.heartbeat_interval, dconf.stream_message_bytes, dconf.recent_bytes)
@@ -189,9 +190,9 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                 metrics.start(config)
             except OSError as e:
                 raise ConfigError(f"metrics.listen {config.metrics.listen}: {e.strerror}") from None
-            bind_endpoint(router, dconf.endpoint, dconf)
+            bind_endpoint(router, dconf.endpoint, dconf, resolved.socket_gid)
             bound.append(dconf.endpoint)
-            bind_endpoint(xpub, events_endpoint, dconf)
+            bind_endpoint(xpub, events_endpoint, dconf, resolved.socket_gid)
             bound.append(events_endpoint)
             harden(config, features)  # start-up is over: from here bpf() only reads (seccomp)
             # What start-up made (modules, bcc, config) lives as long as the daemon: out of
@@ -201,7 +202,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
                                    access=Policy(config.access))
             reloader.targets += [server.reconfigure, metrics.reconfigure]
             metrics.daemon.refusals = server.refusals
-            reloader.targets.append(lambda new: auth.update(new.curve.allowed()))
+            reloader.targets.append(lambda new: auth.update(curve_keys(new.curve).allowed))
             reloader.targets.append(lambda new: _new_views(Policy(new.access), gate, engine))
             log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
                      dconf.endpoint, events_endpoint, epoch)
@@ -254,17 +255,17 @@ def _new_views(policy: Policy, gate: SubscriptionGate, engine: Engine) -> None:
     gate.reconfigure(policy)
 
 
-def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
+def _authenticate(config: Config, curve: CurveKeys, ctx: zmq.Context, router: zmq.Socket,
                   xpub: zmq.Socket) -> Authenticator:
     """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys)."""
     dconf = config.daemon
-    keys = config.curve.server_keys() if config.curve.server_key else None
+    keys = curve.server
     for sock, endpoint, domain in ((router, dconf.endpoint, ZAP_DOMAIN),
                                    (xpub, dconf.events_endpoint or "", EVENTS_ZAP_DOMAIN)):
         if is_tcp(endpoint):
             assert keys is not None
             keys.apply(sock, domain)
-    auth = Authenticator(ctx, config.curve.allowed())
+    auth = Authenticator(ctx, curve.allowed)
     auth.start()
     return auth
 
