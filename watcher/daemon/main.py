@@ -257,7 +257,7 @@ def _new_views(policy: Policy, gate: SubscriptionGate, engine: Engine) -> None:
 
 def _authenticate(config: Config, curve: CurveKeys, ctx: zmq.Context, router: zmq.Socket,
                   xpub: zmq.Socket) -> Authenticator:
-    """CURVE on the sockets bound to tcp:// (config.py refuses TCP without keys)."""
+    """CURVE on the sockets bound to tcp:// (the config refuses TCP without keys)."""
     dconf = config.daemon
     keys = curve.server
     for sock, endpoint, domain in ((router, dconf.endpoint, ZAP_DOMAIN),

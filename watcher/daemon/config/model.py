@@ -1,37 +1,28 @@
-"""The daemon's configuration: a TOML file, every key overridable by a flag.
+"""The daemon's configuration model: one attrs class per table, with validators.
 
-Validation happens here, at load, so a broken config stops the daemon with
-one clear line instead of failing later in some task.  See docs/config.md.
+What a valid config is, and nothing else: these classes ask the host nothing
+(watcher/daemon/config/resolve.py does, after validation) and read no file
+(load.py does).  Every rule a single key or table obeys is a validator here, so
+the one converter (watcher/wire/tables.py) reports it on the one error line.
+See docs/config.md.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import grp
 import os
 import re
-import tomllib
 from typing import NewType
 
 import attrs
 
 from watcher.kernel.maps.find import DEFAULT_BPFFS
 
-from ..decode.layout import LayoutError, layout_matches, validate_layout
-from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
-from ..wire.endpoints import DEFAULT_ENDPOINT
-from ..wire.tables import TableError, converter, structure
-from ..wire.tomlfile import TomlFileError, read_toml
-from .sourceconf import (
-    SourceConfig,
-    SourceError,
-    check_programs,
-    check_topics,
-    cli_sources,
-    with_base_dir,
-)
-
-DEFAULT_CONFIG = "/etc/pymap/pymap.toml"
+from ...decode.layout import layout_matches
+from ...wire.curve import is_tcp
+from ...wire.endpoints import DEFAULT_ENDPOINT
+from ...wire.tables import TableError
+from ..sourceconf import SourceConfig
 
 
 class ConfigError(TableError):
@@ -65,17 +56,6 @@ _list_of_str = attrs.validators.deep_iterable(attrs.validators.instance_of(str),
 FileMode = NewType("FileMode", int)
 # A [[layouts]] table, validated and normalised (watcher/decode/layout.py): what clients get.
 LayoutSpec = NewType("LayoutSpec", dict)
-
-
-def _structure_mode(value, _type) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"socket_mode: {value!r} is not a file mode (write 0o660 or \"0660\")")
-    if isinstance(value, str):
-        try:
-            return int(value, 8)
-        except ValueError:
-            raise ConfigError(f"socket_mode: {value!r} is not an octal mode") from None
-    return value
 
 
 def _check_mode(_inst, attribute, value: int) -> None:
@@ -316,130 +296,3 @@ class Config:
             if layout_matches(spec["match"], names, pins):
                 return spec
         return None
-
-
-def _structure_layout(value, _type) -> LayoutSpec:
-    # Errors name the field; the converter's error line names the layout (layouts[0] (m)).
-    try:
-        return LayoutSpec(validate_layout(value).spec)
-    except LayoutError as e:
-        raise ConfigError(str(e)) from None
-
-
-converter.register_structure_hook(FileMode, _structure_mode)
-converter.register_structure_hook(LayoutSpec, _structure_layout)
-
-
-def _apply_setting(data: dict, setting: str) -> None:
-    """``--set SECTION.KEY=VALUE`` (VALUE in TOML syntax, or a bare string)."""
-    name, eq, text = setting.partition("=")
-    section, dot, key = name.strip().partition(".")
-    if not eq or not dot or not section or not key or "." in key:
-        raise ConfigError(f"--set {setting!r}: write SECTION.KEY=VALUE, e.g. watch.linger=60")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word: a string
-    table = data.setdefault(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"--set {setting!r}: [{section}] is not a table")
-    table[key] = value
-
-
-def load_config(path: str | None, overrides: dict | None = None,
-                watch_overrides: dict | None = None, sources: list[str] | None = None,
-                settings: list[str] | None = None) -> Config:
-    """The config the daemon starts (or reloads) with: validated, then resolved once, so
-    an unknown group or a bad key file is refused here, as a config error, before
-    anything starts.  Arguments as for :func:`parse_config`; ``main.run`` resolves
-    the config it is given for the facts it uses (:func:`resolve`)."""
-    config = parse_config(path, overrides, watch_overrides, sources, settings)
-    resolve(config)
-    return config
-
-
-def parse_config(path: str | None, overrides: dict | None = None,
-                 watch_overrides: dict | None = None, sources: list[str] | None = None,
-                 settings: list[str] | None = None) -> Config:
-    """Read ``path`` (None: defaults, or the default file when it exists), then apply flags;
-    validate, asking the host nothing.
-
-    ``overrides`` and ``watch_overrides`` map ``daemon`` and ``watch`` keys to
-    values given on the command line (None: not given); ``sources`` are
-    ``--source`` flags, added to the config's ``[[sources]]``; ``settings`` are
-    ``--set SECTION.KEY=VALUE`` flags, which reach every key, applied last.
-    """
-    data: dict = {}
-    if path is None and os.path.exists(DEFAULT_CONFIG):
-        path = DEFAULT_CONFIG
-    if path is not None:
-        try:
-            data = read_toml(path)
-        except TomlFileError as e:
-            raise ConfigError(str(e)) from None
-    for section, values in (("daemon", overrides), ("watch", watch_overrides)):
-        given = {k: v for k, v in (values or {}).items() if v is not None}
-        if given:
-            if not isinstance(data.setdefault(section, {}), dict):
-                raise ConfigError(f"config {path}: [{section}] must be a table")
-            data[section].update(given)
-    for setting in settings or ():
-        _apply_setting(data, setting)
-    where = f"config {path}" if path else "config"
-    config = structure(data, Config, where, ConfigError)
-    base_dir = os.path.dirname(os.path.abspath(path)) if path else None
-    try:
-        more = cli_sources(sources or [])
-        config = attrs.evolve(config, sources=[
-            *(with_base_dir(s, base_dir) for s in config.sources), *more])
-        check_topics(config.sources)
-    except SourceError as e:
-        raise ConfigError(str(e)) from None
-    return config
-
-
-@attrs.frozen
-class CurveKeys:
-    """The CURVE key files read: the server's secret (None: no tcp://) and the clients."""
-
-    server: ServerKeys | None
-    allowed: dict[bytes, str]
-
-
-@attrs.frozen
-class ResolvedConfig:
-    """A validated config with what the host says about it: the facts the daemon uses."""
-
-    config: Config
-    socket_gid: int | None
-    curve: CurveKeys
-
-
-def resolve(config: Config) -> ResolvedConfig:
-    """Ask the host what the config names: the socket group, the key files, the
-    programs.  After validation, apart from it: validating touches nothing."""
-    try:
-        check_programs(config.sources)
-    except SourceError as e:
-        raise ConfigError(f"sources: {e}") from None
-    return ResolvedConfig(config, socket_gid(config.daemon.socket_group),
-                          curve_keys(config.curve))
-
-
-def socket_gid(group: str | None) -> int | None:
-    """The id of the group given the ipc:// socket files (None: root's)."""
-    if group is None:
-        return None
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError(f"socket_group: no group named {group!r}") from None
-
-
-def curve_keys(curve: CurveConfig) -> CurveKeys:
-    """Read the key files (again at each reload: clients may have been added)."""
-    try:
-        server = ServerKeys(*load_secret(curve.server_key)) if curve.server_key else None
-        return CurveKeys(server, load_allowed(curve.clients) if curve.clients else {})
-    except CurveError as e:
-        raise ConfigError(f"curve: {e}") from None
