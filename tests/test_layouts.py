@@ -14,7 +14,7 @@ from support.kernel import NCPUS, one_error_line, token
 
 from watcher.daemon.config import ConfigError, load_config
 from watcher.decode.choose import choose
-from watcher.decode.layout import LayoutError, parse_layout
+from watcher.decode.layout import LayoutError, load_layouts, parse_layout
 from watcher.wire.schema import MapInfo
 
 FLOW_KEY = [
@@ -146,6 +146,26 @@ def test_config_bad_layout_is_one_line(tmp_path):
     path = _write(tmp_path, 'layouts = "flows"\n')
     with pytest.raises(ConfigError, match="array of tables"):
         load_config(str(path))
+
+
+def test_load_layouts_is_the_one_loader_and_words_errors_as_the_config_does(tmp_path):
+    """The CLI's --layout files and the daemon's [[layouts]] share the validation and
+    the wording: the same table is refused with the same words after the file's name."""
+    import tomllib
+
+    layouts = load_layouts(tomllib.loads(GOOD_CONFIG)["layouts"])
+    assert [x.match for x in layouts] == ["flows_*", "/sys/fs/bpf/*/states"]
+    assert layouts[0].spec["key_size"] == 8
+    bad = GOOD_CONFIG.replace('"ipv4"', '"ipv5"')
+    with pytest.raises(LayoutError) as e:
+        load_layouts(tomllib.loads(bad)["layouts"])
+    path = _write(tmp_path, bad)
+    with pytest.raises(ConfigError) as c:
+        load_config(str(path))
+    assert str(c.value) == f"config {path}: {e.value}"
+    assert str(e.value).startswith("layouts[0] (flows_*): key field 'addr': unknown type 'ipv5'")
+    with pytest.raises(LayoutError, match=r"layouts must be an array of tables \(\[\[layouts"):
+        load_layouts({"match": "x"})
 
 
 BAD_CONFIGS = [
