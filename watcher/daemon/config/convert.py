@@ -14,12 +14,12 @@ from .model import Config, ConfigError, FileMode, LayoutSpec
 
 def _structure_mode(value, _type) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"socket_mode: {value!r} is not a file mode (write 0o660 or \"0660\")")
+        raise ConfigError(f"{value!r} is not a file mode (write 0o660 or \"0660\")")
     if isinstance(value, str):
         try:
             return int(value, 8)
         except ValueError:
-            raise ConfigError(f"socket_mode: {value!r} is not an octal mode") from None
+            raise ConfigError(f"{value!r} is not an octal mode") from None
     return value
 
 
