@@ -68,6 +68,8 @@ def test_every_table_reports_in_one_format_on_one_line(tmp_path):
     ("[[sources]]\npin = '/p'\nwakeup_events = true\n", "sources[0] (/p).wakeup_events: "
      "expected an integer, got True"),
     ("[daemon]\nendpoint = 5\n", "daemon.endpoint: expected a string, got 5"),
+    ("sources = ['x.c']\n", "sources[0]: expected a table, got 'x.c'"),
+    ("watch = []\n", "watch: expected a table, got []"),
     ("[[metrics.maps]]\nmap = 'm'\nname = '1x'\n", "metrics.maps[0] (1x): name '1x' is not"),
 ])
 def test_wrong_types_are_named_by_their_path(tmp_path, text, words):

@@ -8,7 +8,8 @@ import pytest
 
 from consumers.recordsets import FormatterCache, MalformedRecords, RecordSet, record_formatter
 from consumers.subscriber import events_of
-from watcher.daemon.sourceconf import SourceError, load_sources, parse_cli_source, parse_source
+from watcher.daemon.config import ConfigError, load_config
+from watcher.daemon.sourceconf import SourceError, parse_cli_source, parse_source
 from watcher.decode.layout import parse_layout
 from watcher.kernel.prog.bccload import layout_from_bcc_fields
 from watcher.wire import schema
@@ -57,9 +58,10 @@ def test_program_sources(tmp_path):
         parse_source({"program": str(prog), "kind": "perf"}, "s")
     with pytest.raises(SourceError, match="not a C table name"):
         parse_source({"program": str(prog), "buffers": ["a-b"]}, "s")
-    with pytest.raises(SourceError, match="also published by"):
-        load_sources([{"program": str(prog), "buffers": ["x"]}], "config", None,
-                     ["/sys/fs/bpf/a/x"])
+    conf = tmp_path / "pymap.toml"
+    conf.write_text('[[sources]]\nprogram = "p.c"\nbuffers = ["x"]\n')
+    with pytest.raises(ConfigError, match="also published by"):
+        load_config(str(conf), sources=["/sys/fs/bpf/a/x"])
 
 
 def test_pin_source_defaults_and_layout():

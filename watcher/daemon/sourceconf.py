@@ -15,10 +15,10 @@ import os
 import re
 
 import attrs
-from cattrs.gen import make_dict_structure_fn, override
+from cattrs.gen import override
 
 from ..decode.layout import LayoutError, parse_layout
-from ..wire.tables import TableError, converter, label, structure
+from ..wire.tables import TableError, converter, label, structure, table_hook
 
 KINDS = ("ringbuf", "perf")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -146,16 +146,12 @@ def _structure_record_layout(value: object, _type: object) -> dict:
     return {"value": value}
 
 
-converter.register_structure_hook(
-    SourceConfig, make_dict_structure_fn(
-        SourceConfig, converter, _cattrs_forbid_extra_keys=True,
-        layout=override(struct_hook=_structure_record_layout)))
+converter.register_structure_hook(SourceConfig, table_hook(
+    SourceConfig, converter, layout=override(struct_hook=_structure_record_layout)))
 
 
 def parse_source(raw: object, where: str, base_dir: str | None = None) -> SourceConfig:
     """Validate one source table; ``base_dir`` resolves relative program paths."""
-    if not isinstance(raw, dict):
-        raise SourceError(f"{where}: must be a table with program = ... or pin = ...")
     src = structure(raw, SourceConfig, where + label(raw), SourceError)
     return with_base_dir(src, base_dir)
 
@@ -196,19 +192,6 @@ def parse_cli_source(spec: str) -> dict:
                               f"(options: {', '.join(_CLI_OPTIONS)})")
         table[_CLI_OPTIONS[key]] = int(value) if value.isdigit() else value
     return table
-
-
-def load_sources(raw: object, where: str, base_dir: str | None,
-                 cli: list[str] | None = None) -> list[SourceConfig]:
-    """Every source from the config's ``[[sources]]`` and the ``--source`` flags."""
-    if raw is None:
-        raw = []
-    if not isinstance(raw, list):
-        raise SourceError(f"{where}: sources: must be an array of tables ([[...]]), not {raw!r}")
-    sources = [parse_source(item, f"{where}: sources[{i}]", base_dir) for i, item in enumerate(raw)]
-    sources += cli_sources(cli or [])
-    check_topics(sources)
-    return sources
 
 
 def cli_sources(specs: list[str]) -> list[SourceConfig]:

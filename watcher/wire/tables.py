@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 from cattrs.cols import list_structure_factory
+from cattrs.gen import make_dict_structure_fn
 
 T = TypeVar("T")
 
@@ -98,6 +99,19 @@ def _tables_factory(type_: Any, converter: cattrs.Converter):
     return tables
 
 
+def table_hook(cls: type, converter: cattrs.Converter, **fields: Any):
+    """The structure hook of an attrs class read from a table: refuses what is not a
+    table and keys the class does not have; ``fields`` override single fields' hooks
+    (``cattrs.gen.override``)."""
+    build: Any = make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True, **fields)
+
+    def structure(value: Any, _type: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TableError(f"expected a table, got {value!r}")
+        return build(value, cls)
+    return structure
+
+
 def make_converter() -> cattrs.Converter:
     """A strict converter; a caller adds hooks for its own types (the daemon: file modes)."""
     converter = cattrs.Converter(forbid_extra_keys=True)
@@ -105,6 +119,7 @@ def make_converter() -> cattrs.Converter:
     for type_, hook in ((bool, _bool), (int, _int), (float, _float), (str, _str)):
         converter.register_structure_hook(type_, hook)
     converter.register_structure_hook_factory(_is_list_of_tables, _tables_factory)
+    converter.register_structure_hook_factory(attrs.has, lambda cls: table_hook(cls, converter))
     return converter
 
 
