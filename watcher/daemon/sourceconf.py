@@ -28,7 +28,7 @@ class SourceError(TableError):
     """A source table that cannot be used; the message names the source and the key."""
 
 
-def _names(inst: SourceConfig, attribute: attrs.Attribute, names: list[str]) -> None:
+def _names(_inst: SourceConfig, attribute: attrs.Attribute, names: list[str]) -> None:
     for name in names:
         if not _NAME.match(name):
             raise SourceError(f"{attribute.name}: {name!r} is not a C table name")

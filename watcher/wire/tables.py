@@ -105,11 +105,11 @@ def table_hook(cls: type, converter: cattrs.Converter, **fields: Any):
     (``cattrs.gen.override``)."""
     build: Any = make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True, **fields)
 
-    def structure(value: Any, _type: Any) -> Any:
+    def hook(value: Any, _type: Any) -> Any:
         if not isinstance(value, dict):
             raise TableError(f"expected a table, got {value!r}")
         return build(value, cls)
-    return structure
+    return hook
 
 
 def make_converter() -> cattrs.Converter:
@@ -126,11 +126,10 @@ def make_converter() -> cattrs.Converter:
 converter = make_converter()
 
 
-def structure(raw: object, cls: type[T], where: str, error: type[ValueError] = TableError,
-              conv: cattrs.Converter = converter) -> T:
-    """``raw`` as a ``cls``, or ``error("WHERE: PATH: WHY; ...")``."""
+def structure(raw: object, cls: type[T], where: str, error: type[ValueError] = TableError) -> T:
+    """``raw`` as a ``cls``, or ``error("WHERE: PATH: WHY; ...")`` (``where``: the file)."""
     try:
-        return conv.structure(raw, cls)
+        return converter.structure(raw, cls)
     except Exception as e:  # cattrs groups every problem: one line for all of them
         raise error(f"{where}: " + "; ".join(describe(e, raw))) from None
 
