@@ -186,7 +186,7 @@ class Subscriber:
         return batches
 
     def drain(self) -> list[dict]:
-        items = []
+        items: list[dict] = []
         while True:
             try:
                 item = self.lines.get_nowait()
@@ -355,9 +355,9 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
             finally:
                 timings["publish"].append(time.perf_counter() - t0)
 
-        engine._read = timed_read
+        engine._read = timed_read  # type: ignore[method-assign]  # noqa: SLF001 (timing it)
         engine_mod.diff = timed_diff
-        stream.publish_delta = timed_publish
+        stream.publish_delta = timed_publish  # type: ignore[method-assign]
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(publisher.serve, lambda frames: engine.on_subscription(
@@ -581,7 +581,8 @@ def run_trio(fn, *args) -> None:
     try:
         trio.run(fn, *args)
     except BaseExceptionGroup as group:
-        leaves, stack = [], [group]
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [group]
         while stack:
             e = stack.pop()
             if isinstance(e, BaseExceptionGroup):

@@ -205,8 +205,9 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
             engines["in-kernel"].broker = broker = Broker()
             broker.start()
             nursery.start_soon(supervise, broker)
-            nursery.start_soon(publisher.serve, lambda frames: [  # XPUB gives zmq.Frames
-                e.on_subscription([f.bytes for f in frames]) for e in engines.values()])
+            nursery.start_soon(publisher.serve, lambda frames: [  # type: ignore[arg-type]
+                e.on_subscription([f.bytes for f in frames])  # type: ignore[func-returns-value]
+                for e in engines.values()])  # XPUB gives zmq.Frames
             sub = Subscriber(endpoint, schema.map_topic(bm.name), tmp / f"sub-{kind}.err")
             await trio.to_thread.run_sync(sub.wait_ready)
             await trio.sleep(0.5)
@@ -412,7 +413,8 @@ def main() -> int:
             fd = cleanup.enter_context(big_hash(pin_dir / name, ENTRIES, name,
                                                 max_entries=1 << 20))
             hash_map = BenchMap(fd, name, pin_dir / name)
-            results["maps"]["hash"] = out = {}
+            out: dict = {}
+            results["maps"]["hash"] = out
             run_trio(engine_runs, hash_map, "hash", tmp, pin_dir, out, results["host"])
             aname = f"pmkda_{secrets.token_hex(3)}"
             array = ArrayMap(pin_dir / aname, aname)

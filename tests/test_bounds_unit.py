@@ -30,7 +30,7 @@ def test_hwm_comes_from_the_byte_budget():
 def test_gate_counts_per_connection_and_cuts():
     a, b = socket.socketpair()
     cut: list[int] = []
-    gate = SubscriptionGate(16, 2, None, cut=lambda fd, local: cut.append(fd) or True)
+    gate = SubscriptionGate(16, 2, None, cut=lambda fd, local: cut.append(fd) or True)  # type: ignore[func-returns-value]
     gate._source_fd = staticmethod(lambda frame: a.fileno())  # type: ignore[method-assign]
     assert gate.admit(b"\x01x") == [b"\x01x"]  # the engine's demand: x is held now
     assert gate.admit(b"\x01x") == []  # the same prefix again is not a new one
@@ -71,7 +71,7 @@ def test_gate_keeps_a_restricted_peer_inside_its_namespace():
     assert gate.admit(b"\x01" + ns + b"map:acl_") == [b"\x01" + ns + b"map:acl_"]
     # A reload that changes alice's view cuts her connection; an unchanged one does not.
     cut: list[int] = []
-    gate._cut = lambda fd, local: cut.append(fd) or True
+    gate._cut = lambda fd, local: cut.append(fd) or True  # type: ignore[func-returns-value]
     gate.reconfigure(Policy(AccessConfig(rules=[AccessRule(clients=["alice"], allow=["acl_*"])])))
     assert cut == [] and gate.connections() == 1
     gate.reconfigure(Policy(AccessConfig(rules=[AccessRule(clients=["alice"], allow=["x*"])])))

@@ -13,6 +13,7 @@ import itertools
 import pathlib
 import re
 import struct
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ from watcher.wire.transport import (
 )
 
 _ids = itertools.count()
+M = TypeVar("M")
 
 
 def k(i: int) -> bytes:
@@ -62,7 +64,11 @@ class Recorder:
     async def room(self) -> None:
         pass
 
-    def messages(self, kind: type | None = None) -> list[tuple[object, list[bytes]]]:
+    @overload
+    def messages(self) -> list[tuple[object, list[bytes]]]: ...
+    @overload
+    def messages(self, kind: type[M]) -> list[tuple[M, list[bytes]]]: ...
+    def messages(self, kind: type | None = None) -> list[tuple[Any, list[bytes]]]:
         out = [(schema.decode(f[1]), f[2:]) for f in self.sent]
         return [(m, fr) for m, fr in out if kind is None or isinstance(m, kind)]
 
@@ -78,7 +84,7 @@ def make_engine(cat: FakeCatalog, **daemon) -> tuple[Engine, Recorder]:
     config = user_space_config(**daemon)
     stream = Stream(rec, "e" * 16, config.daemon.recent_events, batch_events=2,  # type: ignore[arg-type]
                     heartbeat_interval=1.0, recent_bytes=config.daemon.recent_bytes)
-    return Engine(config, stream, host_features(), catalog=cat), rec
+    return Engine(config, stream, host_features(), catalog=cat), rec  # type: ignore[arg-type]
 
 
 def subscribe(engine: Engine, topic: bytes) -> None:
@@ -307,7 +313,7 @@ class Dealer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
-    async def ask(self, frame: bytes, *extra: bytes) -> list[tuple[object, list[bytes]]]:
+    async def ask(self, frame: bytes, *extra: bytes) -> list[tuple[Any, list[bytes]]]:
         """Send one request; every reply up to the one that ends it."""
         await send_multipart(self.sock, [frame, *extra])
         out = []
@@ -497,7 +503,7 @@ async def test_publisher_owner_bounds_its_queue_in_bytes_by_making_producers_wai
     sub.connect(endpoint)
     big = np.zeros(100, dtype=np.uint64)  # a view's len is 100 items; its bytes are 800
     await owner.room()  # empty: at once
-    owner.publish([b"map:a\0", memoryview(big)])
+    owner.publish([b"map:a\0", memoryview(big)])  # type: ignore[arg-type]  # numpy: no __buffer__ in its stubs
     assert owner.outbox_bytes == 806 and owner.waits == 0
     owner.publish([b"map:a\0", b"x" * 300])
     assert owner.outbox_bytes == 1112

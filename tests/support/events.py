@@ -18,13 +18,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import trio
 import zmq
 from conftest import PYMAP, TIME_SCALE
 
 from support import procs
+
+if TYPE_CHECKING:
+    from consumers.subscriber import EventStream
 
 DEADLINE = 20.0 * TIME_SCALE  # seconds to wait for anything the daemon should do in a few polls
 FAST = ("--interval", "0.2")  # daemon flags for quick polling
@@ -67,7 +70,8 @@ def cli_status(daemon) -> dict:
 @contextlib.contextmanager
 def dealer(endpoint: str) -> Iterator[zmq.Socket]:
     """A raw DEALER connected to the daemon's ``endpoint``, closed without lingering."""
-    with zmq.Context.instance().socket(zmq.DEALER) as sock:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    with ctx.socket(zmq.DEALER) as sock:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
         yield sock
@@ -159,6 +163,7 @@ class Follower:
             t.start()
 
     def _read_out(self) -> None:
+        assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             try:
                 line = json.loads(raw)
@@ -170,6 +175,7 @@ class Follower:
                 self.lines.append(line)
 
     def _read_err(self) -> None:
+        assert self.proc.stderr is not None
         for raw in self.proc.stderr:
             with self._lock:
                 self._stderr.append(raw)
@@ -255,7 +261,7 @@ class LibFollower:
         self.done = trio.Event()
         self.resume = trio.Event()
         self.resume.set()
-        self.stream = None
+        self.stream: EventStream | None = None
 
     def pause(self) -> None:
         self.resume = trio.Event()
