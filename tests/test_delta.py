@@ -63,10 +63,10 @@ def random_keys(rng: random.Random, n: int, key_size: int, dense: bool) -> list[
         base = rng.randrange(max(limit - n, 1))
         nums = rng.sample(range(base, base + n), n) if n else []
     else:
-        nums = set()
-        while len(nums) < n:
-            nums.add(rng.randrange(limit))
-        nums = list(nums)
+        picked: set[int] = set()
+        while len(picked) < n:
+            picked.add(rng.randrange(limit))
+        nums = list(picked)
     return [x.to_bytes(key_size, rng.choice(("little", "big"))) for x in nums]
 
 

@@ -143,5 +143,6 @@ async def test_library_follower_holds_on_through_a_daemon_outage(daemon_factory,
                               pred=lambda evs: replay_events(evs) == truth)
         actions = [e.action for e in lib.events if e.key is None]
         assert actions[:3] == ["stalled", "resumed", "resync"], actions
+        assert lib.stream is not None
         assert lib.stream.epoch is not None and lib.error is None
         nursery.cancel_scope.cancel()

@@ -98,6 +98,7 @@ async def test_gap_end_to_end(daemon_factory, maps, bpffs_dir, tmp_path):
         lost_plain = [e.missed for e in plain.events if e.action == "lost"]
         assert lost_plain, "no gap: the test did not make the subscriber fall behind"
         _check_exact_losses(plain.events, final_tseq)
+        assert plain.stream is not None
         assert plain.stream.lost == sum(lost_plain)
 
         truth = bpftool_entries(map_id)
@@ -175,7 +176,7 @@ def beat(topics: dict[str, int], epoch: str = "e1"):
 
 async def test_gap_unit_without_snapshot():
     client = FakeClient()
-    stream = EventStream(client, ["m"])
+    stream = EventStream(client, ["m"])  # type: ignore[arg-type]
     stream.epoch = "e1"
     out = await stream._handle(*beat({"m": 0, "other": 50}))
     assert out == []
@@ -210,7 +211,7 @@ async def test_gap_unit_without_snapshot():
 
 async def test_gap_unit_with_snapshot_resyncs():
     client = FakeClient()
-    stream = EventStream(client, ["m"], snapshot=True)
+    stream = EventStream(client, ["m"], snapshot=True)  # type: ignore[arg-type]
     stream.epoch = "e1"
     client.snapshots.append((4, {k(1): k(10), k(2): k(20)}))
     out = await stream._snapshot_all(reason="start")
@@ -396,7 +397,7 @@ def test_heartbeats_and_status(daemon_factory, maps, bpffs_dir):
             st = wait_ready(d, name)
             sub.connect(f"ipc://{d.run_dir}/events.sock")
             sub.setsockopt(zmq.SUBSCRIBE, b"hb")
-            beats = []
+            beats: list = []
             started = time.monotonic()
             while len(beats) < 4 and time.monotonic() < started + DEADLINE:
                 if sub.poll(100):

@@ -67,6 +67,7 @@ def test_pin_source_defaults_and_layout():
         {"name": "pid", "type": "u32"}, {"name": "", "type": "pad[4]"},
         {"name": "addr", "type": "ipv4"}]}, "s")
     assert src.name == "rb" and src.kind is None and src.read_slice == 8192
+    assert src.layout is not None
     assert src.layout["value_size"] == 12
 
 
@@ -76,6 +77,7 @@ def test_bcc_fields_become_a_layout_with_c_alignment():
               "e#enum foo", "last#u8"]
     layout = layout_from_bcc_fields(fields)
     spec = parse_layout({"match": "t", "value": layout})
+    assert spec.value is not None
     offsets = {f.name: f.offset for f in spec.value.fields if f.name}
     # What a C compiler does with the same struct.
     assert offsets == {"ts": 0, "pid": 8, "flag": 12, "port": 14, "comm": 16, "v6": 32,
@@ -104,6 +106,7 @@ def test_record_batches_decode_per_record():
     assert events[1].formatted == {"pid": 11, "comm": "sh"}  # perf padding is ignored
     assert events[2].formatted == {"pid": 12, "_truncated": True}
     (batch,) = events_of(header, frames, record_batches=True)
+    assert batch.records is not None
     assert batch.action == "records" and list(batch.records) == recs and batch.records[1] == recs[1]
 
 

@@ -33,7 +33,9 @@ DEADLINE = 20.0 * TIME_SCALE  # seconds to wait for anything the daemon should d
 FAST = ("--interval", "0.2")  # daemon flags for quick polling
 
 
-def wait_until(pred: Callable[[], object], what: str, timeout: float = DEADLINE,
+# Callable[..., object]: a lambda with default arguments (lambda n=n: ...) is called with
+# none, but mypy cannot match it to Callable[[], object].
+def wait_until(pred: Callable[..., object], what: str, timeout: float = DEADLINE,
                step: float = 0.05):
     """Poll ``pred`` until it returns something truthy; fail with ``what`` otherwise."""
     deadline = time.monotonic() + timeout
@@ -46,7 +48,7 @@ def wait_until(pred: Callable[[], object], what: str, timeout: float = DEADLINE,
         time.sleep(step)
 
 
-async def await_until(pred: Callable[[], object], what: str, timeout: float = DEADLINE,
+async def await_until(pred: Callable[..., object], what: str, timeout: float = DEADLINE,
                       step: float = 0.05):
     deadline = trio.current_time() + timeout
     while True:
@@ -189,7 +191,7 @@ class Follower:
         with self._lock:
             return list(self.lines)
 
-    def wait_for(self, pred: Callable[[list[dict]], object], what: str,
+    def wait_for(self, pred: Callable[..., object], what: str,  # (see wait_until)
                  timeout: float = DEADLINE):
         def check():
             lines = self.snapshot()
