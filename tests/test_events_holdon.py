@@ -25,7 +25,7 @@ def _kill_daemon(d) -> None:
     """``kill -9``: no goodbye, a stale socket file left behind."""
     d.proc.kill()
     d.proc.wait()
-    d._log_file.close()
+    d._log_file.close()  # noqa: SLF001 (the fixture's log, after kill -9)
 
 
 def _rewrite(fd: int, generation: int) -> None:

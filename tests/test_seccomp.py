@@ -47,7 +47,7 @@ TCPCONNECT = str(REPO / "examples/tcpconnect-perf/tcpconnect.c")
 
 def need_binding() -> None:
     try:
-        seccomp._binding()
+        seccomp._binding()  # noqa: SLF001 (loads the binding as the daemon does)
     except seccomp.SeccompUnavailable as e:
         require(str(e))
 

@@ -274,7 +274,7 @@ async def test_a_resync_the_daemon_left_unanswered_is_redone(tmp_path):
             assert {(e.action, e.key, e.value) for e in redone[1:]} == {
                 ("added", k(3), k(30)), ("updated", k(2), k(21)), ("removed", k(1), k(10))}
             assert client.gets == ["start", "epoch", "epoch"]
-            assert stream._state["m"] == {k(2): k(21), k(3): k(30)}
+            assert stream.entries("m") == {k(2): k(21), k(3): k(30)}
             nursery.cancel_scope.cancel()
     finally:
         pub.close()
