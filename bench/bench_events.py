@@ -355,7 +355,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
             finally:
                 timings["publish"].append(time.perf_counter() - t0)
 
-        engine._read = timed_read  # type: ignore[method-assign]  # noqa: SLF001 (timing it)
+        engine._read = timed_read  # type: ignore[method-assign]  # noqa: SLF001 (timing the engine's steps)
         engine_mod.diff = timed_diff
         stream.publish_delta = timed_publish  # type: ignore[method-assign]
 

@@ -205,9 +205,10 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
             engines["in-kernel"].broker = broker = Broker()
             broker.start()
             nursery.start_soon(supervise, broker)
+            # XPUB gives zmq.Frames; each engine hears of every subscription.
             nursery.start_soon(publisher.serve, lambda frames: [  # type: ignore[arg-type]
                 e.on_subscription([f.bytes for f in frames])  # type: ignore[func-returns-value]
-                for e in engines.values()])  # XPUB gives zmq.Frames
+                for e in engines.values()])
             sub = Subscriber(endpoint, schema.map_topic(bm.name), tmp / f"sub-{kind}.err")
             await trio.to_thread.run_sync(sub.wait_ready)
             await trio.sleep(0.5)
