@@ -112,6 +112,7 @@ class Follower:
         self.thread.start()
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             ev = json.loads(line)
             if ev.get("action") in ("map_created", "map_removed"):

@@ -54,7 +54,7 @@ DEADLINE = 120.0
 
 
 def events_published(endpoint: str) -> int:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:

@@ -42,10 +42,10 @@ async def test_three_subscribers_see_the_same_stream(daemon_factory, maps, bpffs
     ofd, _ = maps.create("hash", 4, 8, 16, name=other, pin=bpffs_dir / other)
     values: dict[int, bytes] = {}
     gen = iter(range(1, 10**6))
-    expected_rounds = []
+    expected_rounds: list[set] = []
 
     def round_(adds, updates, deletes) -> set:
-        exp = set()
+        exp: set[tuple[str, str, str, str | None]] = set()
         for n in adds:
             values[n] = pattern(next(gen), 8)
             syscall.map_update_elem(fd, u32(n), values[n])
@@ -160,6 +160,7 @@ async def test_daemon_restart_mid_stream(daemon_factory, maps, bpffs_dir):
                 await await_ready(client, name, 2)
                 await lib.await_count(10, "the start snapshot")
                 assert all(e.snapshot and e.action == "added" for e in lib.events)
+                assert lib.stream is not None
                 epoch = lib.stream.epoch
                 for n in range(5):
                     syscall.map_update_elem(fd, u32(n), pattern(100 + n, 8))

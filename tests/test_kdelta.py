@@ -27,6 +27,7 @@ import random
 import struct
 import subprocess
 import time
+from typing import cast
 
 import numpy as np
 import pytest
@@ -447,6 +448,7 @@ def test_daemon_follows_a_map_in_the_kernel(daemon_factory, maps, bpffs_dir):
     with Follower(d, name, "-f") as f:
         wait_ready(d, name)
         watch = watch_of(status(d), name)
+        assert watch is not None
         assert watch["engine"].startswith("in-kernel:"), watch
         assert watch["kernel_bytes"] > 0
         for n in range(1, 4):
@@ -632,10 +634,10 @@ def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
         syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
     config = Config()
     config.watch.kernel_delta_min_entries = 0
-    engine = Engine(config, None, host_features())  # _read_kernel publishes nothing
-    watch = engine._start(kmaps.record_from_fd(fd))
+    engine = Engine(config, None, host_features())  # type: ignore[arg-type]  # _read_kernel publishes nothing
+    watch = engine._start(kmaps.record_from_fd(fd))  # noqa: SLF001 (one watch, driven)
     assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
-    snap, delta = engine._read_kernel(watch, report_all=False)
+    snap, delta = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (one watch, driven)
     watch.snapshot = snap
     null = os.open(os.devnull, os.O_RDONLY)
     try:
@@ -644,7 +646,7 @@ def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
         os.close(null)
     syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
     with caplog.at_level("WARNING", logger="pymap.engine"):
-        snap, delta = engine._read_kernel(watch, report_all=False)
+        snap, delta = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (one watch, driven)
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "in-kernel walk failed" in warnings[0].getMessage()
     assert watch.kernel is None and watch.engine.startswith("user-space: in-kernel walk failed")
@@ -665,22 +667,23 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
         syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
     config = Config()
     config.watch.kernel_delta_min_entries = 0
-    engine = Engine(config, None, host_features())
+    engine = Engine(config, None, host_features())  # type: ignore[arg-type]
     engine.broker = Broker()
     engine.broker.start()
     try:
-        watch = engine._start(kmaps.record_from_fd(fd))
+        watch = engine._start(kmaps.record_from_fd(fd))  # noqa: SLF001 (one watch, driven)
         assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
-        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)
+        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (one watch, driven)
         syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
-        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)  # a for_each walk
+        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (a for_each walk)
         assert watch.kernel is not None
+        assert engine.broker.proc is not None
         engine.broker.proc.kill()
         engine.broker.proc.wait()
         syscall.map_update_elem(fd, struct.pack("<Q", 2), struct.pack("<Q", 22))
         with caplog.at_level("WARNING"):
-            snap, delta = engine._read_kernel(watch, report_all=False)
-            other = engine._start(kmaps.record_from_fd(later))
+            snap, delta = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (one watch, driven)
+            other = engine._start(kmaps.record_from_fd(later))  # noqa: SLF001 (one watch, driven)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 2, warnings
         assert "the in-kernel engine is unavailable" in warnings[0]
@@ -719,7 +722,8 @@ def test_the_engines_own_maps_are_not_the_hosts(daemon_factory, maps, bpffs_dir)
     with Follower(d, "pymap_*", "-f") as f:
         wait_until(lambda: (watch_of(status(d), first) or {}).get("polls", 0) >= 2,
                    "the glob's map watched")
-        assert watch_of(status(d), first)["engine"].startswith("in-kernel:")  # maps made
+        # the in-kernel engine made its maps for it
+        assert cast(dict, watch_of(status(d), first))["engine"].startswith("in-kernel:")
         second = f"pymap_n{token()}"  # made after the first's engine: its own come later
         fd2, _ = maps.create("hash", 4, 8, 64, name=second, pin=bpffs_dir / second)
         f.wait_for(lambda lines: any(ln.get("action") == "map_created"
@@ -764,10 +768,11 @@ def test_state_rebuild_equals_delete_then_insert(seed, monkeypatch):
     want_k = np.sort(np.concatenate([sk[keep], add_k]))
     want_v = np.concatenate([sv[keep], add_v])[np.argsort(np.concatenate([sk[keep], add_k]),
                                                           kind="stable")]
-    for limit in (kdelta._REBUILD_STEPS, 0):
+    for limit in (kdelta._REBUILD_STEPS, 0):  # noqa: SLF001 (the rebuild alone)
         monkeypatch.setattr(kdelta, "_REBUILD_STEPS", limit)
-        got = kdelta._rebuild(sk, sv, rpos, add_k, add_v, 12)
+        got = kdelta._rebuild(sk, sv, rpos, add_k, add_v, 12)  # noqa: SLF001 (the rebuild alone)
         assert got.count == len(want_k)
         assert np.array_equal(got.key_array(), want_k)
         assert np.array_equal(got.value_rows(), want_v)
+        assert got.order is not None
         assert np.array_equal(got.order, np.arange(len(want_k)))

@@ -81,7 +81,7 @@ async def test_booleans_print_alike_in_get_and_events():
                   raw=False, decoder="decoded by BTF")
     row = out.getvalue().splitlines()[2]
     assert row.split() == ["1", "true"]
-    line = EventPrinter._line({"time": "2026-01-01T00:00:00.000000Z", "seq": 1,
+    line = EventPrinter._line({"time": "2026-01-01T00:00:00.000000Z", "seq": 1,  # noqa: SLF001 (the line format alone)
                                "map": {"id": 3, "name": "flags"}, "action": "added",
                                "key": "01000000", "value": "01", "formatted": formatted})
     assert line.endswith("1 = true") and "True" not in line

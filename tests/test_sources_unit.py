@@ -69,6 +69,7 @@ def test_pin_source_defaults_and_layout():
         {"name": "pid", "type": "u32"}, {"name": "", "type": "pad[4]"},
         {"name": "addr", "type": "ipv4"}]}, "s")
     assert src.name == "rb" and src.kind is None and src.read_slice == 8192
+    assert src.layout is not None
     assert src.layout["value_size"] == 12
 
 
@@ -78,6 +79,7 @@ def test_bcc_fields_become_a_layout_with_c_alignment():
               "e#enum foo", "last#u8"]
     layout = layout_from_bcc_fields(fields)
     spec = parse_layout({"match": "t", "value": layout})
+    assert spec.value is not None
     offsets = {f.name: f.offset for f in spec.value.fields if f.name}
     # What a C compiler does with the same struct.
     assert offsets == {"ts": 0, "pid": 8, "flag": 12, "port": 14, "comm": 16, "v6": 32,
@@ -106,6 +108,7 @@ def test_record_batches_decode_per_record():
     assert events[1].formatted == {"pid": 11, "comm": "sh"}  # perf padding is ignored
     assert events[2].formatted == {"pid": 12, "_truncated": True}
     (batch,) = events_of(header, frames, record_batches=True)
+    assert batch.records is not None
     assert batch.action == "records" and list(batch.records) == recs and batch.records[1] == recs[1]
 
 
@@ -154,7 +157,7 @@ def test_cli_prints_records_and_losses():
     lost = Event("lost", ref, seq=4, missed=96, reason="perf")
     doc = event_json(lost, None, None)
     assert (doc["action"], doc["missed"], doc["reason"]) == ("lost", 96, "perf")
-    assert "pid=1 comm=sh" in EventPrinter._line(event_json(rec, None, None))
-    assert "96 records lost (perf ring full)" in EventPrinter._line(doc)
+    assert "pid=1 comm=sh" in EventPrinter._line(event_json(rec, None, None))  # noqa: SLF001 (the line format alone)
+    assert "96 records lost (perf ring full)" in EventPrinter._line(doc)  # noqa: SLF001 (the line format alone)
     raw = Event("record", ref, seq=5, value=b"\xff")
-    assert EventPrinter._line(event_json(raw, None, None)).endswith(" ff")
+    assert EventPrinter._line(event_json(raw, None, None)).endswith(" ff")  # noqa: SLF001 (the line format alone)
