@@ -193,6 +193,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
         publisher = PublisherOwner(xpub)
         async with trio.open_nursery() as nursery:
             engines = {}
+            broker = Broker()
             for engine_name in ("user-space", "in-kernel"):
                 config = Config()
                 config.daemon.bpffs = [str(pin_dir)]
@@ -201,8 +202,8 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
                 config.watch.kernel_delta_min_entries = 0
                 config.watch.kernel_delta_types = [bm_type]
                 stream = Stream(publisher, secrets.token_hex(8), 100, 4096, 1.0)
-                engines[engine_name] = Engine(config, stream, host)
-            engines["in-kernel"].broker = broker = Broker()
+                engines[engine_name] = Engine(config, stream, host, broker=(
+                    broker if engine_name == "in-kernel" else None))
             broker.start()
             nursery.start_soon(supervise, broker)
             nursery.start_soon(publisher.serve, lambda frames: [  # XPUB gives zmq.Frames

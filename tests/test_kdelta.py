@@ -666,9 +666,9 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
         syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
     config = Config()
     config.watch.kernel_delta_min_entries = 0
-    engine = Engine(config, None, host_features())
-    engine.broker = Broker()
-    engine.broker.start()
+    broker = Broker()
+    broker.start()
+    engine = Engine(config, None, host_features(), broker=broker)
     try:
         watch = engine._start(kmaps.record_from_fd(fd))
         assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
@@ -676,8 +676,8 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
         syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
         watch.snapshot, _ = engine._read_kernel(watch, report_all=False)  # a for_each walk
         assert watch.kernel is not None
-        engine.broker.proc.kill()
-        engine.broker.proc.wait()
+        broker.proc.kill()
+        broker.proc.wait()
         syscall.map_update_elem(fd, struct.pack("<Q", 2), struct.pack("<Q", 22))
         with caplog.at_level("WARNING"):
             snap, delta = engine._read_kernel(watch, report_all=False)
@@ -692,7 +692,7 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
         assert other.kernel is None
         assert other.engine.startswith("user-space: objects broker unavailable"), other.engine
     finally:
-        engine.broker.close()
+        broker.close()
 
 
 def held_map_ids(pid: int) -> dict[int, str]:

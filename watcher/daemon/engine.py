@@ -199,7 +199,8 @@ class Engine:
     """
 
     def __init__(self, config: Config, stream: Stream, features: Features,
-                 catalog: Catalog | None = None, discovery: Discovery | None = None):
+                 catalog: Catalog | None = None, discovery: Discovery | None = None,
+                 broker: Broker | None = None, views: dict[bytes, View] | None = None):
         self.config = config
         self.features = features  # the daemon's one probe of the host (kernel/features.py)
         self.discovery = discovery
@@ -222,7 +223,9 @@ class Engine:
         self.poll_errors = 0
         self.drops_reported = 0
         self.resyncs = 0
-        self.broker: Broker | None = None  # makes the in-kernel engine's objects (main.run)
+        self.broker = broker  # makes the in-kernel engine's objects (None: engine off)
+        if views:
+            self.set_views(views)  # the access rules' restricted views, by namespace
 
     # --- demand ---
 

@@ -178,15 +178,16 @@ class MapMetrics:
 class DaemonCollector(Collector):
     """The daemon's own figures, read at scrape time from the objects that keep them."""
 
-    def __init__(self, engine: Engine, sources, reloads: dict[str, int]):
+    def __init__(self, engine: Engine, sources, reloads: dict[str, int],
+                 auth: Authenticator | None = None, gate: SubscriptionGate | None = None,
+                 refusals: Callable[[], dict[str, int]] | None = None):
         self.engine = engine
         self.sources = sources
         self.reloads = reloads  # "ok"/"refused" -> count, kept by the reload handler
         self.map_metrics: MapMetrics | None = None
-        self.auth: Authenticator | None = None  # its refused-connection counters
-        # The request server's refusals() (set once it serves): the abuse bounds' counts.
-        self.refusals: Callable[[], dict[str, int]] | None = None
-        self.gate: SubscriptionGate | None = None  # the event socket's view counters
+        self.auth = auth  # its refused-connection counters
+        self.gate = gate  # the event socket's view counters
+        self.refusals = refusals  # the request server's: the abuse bounds' counts
 
     def collect(self) -> Iterator[Metric]:
         st = self.engine.status()
@@ -316,10 +317,12 @@ class _MapCollector(Collector):
 class MetricsServer:
     """The /metrics endpoint; :meth:`reconfigure` swaps the map metrics on reload."""
 
-    def __init__(self, engine: Engine, sources, reloads: dict[str, int]):
+    def __init__(self, engine: Engine, sources, reloads: dict[str, int],
+                 auth: Authenticator | None = None, gate: SubscriptionGate | None = None,
+                 refusals: Callable[[], dict[str, int]] | None = None):
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=False)
-        self.daemon = DaemonCollector(engine, sources, reloads)
+        self.daemon = DaemonCollector(engine, sources, reloads, auth, gate, refusals)
         self.registry.register(self.daemon)
         self.registry.register(_MapCollector(self))
         self._http: WSGIServer | None = None

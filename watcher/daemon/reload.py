@@ -63,11 +63,12 @@ class Reloader:
     """Applies a reloaded config to the live daemon; counts results for the metrics."""
 
     def __init__(self, load: Callable[[], Config], engine: Engine,
-                 targets: list[Callable[[Config], None]]):
+                 targets: list[Callable[[Config], None]], counts: dict[str, int] | None = None):
         self.load = load
         self.engine = engine
         self.targets = targets  # other parts to reconfigure (server, metrics, access)
-        self.counts: dict[str, int] = {"ok": 0, "refused": 0}
+        # "ok"/"refused" -> reloads; given by the daemon, which shows it in the metrics
+        self.counts = counts if counts is not None else {"ok": 0, "refused": 0}
 
     async def reload(self) -> bool:
         try:

@@ -108,12 +108,14 @@ class Connection:
 class SubscriptionGate:
     def __init__(self, max_bytes: int, max_count: int, local: str | int | None,
                  cut: Callable[[int, str | int | None], bool] = cut_connection,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, sock: zmq.Socket | None = None):
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.local = local
         self.policy = policy or Policy(AccessConfig())
-        self.sock: zmq.Socket | None = None  # the XPUB (XPUB_MANUAL) admitted topics go to
+        # The XPUB (XPUB_MANUAL) admitted topics go to; None in unit tests, which only
+        # look at the changes.  Only its owner task (publisher.serve) calls the gate.
+        self.sock = sock
         self._cut = cut
         self._conns: dict[Peer, Connection] = {}
         self._logged: set[tuple[str, str]] = set()
