@@ -522,10 +522,9 @@ async def test_publisher_owner_bounds_its_queue_in_bytes_by_making_producers_wai
 
 async def test_reload_reaches_the_catalog():
     """A reloaded daemon.bpffs is where the next listing and selection look."""
-    engine, _ = make_engine(FakeCatalog())
-    engine.catalog = Catalog(["/sys/fs/bpf/a"])
+    engine, _ = make_engine(Catalog(["/sys/fs/bpf/a"]))
     new = user_space_config(bpffs=["/sys/fs/bpf/b"])
-    Reloader(lambda: new, engine, []).apply(new)
+    Reloader(lambda: new, engine.config, [engine.reconfigure]).apply(new)
     assert engine.catalog.bpffs == ("/sys/fs/bpf/b",) and engine.config is new
 
 

@@ -44,7 +44,7 @@ from zmq.utils import z85
 
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN
 from . import errors
-from .config import AccessConfig
+from .config import AccessConfig, Config
 
 log = logging.getLogger("pymap.access")
 
@@ -70,8 +70,9 @@ class Authenticator(ThreadAuthenticator):
         for domain in (ZAP_DOMAIN, EVENTS_ZAP_DOMAIN):
             self.configure_curve_callback(domain.decode(), self)
 
-    def update(self, allowed: dict[bytes, str]) -> None:
-        self.allowed = allowed
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (watcher.daemon.reload): the allowed keys, swapped whole."""
+        self.allowed = config.curve.allowed()
         self._reported.clear()
 
     def _once(self, what: bytes) -> bool:

@@ -196,6 +196,10 @@ class Catalog:
         self._holders_lock = threading.Lock()
         self._holders: tuple[float, dict[int, list[tuple[int, str]]]] | None = None
 
+    def reconfigure(self, config) -> None:
+        """A reloaded config (watcher.daemon.reload): the bpffs roots to look in."""
+        self.bpffs = tuple(config.daemon.bpffs)
+
     def records(self, only: set[int] | None = None) -> list[kmaps.MapRecord]:
         """Every map on the host (or the ``only`` ids), with its pins (no dumps, but a
         syscall or three per map, and a walk of the pins)."""

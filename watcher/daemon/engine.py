@@ -41,7 +41,7 @@ from watcher.kernel.maps.kinds import DumpMethod, dump_method
 from ..wire import schema
 from ..wire.transport import OutFrames
 from . import catalog, errors
-from .access import NAMESPACE_BYTES, View
+from .access import NAMESPACE_BYTES, Policy, View
 from .catalog import Catalog, MapGone
 from .config import Config
 from .delta import Delta, Snapshot, diff, snapshot_as_added
@@ -242,6 +242,21 @@ class Engine:
         self.demand.views = views
         self.stream.views = self.demand.active_views()
         self.poke()
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (watcher.daemon.reload): always globs, per-map intervals,
+        layouts, the catalog's bpffs and the access rules' views; in effect at once."""
+        self.config = config
+        self.catalog.reconfigure(config)
+        now = trio.current_time()
+        for watch in self.watches.values():
+            interval = config.watch.interval_for(watch.record.name)
+            if interval != watch.interval:
+                log.info("%s: polled every %g s (was %g s)", watch.record.name, interval,
+                         watch.interval)
+                watch.interval = interval
+                watch.next_due = min(watch.next_due, now + interval)
+        self.set_views(Policy(config.access).views())  # pokes: a cycle now, not at the next tick
 
     def poke(self) -> None:
         """Run a cycle with discovery now (demand or the host's maps changed)."""

@@ -155,10 +155,10 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
         reload_counts = {"ok": 0, "refused": 0}
         metrics = MetricsServer(engine, sources, reload_counts, auth=auth, gate=gate,
                                 refusals=server.refusals)
-        reloader = Reloader(reload or (lambda: config), engine, [
-            server.reconfigure, metrics.reconfigure,
-            lambda new: auth.update(new.curve.allowed()),
-            lambda new: _new_views(Policy(new.access), gate, engine)], reload_counts)
+        # The engine before the gate: its views change before the gate cuts connections.
+        reloader = Reloader(reload or (lambda: config), config, [
+            engine.reconfigure, stream.reconfigure, server.reconfigure, metrics.reconfigure,
+            auth.reconfigure, lambda new: gate.reconfigure(Policy(new.access))], reload_counts)
         # From here signals are ours until cleanup is done, a second one included: what
         # the stack holds so far moves to one closed inside the signal receiver.
         with (trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -282,12 +282,6 @@ def log_degraded(features: kf.Features) -> None:
     so a start that fails still prints its one error line alone."""
     for f in features.refused():
         log.info("kernel facility not available: %s (%s): %s", f.title, f.error, f.degrades)
-
-
-def _new_views(policy: Policy, gate: SubscriptionGate, engine: Engine) -> None:
-    """Reloaded access rules: the gate re-checks its connections, the stream its views."""
-    engine.set_views(policy.views())
-    gate.reconfigure(policy)
 
 
 def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,

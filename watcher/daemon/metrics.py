@@ -189,6 +189,10 @@ class DaemonCollector(Collector):
         self.gate = gate  # the event socket's view counters
         self.refusals = refusals  # the request server's: the abuse bounds' counts
 
+    def reconfigure(self, config: Config) -> None:
+        """The ``[[metrics.maps]]`` to export (at start and on reload)."""
+        self.map_metrics = MapMetrics(self.engine, config.metrics) if config.metrics.maps else None
+
     def collect(self) -> Iterator[Metric]:
         st = self.engine.status()
         watches = self.engine.watch_figures()
@@ -305,11 +309,13 @@ def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
 
 
 class _MapCollector(Collector):
-    def __init__(self, owner: MetricsServer):
-        self.owner = owner
+    """The map metrics the daemon collector has now (a reload replaces them)."""
+
+    def __init__(self, daemon: DaemonCollector):
+        self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
-        mm = self.owner.daemon.map_metrics
+        mm = self.daemon.map_metrics
         if mm is not None:
             yield from mm.collect()
 
@@ -320,17 +326,16 @@ class MetricsServer:
     def __init__(self, engine: Engine, sources, reloads: dict[str, int],
                  auth: Authenticator | None = None, gate: SubscriptionGate | None = None,
                  refusals: Callable[[], dict[str, int]] | None = None):
-        self.engine = engine
         self.registry = CollectorRegistry(auto_describe=False)
         self.daemon = DaemonCollector(engine, sources, reloads, auth, gate, refusals)
         self.registry.register(self.daemon)
-        self.registry.register(_MapCollector(self))
+        self.registry.register(_MapCollector(self.daemon))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.listen: str | None = None
 
     def reconfigure(self, config: Config) -> None:
-        self.daemon.map_metrics = MapMetrics(self.engine, config.metrics) if config.metrics.maps else None
+        self.daemon.reconfigure(config)
 
     def start(self, config: Config) -> None:
         self.reconfigure(config)

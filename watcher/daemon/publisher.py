@@ -25,6 +25,7 @@ from watcher.kernel.maps.find import MapRecord
 from ..wire import schema
 from ..wire.transport import OutFrames, PublisherOwner, frames_size
 from .access import View
+from .config import Config
 from .delta import Delta
 
 # What a message is about, for a view's decision: the map (record or MapInfo: its
@@ -66,6 +67,15 @@ class Stream:
         # Namespace -> view, for the views some connection subscribes in (the engine's
         # demand keeps it): each is sent the messages of the maps it sees.
         self.views: dict[bytes, View] = {}
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (watcher.daemon.reload): the recent ring's, batches' and
+        heartbeats' limits.  The byte bound of a message is sized once, with the sockets."""
+        daemon = config.daemon
+        self.recent_limit = daemon.recent_events
+        self.recent_bytes = daemon.recent_bytes
+        self.batch_events = daemon.batch_events
+        self.heartbeat_interval = daemon.heartbeat_interval
 
     def last_topic_seq(self, name: str) -> int:
         """The last topic_seq published on ``name`` (for a forgotten name, at least that)."""

@@ -70,7 +70,6 @@ class RequestServer:
     def reconfigure(self, config) -> None:
         """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
         self.config = config.daemon  # its endpoints are the running ones (reload keeps them)
-        self.bpffs = tuple(config.daemon.bpffs)
         self.access = Policy(config.access)
         self.owner.identify = self.access.active
 
