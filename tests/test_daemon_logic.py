@@ -268,7 +268,7 @@ async def test_engine_query_api():
     cat.add(record(10, "flows"), {k(1): v(1)})
     cat.add(record(11, "rb", type_="ringbuf", key_size=0, value_size=0))
     engine, rec = make_engine(cat)
-    engine.stream.source_topics.add("flows_src")
+    engine.stream.add_source_topics(["flows_src"])
 
     got, snap, seq = await engine.snapshot("flows", "gap")
     assert (got.id, snap.count, bytes(snap.keys), seq) == (10, 1, k(1), 0)

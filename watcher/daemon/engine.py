@@ -45,7 +45,7 @@ from .access import NAMESPACE_BYTES, Policy, View
 from .catalog import Catalog, MapGone
 from .config import Config
 from .delta import Delta, Snapshot, diff, snapshot_as_added
-from .discovery import Discovery
+from .discovery import Discovery, DiscoveryStats
 from .kdelta import KernelDelta, choose_engine
 from .publisher import Stream
 
@@ -79,6 +79,12 @@ class Watch:
         self.events += delta.count
         for action in range(3):  # Action.ADDED, UPDATED, REMOVED: one C-level scan each
             self.by_action[action] += delta.actions.count(action)
+
+    def use_user_space(self, why: str) -> None:
+        """The in-kernel walk failed (``why``): user space from now on.  On the loop."""
+        if self.kernel is not None:
+            self.kernel.close()
+        self.kernel, self.engine = None, f"user-space: in-kernel walk failed: {why}"
 
     @property
     def pollable(self) -> bool:
@@ -232,7 +238,7 @@ class Engine:
     def on_subscription(self, frames: list[bytes]) -> None:
         """XPUB callback: a subscription changed; re-evaluate soon, greet new subscribers."""
         subscribed = self.demand.update(frames[0])
-        self.stream.views = self.demand.active_views()
+        self.stream.set_views(self.demand.active_views())
         if subscribed:
             self.heartbeat()
         self.poke()
@@ -240,7 +246,7 @@ class Engine:
     def set_views(self, views: dict[bytes, View]) -> None:
         """The access rules' views by namespace (at start and on reload)."""
         self.demand.views = views
-        self.stream.views = self.demand.active_views()
+        self.stream.set_views(self.demand.active_views())
         self.poke()
 
     def reconfigure(self, config: Config) -> None:
@@ -499,8 +505,11 @@ class Engine:
             kernel_delta: Delta | None = None
             try:
                 if watch.kernel is not None:
-                    snap, kernel_delta = await trio.to_thread.run_sync(
+                    # The worker only reads; what the read changes is applied here.
+                    snap, kernel_delta, failed = await trio.to_thread.run_sync(
                         self._read_kernel, watch, report_all)
+                    if failed:
+                        watch.use_user_space(failed)
                 else:
                     snap = await trio.to_thread.run_sync(self._read, watch)
             except MapGone:
@@ -544,21 +553,25 @@ class Engine:
         # request for this map need not wait).
         await self.stream.room()
 
-    def _read_kernel(self, watch: Watch, report_all: bool) -> tuple[Snapshot, Delta | None]:
-        """A poll on the in-kernel engine; if a walk fails, user space from now on."""
+    def _read_kernel(self, watch: Watch, report_all: bool
+                     ) -> tuple[Snapshot, Delta | None, str]:
+        """A poll on the in-kernel engine (a worker thread's job: it changes no watch).
+
+        The third item is why the walk failed ("" if it did not): the state was read in
+        user space instead, and the caller moves the watch there (:meth:`Watch.use_user_space`).
+        """
         assert watch.kernel is not None
         with self.catalog.open_watched(watch.record) as handle:
             try:
-                return watch.kernel.poll(handle.fd, watch.snapshot, report_all)
+                return (*watch.kernel.poll(handle.fd, watch.snapshot, report_all), "")
             except OSError as e:
                 log.warning("%s (id %d): in-kernel walk failed, using user space: %s",
                             watch.record.name, watch.record.id, e)
-                watch.kernel.close()
-                watch.kernel, watch.engine = None, f"user-space: in-kernel walk failed: {e}"
+                failed = str(e)
         snap = self._read(watch)
         if watch.snapshot is None:
-            return snap, (snapshot_as_added(snap) if report_all else None)
-        return snap, diff(watch.snapshot, snap)
+            return snap, (snapshot_as_added(snap) if report_all else None), failed
+        return snap, diff(watch.snapshot, snap), failed
 
     def _read(self, watch: Watch) -> Snapshot:
         keys, values, count = self.catalog.read_entries(watch.record)
@@ -611,7 +624,8 @@ class Engine:
         return self.config.layout_for([info.name, info.kernel_name], info.pinned)
 
     def status(self) -> EngineStatus:
-        stream = self.stream
+        stream = self.stream.stats()
+        found = self.discovery.stats() if self.discovery else DiscoveryStats()
         return EngineStatus(
             seq=stream.seq, messages_published=stream.messages_published,
             events_published=stream.events_published,
@@ -620,14 +634,11 @@ class Engine:
                            for p, n in tuple(self.demand.prefixes.items())},
             drops_reported=self.drops_reported, resyncs=self.resyncs,
             poll_errors=self.poll_errors, watched=self._watch_status(),
-            discovery=self.discovery.how if self.discovery else "poll",
-            creations_missed={
-                "ring_full": self.discovery.lost if self.discovery else 0,
-                "unresolved": self.discovery.unresolved if self.discovery else 0,
-                "queue_full": self.created_dropped},
-            creations_seen=self.discovery.seen if self.discovery else 0,
-            stream_queued_bytes=stream.publisher.outbox_bytes,
-            publish_waits=stream.publisher.waits,
+            discovery=found.how,
+            creations_missed={"ring_full": found.lost, "unresolved": found.unresolved,
+                              "queue_full": self.created_dropped},
+            creations_seen=found.seen,
+            stream_queued_bytes=stream.queued_bytes, publish_waits=stream.publish_waits,
             facilities=[schema.FacilityStatus(f.name, f.title, f.state, f.detail, f.error,
                                               f.degrades, f.fix)
                         for f in self.features.facilities])

@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import attrs
+
 from watcher.kernel.maps.find import MapRecord
 
 from ..wire import schema
@@ -36,6 +38,19 @@ HEADER_ALLOWANCE = 1024  # bytes kept for a batch's JSON header within message_b
 # Topics forgotten (nobody watches the name, no source) whose last topic_seq is kept, so
 # a name that comes back continues where it was: ~150 bytes each.
 GONE_TOPICS_MAX = 65536
+
+
+@attrs.frozen
+class StreamStats:
+    """The stream's figures for ``status`` and the metrics."""
+
+    seq: int  # the last sequence number published
+    messages_published: int
+    events_published: int
+    # The queue to ZeroMQ (bounded by stream_queue_bytes): bytes in it now, and how
+    # often a poll or buffer read waited for room.
+    queued_bytes: int
+    publish_waits: int
 
 
 class Stream:
@@ -65,8 +80,20 @@ class Stream:
         # Topics always listed in heartbeats (event source buffers), watched or not.
         self.source_topics: set[str] = set()
         # Namespace -> view, for the views some connection subscribes in (the engine's
-        # demand keeps it): each is sent the messages of the maps it sees.
+        # demand decides, through set_views): each is sent the messages of the maps it sees.
         self.views: dict[bytes, View] = {}
+
+    def set_views(self, views: dict[bytes, View]) -> None:
+        """The views some connection subscribes in now, by namespace."""
+        self.views = views
+
+    def add_source_topics(self, names: Iterable[str]) -> None:
+        """Event source buffers: listed in every heartbeat, watched or not, never forgotten."""
+        self.source_topics.update(names)
+
+    def stats(self) -> StreamStats:
+        return StreamStats(self.seq, self.messages_published, self.events_published,
+                           self.publisher.outbox_bytes, self.publisher.waits)
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config (watcher.daemon.reload): the recent ring's, batches' and

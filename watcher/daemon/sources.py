@@ -117,8 +117,7 @@ class Sources:
         except BaseException:
             self.close()
             raise
-        for buf in self.buffers:
-            self.stream.source_topics.add(buf.name)
+        self.stream.add_source_topics(buf.name for buf in self.buffers)
 
     def _open_program(self, cfg: SourceConfig) -> None:
         assert cfg.program is not None
