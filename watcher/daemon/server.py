@@ -173,12 +173,10 @@ class RequestServer:
         except errors.RequestError as e:
             await self._error(peer, errors.error_reply(e, req))
         except Exception as e:  # one request's failure must not stop the server
+            # Errors only (an ExceptionGroup of them from a nested nursery included): a
+            # cancellation, alone or grouped (BaseExceptionGroup), goes on to its scope.
             log.exception("request failed: %s", e)
             await self._error(peer, errors.error_reply(e, req))
-        except trio.Cancelled:
-            raise
-        except BaseException as e:  # noqa: BLE001 - an ExceptionGroup from a nested nursery
-            log.exception("request failed: %s", e)
 
     def _parse(self, frames: list[bytes]):
         if not frames or len(frames[0]) > MAX_REQUEST_BYTES:
