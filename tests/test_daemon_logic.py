@@ -25,7 +25,8 @@ from watcher.daemon import errors, publisher
 from watcher.daemon.access import View
 from watcher.daemon.catalog import Catalog
 from watcher.daemon.config import Config, DaemonConfig
-from watcher.daemon.engine import Demand, Engine
+from watcher.daemon.demand import Demand
+from watcher.daemon.engine import Engine
 from watcher.daemon.publisher import Stream
 from watcher.daemon.reload import Reloader
 from watcher.daemon.server import RequestServer
@@ -183,7 +184,7 @@ async def test_a_gone_maps_name_is_forgotten_and_its_topic_seq_never_goes_back(m
     await engine.cycle()  # map_removed; the hold (linger 0) has expired
     assert [(m.action, m.topic_seq) for m, _ in rec.messages(schema.MapEvent)] == [
         ("map_removed", 1)]
-    assert engine._holds == {} and "churn_a" not in engine.stream.topic_seq
+    assert not engine.holds and "churn_a" not in engine.stream.topic_seq
     assert engine.recent("churn_*")[0] == []  # its recent ring went with it
 
     cat.add(record(11, "churn_a"), {})  # the name comes back: its topic_seq continues

@@ -633,10 +633,10 @@ def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
         syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
     config = Config()
     config.watch.kernel_delta_min_entries = 0
-    engine = Engine(config, None, host_features())  # _read_kernel publishes nothing
+    engine = Engine(config, None, host_features())  # read_kernel publishes nothing
     watch = engine._start(kmaps.record_from_fd(fd))
     assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
-    snap, delta, _ = engine._read_kernel(watch, report_all=False)
+    snap, delta, _ = engine.poller.read_kernel(watch, report_all=False)
     watch.snapshot = snap
     null = os.open(os.devnull, os.O_RDONLY)
     try:
@@ -645,7 +645,7 @@ def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
         os.close(null)
     syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
     with caplog.at_level("WARNING", logger="pymap.engine"):
-        snap, delta, failed = engine._read_kernel(watch, report_all=False)
+        snap, delta, failed = engine.poller.read_kernel(watch, report_all=False)
     watch.use_user_space(failed)  # what the poll does on the loop
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "in-kernel walk failed" in warnings[0].getMessage()
@@ -673,15 +673,15 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
     try:
         watch = engine._start(kmaps.record_from_fd(fd))
         assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
-        watch.snapshot, _, _ = engine._read_kernel(watch, report_all=False)
+        watch.snapshot, _, _ = engine.poller.read_kernel(watch, report_all=False)
         syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
-        watch.snapshot, _, _ = engine._read_kernel(watch, report_all=False)  # a for_each walk
+        watch.snapshot, _, _ = engine.poller.read_kernel(watch, report_all=False)  # a for_each walk
         assert watch.kernel is not None
         broker.proc.kill()
         broker.proc.wait()
         syscall.map_update_elem(fd, struct.pack("<Q", 2), struct.pack("<Q", 22))
         with caplog.at_level("WARNING"):
-            snap, delta, failed = engine._read_kernel(watch, report_all=False)
+            snap, delta, failed = engine.poller.read_kernel(watch, report_all=False)
             watch.use_user_space(failed)  # what the poll does on the loop
             other = engine._start(kmaps.record_from_fd(later))
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
