@@ -26,7 +26,7 @@ from watcher.kernel.kdelta.objects import Broker
 
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
-from .access import Authenticator, Policy
+from .access import Policy
 from .config import Config, ConfigError, DaemonConfig
 from .discovery import Discovery
 from .engine import Engine
@@ -40,6 +40,7 @@ from .reload import Reloader
 from .server import RequestServer
 from .sources import Sources
 from .subgate import SubscriptionGate, socket_name
+from .zap import Authenticator
 
 log = logging.getLogger("pymap.daemon")
 

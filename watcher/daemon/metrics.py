@@ -37,10 +37,10 @@ from prometheus_client.registry import Collector
 
 from ..decode.choose import EntryFormatter, choose
 from . import catalog
-from .access import Authenticator
 from .config import Config, MetricMap, MetricsConfig
 from .engine import Engine, WatchFigures
 from .subgate import SubscriptionGate
+from .zap import Authenticator
 
 log = logging.getLogger("pymap.metrics")
 
