@@ -15,7 +15,7 @@ Run as root: ``.venv/bin/python bench/bench_events.py``.  One run measures:
     map for a subscriber, after a few polls and after a changed poll
     (target: VmRSS <= 150 MB).
 
-(a)-(c) run the daemon's own engine in this process (``Engine`` + ``Stream`` +
+(a)-(c) run the daemon's own engine in this process (``Engine`` + ``PublishedStream`` +
 ``PublisherOwner`` on a private XPUB), because a daemon polls on its own
 clock and there is no request to trigger a poll.  The poll path is the real
 one; only the timing of the poll is ours.
@@ -301,7 +301,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     from watcher.daemon import polling as engine_mod  # the poll's diff is looked up there
     from watcher.daemon.config import Config
     from watcher.daemon.engine import Engine
-    from watcher.daemon.publisher import Stream
+    from watcher.daemon.publisher import PublishedStream
     from watcher.kernel.maps import find as kmaps
     from watcher.wire.transport import PublisherOwner
 
@@ -322,7 +322,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     try:
         xpub.bind(endpoint)
         publisher = PublisherOwner(xpub)
-        stream = Stream(publisher, secrets.token_hex(8), config.daemon.recent_events,
+        stream = PublishedStream(publisher, secrets.token_hex(8), config.daemon.recent_events,
                         config.daemon.batch_events, config.daemon.heartbeat_interval)
         engine = Engine(config, stream, features.probe())
 

@@ -175,7 +175,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
     from watcher.daemon.config import Config
     from watcher.daemon.engine import Engine
     from watcher.daemon.kdelta import supervise
-    from watcher.daemon.publisher import Stream
+    from watcher.daemon.publisher import PublishedStream
     from watcher.kernel.maps import find as kmaps
     from watcher.wire.transport import PublisherOwner
 
@@ -201,7 +201,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
                 config.watch.kernel_delta = "off" if engine_name == "user-space" else "auto"
                 config.watch.kernel_delta_min_entries = 0
                 config.watch.kernel_delta_types = [bm_type]
-                stream = Stream(publisher, secrets.token_hex(8), 100, 4096, 1.0)
+                stream = PublishedStream(publisher, secrets.token_hex(8), 100, 4096, 1.0)
                 engines[engine_name] = Engine(config, stream, host, broker=(
                     broker if engine_name == "in-kernel" else None))
             broker.start()

@@ -27,7 +27,7 @@ from watcher.daemon.catalog import Catalog
 from watcher.daemon.config import Config, DaemonConfig
 from watcher.daemon.demand import Demand
 from watcher.daemon.engine import Engine
-from watcher.daemon.publisher import Stream
+from watcher.daemon.publisher import PublishedStream
 from watcher.daemon.reload import Reloader
 from watcher.daemon.server import RequestServer
 from watcher.wire import schema
@@ -77,7 +77,7 @@ def user_space_config(**daemon) -> Config:
 def make_engine(cat: FakeCatalog, **daemon) -> tuple[Engine, Recorder]:
     rec = Recorder()
     config = user_space_config(**daemon)
-    stream = Stream(rec, "e" * 16, config.daemon.recent_events, batch_events=2,  # type: ignore[arg-type]
+    stream = PublishedStream(rec, "e" * 16, config.daemon.recent_events, batch_events=2,  # type: ignore[arg-type]
                     heartbeat_interval=1.0, recent_bytes=config.daemon.recent_bytes)
     return Engine(config, stream, host_features(), catalog=cat), rec
 

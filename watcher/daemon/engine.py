@@ -54,7 +54,7 @@ from .discovery import Discovery, DiscoveryStats
 from .inventory import Inventory
 from .kdelta import choose_engine
 from .polling import Poller, Watch
-from .publisher import Stream
+from .publisher import PublishedStream
 
 log = logging.getLogger("pymap.engine")
 
@@ -104,7 +104,7 @@ class Engine:
     ``catalog`` (a :class:`~watcher.daemon.catalog.Catalog`, or a test's).
     """
 
-    def __init__(self, config: Config, stream: Stream, features: Features,
+    def __init__(self, config: Config, stream: PublishedStream, features: Features,
                  catalog: Catalog | None = None, discovery: Discovery | None = None,
                  broker: Broker | None = None, views: dict[bytes, View] | None = None):
         self.config = config

@@ -35,7 +35,7 @@ from .logs import setup_logging
 from .memory import release_big_buffers_promptly, trim_heap
 from .metrics import MetricsServer
 from .privileges import check_capabilities, harden
-from .publisher import Stream
+from .publisher import PublishedStream
 from .reload import Reloader
 from .server import RequestServer
 from .sources import Sources
@@ -142,7 +142,7 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     with contextlib.ExitStack() as stack:
         router, xpub, auth = _open_sockets(config, stack)
         publisher = PublisherOwner(xpub, dconf.stream_queue_bytes)
-        stream = Stream(publisher, secrets.token_hex(8), dconf.recent_events,
+        stream = PublishedStream(publisher, secrets.token_hex(8), dconf.recent_events,
                         dconf.batch_events, dconf.heartbeat_interval,
                         dconf.stream_message_bytes, dconf.recent_bytes)
         sources, broker, discovery = await _load(config, features, stream, stack)
@@ -225,7 +225,7 @@ def _open_sockets(config: Config, stack: contextlib.ExitStack
     return router, xpub, auth
 
 
-async def _load(config: Config, features: kf.Features, stream: Stream,
+async def _load(config: Config, features: kf.Features, stream: PublishedStream,
                 stack: contextlib.ExitStack
                 ) -> tuple[Sources, Broker | None, Discovery]:
     """What creates BPF objects, all before the seccomp filter: the event sources, the
@@ -300,7 +300,7 @@ def _authenticate(config: Config, ctx: zmq.Context, router: zmq.Socket,
     return auth
 
 
-async def _heartbeats(engine: Engine, gate: SubscriptionGate, stream: Stream) -> None:
+async def _heartbeats(engine: Engine, gate: SubscriptionGate, stream: PublishedStream) -> None:
     while True:
         gate.sweep()  # subscribers gone since: their maps stop being wanted
         engine.heartbeat()

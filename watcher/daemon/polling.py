@@ -25,7 +25,7 @@ from watcher.kernel.maps.kinds import DumpMethod, dump_method
 from .catalog import Catalog, MapGone
 from .delta import Delta, Snapshot, diff, snapshot_as_added
 from .kdelta import KernelDelta
-from .publisher import Stream
+from .publisher import PublishedStream
 
 # The engine's logger: operators filter on it, and a poll is the engine's work.
 log = logging.getLogger("pymap.engine")
@@ -79,7 +79,7 @@ class Watch:
 class Poller:
     """Polls watches through ``catalog`` and publishes their deltas on ``stream``."""
 
-    def __init__(self, catalog: Catalog, stream: Stream):
+    def __init__(self, catalog: Catalog, stream: PublishedStream):
         self.catalog = catalog
         self.stream = stream
         self.errors = 0  # polls that failed (status: poll_errors, with enumerations)

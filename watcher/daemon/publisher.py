@@ -53,7 +53,10 @@ class StreamStats:
     publish_waits: int
 
 
-class Stream:
+class PublishedStream:
+    """The daemon's side of the event stream (consumers read it as an ``EventStream``):
+    numbering, batching, views and the recent ring, over one :class:`PublisherOwner`."""
+
     def __init__(self, publisher: PublisherOwner, epoch: str, recent_limit: int,
                  batch_events: int, heartbeat_interval: float, message_bytes: int = 256 << 10,
                  recent_bytes: int = 4 << 20):
