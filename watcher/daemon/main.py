@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable, Iterator
 from importlib import metadata
 
+import attrs
 import trio
 import zmq
 
@@ -124,6 +125,33 @@ def _unlink_socket(endpoint: str) -> None:
             os.unlink(path)
 
 
+@attrs.frozen
+class _Daemon:
+    """The daemon's parts, built in dependency order and not serving yet."""
+
+    router: zmq.Socket
+    xpub: zmq.Socket
+    publisher: PublisherOwner
+    stream: PublishedStream
+    sources: Sources
+    broker: Broker | None
+    engine: Engine
+    gate: SubscriptionGate
+    server: RequestServer
+    metrics: MetricsServer
+    reloader: Reloader
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start every serving task in ``nursery``."""
+        nursery.start_soon(self.server.serve)
+        nursery.start_soon(self.publisher.serve, self.gate.guard(self.engine.on_subscription))
+        nursery.start_soon(self.engine.run)
+        if self.broker is not None:
+            nursery.start_soon(supervise, self.broker)
+        nursery.start_soon(self.sources.run)
+        nursery.start_soon(_heartbeats, self.engine, self.gate, self.stream)
+
+
 async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
               reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); SIGHUP re-reads the config via ``reload``.
@@ -140,59 +168,63 @@ async def run(config: Config, task_status=trio.TASK_STATUS_IGNORED,
     features = await trio.to_thread.run_sync(probe_features)
     release_big_buffers_promptly()
     with contextlib.ExitStack() as stack:
-        router, xpub, auth = _open_sockets(config, stack)
-        publisher = PublisherOwner(xpub, dconf.stream_queue_bytes)
-        stream = PublishedStream(publisher, secrets.token_hex(8), dconf.recent_events,
-                        dconf.batch_events, dconf.heartbeat_interval,
-                        dconf.stream_message_bytes, dconf.recent_bytes)
-        sources, broker, discovery = await _load(config, features, stream, stack)
-        policy = Policy(config.access)
-        engine = Engine(config, stream, features, discovery=discovery, broker=broker,
-                        views=policy.views())
-        gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
-                                socket_name(_events_endpoint(dconf)), policy=policy, sock=xpub)
-        server = RequestServer(router, dconf, stream.epoch, _version(), engine, sources,
-                               gate=gate, access=policy)
-        reload_counts = {"ok": 0, "refused": 0}
-        metrics = MetricsServer(engine, sources, reload_counts, auth=auth, gate=gate,
-                                refusals=server.refusals)
-        # The engine before the gate: its views change before the gate cuts connections.
-        reloader = Reloader(reload or (lambda: config), config, [
-            engine.reconfigure, stream.reconfigure, server.reconfigure, metrics.reconfigure,
-            auth.reconfigure, lambda new: gate.reconfigure(Policy(new.access))], reload_counts)
+        daemon = await _build(config, features, reload or (lambda: config), stack)
         # From here signals are ours until cleanup is done, a second one included: what
         # the stack holds so far moves to one closed inside the signal receiver.
         with (trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
               as signals, stack.pop_all() as held):
-            _serve_on(config, metrics, router, xpub, held)
+            _serve_on(config, daemon.metrics, daemon.router, daemon.xpub, held)
             harden(config, features)  # start-up is over: from here bpf() only reads (seccomp)
             # What start-up made (modules, bcc, config) lives as long as the daemon: out of
             # the collector's sight, so a full collection, which stops the loop too, is short.
             gc.freeze()
-            log.info("pymap %s serving %s, events on %s (epoch %s)", server.version,
-                     dconf.endpoint, _events_endpoint(dconf), stream.epoch)
+            log.info("pymap %s serving %s, events on %s (epoch %s)", daemon.server.version,
+                     dconf.endpoint, _events_endpoint(dconf), daemon.stream.epoch)
             log_degraded(features)
             async with trio.open_nursery() as nursery:
-
-                async def on_signal():
-                    async for signum in signals:
-                        if signum == signal.SIGHUP:
-                            await reloader.reload()
-                            continue
-                        log.info("%s: shutting down", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                        return
-
-                nursery.start_soon(on_signal)
-                nursery.start_soon(server.serve)
-                nursery.start_soon(publisher.serve, gate.guard(engine.on_subscription))
-                nursery.start_soon(engine.run)
-                if broker is not None:
-                    nursery.start_soon(supervise, broker)
-                nursery.start_soon(sources.run)
-                nursery.start_soon(_heartbeats, engine, gate, stream)
+                nursery.start_soon(_on_signals, signals, daemon.reloader, nursery.cancel_scope)
+                daemon.start(nursery)
                 task_status.started()
     log.info("stopped")
+
+
+async def _build(config: Config, features: kf.Features, reload: Callable[[], Config],
+                 stack: contextlib.ExitStack) -> _Daemon:
+    """Every part, each given what it needs when made; releases registered on ``stack``."""
+    dconf = config.daemon
+    router, xpub, auth = _open_sockets(config, stack)
+    publisher = PublisherOwner(xpub, dconf.stream_queue_bytes)
+    stream = PublishedStream(publisher, secrets.token_hex(8), dconf.recent_events,
+                             dconf.batch_events, dconf.heartbeat_interval,
+                             dconf.stream_message_bytes, dconf.recent_bytes)
+    sources, broker, discovery = await _load(config, features, stream, stack)
+    policy = Policy(config.access)
+    engine = Engine(config, stream, features, discovery=discovery, broker=broker,
+                    views=policy.views())
+    gate = SubscriptionGate(dconf.max_subscription_bytes, dconf.max_subscriptions,
+                            socket_name(_events_endpoint(dconf)), policy=policy, sock=xpub)
+    server = RequestServer(router, dconf, stream.epoch, _version(), engine, sources,
+                           gate=gate, access=policy)
+    reload_counts = {"ok": 0, "refused": 0}
+    metrics = MetricsServer(engine, sources, reload_counts, auth=auth, gate=gate,
+                            refusals=server.refusals)
+    # The engine before the gate: its views change before the gate cuts connections.
+    reloader = Reloader(reload, config, [
+        engine.reconfigure, stream.reconfigure, server.reconfigure, metrics.reconfigure,
+        auth.reconfigure, lambda new: gate.reconfigure(Policy(new.access))], reload_counts)
+    return _Daemon(router, xpub, publisher, stream, sources, broker, engine, gate, server,
+                   metrics, reloader)
+
+
+async def _on_signals(signals, reloader: Reloader, scope: trio.CancelScope) -> None:
+    """SIGHUP reloads the config; SIGINT or SIGTERM cancels ``scope`` (the daemon's)."""
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            await reloader.reload()
+            continue
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        scope.cancel()
+        return
 
 
 def _events_endpoint(dconf: DaemonConfig) -> str:

@@ -66,7 +66,7 @@ class RequestServer:
         """What the abuse bounds refused or dropped, for ``status`` and the metrics."""
         return {"requests_refused": self.requests_refused,
                 "replies_dropped": self.replies_dropped,
-                "subscriptions_refused": self.gate.refused if self.gate else 0}
+                "subscriptions_refused": self.gate.stats().refused if self.gate else 0}
 
     def reconfigure(self, config) -> None:
         """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
