@@ -27,6 +27,7 @@ from watcher.kernel.kdelta.objects import Broker
 
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
+from . import logs
 from .access import Policy
 from .config import Config, ConfigError, DaemonConfig
 from .discovery import Discovery
@@ -208,10 +209,12 @@ async def _build(config: Config, features: kf.Features, reload: Callable[[], Con
     reload_counts = {"ok": 0, "refused": 0}
     metrics = MetricsServer(engine, sources, reload_counts, auth=auth, gate=gate,
                             refusals=server.refusals)
-    # The engine before the gate: its views change before the gate cuts connections.
+    # In the order the reload always applied them: the engine's and stream's settings,
+    # the log level, then the rest; the engine's views change before the gate cuts.
     reloader = Reloader(reload, config, [
-        engine.reconfigure, stream.reconfigure, server.reconfigure, metrics.reconfigure,
-        auth.reconfigure, lambda new: gate.reconfigure(Policy(new.access))], reload_counts)
+        engine.reconfigure, stream.reconfigure, logs.reconfigure, server.reconfigure,
+        metrics.reconfigure, auth.reconfigure, lambda new: gate.reconfigure(Policy(new.access))],
+        reload_counts)
     return _Daemon(router, xpub, publisher, stream, sources, broker, engine, gate, server,
                    metrics, reloader)
 

@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from . import logs
 from .config import Config, ConfigError
 
 log = logging.getLogger("pymap.reload")
@@ -63,8 +62,8 @@ class Reloader:
     """Applies a reloaded config to the live daemon; counts results for the metrics.
 
     It knows no object's insides: each owner of reloadable state is a target, a
-    ``reconfigure(config)`` of its own (engine, stream, request server, metrics,
-    ZAP handler, subscription gate), called in the order given.
+    ``reconfigure(config)`` of its own (engine, stream, the log level, request
+    server, metrics, ZAP handler, subscription gate), called in the order given.
     """
 
     def __init__(self, load: Callable[[], Config], running: Config,
@@ -97,6 +96,5 @@ class Reloader:
 
     def apply(self, new: Config) -> None:
         self.config = new
-        logs.set_level(new.daemon.log_level)
         for reconfigure in self.targets:
             reconfigure(new)
