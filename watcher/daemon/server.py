@@ -69,7 +69,8 @@ class RequestServer:
                 "subscriptions_refused": self.gate.stats().refused if self.gate else 0}
 
     def reconfigure(self, config) -> None:
-        """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
+        """A reloaded config (watcher.daemon.reload): chunk size, request bounds and the
+        access rules (bpffs roots reach the catalog through the engine)."""
         self.config = config.daemon  # its endpoints are the running ones (reload keeps them)
         self.access = Policy(config.access)
         self.owner.identify = self.access.active
