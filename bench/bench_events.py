@@ -15,7 +15,7 @@ Run as root: ``.venv/bin/python bench/bench_events.py``.  One run measures:
     map for a subscriber, after a few polls and after a changed poll
     (target: VmRSS <= 150 MB).
 
-(a)-(c) run the daemon's own engine in this process (``Engine`` + ``Stream`` +
+(a)-(c) run the daemon's own engine in this process (``Engine`` + ``PublishedStream`` +
 ``PublisherOwner`` on a private XPUB), because a daemon polls on its own
 clock and there is no request to trigger a poll.  The poll path is the real
 one; only the timing of the poll is ours.
@@ -301,7 +301,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     from watcher.daemon.config import Config
     from watcher.daemon.diff import userspace as diff_mod  # changes() calls its diff()
     from watcher.daemon.engine import Engine
-    from watcher.daemon.publisher import Stream
+    from watcher.daemon.publisher import PublishedStream
     from watcher.kernel.maps import find as kmaps
     from watcher.wire.transport import PublisherOwner
 
@@ -322,12 +322,12 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     try:
         xpub.bind(endpoint)
         publisher = PublisherOwner(xpub)
-        stream = Stream(publisher, secrets.token_hex(8), config.daemon.recent_events,
+        stream = PublishedStream(publisher, secrets.token_hex(8), config.daemon.recent_events,
                         config.daemon.batch_events, config.daemon.heartbeat_interval)
         engine = Engine(config, stream, features.probe())
 
         # Instrument the poll's steps (same functions, timed around).
-        orig_read, orig_publish = engine._read, stream.publish_delta  # noqa: SLF001 (timing the engine's steps)
+        orig_read, orig_publish = engine.poller.read, stream.publish_delta
 
         def timed_read(watch):
             t0 = time.perf_counter()
@@ -355,7 +355,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
             finally:
                 timings["publish"].append(time.perf_counter() - t0)
 
-        engine._read = timed_read  # type: ignore[method-assign]  # noqa: SLF001 (timing the engine's steps)
+        engine.poller.read = timed_read  # type: ignore[method-assign]
         diff_mod.diff = timed_diff
         stream.publish_delta = timed_publish  # type: ignore[method-assign]
 

@@ -175,7 +175,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
     from watcher.daemon.config import Config
     from watcher.daemon.diff import supervise
     from watcher.daemon.engine import Engine
-    from watcher.daemon.publisher import Stream
+    from watcher.daemon.publisher import PublishedStream
     from watcher.kernel.maps import find as kmaps
     from watcher.wire.transport import PublisherOwner
 
@@ -193,6 +193,7 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
         publisher = PublisherOwner(xpub)
         async with trio.open_nursery() as nursery:
             engines = {}
+            broker = Broker()
             for engine_name in ("user-space", "in-kernel"):
                 config = Config()
                 config.daemon.bpffs = [str(pin_dir)]
@@ -200,9 +201,9 @@ async def engine_runs(bm, kind: str, tmp: Path, pin_dir: Path, out: dict,
                 config.watch.kernel_delta = "off" if engine_name == "user-space" else "auto"
                 config.watch.kernel_delta_min_entries = 0
                 config.watch.kernel_delta_types = [bm_type]
-                stream = Stream(publisher, secrets.token_hex(8), 100, 4096, 1.0)
-                engines[engine_name] = Engine(config, stream, host)
-            engines["in-kernel"].broker = broker = Broker()
+                stream = PublishedStream(publisher, secrets.token_hex(8), 100, 4096, 1.0)
+                engines[engine_name] = Engine(config, stream, host, broker=(
+                    broker if engine_name == "in-kernel" else None))
             broker.start()
             nursery.start_soon(supervise, broker)
             # XPUB gives zmq.Frames; each engine hears of every subscription.

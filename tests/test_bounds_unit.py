@@ -8,12 +8,12 @@ import socket
 
 from watcher.daemon.access import Policy, View
 from watcher.daemon.config import AccessConfig, AccessRule, DaemonConfig
-from watcher.daemon.publisher import HEADER_ALLOWANCE, Stream
+from watcher.daemon.publisher import HEADER_ALLOWANCE, PublishedStream
 from watcher.daemon.subgate import SubscriptionGate
 
 
 def test_batches_fit_the_message_budget():
-    stream = Stream(None, "e", 0, 4096, 1.0, message_bytes=64 << 10)  # type: ignore[arg-type]
+    stream = PublishedStream(None, "e", 0, 4096, 1.0, message_bytes=64 << 10)  # type: ignore[arg-type]
     step = stream.batch_step(4, 1024)
     assert step * (1 + 4 + 2 * 1024) + HEADER_ALLOWANCE <= 64 << 10
     assert (step + 1) * (1 + 4 + 2 * 1024) + HEADER_ALLOWANCE > 64 << 10

@@ -26,9 +26,10 @@ from watcher.daemon import errors, publisher
 from watcher.daemon.access import View
 from watcher.daemon.catalog import HostCatalog
 from watcher.daemon.config import Config, DaemonConfig
-from watcher.daemon.engine import Demand, Engine
+from watcher.daemon.demand import Demand
+from watcher.daemon.engine import Engine
 from watcher.daemon.interfaces import Catalog
-from watcher.daemon.publisher import Stream
+from watcher.daemon.publisher import PublishedStream
 from watcher.daemon.reload import Reloader
 from watcher.daemon.server import RequestServer
 from watcher.wire import schema
@@ -79,8 +80,8 @@ def user_space_config(**daemon) -> Config:
 def make_engine(cat: Catalog, **daemon) -> tuple[Engine, Recorder]:
     rec = Recorder()
     config = user_space_config(**daemon)
-    stream = Stream(rec, "e" * 16, config.daemon.recent_events, batch_events=2,
-                    heartbeat_interval=1.0, recent_bytes=config.daemon.recent_bytes)
+    stream = PublishedStream(rec, "e" * 16, config.daemon.recent_events, batch_events=2,
+                             heartbeat_interval=1.0, recent_bytes=config.daemon.recent_bytes)
     return Engine(config, stream, host_features(), catalog=cat), rec
 
 
@@ -186,7 +187,7 @@ async def test_a_gone_maps_name_is_forgotten_and_its_topic_seq_never_goes_back(m
     await engine.cycle()  # map_removed; the hold (linger 0) has expired
     assert [(m.action, m.topic_seq) for m, _ in rec.messages(schema.MapEvent)] == [
         ("map_removed", 1)]
-    assert engine._holds == {} and "churn_a" not in engine.stream.topic_seq  # noqa: SLF001 (white-box: no stale entry)
+    assert not engine.holds and "churn_a" not in engine.stream.topic_seq
     assert engine.recent("churn_*")[0] == []  # its recent ring went with it
 
     cat.add(record(11, "churn_a"), {})  # the name comes back: its topic_seq continues
@@ -271,7 +272,7 @@ async def test_engine_query_api():
     cat.add(record(10, "flows"), {k(1): v(1)})
     cat.add(record(11, "rb", type_="ringbuf", key_size=0, value_size=0))
     engine, rec = make_engine(cat)
-    engine.stream.source_topics.add("flows_src")
+    engine.stream.add_source_topics(["flows_src"])
 
     got, snap, seq = await engine.snapshot("flows", "gap")
     assert (got.id, snap.count, bytes(snap.keys), seq) == (10, 1, k(1), 0)
@@ -528,8 +529,9 @@ async def test_reload_reaches_the_catalog():
     cat = HostCatalog(["/sys/fs/bpf/a"])
     engine, _ = make_engine(cat)
     new = user_space_config(bpffs=["/sys/fs/bpf/b"])
-    Reloader(lambda: new, engine, []).apply(new)
-    assert engine.catalog is cat and cat.bpffs == ("/sys/fs/bpf/b",) and engine.config is new
+    Reloader(lambda: new, engine.config, [engine.reconfigure]).apply(new)
+    assert engine.catalog is cat and engine.config is new
+    assert cat.bpffs == ("/sys/fs/bpf/b",)
 
 
 def test_every_error_code_is_documented_and_no_other():

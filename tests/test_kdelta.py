@@ -634,10 +634,10 @@ def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
         syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
     config = Config()
     config.watch.kernel_delta_min_entries = 0
-    engine = Engine(config, None, host_features())  # type: ignore[arg-type]  # _read_kernel publishes nothing
+    engine = Engine(config, None, host_features())  # type: ignore[arg-type]  # read_kernel publishes nothing
     watch = engine._start(kmaps.record_from_fd(fd))  # noqa: SLF001 (one watch, driven)
     assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
-    snap, delta = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (one watch, driven)
+    snap, delta, _ = engine.poller.read_kernel(watch, report_all=False)
     watch.snapshot = snap
     null = os.open(os.devnull, os.O_RDONLY)
     try:
@@ -646,7 +646,8 @@ def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
         os.close(null)
     syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
     with caplog.at_level("WARNING", logger="pymap.engine"):
-        snap, delta = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (one watch, driven)
+        snap, delta, failed = engine.poller.read_kernel(watch, report_all=False)
+    watch.use_user_space(failed)  # what the poll does on the loop
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "in-kernel walk failed" in warnings[0].getMessage()
     assert watch.kernel is None and watch.engine.startswith("user-space: in-kernel walk failed")
@@ -667,22 +668,23 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
         syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
     config = Config()
     config.watch.kernel_delta_min_entries = 0
-    engine = Engine(config, None, host_features())  # type: ignore[arg-type]
-    engine.broker = Broker()
-    engine.broker.start()
+    broker = Broker()
+    broker.start()
+    engine = Engine(config, None, host_features(), broker=broker)  # type: ignore[arg-type]
     try:
         watch = engine._start(kmaps.record_from_fd(fd))  # noqa: SLF001 (one watch, driven)
         assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
-        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (one watch, driven)
+        watch.snapshot, _, _ = engine.poller.read_kernel(watch, report_all=False)
         syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
-        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (a for_each walk)
+        watch.snapshot, _, _ = engine.poller.read_kernel(watch, report_all=False)  # a for_each walk
         assert watch.kernel is not None
-        assert engine.broker.proc is not None
-        engine.broker.proc.kill()
-        engine.broker.proc.wait()
+        assert broker.proc is not None
+        broker.proc.kill()
+        broker.proc.wait()
         syscall.map_update_elem(fd, struct.pack("<Q", 2), struct.pack("<Q", 22))
         with caplog.at_level("WARNING"):
-            snap, delta = engine._read_kernel(watch, report_all=False)  # noqa: SLF001 (one watch, driven)
+            snap, delta, failed = engine.poller.read_kernel(watch, report_all=False)
+            watch.use_user_space(failed)  # what the poll does on the loop
             other = engine._start(kmaps.record_from_fd(later))  # noqa: SLF001 (one watch, driven)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 2, warnings
@@ -694,7 +696,7 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
         assert other.kernel is None
         assert other.engine.startswith("user-space: objects broker unavailable"), other.engine
     finally:
-        engine.broker.close()
+        broker.close()
 
 
 def held_map_ids(pid: int) -> dict[int, str]:
