@@ -176,7 +176,6 @@ def beat(topics: dict[str, int], epoch: str = "e1"):
 async def test_gap_unit_without_snapshot():
     client = FakeClient()
     stream = EventStream(client, ["m"])
-    stream.epoch = "e1"
     out = await stream._handle(*beat({"m": 0, "other": 50}))
     assert out == []
     out = await stream._handle(*batch(1, [(0, 1, 10, 0), (0, 2, 20, 0)]))
@@ -211,7 +210,6 @@ async def test_gap_unit_without_snapshot():
 async def test_gap_unit_with_snapshot_resyncs():
     client = FakeClient()
     stream = EventStream(client, ["m"], snapshot=True)
-    stream.epoch = "e1"
     client.snapshots.append((4, {k(1): k(10), k(2): k(20)}))
     out = await stream._snapshot_all(reason="start")
     assert sorted((e.action, e.key, e.snapshot) for e in out) == [

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
+from consumers.events import events_of
 from consumers.recordsets import FormatterCache, MalformedRecords, RecordSet, record_formatter
-from consumers.subscriber import events_of
 from watcher.daemon.sourceconf import SourceError, load_sources, parse_cli_source, parse_source
 from watcher.decode.layout import parse_layout
 from watcher.kernel.prog.bccload import layout_from_bcc_fields
@@ -141,7 +141,7 @@ def test_status_reply_without_sources_still_parses():
 
 def test_cli_prints_records_and_losses():
     from consumers.cli.eventsout import EventPrinter, event_json
-    from consumers.subscriber import Event
+    from consumers.events import Event
 
     ref = schema.MapRef(7, "buf")
     rec = Event("record", ref, seq=3, time=0.0, value=b"\x01\x02",

@@ -457,7 +457,8 @@ async def _name_of(client: Client, selector: str) -> str:
 
 
 async def _print_recent(client: Client, names: list[str], printer, snapshot: bool) -> int | None:
-    from ..subscriber import events_of, snapshot_events
+    from ..events import events_of
+    from ..subscriber import snapshot_events
 
     if snapshot:
         for event in await snapshot_events(client, names):

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..eventjson import MapCache, event_json, rfc3339
-from ..subscriber import Event
+from ..events import Event
 from .render import compact
 
 __all__ = ["ACTION_STYLES", "EventPrinter", "MapCache", "event_json", "rfc3339"]

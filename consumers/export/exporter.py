@@ -21,7 +21,7 @@ import trio
 from watcher.wire.schema import MapRef
 
 from ..eventjson import MapCache
-from ..subscriber import ACTIONS, EntryBatch, Event
+from ..events import ACTIONS, EntryBatch, Event
 from .checkpoint import Checkpoint, Position
 from .delivery import Delivery, Gap
 from .formats import FORMATS, facts

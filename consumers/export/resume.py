@@ -18,8 +18,9 @@ import time
 from watcher.wire import schema
 from watcher.wire.schema import MapRef
 
+from ..events import Event, events_of
 from ..selection import Selection
-from ..subscriber import Event, EventStream, events_of
+from ..subscriber import EventStream
 from .checkpoint import Position
 
 
@@ -67,7 +68,7 @@ class ResumingStream(EventStream):
             if not covered:
                 self.resyncs += 1
                 rows = await self._resync(name, "gap", announce=False)
-                out.append(Event("resync", MapRef(0, name), topic_seq=self._topic_seq.get(name, 0),
+                out.append(Event("resync", MapRef(0, name), topic_seq=self._seqs.last(name) or 0,
                                  time=time.time(),
                                  reason="the daemon's recent events no longer cover the gap "
                                         "since the checkpoint"))
@@ -75,13 +76,13 @@ class ResumingStream(EventStream):
                 continue
             for message, frames in replay:
                 last = message.topic_seq + getattr(message, "count", 1) - 1  # type: ignore[attr-defined]
-                self._topic_seq[name] = last
+                self._seqs.resynced(name, last)
                 for event in events_of(message, frames, self._formatters):
                     if event.seq > resume.seq:
                         replayed.append(event)
                         self.replayed += 1
             if not replay:
-                self._topic_seq[name] = self._beat_topics.get(name, 0)
+                self._seqs.resynced(name, self._beat_topics.get(name, 0))
         self._retry = None
         # In the daemon's order, as they first went out: outputs that pack consecutive
         # events into messages (grouping.py) then cut the re-sends as they cut the originals.
