@@ -19,8 +19,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -67,19 +68,19 @@ class Chunk:
 class Dump:
     """A ``get`` in progress: the map's metadata, its BTF, then chunks of entries."""
 
-    def __init__(self, client: Client, begin: schema.GetBegin, btf: bytes | None):
+    def __init__(self, begin: schema.GetBegin, btf: bytes | None,
+                 receive: Callable[[], Awaitable[tuple[object, list[bytes]]]]):
         self.map: MapInfo = begin.map
         self.btf = btf
         self.layout: dict | None = begin.layout  # the config's declared layout for this map
         self.total: int | None = None  # set when the stream ends
         self.seq: int | None = begin.seq
         self.epoch: str = begin.epoch
-        self._client = client
-        self._req = begin.req
+        self._receive = receive  # the get's next reply from the client that sent it
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         while True:
-            message, frames = await self._client._recv(self._req)
+            message, frames = await self._receive()
             if isinstance(message, schema.GetEnd):
                 self.total = message.entries
                 return
@@ -226,4 +227,5 @@ class Client:
             begin, frames = await self._recv(req)
             if not isinstance(begin, schema.GetBegin):
                 raise DaemonError("bad_reply", f"expected get_begin, got {type(begin).__name__}")
-            yield Dump(self, begin, frames[0] if begin.btf and frames else None)
+            yield Dump(begin, frames[0] if begin.btf and frames else None,
+                       functools.partial(self._recv, req))

@@ -44,6 +44,7 @@ from .events import ACTIONS, EntryBatch, Event, check_batch, diff_events, events
 from .gaps import Gap, SequenceTracker
 from .recordsets import FormatterCache
 from .selection import Selection
+from .startpolicy import StartContext, StartPolicy
 
 if TYPE_CHECKING:
     from .client import Client
@@ -72,12 +73,15 @@ class EventStream:
     for consumers that read the state itself (``pymap top``: a 1,000,000-entry map's
     rows as events cost seconds); the ``resync`` event still says one happened, and
     :attr:`reading` tells how far a snapshot under way has got.
+    ``start_policy`` (snapshot mode): replaces the start's snapshot of every map, once
+    (consumers.startpolicy; the exporter resumes from its checkpoint with one).
     """
 
     def __init__(self, client: Client, selectors: list[str], snapshot: bool = False,
                  heartbeat_timeout: float | None = None, record_batches: bool = False,
                  hold_on: bool = True, max_wait: float | None = None,
-                 entry_batches: bool = False, snapshot_rows: bool = True):
+                 entry_batches: bool = False, snapshot_rows: bool = True,
+                 start_policy: StartPolicy | None = None):
         if max_wait is not None and max_wait < 0:
             raise ValueError("max_wait must be >= 0 seconds (None: wait for ever)")
         self.client = client
@@ -94,6 +98,8 @@ class EventStream:
         self.lost = 0  # events missed so far (all maps)
         self.resyncs = 0
         self._seqs = SequenceTracker(self.selection.matches)
+        self._start_policy = start_policy  # used once, for the first start attempt
+        self._first_topics: dict[str, int] = {}  # the first heartbeat's topic_seq per map
         self._state: dict[str, dict[bytes, bytes]] = {}  # snapshot mode: name -> entries
         self._silence = heartbeat_timeout or FIRST_BEAT_TIMEOUT  # seconds that mean "gone"
         self._heard = 0.0  # trio time of the last message
@@ -252,9 +258,10 @@ class EventStream:
             else:
                 queued.append(item)
         self._seqs.new_epoch(beat.epoch)
+        self._first_topics = dict(beat.topics)
         self._heartbeat(beat)
         if self.snapshot:
-            for event in await self._guarded(self._snapshot_all, "start"):
+            for event in await self._guarded(self._start):
                 yield event
         else:
             self._seqs.baseline(beat.topics)
@@ -371,6 +378,23 @@ class EventStream:
         if self.snapshot:
             out += await self._snapshot_all(reason="epoch", announce=False)
         return out
+
+    async def _start(self) -> list[Event]:
+        """The snapshot-mode start: the start policy's, or every map read afresh."""
+        if self._start_policy is None:
+            return await self._snapshot_all("start")
+        policy, self._start_policy = self._start_policy, None  # once: a retry is ordinary
+        self._retry = "start"  # until it completes: redone if the daemon does not answer
+        out = await policy.start(StartContext(
+            self.client, self.selection, self.epoch, self._first_topics, self._formatters,
+            resync=self._resync, snapshot_all=self._snapshot_all,
+            reflected=self._seqs.resynced, last=self._seqs.last,
+            count_resync=self._count_resync))
+        self._retry = None
+        return out
+
+    def _count_resync(self) -> None:
+        self.resyncs += 1
 
     async def _snapshot_all(self, reason: str, announce: bool = True) -> list[Event]:
         self._retry = reason  # until it completes: redone if the daemon does not answer

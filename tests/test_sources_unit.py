@@ -140,7 +140,7 @@ def test_status_reply_without_sources_still_parses():
 
 
 def test_cli_prints_records_and_losses():
-    from consumers.cli.eventsout import EventPrinter, event_json
+    from consumers.cli.eventsout import event_json, event_line
     from consumers.events import Event
 
     ref = schema.MapRef(7, "buf")
@@ -152,7 +152,7 @@ def test_cli_prints_records_and_losses():
     lost = Event("lost", ref, seq=4, missed=96, reason="perf")
     doc = event_json(lost, None, None)
     assert (doc["action"], doc["missed"], doc["reason"]) == ("lost", 96, "perf")
-    assert "pid=1 comm=sh" in EventPrinter._line(event_json(rec, None, None))
-    assert "96 records lost (perf ring full)" in EventPrinter._line(doc)
+    assert "pid=1 comm=sh" in event_line(event_json(rec, None, None))
+    assert "96 records lost (perf ring full)" in event_line(doc)
     raw = Event("record", ref, seq=5, value=b"\xff")
-    assert EventPrinter._line(event_json(raw, None, None)).endswith(" ff")
+    assert event_line(event_json(raw, None, None)).endswith(" ff")
