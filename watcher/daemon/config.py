@@ -338,6 +338,9 @@ def _load_layouts(raw, path: str | None) -> list[dict]:
         raise ConfigError(f"{where}: {e}") from None
 
 
+load_layouts = _load_layouts  # the public name: `pymap get/top --layout FILE` loads with it too
+
+
 _converter = cattrs.Converter(forbid_extra_keys=True)
 _converter.register_structure_hook(FileMode, _structure_mode)
 
