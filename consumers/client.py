@@ -42,8 +42,8 @@ from .replies import expect, reply_to
 if TYPE_CHECKING:
     from .subscriber import EventStream
 
-__all__ = ["DEFAULT_ENDPOINT", "Chunk", "Client", "DaemonError", "DaemonUnavailable", "Dump",
-           "Entry"]
+__all__ = ["DEFAULT_ENDPOINT", "Client", "DaemonError", "DaemonUnavailable", "Dump",
+           "Entry", "ReplyChunk"]
 
 
 @attrs.frozen
@@ -57,8 +57,11 @@ class Entry:
 
 
 @attrs.frozen
-class Chunk:
-    """``count`` entries as two flat buffers: slice with ``key_size`` and ``value_stride``."""
+class ReplyChunk:
+    """``count`` entries as two flat buffers: slice with ``key_size`` and ``value_stride``.
+
+    One ``GetChunk`` reply as the client receives it (the daemon's side has its own chunks
+    of a map dump: watcher.kernel.maps.dump)."""
 
     keys: bytes
     values: bytes
@@ -78,7 +81,7 @@ class Dump:
         self.epoch: str = begin.epoch
         self._receive = receive  # the get's next reply from the client that sent it
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    async def chunks(self) -> AsyncIterator[ReplyChunk]:
         while True:
             message, frames = await self._receive()
             if isinstance(message, schema.GetEnd):
@@ -86,7 +89,7 @@ class Dump:
                 return
             if not isinstance(message, schema.GetChunk) or len(frames) != 2:
                 raise DaemonError("bad_reply", f"unexpected {type(message).__name__} in a get")
-            yield Chunk(frames[0], frames[1], message.count)
+            yield ReplyChunk(frames[0], frames[1], message.count)
 
     async def entries(self, formatter: Callable[[bytes, bytes], dict] | None = None
                       ) -> AsyncIterator[Entry]:

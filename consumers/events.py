@@ -20,7 +20,8 @@ from .errors import DaemonError
 from .recordsets import FormatterCache, MalformedRecords, RecordSet, record_set
 
 if TYPE_CHECKING:
-    from .snapshot import Snapshot  # the type only: reading one needs trio, this module does not
+    # The type only: reading a snapshot needs trio, this module does not.
+    from .snapshot import ClientSnapshot
 
 __all__ = ["ACTIONS", "EntryBatch", "Event", "MapRef", "diff_events", "events_of"]
 
@@ -164,7 +165,7 @@ def events_of(message, frames: list[bytes], formatters: FormatterCache | None = 
     return []
 
 
-def diff_events(snap: Snapshot, old: dict[bytes, bytes], reason: str) -> list[Event]:
+def diff_events(snap: ClientSnapshot, old: dict[bytes, bytes], reason: str) -> list[Event]:
     """What changed from ``old`` to the snapshot, as events marked ``snapshot``."""
     m = snap.map
     ref, now, tseq = MapRef(m.id, m.name), time.time(), snap.seq

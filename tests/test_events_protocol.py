@@ -126,9 +126,9 @@ class FakeDump:
         self.map, self.seq, self.epoch, self._entries = info, seq, "e1", entries
 
     async def chunks(self):
-        from consumers.client import Chunk
+        from consumers.client import ReplyChunk
 
-        yield Chunk(b"".join(self._entries), b"".join(self._entries.values()),
+        yield ReplyChunk(b"".join(self._entries), b"".join(self._entries.values()),
                     len(self._entries))
 
 
