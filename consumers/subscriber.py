@@ -22,6 +22,12 @@ What can go wrong, and what the stream yields then:
   daemon: a timer that fires far too late means this process did not run,
   so it looks again before declaring a stall, and what the daemon dropped
   meanwhile shows as ``lost`` as usual.
+
+This module is the I/O half: sockets, waiting and the hold-on state machine.
+What a message means (:mod:`consumers.events`) and whether it is in order
+(:mod:`consumers.gaps`) are decided without sockets, where they can be
+tested with plain values; a consumer that knows a better start than a full
+snapshot passes a start policy (:mod:`consumers.startpolicy`).
 """
 
 from __future__ import annotations
