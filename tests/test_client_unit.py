@@ -135,6 +135,8 @@ async def test_clients_share_one_zmq_context(ipc):
 
 @pytest.mark.parametrize("module, absent", [
     ("consumers.subscriber", "consumers.client"),  # no cycle: the subscriber needs no client
+    ("consumers.events", "trio"),  # the event model is pure data ...
+    ("consumers.gaps", "trio"),  # ... and so is the gap tracker
     ("consumers.cli.app", "trio"),  # ping, status and list start without trio ...
     ("consumers.cli.app", "rich"),  # ... and without rich until they print a table
     ("consumers.oneshot", "trio"),

@@ -127,9 +127,9 @@ class FakeDump:
         self.map, self.seq, self.epoch, self._entries = info, seq, "e1", entries
 
     async def chunks(self):
-        from consumers.client import Chunk
+        from consumers.client import ReplyChunk
 
-        yield Chunk(b"".join(self._entries), b"".join(self._entries.values()),
+        yield ReplyChunk(b"".join(self._entries), b"".join(self._entries.values()),
                     len(self._entries))
 
 
@@ -177,7 +177,6 @@ def beat(topics: dict[str, int], epoch: str = "e1"):
 async def test_gap_unit_without_snapshot():
     client = FakeClient()
     stream = EventStream(client, ["m"])  # type: ignore[arg-type]
-    stream.epoch = "e1"
     out = await stream._handle(*beat({"m": 0, "other": 50}))  # noqa: SLF001 (handler unit test)
     assert out == []
     out = await stream._handle(*batch(1, [(0, 1, 10, 0), (0, 2, 20, 0)]))  # noqa: SLF001 (handler unit test)
@@ -212,7 +211,6 @@ async def test_gap_unit_without_snapshot():
 async def test_gap_unit_with_snapshot_resyncs():
     client = FakeClient()
     stream = EventStream(client, ["m"], snapshot=True)  # type: ignore[arg-type]
-    stream.epoch = "e1"
     client.snapshots.append((4, {k(1): k(10), k(2): k(20)}))
     out = await stream._snapshot_all(reason="start")  # noqa: SLF001 (handler unit test)
     assert sorted((e.action, e.key, e.snapshot) for e in out) == [

@@ -19,8 +19,8 @@ from support.kernel import pattern, token, u32
 
 from consumers.client import Client
 from consumers.eventjson import MapCache
+from consumers.events import EntryBatch, Event
 from consumers.export.formats import FORMATS, facts
-from consumers.subscriber import EntryBatch, Event
 from watcher.kernel.sys import syscall
 from watcher.kernel.sys.cpus import possible_cpus
 

@@ -10,7 +10,7 @@ import zmq
 from support.events import status
 from support.kernel import one_error_line
 
-from consumers.subscriber import Selection
+from consumers.selection import Selection
 from watcher.wire import schema
 from watcher.wire.globs import GlobError, check_glob, literal_prefix
 

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
+from consumers.events import events_of
 from consumers.recordsets import FormatterCache, MalformedRecords, RecordSet, record_formatter
-from consumers.subscriber import events_of
 from watcher.daemon.config import ConfigError, load_config
 from watcher.daemon.sourceconf import SourceError, parse_cli_source, parse_source
 from watcher.decode.layout import parse_layout
@@ -145,8 +145,8 @@ def test_status_reply_without_sources_still_parses():
 
 
 def test_cli_prints_records_and_losses():
-    from consumers.cli.eventsout import EventPrinter, event_json
-    from consumers.subscriber import Event
+    from consumers.cli.eventsout import event_json, event_line
+    from consumers.events import Event
 
     ref = schema.MapRef(7, "buf")
     rec = Event("record", ref, seq=3, time=0.0, value=b"\x01\x02",
@@ -157,7 +157,7 @@ def test_cli_prints_records_and_losses():
     lost = Event("lost", ref, seq=4, missed=96, reason="perf")
     doc = event_json(lost, None, None)
     assert (doc["action"], doc["missed"], doc["reason"]) == ("lost", 96, "perf")
-    assert "pid=1 comm=sh" in EventPrinter._line(event_json(rec, None, None))  # noqa: SLF001 (the line format alone)
-    assert "96 records lost (perf ring full)" in EventPrinter._line(doc)  # noqa: SLF001 (the line format alone)
+    assert "pid=1 comm=sh" in event_line(event_json(rec, None, None))
+    assert "96 records lost (perf ring full)" in event_line(doc)
     raw = Event("record", ref, seq=5, value=b"\xff")
-    assert EventPrinter._line(event_json(raw, None, None)).endswith(" ff")  # noqa: SLF001 (the line format alone)
+    assert event_line(event_json(raw, None, None)).endswith(" ff")

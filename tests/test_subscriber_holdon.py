@@ -12,7 +12,7 @@ import pytest
 import trio
 import zmq
 
-from consumers.client import Chunk, DaemonUnavailable
+from consumers.client import DaemonUnavailable, ReplyChunk
 from consumers.subscriber import EventStream
 from watcher.wire import schema
 from watcher.wire.transport import send_multipart
@@ -111,7 +111,7 @@ class SnapshotClient(FakeClient):
 class _Dump:
     def __init__(self, info: schema.MapInfo, seq: int, entries: dict[int, int]):
         self.map, self.seq = info, seq
-        self._chunk = Chunk(b"".join(k.to_bytes(4, "little") for k in entries),
+        self._chunk = ReplyChunk(b"".join(k.to_bytes(4, "little") for k in entries),
                             b"".join(v.to_bytes(4, "little") for v in entries.values()),
                             len(entries))
 

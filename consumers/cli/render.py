@@ -22,7 +22,7 @@ from watcher.wire.schema import MapInfo
 from .columns import Column, print_table
 
 if TYPE_CHECKING:
-    from ..client import Chunk
+    from ..client import ReplyChunk
 
 MAP_FIELDS = ("id", "name", "type", "key_size", "value_size", "max_entries", "entries", "flags",
               "pinned", "kernel_name", "btf_id", "memlock", "frozen", "holders")
@@ -176,7 +176,7 @@ class JsonDumpWriter:
             head += ',"decoder":' + orjson.dumps(decoder).decode()
         out.write(head + ',"entries":[')
 
-    def chunk(self, chunk: Chunk) -> None:
+    def chunk(self, chunk: ReplyChunk) -> None:
         m = self.m
         n = chunk.count
         if n == 0:

@@ -28,7 +28,7 @@ from watcher.wire.schema import MapInfo
 
 from ...decoding import EntryFormatter
 from ...eventjson import formatted_entry
-from ...subscriber import EntryBatch, Event
+from ...events import EntryBatch, Event
 from ..record import ExportRecord, event_id
 from . import base
 
