@@ -122,7 +122,7 @@ class DaemonCpu:
     is what the events cost it.  After that, while the exporters work through what
     ZeroMQ delivered, the daemon only does what it does idle (polling the map every
     0.1 s, heartbeats): a cost per second, not per event, and the exporters' rounds
-    last ten times longer than its own, so counting them per event measured the
+    last 20-30 times longer than its own, so counting them per event measured the
     exporters' speed.  Both parts are summed over the rounds and printed.
     """
 
