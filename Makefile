@@ -35,7 +35,7 @@ bench: setup ## run every bench/bench_*.py in turn
 lint: ## ruff check (rules pinned in pyproject.toml); fails without .venv (make setup)
 	@$(PY) -m ruff check watcher consumers tests bench examples scripts
 
-typecheck: ## mypy on watcher and consumers ([tool.mypy] in pyproject.toml)
+typecheck: ## mypy on watcher, consumers, tests and bench ([tool.mypy] in pyproject.toml)
 	@$(PY) -m mypy
 
 clean: ## remove .venv, .venv-vng and caches

@@ -41,7 +41,7 @@ import _common
 import zmq  # noqa: E402
 from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, running_daemon
 
-from watcher.daemon.catalog import Catalog  # noqa: E402
+from watcher.daemon.catalog import HostCatalog  # noqa: E402
 from watcher.kernel.discovery.mapwatch import MapWatch  # noqa: E402
 from watcher.kernel.maps.kinds import TYPE_IDS  # noqa: E402
 from watcher.kernel.sys import syscall
@@ -73,7 +73,7 @@ def idle_discovery(tmp, bpffs) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
     made = [syscall.map_create(TYPE_IDS["hash"], 4, 8, 16, name=f"bidle{i}") for i in range(2000)]
     try:
-        cat = Catalog([str(bpffs)])
+        cat = HostCatalog([str(bpffs)])
         t0 = time.perf_counter()
         cat.records()
         full = time.perf_counter() - t0
@@ -112,6 +112,7 @@ class Follower:
         self.thread.start()
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             ev = json.loads(line)
             if ev.get("action") in ("map_created", "map_removed"):

@@ -15,7 +15,7 @@ Run as root: ``.venv/bin/python bench/bench_events.py``.  One run measures:
     map for a subscriber, after a few polls and after a changed poll
     (target: VmRSS <= 150 MB).
 
-(a)-(c) run the daemon's own engine in this process (``Engine`` + ``Stream`` +
+(a)-(c) run the daemon's own engine in this process (``Engine`` + ``PublishedStream`` +
 ``PublisherOwner`` on a private XPUB), because a daemon polls on its own
 clock and there is no request to trigger a poll.  The poll path is the real
 one; only the timing of the poll is ours.
@@ -186,7 +186,7 @@ class Subscriber:
         return batches
 
     def drain(self) -> list[dict]:
-        items = []
+        items: list[dict] = []
         while True:
             try:
                 item = self.lines.get_nowait()
@@ -298,10 +298,10 @@ def kernel_only_read(fd: int, record) -> float:
 async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> None:
     import trio
 
-    from watcher.daemon import engine as engine_mod
     from watcher.daemon.config import Config
+    from watcher.daemon.diff import userspace as diff_mod  # changes() calls its diff()
     from watcher.daemon.engine import Engine
-    from watcher.daemon.publisher import Stream
+    from watcher.daemon.publisher import PublishedStream
     from watcher.kernel.maps import find as kmaps
     from watcher.wire.transport import PublisherOwner
 
@@ -317,17 +317,17 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
     timings: dict[str, list[float]] = defaultdict(list)
     diff_paths: list[str] = []
-    orig_diff = engine_mod.diff
+    orig_diff = diff_mod.diff
     sub: Subscriber | None = None
     try:
         xpub.bind(endpoint)
         publisher = PublisherOwner(xpub)
-        stream = Stream(publisher, secrets.token_hex(8), config.daemon.recent_events,
+        stream = PublishedStream(publisher, secrets.token_hex(8), config.daemon.recent_events,
                         config.daemon.batch_events, config.daemon.heartbeat_interval)
         engine = Engine(config, stream, features.probe())
 
         # Instrument the poll's steps (same functions, timed around).
-        orig_read, orig_publish = engine._read, stream.publish_delta
+        orig_read, orig_publish = engine.poller.read, stream.publish_delta
 
         def timed_read(watch):
             t0 = time.perf_counter()
@@ -355,9 +355,9 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
             finally:
                 timings["publish"].append(time.perf_counter() - t0)
 
-        engine._read = timed_read
-        engine_mod.diff = timed_diff
-        stream.publish_delta = timed_publish
+        engine.poller.read = timed_read  # type: ignore[method-assign]
+        diff_mod.diff = timed_diff
+        stream.publish_delta = timed_publish  # type: ignore[method-assign]
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(publisher.serve, lambda frames: engine.on_subscription(
@@ -382,7 +382,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
                 out["kernel_only"] = min(kernel_only_read(fd, record) for _ in range(REPEATS))
             out["raw"] = raw
 
-            watch = engine._start(record)
+            watch = engine._start(record)  # noqa: SLF001 (timing the engine's steps)
             await engine.poll(watch)  # the first poll records the state
             if watch.snapshot is None or watch.snapshot.count != ENTRIES:
                 raise BenchError(f"first poll: {watch.snapshot and watch.snapshot.count} entries")
@@ -420,7 +420,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
             out["state_bytes"] = watch.snapshot.nbytes()
             nursery.cancel_scope.cancel()
     finally:
-        engine_mod.diff = orig_diff
+        diff_mod.diff = orig_diff
         if sub is not None:
             sub.stop()
         xpub.close(linger=0)
@@ -581,7 +581,8 @@ def run_trio(fn, *args) -> None:
     try:
         trio.run(fn, *args)
     except BaseExceptionGroup as group:
-        leaves, stack = [], [group]
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [group]
         while stack:
             e = stack.pop()
             if isinstance(e, BaseExceptionGroup):

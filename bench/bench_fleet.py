@@ -287,6 +287,7 @@ def _server_version() -> str:
 
     from support.nats import NATS_SERVER
 
+    assert NATS_SERVER is not None  # main() stops first without it (nats_problem)
     out = subprocess.run([NATS_SERVER, "--version"], capture_output=True, text=True).stdout
     return out.strip().rsplit("v", 1)[-1]
 

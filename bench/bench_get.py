@@ -65,9 +65,9 @@ def measure_pymap(daemon, name: str, entries: int, repeats: int):
                           capture_output=False)
     if proc.returncode != 0:
         raise BenchError(f"pymap get failed: {proc.stderr.strip()}")
-    with open(out, "rb") as f:
-        f.seek(max(0, out.stat().st_size - 64))
-        tail = f.read().decode()
+    with open(out, "rb") as dumped:
+        dumped.seek(max(0, out.stat().st_size - 64))
+        tail = dumped.read().decode()
     out.unlink()
     if f'"count":{entries}' not in tail:
         raise BenchError(f"pymap get printed the wrong count: ...{tail.strip()}")

@@ -169,6 +169,7 @@ def subscriber_main(endpoint: str, topic: str, mode: str) -> int:
                     if ev.action == "lost":
                         lost_total[0] += ev.missed
                     elif ev.action == "records":
+                        assert ev.records is not None
                         arr = np.frombuffer(ev.records.data, dtype=np.uint64).reshape(-1, 3)
                         tags = (arr[:, 2] >> np.uint64(32)).astype(np.uint32)
                         for tag in np.unique(tags).tolist():
@@ -180,6 +181,7 @@ def subscriber_main(endpoint: str, topic: str, mode: str) -> int:
                             if tag == TAG_LATENCY:
                                 s["lat"].append(now - sel[:, 1].astype(np.int64))
                     elif ev.action == "record":
+                        assert ev.formatted is not None
                         s = stats(ev.formatted["tag"])
                         s["first"] = s["first"] or now
                         s["last"] = now
@@ -202,7 +204,9 @@ class Subscriber:
 
     def read(self, timeout: float) -> dict:
         result: list = []
-        t = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()),
+        stdout = self.proc.stdout
+        assert stdout is not None
+        t = threading.Thread(target=lambda: result.append(stdout.readline()),
                              daemon=True)
         t.start()
         t.join(timeout)
@@ -212,12 +216,14 @@ class Subscriber:
         return json.loads(result[0])
 
     def ask(self, tag: int, total: int) -> None:
+        assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"tag": tag, "total": total}) + "\n")
         self.proc.stdin.flush()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:
+                assert self.proc.stdin is not None
                 self.proc.stdin.close()
                 self.proc.wait(5)
             except (OSError, subprocess.TimeoutExpired):

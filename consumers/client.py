@@ -19,8 +19,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -41,8 +42,8 @@ from .replies import expect, reply_to
 if TYPE_CHECKING:
     from .subscriber import EventStream
 
-__all__ = ["DEFAULT_ENDPOINT", "Chunk", "Client", "DaemonError", "DaemonUnavailable", "Dump",
-           "Entry"]
+__all__ = ["DEFAULT_ENDPOINT", "Client", "DaemonError", "DaemonUnavailable", "Dump",
+           "Entry", "ReplyChunk"]
 
 
 @attrs.frozen
@@ -56,8 +57,11 @@ class Entry:
 
 
 @attrs.frozen
-class Chunk:
-    """``count`` entries as two flat buffers: slice with ``key_size`` and ``value_stride``."""
+class ReplyChunk:
+    """``count`` entries as two flat buffers: slice with ``key_size`` and ``value_stride``.
+
+    One ``GetChunk`` reply as the client receives it (the daemon's side has its own chunks
+    of a map dump: watcher.kernel.maps.dump)."""
 
     keys: bytes
     values: bytes
@@ -67,25 +71,25 @@ class Chunk:
 class Dump:
     """A ``get`` in progress: the map's metadata, its BTF, then chunks of entries."""
 
-    def __init__(self, client: Client, begin: schema.GetBegin, btf: bytes | None):
+    def __init__(self, begin: schema.GetBegin, btf: bytes | None,
+                 receive: Callable[[], Awaitable[tuple[object, list[bytes]]]]):
         self.map: MapInfo = begin.map
         self.btf = btf
         self.layout: dict | None = begin.layout  # the config's declared layout for this map
         self.total: int | None = None  # set when the stream ends
         self.seq: int | None = begin.seq
         self.epoch: str = begin.epoch
-        self._client = client
-        self._req = begin.req
+        self._receive = receive  # the get's next reply from the client that sent it
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    async def chunks(self) -> AsyncIterator[ReplyChunk]:
         while True:
-            message, frames = await self._client._recv(self._req)
+            message, frames = await self._receive()
             if isinstance(message, schema.GetEnd):
                 self.total = message.entries
                 return
             if not isinstance(message, schema.GetChunk) or len(frames) != 2:
                 raise DaemonError("bad_reply", f"unexpected {type(message).__name__} in a get")
-            yield Chunk(frames[0], frames[1], message.count)
+            yield ReplyChunk(frames[0], frames[1], message.count)
 
     async def entries(self, formatter: Callable[[bytes, bytes], dict] | None = None
                       ) -> AsyncIterator[Entry]:
@@ -226,4 +230,5 @@ class Client:
             begin, frames = await self._recv(req)
             if not isinstance(begin, schema.GetBegin):
                 raise DaemonError("bad_reply", f"expected get_begin, got {type(begin).__name__}")
-            yield Dump(self, begin, frames[0] if begin.btf and frames else None)
+            yield Dump(begin, frames[0] if begin.btf and frames else None,
+                       functools.partial(self._recv, req))

@@ -16,7 +16,7 @@ from watcher.wire.schema import MapInfo
 
 from .client import Client, DaemonError
 from .decoding import EntryFormatter, entry_formatter
-from .subscriber import Event
+from .events import Event
 
 __all__ = ["MapCache", "event_json", "formatted_entry", "rfc3339"]
 

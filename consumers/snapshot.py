@@ -28,7 +28,10 @@ GONE = ("not_found", "not_dumpable", "ambiguous")
 
 
 @attrs.frozen
-class Snapshot:
+class ClientSnapshot:
+    """A map's state as a client read it, and the ``topic_seq`` it reflects (the daemon's
+    own state of a watched map is the engine's snapshot, on the other side of the wire)."""
+
     map: MapInfo
     seq: int  # the last topic_seq the entries include (0: none yet)
     entries: dict[bytes, bytes]  # key -> value (value_stride bytes)
@@ -45,7 +48,7 @@ async def map_names(client: Client, selection: Selection) -> list[str]:
 
 
 async def read(client: Client, name: str, reason: str,
-               progress: Callable[[int], None] | None = None) -> Snapshot | None:
+               progress: Callable[[int], None] | None = None) -> ClientSnapshot | None:
     """The daemon's watched state of map ``name``; None if it has none (gone, not
     dumpable, or a name now shared by several maps).  ``reason`` is the wire's.
 
@@ -67,4 +70,4 @@ async def read(client: Client, name: str, reason: str,
         if e.code in GONE:
             return None
         raise
-    return Snapshot(m, dump.seq or 0, entries)
+    return ClientSnapshot(m, dump.seq or 0, entries)

@@ -22,6 +22,12 @@ What can go wrong, and what the stream yields then:
   daemon: a timer that fires far too late means this process did not run,
   so it looks again before declaring a stall, and what the daemon dropped
   meanwhile shows as ``lost`` as usual.
+
+This module is the I/O half: sockets, waiting and the hold-on state machine.
+What a message means (:mod:`consumers.events`) and whether it is in order
+(:mod:`consumers.gaps`) are decided without sockets, where they can be
+tested with plain values; a consumer that knows a better start than a full
+snapshot passes a start policy (:mod:`consumers.startpolicy`).
 """
 
 from __future__ import annotations
@@ -31,164 +37,28 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar
 
-import attrs
 import trio
 import zmq
 
 from watcher.wire import schema
-from watcher.wire.schema import MapInfo, MapRef
+from watcher.wire.schema import MapRef
 from watcher.wire.transport import recv_multipart
 
 from . import endpoint, snapshot
 from .errors import DaemonError, DaemonUnavailable
-from .recordsets import FormatterCache, MalformedRecords, RecordSet, record_set
+from .events import ACTIONS, EntryBatch, Event, check_batch, diff_events, events_of
+from .gaps import Gap, SequenceTracker
+from .recordsets import FormatterCache
 from .selection import Selection
+from .startpolicy import StartContext, StartPolicy
 
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["EntryBatch", "Event", "EventStream", "Selection", "events_of", "snapshot_events"]
+__all__ = ["EventStream", "snapshot_events"]
 
-ACTIONS = ("added", "updated", "removed")
 FIRST_BEAT_TIMEOUT = 10.0  # seconds to wait for the first heartbeat, before the interval is known
 LATE = 1.0  # a timer this late (s) means this process was stopped or starved, not the daemon
-
-
-@attrs.frozen
-class Event:
-    """One thing that happened to a map, or to the stream itself.
-
-    ``action``: added, updated, removed (entries); map_created, map_removed;
-    resync (state was re-read: ``reason`` says why); lost (``missed`` events
-    never arrived); stalled (the daemon fell silent: ``reason`` says for how
-    long; the stream waits for it) and resumed (it speaks again: ``reason``
-    says after how long).  ``seq`` is the daemon-wide sequence (0 for events the
-    client made: snapshot rows, lost, resync); ``topic_seq`` the map's own sequence
-    (snapshot rows and a map's resync: the last one the state read includes;
-    lost: the first one missed); values are raw bytes, per-CPU
-    maps' values hold every CPU's slot (see MapInfo.value_stride).
-
-    Buffers (event sources, docs/sources.md): ``record`` (``value`` is the raw
-    record, ``formatted`` its fields when the daemon sent a layout); ``lost``
-    with ``reason`` "perf" or "producer" (``missed`` records never reached
-    pymap); with ``record_batches=True``, one ``records`` event per batch
-    (``records``: a consumers.recordsets.RecordSet) instead of one per record.
-    """
-
-    action: str
-    map: MapRef
-    seq: int = 0
-    topic_seq: int = 0
-    time: float = 0.0
-    key: bytes | None = None
-    value: bytes | None = None
-    old_value: bytes | None = None
-    info: MapInfo | None = None
-    missed: int = 0
-    reason: str = ""
-    snapshot: bool = False
-    formatted: dict | None = None
-    records: RecordSet | None = None
-
-
-@attrs.frozen
-class EntryBatch:
-    """Entry events of one ``EventBatch`` message, not yet made into :class:`Event` objects.
-
-    Yielded instead of per-event ``Event`` objects by a stream opened with
-    ``entry_batches=True``, for consumers (the exporter) that handle thousands of
-    events per message and cannot afford an object each.  Events ``start`` ..
-    ``count - 1`` of the message are new (earlier ones were already reflected in a
-    snapshot); ``events()`` gives exactly the events the per-event API would.
-    ``actions``, ``keys``, ``values``, ``olds`` are the message's flat frames:
-    event ``i`` has action ``ACTIONS[actions[i]]``, key ``keys[i*key_size:(i+1)*key_size]``
-    and value/old value ``value_stride`` bytes at ``i*value_stride``.
-    """
-
-    message: schema.EventBatch
-    frames: list[bytes]
-    start: int = 0
-
-    @property
-    def map(self) -> MapRef:
-        return self.message.map
-
-    @property
-    def action(self) -> str:
-        return "batch"
-
-    def events(self) -> list[Event]:
-        return events_from_batch(self.message, self.frames, self.start)
-
-    def entries(self):
-        """(index, action, key, value, old value or None) of each new event."""
-        actions, keys, values, olds = self.frames
-        ks, vs = self.message.key_size, self.message.value_stride
-        for i in range(self.start, self.message.count):
-            action = ACTIONS[actions[i]]
-            yield (i, action, keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs],
-                   olds[i * vs:(i + 1) * vs] if action == "updated" else None)
-
-
-def check_batch(batch: schema.EventBatch, frames: list[bytes]) -> None:
-    if len(frames) != 4 or len(frames[0]) != batch.count:
-        raise DaemonError("bad_reply", "malformed events message")
-
-
-def events_from_batch(batch: schema.EventBatch, frames: list[bytes],
-                      start: int = 0) -> list[Event]:
-    check_batch(batch, frames)
-    actions, keys, values, olds = frames
-    ks, vs = batch.key_size, batch.value_stride
-    out = []
-    for i in range(start, batch.count):
-        action = ACTIONS[actions[i]]
-        value = values[i * vs:(i + 1) * vs]
-        out.append(Event(action, batch.map, batch.seq + i, batch.topic_seq + i, batch.time,
-                         key=keys[i * ks:(i + 1) * ks], value=value,
-                         old_value=olds[i * vs:(i + 1) * vs] if action == "updated" else None))
-    return out
-
-
-def event_from_map_event(message: schema.MapEvent) -> Event:
-    return Event(message.action, MapRef(message.map.id, message.map.name), message.seq,
-                 message.topic_seq, message.time, info=message.map)
-
-
-def events_from_records(batch: schema.RecordBatch, frames: list[bytes],
-                        formatters: FormatterCache | None = None,
-                        as_batch: bool = False) -> list[Event]:
-    """A buffer's batch as ``record`` events (or one ``records`` event with ``as_batch``)."""
-    try:
-        records = record_set(batch, frames)
-    except MalformedRecords as e:
-        raise DaemonError("bad_reply", f"malformed records message: {e}") from None
-    if as_batch:
-        return [Event("records", batch.map, batch.seq, batch.topic_seq, batch.time,
-                      records=records)]
-    fmt = (formatters or FormatterCache()).get(batch.map.name, batch.layout)
-    return [Event("record", batch.map, batch.seq + i, batch.topic_seq + i, batch.time,
-                  value=raw, formatted=fmt(raw) if fmt else None)
-            for i, raw in enumerate(records)]
-
-
-def event_from_lost(message: schema.LostRecords) -> Event:
-    return Event("lost", message.map, message.seq, message.topic_seq, message.time,
-                 missed=message.lost, reason=message.reason)
-
-
-def events_of(message, frames: list[bytes], formatters: FormatterCache | None = None,
-              record_batches: bool = False) -> list[Event]:
-    """The events one stream message carries (as replayed by ``recent`` too)."""
-    if isinstance(message, schema.EventBatch):
-        return events_from_batch(message, frames)
-    if isinstance(message, schema.RecordBatch):
-        return events_from_records(message, frames, formatters, record_batches)
-    if isinstance(message, schema.LostRecords):
-        return [event_from_lost(message)]
-    if isinstance(message, schema.MapEvent):
-        return [event_from_map_event(message)]
-    return []
 
 
 RECHECK_MAX = 60.0  # seconds between namespace checks during a long stall at most
@@ -209,12 +79,15 @@ class EventStream:
     for consumers that read the state itself (``pymap top``: a 1,000,000-entry map's
     rows as events cost seconds); the ``resync`` event still says one happened, and
     :attr:`reading` tells how far a snapshot under way has got.
+    ``start_policy`` (snapshot mode): replaces the start's snapshot of every map, once
+    (consumers.startpolicy; the exporter resumes from its checkpoint with one).
     """
 
     def __init__(self, client: Client, selectors: list[str], snapshot: bool = False,
                  heartbeat_timeout: float | None = None, record_batches: bool = False,
                  hold_on: bool = True, max_wait: float | None = None,
-                 entry_batches: bool = False, snapshot_rows: bool = True):
+                 entry_batches: bool = False, snapshot_rows: bool = True,
+                 start_policy: StartPolicy | None = None):
         if max_wait is not None and max_wait < 0:
             raise ValueError("max_wait must be >= 0 seconds (None: wait for ever)")
         self.client = client
@@ -228,10 +101,11 @@ class EventStream:
         self.heartbeat_timeout = heartbeat_timeout
         self.hold_on = hold_on  # wait through a silent daemon instead of raising
         self.max_wait = max_wait  # seconds to wait once stalled (None: for ever)
-        self.epoch: str | None = None
         self.lost = 0  # events missed so far (all maps)
         self.resyncs = 0
-        self._topic_seq: dict[str, int] = {}
+        self._seqs = SequenceTracker(self.selection.matches)
+        self._start_policy = start_policy  # used once, for the first start attempt
+        self._first_topics: dict[str, int] = {}  # the first heartbeat's topic_seq per map
         self._state: dict[str, dict[bytes, bytes]] = {}  # snapshot mode: name -> entries
         self._silence = heartbeat_timeout or FIRST_BEAT_TIMEOUT  # seconds that mean "gone"
         self._heard = 0.0  # trio time of the last message
@@ -289,6 +163,11 @@ class EventStream:
         if self._sub is not None:
             self._sub.close(linger=0)
         self._sub = None
+
+    @property
+    def epoch(self) -> str | None:
+        """The daemon's epoch the stream is in (None before the first heartbeat)."""
+        return self._seqs.epoch
 
     def entries(self, name: str) -> dict[bytes, bytes]:
         """Map ``name``'s entries as the events so far make them (snapshot mode; empty
@@ -384,13 +263,14 @@ class EventStream:
                 break
             else:
                 queued.append(item)
-        self.epoch = beat.epoch
+        self._seqs.new_epoch(beat.epoch)
+        self._first_topics = dict(beat.topics)
         self._heartbeat(beat)
         if self.snapshot:
-            for event in await self._guarded(self._snapshot_all, "start"):
+            for event in await self._guarded(self._start):
                 yield event
         else:
-            self._baseline(beat)
+            self._seqs.baseline(beat.topics)
         while True:
             item = queued.pop(0) if queued else await self._next_item()
             if isinstance(item, Event):
@@ -418,27 +298,17 @@ class EventStream:
             self._stalled = True  # wait for the daemon to speak again before retrying
             return [Event("stalled", MapRef(0, ""), time=time.time(), reason=str(e))]
 
-    def _baseline(self, beat: schema.Heartbeat) -> None:
-        for name, tseq in beat.topics.items():
-            if self.selection.matches(name):
-                self._topic_seq.setdefault(name, tseq)
-
     # --- applying ---
 
     async def _handle(self, message, frames: list[bytes]) -> list[Event]:
         out: list[Event] = []
-        if getattr(message, "epoch", self.epoch) != self.epoch:
-            out += await self._epoch_changed(message.epoch)
+        epoch = getattr(message, "epoch", None)
+        if epoch is not None and self._seqs.new_epoch(epoch):
+            out += await self._epoch_changed()
         if isinstance(message, schema.Heartbeat):
             self._heartbeat(message)
-            for name, tseq in message.topics.items():
-                if not self.selection.matches(name):
-                    continue
-                last = self._topic_seq.get(name)
-                if last is None:
-                    self._topic_seq[name] = tseq
-                elif tseq > last:
-                    out += await self._gap(name, MapRef(0, name), tseq - last)
+            for missed in self._seqs.heartbeat(message.topics):
+                out += await self._gap(missed, MapRef(0, missed.name))
             return out
         if isinstance(message, (schema.EventBatch, schema.RecordBatch)):
             name, first, count = message.map.name, message.topic_seq, message.count
@@ -446,26 +316,24 @@ class EventStream:
             name, first, count = message.map.name, message.topic_seq, 1
         else:
             return out
-        if not self.selection.matches(name):
+        if not self._seqs.tracks(name):
             return out
-        last = self._topic_seq.get(name)
-        if last is not None and first > last + 1:
-            out += await self._gap(name, message.map if isinstance(message.map, MapRef)
-                                   else MapRef(message.map.id, name), first - last - 1)
-            last = self._topic_seq.get(name)
-        if last is not None and first + count - 1 <= last:
+        gap = self._seqs.gap_before(name, first)
+        if gap is not None:
+            out += await self._gap(gap, message.map if isinstance(message.map, MapRef)
+                                   else MapRef(message.map.id, name))
+        start = self._seqs.take(name, first, count)
+        if start is None:
             return out  # already reflected in a snapshot
         if self.entry_batches and isinstance(message, schema.EventBatch):
             check_batch(message, frames)
-            view = EntryBatch(message, frames, 0 if last is None else max(0, last + 1 - first))
-            self._topic_seq[name] = first + count - 1
+            view = EntryBatch(message, frames, start)
             if self.snapshot:
                 self._apply_batch(name, view)
             return [*out, view]  # type: ignore[list-item]  # entry_batches consumers expect it
         events = events_of(message, frames, self._formatters, self.record_batches)
-        if last is not None and not (self.record_batches and isinstance(message, schema.RecordBatch)):
-            events = [e for e in events if e.topic_seq > last]
-        self._topic_seq[name] = first + count - 1
+        if start and not (self.record_batches and isinstance(message, schema.RecordBatch)):
+            events = [e for e in events if e.topic_seq >= first + start]
         if self.snapshot:
             self._apply(name, events)
         return out + events
@@ -491,10 +359,10 @@ class EventStream:
             elif e.action in ("map_created", "map_removed"):
                 state.clear()
 
-    async def _gap(self, name: str, ref: MapRef, missed: int) -> list[Event]:
+    async def _gap(self, gap: Gap, ref: MapRef) -> list[Event]:
+        name, missed = gap.name, gap.missed
         self.lost += missed
-        first = self._topic_seq.get(name, 0) + 1  # the callers have not moved it on yet
-        out = [Event("lost", ref, topic_seq=first, time=time.time(), missed=missed)]
+        out = [Event("lost", ref, topic_seq=gap.first, time=time.time(), missed=missed)]
         try:
             await self.client.report_gap(name, missed)
         except DaemonError:
@@ -504,20 +372,35 @@ class EventStream:
             out += await self._resync(name, "gap")
             self._retry = None
             if name not in self._state:  # nothing to resync against (a buffer): carry on
-                self._topic_seq.pop(name, None)
+                self._seqs.forget(name)
         else:
             # Nothing to resync against: carry on from where the stream is now.
-            self._topic_seq.pop(name, None)
+            self._seqs.forget(name)
         return out
 
-    async def _epoch_changed(self, epoch: str) -> list[Event]:
-        self.epoch = epoch
-        self._topic_seq.clear()
+    async def _epoch_changed(self) -> list[Event]:
         self.resyncs += 1
         out = [Event("resync", MapRef(0, ""), time=time.time(), reason="epoch")]
         if self.snapshot:
             out += await self._snapshot_all(reason="epoch", announce=False)
         return out
+
+    async def _start(self) -> list[Event]:
+        """The snapshot-mode start: the start policy's, or every map read afresh."""
+        if self._start_policy is None:
+            return await self._snapshot_all("start")
+        policy, self._start_policy = self._start_policy, None  # once: a retry is ordinary
+        self._retry = "start"  # until it completes: redone if the daemon does not answer
+        out = await policy.start(StartContext(
+            self.client, self.selection, self.epoch, self._first_topics, self._formatters,
+            resync=self._resync, snapshot_all=self._snapshot_all,
+            reflected=self._seqs.resynced, last=self._seqs.last,
+            count_resync=self._count_resync))
+        self._retry = None
+        return out
+
+    def _count_resync(self) -> None:
+        self.resyncs += 1
 
     async def _snapshot_all(self, reason: str, announce: bool = True) -> list[Event]:
         self._retry = reason  # until it completes: redone if the daemon does not answer
@@ -547,28 +430,8 @@ class EventStream:
         if self.snapshot_rows:
             out += diff_events(snap, old, reason)
         self._state[name] = snap.entries
-        self._topic_seq[name] = snap.seq
+        self._seqs.resynced(name, snap.seq)
         return out
-
-
-def diff_events(snap: snapshot.Snapshot, old: dict[bytes, bytes], reason: str) -> list[Event]:
-    """What changed from ``old`` to the snapshot, as events marked ``snapshot``."""
-    m = snap.map
-    ref, now, tseq = MapRef(m.id, m.name), time.time(), snap.seq
-    out = []
-    for key, value in snap.entries.items():
-        before = old.get(key)
-        if before is None:
-            out.append(Event("added", ref, topic_seq=tseq, time=now, key=key, value=value,
-                             reason=reason, snapshot=True, info=m))
-        elif before != value:
-            out.append(Event("updated", ref, topic_seq=tseq, time=now, key=key, value=value,
-                             old_value=before, reason=reason, snapshot=True, info=m))
-    for key, value in old.items():
-        if key not in snap.entries:
-            out.append(Event("removed", ref, topic_seq=tseq, time=now, key=key, value=value,
-                             reason=reason, snapshot=True, info=m))
-    return out
 
 
 async def snapshot_events(client: Client, selectors: list[str]) -> list[Event]:

@@ -17,7 +17,7 @@ import sys
 import trio
 
 from consumers.client import DEFAULT_ENDPOINT, Client, DaemonError
-from consumers.subscriber import Event
+from consumers.events import Event
 
 
 def describe(event: Event) -> str:

@@ -14,7 +14,7 @@
 #
 # This host's root lacks CAP_SYS_RESOURCE: podman's default runtime crun fails on
 # setrlimit. So runc is installed and /etc/containers/containers.conf says
-# runtime = "runc" and default_ulimits = [] (docs/operations.md, "Container image").
+# runtime = "runc" and default_ulimits = [] (docs/install.md, "The container image").
 set -euo pipefail
 
 say() { echo "image: $*"; }

@@ -17,6 +17,7 @@ import signal
 import statistics
 import threading
 import time
+from typing import cast
 
 import pytest
 import zmq
@@ -395,7 +396,7 @@ def test_the_queue_to_zeromq_makes_producers_wait_and_nothing_is_lost_silently(
         assert st["publish_waits"] >= len(names), "polls went on past the queue's bound"
         assert st["stream_queued_bytes"] <= 1024  # drained (heartbeats may be in it)
         for name, follower in followers.items():
-            total = watch_of(st, name)["events"]
+            total = cast(dict, watch_of(st, name))["events"]
             assert total >= 256  # polls coalesce rounds, but each saw at least one
             got, lost = follower.wait_for(accounts_for(total), f"the follower of {name}",
                                           timeout=120)

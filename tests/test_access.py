@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 from support.curve import as_client, start_tcp_daemon
@@ -75,7 +76,8 @@ def test_a_denied_map_is_invisible_to_a_curve_client(tmp_path, bpffs_dir, maps, 
         for name in (public, secret):
             fd = next(f for f in maps.fds if syscall.map_info(f).id == ids[name])
             syscall.map_update_elem(fd, u32(2), u64(2))
-        wait_until(lambda: watch_of(_status_as_root(d), secret)["events"] >= 1, "secret event")
+        wait_until(lambda: cast(dict, watch_of(_status_as_root(d), secret))["events"] >= 1,
+                   "secret event")
         recent = d.cli("events", "acl_*", "-o", "json", check=True).stdout
         names = {json.loads(line)["map"]["name"] for line in recent.splitlines() if line.strip()}
         assert secret not in names
@@ -288,6 +290,7 @@ def test_reload_applies_new_keys_and_rules(tmp_path, bpffs_dir, maps, monkeypatc
                 config = tmp_path / "pymap.toml"
                 config.write_text(config.read_text().replace('deny = ["acl_secret*"]',
                                                              "deny = []"))
+                assert d.proc is not None
                 d.proc.send_signal(signal.SIGHUP)
                 wait_until(lambda: "config reloaded" in d.log.read_text(), "the reload")
                 assert d.cli("ping", "--timeout", "5", env=mallory).returncode == 0

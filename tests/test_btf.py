@@ -11,6 +11,7 @@ floats, ENUM64, DATASEC, split BTF.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import json
 import os
@@ -18,6 +19,7 @@ import random
 import shutil
 import struct
 import subprocess
+from typing import cast
 
 import attrs
 import pytest
@@ -254,7 +256,7 @@ def test_rich_values_exercise_every_rule(prog):
 
 def test_formatter_reads_at_an_offset_and_rejects_short_values(prog):
     record = M.record_from_fd(_table(prog, "rich_hash").map_fd)
-    _, value_fmt = B.map_formatters(record)
+    _, value_fmt = cast(tuple, B.map_formatters(record))
     chunk = next(dump(_table(prog, "rich_hash").map_fd, record))
     second = chunk.values[record.value_size:2 * record.value_size]
     assert value_fmt(chunk.values, record.value_size) == value_fmt(second)
@@ -265,8 +267,8 @@ def test_formatter_reads_at_an_offset_and_rejects_short_values(prog):
 
 def test_map_without_key_type_or_without_btf(prog, maps):
     record = M.record_from_fd(_table(prog, "rich_array").map_fd)
-    key_fmt, value_fmt = B.map_formatters(attrs.evolve(record, btf_key_type_id=0))
-    assert key_fmt is None and value_fmt is B.map_formatters(record)[1]
+    key_fmt, value_fmt = cast(tuple, B.map_formatters(attrs.evolve(record, btf_key_type_id=0)))
+    assert key_fmt is None and value_fmt is cast(tuple, B.map_formatters(record))[1]
     fd, _ = maps.create("hash", 4, 8, 4, name="pymap_nobtf")
     assert B.map_formatters(M.record_from_fd(fd)) is None
 
@@ -365,15 +367,17 @@ class Blob:
     def int(self, name: str, size: int, bits: int, enc: int = 0, offset: int = 0) -> int:
         return self.add(B.Kind.INT, name, size, struct.pack("<I", enc << 24 | offset << 16 | bits))
 
-    def struct(self, name: str, size: int, members, kflag=False, union=False) -> int:
+    # builtins.int: from here on, `int` in this class is the method above.
+    def struct(self, name: str, size: builtins.int, members, kflag=False,
+               union=False) -> builtins.int:
         extra = b"".join(struct.pack("<III", self.s(n), t, o) for n, t, o in members)
         return self.add(B.Kind.UNION if union else B.Kind.STRUCT, name, size, extra,
                         len(members), kflag)
 
-    def array(self, elem: int, n: int) -> int:
+    def array(self, elem: builtins.int, n: builtins.int) -> builtins.int:
         return self.add(B.Kind.ARRAY, "", 0, struct.pack("<III", elem, elem, n))
 
-    def enum(self, name: str, size: int, values, kflag=False) -> int:
+    def enum(self, name: str, size: builtins.int, values, kflag=False) -> builtins.int:
         extra = b"".join(struct.pack("<II", self.s(n), v & 0xFFFFFFFF) for n, v in values)
         return self.add(B.Kind.ENUM, name, size, extra, len(values), kflag)
 

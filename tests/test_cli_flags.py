@@ -8,12 +8,13 @@ import subprocess
 from importlib import metadata
 
 import typer
+import typer.core
 from conftest import PYMAP
 
 from consumers.cli.app import app
 
 # One meaning per short flag, in every command that has it.
-MEANING = {"-c": "--config", "-n": {"--count", "--limit"}, "-e": "--endpoint",
+MEANING: dict[str, str | set[str]] = {"-c": "--config", "-n": {"--count", "--limit"}, "-e": "--endpoint",
            "-o": "--output", "-f": "--follow"}
 HIDDEN_ALIASES = {("events", "-c"): "count_c", ("export", "-n"): "name_n"}
 
@@ -26,6 +27,7 @@ def _options(command):
 
 def test_short_flags_mean_one_thing_and_old_ones_stay_hidden():
     root = typer.main.get_command(app)
+    assert isinstance(root, typer.core.TyperGroup)
     for name, command in root.commands.items():
         for p in _options(command):
             shorts = [o for o in p.opts if len(o) == 2]

@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+from typing import cast
 
 import pytest
 from conftest import REPO
@@ -18,6 +19,7 @@ from support.kernel import NCPUS
 from watcher.decode import cilium
 from watcher.decode.bpfabi import percpu_slot
 from watcher.decode.choose import choose
+from watcher.decode.cilium import CiliumLayout
 from watcher.wire.schema import MapInfo
 
 FIXTURE = REPO / "examples" / "cilium-fixture" / "cilium_fixture.py"
@@ -164,13 +166,15 @@ def test_node_maps_and_world_cidrs():
 
 def test_chosen_by_name_and_size_and_cut_kernel_names():
     # The kernel keeps 15 characters; pins give the full name, sizes pick the layout.
-    assert cilium.find(["cilium_lb4_back"], 4, 12)[0].map == "cilium_lb4_backends_v3"
-    assert cilium.find(["cilium_lb4_back"], 4, 8)[0].map == "cilium_lb4_backends_v2"
-    assert cilium.find(["cilium_ipcache_"], 24, 12)[0].map == "cilium_ipcache"
-    assert cilium.find(["cilium_policy_0"], 8, 24)[0].key_size == 8
+    assert cast(CiliumLayout, cilium.find(["cilium_lb4_back"], 4, 12)[0]).map == (
+        "cilium_lb4_backends_v3")
+    assert cast(CiliumLayout, cilium.find(["cilium_lb4_back"], 4, 8)[0]).map == (
+        "cilium_lb4_backends_v2")
+    assert cast(CiliumLayout, cilium.find(["cilium_ipcache_"], 24, 12)[0]).map == "cilium_ipcache"
+    assert cast(CiliumLayout, cilium.find(["cilium_policy_0"], 8, 24)[0]).key_size == 8
     assert cilium.find(["my_map"], 24, 24) == (None, None)
     layout, note = cilium.find(["cilium_lxc"], 20, 40)
-    assert layout is None and "20/40" in note and "20/48" in note
+    assert layout is None and note is not None and "20/40" in note and "20/48" in note
 
 
 def test_unknown_sizes_fall_back_to_btf_then_hex_with_a_note():
@@ -183,6 +187,7 @@ def test_unknown_sizes_fall_back_to_btf_then_hex_with_a_note():
     d = choose(m, btf)
     assert d.source == "btf"
     assert any("no known Cilium layout" in n for n in d.notes), d.notes
+    assert d.formatter is not None
     assert d.formatter(b"\1\0\0\0", b"\2\0\0\0") == {"key": 1, "value": 2}
     d = choose(info("cilium_lxc", 4, 4))
     assert d.formatter is None and d.source is None
@@ -191,6 +196,7 @@ def test_unknown_sizes_fall_back_to_btf_then_hex_with_a_note():
 
 def test_one_bad_entry_gets_an_error_the_others_decode():
     d = choose(info("cilium_ipcache_v2", 24, 24))
+    assert d.formatter is not None
     good = d.formatter(ipcache_key(bytes([10, 0, 0, 1]), 32), bytes(24))
     bad = d.formatter(struct.pack("<IHxB16s", 20, 0, 1, bytes(16)), bytes(24))  # prefix < 32
     worse = d.formatter(struct.pack("<IHxB16s", 64, 0, 9, bytes(16)), bytes(24))  # family 9

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 from conftest import PYMAP
@@ -96,7 +97,7 @@ def test_the_daemon_serves_under_a_refused_facility(daemon_factory, maps, bpffs_
     with Follower(d, *names.values(), "-f") as f:
         for name in names.values():
             wait_ready(d, name, subscribers=1)
-        engines = {k: watch_of(status(d), n)["engine"] for k, n in names.items()}
+        engines = {k: cast(dict, watch_of(status(d), n))["engine"] for k, n in names.items()}
         replay_foreign_writes(f, made, names)
         follower_err = f.stderr
     if facility == kf.PROG_TEST_RUN:

@@ -1,4 +1,4 @@
-"""watcher.daemon.delta.diff against a brute-force dict diff, on random inputs.
+"""watcher.daemon.diff.diff against a brute-force dict diff, on random inputs.
 
 No kernel needed: snapshots are built from dicts, in a shuffled (kernel-like,
 arbitrary) order, so the same content in a different order must diff to nothing.
@@ -10,18 +10,18 @@ import random
 
 import pytest
 
-from watcher.daemon.delta import Action, Delta, Snapshot, diff, snapshot_as_added
+from watcher.daemon.diff import Action, Delta, EngineSnapshot, diff, snapshot_as_added
 
 KEY_SIZES = (1, 2, 4, 8, 12, 16, 3)
 STRIDES = (1, 8, 13, 32)
 
 
 def snap(entries: dict[bytes, bytes], key_size: int, stride: int, rng: random.Random,
-         order: list[bytes] | None = None) -> Snapshot:
+         order: list[bytes] | None = None) -> EngineSnapshot:
     keys = list(entries) if order is None else order
     if order is None:
         rng.shuffle(keys)
-    return Snapshot(b"".join(keys), b"".join(entries[k] for k in keys), len(keys), key_size,
+    return EngineSnapshot(b"".join(keys), b"".join(entries[k] for k in keys), len(keys), key_size,
                     stride)
 
 
@@ -63,10 +63,10 @@ def random_keys(rng: random.Random, n: int, key_size: int, dense: bool) -> list[
         base = rng.randrange(max(limit - n, 1))
         nums = rng.sample(range(base, base + n), n) if n else []
     else:
-        nums = set()
-        while len(nums) < n:
-            nums.add(rng.randrange(limit))
-        nums = list(nums)
+        drawn: set[int] = set()
+        while len(drawn) < n:
+            drawn.add(rng.randrange(limit))
+        nums = list(drawn)
     return [x.to_bytes(key_size, rng.choice(("little", "big"))) for x in nums]
 
 
@@ -89,7 +89,7 @@ def mutate(rng: random.Random, prev: dict, key_size: int, stride: int) -> dict:
 
 
 def check(prev: dict, cur: dict, key_size: int, stride: int, rng: random.Random,
-          prev_snap: Snapshot | None = None, cur_order=None) -> Snapshot:
+          prev_snap: EngineSnapshot | None = None, cur_order=None) -> EngineSnapshot:
     a = prev_snap or snap(prev, key_size, stride, rng)
     b = snap(cur, key_size, stride, rng, order=cur_order)
     assert unpack(diff(a, b), key_size, stride) == expected(prev, cur)
@@ -143,8 +143,8 @@ def test_reordered_keys_same_content_is_no_change(key_size):
 def test_empty_maps(key_size):
     rng = random.Random(key_size)
     entries = {k: b"\x01\x02" for k in random_keys(rng, 20, key_size, dense=True)}
-    empty = Snapshot.empty(key_size, 2)
-    assert diff(empty, Snapshot.empty(key_size, 2)).count == 0
+    empty = EngineSnapshot.empty(key_size, 2)
+    assert diff(empty, EngineSnapshot.empty(key_size, 2)).count == 0
     assert unpack(diff(empty, snap(entries, key_size, 2, rng)), key_size, 2) == \
         expected({}, entries)
     assert unpack(diff(snap(entries, key_size, 2, rng), empty), key_size, 2) == \
@@ -157,6 +157,6 @@ def test_snapshot_as_added_and_shape_mismatch():
     s = snap(entries, 4, 8, rng)
     assert unpack(snapshot_as_added(s), 4, 8) == expected({}, entries)
     with pytest.raises(ValueError):
-        diff(s, Snapshot.empty(8, 8))
+        diff(s, EngineSnapshot.empty(8, 8))
     with pytest.raises(ValueError):
-        diff(s, Snapshot.empty(4, 4))
+        diff(s, EngineSnapshot.empty(4, 4))

@@ -85,7 +85,7 @@ def test_pipelined_requests(daemon):
     with dealer(daemon.endpoint) as sock:
         for i in range(50):
             sock.send_multipart([orjson.dumps({"kind": "ping", "req": i + 1, "v": 1})])
-        reqs = set()
+        reqs: set[int] = set()
         for _ in range(50):
             assert sock.poll(REPLY_TIMEOUT_MS), f"{len(reqs)} of 50 pongs"
             reqs.add(json.loads(sock.recv_multipart()[0])["req"])
@@ -99,7 +99,7 @@ def test_malformed_burst(daemon):
         for frames, _ in MALFORMED.values():
             sock.send_multipart(frames)
             sock.send_multipart([b'{"kind":"ping","req":1,"v":1}'])
-        kinds = []
+        kinds: list[str] = []
         for _ in range(2 * len(MALFORMED)):
             assert sock.poll(REPLY_TIMEOUT_MS), f"{len(kinds)} of {2 * len(MALFORMED)} replies"
             kinds.append(json.loads(sock.recv_multipart()[0])["kind"])

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import time
+from typing import cast
 
 import pytest
 from support.events import (
@@ -72,7 +73,7 @@ def test_follow_hash_added_updated_removed(daemon_factory, maps, bpffs_dir):
                                   for n in range(1, 6)}
 
         # Round 2: update 1 and 2, delete 3 and 4 (removed carries the last value).
-        expected = set()
+        expected: set[tuple[str, str, str, str | None]] = set()
         for n in (1, 2):
             syscall.map_update_elem(fd, k12(n), v20(n, 1))
             expected.add(("updated", k12(n).hex(), v20(n, 1).hex(), values[n].hex()))
@@ -101,8 +102,9 @@ def test_follow_hash_added_updated_removed(daemon_factory, maps, bpffs_dir):
             assert set(line) >= {"seq", "time", "map", "action", "key", "value", "old_value"}
             assert (line["old_value"] is None) == (line["action"] != "updated")
         # Nothing more than the changes: give the daemon a few more polls.
-        polls = watch_of(status(d), name)["polls"]
-        wait_until(lambda: watch_of(status(d), name)["polls"] >= polls + 3, "three more polls")
+        polls = cast(dict, watch_of(status(d), name))["polls"]
+        wait_until(lambda: cast(dict, watch_of(status(d), name))["polls"] >= polls + 3,
+                   "three more polls")
         assert len(f.snapshot()) == 13
         assert not f.bad, f.bad
         # The replayed stream, plus the entry that was there from the start, is the map.

@@ -25,7 +25,7 @@ def _kill_daemon(d) -> None:
     """``kill -9``: no goodbye, a stale socket file left behind."""
     d.proc.kill()
     d.proc.wait()
-    d._log_file.close()
+    d._log_file.close()  # noqa: SLF001 (the fixture's log, after kill -9)
 
 
 def _rewrite(fd: int, generation: int) -> None:
@@ -143,5 +143,6 @@ async def test_library_follower_holds_on_through_a_daemon_outage(daemon_factory,
                               pred=lambda evs: replay_events(evs) == truth)
         actions = [e.action for e in lib.events if e.key is None]
         assert actions[:3] == ["stalled", "resumed", "resync"], actions
+        assert lib.stream is not None
         assert lib.stream.epoch is not None and lib.error is None
         nursery.cancel_scope.cancel()

@@ -98,6 +98,7 @@ async def test_gap_end_to_end(daemon_factory, maps, bpffs_dir, tmp_path):
         lost_plain = [e.missed for e in plain.events if e.action == "lost"]
         assert lost_plain, "no gap: the test did not make the subscriber fall behind"
         _check_exact_losses(plain.events, final_tseq)
+        assert plain.stream is not None
         assert plain.stream.lost == sum(lost_plain)
 
         truth = bpftool_entries(map_id)
@@ -126,9 +127,9 @@ class FakeDump:
         self.map, self.seq, self.epoch, self._entries = info, seq, "e1", entries
 
     async def chunks(self):
-        from consumers.client import Chunk
+        from consumers.client import ReplyChunk
 
-        yield Chunk(b"".join(self._entries), b"".join(self._entries.values()),
+        yield ReplyChunk(b"".join(self._entries), b"".join(self._entries.values()),
                     len(self._entries))
 
 
@@ -175,61 +176,59 @@ def beat(topics: dict[str, int], epoch: str = "e1"):
 
 async def test_gap_unit_without_snapshot():
     client = FakeClient()
-    stream = EventStream(client, ["m"])
-    stream.epoch = "e1"
-    out = await stream._handle(*beat({"m": 0, "other": 50}))
+    stream = EventStream(client, ["m"])  # type: ignore[arg-type]
+    out = await stream._handle(*beat({"m": 0, "other": 50}))  # noqa: SLF001 (handler unit test)
     assert out == []
-    out = await stream._handle(*batch(1, [(0, 1, 10, 0), (0, 2, 20, 0)]))
+    out = await stream._handle(*batch(1, [(0, 1, 10, 0), (0, 2, 20, 0)]))  # noqa: SLF001 (handler unit test)
     assert [(e.action, e.topic_seq, e.key) for e in out] == [("added", 1, k(1)), ("added", 2, k(2))]
     # topic_seq 3..5 never arrive
-    out = await stream._handle(*batch(6, [(1, 1, 11, 10)]))
+    out = await stream._handle(*batch(6, [(1, 1, 11, 10)]))  # noqa: SLF001 (handler unit test)
     assert [e.action for e in out] == ["lost", "updated"]
     assert out[0].missed == 3 and out[1].topic_seq == 6 and out[1].old_value == k(10)
     assert client.gaps == [("m", 3)]
     # A repeat of what was seen is not new.
-    assert await stream._handle(*batch(6, [(1, 1, 11, 10)])) == []
+    assert await stream._handle(*batch(6, [(1, 1, 11, 10)])) == []  # noqa: SLF001 (handler unit test)
     # A heartbeat says the topic is at 9: the tail 7..9 was lost.
-    out = await stream._handle(*beat({"m": 9, "other": 99}))
+    out = await stream._handle(*beat({"m": 9, "other": 99}))  # noqa: SLF001 (handler unit test)
     assert [(e.action, e.missed) for e in out] == [("lost", 3)]
-    out = await stream._handle(*batch(10, [(2, 2, 20, 0)]))
+    out = await stream._handle(*batch(10, [(2, 2, 20, 0)]))  # noqa: SLF001 (handler unit test)
     assert [e.action for e in out] == ["removed"]
     # Map events count on the same topic.
     created = schema.MapEvent(epoch="e1", seq=200, topic_seq=13, time=1.0, action="map_created",
                               map=client.info)
-    out = await stream._handle(created, [])
+    out = await stream._handle(created, [])  # noqa: SLF001 (handler unit test)
     assert [(e.action, e.missed) for e in out] == [("lost", 2), ("map_created", 0)]
     # Other maps' messages are none of this stream's business.
-    assert await stream._handle(*batch(50, [(0, 1, 1, 0)], name="other")) == []
+    assert await stream._handle(*batch(50, [(0, 1, 1, 0)], name="other")) == []  # noqa: SLF001 (handler unit test)
     assert client.gaps == [("m", 3), ("m", 3), ("m", 2)]
     assert stream.lost == 8
     # A new epoch: a resync event, and numbering starts over without a false gap.
-    out = await stream._handle(*batch(1, [(0, 5, 50, 0)], epoch="e2"))
+    out = await stream._handle(*batch(1, [(0, 5, 50, 0)], epoch="e2"))  # noqa: SLF001 (handler unit test)
     assert [(e.action, e.reason) for e in out] == [("resync", "epoch"), ("added", "")]
     assert stream.resyncs == 1 and client.gaps == [("m", 3), ("m", 3), ("m", 2)]
 
 
 async def test_gap_unit_with_snapshot_resyncs():
     client = FakeClient()
-    stream = EventStream(client, ["m"], snapshot=True)
-    stream.epoch = "e1"
+    stream = EventStream(client, ["m"], snapshot=True)  # type: ignore[arg-type]
     client.snapshots.append((4, {k(1): k(10), k(2): k(20)}))
-    out = await stream._snapshot_all(reason="start")
+    out = await stream._snapshot_all(reason="start")  # noqa: SLF001 (handler unit test)
     assert sorted((e.action, e.key, e.snapshot) for e in out) == [
         ("added", k(1), True), ("added", k(2), True)]
     # Already in the snapshot: skipped.
-    assert await stream._handle(*batch(3, [(0, 2, 20, 0), (0, 1, 10, 0)])) == []
+    assert await stream._handle(*batch(3, [(0, 2, 20, 0), (0, 1, 10, 0)])) == []  # noqa: SLF001 (handler unit test)
     # 5 and 6 are lost; by the resync the daemon is at topic_seq 8.
     client.snapshots.append((8, {k(1): k(11), k(3): k(30)}))
-    out = await stream._handle(*batch(7, [(1, 1, 11, 10)]))
+    out = await stream._handle(*batch(7, [(1, 1, 11, 10)]))  # noqa: SLF001 (handler unit test)
     assert [(e.action, e.missed, e.reason) for e in out[:2]] == [("lost", 2, ""), ("resync", 0, "gap")]
     assert sorted((e.action, e.key, e.value, e.old_value) for e in out[2:]) == [
         ("added", k(3), k(30), None), ("removed", k(2), k(20), None),
         ("updated", k(1), k(11), k(10))]
     assert client.gets[-1] == ("m", "gap") and client.gaps == [("m", 2)]
     # 7 (this very batch) and 8 are in the resync; 8..9 overlaps, only 9 is new.
-    out = await stream._handle(*batch(8, [(1, 3, 31, 30), (0, 4, 40, 0)]))
+    out = await stream._handle(*batch(8, [(1, 3, 31, 30), (0, 4, 40, 0)]))  # noqa: SLF001 (handler unit test)
     assert [(e.action, e.topic_seq) for e in out] == [("added", 9)]
-    assert stream._state["m"] == {k(1): k(11), k(3): k(30), k(4): k(40)}
+    assert stream.entries("m") == {k(1): k(11), k(3): k(30), k(4): k(40)}
     assert stream.resyncs == 1
 
 
@@ -396,7 +395,7 @@ def test_heartbeats_and_status(daemon_factory, maps, bpffs_dir):
             st = wait_ready(d, name)
             sub.connect(f"ipc://{d.run_dir}/events.sock")
             sub.setsockopt(zmq.SUBSCRIBE, b"hb")
-            beats = []
+            beats: list = []
             started = time.monotonic()
             while len(beats) < 4 and time.monotonic() < started + DEADLINE:
                 if sub.poll(100):

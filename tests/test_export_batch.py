@@ -19,8 +19,8 @@ from support.kernel import pattern, token, u32
 
 from consumers.client import Client
 from consumers.eventjson import MapCache
+from consumers.events import EntryBatch, Event
 from consumers.export.formats import FORMATS, facts
-from consumers.subscriber import EntryBatch, Event
 from watcher.kernel.sys import syscall
 from watcher.kernel.sys.cpus import possible_cpus
 
@@ -81,8 +81,9 @@ async def test_batch_path_matches_the_per_event_path(daemon_factory, maps, bpffs
         await await_until(lambda: len(batch_events()) >= expected, "the batches")
         assert batched.error is None and plain.error is None
         assert _entry_tuples(batch_events()) == _entry_tuples(plain.events)
-        assert batched.stream._state == plain.stream._state
-        assert len(batched.stream._state[names["hex"]]) == 200  # 300 added, 100 removed
+        assert batched.stream is not None and plain.stream is not None
+        assert batched.stream._state == plain.stream._state  # noqa: SLF001 (every map's state at once)
+        assert len(batched.stream._state[names["hex"]]) == 200  # noqa: SLF001 (300 added, 100 removed)
         views = [v for v in batched.events if isinstance(v, EntryBatch)]
         assert {v.map.name for v in views} == set(names.values())
         assert any(v.message.count > 1 for v in views)

@@ -66,8 +66,8 @@ max_bytes = 1000
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("[[exports]]\nname='a'\nmaps=['m']\nbogus=1\n", "unknown keys bogus"),
-    ("[[exports]]\nname='a'\nmaps='m'\n", "selectors must be a list of strings"),
+    ("[[exports]]\nname='a'\nmaps=['m']\nbogus=1\n", "unknown key 'bogus'"),
+    ("[[exports]]\nname='a'\nmaps='m'\n", "exports[0] (a): selectors: expected a list of strings"),
     ("[[exports]]\nname='a'\nmaps=['m']\n[[exports]]\nname='a'\nmaps=['n']\n", "unique name"),
     ("[[exports]]\nmaps=['m']\nformat='xml'\n", "unknown format"),
     ("[daemon]\n", "no [[exports]] tables"),

@@ -16,8 +16,8 @@ from support.events import FAST, wait_ready, wait_until
 from support.export import ExportProc, record_doc
 from support.kernel import token, u32, u64
 
+from consumers.events import Event
 from consumers.export.formats import FORMATS, facts
-from consumers.subscriber import Event
 from watcher.kernel.sys import syscall
 from watcher.wire.schema import MapRef
 

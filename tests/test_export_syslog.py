@@ -76,10 +76,10 @@ def check_messages(messages: list[dict], name: str, made: list[tuple[str, str]],
     got = sorted((doc_of(m["doc"])["action"], doc_of(m["doc"])["key"]) for m in messages)
     assert got == sorted(made)
     # Per key, the order of its own events is exactly the order they were made.
-    order = {}
+    order: dict[str, list[str]] = {}
     for action, key in made:
         order.setdefault(key, []).append(action)
-    seen = {}
+    seen: dict[str, list[str]] = {}
     for m in messages:
         d = doc_of(m["doc"])
         seen.setdefault(d["key"], []).append(d["action"])

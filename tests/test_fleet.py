@@ -236,13 +236,13 @@ def test_cli_fleet_bad_input():
 # --- a 3-node cluster, stream with 3 replicas ----------------------------------------------
 
 
-def stream_leader(url: str, stream: str) -> str:
+def stream_leader(url: str, stream: str) -> str | None:
     """The server name leading ``stream`` (asked with nats-py directly, as an oracle)."""
     import asyncio
 
     import nats
 
-    async def ask() -> str:
+    async def ask() -> str | None:
         nc = await nats.connect(list(parse_url(url).servers))
         try:
             info = await nc.jetstream().stream_info(stream)
@@ -360,6 +360,7 @@ def test_follower_holds_on_across_a_broker_restart(nats):
     trio.run(publish, 1, 1)
     with fleet_follower(url, "--since", "1h", "-c", "6") as follower:
         trio.run(publish, 2, 2)
+        assert follower.stdout is not None
         first = [follower.stdout.readline() for _ in range(3)]  # it is following
         nats.stop()
         nats.start()
@@ -462,7 +463,7 @@ async def deliver(records, chunks, pauses, linger, state=None, after=0):
     cp = CutLog(state)
     if state:
         cp.load()
-    d = Delivery(out, lambda gap: None, cp, batch_bytes=4096)
+    d = Delivery(out, lambda gap: None, cp, batch_bytes=4096)  # type: ignore[arg-type,return-value]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(d.run)
         for k, pause in zip(chunks, pauses, strict=True):
@@ -487,7 +488,7 @@ def test_message_boundaries_do_not_depend_on_delivery(tmp_path):
     assert max(b - a + 1 for a, b in whole) == 256
     assert all(b < (a // 256 + 1) * 256 for a, b in whole if a), "a message crossed k*256"
     rng = random.Random(9)
-    chunks = []
+    chunks: list[int] = []
     while sum(chunks) < len(records):
         chunks.append(rng.randint(1, 300))
     fast, _ = trio.run(deliver, records, chunks, [0.001] * len(chunks), 5.0)

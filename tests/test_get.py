@@ -293,8 +293,8 @@ def test_per_key_walk_with_concurrent_deletes(daemon, maps):
             assert doc["count"] == len(entries)
             missing = [k.hex() for k in stable if k.hex() not in entries]
             assert not missing, f"{len(missing)} never-deleted keys missing from the dump"
-            for k, v in entries.items():
-                assert expected[k] == v
+            for key, value in entries.items():
+                assert expected[key] == value
     finally:
         stop.set()
         thread.join(60)

@@ -10,7 +10,7 @@ import zmq
 from support.events import status
 from support.kernel import one_error_line
 
-from consumers.subscriber import Selection
+from consumers.selection import Selection
 from watcher.wire import schema
 from watcher.wire.globs import GlobError, check_glob, literal_prefix
 
@@ -63,9 +63,10 @@ def test_daemon_answers_bad_request_for_an_invalid_glob(daemon):
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(daemon.endpoint)
-        for req, request in enumerate([schema.ListRequest(pattern="["),
-                                       schema.ListRequest(pattern="x[!", entries=False),
-                                       schema.RecentRequest(selector="[")], start=1):
+        requests: list[schema.Request] = [schema.ListRequest(pattern="["),
+                                          schema.ListRequest(pattern="x[!", entries=False),
+                                          schema.RecentRequest(selector="[")]
+        for req, request in enumerate(requests, start=1):
             request.req = req
             sock.send(schema.encode(request))
             assert sock.poll(20000), f"no reply to {request}"

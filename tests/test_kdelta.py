@@ -27,14 +27,14 @@ import random
 import struct
 import subprocess
 import time
+from typing import cast
 
 import numpy as np
 import pytest
 from support.kernel import bpftool_entries, host_allows, host_features, made_up_features
 
 from watcher.daemon.config import WatchConfig
-from watcher.daemon.delta import Action, Delta, Snapshot, diff
-from watcher.daemon.kdelta import KernelDelta, choose_engine
+from watcher.daemon.diff import Action, Delta, EngineSnapshot, KernelDelta, choose_engine, diff
 from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel.asm.assembler import R3, R8, Asm
 from watcher.kernel.features import probe as kf
@@ -62,7 +62,7 @@ def events(delta: Delta | None, key_size: int, stride: int) -> list[tuple]:
                    delta.old_values[i * stride:(i + 1) * stride]) for i in range(delta.count))
 
 
-def user_poll(fd: int, record, prev: Snapshot | None) -> tuple[Snapshot, Delta | None]:
+def user_poll(fd: int, record, prev: EngineSnapshot | None) -> tuple[EngineSnapshot, Delta | None]:
     """The user-space engine's poll, as watcher.daemon.engine does it."""
     stride = value_stride(record)
     keys, values, count = bytearray(), bytearray(), 0
@@ -70,7 +70,7 @@ def user_poll(fd: int, record, prev: Snapshot | None) -> tuple[Snapshot, Delta |
         keys += chunk.keys
         values += chunk.values
         count += chunk.count
-    snap = Snapshot(keys, values, count, record.key_size, stride)
+    snap = EngineSnapshot(keys, values, count, record.key_size, stride)
     return snap, (None if prev is None else diff(prev, snap))
 
 
@@ -100,7 +100,7 @@ def iterators_for(route: str) -> bool:
     return route not in (FOR_EACH_ONLY, TINY_RING) and host_allows(kf.MAP_ITER)
 
 
-def replay(first: Snapshot, deltas: list[Delta | None], key_size: int, stride: int
+def replay(first: EngineSnapshot, deltas: list[Delta | None], key_size: int, stride: int
            ) -> dict[bytes, bytes]:
     """The first state with every delta applied, as a follower rebuilds the map."""
     state = {bytes(first.keys[i * key_size:(i + 1) * key_size]):
@@ -448,6 +448,7 @@ def test_daemon_follows_a_map_in_the_kernel(daemon_factory, maps, bpffs_dir):
     with Follower(d, name, "-f") as f:
         wait_ready(d, name)
         watch = watch_of(status(d), name)
+        assert watch is not None
         assert watch["engine"].startswith("in-kernel:"), watch
         assert watch["kernel_bytes"] > 0
         for n in range(1, 4):
@@ -633,10 +634,10 @@ def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
         syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
     config = Config()
     config.watch.kernel_delta_min_entries = 0
-    engine = Engine(config, None, host_features())  # _read_kernel publishes nothing
-    watch = engine._start(kmaps.record_from_fd(fd))
+    engine = Engine(config, None, host_features())  # type: ignore[arg-type]  # read_kernel publishes nothing
+    watch = engine._start(kmaps.record_from_fd(fd))  # noqa: SLF001 (one watch, driven)
     assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
-    snap, delta = engine._read_kernel(watch, report_all=False)
+    snap, delta, _ = engine.poller.read_kernel(watch, report_all=False)
     watch.snapshot = snap
     null = os.open(os.devnull, os.O_RDONLY)
     try:
@@ -645,7 +646,8 @@ def test_a_failing_walk_falls_back_to_user_space_with_one_warning(maps, caplog):
         os.close(null)
     syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
     with caplog.at_level("WARNING", logger="pymap.engine"):
-        snap, delta = engine._read_kernel(watch, report_all=False)
+        snap, delta, failed = engine.poller.read_kernel(watch, report_all=False)
+    watch.use_user_space(failed)  # what the poll does on the loop
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "in-kernel walk failed" in warnings[0].getMessage()
     assert watch.kernel is None and watch.engine.startswith("user-space: in-kernel walk failed")
@@ -666,22 +668,24 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
         syscall.map_update_elem(fd, struct.pack("<Q", i), struct.pack("<Q", i))
     config = Config()
     config.watch.kernel_delta_min_entries = 0
-    engine = Engine(config, None, host_features())
-    engine.broker = Broker()
-    engine.broker.start()
+    broker = Broker()
+    broker.start()
+    engine = Engine(config, None, host_features(), broker=broker)  # type: ignore[arg-type]
     try:
-        watch = engine._start(kmaps.record_from_fd(fd))
+        watch = engine._start(kmaps.record_from_fd(fd))  # noqa: SLF001 (one watch, driven)
         assert watch.kernel is not None and watch.engine.startswith("in-kernel:")
-        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)
+        watch.snapshot, _, _ = engine.poller.read_kernel(watch, report_all=False)
         syscall.map_update_elem(fd, struct.pack("<Q", 1), struct.pack("<Q", 11))
-        watch.snapshot, _ = engine._read_kernel(watch, report_all=False)  # a for_each walk
+        watch.snapshot, _, _ = engine.poller.read_kernel(watch, report_all=False)  # a for_each walk
         assert watch.kernel is not None
-        engine.broker.proc.kill()
-        engine.broker.proc.wait()
+        assert broker.proc is not None
+        broker.proc.kill()
+        broker.proc.wait()
         syscall.map_update_elem(fd, struct.pack("<Q", 2), struct.pack("<Q", 22))
         with caplog.at_level("WARNING"):
-            snap, delta = engine._read_kernel(watch, report_all=False)
-            other = engine._start(kmaps.record_from_fd(later))
+            snap, delta, failed = engine.poller.read_kernel(watch, report_all=False)
+            watch.use_user_space(failed)  # what the poll does on the loop
+            other = engine._start(kmaps.record_from_fd(later))  # noqa: SLF001 (one watch, driven)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 2, warnings
         assert "the in-kernel engine is unavailable" in warnings[0]
@@ -692,7 +696,7 @@ def test_a_dead_broker_leaves_maps_on_user_space_with_one_warning_each(maps, cap
         assert other.kernel is None
         assert other.engine.startswith("user-space: objects broker unavailable"), other.engine
     finally:
-        engine.broker.close()
+        broker.close()
 
 
 def held_map_ids(pid: int) -> dict[int, str]:
@@ -720,7 +724,8 @@ def test_the_engines_own_maps_are_not_the_hosts(daemon_factory, maps, bpffs_dir)
     with Follower(d, "pymap_*", "-f") as f:
         wait_until(lambda: (watch_of(status(d), first) or {}).get("polls", 0) >= 2,
                    "the glob's map watched")
-        assert watch_of(status(d), first)["engine"].startswith("in-kernel:")  # maps made
+        # the in-kernel engine made its maps for it
+        assert cast(dict, watch_of(status(d), first))["engine"].startswith("in-kernel:")
         second = f"pymap_n{token()}"  # made after the first's engine: its own come later
         fd2, _ = maps.create("hash", 4, 8, 64, name=second, pin=bpffs_dir / second)
         f.wait_for(lambda lines: any(ln.get("action") == "map_created"
@@ -749,7 +754,7 @@ def test_state_rebuild_equals_delete_then_insert(seed, monkeypatch):
     """The kept state's rebuild after removals and additions (one copy, slice by slice)
     against numpy's delete-then-insert, with adds and removals at the same spots, at the
     ends, and in runs; also past the step limit, where it takes numpy's way."""
-    from watcher.daemon import kdelta
+    from watcher.daemon.diff import inkernel as kdelta
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(0, 400))
@@ -765,10 +770,11 @@ def test_state_rebuild_equals_delete_then_insert(seed, monkeypatch):
     want_k = np.sort(np.concatenate([sk[keep], add_k]))
     want_v = np.concatenate([sv[keep], add_v])[np.argsort(np.concatenate([sk[keep], add_k]),
                                                           kind="stable")]
-    for limit in (kdelta._REBUILD_STEPS, 0):
+    for limit in (kdelta._REBUILD_STEPS, 0):  # noqa: SLF001 (the rebuild alone)
         monkeypatch.setattr(kdelta, "_REBUILD_STEPS", limit)
-        got = kdelta._rebuild(sk, sv, rpos, add_k, add_v, 12)
+        got = kdelta._rebuild(sk, sv, rpos, add_k, add_v, 12)  # noqa: SLF001 (the rebuild alone)
         assert got.count == len(want_k)
         assert np.array_equal(got.key_array(), want_k)
         assert np.array_equal(got.value_rows(), want_v)
+        assert got.order is not None
         assert np.array_equal(got.order, np.arange(len(want_k)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+from typing import cast
 
 import pytest
 from conftest import PYMAP
@@ -14,7 +15,7 @@ from support.kernel import NCPUS, one_error_line, token
 
 from watcher.daemon.config import ConfigError, load_config
 from watcher.decode.choose import choose
-from watcher.decode.layout import LayoutError, parse_layout
+from watcher.decode.layout import LayoutError, load_layouts, parse_layout
 from watcher.wire.schema import MapInfo
 
 FLOW_KEY = [
@@ -57,6 +58,7 @@ def test_parse_and_decode_every_type():
     spec = {"match": "all_types", "value": [
         {"name": n, "type": t} if n else {"type": t} for n, t, _, _ in fields]}
     layout = parse_layout(spec)
+    assert layout.value is not None
     data = b"".join(raw for _, _, raw, _ in fields)
     assert layout.value.size == len(data)
     assert layout.value.decode(data) == {n: want for n, _, _, want in fields if n}
@@ -67,6 +69,7 @@ def test_enum_values_and_hex_keys():
     layout = parse_layout({"match": "x", "key": FLOW_KEY, "key_size": 8,
                            "value": [{"name": "state", "type": "u8",
                                       "values": {"0x1": "up", "2": "down"}}]})
+    assert layout.key is not None and layout.value is not None
     assert layout.key.decode(flow_key(6, 80, bytes([1, 2, 3, 4]))) == {
         "proto": "TCP", "port": 80, "addr": "1.2.3.4"}
     assert layout.key.decode(flow_key(47, 0, bytes(4)))["proto"] == 47  # unnamed: the number
@@ -130,9 +133,11 @@ def test_config_layouts_load_and_match(tmp_path):
     conf = load_config(str(_write(tmp_path, GOOD_CONFIG)))
     assert [x["match"] for x in conf.layouts] == ["flows_*", "/sys/fs/bpf/*/states"]
     assert conf.layouts[0]["value_size"] == 16 and conf.layouts[0]["key_size"] == 8
-    assert conf.layout_for(["flows_tcp"], [])["match"] == "flows_*"
-    assert conf.layout_for(["x"], ["/sys/fs/bpf/pymap/flows_udp"])["match"] == "flows_*"
-    assert conf.layout_for(["x"], ["/sys/fs/bpf/d/states"])["match"] == "/sys/fs/bpf/*/states"
+    assert cast(dict, conf.layout_for(["flows_tcp"], []))["match"] == "flows_*"
+    assert cast(dict, conf.layout_for(["x"], ["/sys/fs/bpf/pymap/flows_udp"]))["match"] == (
+        "flows_*")
+    assert cast(dict, conf.layout_for(["x"], ["/sys/fs/bpf/d/states"]))["match"] == (
+        "/sys/fs/bpf/*/states")
     assert conf.layout_for(["states"], []) is None  # a / pattern matches pin paths only
     assert load_config(str(_write(tmp_path, "[watch]\ninterval = 2\n"))).layouts == []
 
@@ -146,6 +151,26 @@ def test_config_bad_layout_is_one_line(tmp_path):
     path = _write(tmp_path, 'layouts = "flows"\n')
     with pytest.raises(ConfigError, match="array of tables"):
         load_config(str(path))
+
+
+def test_load_layouts_is_the_one_loader_and_words_errors_as_the_config_does(tmp_path):
+    """The CLI's --layout files and the daemon's [[layouts]] share the validation and
+    the wording: the same table is refused with the same words after the file's name."""
+    import tomllib
+
+    layouts = load_layouts(tomllib.loads(GOOD_CONFIG)["layouts"])
+    assert [x.match for x in layouts] == ["flows_*", "/sys/fs/bpf/*/states"]
+    assert layouts[0].spec["key_size"] == 8
+    bad = GOOD_CONFIG.replace('"ipv4"', '"ipv5"')
+    with pytest.raises(LayoutError) as e:
+        load_layouts(tomllib.loads(bad)["layouts"])
+    path = _write(tmp_path, bad)
+    with pytest.raises(ConfigError) as c:
+        load_config(str(path))
+    assert str(c.value) == f"config {path}: {e.value}"
+    assert str(e.value).startswith("layouts[0] (flows_*): key field 'addr': unknown type 'ipv5'")
+    with pytest.raises(LayoutError, match=r"layouts must be an array of tables \(\[\[layouts"):
+        load_layouts({"match": "x"})
 
 
 BAD_CONFIGS = [
@@ -175,6 +200,7 @@ def test_layout_beats_builtin_and_misfit_falls_through_with_a_note():
     spec = {"match": "*", "key": [{"name": "raw", "type": "bytes[24]"}]}
     d = choose(info("cilium_ipcache_v2", 24, 24), None, spec)
     assert d.source == "layout"
+    assert d.formatter is not None
     out = d.formatter(bytes(24), bytes(24))
     assert out == {"key": {"raw": "00" * 24}, "value": "00" * 24}  # undeclared side: hex
     misfit = {"match": "*", "key": [{"name": "id", "type": "u32"}]}
@@ -191,10 +217,12 @@ def test_layout_per_cpu_and_bad_entries():
     spec = {"match": "*", "key": [{"name": "id", "type": "u32"}],
             "value": [{"name": "n", "type": "u32"}]}
     d = choose(info("counts", 4, 4, "percpu_hash", ncpus=3), None, spec)
+    assert d.formatter is not None
     values = b"".join(struct.pack("<I4x", n) for n in (1, 2, 3))
     assert d.formatter((9).to_bytes(4, "little"), values) == {
         "key": {"id": 9}, "values": [{"cpu": c, "value": {"n": c + 1}} for c in range(3)]}
     d = choose(info("counts", 4, 4), None, spec)
+    assert d.formatter is not None
     assert "error" in d.formatter(b"\1\2\3", b"\0\0\0\0")  # a short buffer: that entry only
     assert d.formatter(b"\1\0\0\0", b"\2\0\0\0") == {"key": {"id": 1}, "value": {"n": 2}}
 

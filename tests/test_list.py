@@ -127,12 +127,12 @@ def test_one_holders_walk_answers_requests_close_in_time(maps):
     (concurrent ones wait for it), and a later request walks again and sees a new holder."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from watcher.daemon.catalog import HOLDERS_MAX_AGE, Catalog
+    from watcher.daemon.catalog import HOLDERS_MAX_AGE, HostCatalog
 
     def holder(fd: int) -> subprocess.Popen:  # pymap leaves its own process out of holders
         return subprocess.Popen(["sleep", "60"], pass_fds=[fd])
 
-    cat = Catalog(())
+    cat = HostCatalog(())
     fd, map_id = maps.create("hash", 4, 4, 8, name=f"hw{token()}")
     first = holder(fd)
     later = None

@@ -62,9 +62,9 @@ def attachments(pid: int) -> list[dict]:
 
 
 def drain(watch: mapwatch.MapWatch, want: set[int], timeout: float = 20,
-          pins: list | None = None) -> dict[int, object]:
+          pins: list | None = None) -> dict[int, mapwatch.Created]:
     """Records until every id in ``want`` was seen; pin records go to ``pins``."""
-    seen: dict[int, object] = {}
+    seen: dict[int, mapwatch.Created] = {}
 
     def done():
         for c in watch.read():
@@ -97,12 +97,14 @@ def test_creations_are_recorded_with_the_kernel_description(tracepoints):
         seen = drain(watch, ids)
         for map_id in ids - {gone_id}:
             shown, rec = bpftool_show(map_id), seen[map_id].record
+            assert rec is not None
             assert (rec.name, rec.type, rec.key_size, rec.value_size, rec.max_entries,
                     rec.flags, rec.btf_id) == (
                 shown["name"], shown["type"], shown["bytes_key"], shown["bytes_value"],
                 shown["max_entries"], shown["flags"], shown["btf_id"])
             assert shown["btf_id"] > 0
         rec = seen[gone_id].record
+        assert rec is not None
         assert (rec.name, rec.type, rec.key_size, rec.value_size, rec.max_entries) == (
             "mw_gone", "array", 4, 16, 7)
         assert seen[gone_id].tgid == os.getpid() and watch.lost() == 0
@@ -161,10 +163,11 @@ def test_own_process_is_left_out_and_others_are_seen(tracepoints, bpffs_dir):
         pins: list = []
         seen = drain(watch, {other_id}, pins=pins)
         assert own_id not in seen
-        assert seen[other_id].record.name == "mw_other"
+        other_rec = seen[other_id].record
+        assert other_rec is not None and other_rec.name == "mw_other"
         other = seen[other_id].tgid
         # bpftool pinned it: a pin record of the same process (ours are left out)
-        wait_until(lambda: pins.extend(c for c in watch.read() if c.pinned) or
+        wait_until(lambda: pins.extend(c for c in watch.read() if c.pinned) or  # type: ignore[func-returns-value]
                    any(c.tgid == other for c in pins), "the pin record")
         assert all(c.tgid != os.getpid() for c in pins)
     finally:

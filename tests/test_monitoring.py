@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+from typing import cast
 
 import attrs
 import pytest
@@ -159,7 +160,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 def variable_metrics() -> set[str]:
     """The metrics the dashboard's variables take their values from (label_values(m, l))."""
     doc = json.loads(DASHBOARD.read_text())
-    return {re.fullmatch(r"label_values\((\w+),\s*\w+\)", v["query"]["query"]).group(1)
+    return {cast(re.Match, re.fullmatch(r"label_values\((\w+),\s*\w+\)", v["query"]["query"])).group(1)
             for v in doc["templating"]["list"] if v["type"] == "query"}
 
 

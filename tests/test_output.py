@@ -14,7 +14,7 @@ from support.events import FAST, wait_until
 from support.kernel import token
 
 from consumers.cli.columns import Column, print_table
-from consumers.cli.eventsout import EventPrinter
+from consumers.cli.eventsout import event_line
 from consumers.cli.render import print_entries
 from watcher.wire.schema import MapInfo
 
@@ -81,7 +81,7 @@ async def test_booleans_print_alike_in_get_and_events():
                   raw=False, decoder="decoded by BTF")
     row = out.getvalue().splitlines()[2]
     assert row.split() == ["1", "true"]
-    line = EventPrinter._line({"time": "2026-01-01T00:00:00.000000Z", "seq": 1,
+    line = event_line({"time": "2026-01-01T00:00:00.000000Z", "seq": 1,
                                "map": {"id": 3, "name": "flags"}, "action": "added",
                                "key": "01000000", "value": "01", "formatted": formatted})
     assert line.endswith("1 = true") and "True" not in line

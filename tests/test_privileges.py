@@ -190,6 +190,7 @@ def test_nonroot_daemon_serves_list_get_events_and_sources(nobody_pymap, shared_
                        "--source", f"{execsnoop}:execs", "--source", tcpconnect)
     d.start()
     try:
+        assert d.proc is not None
         st = proc_status(d.proc.pid)
         assert st["Uid"].split()[0] == str(NOBODY.pw_uid)
         assert int(st["CapEff"], 16) == sum(1 << c.number for c in CAPABILITIES)

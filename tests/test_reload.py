@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from typing import cast
 
 import pytest
 from support.events import Follower, status, wait_ready, wait_until, watch_of
@@ -86,6 +87,7 @@ def test_broken_config_is_refused_with_one_line_and_the_old_one_stays(tmp_path, 
         assert d.cli("ping").returncode == 0
     # The old config still serves: its always glob, its interval, its layout.
     watch = watch_of(status(d), name)
+    assert watch is not None
     assert watch["interval"] == 0.3 and watch["reason"] == "always"
     doc = json.loads(d.cli("get", name, "-o", "json", check=True).stdout)
     assert doc["decoder"]["source"] == "layout"
@@ -97,7 +99,7 @@ def test_changed_interval_and_layout_take_effect(tmp_path, daemon_factory, maps)
     syscall.map_update_elem(fd, u32(7), u64(70))
     with Follower(d, name, "-f"):
         wait_ready(d, name)
-        assert watch_of(status(d), name)["interval"] == 0.2
+        assert cast(dict, watch_of(status(d), name))["interval"] == 0.2
 
         def decoded() -> dict:
             doc = json.loads(d.cli("get", name, "-o", "json", check=True).stdout)
@@ -107,9 +109,9 @@ def test_changed_interval_and_layout_take_effect(tmp_path, daemon_factory, maps)
         _write(conf, 0.2, field="bytes",
                extra=f'intervals = [ {{ pattern = "{name}", interval = 3.5 }} ]')
         _hup(d, "config reloaded", 1)
-        assert watch_of(status(d), name)["interval"] == 3.5
+        assert cast(dict, watch_of(status(d), name))["interval"] == 3.5
         assert decoded() == {"key": {"proto": 7}, "value": {"bytes": 70}}
         # The new interval governs polling: polls slow down to one per 3.5 s.
-        polls = watch_of(status(d), name)["polls"]
+        polls = cast(dict, watch_of(status(d), name))["polls"]
         time.sleep(4)
-        assert watch_of(status(d), name)["polls"] - polls <= 2
+        assert cast(dict, watch_of(status(d), name))["polls"] - polls <= 2

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 from conftest import REPO, need_bcc, need_kernel, require
@@ -46,7 +47,7 @@ TCPCONNECT = str(REPO / "examples/tcpconnect-perf/tcpconnect.c")
 
 def need_binding() -> None:
     try:
-        seccomp._binding()
+        seccomp._binding()  # noqa: SLF001 (loads the binding as the daemon does)
     except seccomp.SeccompUnavailable as e:
         require(str(e))
 
@@ -640,6 +641,7 @@ def test_in_kernel_engine_works_under_its_profile_and_uses_nothing_else(daemon_f
         with Follower(d, name, "-f") as f:
             wait_ready(d, name)
             watch = watch_of(status(d), name)
+            assert watch is not None
             assert watch["engine"].startswith("in-kernel:"), watch
             for i in range(2000):
                 put(i, i)
@@ -686,7 +688,7 @@ def test_a_killed_daemon_leaves_no_broker_and_no_program(daemon_factory, maps):
     broker = broker_pid(d.log.read_text())
     with Follower(d, name, "-f"):
         wait_ready(d, name)
-        assert watch_of(status(d), name)["engine"].startswith("in-kernel:")
+        assert cast(dict, watch_of(status(d), name))["engine"].startswith("in-kernel:")
         progs = held_ids(d.proc.pid, "prog")
     assert progs and running(broker)
     d.proc.kill()
@@ -712,5 +714,5 @@ def test_reload_keeps_the_engine_the_filter_was_made_for(tmp_path, daemon_factor
     maps.create("hash", 4, 8, 64, name=name)
     with Follower(d, name, "-f"):
         wait_ready(d, name)
-        engine = watch_of(status(d), name)["engine"]
+        engine = cast(dict, watch_of(status(d), name))["engine"]
     assert engine.startswith("user-space"), engine  # still the engine the filter is for

@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
@@ -108,6 +109,7 @@ async def test_execsnoop_records_field_by_field_at_three_subscribers(daemon_fact
     assert all(e.action == "record" and e.map.name == "execs" for e in libs)
     st = status(d)
     src = source_of(st, "execs")
+    assert src is not None
     assert src["records"] >= 3 and src["lost"] == 0 and src["wakeups"] >= 1
 
 
@@ -125,7 +127,7 @@ def test_recent_records_and_status_table(daemon_factory):
     need_bcc()
     d = daemon_factory("--source", f"{EXECSNOOP}:execs")
     subprocess.run(["/bin/true"], check=True)
-    wait_until(lambda: source_of(status(d), "execs")["records"] >= 1, "a record")
+    wait_until(lambda: cast(dict, source_of(status(d), "execs"))["records"] >= 1, "a record")
     proc = d.cli("events", "execs", "-o", "json", check=True)
     assert '"action":"record"' in proc.stdout, proc.stdout
     assert "not being watched" not in proc.stderr
@@ -139,7 +141,7 @@ def test_recent_records_and_status_table(daemon_factory):
 async def test_tcpconnect_perf_records(daemon_factory):
     need_bcc()
     d = daemon_factory("--source", TCPCONNECT)
-    assert source_of(status(d), "connects")["kind"] == "perf"
+    assert cast(dict, source_of(status(d), "connects"))["kind"] == "perf"
     lib = LibFollower(d.endpoint, ["connects"])
     ports = _closed_ports(3)
     async with trio.open_nursery() as nursery:
@@ -248,6 +250,7 @@ async def test_pinned_ringbuf_with_layout_and_drops(daemon_factory, bpffs_dir, t
         seqs = [REC.unpack(e.value)[0] for e in records]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
         st = source_of(status(d), name)
+        assert st is not None
         assert (st["records"], st["lost"]) == (len(records), prod.dropped())
         assert st["drops_map"] == drops
     finally:
@@ -282,13 +285,14 @@ async def test_perf_overflow_is_reported_as_lost(daemon_factory, bpffs_dir, tmp_
                     prod.run_pb(30000)
                     prod.run_pb(1)  # a CPU's lost count is written with its next record
                     await trio.sleep(0.2)
-                    if source_of(status(d), name)["lost"] > 0:
+                    if cast(dict, source_of(status(d), name))["lost"] > 0:
                         break
                 # A CPU's lost count is written with its next record that fits:
                 # keep producing one at a time until everything is accounted for.
                 deadline = trio.current_time() + DEADLINE
                 while True:
                     st = source_of(status(d), name)
+                    assert st is not None
                     if st["records"] + st["lost"] >= prod.produced_pb():
                         break
                     assert trio.current_time() < deadline, (st, prod.produced_pb())
@@ -326,8 +330,9 @@ async def test_daemon_gives_the_perf_array_back_on_exit(daemon_factory, bpffs_di
         d = daemon_factory("--source", pin)
         with OneCpu():
             prod.run_pb(5)
-            wait_until(lambda: source_of(status(d), os.path.basename(pin))["records"] == 5,
-                       "5 records")
+            wait_until(
+                lambda: cast(dict, source_of(status(d), os.path.basename(pin)))["records"] == 5,
+                "5 records")
         assert d.stop() == 0
         from watcher.kernel.buffers.perfbuf import PerfBufReader
 

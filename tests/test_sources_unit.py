@@ -6,9 +6,10 @@ import struct
 
 import pytest
 
+from consumers.events import events_of
 from consumers.recordsets import FormatterCache, MalformedRecords, RecordSet, record_formatter
-from consumers.subscriber import events_of
-from watcher.daemon.sourceconf import SourceError, load_sources, parse_cli_source, parse_source
+from watcher.daemon.config import ConfigError, load_config
+from watcher.daemon.sourceconf import SourceError, parse_cli_source, parse_source
 from watcher.decode.layout import parse_layout
 from watcher.kernel.prog.bccload import layout_from_bcc_fields
 from watcher.wire import schema
@@ -35,7 +36,7 @@ def test_cli_source_specs():
     ({"pin": "/p", "buffers": ["a"]}, "buffers is for programs"),
     ({"pin": "/p", "page_cnt": 6}, "power of two"),
     ({"pin": "/p", "read_slice": 0}, "read_slice must be an integer"),
-    ({"pin": "/p", "wakeup_events": True}, "wakeup_events must be an integer"),
+    ({"pin": "/p", "wakeup_events": True}, "wakeup_events: expected an integer, got True"),
     ({"pin": "/p", "flush_interval": 0}, "flush_interval"),
     ({"pin": "/p", "drops_map": "relative"}, "pin path"),
     ({"pin": "/p", "layout": [{"name": "a", "type": "char[0]"}]}, "layout"),
@@ -57,9 +58,10 @@ def test_program_sources(tmp_path):
         parse_source({"program": str(prog), "kind": "perf"}, "s")
     with pytest.raises(SourceError, match="not a C table name"):
         parse_source({"program": str(prog), "buffers": ["a-b"]}, "s")
-    with pytest.raises(SourceError, match="also published by"):
-        load_sources([{"program": str(prog), "buffers": ["x"]}], "config", None,
-                     ["/sys/fs/bpf/a/x"])
+    conf = tmp_path / "pymap.toml"
+    conf.write_text('[[sources]]\nprogram = "p.c"\nbuffers = ["x"]\n')
+    with pytest.raises(ConfigError, match="also published by"):
+        load_config(str(conf), sources=["/sys/fs/bpf/a/x"])
 
 
 def test_pin_source_defaults_and_layout():
@@ -67,6 +69,7 @@ def test_pin_source_defaults_and_layout():
         {"name": "pid", "type": "u32"}, {"name": "", "type": "pad[4]"},
         {"name": "addr", "type": "ipv4"}]}, "s")
     assert src.name == "rb" and src.kind is None and src.read_slice == 8192
+    assert src.layout is not None
     assert src.layout["value_size"] == 12
 
 
@@ -76,6 +79,7 @@ def test_bcc_fields_become_a_layout_with_c_alignment():
               "e#enum foo", "last#u8"]
     layout = layout_from_bcc_fields(fields)
     spec = parse_layout({"match": "t", "value": layout})
+    assert spec.value is not None
     offsets = {f.name: f.offset for f in spec.value.fields if f.name}
     # What a C compiler does with the same struct.
     assert offsets == {"ts": 0, "pid": 8, "flag": 12, "port": 14, "comm": 16, "v6": 32,
@@ -104,6 +108,7 @@ def test_record_batches_decode_per_record():
     assert events[1].formatted == {"pid": 11, "comm": "sh"}  # perf padding is ignored
     assert events[2].formatted == {"pid": 12, "_truncated": True}
     (batch,) = events_of(header, frames, record_batches=True)
+    assert batch.records is not None
     assert batch.action == "records" and list(batch.records) == recs and batch.records[1] == recs[1]
 
 
@@ -140,8 +145,8 @@ def test_status_reply_without_sources_still_parses():
 
 
 def test_cli_prints_records_and_losses():
-    from consumers.cli.eventsout import EventPrinter, event_json
-    from consumers.subscriber import Event
+    from consumers.cli.eventsout import event_json, event_line
+    from consumers.events import Event
 
     ref = schema.MapRef(7, "buf")
     rec = Event("record", ref, seq=3, time=0.0, value=b"\x01\x02",
@@ -152,7 +157,7 @@ def test_cli_prints_records_and_losses():
     lost = Event("lost", ref, seq=4, missed=96, reason="perf")
     doc = event_json(lost, None, None)
     assert (doc["action"], doc["missed"], doc["reason"]) == ("lost", 96, "perf")
-    assert "pid=1 comm=sh" in EventPrinter._line(event_json(rec, None, None))
-    assert "96 records lost (perf ring full)" in EventPrinter._line(doc)
+    assert "pid=1 comm=sh" in event_line(event_json(rec, None, None))
+    assert "96 records lost (perf ring full)" in event_line(doc)
     raw = Event("record", ref, seq=5, value=b"\xff")
-    assert EventPrinter._line(event_json(raw, None, None)).endswith(" ff")
+    assert event_line(event_json(raw, None, None)).endswith(" ff")

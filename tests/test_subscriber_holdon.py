@@ -12,7 +12,7 @@ import pytest
 import trio
 import zmq
 
-from consumers.client import Chunk, DaemonUnavailable
+from consumers.client import DaemonUnavailable, ReplyChunk
 from consumers.subscriber import EventStream
 from watcher.wire import schema
 from watcher.wire.transport import send_multipart
@@ -111,7 +111,7 @@ class SnapshotClient(FakeClient):
 class _Dump:
     def __init__(self, info: schema.MapInfo, seq: int, entries: dict[int, int]):
         self.map, self.seq = info, seq
-        self._chunk = Chunk(b"".join(k.to_bytes(4, "little") for k in entries),
+        self._chunk = ReplyChunk(b"".join(k.to_bytes(4, "little") for k in entries),
                             b"".join(v.to_bytes(4, "little") for v in entries.values()),
                             len(entries))
 
@@ -257,7 +257,8 @@ async def test_a_resync_the_daemon_left_unanswered_is_redone(tmp_path):
     k = lambda n: n.to_bytes(4, "little")  # noqa: E731
     try:
         async with trio.open_nursery() as nursery, \
-                EventStream(client, ["m"], snapshot=True, heartbeat_timeout=SILENCE) as stream:
+                EventStream(client, ["m"], snapshot=True,  # type: ignore[arg-type]
+                            heartbeat_timeout=SILENCE) as stream:
             nursery.start_soon(pub.run)
             it = aiter(stream)
             start = [await _next(it), await _next(it)]
@@ -273,7 +274,7 @@ async def test_a_resync_the_daemon_left_unanswered_is_redone(tmp_path):
             assert {(e.action, e.key, e.value) for e in redone[1:]} == {
                 ("added", k(3), k(30)), ("updated", k(2), k(21)), ("removed", k(1), k(10))}
             assert client.gets == ["start", "epoch", "epoch"]
-            assert stream._state["m"] == {k(2): k(21), k(3): k(30)}
+            assert stream.entries("m") == {k(2): k(21), k(3): k(30)}
             nursery.cancel_scope.cancel()
     finally:
         pub.close()
@@ -281,4 +282,4 @@ async def test_a_resync_the_daemon_left_unanswered_is_redone(tmp_path):
 
 def test_max_wait_must_not_be_negative():
     with pytest.raises(ValueError, match="max_wait"):
-        EventStream(FakeClient("ipc://x"), ["m"], max_wait=-1)
+        EventStream(FakeClient("ipc://x"), ["m"], max_wait=-1)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import pytest
 from conftest import require
@@ -138,7 +139,8 @@ def test_two_thousand_maps_stay_responsive(tmux, maps, daemon_factory):
     daemon = daemon_factory("--always", f"{prefix}*")
     with tmux_top([_pymap(), "top"], _env(daemon), 200, 40) as top:
         wait_until(lambda: re.search(r"(\d+) watched maps", top.screen())
-                   and int(re.search(r"(\d+) watched maps", top.screen())[1]) >= 2000,
+                   and int(cast(re.Match, re.search(r"(\d+) watched maps", top.screen()))[1])
+                   >= 2000,
                    "2,000 maps on screen", timeout=60)
         for key, title in (("1", "by name"), ("r", "(reversed)")):
             t0 = time.monotonic()

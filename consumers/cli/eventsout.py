@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..eventjson import MapCache, event_json, rfc3339
-from ..subscriber import Event
+from ..events import Event
 from .render import compact
 
 __all__ = ["ACTION_STYLES", "EventPrinter", "MapCache", "event_json", "rfc3339"]
@@ -48,43 +48,44 @@ class EventPrinter:
             self.out.write(orjson.dumps(record).decode() + "\n")
             self.out.flush()
             return
-        self.console.print(self._line(record))
+        self.console.print(event_line(record))
         self.out.flush()
 
-    @staticmethod
-    def _line(r: dict) -> str:
-        style = ACTION_STYLES.get(r["action"], "")
-        head = (f"{r['time'][11:23]} {r['seq']:>8} {escape(r['map']['name'] or '-'):<20} "
-                f"[{style}]{r['action']:<11}[/]")
-        if r["action"] == "lost":
-            if r.get("reason") in LOSS_REASONS:
-                return head + f" {r['missed']} records lost ({LOSS_REASONS[r['reason']]})"
-            return head + f" {r['missed']} events missed"
-        if r["action"] == "record":
-            formatted = r.get("formatted")
-            text = (" ".join(f"{k}={compact(v)}" for k, v in formatted.items()) if formatted
-                    else r["value"])
-            return head + " " + escape(text)
-        if r["action"] == "records":
-            return head + f" {r.get('count', 0)} records"
-        if r["action"] == "resync":
-            return head + f" state re-read ({escape(r.get('reason', ''))})"
-        if r["action"] in ("map_created", "map_removed"):
-            m = r["map"]
-            return head + f" id {m['id']} {m.get('type', '')} {' '.join(m.get('pinned', []))}"
+
+def event_line(r: dict) -> str:
+    """One event (its JSON document) as the table output's line: the CLI's and the fleet's."""
+    style = ACTION_STYLES.get(r["action"], "")
+    head = (f"{r['time'][11:23]} {r['seq']:>8} {escape(r['map']['name'] or '-'):<20} "
+            f"[{style}]{r['action']:<11}[/]")
+    if r["action"] == "lost":
+        if r.get("reason") in LOSS_REASONS:
+            return head + f" {r['missed']} records lost ({LOSS_REASONS[r['reason']]})"
+        return head + f" {r['missed']} events missed"
+    if r["action"] == "record":
         formatted = r.get("formatted")
-        if formatted and "text" in formatted:  # built-in decoders: "KEY -> VALUE"
-            key, _, value = formatted["text"].partition(" -> ")
-            old = formatted.get("old_text", "").partition(" -> ")[2] or None
-        elif formatted and "key" in formatted:
-            key = compact(formatted["key"])
-            value = compact(formatted.get("value", formatted.get("values")))
-            old = formatted.get("old_value", formatted.get("old_values"))
-        else:
-            key = r["key"]
-            value = compact(r.get("value", r.get("values")))
-            old = r.get("old_value", r.get("old_values"))
-        text = f"{head} {escape(key)} = {escape(value)}"
-        if old is not None:
-            text += f" [dim](was {escape(compact(old))})[/]"
-        return text
+        text = (" ".join(f"{k}={compact(v)}" for k, v in formatted.items()) if formatted
+                else r["value"])
+        return head + " " + escape(text)
+    if r["action"] == "records":
+        return head + f" {r.get('count', 0)} records"
+    if r["action"] == "resync":
+        return head + f" state re-read ({escape(r.get('reason', ''))})"
+    if r["action"] in ("map_created", "map_removed"):
+        m = r["map"]
+        return head + f" id {m['id']} {m.get('type', '')} {' '.join(m.get('pinned', []))}"
+    formatted = r.get("formatted")
+    if formatted and "text" in formatted:  # built-in decoders: "KEY -> VALUE"
+        key, _, value = formatted["text"].partition(" -> ")
+        old = formatted.get("old_text", "").partition(" -> ")[2] or None
+    elif formatted and "key" in formatted:
+        key = compact(formatted["key"])
+        value = compact(formatted.get("value", formatted.get("values")))
+        old = formatted.get("old_value", formatted.get("old_values"))
+    else:
+        key = r["key"]
+        value = compact(r.get("value", r.get("values")))
+        old = r.get("old_value", r.get("old_values"))
+    text = f"{head} {escape(key)} = {escape(value)}"
+    if old is not None:
+        text += f" [dim](was {escape(compact(old))})[/]"
+    return text

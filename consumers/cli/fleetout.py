@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..fleet.subscribe import FleetMessage
-from .eventsout import ACTION_STYLES, EventPrinter, rfc3339
+from .eventsout import ACTION_STYLES, event_line, rfc3339
 
 # Records the exporter adds about its own stream; local `pymap events` never prints them.
 EXPORTER_ACTIONS = ("dropped", "stalled", "resumed")
@@ -57,7 +57,7 @@ class FleetPrinter:
         self.width = max(self.width, len(m.node))
         node = f"[bold]{escape(m.node):<{self.width}}[/]"
         if doc is not None and doc["action"] not in EXPORTER_ACTIONS:
-            line = EventPrinter._line(doc)
+            line = event_line(doc)
         else:
             style = ACTION_STYLES.get(m.action, "bold red")
             if doc is not None and doc["action"] == "dropped":

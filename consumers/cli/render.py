@@ -24,7 +24,7 @@ from .columns import Column, print_table
 if TYPE_CHECKING:
     from watcher.decode.dumptext import DumpLines
 
-    from ..client import Chunk
+    from ..client import ReplyChunk
 
 WHOLE_CHUNK_MIN = 1024  # entries in a dump's first chunk for the whole-chunk renderer
 MAP_FIELDS = ("id", "name", "type", "key_size", "value_size", "max_entries", "entries", "flags",
@@ -180,7 +180,7 @@ class JsonDumpWriter:
             head += ',"decoder":' + orjson.dumps(decoder).decode()
         out.write(head + ',"entries":[')
 
-    def chunk(self, chunk: Chunk) -> None:
+    def chunk(self, chunk: ReplyChunk) -> None:
         m = self.m
         n = chunk.count
         if n == 0:

@@ -25,8 +25,8 @@ import trio
 from rich.console import Console
 
 from ..errors import DaemonUnavailable
+from ..events import EntryBatch
 from ..selection import Selection
-from ..subscriber import EntryBatch
 from ..top import KeyRates, MapRates, rate_text, sparkline
 from . import render
 from .columns import Cell, Column, print_table

@@ -1,16 +1,18 @@
-"""``[[exports]]`` tables: exporters described in a TOML file (docs/export.md)."""
+"""``[[exports]]`` tables: exporters described in a TOML file (docs/export.md).
+
+Structured by the same converter as the daemon's config (watcher/wire/tables.py),
+so a bad table is the same one line: ``config FILE: exports[0] (name): KEY: WHY``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import attrs
-
+from watcher.wire.tables import label, structure
 from watcher.wire.tomlfile import TomlFileError, read_toml
 
 from .exporter import ExportConfigError, ExportSpec
 
-KEYS = {f.name for f in attrs.fields(ExportSpec)} | {"maps"}
 OUTPUT_KEYS = ("max_bytes", "backups", "mode", "sd_id", "app_name", "facility", "ca", "cert",
                "key", "server_name", "subject", "stream", "creds",
                # nats:// (docs/fleet.md)
@@ -27,10 +29,8 @@ def load(path: str) -> list[ExportSpec]:
     tables = data.get("exports")
     if not isinstance(tables, list) or not tables:
         raise ExportConfigError(f"config {path}: no [[exports]] tables")
-    specs = []
-    for i, table in enumerate(tables):
-        where = f"config {path}: exports[{i}]"
-        specs.append(spec_of(table, where))
+    specs = [spec_of(table, f"config {path}: exports[{i}]{label(table)}")
+             for i, table in enumerate(tables)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ExportConfigError(f"config {path}: every [[exports]] table needs a unique name")
@@ -38,6 +38,8 @@ def load(path: str) -> list[ExportSpec]:
 
 
 def spec_of(table: dict[str, Any], where: str) -> ExportSpec:
+    """One table as a checked ExportSpec: output keys may sit beside the others, and
+    ``maps`` is another word for ``selectors``."""
     if not isinstance(table, dict):
         raise ExportConfigError(f"{where}: expected a table")
     table = dict(table)
@@ -45,26 +47,12 @@ def spec_of(table: dict[str, Any], where: str) -> ExportSpec:
     for key in OUTPUT_KEYS:
         if key in table:
             options[key] = table.pop(key)
-    unknown = set(table) - KEYS
-    if unknown:
-        raise ExportConfigError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     maps = table.pop("maps", None)
     if "selectors" not in table and maps is not None:
         table["selectors"] = maps
+    spec = structure({**table, "options": options}, ExportSpec, where, ExportConfigError)
     try:
-        spec = ExportSpec(**table, options=options)
-        _check_types(spec)
         spec.check()
-    except (TypeError, ExportConfigError) as e:
+    except ExportConfigError as e:
         raise ExportConfigError(f"{where}: {e}") from None
     return spec
-
-
-def _check_types(spec: ExportSpec) -> None:
-    for name in ("selectors", "actions", "exclude"):
-        value = getattr(spec, name)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ExportConfigError(f"{name} must be a list of strings")
-    for name in ("to", "format", "name"):
-        if not isinstance(getattr(spec, name), str):
-            raise ExportConfigError(f"{name} must be a string")

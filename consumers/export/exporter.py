@@ -21,14 +21,15 @@ import trio
 from watcher.wire.schema import MapRef
 
 from ..eventjson import MapCache
-from ..subscriber import ACTIONS, EntryBatch, Event
+from ..events import ACTIONS, EntryBatch, Event
+from ..subscriber import EventStream
 from .checkpoint import Checkpoint, Position
 from .delivery import Delivery, Gap
 from .formats import FORMATS, facts
 from .formats.base import STREAM_ACTIONS
 from .outputs import make_output
 from .record import ExportRecord, covers_dropped
-from .resume import ResumingStream
+from .resume import resuming_stream
 
 BUFFER_ACTIONS = ("record", "records")
 
@@ -82,7 +83,7 @@ class Exporter:
         self.delivery = Delivery(self.output, self._gap_record, self.checkpoint,
                                  max_bytes=spec.buffer_bytes, rate=spec.rate,
                                  on_status=self.on_status)
-        self.stream: ResumingStream | None = None
+        self.stream: EventStream | None = None
         self.received = Position("", 0)  # the daemon's newest seq seen (metrics: lag)
         self._base = Position("", 0)
 
@@ -108,8 +109,8 @@ class Exporter:
         resume = self.checkpoint.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.delivery.run)
-            self.stream = stream = ResumingStream(self.client, self.spec.selectors, resume,
-                                                  entry_batches=True)
+            self.stream = stream = resuming_stream(self.client, self.spec.selectors, resume,
+                                                   entry_batches=True)
             async with stream:
                 task_status.started()
                 async for event in stream:

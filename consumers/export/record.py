@@ -19,7 +19,7 @@ import hashlib
 
 import attrs
 
-from ..subscriber import Event
+from ..events import Event
 
 RECORD_OVERHEAD = 64  # bytes counted per record beside its payload (the object itself)
 

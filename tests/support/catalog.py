@@ -1,24 +1,30 @@
-"""An in-memory catalog: the shape of ``watcher.daemon.catalog.Catalog``, no kernel.
+"""An in-memory catalog: the ``watcher.daemon.interfaces.Catalog`` Protocol, no kernel.
 
 For in-process tests of the daemon's logic (engine cycle, request server):
 they run in a second, without root.  It stands in for the catalog layer, not
 for the kernel; the kernel-backed catalog is proven by the subprocess tests
-against real maps and bpftool.
+against real maps and bpftool.  mypy checks it against the Protocol wherever a
+test hands it to the engine or the request server.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 
 from watcher.daemon import catalog, errors
 from watcher.daemon.catalog import MapGone
+from watcher.daemon.interfaces import Handle
 from watcher.kernel.maps.dump import Chunk, NotDumpable
 from watcher.kernel.maps.find import MapRecord
 from watcher.kernel.maps.kinds import DumpMethod, dump_method
 from watcher.wire.schema import MapInfo
+
+if TYPE_CHECKING:
+    from watcher.daemon.config import Config
 
 
 def record(map_id: int, name: str, type_: str = "hash", key_size: int = 4,
@@ -36,7 +42,9 @@ class FakeMap:
 
 
 class FakeHandle:
-    """Like ``MapHandle``: a record, closed exactly once."""
+    """Like ``MapHandle``: a record, closed exactly once; no kernel object behind it."""
+
+    fd = -1  # nothing to walk: the in-memory tests run the user-space engine
 
     def __init__(self, record: MapRecord, opened: list[FakeHandle]):
         self.record = record
@@ -98,7 +106,7 @@ class FakeCatalog:
         entries = self.maps[rec.id].entries
         return bytearray(b"".join(entries)), bytearray(b"".join(entries.values())), len(entries)
 
-    def chunks(self, handle: FakeHandle, chunk_entries: int) -> Iterator[Chunk]:
+    def chunks(self, handle: Handle, chunk_entries: int) -> Iterator[Chunk]:
         if dump_method(handle.record.type) is DumpMethod.NONE:
             raise NotDumpable(handle.record.type)
         items = list(self.maps[handle.record.id].entries.items())
@@ -117,3 +125,6 @@ class FakeCatalog:
 
     def btf_blob(self, rec: MapRecord) -> bytes | None:
         return None
+
+    def reconfigure(self, config: Config) -> None:
+        pass  # no bpffs roots: the maps are the test's

@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import trio
 import zmq
@@ -26,11 +26,16 @@ from conftest import PYMAP, TIME_SCALE
 
 from support import procs
 
+if TYPE_CHECKING:
+    from consumers.subscriber import EventStream
+
 DEADLINE = 20.0 * TIME_SCALE  # seconds to wait for anything the daemon should do in a few polls
 FAST = ("--interval", "0.2")  # daemon flags for quick polling
 
 
-def wait_until(pred: Callable[[], object], what: str, timeout: float = DEADLINE,
+# Callable[..., object]: a lambda with default arguments (lambda n=n: ...) is called with
+# none, but mypy cannot match it to Callable[[], object].
+def wait_until(pred: Callable[..., object], what: str, timeout: float = DEADLINE,
                step: float = 0.05):
     """Poll ``pred`` until it returns something truthy; fail with ``what`` otherwise."""
     deadline = time.monotonic() + timeout
@@ -43,7 +48,7 @@ def wait_until(pred: Callable[[], object], what: str, timeout: float = DEADLINE,
         time.sleep(step)
 
 
-async def await_until(pred: Callable[[], object], what: str, timeout: float = DEADLINE,
+async def await_until(pred: Callable[..., object], what: str, timeout: float = DEADLINE,
                       step: float = 0.05):
     deadline = trio.current_time() + timeout
     while True:
@@ -67,7 +72,8 @@ def cli_status(daemon) -> dict:
 @contextlib.contextmanager
 def dealer(endpoint: str) -> Iterator[zmq.Socket]:
     """A raw DEALER connected to the daemon's ``endpoint``, closed without lingering."""
-    with zmq.Context.instance().socket(zmq.DEALER) as sock:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    with ctx.socket(zmq.DEALER) as sock:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
         yield sock
@@ -159,6 +165,7 @@ class Follower:
             t.start()
 
     def _read_out(self) -> None:
+        assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             try:
                 line = json.loads(raw)
@@ -170,6 +177,7 @@ class Follower:
                 self.lines.append(line)
 
     def _read_err(self) -> None:
+        assert self.proc.stderr is not None
         for raw in self.proc.stderr:
             with self._lock:
                 self._stderr.append(raw)
@@ -183,7 +191,7 @@ class Follower:
         with self._lock:
             return list(self.lines)
 
-    def wait_for(self, pred: Callable[[list[dict]], object], what: str,
+    def wait_for(self, pred: Callable[..., object], what: str,  # (see wait_until)
                  timeout: float = DEADLINE):
         def check():
             lines = self.snapshot()
@@ -255,7 +263,7 @@ class LibFollower:
         self.done = trio.Event()
         self.resume = trio.Event()
         self.resume.set()
-        self.stream = None
+        self.stream: EventStream | None = None
 
     def pause(self) -> None:
         self.resume = trio.Event()

@@ -21,6 +21,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import cast
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PACKAGES = ("watcher", "consumers")  # pymap's own, copied from the checkout
@@ -41,7 +42,9 @@ def _runtime_distributions(root: str = "pymap") -> list[metadata.Distribution]:
         seen[name] = dist
         for req in dist.requires or []:
             if "extra ==" not in req:
-                todo.append(re.match(r"[A-Za-z0-9_.-]+", req).group(0))
+                name_match = re.match(r"[A-Za-z0-9_.-]+", req)
+                assert name_match is not None, req
+                todo.append(name_match.group(0))
     seen.pop(re.sub(r"[-_.]+", "-", root).lower())
     return list(seen.values())
 
@@ -56,13 +59,15 @@ def build(dest: Path) -> Path:
     """A world-readable venv under ``dest`` that runs pymap; returns its ``pymap``."""
     dest.chmod(0o755)
     venv = dest / "venv"
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)],
+    # sys._base_executable: the interpreter under this venv, as venv itself finds it.
+    base = sys._base_executable  # type: ignore[attr-defined]  # noqa: SLF001 (no public name)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)],
                    check=True, capture_output=True)
     site_dir = Path(sysconfig.get_path("purelib", vars={"base": str(venv)}))
     here = Path(sysconfig.get_path("purelib"))
     for dist in _runtime_distributions():
         for rel in dist.files or []:
-            src = Path(dist.locate_file(rel)).resolve()
+            src = Path(cast(Path, dist.locate_file(rel))).resolve()  # a Path for files on disk
             if src.is_relative_to(here) and "__pycache__" not in src.parts and src.is_file():
                 _copy_file(src, site_dir / src.relative_to(here))
     for package in PACKAGES:

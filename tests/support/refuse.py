@@ -22,7 +22,7 @@ from watcher.kernel.sys.seccomp import _binding, command_number
 
 def parse(spec: str) -> list[tuple[str, int | None, int]]:
     """``(syscall, bpf command number or None, errno)`` per rule."""
-    rules = []
+    rules: list[tuple[str, int | None, int]] = []
     for rule in spec.split(","):
         what, _, err = rule.partition("=")
         number = getattr(errno, err, None)

@@ -1,18 +1,8 @@
-"""Who may connect, as whom, and which maps they see.
+"""Which maps a connected peer sees: the ``[access]`` rules and their views.
 
-Connecting: the ZAP handler for CURVE on tcp:// endpoints.
-
-pyzmq's :class:`zmq.auth.thread.ThreadAuthenticator` answers ZAP requests
-from its own thread, on its own inproc socket that nothing else touches (so
-"one owner per socket" holds, and a slow trio task never delays a
-handshake).  A client is allowed when its public key is one of the
-``curve.clients`` certificates; the name of that file (``alice`` for
-``alice.key``) becomes the connection's ZeroMQ ``User-Id``, which every
-request and subscription from it carries.  A refused client gets no
-connection at all: ZeroMQ drops the handshake, so it sees a timeout and
-learns nothing.  The allow-list is swapped in place on SIGHUP.
-
-Seeing: ``[access]`` rules give a principal (a CURVE client's name, or a unix
+Who may connect at all is decided before this, by the ZAP handler
+(:mod:`.zap`); here a peer is already connected, as a principal.
+``[access]`` rules give a principal (a CURVE client's name, or a unix
 socket peer's user and groups from SO_PEERCRED, which libzmq passes as the
 ``Peer-Address`` metadata ``...:uid:gid:pid``) a :class:`View`: allow and
 deny globs on map names.  The request server filters ``list``, ``status``
@@ -38,63 +28,11 @@ import pwd
 from collections.abc import Callable, Iterable
 
 import attrs
-import zmq
-from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils import z85
 
-from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN
 from . import errors
 from .config import AccessConfig
 
 log = logging.getLogger("pymap.access")
-
-
-class Authenticator(ThreadAuthenticator):
-    """The ZAP handler of the tcp:// sockets: CURVE keys.
-
-    The request socket's domain is ``pymap``, the event socket's
-    ``pymap-events``; both admit the same keys.  What a client may see is not
-    decided here: the request server filters replies, and the event socket's
-    subscription gate (watcher/daemon/subgate.py) keeps a restricted peer's
-    subscriptions inside its view's namespace (docs/operations.md).
-    """
-
-    def __init__(self, ctx: zmq.Context, allowed: dict[bytes, str]):
-        super().__init__(ctx, log=logging.getLogger("pymap.zap"))
-        self.allowed = allowed  # Z85 public key -> client name; replaced whole on reload
-        self.refused = 0  # unknown keys
-        self._reported: set[bytes] = set()
-
-    def start(self) -> None:
-        super().start()
-        for domain in (ZAP_DOMAIN, EVENTS_ZAP_DOMAIN):
-            self.configure_curve_callback(domain.decode(), self)
-
-    def update(self, allowed: dict[bytes, str]) -> None:
-        self.allowed = allowed
-        self._reported.clear()
-
-    def _once(self, what: bytes) -> bool:
-        if what in self._reported or len(self._reported) >= 1000:
-            return False
-        self._reported.add(what)
-        return True
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        """zmq.auth's credentials provider hook: is this Z85 public key allowed here?"""
-        if key in self.allowed:
-            return True
-        self.refused += 1
-        if self._once(key):
-            log.warning("refused a CURVE client with an unknown key %s", key.decode(),
-                        extra={"client_key": key.decode()})
-        return False
-
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.allowed.get(z85.encode(client_public_key), "")
-
-
-# --- who sees which maps -------------------------------------------------------------
 
 
 @attrs.frozen

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -27,6 +28,10 @@ from watcher.kernel.sys.syscall import BpfError
 from ..wire.globs import GlobError, check_glob
 from ..wire.schema import Holder, MapInfo
 from . import errors
+from .interfaces import Handle
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class MapGone(Exception):
@@ -181,13 +186,13 @@ def btf_blob(record: kmaps.MapRecord) -> bytes | None:
 HOLDERS_MAX_AGE = 1.0  # seconds a walk of /proc for map holders answers for
 
 
-class Catalog:
-    """The catalog as one object: what the engine and the request server ask the host.
+class HostCatalog:
+    """The catalog of the host's maps, through the kernel: what the engine and the
+    request server ask the host (the :class:`~.interfaces.Catalog` seam).
 
-    They take it as a parameter, so the daemon's logic runs against this (the
-    kernel, through ``watcher.kernel``) and in-process tests run it against an
-    in-memory catalog of the same shape.  Every method blocks: call them in a
-    worker thread.
+    They take a catalog as a parameter, so the daemon's logic runs against this one
+    and in-process tests run it against an in-memory one that mypy checks against
+    the same Protocol.  Every method blocks: call them in a worker thread.
     """
 
     def __init__(self, bpffs: tuple[str, ...] | list[str]):
@@ -232,7 +237,7 @@ class Catalog:
                 count += chunk.count
         return keys, values, count
 
-    def chunks(self, handle: kmaps.MapHandle, chunk_entries: int) -> Iterator[Chunk]:
+    def chunks(self, handle: Handle, chunk_entries: int) -> Iterator[Chunk]:
         """``handle``'s entries, ``chunk_entries`` at a time (``NotDumpable`` for ring buffers...)."""
         return dump(handle.fd, handle.record, chunk_entries)
 
@@ -260,3 +265,7 @@ class Catalog:
 
     def btf_blob(self, record: kmaps.MapRecord) -> bytes | None:
         return btf_blob(record)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (watcher.daemon.reload): the bpffs roots pins are found under."""
+        self.bpffs = tuple(config.daemon.bpffs)

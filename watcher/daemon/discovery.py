@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import Callable
 
+import attrs
 import trio
 
 from watcher.kernel.discovery.mapwatch import Created, MapWatch, fdinfo_map_id
@@ -34,6 +35,16 @@ from watcher.kernel.features.probe import Features
 log = logging.getLogger("pymap.discovery")
 
 COALESCE = 0.05  # seconds between two hand-overs of creations to the engine at most
+
+
+@attrs.frozen
+class DiscoveryStats:
+    """How map creation is learned, and what the tracepoint path reported or missed."""
+
+    how: str = "poll"  # "tracepoint", or "poll" and why
+    seen: int = 0  # creations the kernel reported
+    lost: int = 0  # creations the kernel could not hand over (ring full)
+    unresolved: int = 0  # creations whose map id neither the kernel nor /proc gave
 
 
 class Discovery:
@@ -47,6 +58,10 @@ class Discovery:
         self.seen = 0  # creations the kernel reported
         self.lost = 0  # creations the kernel could not hand over (ring full)
         self.unresolved = 0  # creations whose map id neither the kernel nor /proc gave
+
+    def stats(self) -> DiscoveryStats:
+        """The figures for ``status`` and the metrics (ints: safe from the scrape thread)."""
+        return DiscoveryStats(self.how, self.seen, self.lost, self.unresolved)
 
     def open(self, also_own: tuple[int, ...] = ()) -> None:
         """Load and attach the tracepoint programs if asked; blocking, before seccomp.

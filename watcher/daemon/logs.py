@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from .config import Config
+
 TEXT_FORMAT = "pymap: %(levelname)s %(name)s: %(message)s"
 
 
@@ -30,6 +32,11 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     set_level(level)
+
+
+def reconfigure(config: Config) -> None:
+    """A reloaded config (watcher.daemon.reload): its ``log_level``; the format stays."""
+    set_level(config.daemon.log_level)
 
 
 def set_level(level: str) -> None:

@@ -37,10 +37,10 @@ from prometheus_client.registry import Collector
 
 from ..decode.choose import EntryFormatter, choose
 from . import catalog
-from .access import Authenticator
 from .config import Config, MetricMap, MetricsConfig
-from .engine import Engine, WatchFigures
+from .engine import Engine, EngineStatus, WatchFigures
 from .subgate import SubscriptionGate
+from .zap import Authenticator
 
 log = logging.getLogger("pymap.metrics")
 
@@ -89,7 +89,7 @@ def entry_value(entry: dict, path: str) -> float:
 
 @attrs.define(eq=False)
 class _Decoded:
-    snapshot: object  # the engine's Snapshot these samples came from (held: identity check)
+    snapshot: object  # the engine's EngineSnapshot these samples came from (held: identity check)
     samples: dict[tuple[str, ...], float]
     truncated: int
     errors: int
@@ -178,19 +178,33 @@ class MapMetrics:
 class DaemonCollector(Collector):
     """The daemon's own figures, read at scrape time from the objects that keep them."""
 
-    def __init__(self, engine: Engine, sources, reloads: dict[str, int]):
+    def __init__(self, engine: Engine, sources, reloads: dict[str, int],
+                 auth: Authenticator | None = None, gate: SubscriptionGate | None = None,
+                 refusals: Callable[[], dict[str, int]] | None = None):
         self.engine = engine
         self.sources = sources
         self.reloads = reloads  # "ok"/"refused" -> count, kept by the reload handler
         self.map_metrics: MapMetrics | None = None
-        self.auth: Authenticator | None = None  # its refused-connection counters
-        # The request server's refusals() (set once it serves): the abuse bounds' counts.
-        self.refusals: Callable[[], dict[str, int]] | None = None
-        self.gate: SubscriptionGate | None = None  # the event socket's view counters
+        self.auth = auth  # its refused-connection counters
+        self.gate = gate  # the event socket's view counters
+        self.refusals = refusals  # the request server's: the abuse bounds' counts
+
+    def reconfigure(self, config: Config) -> None:
+        """The ``[[metrics.maps]]`` to export (at start and on reload)."""
+        self.map_metrics = MapMetrics(self.engine, config.metrics) if config.metrics.maps else None
 
     def collect(self) -> Iterator[Metric]:
         st = self.engine.status()
         watches = self.engine.watch_figures()
+        yield from self._engine_figures(st, len(watches))
+        yield from self._refusal_figures()
+        yield from self._per_map(watches)
+        yield from self._source_figures()
+        yield from self._access_figures()
+        yield from self._map_metric_figures()
+
+    def _engine_figures(self, st: EngineStatus, watched: int) -> Iterator[Metric]:
+        """The engine's and its stream's counters (its status reply's figures)."""
         yield _counter("pymap_events_published", "Events published on the stream",
                        st.events_published)
         yield _counter("pymap_messages_published", "Messages published on the stream",
@@ -211,7 +225,7 @@ class DaemonCollector(Collector):
                      len(st.subscriptions))
         yield _gauge("pymap_subscribe_requests", "Subscribe requests seen (all subscribers)",
                      sum(st.subscriptions.values()))
-        yield _gauge("pymap_watched_maps", "Maps being polled", len(watches))
+        yield _gauge("pymap_watched_maps", "Maps being polled", watched)
         yield _gauge("pymap_map_discovery_tracepoint", "1 while map creation is learned from "
                      "the bpf() tracepoints, 0 while only polled", st.discovery == "tracepoint")
         missed = CounterMetricFamily(
@@ -220,6 +234,9 @@ class DaemonCollector(Collector):
         for reason, n in st.creations_missed.items():
             missed.add_metric([reason], n)
         yield missed
+
+    def _refusal_figures(self) -> Iterator[Metric]:
+        """What the abuse bounds refused or dropped (the request server's refusals)."""
         refusals = self.refusals() if self.refusals else {}
         for name, help_, key in (
                 ("pymap_requests_refused", "Requests refused 'busy': too many in flight from "
@@ -229,6 +246,10 @@ class DaemonCollector(Collector):
                 ("pymap_subscriptions_refused", "Event-socket connections cut for holding too "
                  "many subscriptions (daemon.max_subscriptions)", "subscriptions_refused")):
             yield _counter(name, help_, refusals.get(key, 0))
+
+    @staticmethod
+    def _per_map(watches: list[WatchFigures]) -> Iterator[Metric]:
+        """Each watched map's poll counters, labelled by name and id."""
         per_map: list[tuple[str, str, type[CounterMetricFamily] | type[GaugeMetricFamily],
                             Callable[[WatchFigures], float]]] = [
             ("pymap_map_poll_seconds", "Time spent polling the map", CounterMetricFamily,
@@ -246,6 +267,9 @@ class DaemonCollector(Collector):
             for w in watches:
                 family.add_metric([w.record.name, str(w.record.id)], get(w))
             yield family
+
+    def _source_figures(self) -> Iterator[Metric]:
+        """Each event source's records read and lost."""
         buffers = self.sources.status() if self.sources else []
         for name, help_, get in (
                 ("pymap_source_records", "Records read from an event source", lambda b: b.records),
@@ -255,6 +279,9 @@ class DaemonCollector(Collector):
             for b in buffers:
                 family.add_metric([b.name, b.kind], get(b))
             yield family
+
+    def _access_figures(self) -> Iterator[Metric]:
+        """Reloads by result, and what the ZAP handler and the gate refused or cut."""
         reloads = CounterMetricFamily("pymap_config_reloads", "SIGHUP reloads by result",
                                       labels=["result"])
         for result in ("ok", "refused"):
@@ -275,10 +302,14 @@ class DaemonCollector(Collector):
                                   "subscriptions: pymap_subscriptions_refused)",
                                   labels=["reason"])
         if gate is not None:
-            not_applied.add_metric(["outside_view"], gate.outside_view)
-            cut.add_metric(["view_changed"], gate.view_changed)
+            figures = gate.stats()
+            not_applied.add_metric(["outside_view"], figures.outside_view)
+            cut.add_metric(["view_changed"], figures.view_changed)
         yield not_applied
         yield cut
+
+    def _map_metric_figures(self) -> Iterator[Metric]:
+        """How the ``[[metrics.maps]]`` decoding went."""
         mm = self.map_metrics
         for name, help_, table in (
                 ("pymap_metrics_decode_errors", "Map entries that did not decode into a sample",
@@ -304,11 +335,13 @@ def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
 
 
 class _MapCollector(Collector):
-    def __init__(self, owner: MetricsServer):
-        self.owner = owner
+    """The map metrics the daemon collector has now (a reload replaces them)."""
+
+    def __init__(self, daemon: DaemonCollector):
+        self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
-        mm = self.owner.daemon.map_metrics
+        mm = self.daemon.map_metrics
         if mm is not None:
             yield from mm.collect()
 
@@ -316,18 +349,19 @@ class _MapCollector(Collector):
 class MetricsServer:
     """The /metrics endpoint; :meth:`reconfigure` swaps the map metrics on reload."""
 
-    def __init__(self, engine: Engine, sources, reloads: dict[str, int]):
-        self.engine = engine
+    def __init__(self, engine: Engine, sources, reloads: dict[str, int],
+                 auth: Authenticator | None = None, gate: SubscriptionGate | None = None,
+                 refusals: Callable[[], dict[str, int]] | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.daemon = DaemonCollector(engine, sources, reloads)
+        self.daemon = DaemonCollector(engine, sources, reloads, auth, gate, refusals)
         self.registry.register(self.daemon)
-        self.registry.register(_MapCollector(self))
+        self.registry.register(_MapCollector(self.daemon))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.listen: str | None = None
 
     def reconfigure(self, config: Config) -> None:
-        self.daemon.map_metrics = MapMetrics(self.engine, config.metrics) if config.metrics.maps else None
+        self.daemon.reconfigure(config)
 
     def start(self, config: Config) -> None:
         self.reconfigure(config)

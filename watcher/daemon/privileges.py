@@ -5,7 +5,7 @@ One source of truth for both, so the systemd unit, the Kubernetes DaemonSet
 
 * :data:`~watcher.kernel.sys.capabilities.CAPABILITIES`: the capability set a
   non-root daemon runs with, each with the calls that need it (measured on Linux
-  6.18, see docs/operations.md).  :func:`check_capabilities` refuses to start without a required one, naming
+  6.18, see docs/internals.md#which-call-needs-which-capability).  :func:`check_capabilities` refuses to start without a required one, naming
   it, and logs one line per optional one that is missing.
 * :func:`allowed_bpf_commands`: the bpf(2) commands left to the daemon once
   start-up is over, and :func:`harden`, which installs the seccomp filter
@@ -42,7 +42,7 @@ READ_COMMANDS = (
 # process of its own that checks every program (writes only to the maps it made for the
 # same engine) before loading it, so BPF_MAP_CREATE, BPF_BTF_LOAD and BPF_PROG_LOAD stay
 # refused here, and with them any program that could write a watched map or issue bpf()
-# commands from inside the kernel (docs/operations.md, "bpf() commands").  The engine's
+# commands from inside the kernel (docs/internals.md, "Which bpf command is allowed where").  The engine's
 # own writes (state, shadow) are those checked programs, run by BPF_PROG_TEST_RUN.
 KERNEL_DELTA_COMMANDS = (
     "BPF_LINK_CREATE",    # a bpf_map_elem iterator over one map (first walk, per-CPU maps)

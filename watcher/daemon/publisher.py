@@ -20,12 +20,16 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import attrs
+
 from watcher.kernel.maps.find import MapRecord
 
 from ..wire import schema
-from ..wire.transport import OutFrames, PublisherOwner, frames_size
+from ..wire.transport import OutFrames, frames_size
 from .access import View
-from .delta import Delta
+from .config import Config
+from .diff import Delta
+from .interfaces import Publisher
 
 # What a message is about, for a view's decision: the map (record or MapInfo: its
 # names and pins, as list and get decide), or None: its topic name (event sources).
@@ -37,8 +41,24 @@ HEADER_ALLOWANCE = 1024  # bytes kept for a batch's JSON header within message_b
 GONE_TOPICS_MAX = 65536
 
 
-class Stream:
-    def __init__(self, publisher: PublisherOwner, epoch: str, recent_limit: int,
+@attrs.frozen
+class StreamStats:
+    """The stream's figures for ``status`` and the metrics."""
+
+    seq: int  # the last sequence number published
+    messages_published: int
+    events_published: int
+    # The queue to ZeroMQ (bounded by stream_queue_bytes): bytes in it now, and how
+    # often a poll or buffer read waited for room.
+    queued_bytes: int
+    publish_waits: int
+
+
+class PublishedStream:
+    """The daemon's side of the event stream (consumers read it as an ``EventStream``):
+    numbering, batching, views and the recent ring, over one :class:`~.interfaces.Publisher` (the socket's owner)."""
+
+    def __init__(self, publisher: Publisher, epoch: str, recent_limit: int,
                  batch_events: int, heartbeat_interval: float, message_bytes: int = 256 << 10,
                  recent_bytes: int = 4 << 20):
         self.publisher = publisher
@@ -64,8 +84,30 @@ class Stream:
         # Topics always listed in heartbeats (event source buffers), watched or not.
         self.source_topics: set[str] = set()
         # Namespace -> view, for the views some connection subscribes in (the engine's
-        # demand keeps it): each is sent the messages of the maps it sees.
+        # demand decides, through set_views): each is sent the messages of the maps it sees.
         self.views: dict[bytes, View] = {}
+
+    def set_views(self, views: dict[bytes, View]) -> None:
+        """The views some connection subscribes in now, by namespace."""
+        self.views = views
+
+    def add_source_topics(self, names: Iterable[str]) -> None:
+        """Event source buffers: listed in every heartbeat, watched or not, never forgotten."""
+        self.source_topics.update(names)
+
+    def stats(self) -> StreamStats:
+        """Its figures (ints: safe from the metrics scrape's thread)."""
+        return StreamStats(self.seq, self.messages_published, self.events_published,
+                           self.publisher.outbox_bytes, self.publisher.waits)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (watcher.daemon.reload): the recent ring's, batches' and
+        heartbeats' limits.  The byte bound of a message is sized once, with the sockets."""
+        daemon = config.daemon
+        self.recent_limit = daemon.recent_events
+        self.recent_bytes = daemon.recent_bytes
+        self.batch_events = daemon.batch_events
+        self.heartbeat_interval = daemon.heartbeat_interval
 
     def last_topic_seq(self, name: str) -> int:
         """The last topic_seq published on ``name`` (for a forgotten name, at least that)."""

@@ -12,7 +12,8 @@ Keys that name what was bound or loaded at start-up (endpoints, socket
 mode and group, the stream high-water mark, ``log_format``, the metrics
 listen address, ``[[sources]]``, ``seccomp`` and ``watch.kernel_delta``, which
 chose the seccomp filter, and ``watch.discovery``, loaded before it) need a restart: a reload that changes them
-applies everything else and logs one warning naming them.  Sources are not
+applies everything else and logs one warning naming them.  Each object that
+holds reloadable state applies the new config itself (its ``reconfigure``).  Sources are not
 reloaded in place because bcc's LLVM replaces the process' signal handlers
 while compiling, which the daemon only allows before it starts serving.
 """
@@ -21,13 +22,11 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
-from . import logs
 from .config import Config, ConfigError
-from .engine import Engine
 
 log = logging.getLogger("pymap.reload")
 
@@ -60,14 +59,21 @@ def _keep_running(new: Config, old: Config) -> list[str]:
 
 
 class Reloader:
-    """Applies a reloaded config to the live daemon; counts results for the metrics."""
+    """Applies a reloaded config to the live daemon; counts results for the metrics.
 
-    def __init__(self, load: Callable[[], Config], engine: Engine,
-                 targets: list[Callable[[Config], None]]):
+    It knows no object's insides: each owner of reloadable state is a target, a
+    ``reconfigure(config)`` of its own (engine, stream, the log level, request
+    server, metrics, ZAP handler, subscription gate), called in the order given.
+    """
+
+    def __init__(self, load: Callable[[], Config], running: Config,
+                 targets: Sequence[Callable[[Config], None]],
+                 counts: dict[str, int] | None = None):
         self.load = load
-        self.engine = engine
-        self.targets = targets  # other parts to reconfigure (server, metrics, access)
-        self.counts: dict[str, int] = {"ok": 0, "refused": 0}
+        self.config = running  # the config the daemon serves with now
+        self.targets = tuple(targets)
+        # "ok"/"refused" -> reloads; given by the daemon, which shows it in the metrics
+        self.counts = counts if counts is not None else {"ok": 0, "refused": 0}
 
     async def reload(self) -> bool:
         try:
@@ -77,10 +83,9 @@ class Reloader:
             log.error("reload refused, keeping the running config: %s", e,
                       extra={"error": str(e)})
             return False
-        old = self.engine.config
         # Whatever changes must wait for a restart keeps its running value, so the
         # config the daemon reports is the one it actually serves with.
-        pending = _keep_running(new, old)
+        pending = _keep_running(new, self.config)
         self.apply(new)
         self.counts["ok"] += 1
         log.info("config reloaded")
@@ -90,23 +95,6 @@ class Reloader:
         return True
 
     def apply(self, new: Config) -> None:
-        engine = self.engine
-        engine.config = new
-        engine.catalog.bpffs = tuple(new.daemon.bpffs)
-        stream = engine.stream
-        stream.recent_limit = new.daemon.recent_events
-        stream.recent_bytes = new.daemon.recent_bytes
-        stream.batch_events = new.daemon.batch_events
-        stream.heartbeat_interval = new.daemon.heartbeat_interval
-        now = trio.current_time()
-        for watch in engine.watches.values():
-            interval = new.watch.interval_for(watch.record.name)
-            if interval != watch.interval:
-                log.info("%s: polled every %g s (was %g s)", watch.record.name, interval,
-                         watch.interval)
-                watch.interval = interval
-                watch.next_due = min(watch.next_due, now + interval)
-        logs.set_level(new.daemon.log_level)
-        for target in self.targets:
-            target(new)
-        engine.poke()  # new always globs and intervals take effect now, not at the next tick
+        self.config = new
+        for reconfigure in self.targets:
+            reconfigure(new)

@@ -22,9 +22,9 @@ from ..wire import schema
 from ..wire.transport import PeerGone, SocketOwner
 from . import catalog, errors
 from .access import Policy, Principal, View, open_visible, restricted_status
-from .catalog import Catalog
 from .config import AccessConfig, DaemonConfig
-from .engine import Engine
+from .interfaces import Catalog
+from .queries import EngineQueries
 from .subgate import SubscriptionGate
 
 log = logging.getLogger("pymap.server")
@@ -33,8 +33,9 @@ MAX_REQUEST_BYTES = 64 * 1024  # requests are small; anything larger is refused 
 
 
 @attrs.define(eq=False)
-class Client:
-    """One DEALER peer's requests in flight, and what it was refused or lost."""
+class RequestPeer:
+    """One DEALER peer of the request socket (the daemon's side of a consumers Client):
+    its requests in flight, and what it was refused or lost."""
 
     scopes: set[trio.CancelScope] = attrs.Factory(set)
     dropped: int = 0  # replies dropped since the client was last told
@@ -43,7 +44,7 @@ class Client:
 
 class RequestServer:
     def __init__(self, sock: zmq.Socket, config: DaemonConfig, epoch: str, version: str,
-                 engine: Engine, sources=None, catalog: Catalog | None = None,
+                 engine: EngineQueries, sources=None, catalog: Catalog | None = None,
                  gate: SubscriptionGate | None = None, access: Policy | None = None):
         self.owner = SocketOwner(sock, config.client_outbox_bytes, on_gone=self._on_gone)
         self.access = access or Policy(AccessConfig())
@@ -57,7 +58,7 @@ class RequestServer:
         self.version = version
         self.started = time.monotonic()
         self._nursery: trio.Nursery | None = None
-        self._clients: dict[bytes, Client] = {}
+        self._clients: dict[bytes, RequestPeer] = {}
         self.requests_refused = 0  # refused with `busy`: too many in flight
         self.replies_dropped = 0  # could not even be queued: the client's outbox was full
 
@@ -65,12 +66,12 @@ class RequestServer:
         """What the abuse bounds refused or dropped, for ``status`` and the metrics."""
         return {"requests_refused": self.requests_refused,
                 "replies_dropped": self.replies_dropped,
-                "subscriptions_refused": self.gate.refused if self.gate else 0}
+                "subscriptions_refused": self.gate.stats().refused if self.gate else 0}
 
     def reconfigure(self, config) -> None:
-        """A reloaded config (watcher.daemon.reload): chunk size, bpffs roots."""
+        """A reloaded config (watcher.daemon.reload): chunk size, request bounds and the
+        access rules (bpffs roots reach the catalog through the engine)."""
         self.config = config.daemon  # its endpoints are the running ones (reload keeps them)
-        self.bpffs = tuple(config.daemon.bpffs)
         self.access = Policy(config.access)
         self.owner.identify = self.access.active
 
@@ -82,7 +83,7 @@ class RequestServer:
     def _on_message(self, frames: list[bytes]) -> None:
         assert self._nursery is not None
         peer = frames[0]
-        client = self._clients.setdefault(peer, Client())
+        client = self._clients.setdefault(peer, RequestPeer())
         if len(client.scopes) >= self.config.max_requests_in_flight:
             self._refuse(peer, client, frames[1:])
             return
@@ -98,7 +99,7 @@ class RequestServer:
                 if self.owner.identify else None)
         self._nursery.start_soon(self._handle, peer, frames[1:], client, scope, view)
 
-    def _refuse(self, peer: bytes, client: Client, frames: list[bytes]) -> None:
+    def _refuse(self, peer: bytes, client: RequestPeer, frames: list[bytes]) -> None:
         """Answer ``busy`` without running the request, or drop the answer if it cannot queue."""
         self.requests_refused += 1
         if not client.abused:
@@ -124,7 +125,7 @@ class RequestServer:
         self._clients.pop(peer, None)
         self.owner.forget(peer)
 
-    def _finished(self, peer: bytes, client: Client, scope: trio.CancelScope) -> None:
+    def _finished(self, peer: bytes, client: RequestPeer, scope: trio.CancelScope) -> None:
         client.scopes.discard(scope)
         if not client.scopes:
             # Kept while it owes the client a `dropped` notice (a few bytes per peer).
@@ -132,7 +133,7 @@ class RequestServer:
                 del self._clients[peer]
             self.owner.forget(peer)
 
-    async def _handle(self, peer: bytes, frames: list[bytes], client: Client,
+    async def _handle(self, peer: bytes, frames: list[bytes], client: RequestPeer,
                       scope: trio.CancelScope, view: View | None = None) -> None:
         try:
             with scope:
@@ -174,12 +175,10 @@ class RequestServer:
         except errors.RequestError as e:
             await self._error(peer, errors.error_reply(e, req))
         except Exception as e:  # one request's failure must not stop the server
+            # Errors only (an ExceptionGroup of them from a nested nursery included): a
+            # cancellation, alone or grouped (BaseExceptionGroup), goes on to its scope.
             log.exception("request failed: %s", e)
             await self._error(peer, errors.error_reply(e, req))
-        except trio.Cancelled:
-            raise
-        except BaseException as e:  # noqa: BLE001 - an ExceptionGroup from a nested nursery
-            log.exception("request failed: %s", e)
 
     def _parse(self, frames: list[bytes]):
         if not frames or len(frames[0]) > MAX_REQUEST_BYTES:

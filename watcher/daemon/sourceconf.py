@@ -2,9 +2,11 @@
 
 A source is a BPF program pymap loads with bcc (``program = "x.c"``) and
 whose ring buffers / perf event arrays it publishes, or one pinned buffer it
-attaches to (``pin = "/sys/fs/bpf/..."``).  Validated here, at config load,
+attaches to (``pin = "/sys/fs/bpf/..."``).  Structured by the config's one
+converter (watcher/wire/tables.py) with the validators here, at config load,
 so a typo stops the daemon with one line naming the source and the key,
-before anything is compiled or attached.  See docs/sources.md.
+before anything is compiled or attached.  Whether a program file exists is
+asked later, when the config is resolved for use.  See docs/sources.md.
 """
 
 from __future__ import annotations
@@ -13,108 +15,152 @@ import os
 import re
 
 import attrs
+from cattrs.gen import override
 
 from ..decode.layout import LayoutError, parse_layout
+from ..wire.tables import TableError, converter, label, structure, table_hook
 
 KINDS = ("ringbuf", "perf")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_KEYS = {"program", "buffers", "cflags", "pin", "kind", "name", "layout", "read_slice",
-         "page_cnt", "wakeup_events", "flush_interval", "drops_map"}
 
 
-class SourceError(ValueError):
+class SourceError(TableError):
     """A source table that cannot be used; the message names the source and the key."""
+
+
+def _names(_inst: SourceConfig, attribute: attrs.Attribute, names: list[str]) -> None:
+    for name in names:
+        if not _NAME.match(name):
+            raise SourceError(f"{attribute.name}: {name!r} is not a C table name")
+    if len(set(names)) != len(names):
+        raise SourceError(f"{attribute.name} lists a name twice")
+
+
+def _int_in(lo: int, hi: int):
+    def check(_inst: SourceConfig, attribute: attrs.Attribute, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise SourceError(f"{attribute.name} must be an integer in {lo}..{hi}, not {value!r}")
+    return check
+
+
+def _nonempty(what: str, longest: int):
+    def check(_inst: SourceConfig, attribute: attrs.Attribute, value: str | None) -> None:
+        if value is not None and (not value or "\0" in value or len(value) > longest):
+            raise SourceError(f"{attribute.name} must be {what}")
+    return check
+
+
+def _pin(_inst: SourceConfig, _attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and not value.startswith("/"):
+        raise SourceError("pin must be an absolute path under bpffs")
+
+
+def _kind(_inst: SourceConfig, _attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and value not in KINDS:
+        raise SourceError(f"kind must be \"ringbuf\" or \"perf\", not {value!r}")
+
+
+def _page_cnt(_inst: SourceConfig, attribute: attrs.Attribute, value: int) -> None:
+    _int_in(1, 1 << 16)(_inst, attribute, value)
+    if value & (value - 1):
+        raise SourceError(f"page_cnt must be a power of two, not {value}")
+
+
+def _flush(_inst: SourceConfig, _attribute: attrs.Attribute, value: float) -> None:
+    if not 0 < value <= 60:
+        raise SourceError("flush_interval must be a number of seconds in (0, 60]")
 
 
 @attrs.define
 class SourceConfig:
     # A BPF C file loaded with bcc; its tracepoints attach as bcc attaches them.
-    program: str | None = None
+    program: str | None = attrs.field(default=None,
+                                      validator=_nonempty("a path to a BPF C file", 4096))
     # Ring buffers / perf event arrays of the program to publish (empty: all of them).
-    buffers: list[str] = attrs.Factory(list)
+    buffers: list[str] = attrs.field(factory=list, validator=_names)
     # Extra compiler flags for bcc (-DNAME=1, -I...).
     cflags: list[str] = attrs.Factory(list)
     # Or: a pinned ring buffer or perf event array to attach to.
-    pin: str | None = None
+    pin: str | None = attrs.field(default=None, validator=_pin)
     # "ringbuf" or "perf": checked against the pinned map's type (default: its type).
-    kind: str | None = None
+    kind: str | None = attrs.field(default=None, validator=_kind)
     # Topic name of a pinned buffer (default: the pin file's name).
-    name: str | None = None
+    name: str | None = attrs.field(default=None, validator=_nonempty("a non-empty string", 255))
     # Record layout (declared layout vocabulary), normalised: {"match", "value", "value_size"}.
+    # Written in the table as the list of value fields.
     layout: dict | None = None
     # Records per read slice: a burst is read in slices of this many, yielding in between.
-    read_slice: int = 8192
+    read_slice: int = attrs.field(default=8192, validator=_int_in(1, 1 << 20))
     # Perf event arrays: data pages per CPU ring (power of two) and samples per wakeup.
-    page_cnt: int = 64
-    wakeup_events: int = 1
+    page_cnt: int = attrs.field(default=64, validator=_page_cnt)
+    wakeup_events: int = attrs.field(default=1, validator=_int_in(1, 1 << 20))
     # Perf with wakeup_events > 1: drain at least this often (seconds) so records never wait.
-    flush_interval: float = 0.1
+    flush_interval: float = attrs.field(default=0.1, validator=_flush)
     # A counter map (program: table name; pin: pin path) where the producer counts
     # records it failed to write; its total is reported as the buffer's loss.
     drops_map: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        """The rules between keys: a program or a pin, and what each may have."""
+        if (self.program is None) == (self.pin is None):
+            raise SourceError("set exactly one of program = \"file.c\" or pin = \"/sys/fs/bpf/...\"")
+        if self.program is not None:
+            self._check_program()
+        else:
+            self._check_pin()
+        if self.layout is not None:
+            try:
+                self.layout = parse_layout({**self.layout, "match": self.name or self.label}).spec
+            except LayoutError as e:
+                raise SourceError(f"layout: {e}") from None
+
+    def _check_program(self) -> None:
+        for key in ("kind", "name"):
+            if getattr(self, key) is not None:
+                raise SourceError(f"{key} is for pinned buffers; a program's buffers are "
+                                  "named by their tables")
+        if self.drops_map is not None and not _NAME.match(self.drops_map):
+            raise SourceError(f"drops_map: {self.drops_map!r} is not a C table name")
+
+    def _check_pin(self) -> None:
+        assert self.pin is not None
+        for key in ("buffers", "cflags"):
+            if getattr(self, key):
+                raise SourceError(f"{key} is for programs; a pin is one buffer")
+        if self.name is None:
+            self.name = os.path.basename(self.pin.rstrip("/"))
+            if not self.name:
+                raise SourceError("name must be a non-empty string")
+        if self.drops_map is not None and not self.drops_map.startswith("/"):
+            raise SourceError("drops_map of a pinned buffer is the counter map's pin path")
 
     @property
     def label(self) -> str:
         return self.program or self.pin or "?"
 
 
+def _structure_record_layout(value: object, _type: object) -> dict:
+    # A source's layout is its value fields; held as a layout table until checked.
+    if not isinstance(value, list):
+        raise SourceError("layout must be a list of value fields ({ name = ..., type = ... })")
+    return {"value": value}
+
+
+converter.register_structure_hook(SourceConfig, table_hook(
+    SourceConfig, converter, layout=override(struct_hook=_structure_record_layout)))
+
+
 def parse_source(raw: object, where: str, base_dir: str | None = None) -> SourceConfig:
     """Validate one source table; ``base_dir`` resolves relative program paths."""
-    if not isinstance(raw, dict):
-        raise SourceError(f"{where}: must be a table with program = ... or pin = ...")
-    unknown = sorted(set(raw) - _KEYS)
-    label = raw.get("program") or raw.get("pin") or ""
-    at = f"{where} ({label})" if label else where
-    if unknown:
-        raise SourceError(f"{at}: unknown key {unknown[0]!r} (keys: {', '.join(sorted(_KEYS))})")
-    program, pin = raw.get("program"), raw.get("pin")
-    if (program is None) == (pin is None):
-        raise SourceError(f"{at}: set exactly one of program = \"file.c\" or pin = \"/sys/fs/bpf/...\"")
-    src = SourceConfig()
-    if program is not None:
-        src.program = _program_path(at, program, base_dir)
-        for key in ("kind", "name"):
-            if key in raw:
-                raise SourceError(f"{at}: {key} is for pinned buffers; a program's buffers are "
-                                  "named by their tables")
-        src.buffers = _names(at, "buffers", raw.get("buffers", []))
-        src.cflags = _strings(at, "cflags", raw.get("cflags", []))
-        if raw.get("drops_map") is not None:
-            src.drops_map = _names(at, "drops_map", [raw["drops_map"]])[0]
-    else:
-        if not isinstance(pin, str) or not pin.startswith("/"):
-            raise SourceError(f"{at}: pin must be an absolute path under bpffs")
-        src.pin = pin
-        for key in ("buffers", "cflags"):
-            if key in raw:
-                raise SourceError(f"{at}: {key} is for programs; a pin is one buffer")
-        kind = raw.get("kind")
-        if kind is not None and kind not in KINDS:
-            raise SourceError(f"{at}: kind must be \"ringbuf\" or \"perf\", not {kind!r}")
-        src.kind = kind
-        name = raw.get("name", os.path.basename(pin.rstrip("/")))
-        if not isinstance(name, str) or not name or "\0" in name or len(name) > 255:
-            raise SourceError(f"{at}: name must be a non-empty string")
-        src.name = name
-        drops = raw.get("drops_map")
-        if drops is not None and (not isinstance(drops, str) or not drops.startswith("/")):
-            raise SourceError(f"{at}: drops_map of a pinned buffer is the counter map's pin path")
-        src.drops_map = drops
-    if raw.get("layout") is not None:
-        try:
-            src.layout = parse_layout({"match": src.name or label, "value": raw["layout"]}).spec
-        except LayoutError as e:
-            raise SourceError(f"{at}: layout: {e}") from None
-    src.read_slice = _int(at, "read_slice", raw.get("read_slice", src.read_slice), 1, 1 << 20)
-    src.page_cnt = _int(at, "page_cnt", raw.get("page_cnt", src.page_cnt), 1, 1 << 16)
-    if src.page_cnt & (src.page_cnt - 1):
-        raise SourceError(f"{at}: page_cnt must be a power of two, not {src.page_cnt}")
-    src.wakeup_events = _int(at, "wakeup_events", raw.get("wakeup_events", 1), 1, 1 << 20)
-    flush = raw.get("flush_interval", src.flush_interval)
-    if isinstance(flush, bool) or not isinstance(flush, (int, float)) or not 0 < flush <= 60:
-        raise SourceError(f"{at}: flush_interval must be a number of seconds in (0, 60]")
-    src.flush_interval = float(flush)
-    return src
+    src = structure(raw, SourceConfig, where + label(raw), SourceError)
+    return with_base_dir(src, base_dir)
+
+
+def with_base_dir(src: SourceConfig, base_dir: str | None) -> SourceConfig:
+    """``src`` with its program path relative to ``base_dir`` (the config file's directory)."""
+    if src.program is None or base_dir is None or os.path.isabs(src.program):
+        return src
+    return attrs.evolve(src, program=os.path.join(base_dir, src.program))
 
 
 _CLI_OPTIONS = {"drops": "drops_map", "read_slice": "read_slice", "page_cnt": "page_cnt",
@@ -148,16 +194,13 @@ def parse_cli_source(spec: str) -> dict:
     return table
 
 
-def load_sources(raw: object, where: str, base_dir: str | None,
-                 cli: list[str] | None = None) -> list[SourceConfig]:
-    """Every source from the config's ``[[sources]]`` and the ``--source`` flags."""
-    if raw is None:
-        raw = []
-    if not isinstance(raw, list):
-        raise SourceError(f"{where}: sources must be an array of tables ([[sources]])")
-    sources = [parse_source(item, f"{where}: sources[{i}]", base_dir) for i, item in enumerate(raw)]
-    for spec in cli or []:
-        sources.append(parse_source(parse_cli_source(spec), f"--source {spec}", None))
+def cli_sources(specs: list[str]) -> list[SourceConfig]:
+    """The ``--source`` flags as sources (relative programs: from the working directory)."""
+    return [parse_source(parse_cli_source(spec), f"--source {spec}", None) for spec in specs]
+
+
+def check_topics(sources: list[SourceConfig]) -> None:
+    """Every buffer publishes under its own topic: two with one name are refused."""
     seen: dict[str, str] = {}
     for src in sources:
         for name in ([src.name or ""] if src.pin else src.buffers):  # a pin's name is set
@@ -166,35 +209,10 @@ def load_sources(raw: object, where: str, base_dir: str | None,
                                   f"{seen[name]}; topics must be unique (rename the table, or "
                                   "set name = ... for a pin)")
             seen[name] = src.label
-    return sources
 
 
-def _program_path(at: str, program: object, base_dir: str | None) -> str:
-    if not isinstance(program, str) or not program:
-        raise SourceError(f"{at}: program must be a path to a BPF C file")
-    path = program if os.path.isabs(program) or base_dir is None else os.path.join(base_dir, program)
-    if not os.path.isfile(path):
-        raise SourceError(f"{at}: program {path!r} does not exist")
-    return path
-
-
-def _strings(at: str, key: str, value: object) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise SourceError(f"{at}: {key} must be a list of strings")
-    return list(value)
-
-
-def _names(at: str, key: str, value: object) -> list[str]:
-    names = _strings(at, key, value)
-    for name in names:
-        if not _NAME.match(name):
-            raise SourceError(f"{at}: {key}: {name!r} is not a C table name")
-    if len(set(names)) != len(names):
-        raise SourceError(f"{at}: {key} lists a name twice")
-    return names
-
-
-def _int(at: str, key: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise SourceError(f"{at}: {key} must be an integer in {lo}..{hi}, not {value!r}")
-    return value
+def check_programs(sources: list[SourceConfig]) -> None:
+    """Each program file exists: the host is asked at resolve, not while validating."""
+    for src in sources:
+        if src.program is not None and not os.path.isfile(src.program):
+            raise SourceError(f"program {src.program!r} does not exist")

@@ -45,7 +45,7 @@ from watcher.kernel.prog.bccload import BccError, BccProgram
 from ..decode.layout import LayoutError, parse_layout
 from ..wire import schema
 from .config import ConfigError
-from .publisher import HEADER_ALLOWANCE, Stream
+from .publisher import HEADER_ALLOWANCE, PublishedStream
 from .sourceconf import SourceConfig
 
 log = logging.getLogger("pymap.sources")
@@ -92,7 +92,7 @@ class Buffer:
 
 
 class Sources:
-    def __init__(self, configs: list[SourceConfig], stream: Stream):
+    def __init__(self, configs: list[SourceConfig], stream: PublishedStream):
         self.configs = configs
         self.stream = stream
         self.buffers: list[Buffer] = []
@@ -117,8 +117,7 @@ class Sources:
         except BaseException:
             self.close()
             raise
-        for buf in self.buffers:
-            self.stream.source_topics.add(buf.name)
+        self.stream.add_source_topics(buf.name for buf in self.buffers)
 
     def _open_program(self, cfg: SourceConfig) -> None:
         assert cfg.program is not None

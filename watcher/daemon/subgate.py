@@ -94,6 +94,15 @@ def cut_connection(fd: int, local: str | int | None) -> bool:
         sock.close()
 
 
+@attrs.frozen
+class GateStats:
+    """What the gate refused, for ``status`` and the metrics."""
+
+    refused: int  # connections cut for their subscriptions (too many, too long)
+    outside_view: int  # subscriptions of restricted peers outside their namespace
+    view_changed: int  # connections cut by a reload that changed their view
+
+
 @attrs.define(eq=False)
 class Connection:
     """One subscriber connection: who it is, and what it asked for and got."""
@@ -108,12 +117,14 @@ class Connection:
 class SubscriptionGate:
     def __init__(self, max_bytes: int, max_count: int, local: str | int | None,
                  cut: Callable[[int, str | int | None], bool] = cut_connection,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, sock: zmq.Socket | None = None):
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.local = local
         self.policy = policy or Policy(AccessConfig())
-        self.sock: zmq.Socket | None = None  # the XPUB (XPUB_MANUAL) admitted topics go to
+        # The XPUB (XPUB_MANUAL) admitted topics go to; None in unit tests, which only
+        # look at the changes.  Only its owner task (publisher.serve) calls the gate.
+        self.sock = sock
         self._cut = cut
         self._conns: dict[Peer, Connection] = {}
         self._logged: set[tuple[str, str]] = set()
@@ -274,6 +285,10 @@ class SubscriptionGate:
         def on_message(frames: list[zmq.Frame]) -> None:
             on_change(self.admit(frames[0]))
         return on_message
+
+    def stats(self) -> GateStats:
+        """Its counters (ints: safe from the metrics scrape's thread)."""
+        return GateStats(self.refused, self.outside_view, self.view_changed)
 
     def connections(self) -> int:
         return len(self._conns)

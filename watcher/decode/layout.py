@@ -24,7 +24,10 @@ implicit alignment, so every padding byte is written down.
 
 :func:`parse_layout` validates a layout once (at config load, and again in the
 client that receives it); a problem is a :class:`LayoutError` whose message
-names the layout and the field.  Decoding an entry never raises for a well
+names the layout and the field.  :func:`load_layouts` is the one loader of a
+``[[layouts]]`` array, for the CLI's ``--layout`` files; the daemon's config
+structures its ``[[layouts]]`` with :func:`validate_layout` in its converter,
+which words errors the same way (watcher/wire/tables.py).  Decoding an entry never raises for a well
 formed layout except on a wrong-sized buffer.
 
 Pure code: used by the daemon's config validation and by consumers.
@@ -40,7 +43,8 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-__all__ = ["TYPES", "Field", "Layout", "LayoutError", "Side", "parse_layout"]
+__all__ = ["TYPES", "Field", "Layout", "LayoutError", "Side", "load_layouts", "parse_layout",
+           "validate_layout"]
 
 
 class LayoutError(ValueError):
@@ -187,9 +191,9 @@ def _parse_values(where: str, kind: str, values: Any) -> dict[int, str] | None:
     return out
 
 
-def _parse_side(label: str, side: str, raw: Any, declared: Any) -> tuple[Side, list[dict]]:
+def _parse_side(side: str, raw: Any, declared: Any) -> tuple[Side, list[dict]]:
     if not isinstance(raw, list) or not raw:
-        raise LayoutError(f"{label}: {side} must be a non-empty list of fields "
+        raise LayoutError(f"{side} must be a non-empty list of fields "
                           "({ name = ..., type = ... })")
     fields: list[Field] = []
     spec: list[dict] = []
@@ -197,9 +201,9 @@ def _parse_side(label: str, side: str, raw: Any, declared: Any) -> tuple[Side, l
     offset = 0
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping):
-            raise LayoutError(f"{label}: {side}[{i}] must be a table {{ name = ..., type = ... }}")
+            raise LayoutError(f"{side}[{i}] must be a table {{ name = ..., type = ... }}")
         name = item.get("name")
-        where = f"{label}: {side} field {name!r}" if name else f"{label}: {side}[{i}]"
+        where = f"{side} field {name!r}" if name else f"{side}[{i}]"
         extra = set(item) - {"name", "type", "values"}
         if extra:
             raise LayoutError(f"{where}: unknown keys {', '.join(sorted(extra))} "
@@ -221,38 +225,57 @@ def _parse_side(label: str, side: str, raw: Any, declared: Any) -> tuple[Side, l
         offset += size
     if declared is not None:
         if isinstance(declared, bool) or not isinstance(declared, int) or declared <= 0:
-            raise LayoutError(f"{label}: {side}_size must be a positive integer")
+            raise LayoutError(f"{side}_size must be a positive integer")
         if declared != offset:
             detail = " + ".join(f"{f.size} ({f.name or f.type})" for f in fields)
-            raise LayoutError(f"{label}: {side} fields add up to {offset} bytes, but "
+            raise LayoutError(f"{side} fields add up to {offset} bytes, but "
                               f"{side}_size is {declared}: {detail}")
     return Side(tuple(fields), offset), spec
 
 
 def parse_layout(raw: Any, index: int | None = None) -> Layout:
-    """Validate one layout table (from the config, or shipped by the daemon)."""
-    at = f"layouts[{index}]" if index is not None else "layout"
+    """Validate one layout table (from the config, or shipped by the daemon); errors
+    start with the layout's place, ``layouts[0] (flows_*): ...``."""
+    try:
+        return validate_layout(raw)
+    except LayoutError as e:
+        at = f"layouts[{index}]" if index is not None else "layout"
+        match = raw.get("match") if isinstance(raw, Mapping) else None
+        label = f" ({match})" if isinstance(match, str) and match else ""
+        raise LayoutError(f"{at}{label}: {e}") from None
+
+
+def load_layouts(raw: Any) -> list[Layout]:
+    """The one loader of ``[[layouts]]`` arrays (a config's, a ``--layout`` file's)."""
+    if not isinstance(raw, list):
+        raise LayoutError("layouts must be an array of tables ([[layouts]])")
+    return [parse_layout(item, i) for i, item in enumerate(raw)]
+
+
+def validate_layout(raw: Any) -> Layout:
+    """One layout table as a :class:`Layout`; a :class:`LayoutError` names the key or
+    field but not the layout, which its caller places (``parse_layout``, the config's
+    converter)."""
     if not isinstance(raw, Mapping):
-        raise LayoutError(f"{at}: must be a table with match, key and/or value")
+        raise LayoutError("must be a table with match, key and/or value")
     match = raw.get("match")
     if not isinstance(match, str) or not match:
-        raise LayoutError(f"{at}: needs match = \"name glob or pin path\"")
-    label = f"{at} ({match})"
+        raise LayoutError("needs match = \"name glob or pin path\"")
     extra = set(raw) - {"match", "key", "value", "key_size", "value_size"}
     if extra:
-        raise LayoutError(f"{label}: unknown keys {', '.join(sorted(extra))} "
+        raise LayoutError(f"unknown keys {', '.join(sorted(extra))} "
                           "(a layout has match, key, value, key_size, value_size)")
     if raw.get("key") is None and raw.get("value") is None:
-        raise LayoutError(f"{label}: declares neither key nor value")
+        raise LayoutError("declares neither key nor value")
     spec: dict = {"match": match}
     sides: dict[str, Side | None] = {"key": None, "value": None}
     for side in ("key", "value"):
         declared = raw.get(f"{side}_size")
         if raw.get(side) is None:
             if declared is not None:
-                raise LayoutError(f"{label}: {side}_size without {side} fields")
+                raise LayoutError(f"{side}_size without {side} fields")
             continue
-        parsed, spec[side] = _parse_side(label, side, raw[side], declared)
+        parsed, spec[side] = _parse_side(side, raw[side], declared)
         sides[side] = parsed
         spec[f"{side}_size"] = parsed.size
     return Layout(match, sides["key"], sides["value"], spec)

@@ -11,7 +11,7 @@ from watcher.wire.schema import MapInfo
 
 from ...decoding import EntryFormatter
 from ...eventjson import event_json
-from ...subscriber import EntryBatch, Event
+from ...events import EntryBatch, Event
 from ..record import ExportRecord, covers, event_id
 from .batch import BatchRenderer
 

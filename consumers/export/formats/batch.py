@@ -31,7 +31,7 @@ from watcher.wire.schema import MapInfo
 
 from ...decoding import EntryFormatter
 from ...eventjson import formatted_entry
-from ...subscriber import ACTIONS, EntryBatch, Event
+from ...events import ACTIONS, EntryBatch, Event
 from ..record import ExportRecord, event_id
 from . import base
 

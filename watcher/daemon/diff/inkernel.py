@@ -1,11 +1,11 @@
-"""The in-kernel delta engine, user-space half: choosing it per map, and turning
-a kernel walk's changed entries into the same events the user-space engine makes.
+"""The in-kernel engine's daemon side: choosing it per map, and turning a kernel
+walk's changed entries into the same events the user-space engine makes.
 
 The kernel half (:mod:`watcher.kernel.kdelta.iterdelta`) sends only entries whose
 value changed and keys that were removed; it keeps fingerprints, not values.
 The old value of an ``updated``/``removed`` event, and the state a snapshot
 request is served from, come from here: the last delivered state, kept as the
-user-space engine keeps it (a :class:`~.delta.Snapshot`, here sorted by key),
+user-space engine keeps it (a :class:`~.core.EngineSnapshot`, here sorted by key),
 and patched with each walk's changes.  An entry the kernel reports whose value
 equals the kept one (a re-emission after a shadow map was full, an entry
 re-added with its old value between two walks) makes no event, as in a dump
@@ -38,8 +38,8 @@ from watcher.kernel.kdelta.iterdelta import (
 from watcher.kernel.kdelta.objects import Broker
 from watcher.kernel.maps.find import MapRecord
 
-from .config import WatchConfig
-from .delta import Delta, Snapshot, _assemble, _key_dtype
+from ..config import WatchConfig
+from .core import Delta, EngineSnapshot, assemble, first_poll_is_silent, key_dtype
 
 log = logging.getLogger("pymap.engine")
 
@@ -65,8 +65,8 @@ class KernelDelta:
     def close(self) -> None:
         self.walker.close()
 
-    def poll(self, fd: int, prev: Snapshot | None, report_all: bool
-             ) -> tuple[Snapshot, Delta | None]:
+    def poll(self, fd: int, prev: EngineSnapshot | None, report_all: bool
+             ) -> tuple[EngineSnapshot, Delta | None]:
         """Walk the map behind ``fd``; the new state and the delta (None on a silent first poll)."""
         t0 = time.perf_counter()
         res = self.walker.walk(fd)
@@ -78,19 +78,19 @@ class KernelDelta:
         finally:
             self.last_parse_s = time.perf_counter() - t1
 
-    def _apply(self, res: WalkResult, prev: Snapshot | None, report_all: bool
-               ) -> tuple[Snapshot, Delta | None]:
+    def _apply(self, res: WalkResult, prev: EngineSnapshot | None, report_all: bool
+               ) -> tuple[EngineSnapshot, Delta | None]:
         ks, stride = self.key_size, self.stride
-        dtype = _key_dtype(ks)
+        dtype = key_dtype(ks)
         rows = np.frombuffer(res.changed, dtype=np.uint8).reshape(res.nchanged, ks + stride)
         ck = np.ascontiguousarray(rows[:, :ks]).view(dtype).ravel()
         cv = rows[:, ks:]
         # Sorted by key; a key shown twice in one walk (the map changed under it) keeps its last row.
         rev = len(ck) - 1 - np.unique(ck[::-1], return_index=True)[1]
         ck, cv = ck[rev], cv[rev]
-        first = prev is None
+        first, silent = prev is None, first_poll_is_silent(prev, report_all)
         if prev is None:
-            prev = Snapshot.empty(ks, stride)
+            prev = EngineSnapshot.empty(ks, stride)
         sk = prev.key_array()
         sv = prev.value_rows()
         in_order = prev.order is None or not len(prev.order) or _is_identity(prev.order)
@@ -110,14 +110,14 @@ class KernelDelta:
         rpos = rpos[sk[rpos] == rk] if len(sk) and len(rk) else np.zeros(0, dtype=np.intp)
 
         if not (len(upd_pos) or len(add_k) or len(rpos)):
-            return prev, (None if first and not report_all else _assemble(stride, None, None, None))
+            return prev, (None if silent else assemble(stride, None, None, None))
         old_upd = sv[upd_pos]  # fancy indexing copies: safe from the writes below
         removed = (sk[rpos], sv[rpos])
         if not (len(rpos) or len(add_k)):  # same keys: they carry over, values are patched
             carry = in_order and not first
             values = bytearray(prev.values if carry else sv.tobytes())  # the one copy
             np.frombuffer(values, dtype=np.uint8).reshape(len(sk), stride)[upd_pos] = upd_v
-            state = Snapshot(prev.keys if carry else sk.tobytes(), values, len(sk), ks,
+            state = EngineSnapshot(prev.keys if carry else sk.tobytes(), values, len(sk), ks,
                              stride, order=prev.order if carry else None)
         else:
             state = _rebuild(sk, sv, rpos, add_k, add_v, stride)
@@ -125,16 +125,16 @@ class KernelDelta:
                 state.value_rows()[np.searchsorted(state.key_array(), upd_k)] = upd_v
         if state.order is None:
             state.order = np.arange(state.count, dtype=np.int32)
-        if first and not report_all:
+        if silent:
             return state, None
-        return state, _assemble(stride, (add_k, add_v), (upd_k, upd_v, old_upd), removed)
+        return state, assemble(stride, (add_k, add_v), (upd_k, upd_v, old_upd), removed)
 
 
 _REBUILD_STEPS = 20_000  # more removals and insertion points: numpy's delete/insert instead
 
 
 def _rebuild(sk: np.ndarray, sv: np.ndarray, rpos: np.ndarray, add_k: np.ndarray,
-             add_v: np.ndarray, stride: int) -> Snapshot:
+             add_v: np.ndarray, stride: int) -> EngineSnapshot:
     """The sorted state ``sk``/``sv`` without rows ``rpos`` and with ``add_k`` (sorted,
     none present) inserted in key order: written once into the new state's buffers.
 
@@ -156,7 +156,7 @@ def _rebuild(sk: np.ndarray, sv: np.ndarray, rpos: np.ndarray, add_k: np.ndarray
         at = np.searchsorted(kept_k, add_k)
         nk[:] = np.insert(kept_k, at, add_k)
         nv[:] = np.insert(sv[keep], at, add_v, axis=0)
-        return Snapshot(keys, values, n, ks, stride, order=np.arange(n, dtype=np.int32))
+        return EngineSnapshot(keys, values, n, ks, stride, order=np.arange(n, dtype=np.int32))
     points = sorted([(int(p), 0, i) for i, p in enumerate(at)]  # insert before removing
                     + [(int(p), 1, 0) for p in rpos])
     src = dst = 0
@@ -175,7 +175,7 @@ def _rebuild(sk: np.ndarray, sv: np.ndarray, rpos: np.ndarray, add_k: np.ndarray
             dst += 1
     nk[dst:] = sk[src:]
     nv[dst:] = sv[src:]
-    return Snapshot(keys, values, n, ks, stride, order=np.arange(n, dtype=np.int32))
+    return EngineSnapshot(keys, values, n, ks, stride, order=np.arange(n, dtype=np.int32))
 
 
 def _is_identity(order: np.ndarray) -> bool:

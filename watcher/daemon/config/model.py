@@ -1,33 +1,31 @@
-"""The daemon's configuration: a TOML file, every key overridable by a flag.
+"""The daemon's configuration model: one attrs class per table, with validators.
 
-Validation happens here, at load, so a broken config stops the daemon with
-one clear line instead of failing later in some task.  See docs/config.md.
+What a valid config is, and nothing else: these classes ask the host nothing
+(watcher/daemon/config/resolve.py does, after validation) and read no file
+(load.py does).  Every rule a single key or table obeys is a validator here, so
+the one converter (watcher/wire/tables.py) reports it on the one error line.
+See docs/config.md.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import grp
 import os
 import re
-import tomllib
 from typing import NewType
 
 import attrs
-import cattrs
 
 from watcher.kernel.maps.find import DEFAULT_BPFFS
 
-from ..decode.layout import LayoutError, layout_matches, parse_layout
-from ..wire.curve import CurveError, ServerKeys, is_tcp, load_allowed, load_secret
-from ..wire.endpoints import DEFAULT_ENDPOINT
-from ..wire.tomlfile import TomlFileError, read_toml
-from .sourceconf import SourceConfig, SourceError, load_sources
-
-DEFAULT_CONFIG = "/etc/pymap/pymap.toml"
+from ...decode.layout import layout_matches
+from ...wire.curve import is_tcp
+from ...wire.endpoints import DEFAULT_ENDPOINT
+from ...wire.tables import TableError
+from ..sourceconf import SourceConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(TableError):
     """The configuration cannot be used; the message says which key and why."""
 
 
@@ -56,17 +54,8 @@ _list_of_str = attrs.validators.deep_iterable(attrs.validators.instance_of(str),
 
 # A file mode: TOML integers (0o660) as they are, strings ("0660") as octal.
 FileMode = NewType("FileMode", int)
-
-
-def _structure_mode(value, _type) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"socket_mode: {value!r} is not a file mode (write 0o660 or \"0660\")")
-    if isinstance(value, str):
-        try:
-            return int(value, 8)
-        except ValueError:
-            raise ConfigError(f"socket_mode: {value!r} is not an octal mode") from None
-    return value
+# A [[layouts]] table, validated and normalised (watcher/decode/layout.py): what clients get.
+LayoutSpec = NewType("LayoutSpec", dict)
 
 
 def _check_mode(_inst, attribute, value: int) -> None:
@@ -139,14 +128,6 @@ class DaemonConfig:
         """The XPUB's high-water mark: at most stream_queue_bytes per subscriber."""
         return max(1, min(self.stream_hwm, self.stream_queue_bytes // self.stream_message_bytes))
 
-    def socket_gid(self) -> int | None:
-        if self.socket_group is None:
-            return None
-        try:
-            return grp.getgrnam(self.socket_group).gr_gid
-        except KeyError:
-            raise ConfigError(f"socket_group: no group named {self.socket_group!r}") from None
-
 
 @attrs.define
 class IntervalRule:
@@ -196,7 +177,7 @@ def _check_listen(_inst, attribute, value: str | None) -> None:
         return
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"metrics.{attribute.name}: {value!r} must be HOST:PORT, "
+        raise ConfigError(f"{attribute.name}: {value!r} must be HOST:PORT, "
                           "e.g. 127.0.0.1:9435")
 
 
@@ -206,13 +187,13 @@ _FIELD_PATH = re.compile(r"(key|value)(\.[A-Za-z0-9_]+)*\Z")
 
 def _check_metric_name(_inst, attribute, value: str) -> None:
     if not _METRIC_NAME.match(value):
-        raise ConfigError(f"metrics.maps: {attribute.name} {value!r} is not a Prometheus "
+        raise ConfigError(f"{attribute.name} {value!r} is not a Prometheus "
                           "metric name")
 
 
 def _check_field(_inst, attribute, value: str) -> None:
     if not _FIELD_PATH.match(value):
-        raise ConfigError(f"metrics.maps: {attribute.name} {value!r} must be a field path "
+        raise ConfigError(f"{attribute.name} {value!r} must be a field path "
                           "like key, key.proto or value.packets")
 
 
@@ -246,7 +227,7 @@ class MetricsConfig:
     def __attrs_post_init__(self) -> None:
         names = [m.name for m in self.maps]
         if len(set(names)) != len(names):
-            raise ConfigError("metrics.maps: two [[metrics.maps]] define the same metric name")
+            raise ConfigError("two [[metrics.maps]] define the same metric name")
 
 
 @attrs.define
@@ -258,26 +239,12 @@ class CurveConfig:
     # Directory of allowed clients' public certificates (*.key); the file stem names the client.
     clients: str | None = None
 
-    def server_keys(self) -> ServerKeys:
-        assert self.server_key is not None
-        return ServerKeys(*load_secret(self.server_key))
-
-    def allowed(self) -> dict[bytes, str]:
-        return load_allowed(self.clients) if self.clients else {}
-
     def check(self, daemon: DaemonConfig) -> None:
-        """Refuse TCP without keys; read the keys now so a bad file is a config error."""
+        """Refuse TCP without keys (the key files are read when the config is resolved)."""
         tcp = [e for e in (daemon.endpoint, daemon.events_endpoint) if is_tcp(e)]
-        try:
-            if tcp and not (self.server_key and self.clients):
-                raise ConfigError(f"{tcp[0]}: a tcp:// endpoint needs CURVE: set curve.server_key "
-                                  "and curve.clients (make keys with: pymap keys make)")
-            if self.server_key:
-                self.server_keys()
-            if self.clients:
-                self.allowed()
-        except CurveError as e:
-            raise ConfigError(f"curve: {e}") from None
+        if tcp and not (self.server_key and self.clients):
+            raise ConfigError(f"{tcp[0]}: a tcp:// endpoint needs CURVE: set curve.server_key "
+                              "and curve.clients (make keys with: pymap keys make)")
 
 
 @attrs.define
@@ -292,7 +259,7 @@ class AccessRule:
 
     def __attrs_post_init__(self) -> None:
         if not (self.clients or self.users or self.groups):
-            raise ConfigError("access.rules: a rule names no clients, users or groups")
+            raise ConfigError("a rule names no clients, users or groups")
 
 
 @attrs.define
@@ -308,13 +275,16 @@ class Config:
     watch: WatchConfig = attrs.Factory(WatchConfig)
     # [[layouts]]: declared key/value layouts for maps without BTF, validated and
     # normalised at load (watcher/decode/layout.py, docs/decoding.md).
-    layouts: list[dict] = attrs.Factory(list)
+    layouts: list[LayoutSpec] = attrs.Factory(list)
     # [[sources]] and --source: BPF programs and pinned buffers to publish
     # (watcher/daemon/sourceconf.py, docs/sources.md).
     sources: list[SourceConfig] = attrs.Factory(list)
     metrics: MetricsConfig = attrs.Factory(MetricsConfig)
     curve: CurveConfig = attrs.Factory(CurveConfig)
     access: AccessConfig = attrs.Factory(AccessConfig)
+
+    def __attrs_post_init__(self) -> None:
+        self.curve.check(self.daemon)
 
     def always_watched(self) -> list[str]:
         """Name globs polled whatever the demand: ``watch.always`` and the metrics maps."""
@@ -326,117 +296,3 @@ class Config:
             if layout_matches(spec["match"], names, pins):
                 return spec
         return None
-
-
-def _load_layouts(raw, path: str | None) -> list[dict]:
-    where = f"config {path}" if path else "config"
-    if not isinstance(raw, list):
-        raise ConfigError(f"{where}: layouts must be an array of tables ([[layouts]])")
-    try:
-        return [parse_layout(item, i).spec for i, item in enumerate(raw)]
-    except LayoutError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-_converter = cattrs.Converter(forbid_extra_keys=True)
-_converter.register_structure_hook(FileMode, _structure_mode)
-
-
-def _reject_str_as_list(value, type_):
-    # cattrs would turn "cilium_*" into ["c", "i", ...]: a one-glob typo must not watch everything.
-    if isinstance(value, str):
-        raise ConfigError(f"expected a list of strings, got the string {value!r} "
-                          f"(write [{value!r}])")
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"expected a list of strings, got {value!r}")
-    return list(value)
-
-
-_converter.register_structure_hook_func(lambda t: t == list[str], _reject_str_as_list)
-
-
-def _strict_bool(value, _type) -> bool:
-    # cattrs would take bool("false") == True: a switch is written true or false.
-    if not isinstance(value, bool):
-        raise ConfigError(f"expected true or false, got {value!r}")
-    return value
-
-
-_converter.register_structure_hook(bool, _strict_bool)
-
-
-def _format_one(error: BaseException, type_) -> str:
-    if isinstance(error, ConfigError):
-        return str(error)
-    if isinstance(error, (ValueError, TypeError)) and error.args and isinstance(error.args[0], str):
-        return error.args[0]  # attrs validators name the key and the allowed range
-    return cattrs.v.format_exception(error, type_)
-
-
-def _describe(error: BaseException) -> list[str]:
-    if isinstance(error, cattrs.BaseValidationError):
-        return cattrs.transform_error(error, path="config", format_exception=_format_one)
-    return [str(error)]
-
-
-def _apply_setting(data: dict, setting: str) -> None:
-    """``--set SECTION.KEY=VALUE`` (VALUE in TOML syntax, or a bare string)."""
-    name, eq, text = setting.partition("=")
-    section, dot, key = name.strip().partition(".")
-    if not eq or not dot or not section or not key or "." in key:
-        raise ConfigError(f"--set {setting!r}: write SECTION.KEY=VALUE, e.g. watch.linger=60")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word: a string
-    table = data.setdefault(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"--set {setting!r}: [{section}] is not a table")
-    table[key] = value
-
-
-def load_config(path: str | None, overrides: dict | None = None,
-                watch_overrides: dict | None = None, sources: list[str] | None = None,
-                settings: list[str] | None = None) -> Config:
-    """Read ``path`` (None: defaults, or the default file when it exists), then apply flags.
-
-    ``overrides`` and ``watch_overrides`` map ``daemon`` and ``watch`` keys to
-    values given on the command line (None: not given); ``sources`` are
-    ``--source`` flags, added to the config's ``[[sources]]``; ``settings`` are
-    ``--set SECTION.KEY=VALUE`` flags, which reach every key, applied last.
-    """
-    data: dict = {}
-    if path is None and os.path.exists(DEFAULT_CONFIG):
-        path = DEFAULT_CONFIG
-    if path is not None:
-        try:
-            data = read_toml(path)
-        except TomlFileError as e:
-            raise ConfigError(str(e)) from None
-    for section, values in (("daemon", overrides), ("watch", watch_overrides)):
-        given = {k: v for k, v in (values or {}).items() if v is not None}
-        if given:
-            if not isinstance(data.setdefault(section, {}), dict):
-                raise ConfigError(f"config {path}: [{section}] must be a table")
-            data[section].update(given)
-    for setting in settings or ():
-        _apply_setting(data, setting)
-    raw_layouts = data.pop("layouts", [])
-    raw_sources = data.pop("sources", [])
-    try:
-        config = _converter.structure(data, Config)
-    except ConfigError:
-        raise
-    except Exception as e:  # cattrs groups every problem; report them all on one line
-        where = f"config {path}" if path else "config"
-        raise ConfigError(f"{where}: " + "; ".join(_describe(e))) from None
-    config.daemon.socket_gid()
-    config.curve.check(config.daemon)
-    config.layouts = _load_layouts(raw_layouts, path)
-    try:
-        config.sources = load_sources(raw_sources, f"config {path}" if path else "config",
-                                      os.path.dirname(os.path.abspath(path)) if path else None,
-                                      sources)
-    except SourceError as e:
-        raise ConfigError(str(e)) from None
-    return config

@@ -9,18 +9,14 @@ Files are zmq.auth certificates (watcher/wire/curve.py): the daemon needs its
 from __future__ import annotations
 
 import json
-import sys
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from ..running import EXIT_USAGE, fail
+
 keys_app = typer.Typer(help="Make and show CURVE key pairs for tcp:// endpoints.",
                        no_args_is_help=True)
-
-
-def _fail(message: str) -> NoReturn:
-    sys.stderr.write(f"pymap: error: {message}\n")
-    raise typer.Exit(2)
 
 
 @keys_app.command("make")
@@ -36,7 +32,7 @@ def make(
     try:
         public, secret = make_keys(directory, name)
     except CurveError as e:
-        _fail(str(e))
+        fail(str(e), EXIT_USAGE)
     print(f"public key  {public}")
     print(f"secret key  {secret}  (mode 0600: keep it on this host)", flush=True)
 
@@ -57,7 +53,7 @@ def show(
             except CurveError:
                 public, kind = load_public(path), "public"
         except CurveError as e:
-            _fail(str(e))
+            fail(str(e), EXIT_USAGE)
         if json_:
             print(json.dumps({"file": path, "public_key": public.decode(), "has_secret":
                               kind == "secret"}), flush=True)
