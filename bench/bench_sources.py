@@ -60,6 +60,7 @@ RING_PAGES = 4096  # 16 MiB, for pymap's ring and bcc's alike
 CHUNK = 20_000  # records per BPF_PROG_TEST_RUN call
 TARGET_RATE = 500_000
 TARGET_P99_MS = 10.0
+TARGET_EVENTS_RATIO = 0.25  # per-record API / raw stream rate, same run (issue 20)
 TAG_THROUGHPUT, TAG_LATENCY, TAG_EVENTS = 1, 2, 3
 
 PRODUCER = r"""
@@ -455,6 +456,12 @@ def run(args) -> int:
             print(f"(e) one subscriber iterating decoded per-record Events: {g['records']:,} "
                   f"records in {g['seconds']:.2f} s = {rate:,.0f} records/s "
                   f"({prod.counter('dropped') - dropped_before:,} dropped by the producer)")
+            ratio = rate / slowest if slowest else 0.0
+            ok = "met" if ratio >= TARGET_EVENTS_RATIO else "MISSED"
+            print(f"    per-record Events / raw stream rate of (a) (slowest subscriber): "
+                  f"{ratio:.2f}x (target >= {TARGET_EVENTS_RATIO:g}x: {ok})")
+            if ratio < TARGET_EVENTS_RATIO:
+                failures.append("per-record Event rate")
         finally:
             for s in subs:
                 s.stop()
