@@ -140,6 +140,13 @@ def subscriber_main(endpoint: str, topic: str, mode: str) -> int:
     def stats(tag: int) -> dict:
         return per_tag.setdefault(tag, {"records": 0, "first": 0, "last": 0, "lat": []})
 
+    def tally(counts: dict[int, int], now: int) -> None:
+        for tag, n in counts.items():
+            s = stats(tag)
+            s["first"] = s["first"] or now
+            s["last"] = now
+            s["records"] += n
+
     def report_ready() -> None:
         for tag, total in list(targets.items()):
             s = stats(tag)
@@ -184,19 +191,11 @@ def subscriber_main(endpoint: str, topic: str, mode: str) -> int:
                         counts: dict[int, int] = {}
                         for row in ev.records.rows():  # per record: decoded fields
                             counts[row[3]] = counts.get(row[3], 0) + 1
-                        for tag, n in counts.items():
-                            s = stats(tag)
-                            s["first"] = s["first"] or now
-                            s["last"] = now
-                            s["records"] += n
+                        tally(counts, now)
                     elif ev.action == "records" and mode == "columns":
                         assert ev.records is not None
-                        tags, n = np.unique(ev.records.columns()["tag"], return_counts=True)
-                        for tag, k in zip(tags.tolist(), n.tolist()):
-                            s = stats(tag)
-                            s["first"] = s["first"] or now
-                            s["last"] = now
-                            s["records"] += k
+                        tags, sizes = np.unique(ev.records.columns()["tag"], return_counts=True)
+                        tally(dict(zip(tags.tolist(), sizes.tolist())), now)
                     elif ev.action == "records":
                         assert ev.records is not None
                         arr = np.frombuffer(ev.records.data, dtype=np.uint64).reshape(-1, 3)

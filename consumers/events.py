@@ -9,6 +9,7 @@ the one definition of an event lives here, apart from the I/O that fetches it.
 from __future__ import annotations
 
 import time
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import attrs
@@ -145,13 +146,12 @@ def events_from_records(batch: schema.RecordBatch, frames: list[bytes],
     if as_batch:
         return [Event("records", batch.map, batch.seq, batch.topic_seq, batch.time,
                       records=records)]
-    ref, seq, tseq, when = batch.map, batch.seq, batch.topic_seq, batch.time
-    formatted = records.formatted()
-    if formatted is None:
-        return [Event("record", ref, seq + i, tseq + i, when, value=raw)
-                for i, raw in enumerate(records)]
-    return [Event("record", ref, seq + i, tseq + i, when, value=raw, formatted=fields)
-            for i, (raw, fields) in enumerate(zip(records, formatted))]
+    n, none = batch.count, repeat(None)
+    formatted = records.formatted() or none
+    # Positional, and the loop in map(): per record, only the Event itself is built.
+    return list(map(Event, repeat("record", n), repeat(batch.map), range(batch.seq, batch.seq + n),
+                    range(batch.topic_seq, batch.topic_seq + n), repeat(batch.time), none,
+                    records, none, none, repeat(0), repeat(""), repeat(False), formatted))
 
 
 def event_from_lost(message: schema.LostRecords) -> Event:

@@ -11,6 +11,7 @@ touch a record individually.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import repeat
 
 import numpy as np
 import orjson
@@ -191,8 +192,7 @@ class RecordSet:
             rows = self.rows()
         except ShortRecords:
             return [layout.format(r) for r in self]
-        names = layout.names
-        return [dict(zip(names, row)) for row in rows]
+        return list(map(dict, map(zip, repeat(layout.names), rows)))
 
 
 def record_layout(layout: dict | None) -> RecordLayout | None:

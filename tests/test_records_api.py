@@ -8,13 +8,16 @@ back field by field what the program wrote, and the per-record events agree.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import trio
-from conftest import need_bcc
+from conftest import REPO, need_bcc
 from support.events import LibFollower, status, topic_key, wait_until
 from support.kernel import token
 from support.sources import REC, REC_LAYOUT_TOML, Producer, source_config
@@ -183,5 +186,49 @@ async def test_ringbuf_columns_field_by_field(daemon_factory, bpffs_dir, tmp_pat
         assert [row for b in batches for row in b.rows()] == raw
         assert [f for b in batches for f in (b.formatted() or [])] == [
             {"seq": s, "ts": t, "cpu": c, "tag": g} for s, t, c, g in raw]
+    finally:
+        prod.close()
+
+
+async def test_example_prints_each_record_and_summaries(daemon_factory, bpffs_dir, tmp_path):
+    """examples/record_columns.py against a real ring buffer: --rows, then the columns."""
+    need_bcc()
+    tag = int(token(), 16)
+    prod = Producer(tag, rb_pages=16)
+    try:
+        name = f"rb_{token()}"
+        pin = prod.pin("rb", bpffs_dir / name)
+        conf = source_config(tmp_path / "pymap.toml", [
+            f'pin = "{pin}"\nkind = "ringbuf"\nlayout = {REC_LAYOUT_TOML}'])
+        d = daemon_factory("--config", conf)
+        for rows in (True, False):
+            args = [sys.executable, str(REPO / "examples" / "record_columns.py"),
+                    "-e", d.endpoint, *(["--rows"] if rows else []), name]
+            with subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
+                                  stderr=subprocess.DEVNULL, cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)}) as proc:
+                try:
+                    await trio.to_thread.run_sync(
+                        wait_until,
+                        lambda: status(d)["subscriptions"].get(topic_key(name), 0) >= 1,
+                        "the example's subscription")
+                    before = prod.produced_rb()
+                    for _ in range(3):  # a second apart: the summary is printed each second
+                        prod.run_rb(5)
+                        await trio.sleep(0.6)
+                    assert proc.stdout is not None
+                    line = await trio.to_thread.run_sync(proc.stdout.readline)
+                    if rows:
+                        fields = dict(part.split("=") for part in line.split())
+                        assert list(fields) == ["seq", "ts", "cpu", "tag"]
+                        assert (fields["seq"], fields["tag"]) == (str(before), str(tag))
+                    else:
+                        assert "records/s, 0 lost" in line and f"tag {tag}..{tag}" in line
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+            await trio.to_thread.run_sync(
+                wait_until, lambda: status(d)["subscriptions"].get(topic_key(name), 0) == 0,
+                "the example gone")
     finally:
         prod.close()
