@@ -171,7 +171,7 @@ class RecordSet:
         """Field name -> that field's values as a NumPy array (see :meth:`array`).
 
         Raw values: integers (network-order fields and IPv4 addresses already
-        converted), bool as 0/1, char[N] as bytes, bytes[N]/IPv6/MAC as N uint8s;
+        converted), bool as its byte (0: false), char[N] as bytes, bytes[N]/IPv6/MAC as N uint8s;
         enum names and address text are what :meth:`rows` adds.
         """
         arr = self.array()
