@@ -23,8 +23,13 @@ Run as root: ``.venv/bin/python bench/bench_sources.py``.  One run measures:
     (CLOCK_MONOTONIC) and each subscriber compares it with CLOCK_MONOTONIC
     when the batch arrives.  Figure: p50 / p99 / max per subscriber
     (target: p99 <= 10 ms).
-(e) for scale: one subscriber iterating per-record ``Event`` objects with
-    decoded fields (the default client API), on a shorter producer run.
+(e)-(g) the per-record APIs (issue 20): one subscriber at a time, on a shorter
+    producer run: (e) iterating per-record ``Event`` objects with decoded
+    fields (the default client API); (f) ``record_batches=True`` iterating
+    ``RecordSet.rows()`` (each record's decoded fields, a tuple); (g) reading
+    ``RecordSet.columns()`` (NumPy views).  Figure: records/s, and its ratio to
+    the slowest subscriber's rate in (a), the raw stream rate of the same run
+    (target: >= 0.25x).
 
 The machine is small (2 CPUs here): producer, daemon and subscribers share
 them, which bounds what any reader can do; the figures are printed as
@@ -60,7 +65,13 @@ RING_PAGES = 4096  # 16 MiB, for pymap's ring and bcc's alike
 CHUNK = 20_000  # records per BPF_PROG_TEST_RUN call
 TARGET_RATE = 500_000
 TARGET_P99_MS = 10.0
-TAG_THROUGHPUT, TAG_LATENCY, TAG_EVENTS = 1, 2, 3
+TARGET_EVENTS_RATIO = 0.25  # per-record API / raw stream rate, same run (issue 20)
+TAG_THROUGHPUT, TAG_LATENCY, TAG_EVENTS, TAG_ROWS, TAG_COLUMNS = 1, 2, 3, 4, 5
+PER_RECORD_PHASES = (
+    ("(e) one subscriber iterating decoded per-record Events", "events", TAG_EVENTS),
+    ("(f) one subscriber iterating RecordSet.rows() per record", "rows", TAG_ROWS),
+    ("(g) one subscriber reading RecordSet.columns()", "columns", TAG_COLUMNS),
+)
 
 PRODUCER = r"""
 struct rec { u64 seq; u64 ts; u32 cpu; u32 tag; };
@@ -129,6 +140,13 @@ def subscriber_main(endpoint: str, topic: str, mode: str) -> int:
     def stats(tag: int) -> dict:
         return per_tag.setdefault(tag, {"records": 0, "first": 0, "last": 0, "lat": []})
 
+    def tally(counts: dict[int, int], now: int) -> None:
+        for tag, n in counts.items():
+            s = stats(tag)
+            s["first"] = s["first"] or now
+            s["last"] = now
+            s["records"] += n
+
     def report_ready() -> None:
         for tag, total in list(targets.items()):
             s = stats(tag)
@@ -161,13 +179,23 @@ def subscriber_main(endpoint: str, topic: str, mode: str) -> int:
     async def follow():
         async with Client(endpoint, timeout=30) as client, trio.open_nursery() as nursery:
             nursery.start_soon(read_targets)
-            batches = mode == "batches"
+            batches = mode != "events"
             async with client.events([topic], record_batches=batches) as stream:
                 print(json.dumps({"ready": True}), flush=True)
                 async for ev in stream:
                     now = mono_ns()
                     if ev.action == "lost":
                         lost_total[0] += ev.missed
+                    elif ev.action == "records" and mode == "rows":
+                        assert ev.records is not None
+                        counts: dict[int, int] = {}
+                        for row in ev.records.rows():  # per record: decoded fields
+                            counts[row[3]] = counts.get(row[3], 0) + 1
+                        tally(counts, now)
+                    elif ev.action == "records" and mode == "columns":
+                        assert ev.records is not None
+                        tags, sizes = np.unique(ev.records.columns()["tag"], return_counts=True)
+                        tally(dict(zip(tags.tolist(), sizes.tolist())), now)
                     elif ev.action == "records":
                         assert ev.records is not None
                         arr = np.frombuffer(ev.records.data, dtype=np.uint64).reshape(-1, 3)
@@ -349,6 +377,30 @@ def bcc_baseline(prod: Producer, seconds: float) -> dict:
             "rate": count[0] / max(last[0] - first[0], 1e-9)}
 
 
+def per_record_phase(daemon: Daemon, prod: Producer, name: str, mode: str, tag: int,
+                     tmp: Path, seconds: float, subs: list[Subscriber]) -> tuple[dict, int]:
+    """One subscriber in ``mode`` alone; the producer floods for ``seconds``."""
+    sub = Subscriber(daemon.endpoint, name, mode, tmp / f"sub-{mode}.log")
+    subs.append(sub)
+    sub.read(30)
+    while subscriptions(daemon, name) < 1:
+        time.sleep(0.1)
+    time.sleep(1.5)
+    prod.set_tag(tag)
+    before = prod.counter("produced", 0)
+    dropped_before = prod.counter("dropped")
+    prod.flood(prod.fn, seconds)
+    wait_accounted(daemon, prod, name)
+    total = prod.counter("produced", 0) - before
+    (g,) = collect([sub], tag, total)
+    sub.stop()
+    subs.remove(sub)
+    deadline = time.monotonic() + 10
+    while subscriptions(daemon, name) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)  # gone: the next phase's wait for its subscriber means it
+    return g, prod.counter("dropped") - dropped_before
+
+
 def run(args) -> int:
     failures: list[str] = []
     with private_bpffs() as pins, private_tmp() as tmp:
@@ -437,24 +489,19 @@ def run(args) -> int:
                 s.stop()
             subs.clear()
 
-            # (e) per-record Event objects, one subscriber, for scale.
-            sub = Subscriber(daemon.endpoint, name, "events", tmp / "sub-events.log")
-            subs.append(sub)
-            sub.read(30)
-            while subscriptions(daemon, name) < 1:
-                time.sleep(0.1)
-            time.sleep(1.5)
-            prod.set_tag(TAG_EVENTS)
-            before = prod.counter("produced", 0)
-            dropped_before = prod.counter("dropped")
-            prod.flood(prod.fn, min(args.seconds, 1.0))
-            wait_accounted(daemon, prod, name)
-            total = prod.counter("produced", 0) - before
-            (g,) = collect(subs, TAG_EVENTS, total)
-            rate = g["records"] / g["seconds"] if g["seconds"] else 0.0
-            print(f"(e) one subscriber iterating decoded per-record Events: {g['records']:,} "
-                  f"records in {g['seconds']:.2f} s = {rate:,.0f} records/s "
-                  f"({prod.counter('dropped') - dropped_before:,} dropped by the producer)")
+            # (e)-(g) the per-record APIs, one subscriber each, against (a)'s raw rate.
+            for label, mode, tag in PER_RECORD_PHASES:
+                g, dropped = per_record_phase(daemon, prod, name, mode, tag, tmp,
+                                              min(args.seconds, 1.0), subs)
+                rate = g["records"] / g["seconds"] if g["seconds"] else 0.0
+                ratio = rate / slowest if slowest else 0.0
+                ok = "met" if ratio >= TARGET_EVENTS_RATIO else "MISSED"
+                print(f"{label}: {g['records']:,} records in {g['seconds']:.2f} s = "
+                      f"{rate:,.0f} records/s ({dropped:,} dropped by the producer)\n"
+                      f"    / raw stream rate of (a) (slowest subscriber): {ratio:.2f}x "
+                      f"(target >= {TARGET_EVENTS_RATIO:g}x: {ok})")
+                if ratio < TARGET_EVENTS_RATIO:
+                    failures.append(f"{mode} rate")
         finally:
             for s in subs:
                 s.stop()
