@@ -20,10 +20,11 @@ import attrs
 import trio
 
 from watcher.kernel.maps import find as kmaps
+from watcher.kernel.maps.dump import DEFAULT_CHUNK
 from watcher.kernel.maps.kinds import DumpMethod, dump_method
 
 from .catalog import MapGone
-from .diff import Delta, EngineSnapshot, KernelDelta, changes
+from .diff import Delta, EngineSnapshot, KernelDelta, poll_changes
 from .interfaces import Catalog
 from .publisher import PublishedStream
 
@@ -158,11 +159,11 @@ class Poller:
         return snap, delta, failed
 
     def read_changes(self, watch: Watch, report_all: bool) -> tuple[EngineSnapshot, Delta | None]:
-        """A poll on the user-space engine: a dump, and its changes from the last one."""
-        snap = self.read(watch)
-        return snap, changes(watch.snapshot, snap, report_all)
+        """A poll on the user-space engine: a dump, and its changes from the last one.
 
-    def read(self, watch: Watch) -> EngineSnapshot:
-        """The map's entries, dumped in user space (a worker thread's job)."""
-        keys, values, count = self.catalog.read_entries(watch.record)
-        return EngineSnapshot(keys, values, count, watch.record.key_size, watch.stride)
+        The dump streams into the comparison chunk by chunk (:func:`~.diff.poll_changes`):
+        an unchanged map is never held twice.
+        """
+        with self.catalog.open_watched(watch.record) as handle:
+            return poll_changes(watch.snapshot, self.catalog.chunks(handle, DEFAULT_CHUNK),
+                                watch.record.key_size, watch.stride, report_all)

@@ -15,7 +15,11 @@ small.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
+
+from watcher.kernel.maps.dump import Chunk
 
 from .core import Delta, EngineSnapshot, assemble, first_poll_is_silent, snapshot_as_added
 
@@ -30,6 +34,56 @@ def changes(prev: EngineSnapshot | None, cur: EngineSnapshot, report_all: bool
     if prev is None:
         return snapshot_as_added(cur)
     return diff(prev, cur)
+
+
+def poll_changes(prev: EngineSnapshot | None, chunks: Iterable[Chunk], key_size: int,
+                 stride: int, report_all: bool) -> tuple[EngineSnapshot, Delta | None]:
+    """One user-space poll from a dump streaming in ``chunks``: the state to keep and
+    its events (as :func:`changes`).
+
+    Why streamed: most polls change nothing, and a joined dump beside the kept
+    state is a second copy of the map (24 MB of a 1M-entry map, on every poll).
+    Each chunk is compared with the kept state at the same place and dropped; the
+    kept state stays the state when every chunk matched.  At the first chunk
+    that does not, the new dump is built from the kept state's matching prefix,
+    that chunk and the rest, and diffed as before.
+    """
+    it = iter(chunks)
+    if prev is None or prev.key_size != key_size or prev.stride != stride:
+        cur = _joined(b"", b"", 0, it, key_size, stride)
+        return cur, changes(prev, cur, report_all)
+    at = 0  # entries of prev matched so far
+    for chunk in it:
+        k0, v0 = at * key_size, at * stride
+        if (prev.keys[k0:k0 + len(chunk.keys)] == chunk.keys
+                and prev.values[v0:v0 + len(chunk.values)] == chunk.values):
+            at += chunk.count
+            continue
+        cur = _joined(prev.keys[:k0], prev.values[:v0], at, _prepend(chunk, it), key_size,
+                      stride)
+        return cur, changes(prev, cur, report_all)
+    if at == prev.count:
+        return prev, _empty_delta()  # nothing changed: the kept state is the state
+    cur = _joined(prev.keys[:at * key_size], prev.values[:at * stride], at, it, key_size,
+                  stride)  # entries went at the end
+    return cur, changes(prev, cur, report_all)
+
+
+def _prepend(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
+    yield first
+    yield from rest
+
+
+def _joined(keys: bytes | bytearray, values: bytes | bytearray, count: int,
+            chunks: Iterable[Chunk], key_size: int, stride: int) -> EngineSnapshot:
+    """A snapshot of ``keys``/``values`` followed by ``chunks``: grown in place (big
+    buffers are mmap'd, so growing is mremap, not a copy), never a list joined at the end."""
+    k, v = bytearray(keys), bytearray(values)
+    for chunk in chunks:
+        k += chunk.keys
+        v += chunk.values
+        count += chunk.count
+    return EngineSnapshot(k, v, count, key_size, stride)
 
 
 def _empty_delta() -> Delta:
