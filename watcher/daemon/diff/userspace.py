@@ -59,13 +59,13 @@ def poll_changes(prev: EngineSnapshot | None, chunks: Iterable[Chunk], key_size:
                 and prev.values[v0:v0 + len(chunk.values)] == chunk.values):
             at += chunk.count
             continue
-        cur = _joined(prev.keys[:k0], prev.values[:v0], at, _prepend(chunk, it), key_size,
-                      stride)
+        cur = _joined(memoryview(prev.keys)[:k0], memoryview(prev.values)[:v0], at,
+                      _prepend(chunk, it), key_size, stride)
         return cur, changes(prev, cur, report_all)
     if at == prev.count:
         return prev, _empty_delta()  # nothing changed: the kept state is the state
-    cur = _joined(prev.keys[:at * key_size], prev.values[:at * stride], at, it, key_size,
-                  stride)  # entries went at the end
+    cur = _joined(memoryview(prev.keys)[:at * key_size], memoryview(prev.values)[:at * stride],
+                  at, it, key_size, stride)  # entries went at the end
     return cur, changes(prev, cur, report_all)
 
 
@@ -74,10 +74,11 @@ def _prepend(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
     yield from rest
 
 
-def _joined(keys: bytes | bytearray, values: bytes | bytearray, count: int,
+def _joined(keys: bytes | memoryview, values: bytes | memoryview, count: int,
             chunks: Iterable[Chunk], key_size: int, stride: int) -> EngineSnapshot:
     """A snapshot of ``keys``/``values`` followed by ``chunks``: grown in place (big
-    buffers are mmap'd, so growing is mremap, not a copy), never a list joined at the end."""
+    buffers are mmap'd, so growing is mremap, not a copy), never a list joined at the end.
+    The prefix comes as memoryviews: slicing a bytearray would copy it once more."""
     k, v = bytearray(keys), bytearray(values)
     for chunk in chunks:
         k += chunk.keys
@@ -98,32 +99,50 @@ def diff(prev: EngineSnapshot, cur: EngineSnapshot) -> Delta:
         cur.order = prev.order  # same keys in the same order: the sort carries over
         if prev.values == cur.values:
             return _empty_delta()
-        everyone = np.arange(cur.count)
-        changed = everyone[_rows_differ(prev.value_words(), everyone, cur.value_words(), everyone)]
+        pw, cw = prev.value_words(), cur.value_words()
+        changed = np.concatenate([np.flatnonzero(np.any(pw[a:a + _SLICE] != cw[a:a + _SLICE],
+                                                        axis=1)) + a
+                                  for a in range(0, cur.count, _SLICE)])
         pv, cv, ck = prev.value_rows(), cur.value_rows(), cur.key_array()
         return assemble(cur.stride, None, (ck[changed], cv[changed], pv[changed]), None)
+    return _moved(prev, cur)
 
+
+def _moved(prev: EngineSnapshot, cur: EngineSnapshot) -> Delta:
+    """The diff when keys came, went or moved: ``cur``'s keys, in key order and a slice
+    at a time, are looked up among ``prev``'s sorted keys.
+
+    Why in slices: a poll already holds two states (the kept one and the new dump);
+    whole-map temporaries (positions, found masks, matched rows) were as much again.
+    Only ``prev``'s sorted keys are whole: the binary search needs them.
+    """
     pk, ck = prev.key_array(), cur.key_array()
     pv, cv = prev.value_rows(), cur.value_rows()
     po, co = prev.sorted_order(), cur.sorted_order()
-    if prev.count:
-        pks, cks = pk[po], ck[co]
-        pos = np.searchsorted(pks, cks)
-        np.minimum(pos, prev.count - 1, out=pos)
-        found = pks[pos] == cks
-        del pks, cks  # the biggest temporaries: free them before the next ones
-    else:
-        pos = np.zeros(cur.count, dtype=np.intp)
-        found = np.zeros(cur.count, dtype=bool)
-    added = co[~found]
-    matched_c = co[found]
-    matched_p = po[pos[found]]
+    pw, cw = prev.value_words(), cur.value_words()
+    pks = pk[po]
     present = np.zeros(prev.count, dtype=bool)
-    present[matched_p] = True
+    added, upd_p, upd_c = [], [], []
+    for a in range(0, cur.count, _SLICE):
+        c_idx = co[a:a + _SLICE]
+        cks = ck[c_idx]
+        if prev.count:
+            pos = np.searchsorted(pks, cks)
+            np.minimum(pos, prev.count - 1, out=pos)
+            found = pks[pos] == cks
+        else:
+            pos, found = np.zeros(len(c_idx), dtype=np.intp), np.zeros(len(c_idx), dtype=bool)
+        added.append(c_idx[~found])
+        mp, mc = po[pos[found]], c_idx[found]
+        present[mp] = True
+        changed = _rows_differ(pw, mp, cw, mc)
+        upd_p.append(mp[changed])
+        upd_c.append(mc[changed])
+    del pks
+    add, up, uc = (np.concatenate(x) if x else np.zeros(0, dtype=np.int32)
+                   for x in (added, upd_p, upd_c))
     removed = po[~present[po]]  # in key order
-    changed = _rows_differ(prev.value_words(), matched_p, cur.value_words(), matched_c)
-    upd_p, upd_c = matched_p[changed], matched_c[changed]
-    return assemble(cur.stride, (ck[added], cv[added]), (ck[upd_c], cv[upd_c], pv[upd_p]),
+    return assemble(cur.stride, (ck[add], cv[add]), (ck[uc], cv[uc], pv[up]),
                     (pk[removed], pv[removed]))
 
 
