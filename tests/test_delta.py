@@ -242,3 +242,24 @@ def test_streamed_first_poll_and_shape_change():
     assert delta is not None and unpack(delta, 4, 8) == expected({}, entries)
     with pytest.raises(ValueError):
         poll_changes(EngineSnapshot.empty(8, 8), chunked(s, rng), 4, 8, False)
+
+
+@pytest.mark.parametrize("slice_rows", (1, 2, 3, 7, 64))
+def test_diff_in_small_slices_matches_brute_force(slice_rows, monkeypatch):
+    """The keys-moved diff walks both states in windows of ``_SLICE`` sorted keys; with
+    tiny windows every edge shows up (a slice past its window, a window past the slice,
+    keys before, between and after every window, a state running out first)."""
+    from watcher.daemon.diff import userspace
+
+    monkeypatch.setattr(userspace, "_SLICE", slice_rows)
+    rng = random.Random(slice_rows)
+    for key_size in (1, 4, 8, 3):
+        for _ in range(25):
+            n = rng.choice((0, 1, 2, 5, 50, 200))
+            prev = {k: bytes(rng.randrange(256) for _ in range(8))
+                    for k in random_keys(rng, n, key_size, dense=rng.random() < 0.5)}
+            cur = mutate(rng, prev, key_size, 8)
+            if rng.random() < 0.2:  # one side much larger: the other runs out first
+                cur.update({k: bytes(8) for k in random_keys(rng, 100, key_size, dense=False)
+                            if k not in prev})
+            check(prev, cur, key_size, 8, rng)

@@ -109,44 +109,52 @@ def diff(prev: EngineSnapshot, cur: EngineSnapshot) -> Delta:
 
 
 def _moved(prev: EngineSnapshot, cur: EngineSnapshot) -> Delta:
-    """The diff when keys came, went or moved: ``cur``'s keys, in key order and a slice
-    at a time, are looked up among ``prev``'s sorted keys.
+    """The diff when keys came, went or moved: both states walked in key order, a
+    slice at a time, like a merge.
 
-    Why in slices: a poll already holds two states (the kept one and the new dump);
-    whole-map temporaries (positions, found masks, matched rows) were as much again.
-    Only ``prev``'s sorted keys are whole: the binary search needs them.
+    Why slices: a poll whose keys moved holds two states already (the kept one and the
+    new dump); whole-map temporaries (the sorted keys, positions, masks, matched rows)
+    were as much again.  Each slice of ``cur``'s sorted keys is looked up in a window
+    of ``prev``'s: the keys up to the window's last are in it or are new, and once a
+    slice goes past it, so will every later one.
     """
     pk, ck = prev.key_array(), cur.key_array()
-    pv, cv = prev.value_rows(), cur.value_rows()
     po, co = prev.sorted_order(), cur.sorted_order()
     pw, cw = prev.value_words(), cur.value_words()
-    pks = pk[po]
     present = np.zeros(prev.count, dtype=bool)
     added, upd_p, upd_c = [], [], []
-    for a in range(0, cur.count, _SLICE):
-        c_idx = co[a:a + _SLICE]
-        cks = ck[c_idx]
-        if prev.count:
-            pos = np.searchsorted(pks, cks)
-            np.minimum(pos, prev.count - 1, out=pos)
-            found = pks[pos] == cks
-        else:
-            pos, found = np.zeros(len(c_idx), dtype=np.intp), np.zeros(len(c_idx), dtype=bool)
+    i = j = 0
+    while i < cur.count:
+        c_idx = co[i:i + _SLICE]
+        if j >= prev.count:
+            added.append(c_idx)
+            i += len(c_idx)
+            continue
+        p_idx = po[j:j + _SLICE]
+        pks, cks = pk[p_idx], ck[c_idx]
+        within = int(np.searchsorted(cks, pks[-1], side="right"))
+        if within < len(c_idx):
+            j += len(p_idx)  # the slice goes past this window: no later one comes back
+        c_idx, cks = c_idx[:within], cks[:within]
+        pos = np.searchsorted(pks, cks)
+        np.minimum(pos, len(pks) - 1, out=pos)
+        found = pks[pos] == cks
         added.append(c_idx[~found])
-        mp, mc = po[pos[found]], c_idx[found]
+        mp, mc = p_idx[pos[found]], c_idx[found]
         present[mp] = True
         changed = _rows_differ(pw, mp, cw, mc)
         upd_p.append(mp[changed])
         upd_c.append(mc[changed])
-    del pks
+        i += within
     add, up, uc = (np.concatenate(x) if x else np.zeros(0, dtype=np.int32)
                    for x in (added, upd_p, upd_c))
     removed = po[~present[po]]  # in key order
+    pv, cv = prev.value_rows(), cur.value_rows()
     return assemble(cur.stride, (ck[add], cv[add]), (ck[uc], cv[uc], pv[up]),
                     (pk[removed], pv[removed]))
 
 
-_SLICE = 1 << 17  # rows compared at a time: bounds the temporaries to a few MB
+_SLICE = 1 << 15  # rows looked up or compared at a time: temporaries of a MB or two
 
 
 def _rows_differ(pw: np.ndarray, p_idx: np.ndarray, cw: np.ndarray, c_idx: np.ndarray
