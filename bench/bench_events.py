@@ -445,8 +445,8 @@ def proc_memory(pid: int) -> dict[str, float]:
 
 
 def sample_memory(pid: int, seconds: float = 3.0, every: float = 0.05) -> dict[str, float]:
-    """VmRSS sampled over ``seconds`` (several poll intervals: a poll holds two copies of the
-    state for a while), and VmHWM at the end."""
+    """VmRSS sampled over ``seconds`` (several poll intervals: a poll's chunks and, in a
+    poll that found changes, a second copy of the state come and go), and VmHWM at the end."""
     rss = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
