@@ -1,4 +1,5 @@
-"""watcher.daemon.diff.diff against a brute-force dict diff, on random inputs.
+"""watcher.daemon.diff.diff (and poll_changes, the same diff on a dump streamed in
+chunks) against a brute-force dict diff, on random inputs.
 
 No kernel needed: snapshots are built from dicts, in a shuffled (kernel-like,
 arbitrary) order, so the same content in a different order must diff to nothing.
@@ -10,7 +11,15 @@ import random
 
 import pytest
 
-from watcher.daemon.diff import Action, Delta, EngineSnapshot, diff, snapshot_as_added
+from watcher.daemon.diff import (
+    Action,
+    Delta,
+    EngineSnapshot,
+    diff,
+    poll_changes,
+    snapshot_as_added,
+)
+from watcher.kernel.maps.dump import Chunk
 
 KEY_SIZES = (1, 2, 4, 8, 12, 16, 3)
 STRIDES = (1, 8, 13, 32)
@@ -41,9 +50,9 @@ def unpack(delta: Delta, key_size: int, stride: int) -> dict[str, set]:
     out: dict[str, set] = {"added": set(), "updated": set(), "removed": set()}
     seen = set()
     for i in range(delta.count):
-        key = delta.keys[i * key_size:(i + 1) * key_size]
-        value = delta.values[i * stride:(i + 1) * stride]
-        old = delta.old_values[i * stride:(i + 1) * stride]
+        key = bytes(delta.keys[i * key_size:(i + 1) * key_size])  # a kept state's bytearray
+        value = bytes(delta.values[i * stride:(i + 1) * stride])
+        old = bytes(delta.old_values[i * stride:(i + 1) * stride])
         assert key not in seen, f"key {key.hex()} reported twice"
         seen.add(key)
         action = Action(delta.actions[i])
@@ -160,3 +169,97 @@ def test_snapshot_as_added_and_shape_mismatch():
         diff(s, EngineSnapshot.empty(8, 8))
     with pytest.raises(ValueError):
         diff(s, EngineSnapshot.empty(4, 4))
+
+
+def chunked(s: EngineSnapshot, rng: random.Random) -> list[Chunk]:
+    """``s`` as a dump would stream it: chunks of random sizes, in its order."""
+    out, at = [], 0
+    while at < s.count:
+        n = min(rng.choice((1, 3, 17, 64)), s.count - at)
+        k, v = at * s.key_size, at * s.stride
+        out.append(Chunk(bytes(s.keys[k:k + n * s.key_size]),
+                         bytes(s.values[v:v + n * s.stride]), n))
+        at += n
+    return out
+
+
+def streamed(prev: EngineSnapshot | None, cur: EngineSnapshot, rng: random.Random,
+             report_all: bool = False) -> tuple[EngineSnapshot, Delta | None]:
+    """poll_changes over ``cur`` in chunks; the state it keeps must be ``cur``'s."""
+    kept, delta = poll_changes(prev, chunked(cur, rng), cur.key_size, cur.stride, report_all)
+    assert (bytes(kept.keys), bytes(kept.values), kept.count) == \
+        (bytes(cur.keys), bytes(cur.values), cur.count)
+    return kept, delta
+
+
+@pytest.mark.parametrize("key_size", (1, 4, 8, 12))
+def test_streamed_poll_matches_brute_force(key_size):
+    """The streamed poll diverges anywhere (a changed value, a moved key, entries
+    gone or added at the end) and must make the brute-force diff's events."""
+    rng = random.Random(99 + key_size)
+    stride = 8
+    state = {k: bytes(8) for k in random_keys(rng, 150, key_size, dense=True)}
+    kept, delta = streamed(None, snap(state, key_size, stride, rng), rng)
+    assert delta is None  # the first poll only records the state
+    for step in range(40):
+        kept_order = [bytes(kept.keys[i * key_size:(i + 1) * key_size])
+                      for i in range(kept.count)]
+        order: list[bytes] | None = kept_order
+        if step % 4 == 0:  # same kernel order, some values changed
+            cur = {k: (bytes(rng.randrange(256) for _ in range(stride))
+                       if rng.random() < 0.1 else v) for k, v in state.items()}
+        elif step % 4 == 1:  # same order, entries gone from the end and others appended
+            cur = {k: state[k] for k in kept_order[:rng.randrange(len(kept_order) + 1)]}
+            cur.update({k: b"\x07" * stride for k in random_keys(rng, 5, key_size, dense=False)
+                        if k not in state})
+            order = list(cur)
+        else:
+            cur = mutate(rng, state, key_size, stride)
+            order = None
+        kept, delta = streamed(kept, snap(cur, key_size, stride, rng, order=order), rng)
+        assert delta is not None
+        assert unpack(delta, key_size, stride) == expected(state, cur)
+        state = cur
+
+
+def test_streamed_unchanged_poll_keeps_the_state_it_had():
+    """Nothing changed: no second copy is made, the kept state (and its sort) is reused."""
+    rng = random.Random(5)
+    entries = {k: b"\x01" * 8 for k in random_keys(rng, 300, 8, dense=False)}
+    first = snap(entries, 8, 8, rng)
+    first.sorted_order()
+    kept, delta = streamed(first, first, rng)
+    assert kept is first and delta is not None and delta.count == 0
+    empty = EngineSnapshot.empty(8, 8)
+    assert streamed(empty, empty, rng)[0] is empty
+
+
+def test_streamed_first_poll_and_shape_change():
+    rng = random.Random(6)
+    entries = {k: k * 2 for k in random_keys(rng, 30, 4, dense=False)}
+    s = snap(entries, 4, 8, rng)
+    _, delta = streamed(None, s, rng, report_all=True)
+    assert delta is not None and unpack(delta, 4, 8) == expected({}, entries)
+    with pytest.raises(ValueError):
+        poll_changes(EngineSnapshot.empty(8, 8), chunked(s, rng), 4, 8, False)
+
+
+@pytest.mark.parametrize("slice_rows", (1, 2, 3, 7, 64))
+def test_diff_in_small_slices_matches_brute_force(slice_rows, monkeypatch):
+    """The keys-moved diff walks both states in windows of ``_SLICE`` sorted keys; with
+    tiny windows every edge shows up (a slice past its window, a window past the slice,
+    keys before, between and after every window, a state running out first)."""
+    from watcher.daemon.diff import userspace
+
+    monkeypatch.setattr(userspace, "_SLICE", slice_rows)
+    rng = random.Random(slice_rows)
+    for key_size in (1, 4, 8, 3):
+        for _ in range(25):
+            n = rng.choice((0, 1, 2, 5, 50, 200))
+            prev = {k: bytes(rng.randrange(256) for _ in range(8))
+                    for k in random_keys(rng, n, key_size, dense=rng.random() < 0.5)}
+            cur = mutate(rng, prev, key_size, 8)
+            if rng.random() < 0.2:  # one side much larger: the other runs out first
+                cur.update({k: bytes(8) for k in random_keys(rng, 100, key_size, dense=False)
+                            if k not in prev})
+            check(prev, cur, key_size, 8, rng)

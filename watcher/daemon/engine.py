@@ -30,14 +30,13 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from watcher.kernel.discovery.mapwatch import Created
 from watcher.kernel.features.probe import Features
-from watcher.kernel.kdelta.objects import Broker
 from watcher.kernel.maps import find as kmaps
 from watcher.kernel.maps.dump import value_stride
 from watcher.kernel.maps.kinds import DumpMethod, dump_method
@@ -55,6 +54,9 @@ from .interfaces import Catalog
 from .inventory import Inventory
 from .polling import Poller, Watch
 from .publisher import PublishedStream
+
+if TYPE_CHECKING:  # the in-kernel engine's objects are loaded only when it runs
+    from watcher.kernel.kdelta.objects import Broker
 
 log = logging.getLogger("pymap.engine")
 

@@ -16,14 +16,13 @@ import secrets
 import signal
 import socket
 from collections.abc import Callable, Iterator
-from importlib import metadata
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 import zmq
 
 from watcher.kernel.features import probe as kf
-from watcher.kernel.kdelta.objects import Broker
 
 from ..wire.curve import EVENTS_ZAP_DOMAIN, ZAP_DOMAIN, is_tcp
 from ..wire.transport import PublisherOwner
@@ -44,6 +43,9 @@ from .sources import Sources
 from .subgate import SubscriptionGate, socket_name
 from .zap import Authenticator
 
+if TYPE_CHECKING:  # the in-kernel engine's objects are loaded only when it runs
+    from watcher.kernel.kdelta.objects import Broker
+
 log = logging.getLogger("pymap.daemon")
 
 # Replies ZeroMQ queues per client beyond pymap's own outbox (client_outbox_bytes): small,
@@ -52,6 +54,8 @@ REQUEST_SNDHWM = 16
 
 
 def _version() -> str:
+    from importlib import metadata  # once, at start: not worth its import for the daemon's life
+
     try:
         return metadata.version("pymap")
     except metadata.PackageNotFoundError:

@@ -18,7 +18,6 @@ import logging
 
 from watcher.kernel.features.checks import parse_capeff
 from watcher.kernel.features.probe import Features
-from watcher.kernel.kdelta.iterdelta import routes as kernel_routes
 from watcher.kernel.sys import seccomp
 from watcher.kernel.sys.capabilities import CAPABILITIES, Capability
 
@@ -95,8 +94,13 @@ def allowed_bpf_commands(config: Config, features: Features) -> tuple[str, ...]:
     """The reads, and what the in-kernel engine runs on the routes this host allows
     (``features``, the daemon's probe): none of it where the engine cannot run, and no
     iterator commands where the host refuses iterators (the for_each only route)."""
+    if not kernel_delta_enabled(config):
+        return READ_COMMANDS
+    # Imported here: a daemon with the engine off never loads the program builders.
+    from watcher.kernel.kdelta.iterdelta import routes as kernel_routes
+
     each, iterators, _ = kernel_routes(features)
-    if not kernel_delta_enabled(config) or not (each or iterators):
+    if not (each or iterators):
         return READ_COMMANDS
     if iterators:
         return READ_COMMANDS + KERNEL_DELTA_COMMANDS

@@ -26,10 +26,10 @@ from .core import (
     snapshot_as_added,
 )
 from .inkernel import KernelDelta, choose_engine, start_broker, supervise
-from .userspace import changes, diff
+from .userspace import changes, diff, poll_changes
 
 __all__ = [
     "Action", "Delta", "EngineSnapshot", "KernelDelta", "assemble", "changes", "choose_engine",
-    "diff", "first_poll_is_silent", "key_dtype", "snapshot_as_added", "start_broker",
+    "diff", "first_poll_is_silent", "key_dtype", "poll_changes", "snapshot_as_added", "start_broker",
     "supervise",
 ]

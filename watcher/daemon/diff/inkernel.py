@@ -21,22 +21,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import trio
 
 from watcher.kernel.features.probe import Features
-from watcher.kernel.kdelta.iterdelta import (
-    IterDelta,
-    Unsupported,
-    WalkResult,
-    iterator_needed,
-    routes,
-    shadow_bytes_estimate,
-    unsupported_reason,
-)
-from watcher.kernel.kdelta.objects import Broker
 from watcher.kernel.maps.find import MapRecord
+
+if TYPE_CHECKING:
+    # The kernel half is imported where it is used (a daemon with the engine off never
+    # loads its program builders: ~2.5 MB of resident memory).
+    from watcher.kernel.kdelta.iterdelta import WalkResult
+    from watcher.kernel.kdelta.objects import Broker
 
 from ..config import WatchConfig
 from .core import Delta, EngineSnapshot, assemble, first_poll_is_silent, key_dtype
@@ -51,6 +48,8 @@ class KernelDelta:
 
     def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True,
                  broker: Broker | None = None, iterators: bool = True):
+        from watcher.kernel.kdelta.iterdelta import IterDelta
+
         self.walker = IterDelta(record, stride, use_for_each,
                                 broker.engine() if broker is not None else None, iterators)
         self.key_size = record.key_size
@@ -196,6 +195,14 @@ def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_by
     """
     if config.kernel_delta == "off":
         return None, f"{USER}: watch.kernel_delta is off"
+    from watcher.kernel.kdelta.iterdelta import (
+        Unsupported,
+        iterator_needed,
+        routes,
+        shadow_bytes_estimate,
+        unsupported_reason,
+    )
+
     why = unsupported_reason(record, stride)
     if why:
         return None, f"{USER}: {why}"
@@ -238,6 +245,8 @@ def start_broker(config: WatchConfig) -> Broker | None:
     the engine is then unavailable, with one warning."""
     if config.kernel_delta == "off":
         return None
+    from watcher.kernel.kdelta.objects import Broker
+
     broker = Broker()
     try:
         broker.start()

@@ -15,7 +15,11 @@ small.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
+
+from watcher.kernel.maps.dump import Chunk
 
 from .core import Delta, EngineSnapshot, assemble, first_poll_is_silent, snapshot_as_added
 
@@ -32,6 +36,57 @@ def changes(prev: EngineSnapshot | None, cur: EngineSnapshot, report_all: bool
     return diff(prev, cur)
 
 
+def poll_changes(prev: EngineSnapshot | None, chunks: Iterable[Chunk], key_size: int,
+                 stride: int, report_all: bool) -> tuple[EngineSnapshot, Delta | None]:
+    """One user-space poll from a dump streaming in ``chunks``: the state to keep and
+    its events (as :func:`changes`).
+
+    Why streamed: most polls change nothing, and a joined dump beside the kept
+    state is a second copy of the map (24 MB of a 1M-entry map, on every poll).
+    Each chunk is compared with the kept state at the same place and dropped; the
+    kept state stays the state when every chunk matched.  At the first chunk
+    that does not, the new dump is built from the kept state's matching prefix,
+    that chunk and the rest, and diffed as before.
+    """
+    it = iter(chunks)
+    if prev is None or prev.key_size != key_size or prev.stride != stride:
+        cur = _joined(b"", b"", 0, it, key_size, stride)
+        return cur, changes(prev, cur, report_all)
+    at = 0  # entries of prev matched so far
+    for chunk in it:
+        k0, v0 = at * key_size, at * stride
+        if (prev.keys[k0:k0 + len(chunk.keys)] == chunk.keys
+                and prev.values[v0:v0 + len(chunk.values)] == chunk.values):
+            at += chunk.count
+            continue
+        cur = _joined(memoryview(prev.keys)[:k0], memoryview(prev.values)[:v0], at,
+                      _prepend(chunk, it), key_size, stride)
+        return cur, changes(prev, cur, report_all)
+    if at == prev.count:
+        return prev, _empty_delta()  # nothing changed: the kept state is the state
+    cur = _joined(memoryview(prev.keys)[:at * key_size], memoryview(prev.values)[:at * stride],
+                  at, it, key_size, stride)  # entries went at the end
+    return cur, changes(prev, cur, report_all)
+
+
+def _prepend(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
+    yield first
+    yield from rest
+
+
+def _joined(keys: bytes | memoryview, values: bytes | memoryview, count: int,
+            chunks: Iterable[Chunk], key_size: int, stride: int) -> EngineSnapshot:
+    """A snapshot of ``keys``/``values`` followed by ``chunks``: grown in place (big
+    buffers are mmap'd, so growing is mremap, not a copy), never a list joined at the end.
+    The prefix comes as memoryviews: slicing a bytearray would copy it once more."""
+    k, v = bytearray(keys), bytearray(values)
+    for chunk in chunks:
+        k += chunk.keys
+        v += chunk.values
+        count += chunk.count
+    return EngineSnapshot(k, v, count, key_size, stride)
+
+
 def _empty_delta() -> Delta:
     return Delta(b"", b"", b"", b"", 0)
 
@@ -44,36 +99,62 @@ def diff(prev: EngineSnapshot, cur: EngineSnapshot) -> Delta:
         cur.order = prev.order  # same keys in the same order: the sort carries over
         if prev.values == cur.values:
             return _empty_delta()
-        everyone = np.arange(cur.count)
-        changed = everyone[_rows_differ(prev.value_words(), everyone, cur.value_words(), everyone)]
+        pw, cw = prev.value_words(), cur.value_words()
+        changed = np.concatenate([np.flatnonzero(np.any(pw[a:a + _SLICE] != cw[a:a + _SLICE],
+                                                        axis=1)) + a
+                                  for a in range(0, cur.count, _SLICE)])
         pv, cv, ck = prev.value_rows(), cur.value_rows(), cur.key_array()
         return assemble(cur.stride, None, (ck[changed], cv[changed], pv[changed]), None)
+    return _moved(prev, cur)
 
+
+def _moved(prev: EngineSnapshot, cur: EngineSnapshot) -> Delta:
+    """The diff when keys came, went or moved: both states walked in key order, a
+    slice at a time, like a merge.
+
+    Why slices: a poll whose keys moved holds two states already (the kept one and the
+    new dump); whole-map temporaries (the sorted keys, positions, masks, matched rows)
+    were as much again.  Each slice of ``cur``'s sorted keys is looked up in a window
+    of ``prev``'s: the keys up to the window's last are in it or are new, and once a
+    slice goes past it, so will every later one.
+    """
     pk, ck = prev.key_array(), cur.key_array()
-    pv, cv = prev.value_rows(), cur.value_rows()
     po, co = prev.sorted_order(), cur.sorted_order()
-    if prev.count:
-        pks, cks = pk[po], ck[co]
-        pos = np.searchsorted(pks, cks)
-        np.minimum(pos, prev.count - 1, out=pos)
-        found = pks[pos] == cks
-        del pks, cks  # the biggest temporaries: free them before the next ones
-    else:
-        pos = np.zeros(cur.count, dtype=np.intp)
-        found = np.zeros(cur.count, dtype=bool)
-    added = co[~found]
-    matched_c = co[found]
-    matched_p = po[pos[found]]
+    pw, cw = prev.value_words(), cur.value_words()
     present = np.zeros(prev.count, dtype=bool)
-    present[matched_p] = True
+    added, upd_p, upd_c = [], [], []
+    i = j = 0
+    while i < cur.count:
+        c_idx = co[i:i + _SLICE]
+        if j >= prev.count:
+            added.append(c_idx)
+            i += len(c_idx)
+            continue
+        p_idx = po[j:j + _SLICE]
+        pks, cks = pk[p_idx], ck[c_idx]
+        within = int(np.searchsorted(cks, pks[-1], side="right"))
+        if within < len(c_idx):
+            j += len(p_idx)  # the slice goes past this window: no later one comes back
+        c_idx, cks = c_idx[:within], cks[:within]
+        pos = np.searchsorted(pks, cks)
+        np.minimum(pos, len(pks) - 1, out=pos)
+        found = pks[pos] == cks
+        added.append(c_idx[~found])
+        mp, mc = p_idx[pos[found]], c_idx[found]
+        present[mp] = True
+        changed = _rows_differ(pw, mp, cw, mc)
+        upd_p.append(mp[changed])
+        upd_c.append(mc[changed])
+        i += within
+    add, up, uc = (np.concatenate(x) if x else np.zeros(0, dtype=np.int32)
+                   for x in (added, upd_p, upd_c))
     removed = po[~present[po]]  # in key order
-    changed = _rows_differ(prev.value_words(), matched_p, cur.value_words(), matched_c)
-    upd_p, upd_c = matched_p[changed], matched_c[changed]
-    return assemble(cur.stride, (ck[added], cv[added]), (ck[upd_c], cv[upd_c], pv[upd_p]),
+    pv, cv = prev.value_rows(), cur.value_rows()
+    return assemble(cur.stride, (ck[add], cv[add]), (ck[uc], cv[uc], pv[up]),
                     (pk[removed], pv[removed]))
 
 
-_SLICE = 1 << 17  # rows compared at a time: bounds the temporaries to a few MB
+_SLICE = 1 << 15  # rows looked up or compared at a time: temporaries of a MB or two
 
 
 def _rows_differ(pw: np.ndarray, p_idx: np.ndarray, cw: np.ndarray, c_idx: np.ndarray

@@ -1,0 +1,44 @@
+"""What the daemon's process loads: its resident memory is mostly its modules
+(issue 20: a daemon watching a 1M-entry map within 80 MB, of which the state
+is 24 MB), so modules it does not need stay out of it.
+
+A fresh interpreter each time: this test process has imported everything already.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# Loaded only where used: the in-kernel engine's program builders (when watch.kernel_delta
+# is not off), and no consumer-side module (the CLI's rendering, the exporters).
+NOT_AT_START = ("watcher.kernel.kdelta.iterdelta", "watcher.kernel.kdelta.objects", "rich",
+                "consumers.export", "consumers.top", "textual")
+
+
+def loaded_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json\n"
+                          "print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_the_daemon_modules_load_no_kernel_engine_and_no_consumer():
+    loaded = loaded_after("import watcher.daemon.main")
+    assert "watcher.daemon.engine" in loaded  # the import did happen
+    assert not {m for m in loaded if m.startswith("consumers")}
+    assert not loaded & set(NOT_AT_START)
+
+
+def test_with_the_engine_off_its_program_builders_never_load():
+    """Off: no broker, and the seccomp allow-list needs no kernel routes."""
+    loaded = loaded_after(
+        "from watcher.daemon.config import Config\n"
+        "from watcher.daemon.diff import start_broker\n"
+        "from watcher.daemon.privileges import allowed_bpf_commands\n"
+        "config = Config()\n"
+        "config.watch.kernel_delta = 'off'\n"
+        "assert start_broker(config.watch) is None\n"
+        "assert allowed_bpf_commands(config, None)\n")
+    assert "watcher.kernel.kdelta.iterdelta" not in loaded
