@@ -7,18 +7,25 @@ from :func:`use_curve` or the environment, and are applied to every socket.
 Every socket the library opens (a client's DEALER, a stream's SUB) comes from
 :func:`connect`, so all of them share ``zmq.Context.instance()`` (one I/O
 thread per process, not one per client) and close without lingering.
+
+zmq (and the CURVE module, which needs it) is imported when the first socket
+is made: the CLI reads :data:`DEFAULT_ENDPOINT` for every command's
+``--endpoint`` default, ``pymap --help`` included (bench/bench_cli.py).
 """
 
 from __future__ import annotations
 
 import os
-
-import zmq
+from typing import TYPE_CHECKING
 
 from watcher.wire import endpoints
-from watcher.wire.curve import ClientKeys, CurveError, is_tcp
 
 from .errors import DaemonUnavailable
+
+if TYPE_CHECKING:
+    import zmq
+
+    from watcher.wire.curve import ClientKeys
 
 DEFAULT_ENDPOINT = os.environ.get("PYMAP_ENDPOINT", endpoints.DEFAULT_ENDPOINT)
 
@@ -43,6 +50,8 @@ def curve_keys() -> ClientKeys | None:
     cert = os.environ.get("PYMAP_CURVE_CLIENT_CERT")
     if not server or not cert:
         return None
+    from watcher.wire.curve import ClientKeys, CurveError
+
     try:
         return ClientKeys.load(server, cert)
     except CurveError as e:
@@ -68,6 +77,10 @@ def check(endpoint: str) -> None:
 
 def connect(kind: int, endpoint: str, options: dict[int, int] | None = None) -> zmq.Socket:
     """A ``kind`` socket (zmq.DEALER, zmq.SUB) connected to ``endpoint`` after :func:`check`."""
+    import zmq
+
+    from watcher.wire.curve import is_tcp
+
     check(endpoint)
     sock: zmq.Socket = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
