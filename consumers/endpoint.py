@@ -79,19 +79,20 @@ def connect(kind: int, endpoint: str, options: dict[int, int] | None = None) -> 
     """A ``kind`` socket (zmq.DEALER, zmq.SUB) connected to ``endpoint`` after :func:`check`."""
     import zmq
 
-    from watcher.wire.curve import is_tcp
-
     check(endpoint)
+    # watcher.wire.curve.is_tcp, without importing the CURVE module (zmq.auth
+    # certificates, attrs classes) for the ipc:// sockets of most runs.
+    tcp = endpoint.startswith("tcp://")
     sock: zmq.Socket = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     for option, value in (options or {}).items():
         sock.setsockopt(option, value)
     try:
-        keys = curve_keys() if is_tcp(endpoint) else None
+        keys = curve_keys() if tcp else None
         if keys is not None:
             keys.apply(sock)
         sock.connect(endpoint)
-        if is_tcp(endpoint) and keys is None:  # a daemon serves TCP only with CURVE: it would
+        if tcp and keys is None:  # a daemon serves TCP only with CURVE: it would
             raise DaemonUnavailable(          # never answer, so say so now
                 f"{endpoint}: tcp:// needs CURVE keys (--curve-server-key and "
                 "--curve-client-cert, or PYMAP_CURVE_*; see: pymap keys)")

@@ -155,7 +155,7 @@ def test_imports_stay_light(module, absent):
 # start a process for one request and one reply load neither trio, nor rich before a
 # table, nor the modules of other commands; --help loads no daemon client at all.
 HOT_RUNS = {
-    ("ping",): ("trio", "rich", "numpy", "consumers.cli.commands.maps",
+    ("ping",): ("trio", "rich", "numpy", "watcher.wire.curve", "consumers.cli.commands.maps",
                 "consumers.cli.commands.events", "consumers.cli.commands.export",
                 "consumers.cli.commands.keys"),
     ("status", "-o", "json"): ("trio", "rich", "numpy", "consumers.cli.commands.maps",
