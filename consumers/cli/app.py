@@ -18,9 +18,14 @@ command functions' signatures are the one definition of every option, its help
 and its environment variable.  A typer-free fast path would need a second
 parser for those commands that can drift from typer's; dispatching through
 click directly would mean using typer's vendored copy of it (``typer._click``,
-private) or adding click and re-declaring every option.  Measured on the
-bench's machine, importing typer is about a third of ``pymap ping``; the
-commands' own imports (zmq, the wire schema, cattrs) are the larger share.
+private) or adding click and re-declaring every option.  And it would not
+reach issue 20's target of 4x ``python -c pass``: measured interleaved on the
+bench's machine (best of 20), ``import zmq, attrs, cattrs`` alone is 6.4x,
+``consumers.oneshot.ping`` without typer 8.6x, ``pymap ping`` 11.0x.  The
+libraries the protocol is defined with, not the parser, set the floor.
+``pymap --help`` (14x there) is typer's rich help: ``typer.rich_utils``
+imports rich's markdown (markdown_it) and syntax (pygments) modules, most of
+its time, and no other renderer prints the same bytes.
 """
 
 from __future__ import annotations
