@@ -7,18 +7,25 @@ from :func:`use_curve` or the environment, and are applied to every socket.
 Every socket the library opens (a client's DEALER, a stream's SUB) comes from
 :func:`connect`, so all of them share ``zmq.Context.instance()`` (one I/O
 thread per process, not one per client) and close without lingering.
+
+zmq (and the CURVE module, which needs it) is imported when the first socket
+is made: the CLI reads :data:`DEFAULT_ENDPOINT` for every command's
+``--endpoint`` default, ``pymap --help`` included (bench/bench_cli.py).
 """
 
 from __future__ import annotations
 
 import os
-
-import zmq
+from typing import TYPE_CHECKING
 
 from watcher.wire import endpoints
-from watcher.wire.curve import ClientKeys, CurveError, is_tcp
 
 from .errors import DaemonUnavailable
+
+if TYPE_CHECKING:
+    import zmq
+
+    from watcher.wire.curve import ClientKeys
 
 DEFAULT_ENDPOINT = os.environ.get("PYMAP_ENDPOINT", endpoints.DEFAULT_ENDPOINT)
 
@@ -43,6 +50,8 @@ def curve_keys() -> ClientKeys | None:
     cert = os.environ.get("PYMAP_CURVE_CLIENT_CERT")
     if not server or not cert:
         return None
+    from watcher.wire.curve import ClientKeys, CurveError
+
     try:
         return ClientKeys.load(server, cert)
     except CurveError as e:
@@ -68,17 +77,22 @@ def check(endpoint: str) -> None:
 
 def connect(kind: int, endpoint: str, options: dict[int, int] | None = None) -> zmq.Socket:
     """A ``kind`` socket (zmq.DEALER, zmq.SUB) connected to ``endpoint`` after :func:`check`."""
+    import zmq
+
     check(endpoint)
+    # watcher.wire.curve.is_tcp, without importing the CURVE module (zmq.auth
+    # certificates, attrs classes) for the ipc:// sockets of most runs.
+    tcp = endpoint.startswith("tcp://")
     sock: zmq.Socket = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     for option, value in (options or {}).items():
         sock.setsockopt(option, value)
     try:
-        keys = curve_keys() if is_tcp(endpoint) else None
+        keys = curve_keys() if tcp else None
         if keys is not None:
             keys.apply(sock)
         sock.connect(endpoint)
-        if is_tcp(endpoint) and keys is None:  # a daemon serves TCP only with CURVE: it would
+        if tcp and keys is None:  # a daemon serves TCP only with CURVE: it would
             raise DaemonUnavailable(          # never answer, so say so now
                 f"{endpoint}: tcp:// needs CURVE keys (--curve-server-key and "
                 "--curve-client-cert, or PYMAP_CURVE_*; see: pymap keys)")

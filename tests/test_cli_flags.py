@@ -11,7 +11,7 @@ import typer
 import typer.core
 from conftest import PYMAP
 
-from consumers.cli.app import app
+from consumers.cli.app import build_app
 
 # One meaning per short flag, in every command that has it.
 MEANING: dict[str, str | set[str]] = {"-c": "--config", "-n": {"--count", "--limit"}, "-e": "--endpoint",
@@ -26,7 +26,7 @@ def _options(command):
 
 
 def test_short_flags_mean_one_thing_and_old_ones_stay_hidden():
-    root = typer.main.get_command(app)
+    root = typer.main.get_command(build_app())
     assert isinstance(root, typer.core.TyperGroup)
     for name, command in root.commands.items():
         for p in _options(command):

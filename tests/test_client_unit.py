@@ -151,6 +151,44 @@ def test_imports_stay_light(module, absent):
     assert proc.returncode == 0, f"importing {module} imports {proc.stdout} {proc.stderr}"
 
 
+# What a run of each command may not import (bench/bench_cli.py): the commands that
+# start a process for one request and one reply load neither trio, nor rich before a
+# table, nor the modules of other commands; --help loads no daemon client at all.
+HOT_RUNS = {
+    ("ping",): ("trio", "rich", "numpy", "watcher.wire.curve", "consumers.cli.commands.maps",
+                "consumers.cli.commands.events", "consumers.cli.commands.export",
+                "consumers.cli.commands.keys"),
+    ("status", "-o", "json"): ("trio", "rich", "numpy", "consumers.cli.commands.maps",
+                               "consumers.cli.commands.events"),
+    ("list", "-o", "json"): ("trio", "numpy", "consumers.cli.commands.daemon",
+                             "consumers.cli.commands.events", "consumers.cli.commands.export"),
+    ("--help",): ("trio", "zmq", "cattrs", "watcher.wire.schema", "consumers.oneshot",
+                  "numpy"),
+}
+
+
+@pytest.mark.parametrize("args", list(HOT_RUNS))
+def test_hot_commands_import_only_what_they_use(args):
+    """A run that fails to connect still imports all its command needs before it fails."""
+    absent = HOT_RUNS[args]
+    code = ("import atexit, sys\n"
+            f"absent = {absent!r}\n"
+            "def report():\n"
+            "    found = sorted(m for m in sys.modules if m in absent\n"
+            "                   or any(m.startswith(a + '.') for a in absent))\n"
+            "    sys.__stderr__.write(f'IMPORTED {found}\\n')\n"
+            "atexit.register(report)\n"
+            f"sys.argv = ['pymap', *{args!r}, *(['-e', 'ipc:///nonexistent/pymap.sock']"
+            f" if {args[0]!r} != '--help' else [])]\n"
+            "from consumers.cli.app import main\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert "IMPORTED []" in proc.stderr, f"pymap {' '.join(args)}: {proc.stderr}"
+    if args[0] != "--help":
+        assert "pymap daemon is not running" in proc.stderr, proc.stderr
+
+
 def test_the_async_client_still_runs_under_trio(ipc):
     daemon = TinyDaemon(ipc, lambda request: [pong(request.req)])
 

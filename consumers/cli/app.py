@@ -8,20 +8,33 @@ stderr and a non-zero exit, never a traceback.
 
 This module only assembles the typer app from the commands in
 consumers/cli/commands/, in the order ``--help`` lists them, and runs it.
-Each command imports what it needs when it runs (trio, rich, decoders,
-numpy through the daemon), so ``pymap ping`` starts in a fraction of the time
-``pymap daemon`` takes: see bench/bench_cli.py.
+A run imports only the module of the command it names (``pymap ping``: not
+``maps``, ``events`` or ``export``), and each command imports what it needs
+when it runs (zmq, the wire schema, trio, rich, decoders), so ``pymap ping``
+starts in a fraction of the time ``pymap daemon`` takes: see bench/bench_cli.py.
+
+Why typer stays, even on the hot path (``ping``, ``status``, ``list``): the
+command functions' signatures are the one definition of every option, its help
+and its environment variable.  A typer-free fast path would need a second
+parser for those commands that can drift from typer's; dispatching through
+click directly would mean using typer's vendored copy of it (``typer._click``,
+private) or adding click and re-declaring every option.  And it would not
+reach issue 20's target of 4x ``python -c pass``: measured interleaved on the
+bench's machine (best of 20), ``import zmq, attrs, cattrs`` alone is 6.4x,
+``consumers.oneshot.ping`` without typer 8.6x, ``pymap ping`` 11.0x.  The
+libraries the protocol is defined with, not the parser, set the floor.
+``pymap --help`` (14x there) is typer's rich help: ``typer.rich_utils``
+imports rich's markdown (markdown_it) and syntax (pygments) modules, most of
+its time, and no other renderer prints the same bytes.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Annotated
 
 import typer
-
-from .commands import daemon, events, export, maps
-from .commands.keys import keys_app
 
 _APP_SETTINGS: dict = dict(
     name="pymap",
@@ -35,7 +48,23 @@ _APP_SETTINGS: dict = dict(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
-app = typer.Typer(**_APP_SETTINGS)
+
+# Every command, in --help's order: name -> (module in consumers/cli/commands/, the
+# command's function, the module's constant that is its epilog, or None).  Names only,
+# so that a run imports just the module of the command it names.
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "ping": ("daemon", "ping", None),
+    "list": ("maps", "list_", None),
+    "get": ("maps", "get", None),
+    "events": ("events", "events", None),
+    "top": ("maps", "top", "TOP_EPILOG"),
+    "export": ("export", "export", "EXPORT_EPILOG"),
+    "status": ("daemon", "status", None),
+    "daemon": ("daemon", "daemon", None),
+    "doctor": ("daemon", "doctor", None),
+}
+# Sub-apps (typer groups): name -> (module, the module's typer app).
+GROUPS: dict[str, tuple[str, str]] = {"keys": ("keys", "keys_app")}
 
 
 def _print_version(value: bool) -> None:
@@ -46,7 +75,6 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: Annotated[bool, typer.Option(
         "--version", callback=_print_version, is_eager=True,
@@ -55,45 +83,39 @@ def _root(
     pass
 
 
-app.add_typer(keys_app, name="keys")
-app.command()(daemon.ping)
-app.command("list")(maps.list_)
-app.command()(maps.get)
-app.command()(events.events)
-app.command(epilog=maps.TOP_EPILOG)(maps.top)
-app.command(epilog=export.EXPORT_EPILOG)(export.export)
-app.command()(daemon.status)
-app.command()(daemon.daemon)
-app.command()(daemon.doctor)
+def _module(name: str):
+    return importlib.import_module(f"{__package__}.commands.{name}")
 
 
-def _command_name(info: typer.models.CommandInfo) -> str:
-    if info.name:
-        return info.name
-    assert info.callback is not None
-    return info.callback.__name__.lower().replace("_", "-")
-
-
-def _only_the_named_command(args: list[str]) -> typer.Typer:
-    """The app to run for ``args``: just the command they name, when they name one.
+def build_app(names: list[str] | None = None) -> typer.Typer:
+    """The typer app with the commands and groups ``names`` (all of them: None).
 
     Typer turns every command's signature into click parameters before it
-    dispatches (about 25 ms for pymap's commands, a quarter of ``pymap ping``);
-    a run needs one, as with click's lazily loaded subcommands.  No command,
-    ``--help`` or an unknown name get the whole app and its usual messages.
+    dispatches, and the commands' modules must be imported for that; a run
+    needs one, as with click's lazily loaded subcommands.
+    """
+    app = typer.Typer(**_APP_SETTINGS)
+    app.callback()(_root)  # with a callback it stays a group, even with one command
+    for name, (module, attr) in GROUPS.items():
+        if names is None or name in names:
+            app.add_typer(getattr(_module(module), attr), name=name)
+    for name, (module, attr, epilog) in COMMANDS.items():
+        if names is None or name in names:
+            mod = _module(module)
+            settings = {"epilog": getattr(mod, epilog)} if epilog else {}
+            app.command(name, **settings)(getattr(mod, attr))
+    return app
+
+
+def _app_for(args: list[str]) -> typer.Typer:
+    """The app to run for ``args``: just the command they name, when they name one.
+
+    No command, ``--help``, ``--version`` or an unknown name get the whole app
+    and its usual messages.
     """
     name = args[0] if args else ""
-    commands = [c for c in app.registered_commands if _command_name(c) == name]
-    groups = [g for g in app.registered_groups if g.name == name]
-    if not commands and not groups:
-        return app
-    lean = typer.Typer(**_APP_SETTINGS)
-    lean.registered_commands = commands
-    lean.registered_groups = groups
-    # With a callback it stays a group, so the command's name is still expected.
-    lean.callback()(lambda: None)
-    return lean
+    return build_app([name] if name in COMMANDS or name in GROUPS else None)
 
 
 def main() -> None:
-    _only_the_named_command(sys.argv[1:])()
+    _app_for(sys.argv[1:])()

@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 
-from ... import oneshot
 from ...endpoint import DEFAULT_ENDPOINT
 from ..options import (
     CurveCertOpt,
@@ -32,6 +31,8 @@ def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0,
     use_curve(server_key, client_cert)
 
     def main():
+        from ... import oneshot
+
         pong = oneshot.ping(endpoint, timeout)
         sys.stdout.write(f"pymap daemon {pong.version} at {endpoint}: epoch {pong.epoch}, "
                          f"up {pong.uptime:.0f} s\n")
@@ -50,6 +51,8 @@ def status(
     use_curve(server_key, client_cert)
 
     def main():
+        from ... import oneshot
+
         st = oneshot.status(endpoint, timeout)
         if output is Output.json:
             import orjson

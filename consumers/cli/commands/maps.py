@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ... import oneshot
 from ...endpoint import DEFAULT_ENDPOINT
 from ..options import (
     CurveCertOpt,
@@ -49,6 +48,7 @@ def list_(
         valid_glob(pattern)
 
     def main():
+        from ... import oneshot
         from .. import render
 
         waiting: contextlib.AbstractContextManager = contextlib.nullcontext()
