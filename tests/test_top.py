@@ -22,7 +22,7 @@ from typing import cast
 import pytest
 from conftest import require
 from support import procs
-from support.events import status, wait_until, watch_of
+from support.events import DEADLINE, status, wait_until, watch_of
 from support.top import TOP_LAYOUT, CounterWriter, rate_of, tmux_top
 
 FAST = ("--interval", "0.2")
@@ -80,10 +80,10 @@ def test_key_rates_on_screen(tmux, counters, width):
         # the footer is its own widget: the frame that first shows the rates may still
         # carry the footer of the one before (seen once in CI), so it gets a moment too
         screen = wait_until(lambda: _when(top, lambda s: re.search(r"live", s)),
-                            "the status line to say live", timeout=5)
+                            "the status line to say live", timeout=DEADLINE)
         assert re.search(r"live", screen), screen
         top.keys("q")
-        wait_until(top.dead, "top to quit on q", timeout=10)
+        wait_until(top.dead, "top to quit on q", timeout=DEADLINE)
 
 
 def test_sort_filter_pause_quit(tmux, counters):
@@ -102,7 +102,7 @@ def test_sort_filter_pause_quit(tmux, counters):
         top.keys("Enter")
         screen = wait_until(lambda: _when(top, lambda s: "filter" in s), "filtered")
         wait_until(lambda: _when(top, lambda s: B not in s and A in s), "only key 1 left",
-                   timeout=5)
+                   timeout=DEADLINE)
         top.keys("Escape")
         wait_until(lambda: B in top.screen(), "the filter cleared")
         top.keys("p")
@@ -111,7 +111,7 @@ def test_sort_filter_pause_quit(tmux, counters):
         assert rate_of(top.screen(), A) == rate_of(paused, A)  # frozen while paused
         top.keys("p")
         top.keys("q")
-        wait_until(top.dead, "top to quit on q", timeout=10)
+        wait_until(top.dead, "top to quit on q", timeout=DEADLINE)
         assert "status 0" in top.screen() or top.dead()
 
 
@@ -129,7 +129,7 @@ def test_daemon_restart_shows_stall_and_recovery(tmux, counters):
         wait_until(lambda: _rates_right(top.screen()), "correct rates after the restart",
                    timeout=30)
         top.keys("q")
-        wait_until(top.dead, "top to quit", timeout=10)
+        wait_until(top.dead, "top to quit", timeout=DEADLINE)
 
 
 def test_two_thousand_maps_stay_responsive(tmux, maps, daemon_factory):
@@ -149,7 +149,7 @@ def test_two_thousand_maps_stay_responsive(tmux, maps, daemon_factory):
                        timeout=5, step=0.02)
             assert time.monotonic() - t0 <= 1.0, f"{key}: refresh took over a second"
         top.keys("q")
-        wait_until(top.dead, "top to quit", timeout=10)
+        wait_until(top.dead, "top to quit", timeout=DEADLINE)
 
 
 def test_plain_once_and_json(counters):
