@@ -140,15 +140,15 @@ def nop_walk(fd: int, host: Features) -> float | str:
 
 def nop_each(fd: int) -> float:
     """bpf_for_each_map_elem's own cost: a callback that returns at once, one program run."""
-    from watcher.kernel.asm.assembler import R0, Asm, func_btf
-    from watcher.kernel.kdelta.iterdelta import _EACH_CALLBACK_AT, _each_main
+    from watcher.kernel.asm.assembler import R0, Asm
+    from watcher.kernel.kdelta.iterdelta import _each_main, each_func_info
     from watcher.kernel.sys import create as progload
 
     a = Asm()
     _each_main(a, fd)
     a.movi(R0, 0)
     a.exit()
-    blob, info = func_btf([("main", 0, True), ("cb", _EACH_CALLBACK_AT, False)])
+    blob, info = each_func_info()
     btf = progload.load_btf(blob)
     try:
         prog = progload.load_program(a.assemble(), "pymap_bench_nop",

@@ -91,8 +91,8 @@ from watcher.kernel.asm.assembler import (
     RSH,
     XOR,
     Asm,
-    func_btf,
 )
+from watcher.kernel.asm.helpers import Helper
 from watcher.kernel.buffers.ringbuf import RingBufReader
 from watcher.kernel.features.probe import Features
 from watcher.kernel.kdelta.objects import EngineObjects, LocalObjects
@@ -109,14 +109,9 @@ MAX_KEY = 256  # keys are copied to the 512-byte stack
 LOOKAHEAD = 4  # old record entries a hash walk looks at before the shadow map
 RING_BYTES = 4 << 20  # for_each output per run; more goes through the iterator
 
-# helpers
-_LOOKUP, _UPDATE, _DELETE, _SKB_LOAD_BYTES, _SEQ_WRITE = (
-    progcheck.LOOKUP, progcheck.UPDATE, progcheck.DELETE, progcheck.SKB_LOAD_BYTES,
-    progcheck.SEQ_WRITE)
-_RINGBUF_RESERVE, _RINGBUF_SUBMIT, _FOR_EACH, _LOOP = (
-    progcheck.RINGBUF_RESERVE, progcheck.RINGBUF_SUBMIT, progcheck.FOR_EACH, progcheck.LOOP)
 _BPF_NOEXIST, _BPF_RB_NO_WAKEUP = 1, 1
-_EACH_CALLBACK_AT = 9  # the for_each program's callback starts at this instruction
+EACH_MAIN, EACH_CALLBACK = "pymap_kd_each", "pymap_kd_element"  # a for_each program's functions
+DELETE_MAIN, DELETE_CALLBACK = "pymap_kd_delete", "pymap_kd_del_key"
 # struct bpf_iter__bpf_map_elem: meta, map, key, value (8-byte pointers)
 _CTX_META, _CTX_KEY, _CTX_VALUE = 0, 16, 24
 # state value: generation, then counters the walk and sweep add to
@@ -270,7 +265,7 @@ def _seq_write(a: Asm, src: int, size: int, fail: str) -> None:
     a.ldx(8, R1, R1, 0)  # meta->seq
     a.mov(R2, src)
     a.movi(R3, size)
-    a.call(_SEQ_WRITE)
+    a.call(Helper.SEQ_WRITE)
     a.jmp(JNE, R0, 0, fail)
 
 
@@ -308,7 +303,7 @@ def _ring_write(a: Asm, ring_fd: int, state_fd: int, parts: list[tuple[int, int]
     a.ld_map_fd(R1, ring_fd)
     a.movi(R2, sum(size for _, size in parts))
     a.movi(R3, 0)
-    a.call(_RINGBUF_RESERVE)
+    a.call(Helper.RINGBUF_RESERVE)
     a.jmp(JNE, R0, 0, f"{fail}_room")
     _count(a, state_fd, "overflow")
     a.ja(fail)
@@ -320,7 +315,7 @@ def _ring_write(a: Asm, ring_fd: int, state_fd: int, parts: list[tuple[int, int]
         offset += size
     a.mov(R1, R4)
     a.movi(R2, _BPF_RB_NO_WAKEUP)
-    a.call(_RINGBUF_SUBMIT)
+    a.call(Helper.RINGBUF_SUBMIT)
 
 
 def _order_step(a: Asm, key_size: int, stride: int, row: int, state_fd: int, order_fd: int,
@@ -342,7 +337,7 @@ def _order_step(a: Asm, key_size: int, stride: int, row: int, state_fd: int, ord
     a.ld_map_fd(R1, order_fd)
     a.mov(R2, R10)
     a.alu64(ADD, R2, slot)
-    a.call(_LOOKUP)
+    a.call(Helper.MAP_LOOKUP_ELEM)
     if not check:
         a.jmp(JEQ, R0, 0, "order_done")  # past the array's end: the check will not match
         a.mov(R9, R0)
@@ -400,7 +395,7 @@ def _positional(a: Asm, key_size: int, stride: int, row: int, state_fd: int, old
         a.ld_map_fd(R1, old_fd)
         a.mov(R2, R10)
         a.alu64(ADD, R2, slot)
-        a.call(_LOOKUP)
+        a.call(Helper.MAP_LOOKUP_ELEM)
         a.jmp(JEQ, R0, 0, "pos_slow")
         a.mov(R9, R0)
         miss = f"pos_next{step}" if step + 1 < LOOKAHEAD else "pos_slow"
@@ -429,7 +424,7 @@ def _positional(a: Asm, key_size: int, stride: int, row: int, state_fd: int, old
     _emit_row(a, key_size, stride, ring_fd, state_fd, "out4")
     a.ld_map_fd(R1, shadow_fd)
     a.mov(R2, R7)
-    a.call(_LOOKUP)
+    a.call(Helper.MAP_LOOKUP_ELEM)
     a.jmp(JEQ, R0, 0, "out")
     a.mov(R9, R0)
     for i in range(nw + 1):  # new fingerprint, and this generation
@@ -456,7 +451,7 @@ def record_sweep_program(key_size: int, stride: int, state_fd: int, old_fd: int,
     a.jmp(JEQ, R1, R2, "out", reg=True)
     a.ld_map_fd(R1, shadow_fd)
     a.mov(R2, R8)  # the entry starts with the key
-    a.call(_LOOKUP)
+    a.call(Helper.MAP_LOOKUP_ELEM)
     a.jmp(JEQ, R0, 0, "out")
     a.ldx(8, R1, R0, 8 * nw)
     a.ld_map_value(R5, state_fd)
@@ -493,14 +488,21 @@ def check_program(key_size: int, stride: int, state_fd: int, order_fd: int, map_
 def _each_main(a: Asm, map_fd: int) -> None:
     """Main program of a for_each walk: call the callback (which follows) for every element."""
     a.ld_map_fd(R1, map_fd)
-    a.ld_func(R2, "callback")
+    a.ld_func(R2, EACH_CALLBACK)
     a.movi(R3, 0)
     a.movi(R4, 0)
-    a.call(_FOR_EACH)
+    a.call(Helper.FOR_EACH_MAP_ELEM)
     a.movi(R0, 0)
     a.exit()
-    assert len(a.insns) == _EACH_CALLBACK_AT
-    a.label("callback")  # (map, key, value, ctx): key and value are map memory
+    a.function(EACH_CALLBACK)  # (map, key, value, ctx): key and value are map memory
+
+
+def each_func_info() -> tuple[bytes, bytes]:
+    """BTF and ``func_info`` of every for_each program, loaded once per engine: all
+    start with :func:`_each_main`, so its callback label says where the callback is."""
+    a = Asm()
+    _each_main(a, 0)
+    return a.func_info(EACH_MAIN)
 
 
 def _element(a: Asm, each_map_fd: int | None) -> None:
@@ -556,7 +558,7 @@ def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
     a.stx(8, R10, gen, R1)
     a.ld_map_fd(R1, shadow_fd)
     a.mov(R2, R7)
-    a.call(_LOOKUP)
+    a.call(Helper.MAP_LOOKUP_ELEM)
     a.jmp(JEQ, R0, 0, "insert")
     a.mov(R9, R0)
     a.ldx(8, R1, R9, 8 * nw)
@@ -599,7 +601,7 @@ def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
     a.mov(R3, R10)
     a.alu64(ADD, R3, row)
     a.movi(R4, _BPF_NOEXIST)
-    a.call(_UPDATE)
+    a.call(Helper.MAP_UPDATE_ELEM)
     a.jmp(JNE, R0, 0, "full")
     _count(a, state_fd, "added")
     a.ja("out")
@@ -652,7 +654,6 @@ _ETH_HLEN = 14  # a socket filter's test run pulls an Ethernet header off the pa
 _SKB_LEN = 0  # struct __sk_buff: len
 # A test run's packet fits in one page with the skb's head and tail room (bpf_test_init).
 RUN_BYTES = 3072
-DELETE_CALLBACK_AT = 17  # the delete program's callback starts at this instruction
 
 
 def state_program(state_fd: int) -> bytes:
@@ -661,12 +662,17 @@ def state_program(state_fd: int) -> bytes:
     a.movi(R2, 0)
     a.ld_map_value(R3, state_fd)
     a.movi(R4, _STATE_SIZE)
-    a.call(_SKB_LOAD_BYTES)  # R1: the packet (the program's context)
+    a.call(Helper.SKB_LOAD_BYTES)  # R1: the packet (the program's context)
     a.exit()
     return a.assemble()
 
 
 def delete_program(key_size: int, shadow_fd: int, state_fd: int) -> bytes:
+    """:func:`delete_asm`, assembled."""
+    return delete_asm(key_size, shadow_fd, state_fd).assemble()
+
+
+def delete_asm(key_size: int, shadow_fd: int, state_fd: int) -> Asm:
     """Delete the keys in the packet's payload (back to back) from the shadow map.
 
     ``bpf_loop`` calls the callback once per key (the verifier checks its body
@@ -682,16 +688,15 @@ def delete_program(key_size: int, shadow_fd: int, state_fd: int) -> bytes:
     a.st(8, R5, _STATE["deleted"], 0)
     a.ldx(4, R1, R6, _SKB_LEN)
     a.alu64(DIV, R1, key_size)
-    a.ld_func(R2, "callback")
+    a.ld_func(R2, DELETE_CALLBACK)
     a.mov(R3, R10)
     a.alu64(ADD, R3, -8)
     a.movi(R4, 0)
-    a.call(_LOOP)
+    a.call(Helper.LOOP)
     a.ld_map_value(R5, state_fd)
     a.ldx(8, R0, R5, _STATE["deleted"])
     a.exit()
-    assert len(a.insns) == DELETE_CALLBACK_AT
-    a.label("callback")  # (index, &packet)
+    a.function(DELETE_CALLBACK)  # (index, &packet)
     a.ldx(8, R6, R2, 0)
     a.alu64(MUL, R1, key_size)
     a.mov(R2, R1)
@@ -699,16 +704,16 @@ def delete_program(key_size: int, shadow_fd: int, state_fd: int) -> bytes:
     a.mov(R3, R10)
     a.alu64(ADD, R3, -room)
     a.movi(R4, key_size)
-    a.call(_SKB_LOAD_BYTES)
+    a.call(Helper.SKB_LOAD_BYTES)
     a.jmp(JNE, R0, 0, "stop")
     a.ld_map_fd(R1, shadow_fd)
     a.mov(R2, R10)
     a.alu64(ADD, R2, -room)
-    a.call(_DELETE)
+    a.call(Helper.MAP_DELETE_ELEM)
     a.jmp(JNE, R0, 0, "next")
     _count(a, state_fd, "deleted")
     _callback_end(a, "next", "stop")
-    return a.assemble()
+    return a
 
 
 def _close_all(fds: list[int], objects: EngineObjects,
@@ -776,11 +781,10 @@ class IterDelta:
                 "pymap_kd_shadow"))
         self._state_prog = self._load_writer(state_program(self.state_fd), "pymap_kd_state")
         if not self.array:  # an array's shadow keeps every index: nothing to delete
-            blob, info = func_btf([("pymap_kd_delete", 0, True),
-                                   ("pymap_kd_del_key", DELETE_CALLBACK_AT, False)])
+            delete = delete_asm(self.key_size, self.shadow_fd, self.state_fd)
+            blob, info = delete.func_info(DELETE_MAIN)
             self._delete_prog = self._load_writer(
-                delete_program(self.key_size, self.shadow_fd, self.state_fd), "pymap_kd_delete",
-                self._own(self.objects.load_btf(blob)), info)
+                delete.assemble(), DELETE_MAIN, self._own(self.objects.load_btf(blob)), info)
         self.walk_fd = self.sweep_link = -1  # the iterator programs, where the host loads them
         if self.iterators:
             self._load_iterators()
@@ -799,8 +803,7 @@ class IterDelta:
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _close_all, self._fds, self.objects,
                                                self.ring)
-            blob, self._func_info = func_btf([("pymap_kd_each", 0, True),
-                                              ("pymap_kd_element", _EACH_CALLBACK_AT, False)])
+            blob, self._func_info = each_func_info()
             self._btf_fd = self._own(self.objects.load_btf(blob))
             if not self.array:
                 # a hash walk costs a shadow lookup per element: an unchanged map is
@@ -997,7 +1000,7 @@ class IterDelta:
                                         "not in the shadow map")
 
     def _run_each_program(self, program: bytes) -> None:
-        prog = self.objects.load_program(program, "pymap_kd_each",
+        prog = self.objects.load_program(program, EACH_MAIN,
                                          progload.BPF_PROG_TYPE_SOCKET_FILTER,
                                          btf_fd=self._btf_fd, func_info=self._func_info)
         try:
