@@ -25,14 +25,9 @@ from watcher.kernel.asm.instruction import (
     decode,
     encode,
 )
-from watcher.kernel.kdelta.iterdelta import (
-    EACH_CALLBACK,
-    _each_main,
-    delete_asm,
-    each_func_info,
-    walk_program,
-)
 from watcher.kernel.kdelta.objects import LocalObjects
+from watcher.kernel.kdelta.programs import EACH_CALLBACK, each_func_info, each_main, walk_program
+from watcher.kernel.kdelta.writers import delete_asm
 from watcher.kernel.maps.kinds import TYPE_IDS
 from watcher.kernel.sys import create as progload
 from watcher.kernel.sys import syscall
@@ -86,7 +81,7 @@ def test_unknown_helper_decodes_to_its_number():
 
 def test_callback_labels_give_the_func_info():
     a = Asm()
-    _each_main(a, 3)
+    each_main(a, 3)
     assert a.functions == [EACH_CALLBACK]
     blob, info = each_func_info()
     _, info_from_labels = a.func_info("pymap_kd_each")

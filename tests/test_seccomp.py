@@ -89,7 +89,7 @@ if profile == "kernel_delta":
     # The in-kernel engine on a map of its own: a first walk, then adds, changes and
     # more removals than one packet of the delete program holds, all before the filter.
     from watcher.kernel.maps import find as kmaps
-    from watcher.kernel.kdelta.iterdelta import IterDelta
+    from watcher.kernel.kdelta.walker import IterDelta
     from watcher.kernel.kdelta.objects import Broker
     import struct
     broker = Broker()                                # as the daemon: before its filter

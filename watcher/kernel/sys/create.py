@@ -14,7 +14,7 @@ engine; the daemon itself only runs what it was handed (docs/operations.md):
 * ``BPF_ITER_CREATE``: one walk (a readable fd);
 * ``BPF_PROG_TEST_RUN``: one run of the for_each walk, or of one of the small
   programs that write pymap's own state and shadow maps (socket filters: the
-  data to write is their packet, see :mod:`.iterdelta`).
+  data to write is their packet, see :mod:`..kdelta.writers`).
 
 At start-up only (before the seccomp filter), :mod:`.mapwatch` makes its
 maps and two ``BPF_PROG_TYPE_TRACEPOINT`` programs here as well, attached
