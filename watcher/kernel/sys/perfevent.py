@@ -16,7 +16,8 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import platform
+
+from watcher.kernel.sys.syscall import syscall_number
 
 PERF_TYPE_SOFTWARE = 1
 PERF_TYPE_TRACEPOINT = 2
@@ -27,7 +28,6 @@ PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_EVENT_IOC_DISABLE = 0x2401
 PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 
-_NR = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "armv7l": 364, "ppc64le": 319}
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -84,11 +84,7 @@ def disable(fd: int) -> None:
 
 
 def _perf_event_open(attr: PerfEventAttr, cpu: int, what: str) -> int:
-    try:
-        nr = _NR[platform.machine()]
-    except KeyError:  # pragma: no cover - depends on the host
-        raise OSError(f"pymap does not know perf_event_open on {platform.machine()}") from None
-    fd = _syscall(nr, ctypes.byref(attr), -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
+    fd = _syscall(syscall_number("perf_event_open"), ctypes.byref(attr), -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"perf_event_open({what}): {os.strerror(err)}")
