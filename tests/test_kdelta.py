@@ -35,7 +35,6 @@ from support.kernel import bpftool_entries, host_allows, host_features, made_up_
 
 from watcher.daemon.config import WatchConfig
 from watcher.daemon.diff import Action, Delta, EngineSnapshot, KernelDelta, choose_engine, diff
-from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel.asm.assembler import R3, R8, Asm
 from watcher.kernel.asm.readonly import check_read_only
 from watcher.kernel.features import probe as kf
@@ -46,6 +45,7 @@ from watcher.kernel.kdelta.writers import delete_program, state_program
 from watcher.kernel.maps import find as kmaps
 from watcher.kernel.maps.dump import dump, value_stride
 from watcher.kernel.sys import syscall
+from watcher.kernel.sys.abi import percpu_slot
 from watcher.kernel.sys.create import Unsupported
 
 
