@@ -3,9 +3,9 @@
 The kernel does not check it (tests/test_seccomp.py measures it): a program
 may write every map it names, whatever the mode of the fd it was named
 through.  So pymap's generated programs are checked before every load, where
-they are loaded: in the objects broker (:mod:`.broker`), outside the daemon's
+they are loaded: in the objects broker (:mod:`..kdelta.broker`), outside the daemon's
 process, when the daemon runs the in-kernel engine; in the calling process
-otherwise (tests, benchmarks: :class:`.objects.LocalObjects`).
+otherwise (tests, benchmarks: :class:`..kdelta.objects.LocalObjects`).
 
 Kept small (the instruction decoder and the helper ids): the broker imports it.
 """

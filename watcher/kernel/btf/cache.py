@@ -23,7 +23,7 @@ def standalone_blob(btf_id: int) -> bytes:
 
     Split BTF (kernel modules' maps) is merged onto vmlinux's (``merge_split``):
     this is what the daemon ships to consumers, who cannot read the host's vmlinux.
-    A vanished id raises :class:`~.syscall.BpfError`.
+    A vanished id raises :class:`~..sys.syscall.BpfError`.
     """
     fd = syscall.btf_get_fd_by_id(btf_id)
     try:

@@ -7,7 +7,7 @@ LSM programs, but the syscall tracepoints ``syscalls:sys_enter_bpf`` and
 integrity level only forbids *writing* kernel memory; reading is what the
 confidentiality level takes away).
 
-Two programs, generated with :mod:`.bpfasm` (no compiler: bcc would cost ~11 s
+Two programs, generated with :mod:`..asm.assembler` (no compiler: bcc would cost ~11 s
 and ~110 MB per compile):
 
 * on ``sys_enter_bpf`` with ``cmd == BPF_MAP_CREATE`` from any process but the

@@ -11,7 +11,7 @@ the tests), kernel BTF and batch lookups only make things nicer or faster:
 those are warnings, not failures.
 
 This module lives in the kernel layer because a check issues ``bpf()``
-(through :mod:`.syscall`, the only module that does).
+(through :mod:`..sys.syscall`, the only module that does).
 """
 
 from __future__ import annotations

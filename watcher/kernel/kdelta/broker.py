@@ -14,7 +14,7 @@ daemon can therefore not get a writing program into the kernel.
 
 The daemon starts it (``python -m watcher.kernel.kdelta.broker FD``, see
 :class:`.objects.Broker`) before installing its own filter.  The broker then
-installs its own (:func:`.seccomp.install_allow_list`): only the syscalls it
+installs its own (:func:`..sys.seccomp.install_allow_list`): only the syscalls it
 serves its socket with, and of ``bpf()`` only the creating commands plus
 ``BPF_OBJ_GET_INFO_BY_FD``; no update, delete or pin, no new sockets, no
 ``open``.  It keeps no object: each fd goes to the daemon and is closed here,

@@ -103,7 +103,7 @@ class IterDelta:
     def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True,
                  objects: EngineObjects | None = None, iterators: bool = True):
         """``iterators``: whether this host loads ``bpf_map_elem`` iterators
-        (:mod:`.features`).  Without them every step runs as a for_each program:
+        (:mod:`..features`).  Without them every step runs as a for_each program:
         the first walk and any walk or sweep whose output overflows the ring
         take several passes instead of one iterator read."""
         reason = sizing.unsupported_reason(record, stride)

@@ -4,7 +4,7 @@ bcc compiles the C at run time, creates the program's maps, loads its
 functions and attaches those named by convention (``TRACEPOINT_PROBE``,
 ``RAW_TRACEPOINT_PROBE``, ``tracepoint__cat__event``, ...), exactly as it does
 for its own tools.  pymap then reads the program's ring buffers and perf event
-arrays itself (:mod:`.ringbuf`, :mod:`.perfbuf`), not through bcc's
+arrays itself (:mod:`..buffers.ringbuf`, :mod:`..buffers.perfbuf`), not through bcc's
 per-record Python callbacks.
 
 Record layout: bcc remembers the C struct a program passes to

@@ -2,7 +2,7 @@
 
 Every privileged object the engine makes is made here, so a seccomp policy
 (issue 12) has one place to reconcile with.  The creating commands run in the
-objects broker (:mod:`.broker`), a process of its own, when the daemon runs the
+objects broker (:mod:`..kdelta.broker`), a process of its own, when the daemon runs the
 engine; the daemon itself only runs what it was handed (docs/operations.md):
 
 * ``BPF_MAP_CREATE`` (broker): shadow and state maps owned by pymap;
@@ -16,7 +16,7 @@ engine; the daemon itself only runs what it was handed (docs/operations.md):
   programs that write pymap's own state and shadow maps (socket filters: the
   data to write is their packet, see :mod:`..kdelta.writers`).
 
-At start-up only (before the seccomp filter), :mod:`.mapwatch` makes its
+At start-up only (before the seccomp filter), :mod:`..discovery.mapwatch` makes its
 maps and two ``BPF_PROG_TYPE_TRACEPOINT`` programs here as well, attached
 with ``perf_event_open`` (:mod:`.perfevent`), not with a bpf() command.
 

@@ -4,11 +4,11 @@ A perf event array (``BPF_MAP_TYPE_PERF_EVENT_ARRAY``) holds, per CPU, the
 fd of a ``PERF_COUNT_SW_BPF_OUTPUT`` software event; ``bpf_perf_event_output``
 writes ``PERF_RECORD_SAMPLE`` records with the program's bytes as
 ``PERF_SAMPLE_RAW`` into that CPU's event ring.  This module opens such
-events the way bcc and libbpf do; :mod:`.perfbuf` maps and reads them.
+events the way bcc and libbpf do; :mod:`..buffers.perfbuf` maps and reads them.
 
 A tracepoint event (:func:`open_tracepoint`) is how a BPF program is attached
 to a tracepoint without a link: ``PERF_EVENT_IOC_SET_BPF`` gives the event the
-program, and closing the event's fd detaches it (:mod:`.mapwatch`).
+program, and closing the event's fd detaches it (:mod:`..discovery.mapwatch`).
 """
 
 from __future__ import annotations
