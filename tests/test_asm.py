@@ -38,7 +38,7 @@ def test_decode_known_bytes():
     raw = bytes.fromhex("b700000000000000" "9500000000000000")
     first, second = decode(raw)
     assert (first.code, first.cls, first.dst, first.imm) == (MOV64_IMM, Class.ALU64, R0, 0)
-    assert (second.code, second.index) == (EXIT, 1)
+    assert (second.code, second.slot) == (EXIT, 1)
 
 
 def test_round_trip_with_the_assembler():
@@ -55,7 +55,7 @@ def test_round_trip_with_the_assembler():
     raw = a.assemble()
     insns = decode(raw)
     assert b"".join(insn.encode() for insn in insns) == raw
-    assert [insn.index for insn in insns] == [0, 2, 4, 5, 6, 7, 8, 9]
+    assert [insn.slot for insn in insns] == [0, 2, 4, 5, 6, 7, 8, 9]
     fd, value = insns[0], insns[1]
     assert fd.is_ld_imm64 and fd.src == LoadSource.MAP_FD and fd.imm == 7
     assert value.src == LoadSource.MAP_VALUE and (value.imm, value.imm2) == (9, 24)
@@ -110,10 +110,10 @@ def test_programs_the_kernel_accepted_decode_and_reencode():
         assert b"".join(insn.encode() for insn in insns) == raw
         helpers = [insn.helper for insn in insns if insn.is_call]
         assert helpers == [Helper.LOOP, Helper.SKB_LOAD_BYTES, Helper.MAP_DELETE_ELEM]
-        starts = {insn.index for insn in insns}
+        starts = {insn.slot for insn in insns}
         for insn in insns:  # every jump lands on an instruction, never inside an ld_imm64
             if insn.cls == Class.JMP and not insn.is_call and insn.code != EXIT:
-                assert insn.index + 1 + insn.off in starts
+                assert insn.slot + 1 + insn.off in starts
         maps = {insn.imm for insn in insns
                 if insn.is_ld_imm64 and insn.src in (LoadSource.MAP_FD, LoadSource.MAP_VALUE)}
         assert maps == {shadow, state}

@@ -17,8 +17,8 @@ second holds the upper 32 bits (or, for map values, the offset) in its imm.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from watcher.kernel.asm.helpers import Helper
 
@@ -128,11 +128,18 @@ MOV64_IMM = Class.ALU64 | AluOp.MOV | Source.K
 ADD64_IMM = Class.ALU64 | AluOp.ADD | Source.K
 
 
-@dataclass(frozen=True, slots=True)
-class Instruction:
-    """One decoded instruction; ``index`` is its first slot in the program."""
+_STORES = frozenset({Class.ST, Class.STX})
+_NO_DST_WRITE = frozenset({Class.ST, Class.STX, Class.JMP, Class.JMP32})
 
-    index: int
+
+class Instruction(NamedTuple):
+    """One decoded instruction; ``slot`` is where it starts in the program (in slots).
+
+    A named tuple, not a dataclass: the read-only check decodes every program
+    before each load (several per poll), and tuples are made several times faster.
+    """
+
+    slot: int
     code: int
     dst: int
     src: int
@@ -164,21 +171,22 @@ class Instruction:
 
     @property
     def is_store(self) -> bool:
-        return self.cls in (Class.ST, Class.STX)
+        return self.code & 0x07 in _STORES
 
     @property
     def writes_dst(self) -> bool:
         """Does it assign its dst register (stores and jumps do not)?"""
-        return self.cls not in (Class.ST, Class.STX, Class.JMP, Class.JMP32)
+        return self.code & 0x07 not in _NO_DST_WRITE
 
     @property
-    def slots(self) -> int:
+    def width(self) -> int:
+        """Slots it takes: 2 for ``ld_imm64``, else 1."""
         return 2 if self.is_ld_imm64 else 1
 
     @property
     def imm_at(self) -> int:
         """Byte offset of the imm field in the program (what the broker relocates)."""
-        return SLOT * self.index + 4
+        return SLOT * self.slot + 4
 
     def encode(self) -> bytes:
         first = encode(self.code, self.dst, self.src, self.off, self.imm)
@@ -198,18 +206,20 @@ def decode(program: bytes) -> list[Instruction]:
     """
     if len(program) % SLOT:
         raise ValueError(f"{len(program)} bytes is not a whole number of instructions")
+    slots = list(_LAYOUT.iter_unpack(program))
     out = []
-    index, count = 0, len(program) // SLOT
+    index, count = 0, len(slots)
     while index < count:
-        code, regs, off, imm = _LAYOUT.unpack_from(program, SLOT * index)
-        imm2 = 0
+        code, regs, off, imm = slots[index]
         if code == LD_IMM64:
             if index + 1 >= count:
                 raise ValueError(f"ld_imm64 at instruction {index} has no second half")
-            imm2 = _LAYOUT.unpack_from(program, SLOT * (index + 1))[3]
-        insn = Instruction(index, code, regs & 0xF, regs >> 4, off, imm, imm2)
-        out.append(insn)
-        index += insn.slots
+            out.append(Instruction(index, code, regs & 0xF, regs >> 4, off, imm,
+                                   slots[index + 1][3]))
+            index += 2
+        else:
+            out.append(Instruction(index, code, regs & 0xF, regs >> 4, off, imm))
+            index += 1
     return out
 
 
