@@ -23,6 +23,7 @@ from watcher.kernel.asm.instruction import (
     Class,
     LoadSource,
     decode,
+    decode_ld_imm64,
     encode,
 )
 from watcher.kernel.kdelta.objects import LocalObjects
@@ -119,6 +120,8 @@ def test_programs_the_kernel_accepted_decode_and_reencode():
         assert maps == {shadow, state}
         walk = walk_program(8, 16, shadow, state, array=False)  # checked, not loaded
         assert b"".join(insn.encode() for insn in decode(walk)) == walk
+        for program in (raw, walk):  # the broker's scan for map references sees the same
+            assert decode_ld_imm64(program) == [i for i in decode(program) if i.is_ld_imm64]
         assert syscall.map_info(shadow).key_size == 8
     finally:
         for fd in fds:

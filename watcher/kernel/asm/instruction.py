@@ -207,22 +207,46 @@ def decode(program: bytes) -> list[Instruction]:
     if len(program) % SLOT:
         raise ValueError(f"{len(program)} bytes is not a whole number of instructions")
     slots = list(_LAYOUT.iter_unpack(program))
-    out = []
-    index, count = 0, len(slots)
-    while index < count:
-        code, regs, off, imm = slots[index]
-        if code == LD_IMM64:
-            if index + 1 >= count:
+    out: list[Instruction] = []
+    append, make = out.append, tuple.__new__  # per instruction: no __new__ wrapper
+    second = False
+    for index, (code, regs, off, imm) in enumerate(slots):
+        if second:
+            second = False
+        elif code == LD_IMM64:
+            if index + 1 >= len(slots):
                 raise ValueError(f"ld_imm64 at instruction {index} has no second half")
-            out.append(Instruction(index, code, regs & 0xF, regs >> 4, off, imm,
-                                   slots[index + 1][3]))
-            index += 2
+            append(make(Instruction, (index, code, regs & 0xF, regs >> 4, off, imm,
+                                      slots[index + 1][3])))
+            second = True
         else:
-            out.append(Instruction(index, code, regs & 0xF, regs >> 4, off, imm))
-            index += 1
+            append(make(Instruction, (index, code, regs & 0xF, regs >> 4, off, imm, 0)))
+    return out
+
+
+def decode_ld_imm64(program: bytes) -> list[Instruction]:
+    """The ``ld_imm64`` instructions of ``program`` alone, as :func:`decode` gives them.
+
+    Why a second entry: map references are ``ld_imm64`` instructions, and a
+    program the broker loads is scanned for them twice (indexed here, relocated
+    there) before it is checked; skipping the rest by opcode is several times
+    cheaper than decoding every instruction.
+    """
+    if len(program) % SLOT:
+        raise ValueError(f"{len(program)} bytes is not a whole number of instructions")
+    codes = program[::SLOT]
+    out = []
+    index = codes.find(LD_IMM64)
+    while index >= 0:
+        if index + 1 >= len(codes):
+            raise ValueError(f"ld_imm64 at instruction {index} has no second half")
+        code, regs, off, imm = _LAYOUT.unpack_from(program, SLOT * index)
+        imm2 = _LAYOUT.unpack_from(program, SLOT * (index + 1))[3]
+        out.append(Instruction(index, code, regs & 0xF, regs >> 4, off, imm, imm2))
+        index = codes.find(LD_IMM64, index + 2)
     return out
 
 
 __all__ = ["ADD64_IMM", "CALL", "EXIT", "LD_IMM64", "MOV64_IMM", "MOV64_REG", "SLOT", "AluOp",
            "CallSource", "Class", "Instruction", "JumpOp", "LoadSource", "Mode", "Size",
-           "Source", "decode", "encode"]
+           "Source", "decode", "decode_ld_imm64", "encode"]

@@ -18,8 +18,12 @@ from watcher.kernel.asm.assembler import R0, R1, R2, R3, R4, R5, R9, R10
 from watcher.kernel.asm.helpers import Helper
 from watcher.kernel.asm.instruction import (
     ADD64_IMM,
+    CALL,
+    LD_IMM64,
     MOV64_IMM,
     MOV64_REG,
+    CallSource,
+    Class,
     Instruction,
     LoadSource,
     decode,
@@ -47,9 +51,9 @@ HELPERS = frozenset({Helper.MAP_LOOKUP_ELEM, Helper.MAP_UPDATE_ELEM, Helper.MAP_
 _MAP_WRITERS = (Helper.MAP_UPDATE_ELEM, Helper.MAP_DELETE_ELEM)
 
 
-def store_targets(program: bytes) -> set[int]:
-    """Base registers of every store in ``program``."""
-    return {insn.dst for insn in decode(program) if insn.is_store}
+# Classes whose dst is a store's base, and classes that do not assign their dst register.
+_STORES = frozenset({Class.ST, Class.STX})
+_NO_DST_WRITE = frozenset({Class.ST, Class.STX, Class.JMP, Class.JMP32})
 
 
 def check_read_only(program: bytes, own_maps: Collection[int]) -> None:
@@ -75,7 +79,8 @@ def check_read_only(program: bytes, own_maps: Collection[int]) -> None:
     """
     own = frozenset(own_maps)
     insns = decode(program)
-    targets = {insn.dst for insn in insns if insn.is_store}
+    # (opcode arithmetic, not Instruction's properties: this runs before every load)
+    targets = {insn.dst for insn in insns if insn.code & 0x07 in _STORES}
     if not targets <= {R4, R5, R9, R10}:
         raise AssertionError(f"generated program stores through r{sorted(targets)}")
     _Registers(own).follow(insns)
@@ -94,14 +99,14 @@ class _Registers:
 
     def follow(self, insns: list[Instruction]) -> None:
         for insn in insns:
-            if insn.is_call:
+            if insn.code == CALL:
                 self.call(insn)
-            elif insn.writes_dst:
+            elif insn.code & 0x07 not in _NO_DST_WRITE:
                 self.assign(insn)
 
     def call(self, insn: Instruction) -> None:
         helper, own = insn.imm, self.own
-        if insn.helper is not None and helper not in HELPERS:
+        if insn.src == CallSource.HELPER and helper not in HELPERS:
             raise AssertionError(f"generated program calls helper {helper}")
         if helper in _MAP_WRITERS and self.maps.get(R1) not in own:
             raise AssertionError(f"helper {helper} on a map that is not pymap's own")
@@ -118,8 +123,9 @@ class _Registers:
     def assign(self, insn: Instruction) -> None:
         dst, src, imm, code = insn.dst, insn.src, insn.imm, insn.code
         from_r0 = code == MOV64_REG and src == R0
-        map_fd = imm if insn.is_ld_imm64 and src == LoadSource.MAP_FD else None
-        value_of = imm if insn.is_ld_imm64 and src == LoadSource.MAP_VALUE else None
+        ld_imm64 = code == LD_IMM64
+        map_fd = imm if ld_imm64 and src == LoadSource.MAP_FD else None
+        value_of = imm if ld_imm64 and src == LoadSource.MAP_VALUE else None
         if dst == R5 and value_of not in self.own:
             raise AssertionError("R5 is loaded with something other than the state value")
         if dst == R9 and not (from_r0 and self.last_call == Helper.MAP_LOOKUP_ELEM
@@ -127,7 +133,7 @@ class _Registers:
             raise AssertionError("R9 is loaded with something other than an own map's entry")
         if dst == R4 and not ((from_r0 and self.last_call == Helper.RINGBUF_RESERVE)
                               or code == MOV64_IMM
-                              or (insn.is_ld_imm64 and src == LoadSource.VALUE)):
+                              or (ld_imm64 and src == LoadSource.VALUE)):
             raise AssertionError("R4 is loaded with something other than a reservation")
         is_stack = (code == MOV64_REG and src == R10) or (code == ADD64_IMM and dst in self.stack)
         self.maps[dst] = map_fd

@@ -50,7 +50,7 @@ import watcher.kernel.asm.readonly as progcheck
 import watcher.kernel.sys.create as progload
 import watcher.kernel.sys.seccomp as seccomp
 import watcher.kernel.sys.syscall as syscall
-from watcher.kernel.asm.instruction import SLOT, LoadSource, decode
+from watcher.kernel.asm.instruction import SLOT, LoadSource, decode_ld_imm64
 
 OP_MAP, OP_BTF, OP_PROG, OP_RELEASE = 1, 2, 3, 4
 # op, engine, a..e, name (NUL-padded)
@@ -213,8 +213,8 @@ class Server:
 def map_references(insns: bytes) -> list[int]:
     """Offsets of the map fds in ``insns`` (the imm of each ``ld_imm64`` of a map or a
     map value)."""
-    return [insn.imm_at for insn in decode(insns)
-            if insn.is_ld_imm64 and insn.src in (LoadSource.MAP_FD, LoadSource.MAP_VALUE)]
+    return [insn.imm_at for insn in decode_ld_imm64(insns)
+            if insn.src in (LoadSource.MAP_FD, LoadSource.MAP_VALUE)]
 
 
 def relocate(insns: bytes, fds: list[int]) -> bytes:
