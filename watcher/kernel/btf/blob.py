@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import struct
 
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"  # the running kernel's own BTF
 BTF_MAGIC = 0xEB9F
 # magic, version, flags, hdr_len, type_off, type_len, str_off, str_len
 HEADER = struct.Struct("<HBBIIIII")
@@ -62,4 +63,4 @@ def merge_split(base_raw: bytes, split_raw: bytes) -> bytes:
                        len(strings)) + types + strings
 
 
-__all__ = ["BTF_MAGIC", "HEADER", "BtfError", "Kind", "merge_split", "needs_base", "sections"]
+__all__ = ["BTF_MAGIC", "HEADER", "VMLINUX_BTF", "BtfError", "Kind", "merge_split", "needs_base", "sections"]

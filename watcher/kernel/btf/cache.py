@@ -14,8 +14,7 @@ import struct
 from collections.abc import Iterator
 
 import watcher.kernel.sys.syscall as syscall
-from watcher.kernel.btf.blob import BtfError, Kind, merge_split, needs_base
-from watcher.kernel.sys.create import VMLINUX_BTF
+from watcher.kernel.btf.blob import VMLINUX_BTF, BtfError, Kind, merge_split, needs_base
 
 
 def standalone_blob(btf_id: int) -> bytes:

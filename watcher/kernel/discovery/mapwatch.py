@@ -193,9 +193,9 @@ def enter_program(tp: Tracepoint, pending_fd: int, own_tgids: tuple[int, ...]) -
     return a.assemble()
 
 
-# An emitter, over 60 lines: one straight run of instructions reads best as one function.
-def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: int,
-                 lost_fd: int) -> bytes:
+def exit_program(  # size: an emitter; one straight run of instructions reads best whole
+        tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: int,
+        lost_fd: int) -> bytes:
     """``sys_exit_bpf``: for a remembered thread's new map fd, one :data:`RECORD`.
 
     Registers: R6 the tracepoint context, then the pointer being followed;

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import attrs
 
-from watcher.kernel.btf.cache import VMLINUX_BTF as KERNEL_BTF
+from watcher.kernel.btf.blob import VMLINUX_BTF as KERNEL_BTF
 from watcher.kernel.maps.find import DEFAULT_BPFFS
 from watcher.kernel.sys.capabilities import CAPABILITIES
 

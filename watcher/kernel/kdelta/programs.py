@@ -228,9 +228,9 @@ def _order_step(a: Asm, key_size: int, stride: int, row: int, state_fd: int, ord
     a.exit()
 
 
-# An emitter, over 60 lines: one straight run of instructions reads best as one function.
-def _positional(a: Asm, key_size: int, stride: int, row: int, state_fd: int, old_fd: int,
-                shadow_fd: int, ring_fd: int) -> None:
+def _positional(  # size: an emitter; one straight run of instructions reads best whole
+        a: Asm, key_size: int, stride: int, row: int, state_fd: int, old_fd: int,
+        shadow_fd: int, ring_fd: int) -> None:
     """Try the last complete walk's record before the shadow map (no hashing).
 
     The element is compared with old records ``j`` .. ``j + LOOKAHEAD - 1``
@@ -381,10 +381,10 @@ def _element(a: Asm, each_map_fd: int | None) -> None:
     a.jmp(JEQ, R8, 0, "out")
 
 
-# An emitter, over 60 lines: the per-element walk is one program, its labels local to it.
-def walk_program(key_size: int, stride: int, shadow_fd: int, state_fd: int,
-                 array: bool, ring_fd: int | None = None, map_fd: int | None = None,
-                 order_fd: int | None = None, old_fd: int | None = None) -> bytes:
+def walk_program(  # size: an emitter; the per-element walk is one program, its labels local
+        key_size: int, stride: int, shadow_fd: int, state_fd: int,
+        array: bool, ring_fd: int | None = None, map_fd: int | None = None,
+        order_fd: int | None = None, old_fd: int | None = None) -> bytes:
     """The per-element walk (see the module docstring).
 
     Without ``ring_fd``: a ``bpf_map_elem`` iterator program writing to its

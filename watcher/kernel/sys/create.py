@@ -32,6 +32,7 @@ import errno
 import threading
 
 import watcher.kernel.sys.syscall as syscall
+from watcher.kernel.btf.blob import VMLINUX_BTF
 from watcher.kernel.sys.syscall import BpfError, address, bpf
 
 BPF_PROG_LOAD = 5
@@ -43,7 +44,6 @@ BPF_ITER_CREATE = 33
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_ITER = 28
 BPF_F_NO_PREALLOC = 1
-VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 
 class Unsupported(Exception):
