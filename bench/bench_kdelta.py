@@ -115,21 +115,21 @@ def nop_walk(fd: int, host: Features) -> float | str:
     if not host.allows(features.MAP_ITER):
         return host.why_not(features.MAP_ITER)
     from watcher.kernel.asm.assembler import R0, Asm
-    from watcher.kernel.kdelta.iterdelta import _map_elem_iter_btf_id, _read_iter
+    from watcher.kernel.kdelta.walker import read_iter
     from watcher.kernel.sys import create as progload
 
     a = Asm()
     a.movi(R0, 0)
     a.exit()
     prog = progload.load_program(a.assemble(), "pymap_bench_nop", progload.BPF_PROG_TYPE_TRACING,
-                                 progload.BPF_TRACE_ITER, _map_elem_iter_btf_id())
+                                 progload.BPF_TRACE_ITER, progload.map_elem_iter_btf_id())
     try:
         best = float("inf")
         for _ in range(REPEATS):
             link = progload.attach_map_iter(prog, fd)
             try:
                 t0 = time.perf_counter()
-                _read_iter(link)
+                read_iter(link)
                 best = min(best, time.perf_counter() - t0)
             finally:
                 os.close(link)
@@ -140,15 +140,15 @@ def nop_walk(fd: int, host: Features) -> float | str:
 
 def nop_each(fd: int) -> float:
     """bpf_for_each_map_elem's own cost: a callback that returns at once, one program run."""
-    from watcher.kernel.asm.assembler import R0, Asm, func_btf
-    from watcher.kernel.kdelta.iterdelta import _EACH_CALLBACK_AT, _each_main
+    from watcher.kernel.asm.assembler import R0, Asm
+    from watcher.kernel.kdelta.programs import each_func_info, each_main
     from watcher.kernel.sys import create as progload
 
     a = Asm()
-    _each_main(a, fd)
+    each_main(a, fd)
     a.movi(R0, 0)
     a.exit()
-    blob, info = func_btf([("main", 0, True), ("cb", _EACH_CALLBACK_AT, False)])
+    blob, info = each_func_info()
     btf = progload.load_btf(blob)
     try:
         prog = progload.load_program(a.assemble(), "pymap_bench_nop",

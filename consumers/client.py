@@ -28,7 +28,7 @@ import attrs
 import trio
 import zmq
 
-from watcher.decode.bpfabi import percpu_slot
+from watcher.kernel.sys.abi import percpu_slot
 from watcher.wire import schema
 from watcher.wire.globs import check_glob
 from watcher.wire.schema import MapInfo

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import functools
 
-from watcher.decode.bpfabi import percpu_slot
+from watcher.kernel.sys.abi import percpu_slot
 from watcher.wire.schema import MapInfo
 
 from .client import Client, DaemonError

@@ -25,10 +25,12 @@ import attrs
 import pytest
 from conftest import require
 
-from watcher.decode.bpfabi import percpu_slot
-from watcher.kernel.btf import cache as B
+from watcher.decode import btf as B
+from watcher.decode import mapbtf
+from watcher.kernel.btf import cache as kbtf
 from watcher.kernel.maps import find as M
 from watcher.kernel.maps.dump import dump, value_stride
+from watcher.kernel.sys.abi import percpu_slot
 
 pytestmark = pytest.mark.kernel
 
@@ -152,7 +154,7 @@ def _offset(btf: B.Btf, type_id: int, *path: str) -> int:
 def _fill(b, rng: random.Random) -> None:
     h = _table(b, "rich_hash")
     record = M.record_from_fd(h.map_fd)
-    btf, vt = B.load_btf(record.btf_id), record.btf_value_type_id
+    btf, vt = mapbtf.load_btf(record.btf_id), record.btf_value_type_id
     named = {  # member path -> bytes, for one value in three
         ("c",): struct.pack("<i", 2), ("t",): b"\x02", ("ok",): b"\x00",
         ("text",): b'hello "world"\0',  # no backslash: bpftool prints one as \n
@@ -195,7 +197,7 @@ def _bpftool_dump(map_id: int) -> dict[bytes, dict]:
 def _pymap_formatted(fd: int) -> tuple[M.MapRecord, dict[bytes, dict]]:
     """What pymap shows: its own raw dump, formatted as bpftool would."""
     record = M.record_from_fd(fd)
-    fmts = B.map_formatters(record)
+    fmts = mapbtf.map_formatters(record)
     assert fmts is not None
     key_fmt, value_fmt = fmts
     stride, slot = value_stride(record), percpu_slot(record.value_size)
@@ -256,7 +258,7 @@ def test_rich_values_exercise_every_rule(prog):
 
 def test_formatter_reads_at_an_offset_and_rejects_short_values(prog):
     record = M.record_from_fd(_table(prog, "rich_hash").map_fd)
-    _, value_fmt = cast(tuple, B.map_formatters(record))
+    _, value_fmt = cast(tuple, mapbtf.map_formatters(record))
     chunk = next(dump(_table(prog, "rich_hash").map_fd, record))
     second = chunk.values[record.value_size:2 * record.value_size]
     assert value_fmt(chunk.values, record.value_size) == value_fmt(second)
@@ -267,16 +269,16 @@ def test_formatter_reads_at_an_offset_and_rejects_short_values(prog):
 
 def test_map_without_key_type_or_without_btf(prog, maps):
     record = M.record_from_fd(_table(prog, "rich_array").map_fd)
-    key_fmt, value_fmt = cast(tuple, B.map_formatters(attrs.evolve(record, btf_key_type_id=0)))
-    assert key_fmt is None and value_fmt is cast(tuple, B.map_formatters(record))[1]
+    key_fmt, value_fmt = cast(tuple, mapbtf.map_formatters(attrs.evolve(record, btf_key_type_id=0)))
+    assert key_fmt is None and value_fmt is cast(tuple, mapbtf.map_formatters(record))[1]
     fd, _ = maps.create("hash", 4, 8, 4, name="pymap_nobtf")
-    assert B.map_formatters(M.record_from_fd(fd)) is None
+    assert mapbtf.map_formatters(M.record_from_fd(fd)) is None
 
 
 def test_load_btf_is_cached_and_parses_vmlinux_like_bpftool(vmlinux_id):
     """Every vmlinux type, as bpftool reads it: every kind, where bcc's BTF has few."""
-    btf = B.load_btf(vmlinux_id)
-    assert B.load_btf(vmlinux_id) is btf
+    btf = mapbtf.load_btf(vmlinux_id)
+    assert mapbtf.load_btf(vmlinux_id) is btf
     out = subprocess.run(["bpftool", "-j", "btf", "dump", "id", str(vmlinux_id)],
                          capture_output=True, text=True, check=True).stdout
     types = json.loads(out)["types"]
@@ -329,7 +331,7 @@ def _as_bpftool(t: B.BtfType) -> dict:
 
 def test_every_vmlinux_struct_compiles_and_formats(vmlinux_id):
     """A robustness sweep over ~13k real types: build, run on zeros, no surprise exception."""
-    btf = B.load_btf(vmlinux_id)
+    btf = mapbtf.load_btf(vmlinux_id)
     done = 0
     for type_id in range(1, len(btf)):
         if btf.type(type_id).kind in (B.Kind.STRUCT, B.Kind.UNION, B.Kind.DATASEC):
@@ -589,5 +591,5 @@ def test_split_btf_on_a_base():
 
 def test_standalone_blob_of_vmlinux_is_the_kernel_file(vmlinux_id):
     """vmlinux stands alone: shipped as the kernel has it (split BTF is merged onto it)."""
-    with open(B.VMLINUX_BTF, "rb") as f:
-        assert B.standalone_blob(vmlinux_id) == f.read()
+    with open(kbtf.VMLINUX_BTF, "rb") as f:
+        assert kbtf.standalone_blob(vmlinux_id) == f.read()

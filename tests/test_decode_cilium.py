@@ -17,9 +17,9 @@ from support.events import FAST, Follower, wait_ready
 from support.kernel import NCPUS
 
 from watcher.decode import cilium
-from watcher.decode.bpfabi import percpu_slot
 from watcher.decode.choose import choose
 from watcher.decode.cilium import CiliumLayout
+from watcher.kernel.sys.abi import percpu_slot
 from watcher.wire.schema import MapInfo
 
 FIXTURE = REPO / "examples" / "cilium-fixture" / "cilium_fixture.py"

@@ -35,21 +35,18 @@ from support.kernel import bpftool_entries, host_allows, host_features, made_up_
 
 from watcher.daemon.config import WatchConfig
 from watcher.daemon.diff import Action, Delta, EngineSnapshot, KernelDelta, choose_engine, diff
-from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel.asm.assembler import R3, R8, Asm
+from watcher.kernel.asm.readonly import check_read_only
 from watcher.kernel.features import probe as kf
-from watcher.kernel.kdelta import iterdelta
-from watcher.kernel.kdelta.iterdelta import (
-    Unsupported,
-    _check_read_only,
-    delete_program,
-    state_program,
-    walk_program,
-)
+from watcher.kernel.kdelta import sizing
 from watcher.kernel.kdelta.objects import Broker
+from watcher.kernel.kdelta.programs import walk_program
+from watcher.kernel.kdelta.writers import delete_program, state_program
 from watcher.kernel.maps import find as kmaps
 from watcher.kernel.maps.dump import dump, value_stride
 from watcher.kernel.sys import syscall
+from watcher.kernel.sys.abi import percpu_slot
+from watcher.kernel.sys.create import Unsupported
 
 
 def events(delta: Delta | None, key_size: int, stride: int) -> list[tuple]:
@@ -162,7 +159,7 @@ def test_both_engines_make_identical_events(maps, broker, map_type, key_size, va
                                             max_entries, route, monkeypatch):
     rng = random.Random(f"{map_type}{key_size}{value_size}")
     if route == TINY_RING:  # 4 KiB: about 140 rows, so the 250-change bursts overflow it
-        monkeypatch.setattr(iterdelta, "ring_bytes", lambda record, stride: 4096)
+        monkeypatch.setattr(sizing, "ring_bytes", lambda record, stride: 4096)
     fd, map_id = maps.create(map_type, key_size, value_size, max_entries, name="pymap_kd_t")
     record = kmaps.record_from_fd(fd)
     stride = value_stride(record)
@@ -333,7 +330,7 @@ def test_engine_choice_reasons(maps):
         # cap holds); kernels count differently: 6.18 charges within 10 % of it, 6.1's
         # fdinfo memlock for the same objects is under half (make test-kernels)
         assert engine.kernel_bytes > 0
-        from watcher.kernel.kdelta.iterdelta import shadow_bytes_estimate
+        from watcher.kernel.kdelta.sizing import shadow_bytes_estimate
         assert 0.9 < shadow_bytes_estimate(record, 8) / engine.kernel_bytes < 2.5
     finally:
         if engine:
@@ -381,32 +378,32 @@ def test_each_route_is_chosen_from_the_probe_and_says_why(maps):
 def test_generated_programs_cannot_store_through_the_watched_map():
     own = {3, 4, 5}  # shadow, state, ring; 6 is the watched map
     program = walk_program(8, 16, shadow_fd=3, state_fd=4, array=False)
-    _check_read_only(program, own)  # the real programs pass
-    _check_read_only(walk_program(8, 16, shadow_fd=3, state_fd=4, array=False, ring_fd=5,
+    check_read_only(program, own)  # the real programs pass
+    check_read_only(walk_program(8, 16, shadow_fd=3, state_fd=4, array=False, ring_fd=5,
                                   map_fd=6), own)
-    _check_read_only(state_program(4), own)
-    _check_read_only(delete_program(8, 3, 4), own)
+    check_read_only(state_program(4), own)
+    check_read_only(delete_program(8, 3, 4), own)
     a = Asm()
     a.st(8, R8, 0, 1)  # *(u64 *)(value + 0) = 1: a write into the watched map
     a.exit()
     with pytest.raises(AssertionError):
-        _check_read_only(program[:-8] + a.assemble(), own)
+        check_read_only(program[:-8] + a.assemble(), own)
     b = Asm()
     b.st(8, R3, 0, 1)  # a for_each callback's value argument
     b.exit()
     with pytest.raises(AssertionError):
-        _check_read_only(program[:-8] + b.assemble(), own)
+        check_read_only(program[:-8] + b.assemble(), own)
     # the writer programs, pointed at the watched map instead of pymap's own
     for wrong in (state_program(6), delete_program(8, 6, 4), delete_program(8, 3, 6)):
         with pytest.raises(AssertionError):
-            _check_read_only(wrong, own)
+            check_read_only(wrong, own)
     with pytest.raises(AssertionError):  # the walk's shadow insert, aimed at the watched map
-        _check_read_only(walk_program(8, 16, shadow_fd=6, state_fd=4, array=False), own)
+        check_read_only(walk_program(8, 16, shadow_fd=6, state_fd=4, array=False), own)
     c = Asm()
     c.call(166)  # bpf_sys_bpf: not a helper pymap's programs call
     c.exit()
     with pytest.raises(AssertionError):
-        _check_read_only(c.assemble(), own)
+        check_read_only(c.assemble(), own)
 
 
 def test_loader_refuses_program_types_pymap_never_loads():
@@ -513,7 +510,7 @@ def test_kernel_lets_programs_write_through_a_read_only_fd(maps):
     (docs/architecture.md).  A host that refuses iterators refuses this one at load, with
     the errno its probe gave; the for_each half holds on every host."""
     from watcher.kernel.asm.assembler import JEQ, R0, R1
-    from watcher.kernel.kdelta.iterdelta import _map_elem_iter_btf_id, _read_iter
+    from watcher.kernel.kdelta.walker import read_iter
     from watcher.kernel.sys import create as progload
 
     fd, map_id = maps.create("hash", 8, 8, 4, name="pymap_kd_ro")
@@ -531,11 +528,11 @@ def test_kernel_lets_programs_write_through_a_read_only_fd(maps):
         if host_allows(kf.MAP_ITER):
             prog = progload.load_program(a.assemble(), "pymap_kd_rotest",
                                          progload.BPF_PROG_TYPE_TRACING,
-                                         progload.BPF_TRACE_ITER, _map_elem_iter_btf_id())
+                                         progload.BPF_TRACE_ITER, progload.map_elem_iter_btf_id())
             try:
                 link = progload.attach_map_iter(prog, ro)
                 try:
-                    _read_iter(link)
+                    read_iter(link)
                 finally:
                     os.close(link)
             finally:
@@ -545,7 +542,7 @@ def test_kernel_lets_programs_write_through_a_read_only_fd(maps):
             with pytest.raises(OSError) as refused:
                 progload.load_program(a.assemble(), "pymap_kd_rotest",
                                       progload.BPF_PROG_TYPE_TRACING, progload.BPF_TRACE_ITER,
-                                      _map_elem_iter_btf_id())
+                                      progload.map_elem_iter_btf_id())
             assert errno_name(refused.value) == host_features().get(kf.MAP_ITER).error
         assert syscall.map_lookup_elem(fd, struct.pack("<Q", 1), 8) == struct.pack("<Q", expected)
         # nor when a program names the map (as the for_each walk does) through that fd

@@ -7,8 +7,8 @@ import os
 import pytest
 from support.catalog import record
 
-from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel.maps.find import MapHandle
+from watcher.kernel.sys.abi import percpu_slot
 from watcher.kernel.sys.cpus import parse_cpu_list
 
 
@@ -36,3 +36,24 @@ def test_map_handle_closes_its_fd_exactly_once():
     with pytest.raises(ValueError, match="closed"):
         _ = handle.fd
     assert "closed" in repr(handle)
+
+
+def test_the_kernel_layer_imports_nothing_above_it():
+    """watcher.kernel is the floor: decode, wire, daemon and consumers import it, never
+    the reverse (lazy imports inside functions included)."""
+    import ast
+    import pathlib
+
+    import watcher.kernel
+
+    above = ("watcher.decode", "watcher.wire", "watcher.daemon", "consumers")
+    root = pathlib.Path(watcher.kernel.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and
+                     not node.level else [])
+            found += [f"{path.relative_to(root)}: {name}" for name in names
+                      if name.startswith(above)]
+    assert not found

@@ -212,8 +212,6 @@ KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset(
                    "consumers.startpolicy", "consumers.subscriber"}),
         # BatchRenderer calls back into the formats' base; base builds the renderer.
         frozenset({"consumers.export.formats.base", "consumers.export.formats.batch"}),
-        # create() loads BTF lazily at first use; the BTF cache needs VMLINUX_BTF.
-        frozenset({"watcher.kernel.btf.cache", "watcher.kernel.sys.create"}),
     }
 )
 
@@ -229,20 +227,12 @@ def test_known_cycles_still_exist(graph: Graph):
     assert not gone, "untied, remove from KNOWN_CYCLES: " + repr(sorted(map(sorted, gone)))
 
 
-# The one upward pair on main when this test was written; its owner is moving the
-# per-CPU slot size and the BTF parsing the kernel layer uses out of watcher.decode
-# (issue 17).  strict: the day it passes, this mark must go.
-KERNEL_TO_DECODE = pytest.mark.xfail(
-    strict=True, reason="watcher.kernel still imports watcher.decode (issue 17, being fixed)"
-)
-
 # Every (lower, higher) pair of floors: the lower must not import the higher.
 UPWARD = [
     pytest.param(
         lower,
         higher,
         id=f"{lower}->{higher}",
-        marks=[KERNEL_TO_DECODE] if (lower, higher) == ("watcher.kernel", "watcher.decode") else [],
     )
     for lower, lower_floor in FLOORS.items()
     for higher, higher_floor in FLOORS.items()

@@ -89,7 +89,7 @@ if profile == "kernel_delta":
     # The in-kernel engine on a map of its own: a first walk, then adds, changes and
     # more removals than one packet of the delete program holds, all before the filter.
     from watcher.kernel.maps import find as kmaps
-    from watcher.kernel.kdelta.iterdelta import IterDelta
+    from watcher.kernel.kdelta.walker import IterDelta
     from watcher.kernel.kdelta.objects import Broker
     import struct
     broker = Broker()                                # as the daemon: before its filter
@@ -365,10 +365,10 @@ def sys_bpf_update():
     attr = progload._ProgLoadAttr(prog_type=31, insn_cnt=len(insns) // 8,
                                   insns=ctypes.addressof(code),
                                   license=ctypes.addressof(license_), prog_flags=1 << 4)
-    prog = progload._bpf(progload.BPF_PROG_LOAD, attr, "BPF_PROG_LOAD")
+    prog = s.bpf(progload.BPF_PROG_LOAD, attr, "BPF_PROG_LOAD")
     ctx = ctypes.create_string_buffer(struct.pack("<I", map_id), 4)
     run = TestRunCtx(prog_fd=prog, ctx_size_in=4, ctx_in=ctypes.addressof(ctx))
-    progload._bpf(10, run, "BPF_PROG_TEST_RUN")
+    s.bpf(10, run, "BPF_PROG_TEST_RUN")
     if run.retval:
         raise OSError(-ctypes.c_int32(run.retval).value, "bpf_sys_bpf")
 

@@ -42,12 +42,6 @@ ALLOWED: dict[str, int] = {
     "watcher/daemon/metrics.py::DaemonCollector.collect": 105,
     "watcher/decode/btf.py": 667,
     "watcher/decode/cilium.py": 560,
-    "watcher/kernel/asm/readonly.py::check_read_only": 67,
-    "watcher/kernel/discovery/mapwatch.py::exit_program": 100,
-    "watcher/kernel/kdelta/iterdelta.py": 1099,
-    "watcher/kernel/kdelta/iterdelta.py::IterDelta.walk": 87,
-    "watcher/kernel/kdelta/iterdelta.py::_positional": 61,
-    "watcher/kernel/kdelta/iterdelta.py::walk_program": 91,
     "watcher/wire/schema.py": 528,
 }
 

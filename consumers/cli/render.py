@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING
 import orjson
 from rich.console import Console
 
-from watcher.decode.bpfabi import percpu_slot
+from watcher.kernel.sys.abi import percpu_slot
 from watcher.wire.schema import MapInfo
 
 from .columns import Column, print_table

@@ -17,9 +17,9 @@ import uuid
 
 import attrs
 
-from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel.features import probe as features
 from watcher.kernel.sys import syscall
+from watcher.kernel.sys.abi import percpu_slot
 from watcher.kernel.sys.cpus import possible_cpus
 
 NCPUS = possible_cpus()

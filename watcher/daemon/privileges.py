@@ -35,7 +35,7 @@ READ_COMMANDS = (
     "BPF_BTF_GET_FD_BY_ID", "BPF_MAP_LOOKUP_ELEM", "BPF_MAP_GET_NEXT_KEY",
     "BPF_MAP_LOOKUP_BATCH",
 )
-# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/kdelta/iterdelta.py) adds
+# What the in-kernel delta engine (watch.kernel_delta; watcher/kernel/kdelta/) adds
 # in the daemon's process: running objects that already exist.  It creates nothing here:
 # its maps, BTF and programs come from the objects broker (watcher/kernel/kdelta/broker.py), a
 # process of its own that checks every program (writes only to the maps it made for the
@@ -97,7 +97,7 @@ def allowed_bpf_commands(config: Config, features: Features) -> tuple[str, ...]:
     if not kernel_delta_enabled(config):
         return READ_COMMANDS
     # Imported here: a daemon with the engine off never loads the program builders.
-    from watcher.kernel.kdelta.iterdelta import routes as kernel_routes
+    from watcher.kernel.kdelta.sizing import routes as kernel_routes
 
     each, iterators, _ = kernel_routes(features)
     if not (each or iterators):

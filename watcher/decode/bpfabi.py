@@ -1,14 +1,11 @@
-"""Facts of the kernel's BPF ABI that the daemon and consumers both need, defined once.
+"""Re-exports :mod:`watcher.kernel.sys.abi`, the one home of these kernel ABI facts.
 
-Pure constants and arithmetic (no kernel access), so ``watcher/kernel`` and
-``consumers`` can share them without one importing the other.
+Kept only so code written against the old path keeps importing while parallel
+work lands; import from :mod:`watcher.kernel.sys.abi` instead.
 """
 
 from __future__ import annotations
 
-KERNEL_NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1: the kernel keeps this much of a map's name
+from watcher.kernel.sys.abi import KERNEL_NAME_MAX, percpu_slot
 
-
-def percpu_slot(value_size: int) -> int:
-    """Bytes per CPU in a per-CPU map's value: the value rounded up to 8 (kernel ABI)."""
-    return (value_size + 7) & ~7
+__all__ = ["KERNEL_NAME_MAX", "percpu_slot"]

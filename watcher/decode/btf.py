@@ -1,7 +1,8 @@
 """BTF: parsing type blobs, and formatting map bytes as bpftool does.
 
 Pure: no kernel access here (watcher/kernel/btf/cache.py reads blobs from the
-kernel), so clients decode with the blob the daemon ships them.
+kernel, watcher/kernel/btf/blob.py holds the format's ABI), so clients decode
+with the blob the daemon ships them.
 
 Why here and not through a library: bcc's Python side cannot read BTF, and a
 dump may hold a million entries, so formatting has to be compiled once per
@@ -40,33 +41,27 @@ number of.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["BtfError", "Btf", "BtfType", "Kind", "Member", "parse_btf", "Formatter"]
+from watcher.kernel.btf.blob import BTF_MAGIC, BtfError, Kind, merge_split, needs_base
+from watcher.kernel.btf.blob import HEADER as _HEADER
+
+# BtfError, Kind, needs_base and merge_split are the kernel layer's (watcher.kernel.btf.blob):
+# the blob format's ABI, re-exported here with the parser that uses them.
+__all__ = ["BtfError", "Btf", "BtfType", "Kind", "Member", "parse_btf", "Formatter",
+           "merge_split", "needs_base"]
 
 # A formatter takes the bytes of one value (optionally an offset into a larger
 # buffer, e.g. a whole dump chunk, to spare a slice) and returns JSON-able data.
 Formatter = Callable[..., Any]
 
-BTF_MAGIC = 0xEB9F
-# magic, version, flags, hdr_len, type_off, type_len, str_off, str_len
-_HEADER = struct.Struct("<HBBIIIII")
 _TYPE = struct.Struct("<III")  # name_off info size|type
 _U32 = struct.Struct("<I")
 _PTR_CODE = "Q" if struct.calcsize("P") == 8 else "I"  # bpftool reads an `unsigned long`
 
-
-class BtfError(ValueError):
-    """Malformed BTF, a type that cannot be formatted, or too few bytes for a value."""
-
-
-# BTF_KIND_*, in kernel order.
-Kind = enum.IntEnum("Kind", "UNKN INT PTR ARRAY STRUCT UNION ENUM FWD TYPEDEF VOLATILE CONST "
-                    "RESTRICT FUNC FUNC_PROTO VAR DATASEC FLOAT DECL_TAG TYPE_TAG ENUM64", start=0)
 
 INT_SIGNED, INT_CHAR, INT_BOOL = 1, 2, 4
 # Kinds that name another type and add nothing to its layout (libbpf's btf_is_mod, + typedef).
@@ -208,41 +203,6 @@ class Btf:
 
 _VOID = BtfType(Kind.UNKN, "void", False, 0, 0)
 _MAX_DEPTH = 64
-
-
-def _sections(raw: bytes) -> tuple[tuple, bytes, bytes]:
-    """The header fields, the type section and the string section of a raw blob."""
-    if len(raw) < _HEADER.size:
-        raise BtfError(f"BTF blob of {len(raw)} bytes is shorter than its header")
-    head = _HEADER.unpack_from(raw)
-    _magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = head
-    return (head, raw[hdr_len + type_off:hdr_len + type_off + type_len],
-            raw[hdr_len + str_off:hdr_len + str_off + str_len])
-
-
-def needs_base(raw: bytes) -> bool:
-    """Is ``raw`` split BTF (a kernel module's, on top of vmlinux)?
-
-    Standalone BTF's string section starts with a NUL (the kernel insists);
-    split BTF's continues its base's, so it need not.
-    """
-    _head, _types, strings = _sections(raw)
-    return not strings.startswith(b"\0")
-
-
-def merge_split(base_raw: bytes, split_raw: bytes) -> bytes:
-    """One blob that parses alone: ``base_raw``'s types and strings, then ``split_raw``'s.
-
-    Split BTF numbers its types after its base's and offsets its strings after
-    the base's string section, so the concatenated sections keep every type id
-    and string offset valid.  That is how a split blob reaches a consumer, who
-    has no vmlinux of the daemon's host to parse it against.
-    """
-    (magic, version, flags, *_), base_types, base_strings = _sections(base_raw)
-    _head, split_types, split_strings = _sections(split_raw)
-    types, strings = base_types + split_types, base_strings + split_strings
-    return _HEADER.pack(magic, version, flags, _HEADER.size, 0, len(types), len(types),
-                        len(strings)) + types + strings
 
 
 def parse_btf(raw: bytes, base: Btf | None = None) -> Btf:

@@ -24,8 +24,9 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from watcher.kernel.sys.abi import percpu_slot
+
 from . import cilium
-from .bpfabi import percpu_slot
 from .btf import BtfError, parse_btf
 from .layout import Layout, LayoutError, fit_note, parse_layout
 

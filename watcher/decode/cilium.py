@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from .bpfabi import KERNEL_NAME_MAX
+from watcher.kernel.sys.abi import KERNEL_NAME_MAX
 
 __all__ = ["KNOWN", "CiliumLayout", "find"]
 

@@ -12,7 +12,9 @@ Laid out as cilium/ebpf lays out its Go packages, one owner per kind of kernel o
 * :mod:`.prog` -- event-source programs users hand to pymap (bcc);
 * :mod:`.features` -- what this host's kernel allows, probed once, and doctor's checks.
 
-Nothing here imports from :mod:`watcher.daemon`, :mod:`watcher.wire` or
-:mod:`consumers` (``tests/test_layers.py`` checks); the layer above decides policy,
+Nothing here imports from :mod:`watcher.decode`, :mod:`watcher.daemon`,
+:mod:`watcher.wire` or :mod:`consumers` (``tests/test_kernel_unit.py`` checks: the
+kernel ABI facts the layers above share live here, in :mod:`.sys.abi` and
+:mod:`.btf.blob`); the layer above decides policy,
 this one only does what it is asked and reports what the kernel said.
 """

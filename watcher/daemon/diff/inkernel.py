@@ -1,7 +1,7 @@
 """The in-kernel engine's daemon side: choosing it per map, and turning a kernel
 walk's changed entries into the same events the user-space engine makes.
 
-The kernel half (:mod:`watcher.kernel.kdelta.iterdelta`) sends only entries whose
+The kernel half (:mod:`watcher.kernel.kdelta.walker`) sends only entries whose
 value changed and keys that were removed; it keeps fingerprints, not values.
 The old value of an ``updated``/``removed`` event, and the state a snapshot
 request is served from, come from here: the last delivered state, kept as the
@@ -32,8 +32,8 @@ from watcher.kernel.maps.find import MapRecord
 if TYPE_CHECKING:
     # The kernel half is imported where it is used (a daemon with the engine off never
     # loads its program builders: ~2.5 MB of resident memory).
-    from watcher.kernel.kdelta.iterdelta import WalkResult
     from watcher.kernel.kdelta.objects import Broker
+    from watcher.kernel.kdelta.walker import WalkResult
 
 from ..config import WatchConfig
 from .core import Delta, EngineSnapshot, assemble, first_poll_is_silent, key_dtype
@@ -48,7 +48,7 @@ class KernelDelta:
 
     def __init__(self, record: MapRecord, stride: int, use_for_each: bool = True,
                  broker: Broker | None = None, iterators: bool = True):
-        from watcher.kernel.kdelta.iterdelta import IterDelta
+        from watcher.kernel.kdelta.walker import IterDelta
 
         self.walker = IterDelta(record, stride, use_for_each,
                                 broker.engine() if broker is not None else None, iterators)
@@ -195,13 +195,13 @@ def choose_engine(record: MapRecord, stride: int, config: WatchConfig, in_use_by
     """
     if config.kernel_delta == "off":
         return None, f"{USER}: watch.kernel_delta is off"
-    from watcher.kernel.kdelta.iterdelta import (
-        Unsupported,
+    from watcher.kernel.kdelta.sizing import (
         iterator_needed,
         routes,
         shadow_bytes_estimate,
         unsupported_reason,
     )
+    from watcher.kernel.sys.create import Unsupported
 
     why = unsupported_reason(record, stride)
     if why:

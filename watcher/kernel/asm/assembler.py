@@ -13,31 +13,46 @@ from __future__ import annotations
 
 import struct
 
-# Instruction classes, sizes, modes, operations (linux/bpf_common.h, linux/bpf.h).
-LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = range(8)
-W, H, B, DW = 0x00, 0x08, 0x10, 0x18
-IMM, MEM, ATOMIC = 0x00, 0x60, 0xC0
-K, X = 0x00, 0x08
-ADD, SUB, MUL, DIV, OR, AND, LSH, RSH, XOR, MOV = (0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70,
-                                                  0xA0, 0xB0)
-JA, JEQ, JGT, JGE, JNE, CALL, EXIT = 0x00, 0x10, 0x20, 0x30, 0x50, 0x80, 0x90
-JSLT = 0xC0  # signed <
-SIZES = {1: B, 2: H, 4: W, 8: DW}
+from watcher.kernel.asm.helpers import Helper
+from watcher.kernel.asm.instruction import (
+    AluOp,
+    CallSource,
+    Class,
+    JumpOp,
+    LoadSource,
+    Mode,
+    Size,
+    Source,
+    encode,
+)
 
-PSEUDO_MAP_FD = 1  # ld_imm64 src_reg: imm is a map fd, the kernel puts the map's address
-PSEUDO_MAP_VALUE = 2  # ld_imm64 src_reg: imm is a map fd, imm2 an offset into value 0
-PSEUDO_CALL = 1  # call src_reg: a bpf-to-bpf call, imm is the relative target
-PSEUDO_FUNC = 4  # ld_imm64 src_reg: imm is the relative target of a callback
+# Short spellings of the encoding's enums (:mod:`.instruction`), as programs are written.
+LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = Class
+W, H, B, DW = Size.W, Size.H, Size.B, Size.DW
+IMM, MEM, ATOMIC = Mode.IMM, Mode.MEM, Mode.ATOMIC
+K, X = Source.K, Source.X
+ADD, SUB, MUL, DIV, OR, AND, LSH, RSH, XOR, MOV = (
+    AluOp.ADD, AluOp.SUB, AluOp.MUL, AluOp.DIV, AluOp.OR, AluOp.AND, AluOp.LSH, AluOp.RSH,
+    AluOp.XOR, AluOp.MOV)
+JA, JEQ, JGT, JGE, JNE, JSLT = (JumpOp.JA, JumpOp.JEQ, JumpOp.JGT, JumpOp.JGE, JumpOp.JNE,
+                                JumpOp.JSLT)
+SIZES = {1: B, 2: H, 4: W, 8: DW}
 
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
 
 
 class Asm:
-    """Instructions in order; jumps to labels are fixed up by :meth:`assemble`."""
+    """Instructions in order; jumps and callbacks name labels, fixed up by :meth:`assemble`.
+
+    A callback (a static subprogram whose address :meth:`ld_func` takes) starts
+    at a :meth:`function` label, so the BTF ``func_info`` the kernel wants for it
+    comes from the labels too (:meth:`func_info`), never from a counted offset.
+    """
 
     def __init__(self) -> None:
-        self.insns: list[list[int]] = []  # [code, dst, src, off, imm]
+        self.insns: list[list[int]] = []  # [code, dst, src, off, imm], one per slot
         self.labels: dict[str, int] = {}
+        self.functions: list[str] = []  # labels that start a static subprogram
         self._fixups: list[tuple[int, str, str]] = []  # (index, label, field)
 
     def _emit(self, code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> None:
@@ -47,6 +62,17 @@ class Asm:
         if name in self.labels:
             raise ValueError(f"label {name} defined twice")
         self.labels[name] = len(self.insns)
+
+    def function(self, name: str) -> None:
+        """Start the static subprogram ``name`` here (a callback; its BTF name too)."""
+        self.label(name)
+        self.functions.append(name)
+
+    def func_info(self, main: str) -> tuple[bytes, bytes]:
+        """BTF and ``func_info`` for this program: ``main`` (global) at instruction 0,
+        then each :meth:`function` where its label is (see :func:`func_btf`)."""
+        return func_btf([(main, 0, True)]
+                        + [(name, self.labels[name], False) for name in self.functions])
 
     # --- ALU ---
     def alu64(self, op: int, dst: int, src_or_imm: int, reg: bool = False) -> None:
@@ -61,22 +87,23 @@ class Asm:
     def movi(self, dst: int, imm: int) -> None:
         self.alu64(MOV, dst, imm)
 
-    def ld_imm64(self, dst: int, value: int, src: int = 0, imm2: int | None = None) -> None:
+    def ld_imm64(self, dst: int, value: int, src: int = LoadSource.VALUE,
+                 imm2: int | None = None) -> None:
         lo, hi = value & 0xFFFFFFFF, (value >> 32) & 0xFFFFFFFF
         self._emit(LD | DW | IMM, dst, src, 0, _s32(lo))
         self._emit(0, 0, 0, 0, _s32(hi if imm2 is None else imm2))
 
     def ld_map_fd(self, dst: int, fd: int) -> None:
-        self.ld_imm64(dst, fd, src=PSEUDO_MAP_FD)
+        self.ld_imm64(dst, fd, src=LoadSource.MAP_FD)
 
     def ld_map_value(self, dst: int, fd: int, offset: int = 0) -> None:
         """``dst`` = address of value 0 of array map ``fd`` + offset (no helper call)."""
-        self.ld_imm64(dst, fd, src=PSEUDO_MAP_VALUE, imm2=offset)
+        self.ld_imm64(dst, fd, src=LoadSource.MAP_VALUE, imm2=offset)
 
     def ld_func(self, dst: int, label: str) -> None:
         """``dst`` = address of the subprogram at ``label`` (a callback)."""
         self._fixups.append((len(self.insns), label, "imm"))
-        self.ld_imm64(dst, 0, src=PSEUDO_FUNC)
+        self.ld_imm64(dst, 0, src=LoadSource.FUNC)
 
     # --- memory ---
     def ldx(self, size: int, dst: int, src: int, off: int) -> None:
@@ -104,11 +131,11 @@ class Asm:
         self._fixups.append((len(self.insns), label, "off"))
         self._emit(JMP | JA)
 
-    def call(self, helper: int) -> None:
-        self._emit(JMP | CALL, 0, 0, 0, helper)
+    def call(self, helper: Helper | int) -> None:
+        self._emit(JMP | JumpOp.CALL, 0, CallSource.HELPER, 0, helper)
 
     def exit(self) -> None:
-        self._emit(JMP | EXIT)
+        self._emit(JMP | JumpOp.EXIT)
 
     def assemble(self) -> bytes:
         for index, label, field in self._fixups:
@@ -116,22 +143,11 @@ class Asm:
                 raise ValueError(f"undefined label {label}")
             rel = self.labels[label] - index - 1
             self.insns[index][3 if field == "off" else 4] = rel
-        return b"".join(struct.pack("<BBhi", c, (d & 0xF) | ((s & 0xF) << 4), o, i)
-                        for c, d, s, o, i in self.insns)
+        return b"".join(encode(c, d, s, o, i) for c, d, s, o, i in self.insns)
 
 
 def _s32(value: int) -> int:
     return value - (1 << 32) if value & 0x80000000 else value
-
-
-def store_targets(program: bytes) -> set[int]:
-    """Base registers of every store in ``program`` (for read-only checks)."""
-    targets = set()
-    for pos in range(0, len(program), 8):
-        code, regs = program[pos], program[pos + 1]
-        if code & 0x07 in (ST, STX):
-            targets.add(regs & 0xF)
-    return targets
 
 
 def func_btf(funcs: list[tuple[str, int, bool]]) -> tuple[bytes, bytes]:

@@ -3,32 +3,30 @@
 The kernel does not check it (tests/test_seccomp.py measures it): a program
 may write every map it names, whatever the mode of the fd it was named
 through.  So pymap's generated programs are checked before every load, where
-they are loaded: in the objects broker (:mod:`.broker`), outside the daemon's
+they are loaded: in the objects broker (:mod:`..kdelta.broker`), outside the daemon's
 process, when the daemon runs the in-kernel engine; in the calling process
-otherwise (tests, benchmarks: :class:`.objects.LocalObjects`).
+otherwise (tests, benchmarks: :class:`..kdelta.objects.LocalObjects`).
 
-Kept small (``struct`` and the assembler's opcode table): the broker imports it.
+Kept small (the instruction decoder and the helper ids): the broker imports it.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Collection
 
-from watcher.kernel.asm.assembler import (
-    JMP,
-    JMP32,
-    R0,
-    R1,
-    R2,
-    R3,
-    R4,
-    R5,
-    R9,
-    R10,
-    ST,
-    STX,
-    store_targets,
+from watcher.kernel.asm.assembler import R0, R1, R2, R3, R4, R5, R9, R10
+from watcher.kernel.asm.helpers import Helper
+from watcher.kernel.asm.instruction import (
+    ADD64_IMM,
+    CALL,
+    LD_IMM64,
+    MOV64_IMM,
+    MOV64_REG,
+    CallSource,
+    Class,
+    Instruction,
+    LoadSource,
+    decode,
 )
 
 # What the engine loads at run time: socket filters (its for_each walks and writers, run
@@ -45,13 +43,17 @@ def check_type(prog_type: int, attach_type: int, name: str) -> None:
                              f"element iterators, not program type {prog_type}")
 
 
-# helpers (enum bpf_func_id)
-LOOKUP, UPDATE, DELETE, SKB_LOAD_BYTES, SEQ_WRITE = 1, 2, 3, 26, 127
-RINGBUF_RESERVE, RINGBUF_SUBMIT, FOR_EACH, LOOP = 131, 132, 164, 181
-
 # The helpers generated programs may call; every other one (bpf_sys_bpf, ...) is refused.
-HELPERS = frozenset({LOOKUP, UPDATE, DELETE, SKB_LOAD_BYTES, SEQ_WRITE, RINGBUF_RESERVE,
-                      RINGBUF_SUBMIT, FOR_EACH, LOOP})
+HELPERS = frozenset({Helper.MAP_LOOKUP_ELEM, Helper.MAP_UPDATE_ELEM, Helper.MAP_DELETE_ELEM,
+                     Helper.SKB_LOAD_BYTES, Helper.SEQ_WRITE, Helper.RINGBUF_RESERVE,
+                     Helper.RINGBUF_SUBMIT, Helper.FOR_EACH_MAP_ELEM, Helper.LOOP})
+# Helpers that write a map named by their R1.
+_MAP_WRITERS = (Helper.MAP_UPDATE_ELEM, Helper.MAP_DELETE_ELEM)
+
+
+# Classes whose dst is a store's base, and classes that do not assign their dst register.
+_STORES = frozenset({Class.ST, Class.STX})
+_NO_DST_WRITE = frozenset({Class.ST, Class.STX, Class.JMP, Class.JMP32})
 
 
 def check_read_only(program: bytes, own_maps: Collection[int]) -> None:
@@ -76,50 +78,67 @@ def check_read_only(program: bytes, own_maps: Collection[int]) -> None:
     call), which is what this guards.
     """
     own = frozenset(own_maps)
-    targets = store_targets(program)
+    insns = decode(program)
+    # (opcode arithmetic, not Instruction's properties: this runs before every load)
+    targets = {insn.dst for insn in insns if insn.code & 0x07 in _STORES}
     if not targets <= {R4, R5, R9, R10}:
         raise AssertionError(f"generated program stores through r{sorted(targets)}")
-    last_call = -1
-    lookup_own = False  # the last lookup was in one of pymap's own maps
-    maps: dict[int, int | None] = {}  # register -> map fd it holds (ld_map_fd), or None
-    values: dict[int, int | None] = {}  # register -> map fd whose value address it holds
-    stack = {R10}  # registers holding R10 plus a constant
-    for pos in range(0, len(program), 8):
-        code, regs, imm_src = program[pos], program[pos + 1], program[pos + 1] >> 4
-        dst = regs & 0xF
-        imm = struct.unpack_from("<i", program, pos + 4)[0]
-        if pos and program[pos - 8] == 0x18:  # second half of an ld_imm64
-            continue
-        if code == 0x85:
-            if imm_src == 0 and imm not in HELPERS:
-                raise AssertionError(f"generated program calls helper {imm}")
-            if imm in (UPDATE, DELETE) and maps.get(R1) not in own:
-                raise AssertionError(f"helper {imm} on a map that is not pymap's own")
-            if imm == SKB_LOAD_BYTES and R3 not in stack and values.get(R3) not in own:
-                raise AssertionError("bpf_skb_load_bytes into memory that is not pymap's own")
-            last_call = imm
-            lookup_own = imm == LOOKUP and maps.get(R1) in own
-            for reg in (R0, R1, R2, R3, R4, R5):  # a call clobbers these
-                maps.pop(reg, None)
-                values.pop(reg, None)
-                stack.discard(reg)
-            continue
-        if code & 0x07 in (ST, STX, JMP, JMP32):
-            continue  # these do not write their dst register
-        from_r0 = code == 0xBF and imm_src == R0
-        if dst == R5 and not (code == 0x18 and imm_src == 2 and imm in own):
+    _Registers(own).follow(insns)
+
+
+class _Registers:
+    """What each register holds, followed in program order (see :func:`check_read_only`)."""
+
+    def __init__(self, own: frozenset[int]):
+        self.own = own
+        self.last_call = -1
+        self.lookup_own = False  # the last lookup was in one of pymap's own maps
+        self.maps: dict[int, int | None] = {}  # register -> map fd it holds (ld_map_fd)
+        self.values: dict[int, int | None] = {}  # register -> map fd whose value address
+        self.stack = {R10}  # registers holding R10 plus a constant
+
+    def follow(self, insns: list[Instruction]) -> None:
+        for insn in insns:
+            if insn.code == CALL:
+                self.call(insn)
+            elif insn.code & 0x07 not in _NO_DST_WRITE:
+                self.assign(insn)
+
+    def call(self, insn: Instruction) -> None:
+        helper, own = insn.imm, self.own
+        if insn.src == CallSource.HELPER and helper not in HELPERS:
+            raise AssertionError(f"generated program calls helper {helper}")
+        if helper in _MAP_WRITERS and self.maps.get(R1) not in own:
+            raise AssertionError(f"helper {helper} on a map that is not pymap's own")
+        if helper == Helper.SKB_LOAD_BYTES and R3 not in self.stack \
+                and self.values.get(R3) not in own:
+            raise AssertionError("bpf_skb_load_bytes into memory that is not pymap's own")
+        self.last_call = helper
+        self.lookup_own = helper == Helper.MAP_LOOKUP_ELEM and self.maps.get(R1) in own
+        for reg in (R0, R1, R2, R3, R4, R5):  # a call clobbers these
+            self.maps.pop(reg, None)
+            self.values.pop(reg, None)
+            self.stack.discard(reg)
+
+    def assign(self, insn: Instruction) -> None:
+        dst, src, imm, code = insn.dst, insn.src, insn.imm, insn.code
+        from_r0 = code == MOV64_REG and src == R0
+        ld_imm64 = code == LD_IMM64
+        map_fd = imm if ld_imm64 and src == LoadSource.MAP_FD else None
+        value_of = imm if ld_imm64 and src == LoadSource.MAP_VALUE else None
+        if dst == R5 and value_of not in self.own:
             raise AssertionError("R5 is loaded with something other than the state value")
-        if dst == R9 and not (from_r0 and last_call == LOOKUP and lookup_own):
+        if dst == R9 and not (from_r0 and self.last_call == Helper.MAP_LOOKUP_ELEM
+                              and self.lookup_own):
             raise AssertionError("R9 is loaded with something other than an own map's entry")
-        if dst == R4 and not ((from_r0 and last_call == RINGBUF_RESERVE) or code == 0xB7
-                              or (code == 0x18 and imm_src == 0)):
+        if dst == R4 and not ((from_r0 and self.last_call == Helper.RINGBUF_RESERVE)
+                              or code == MOV64_IMM
+                              or (ld_imm64 and src == LoadSource.VALUE)):
             raise AssertionError("R4 is loaded with something other than a reservation")
-        is_stack = (code == 0xBF and imm_src == R10) or (code == 0x07 and dst in stack)
-        maps[dst] = imm if code == 0x18 and imm_src == 1 else None
-        values[dst] = imm if code == 0x18 and imm_src == 2 else None
+        is_stack = (code == MOV64_REG and src == R10) or (code == ADD64_IMM and dst in self.stack)
+        self.maps[dst] = map_fd
+        self.values[dst] = value_of
         if is_stack:
-            stack.add(dst)
+            self.stack.add(dst)
         elif dst != R10:
-            stack.discard(dst)
-
-
+            self.stack.discard(dst)

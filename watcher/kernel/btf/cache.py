@@ -1,4 +1,10 @@
-"""BTF objects from the kernel: read by id, parsed (see watcher.decode.btf), cached."""
+"""BTF objects from the kernel: read by id, made standalone, and offsets in kernel structs.
+
+Why only bytes here: parsing a blob into types and formatting values is the
+decode layer's (:mod:`watcher.decode.btf`, cached per id by
+:mod:`watcher.decode.mapbtf`); the kernel layer hands blobs up and imports
+nothing from above.  What it needs of the format is :mod:`.blob`.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +12,9 @@ import functools
 import os
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import watcher.kernel.sys.syscall as syscall
-from watcher.decode.btf import (  # noqa: F401  (re-exported: the kernel-facing BTF API)
-    Btf,
-    BtfError,
-    BtfType,
-    Formatter,
-    Kind,
-    Member,
-    merge_split,
-    needs_base,
-    parse_btf,
-)
-from watcher.kernel.sys.create import VMLINUX_BTF
-
-if TYPE_CHECKING:
-    from watcher.kernel.maps.find import MapRecord
+from watcher.kernel.btf.blob import VMLINUX_BTF, BtfError, Kind, merge_split, needs_base
 
 
 def standalone_blob(btf_id: int) -> bytes:
@@ -31,7 +22,7 @@ def standalone_blob(btf_id: int) -> bytes:
 
     Split BTF (kernel modules' maps) is merged onto vmlinux's (``merge_split``):
     this is what the daemon ships to consumers, who cannot read the host's vmlinux.
-    A vanished id raises :class:`~.syscall.BpfError`.
+    A vanished id raises :class:`~..sys.syscall.BpfError`.
     """
     fd = syscall.btf_get_fd_by_id(btf_id)
     try:
@@ -41,41 +32,18 @@ def standalone_blob(btf_id: int) -> bytes:
     return merge_split(_vmlinux_raw(), raw) if needs_base(raw) else raw
 
 
-@functools.lru_cache(maxsize=64)
-def load_btf(btf_id: int) -> Btf:
-    """:func:`standalone_blob`, parsed; cached (ids are not reused soon)."""
-    return parse_btf(standalone_blob(btf_id))
-
-
 @functools.lru_cache(maxsize=1)
 def _vmlinux_raw() -> bytes:
     with open(VMLINUX_BTF, "rb") as f:
         return f.read()
 
 
-def map_formatters(record: MapRecord) -> tuple[Formatter | None, Formatter] | None:
-    """``(key_formatter, value_formatter)`` for a :class:`~.maps.MapRecord`, None without BTF.
-
-    The key formatter is None when the map has a value type but no key type:
-    bpftool then leaves ``key`` out of ``formatted``.  For per-CPU maps the
-    value formatter formats ONE CPU's slot: the caller applies it to each
-    ``round_up(value_size, 8)``-byte slot and builds bpftool's
-    ``{"cpu": i, "value": ...}`` list.  Raises :class:`BtfError` when the
-    BTF cannot be read or the types cannot be formatted.
-    """
-    if not record.btf_id or not record.btf_value_type_id:
-        return None
-    btf = load_btf(record.btf_id)
-    key = btf.formatter(record.btf_key_type_id) if record.btf_key_type_id else None
-    return key, btf.formatter(record.btf_value_type_id)
-
-
 # --- offsets in kernel structures (for programs that read kernel memory) ---
 
 # Bytes after a type's 12-byte record: fixed per kind, and per vlen item (btf.h).
-_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}  # int, array, var, decl_tag
-_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # struct, union, enum, proto, ...
-_STRUCT, _UNION, _FUNC = 4, 5, 12
+_FIXED = {Kind.INT: 4, Kind.ARRAY: 12, Kind.VAR: 4, Kind.DECL_TAG: 4}
+_PER_VLEN = {Kind.STRUCT: 12, Kind.UNION: 12, Kind.ENUM: 8, Kind.FUNC_PROTO: 8,
+             Kind.DATASEC: 12, Kind.ENUM64: 12}
 
 
 def scan_types(raw: bytes) -> Iterator[tuple[int, int, int, int, int]]:
@@ -105,7 +73,7 @@ def _name(raw: bytes, name_off: int) -> bytes:
 def find_func(raw: bytes, name: bytes) -> int | None:
     """The id of FUNC ``name`` in a BTF blob, None if there is none."""
     for type_id, _pos, kind, _vlen, name_off in scan_types(raw):
-        if kind == _FUNC and _name(raw, name_off) == name:
+        if kind == Kind.FUNC and _name(raw, name_off) == name:
             return type_id
     return None
 
@@ -126,9 +94,9 @@ def member_offsets(wanted: dict[str, tuple[str, ...]], raw: bytes | None = None
     named: dict[str, int] = {}
     names = {n.encode(): n for n in wanted}
     for type_id, pos, kind, vlen, name_off in scan_types(raw):
-        if kind in (_STRUCT, _UNION):
+        if kind in (Kind.STRUCT, Kind.UNION):
             where[type_id] = (pos, vlen)
-            if kind == _STRUCT and name_off:
+            if kind == Kind.STRUCT and name_off:
                 name = names.get(_name(raw, name_off))
                 if name is not None and name not in named:
                     named[name] = type_id

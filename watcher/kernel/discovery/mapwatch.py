@@ -7,7 +7,7 @@ LSM programs, but the syscall tracepoints ``syscalls:sys_enter_bpf`` and
 integrity level only forbids *writing* kernel memory; reading is what the
 confidentiality level takes away).
 
-Two programs, generated with :mod:`.bpfasm` (no compiler: bcc would cost ~11 s
+Two programs, generated with :mod:`..asm.assembler` (no compiler: bcc would cost ~11 s
 and ~110 MB per compile):
 
 * on ``sys_enter_bpf`` with ``cmd == BPF_MAP_CREATE`` from any process but the
@@ -75,6 +75,7 @@ from watcher.kernel.asm.assembler import (
     RSH,
     Asm,
 )
+from watcher.kernel.asm.helpers import Helper
 from watcher.kernel.btf.cache import member_offsets
 from watcher.kernel.buffers.ringbuf import RingBufReader
 from watcher.kernel.maps.find import MapRecord, fdinfo
@@ -85,9 +86,6 @@ RING_BYTES = 256 << 10  # 4,096 records: far more creations than one wakeup ever
 PENDING_THREADS = 4096  # threads inside bpf(BPF_MAP_CREATE) at once (LRU: a lost exit ages out)
 
 # helpers (include/uapi/linux/bpf.h)
-_LOOKUP, _UPDATE, _DELETE = 1, 2, 3
-_PID_TGID, _CURRENT_TASK = 14, 35
-_READ_USER, _READ_KERNEL, _RINGBUF_OUTPUT = 112, 113, 130
 _BPF_MAP_CREATE, _BPF_OBJ_PIN = 0, 6
 _PIN = -2  # (all ones but the last bit, in 64 bits) the thread is pinning, not creating
 _UNKNOWN_TYPE = -1  # (all ones in 64 bits) the attr could not be read at entry: no type check at exit
@@ -165,7 +163,7 @@ def enter_program(tp: Tracepoint, pending_fd: int, own_tgids: tuple[int, ...]) -
     a.jmp(JEQ, R7, _BPF_MAP_CREATE, "watched")
     a.jmp(JNE, R7, _BPF_OBJ_PIN, "out")
     a.label("watched")
-    a.call(_PID_TGID)
+    a.call(Helper.GET_CURRENT_PID_TGID)
     a.stx(8, R10, -8, R0)
     a.alu64(RSH, R0, 32)
     for tgid in own_tgids:
@@ -178,7 +176,7 @@ def enter_program(tp: Tracepoint, pending_fd: int, own_tgids: tuple[int, ...]) -
     a.alu64(ADD, R1, -16)
     a.movi(R2, 4)
     a.ldx(8, R3, R6, uattr)
-    a.call(_READ_USER)
+    a.call(Helper.PROBE_READ_USER)
     a.jmp(JEQ, R0, 0, "store")
     a.st(8, R10, -16, _UNKNOWN_TYPE)
     a.label("store")
@@ -188,15 +186,16 @@ def enter_program(tp: Tracepoint, pending_fd: int, own_tgids: tuple[int, ...]) -
     a.mov(R3, R10)
     a.alu64(ADD, R3, -16)
     a.movi(R4, 0)
-    a.call(_UPDATE)
+    a.call(Helper.MAP_UPDATE_ELEM)
     a.label("out")
     a.movi(R0, 0)
     a.exit()
     return a.assemble()
 
 
-def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: int,
-                 lost_fd: int) -> bytes:
+def exit_program(  # size: an emitter; one straight run of instructions reads best whole
+        tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: int,
+        lost_fd: int) -> bytes:
     """``sys_exit_bpf``: for a remembered thread's new map fd, one :data:`RECORD`.
 
     Registers: R6 the tracepoint context, then the pointer being followed;
@@ -208,19 +207,19 @@ def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: 
     scratch = -16
     a = Asm()
     a.mov(R6, R1)
-    a.call(_PID_TGID)
+    a.call(Helper.GET_CURRENT_PID_TGID)
     a.mov(R7, R0)
     a.stx(8, R10, -8, R7)
     a.ld_map_fd(R1, pending_fd)
     a.mov(R2, R10)
     a.alu64(ADD, R2, -8)
-    a.call(_LOOKUP)
+    a.call(Helper.MAP_LOOKUP_ELEM)
     a.jmp(JEQ, R0, 0, "out")
     a.ldx(8, R8, R0, 0)
     a.ld_map_fd(R1, pending_fd)
     a.mov(R2, R10)
     a.alu64(ADD, R2, -8)
-    a.call(_DELETE)
+    a.call(Helper.MAP_DELETE_ELEM)
     a.ldx(8, R9, R6, ret)
     a.jmp(JSLT, R9, 0, "out")  # the creation failed
     for pos in range(0, RECORD.size, 8):
@@ -241,7 +240,7 @@ def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: 
         a.movi(R2, size)
         a.mov(R3, R6)
         a.alu64(ADD, R3, offset)
-        a.call(_READ_KERNEL)
+        a.call(Helper.PROBE_READ_KERNEL)
         a.jmp(JNE, R0, 0, "unresolved")
 
     def follow(offset: int) -> None:
@@ -250,7 +249,7 @@ def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: 
         a.ldx(8, R6, R10, scratch)
         a.jmp(JEQ, R6, 0, "unresolved")
 
-    a.call(_CURRENT_TASK)
+    a.call(Helper.GET_CURRENT_TASK)
     a.mov(R6, R0)
     follow(off["task_struct.files"])
     follow(off["files_struct.fdt"])
@@ -286,7 +285,7 @@ def exit_program(tp: Tracepoint, off: dict[str, int], pending_fd: int, ring_fd: 
     a.alu64(ADD, R2, rec)
     a.movi(R3, RECORD.size)
     a.movi(R4, 0)
-    a.call(_RINGBUF_OUTPUT)
+    a.call(Helper.RINGBUF_OUTPUT)
     a.jmp(JEQ, R0, 0, "out")
     a.ld_map_value(R1, lost_fd)  # the ring was full: count it, the reader reports it
     a.movi(R2, 1)

@@ -11,7 +11,7 @@ the tests), kernel BTF and batch lookups only make things nicer or faster:
 those are warnings, not failures.
 
 This module lives in the kernel layer because a check issues ``bpf()``
-(through :mod:`.syscall`, the only module that does).
+(through :mod:`..sys.syscall`, the only module that does).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import attrs
 
-from watcher.kernel.btf.cache import VMLINUX_BTF as KERNEL_BTF
+from watcher.kernel.btf.blob import VMLINUX_BTF as KERNEL_BTF
 from watcher.kernel.maps.find import DEFAULT_BPFFS
 from watcher.kernel.sys.capabilities import CAPABILITIES
 

@@ -28,11 +28,11 @@ import attrs
 
 import watcher.kernel.sys.create as progload
 import watcher.kernel.sys.syscall as syscall
-from watcher.kernel.asm.assembler import ADD, R0, R1, R2, R3, R4, R10, Asm, func_btf
+from watcher.kernel.asm.assembler import ADD, R0, R1, R2, R3, R4, R10, Asm
+from watcher.kernel.asm.helpers import Helper
 from watcher.kernel.maps.kinds import TYPE_IDS
 
 # helpers (enum bpf_func_id) the probe programs call
-_FOR_EACH, _PROBE_READ_KERNEL = 164, 113
 _ENOTSUPP = 524  # kernel-internal "operation not supported", seen by user space
 
 BATCH_LOOKUP = "batch_lookup"
@@ -187,28 +187,29 @@ def _prog_test_run() -> str:
     return "socket filters load and BPF_PROG_TEST_RUN runs them"
 
 
-def for_each_program(map_fd: int) -> tuple[bytes, int]:
-    """``bpf_for_each_map_elem`` over ``map_fd`` with an empty callback; returns the
-    program and the callback's first instruction (for its BTF ``func_info``)."""
+def for_each_program(map_fd: int) -> Asm:
+    """``bpf_for_each_map_elem`` over ``map_fd`` with an empty callback (its BTF
+    ``func_info`` from :meth:`.Asm.func_info`)."""
     a = Asm()
     a.ld_map_fd(R1, map_fd)
-    a.ld_func(R2, "callback")
+    a.ld_func(R2, "pymap_probe_cb")
     a.movi(R3, 0)
     a.movi(R4, 0)
-    a.call(_FOR_EACH)
+    a.call(Helper.FOR_EACH_MAP_ELEM)
     a.exit()  # R0: the number of elements walked
-    a.label("callback")
+    a.function("pymap_probe_cb")
     a.movi(R0, 0)
     a.exit()
-    return a.assemble(), a.labels["callback"]
+    return a
 
 
 def _for_each() -> str:
     fd = _tiny_map("array", 4, 8, 3)
     prog = btf = -1
     try:
-        insns, callback = for_each_program(fd)
-        blob, info = func_btf([("pymap_probe", 0, True), ("pymap_probe_cb", callback, False)])
+        program = for_each_program(fd)
+        insns = program.assemble()
+        blob, info = program.func_info("pymap_probe")
         btf = progload.load_btf(blob)
         prog = progload.load_program(insns, "pymap_probe", progload.BPF_PROG_TYPE_SOCKET_FILTER,
                                      btf_fd=btf, func_info=info)
@@ -245,7 +246,7 @@ def _tracepoint() -> str:
     a.alu64(ADD, R1, -8)
     a.movi(R2, 8)
     a.movi(R3, 0)
-    a.call(_PROBE_READ_KERNEL)
+    a.call(Helper.PROBE_READ_KERNEL)
     a.movi(R0, 0)
     a.exit()
     os.close(progload.load_program(a.assemble(), "pymap_probe",

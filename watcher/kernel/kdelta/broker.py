@@ -7,14 +7,14 @@ issue ``BPF_MAP_UPDATE_ELEM`` from inside the kernel, unseen by seccomp
 refuses ``BPF_MAP_CREATE``, ``BPF_BTF_LOAD`` and ``BPF_PROG_LOAD``; the daemon
 asks this process instead, over one ``AF_UNIX`` ``SOCK_SEQPACKET`` socket, and
 gets the new object's fd back (``SCM_RIGHTS``).  Before loading a program the
-broker itself checks it (:func:`.progcheck.check_read_only`): writes only to
+broker itself checks it (:func:`..asm.readonly.check_read_only`): writes only to
 maps the broker created for the same engine, helpers from an allow-list, only
 socket filters and map element iterators.  A bug or an injected request in the
 daemon can therefore not get a writing program into the kernel.
 
 The daemon starts it (``python -m watcher.kernel.kdelta.broker FD``, see
 :class:`.objects.Broker`) before installing its own filter.  The broker then
-installs its own (:func:`.seccomp.install_allow_list`): only the syscalls it
+installs its own (:func:`..sys.seccomp.install_allow_list`): only the syscalls it
 serves its socket with, and of ``bpf()`` only the creating commands plus
 ``BPF_OBJ_GET_INFO_BY_FD``; no update, delete or pin, no new sockets, no
 ``open``.  It keeps no object: each fd goes to the daemon and is closed here,
@@ -50,6 +50,7 @@ import watcher.kernel.asm.readonly as progcheck
 import watcher.kernel.sys.create as progload
 import watcher.kernel.sys.seccomp as seccomp
 import watcher.kernel.sys.syscall as syscall
+from watcher.kernel.asm.instruction import SLOT, LoadSource, decode_ld_imm64
 
 OP_MAP, OP_BTF, OP_PROG, OP_RELEASE = 1, 2, 3, 4
 # op, engine, a..e, name (NUL-padded)
@@ -212,26 +213,22 @@ class Server:
 def map_references(insns: bytes) -> list[int]:
     """Offsets of the map fds in ``insns`` (the imm of each ``ld_imm64`` of a map or a
     map value)."""
-    refs = []
-    pos = 0
-    while pos + 8 < len(insns):
-        if insns[pos] != 0x18:
-            pos += 8
-            continue
-        if insns[pos + 1] >> 4 in (1, 2):
-            refs.append(pos + 4)
-        pos += 16  # and its second half
-    return refs
+    return [insn.imm_at for insn in decode_ld_imm64(insns)
+            if insn.src in (LoadSource.MAP_FD, LoadSource.MAP_VALUE)]
 
 
 def relocate(insns: bytes, fds: list[int]) -> bytes:
     """``insns`` with each map reference, an index into ``fds``, replaced by that fd
     (what :func:`.objects.indexed` did, undone)."""
     out = bytearray(insns)
-    for at in map_references(insns):
+    try:
+        references = map_references(insns)
+    except ValueError as e:
+        raise Refused(22, str(e)) from None
+    for at in references:
         index = struct.unpack_from("<i", out, at)[0]
         if not 0 <= index < len(fds):
-            raise Refused(22, f"map reference {index} at instruction {at // 8} "
+            raise Refused(22, f"map reference {index} at instruction {at // SLOT} "
                           f"(of {len(fds)} maps passed)")
         struct.pack_into("<i", out, at, fds[index])
     return bytes(out)

@@ -1,6 +1,6 @@
 """Where the in-kernel engine's objects are made: in the objects broker, or here.
 
-:class:`~.iterdelta.IterDelta` asks an :class:`EngineObjects` for its maps,
+:class:`~.walker.IterDelta` asks an :class:`EngineObjects` for its maps,
 BTF and programs, one per engine:
 
 * :class:`BrokerObjects`, what the daemon uses: the :class:`Broker` process

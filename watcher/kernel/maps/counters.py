@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel.maps.dump import dump, value_stride
 from watcher.kernel.maps.find import record_from_fd
+from watcher.kernel.sys.abi import percpu_slot
 
 
 def counter_total(fd: int) -> int:

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import attrs
 
 import watcher.kernel.sys.syscall as syscall
-from watcher.decode.bpfabi import percpu_slot
 from watcher.kernel.maps.find import MapRecord
 from watcher.kernel.maps.kinds import DumpMethod, dump_method
+from watcher.kernel.sys.abi import percpu_slot
 from watcher.kernel.sys.cpus import possible_cpus
 
 DEFAULT_CHUNK = 65536

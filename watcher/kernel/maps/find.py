@@ -18,8 +18,8 @@ from collections.abc import Iterable, Iterator
 import attrs
 
 import watcher.kernel.sys.syscall as syscall
-from watcher.decode.bpfabi import KERNEL_NAME_MAX
 from watcher.kernel.maps.kinds import PERCPU_TYPES, type_name
+from watcher.kernel.sys.abi import KERNEL_NAME_MAX
 
 DEFAULT_BPFFS = "/sys/fs/bpf"
 

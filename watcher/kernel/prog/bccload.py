@@ -4,7 +4,7 @@ bcc compiles the C at run time, creates the program's maps, loads its
 functions and attaches those named by convention (``TRACEPOINT_PROBE``,
 ``RAW_TRACEPOINT_PROBE``, ``tracepoint__cat__event``, ...), exactly as it does
 for its own tools.  pymap then reads the program's ring buffers and perf event
-arrays itself (:mod:`.ringbuf`, :mod:`.perfbuf`), not through bcc's
+arrays itself (:mod:`..buffers.ringbuf`, :mod:`..buffers.perfbuf`), not through bcc's
 per-record Python callbacks.
 
 Record layout: bcc remembers the C struct a program passes to
@@ -56,6 +56,9 @@ _SIZES = {"s8": (1, 1), "u8": (1, 1), "bool": (1, 1), "s16": (2, 2), "u16": (2, 
           "u64": (8, 8), "be64": (8, 8), "ipv4": (4, 4), "ipv6": (16, 1), "mac": (6, 1),
           "int128": (16, 16)}
 _SCALARS.update({"__int128": "int128", "unsigned __int128": "int128"})
+# libbcc's soname, as bcc.libbcc loads it: dlopen gives the same library, here with a
+# ctypes handle of our own (see :func:`_table_api`).
+_LIBBCC = "libbcc.so.0"
 _ARRAY = re.compile(r"^(.+?) ?\[(\d+)\]$")
 
 
@@ -165,7 +168,7 @@ class BccProgram:
                            "(make setup)") from None
         self.path = path
         self._lib = lib
-        tables_api = _table_api(lib._name)
+        tables_api = _table_api(_LIBBCC)
         try:
             with open(path, "rb") as f:
                 text = f.read()

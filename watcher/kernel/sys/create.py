@@ -2,7 +2,7 @@
 
 Every privileged object the engine makes is made here, so a seccomp policy
 (issue 12) has one place to reconcile with.  The creating commands run in the
-objects broker (:mod:`.broker`), a process of its own, when the daemon runs the
+objects broker (:mod:`..kdelta.broker`), a process of its own, when the daemon runs the
 engine; the daemon itself only runs what it was handed (docs/operations.md):
 
 * ``BPF_MAP_CREATE`` (broker): shadow and state maps owned by pymap;
@@ -14,9 +14,9 @@ engine; the daemon itself only runs what it was handed (docs/operations.md):
 * ``BPF_ITER_CREATE``: one walk (a readable fd);
 * ``BPF_PROG_TEST_RUN``: one run of the for_each walk, or of one of the small
   programs that write pymap's own state and shadow maps (socket filters: the
-  data to write is their packet, see :mod:`.iterdelta`).
+  data to write is their packet, see :mod:`..kdelta.writers`).
 
-At start-up only (before the seccomp filter), :mod:`.mapwatch` makes its
+At start-up only (before the seccomp filter), :mod:`..discovery.mapwatch` makes its
 maps and two ``BPF_PROG_TYPE_TRACEPOINT`` programs here as well, attached
 with ``perf_event_open`` (:mod:`.perfevent`), not with a bpf() command.
 
@@ -32,7 +32,8 @@ import errno
 import threading
 
 import watcher.kernel.sys.syscall as syscall
-from watcher.kernel.sys.syscall import BpfError, _addr, _bpf
+from watcher.kernel.btf.blob import VMLINUX_BTF
+from watcher.kernel.sys.syscall import BpfError, address, bpf
 
 BPF_PROG_LOAD = 5
 BPF_BTF_LOAD = 18
@@ -43,7 +44,6 @@ BPF_ITER_CREATE = 33
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_ITER = 28
 BPF_F_NO_PREALLOC = 1
-VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 
 class Unsupported(Exception):
@@ -137,10 +137,10 @@ def load_btf(blob: bytes) -> int:
     """Load a BTF blob pymap generated (function info for callbacks)."""
     buf = ctypes.create_string_buffer(blob, len(blob))
     log_buf = ctypes.create_string_buffer(1 << 16)
-    attr = _BtfLoadAttr(btf=_addr(buf), btf_size=len(blob), btf_log_buf=_addr(log_buf),
+    attr = _BtfLoadAttr(btf=address(buf), btf_size=len(blob), btf_log_buf=address(log_buf),
                         btf_log_size=len(log_buf), btf_log_level=1)
     try:
-        return _bpf(BPF_BTF_LOAD, attr, "BPF_BTF_LOAD")
+        return bpf(BPF_BTF_LOAD, attr, "BPF_BTF_LOAD")
     except BpfError as e:
         lines = [ln for ln in log_buf.value.decode(errors="replace").splitlines() if ln]
         raise BpfError(e.errno or errno.EINVAL, "BPF_BTF_LOAD", " | ".join(lines[-3:])) from None
@@ -166,15 +166,15 @@ def load_program(insns: bytes, name: str, prog_type: int, attach_type: int = 0,
     finfo = ctypes.create_string_buffer(func_info, max(len(func_info), 1))
 
     def attempt(log_buf=None) -> int:
-        attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=_addr(code),
-                             license=_addr(license_), prog_name=name.encode()[:15],
+        attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=address(code),
+                             license=address(license_), prog_name=name.encode()[:15],
                              expected_attach_type=attach_type, attach_btf_id=attach_btf_id)
         if func_info:
             attr.prog_btf_fd, attr.func_info_rec_size = btf_fd, 8
-            attr.func_info, attr.func_info_cnt = _addr(finfo), len(func_info) // 8
+            attr.func_info, attr.func_info_cnt = address(finfo), len(func_info) // 8
         if log_buf is not None:
-            attr.log_level, attr.log_size, attr.log_buf = 1, len(log_buf), _addr(log_buf)
-        return _bpf(BPF_PROG_LOAD, attr, "BPF_PROG_LOAD", name)
+            attr.log_level, attr.log_size, attr.log_buf = 1, len(log_buf), address(log_buf)
+        return bpf(BPF_PROG_LOAD, attr, "BPF_PROG_LOAD", name)
 
     try:
         return attempt()
@@ -196,12 +196,12 @@ def attach_map_iter(prog_fd: int, map_fd: int) -> int:
     info = (ctypes.c_uint32 * 2)(map_fd, 0)
     attr = _LinkCreateAttr(prog_fd=prog_fd, attach_type=BPF_TRACE_ITER,
                            iter_info=ctypes.addressof(info), iter_info_len=ctypes.sizeof(info))
-    return _bpf(BPF_LINK_CREATE, attr, "BPF_LINK_CREATE")
+    return bpf(BPF_LINK_CREATE, attr, "BPF_LINK_CREATE")
 
 
 def iter_create(link_fd: int) -> int:
     """One walk of an iterator link: read() it to the end (0) to run it."""
-    return _bpf(BPF_ITER_CREATE, _IterCreateAttr(link_fd=link_fd), "BPF_ITER_CREATE")
+    return bpf(BPF_ITER_CREATE, _IterCreateAttr(link_fd=link_fd), "BPF_ITER_CREATE")
 
 
 _iter_btf_id: int | None = None

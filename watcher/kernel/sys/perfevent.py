@@ -4,11 +4,11 @@ A perf event array (``BPF_MAP_TYPE_PERF_EVENT_ARRAY``) holds, per CPU, the
 fd of a ``PERF_COUNT_SW_BPF_OUTPUT`` software event; ``bpf_perf_event_output``
 writes ``PERF_RECORD_SAMPLE`` records with the program's bytes as
 ``PERF_SAMPLE_RAW`` into that CPU's event ring.  This module opens such
-events the way bcc and libbpf do; :mod:`.perfbuf` maps and reads them.
+events the way bcc and libbpf do; :mod:`..buffers.perfbuf` maps and reads them.
 
 A tracepoint event (:func:`open_tracepoint`) is how a BPF program is attached
 to a tracepoint without a link: ``PERF_EVENT_IOC_SET_BPF`` gives the event the
-program, and closing the event's fd detaches it (:mod:`.mapwatch`).
+program, and closing the event's fd detaches it (:mod:`..discovery.mapwatch`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import platform
+
+from watcher.kernel.sys.syscall import syscall_number
 
 PERF_TYPE_SOFTWARE = 1
 PERF_TYPE_TRACEPOINT = 2
@@ -27,7 +28,6 @@ PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_EVENT_IOC_DISABLE = 0x2401
 PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 
-_NR = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "armv7l": 364, "ppc64le": 319}
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -84,11 +84,7 @@ def disable(fd: int) -> None:
 
 
 def _perf_event_open(attr: PerfEventAttr, cpu: int, what: str) -> int:
-    try:
-        nr = _NR[platform.machine()]
-    except KeyError:  # pragma: no cover - depends on the host
-        raise OSError(f"pymap does not know perf_event_open on {platform.machine()}") from None
-    fd = _syscall(nr, ctypes.byref(attr), -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
+    fd = _syscall(syscall_number("perf_event_open"), ctypes.byref(attr), -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"perf_event_open({what}): {os.strerror(err)}")

@@ -89,7 +89,7 @@ def install(allowed_bpf_commands: Iterable[str]) -> None:
 
 
 def install_allow_list(syscalls: Iterable[str], bpf_commands: Iterable[str]) -> None:
-    """The objects broker's filter (:mod:`.broker`): only ``syscalls``, and ``bpf()`` only
+    """The objects broker's filter (:mod:`..kdelta.broker`): only ``syscalls``, and ``bpf()`` only
     with ``bpf_commands``; everything else fails with ``EPERM``.  This thread only (the
     broker has one); irreversible."""
     libseccomp = _binding()

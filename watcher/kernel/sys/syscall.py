@@ -63,11 +63,28 @@ BPF_MAP_UPDATE_BATCH = 26
 BPF_F_RDONLY = 1 << 3
 BPF_F_WRONLY = 1 << 4
 
-_SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "armv7l": 386, "ppc64le": 361}
+# The one syscall table: the numbers of the syscalls pymap issues through ctypes, per
+# architecture (each architecture's asm/unistd.h); perf_event_open is :mod:`.perfevent`'s.
+SYSCALL_NUMBERS = {
+    "bpf": {"x86_64": 321, "aarch64": 280, "riscv64": 280, "armv7l": 386, "ppc64le": 361},
+    "perf_event_open": {"x86_64": 298, "aarch64": 241, "riscv64": 241, "armv7l": 364,
+                        "ppc64le": 319},
+}
+
+
+def syscall_number(name: str) -> int:
+    """``name``'s number on this host's architecture (OSError if pymap does not know it)."""
+    try:
+        return SYSCALL_NUMBERS[name][platform.machine()]
+    except KeyError:  # pragma: no cover - depends on the host
+        raise OSError(f"pymap does not know the {name} syscall number on "
+                      f"{platform.machine()}") from None
+
+
 try:
-    _NR_BPF = _SYSCALL_NUMBERS[platform.machine()]
-except KeyError:  # pragma: no cover - depends on the host
-    raise ImportError(f"pymap does not know the bpf syscall number on {platform.machine()}") from None
+    _NR_BPF = syscall_number("bpf")
+except OSError as e:  # pragma: no cover - depends on the host
+    raise ImportError(str(e)) from None
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -86,7 +103,9 @@ class BpfError(OSError):
         self.command = command
 
 
-def _bpf(cmd: int, attr: ctypes.Structure, name: str, detail: str = "") -> int:
+def bpf(cmd: int, attr: ctypes.Structure, name: str, detail: str = "") -> int:
+    """The one entry point for ``bpf(cmd, &attr, sizeof attr)``: its result, or
+    :class:`BpfError` naming the command (``name``) and ``detail``."""
     ret = _syscall(_NR_BPF, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
     if ret < 0:
         raise BpfError(ctypes.get_errno(), name, detail)
@@ -197,7 +216,8 @@ class _BtfInfoStruct(ctypes.Structure):
     ]
 
 
-def _addr(buf) -> int:
+def address(buf) -> int:
+    """The address of a ctypes buffer for an attr field (0 for None)."""
     return ctypes.addressof(buf) if buf is not None else 0
 
 
@@ -219,7 +239,7 @@ def map_get_next_id(start_id: int) -> int | None:
         return None
     attr = _IdAttr(start_id=start_id)
     try:
-        _bpf(BPF_MAP_GET_NEXT_ID, attr, "BPF_MAP_GET_NEXT_ID")
+        bpf(BPF_MAP_GET_NEXT_ID, attr, "BPF_MAP_GET_NEXT_ID")
     except BpfError as e:
         if e.errno == errno.ENOENT:
             return None
@@ -230,25 +250,25 @@ def map_get_next_id(start_id: int) -> int | None:
 def map_get_fd_by_id(map_id: int, flags: int = BPF_F_RDONLY) -> int:
     """Open map ``map_id``; read-only unless told otherwise."""
     _check_id(map_id, "BPF_MAP_GET_FD_BY_ID", f"id {map_id}")
-    return _bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(start_id=map_id, open_flags=flags),
+    return bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(start_id=map_id, open_flags=flags),
                 "BPF_MAP_GET_FD_BY_ID", f"id {map_id}")
 
 
 def obj_get(path: str, flags: int = BPF_F_RDONLY) -> int:
     """Open the object pinned at ``path`` in bpffs; read-only unless told otherwise."""
     cpath = ctypes.create_string_buffer(os.fsencode(path))
-    return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=_addr(cpath), file_flags=flags),
+    return bpf(BPF_OBJ_GET, _ObjAttr(pathname=address(cpath), file_flags=flags),
                 "BPF_OBJ_GET", path)
 
 
 def obj_pin(fd: int, path: str) -> None:
     cpath = ctypes.create_string_buffer(os.fsencode(path))
-    _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=_addr(cpath), bpf_fd=fd), "BPF_OBJ_PIN", path)
+    bpf(BPF_OBJ_PIN, _ObjAttr(pathname=address(cpath), bpf_fd=fd), "BPF_OBJ_PIN", path)
 
 
 def _obj_info(fd: int, info: ctypes.Structure) -> None:
-    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_addr(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=address(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
 
 
 def map_info(fd: int) -> MapInfoStruct:
@@ -260,7 +280,7 @@ def map_info(fd: int) -> MapInfoStruct:
 
 def btf_get_fd_by_id(btf_id: int) -> int:
     _check_id(btf_id, "BPF_BTF_GET_FD_BY_ID", f"btf id {btf_id}")
-    return _bpf(BPF_BTF_GET_FD_BY_ID, _IdAttr(start_id=btf_id), "BPF_BTF_GET_FD_BY_ID",
+    return bpf(BPF_BTF_GET_FD_BY_ID, _IdAttr(start_id=btf_id), "BPF_BTF_GET_FD_BY_ID",
                 f"btf id {btf_id}")
 
 
@@ -270,7 +290,7 @@ def btf_raw_data(fd: int) -> bytes:
     _obj_info(fd, info)
     size = info.btf_size
     buf = ctypes.create_string_buffer(size)
-    info = _BtfInfoStruct(btf=_addr(buf), btf_size=size)
+    info = _BtfInfoStruct(btf=address(buf), btf_size=size)
     _obj_info(fd, info)
     return buf.raw[: info.btf_size]
 
@@ -282,9 +302,9 @@ def map_lookup_elem(fd: int, key: bytes, value_len: int) -> bytes | None:
     """The value at ``key``, or None when the key is not there."""
     kbuf = ctypes.create_string_buffer(key, len(key))
     vbuf = ctypes.create_string_buffer(value_len)
-    attr = _ElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf))
+    attr = _ElemAttr(map_fd=fd, key=address(kbuf), value=address(vbuf))
     try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, attr, "BPF_MAP_LOOKUP_ELEM")
+        bpf(BPF_MAP_LOOKUP_ELEM, attr, "BPF_MAP_LOOKUP_ELEM")
     except BpfError as e:
         if e.errno == errno.ENOENT:
             return None
@@ -296,9 +316,9 @@ def map_get_next_key(fd: int, key: bytes | None, key_len: int) -> bytes | None:
     """The key after ``key`` (the first key when ``key`` is None), or None at the end."""
     kbuf = ctypes.create_string_buffer(key, key_len) if key is not None else None
     nbuf = ctypes.create_string_buffer(key_len)
-    attr = _ElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(nbuf))
+    attr = _ElemAttr(map_fd=fd, key=address(kbuf), value=address(nbuf))
     try:
-        _bpf(BPF_MAP_GET_NEXT_KEY, attr, "BPF_MAP_GET_NEXT_KEY")
+        bpf(BPF_MAP_GET_NEXT_KEY, attr, "BPF_MAP_GET_NEXT_KEY")
     except BpfError as e:
         if e.errno == errno.ENOENT:
             return None
@@ -322,6 +342,19 @@ class BatchCursor:
         self.started = False
         self.done = False
 
+    def in_batch(self) -> int:
+        """The attr's ``in_batch``: where the last batch ended (0: from the start)."""
+        return address(self._in) if self.started else 0
+
+    def out_batch(self) -> int:
+        """The attr's ``out_batch``: where the kernel writes where this batch ends."""
+        return address(self._out)
+
+    def advance(self) -> None:
+        """A batch was read: the next starts where it ended."""
+        ctypes.memmove(self._in, self._out, ctypes.sizeof(self._in))
+        self.started = True
+
 
 def map_lookup_batch(cursor: BatchCursor, keys, values, max_count: int) -> int:
     """Copy the next batch of entries into ``keys``/``values`` (ctypes buffers).
@@ -332,10 +365,10 @@ def map_lookup_batch(cursor: BatchCursor, keys, values, max_count: int) -> int:
     its buffers and retry from the same cursor.
     """
     attr = _BatchAttr(
-        in_batch=_addr(cursor._in) if cursor.started else 0,
-        out_batch=_addr(cursor._out),
-        keys=_addr(keys),
-        values=_addr(values),
+        in_batch=cursor.in_batch(),
+        out_batch=cursor.out_batch(),
+        keys=address(keys),
+        values=address(values),
         count=max_count,
         map_fd=cursor.fd,
     )
@@ -347,8 +380,7 @@ def map_lookup_batch(cursor: BatchCursor, keys, values, max_count: int) -> int:
             return attr.count
         # ENOSPC comes with nothing copied: the kernel copies whole buckets only.
         raise BpfError(err, "BPF_MAP_LOOKUP_BATCH")
-    ctypes.memmove(cursor._in, cursor._out, ctypes.sizeof(cursor._in))
-    cursor.started = True
+    cursor.advance()
     return attr.count
 
 
@@ -363,26 +395,26 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
         max_entries=max_entries, map_flags=flags, map_name=name.encode()[:15],
         btf_fd=btf_fd, btf_key_type_id=btf_key_type_id, btf_value_type_id=btf_value_type_id,
     )
-    return _bpf(BPF_MAP_CREATE, attr, "BPF_MAP_CREATE", name)
+    return bpf(BPF_MAP_CREATE, attr, "BPF_MAP_CREATE", name)
 
 
 def map_update_elem(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
     kbuf = ctypes.create_string_buffer(key, len(key))
     vbuf = ctypes.create_string_buffer(value, len(value))
-    _bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf),
+    bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=fd, key=address(kbuf), value=address(vbuf),
                                         flags=flags), "BPF_MAP_UPDATE_ELEM")
 
 
 def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
     kbuf = ctypes.create_string_buffer(keys, len(keys))
     vbuf = ctypes.create_string_buffer(values, len(values))
-    attr = _BatchAttr(keys=_addr(kbuf), values=_addr(vbuf), count=count, map_fd=fd)
-    _bpf(BPF_MAP_UPDATE_BATCH, attr, "BPF_MAP_UPDATE_BATCH")
+    attr = _BatchAttr(keys=address(kbuf), values=address(vbuf), count=count, map_fd=fd)
+    bpf(BPF_MAP_UPDATE_BATCH, attr, "BPF_MAP_UPDATE_BATCH")
 
 
 def map_delete_elem(fd: int, key: bytes) -> None:
     kbuf = ctypes.create_string_buffer(key, len(key))
-    _bpf(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=_addr(kbuf)), "BPF_MAP_DELETE_ELEM")
+    bpf(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=address(kbuf)), "BPF_MAP_DELETE_ELEM")
 
 
 BPF_PROG_TEST_RUN = 10
@@ -407,7 +439,7 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> tuple[int, int]
     a socket filter that writes records makes a producer with no syscall per record).
     Returns (return value, average duration in ns)."""
     buf = ctypes.create_string_buffer(data, len(data))
-    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_in=_addr(buf),
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_in=address(buf),
                         repeat=repeat)
-    _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
+    bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return attr.retval, attr.duration
