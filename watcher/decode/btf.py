@@ -105,7 +105,7 @@ class Btf:
     def __init__(self, types: list[BtfType], base: Btf | None = None,
                  strings: _Strings | None = None):
         self.base = base
-        self._strings = strings  # kept for split BTF parsed on top of this one
+        self.strings = strings  # kept for split BTF parsed on top of this one
         self.start_id = len(base) if base is not None else 1
         self._types = types
         self._formatters: dict[int, Formatter] = {}
@@ -244,7 +244,7 @@ class _Strings:
 
     def __init__(self, data: bytes, base: Btf | None):
         self.data = data
-        self.base = base._strings if base is not None else None
+        self.base = base.strings if base is not None else None
         self.base_len = len(self.base.data) if self.base is not None else 0
         self.cache: dict[int, str] = {0: ""}
 
