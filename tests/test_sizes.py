@@ -31,7 +31,6 @@ _DOC_REASON = re.compile(r"^\s*size:\s*\S", re.MULTILINE)
 # over the limits after issue 17's restructuring, each at its size then.
 ALLOWED: dict[str, int] = {
     "consumers/top.py": 502,
-    "watcher/decode/cilium.py": 560,
     "watcher/wire/schema.py": 528,
 }
 
