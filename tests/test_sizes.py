@@ -30,7 +30,6 @@ _DOC_REASON = re.compile(r"^\s*size:\s*\S", re.MULTILINE)
 # path -> lines for modules, path::Qualified.name -> lines for functions: what is left
 # over the limits after issue 17's restructuring, each at its size then.
 ALLOWED: dict[str, int] = {
-    "consumers/top.py": 502,
     "watcher/wire/schema.py": 528,
 }
 
