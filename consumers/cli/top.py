@@ -27,7 +27,8 @@ from rich.console import Console
 from ..errors import DaemonUnavailable
 from ..events import EntryBatch
 from ..selection import Selection
-from ..top import KeyRates, MapRates, rate_text, sparkline
+from ..top import MapRates, rate_text, sparkline
+from ..topkeys import KeyRates
 from . import render
 from .columns import Cell, Column, print_table
 

@@ -12,6 +12,11 @@ Compatibility rules (see docs/protocol.md):
   another major version with an ``error`` of code ``version``.
 - Unknown fields are ignored when structuring, so an older client can read a
   newer daemon's replies; new fields always have defaults.
+
+size: one module on purpose.  It is the protocol: every message class, the
+``kind`` table and the tagged unions cattrs dispatches on must agree, and a
+reviewer checks a wire change against docs/protocol.md in one place.  Split by
+direction, the codec would still import every part and each caller several.
 """
 
 from __future__ import annotations
