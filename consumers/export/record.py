@@ -16,6 +16,7 @@ documents it for users.
 from __future__ import annotations
 
 import hashlib
+from itertools import repeat
 
 import attrs
 
@@ -107,3 +108,65 @@ class ExportRecord:
     def size(self) -> int:
         """Bytes this record holds in a delivery buffer (payload plus a fixed overhead)."""
         return len(self.payload) + RECORD_OVERHEAD
+
+
+@attrs.frozen(slots=True)
+class RecordRun:
+    """The records of one map events message, carried as one object.
+
+    Why: an :class:`ExportRecord` per event cost about as much as rendering the
+    event (its constructor, its ``size`` read at every step of delivery), and an
+    exporter gets thousands of events per message.  A run keeps the message's
+    payloads in one list with their sequence numbers and actions beside them, and
+    its buffer size computed once, so the delivery buffer, the checkpoint and an
+    output that writes lines (``Output.runs``) handle a message as one item.
+    :meth:`records` gives the very records the per-event path makes, for outputs
+    that frame each record themselves.  Every record of a run is a daemon event
+    (seq > 0) of one node, epoch and map, at one time.
+
+    Build it with :meth:`of`, which computes ``size``.
+    """
+
+    node: str
+    epoch: str
+    map: str
+    time: float
+    seqs: list[int]
+    actions: list[str]
+    payloads: list[bytes]
+    size: int  # bytes it holds in a delivery buffer, as its records would
+
+    @classmethod
+    def of(cls, node: str, epoch: str, map_name: str, time: float, seqs: list[int],
+           actions: list[str], payloads: list[bytes]) -> RecordRun:
+        size = sum(map(len, payloads)) + RECORD_OVERHEAD * len(payloads)
+        return cls(node, epoch, map_name, time, seqs, actions, payloads, size)
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    @property
+    def last_seq(self) -> int:
+        return self.seqs[-1]
+
+    def records(self) -> list[ExportRecord]:
+        """The run as the records the per-event path makes (byte for byte)."""
+        n = len(self.payloads)
+        return list(map(ExportRecord, repeat(self.node, n), repeat(self.epoch, n), self.seqs,
+                        repeat(self.map, n), self.actions, repeat(self.time, n),
+                        self.payloads))
+
+    def lines(self) -> bytes:
+        """The payloads as newline-terminated lines, in one buffer."""
+        return b"\n".join(self.payloads) + b"\n" if self.payloads else b""
+
+    def split(self, nbytes: int) -> tuple[RecordRun, RecordRun]:
+        """The first records holding about ``nbytes`` (at least one), and the rest: a
+        delivery batch stays near its byte budget when a message is larger."""
+        n = len(self.payloads)
+        k = min(n - 1, max(1, nbytes * n // max(self.size, 1)))
+        head = RecordRun.of(self.node, self.epoch, self.map, self.time, self.seqs[:k],
+                            self.actions[:k], self.payloads[:k])
+        tail = RecordRun(self.node, self.epoch, self.map, self.time, self.seqs[k:],
+                         self.actions[k:], self.payloads[k:], self.size - head.size)
+        return head, tail

@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from itertools import repeat
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 
 import attrs
 import numpy as np
@@ -32,7 +32,7 @@ from watcher.wire.schema import MapInfo
 from ...decoding import EntryFormatter
 from ...eventjson import formatted_entry
 from ...events import ACTIONS, EntryBatch, Event
-from ..record import ExportRecord, event_id
+from ..record import ExportRecord, RecordRun, event_id
 from . import base
 
 SLOTS = ("seq", "key", "value", "old", "fmt")
@@ -99,6 +99,13 @@ class BatchRenderer:
 
     def render(self, view: EntryBatch, info: MapInfo | None, fmt: EntryFormatter | None,
                node: str, epoch: str) -> list[ExportRecord]:
+        out = self.render_run(view, info, fmt, node, epoch)
+        return out.records() if isinstance(out, RecordRun) else out
+
+    def render_run(self, view: EntryBatch, info: MapInfo | None, fmt: EntryFormatter | None,
+                   node: str, epoch: str) -> RecordRun | list[ExportRecord]:
+        """The events of ``view``: one :class:`RecordRun` when the column path applies
+        (undecoded, templated: the common case), else one record per event."""
         message = view.message
         when = message.time or time.time()
         percpu = info is not None and info.percpu
@@ -151,25 +158,31 @@ class BatchRenderer:
         return (t if t is not None and t.fill(values) == real else None), real
 
     def _columns(self, view: EntryBatch, when: float, info: MapInfo | None, node: str,
-                 epoch: str) -> list[ExportRecord] | None:
-        """Undecoded events, each action's at once (textrows.render_rows); None when a
-        template does not apply, and the caller goes event by event."""
+                 epoch: str) -> RecordRun | None:
+        """Undecoded events, each action's at once (textrows.render_rows), as one run;
+        None when a template does not apply, and the caller goes event by event."""
         message, frames, start = view.message, view.frames, view.start
         acts = np.frombuffer(frames[0], np.uint8)[start:message.count]
-        name, seq0, codes = message.map.name, message.seq, np.unique(acts).tolist()
-        out: list[ExportRecord] = []
+        seq0, codes = message.seq, np.unique(acts).tolist()
+        seqs: list[int] = []
+        actions: list[str] = []
+        payloads: list[bytes] = []
         for code in codes:
             index = np.flatnonzero(acts == code) + start
             action = ACTIONS[code]
-            payloads = self._action_rows(view, action, index, when, info, node, epoch)
-            if payloads is None:
+            rows = self._action_rows(view, action, index, when, info, node, epoch)
+            if rows is None:
                 return None
-            out += map(ExportRecord, repeat(node), repeat(epoch), (index + seq0).tolist(),
-                       repeat(name), repeat(action), repeat(when), payloads)
-            self.templated += len(payloads)
+            seqs += (index + seq0).tolist()
+            actions += repeat(action, len(rows))
+            payloads += rows
+        self.templated += len(payloads)
         if len(codes) > 1:  # back in the message's order
-            out.sort(key=attrgetter("seq"))
-        return out
+            order = np.argsort(np.array(seqs), kind="stable").tolist()
+            seqs = list(map(seqs.__getitem__, order))
+            actions = list(map(actions.__getitem__, order))
+            payloads = list(map(payloads.__getitem__, order))
+        return RecordRun.of(node, epoch, message.map.name, when, seqs, actions, payloads)
 
     def _action_rows(self, view: EntryBatch, action: str, index: np.ndarray, when: float,
                      info: MapInfo | None, node: str, epoch: str) -> list[bytes] | None:
