@@ -21,7 +21,7 @@ def make_run(first: int, n: int, width: int = 100) -> RecordRun:
     seqs = list(range(first, first + n))
     actions = ["updated" if s % 3 else "added" for s in seqs]
     payloads = [b'{"seq":%d,"pad":"%s"}' % (s, b"x" * (width + s % 7)) for s in seqs]
-    return RecordRun.of("node", "ep", "m", 1.5, seqs, actions, payloads)
+    return RecordRun.of_payloads("node", "ep", "m", 1.5, seqs, actions, payloads)
 
 
 def gap_record(gap: Gap) -> ExportRecord:
@@ -35,18 +35,22 @@ def test_a_run_is_its_records():
     assert [r.seq for r in records] == run.seqs and [r.payload for r in records] == run.payloads
     assert all(r.epoch == "ep" and r.map == "m" and r.time == 1.5 for r in records)
     assert run.size == sum(r.size for r in records)
-    assert run.lines() == b"".join(r.payload + b"\n" for r in records)
+    assert run.text == b"".join(r.payload + b"\n" for r in records)
     head, tail = run.split(run.size // 3)
     assert 1 <= len(head) < len(run) and len(head) + len(tail) == len(run)
     assert head.records() + tail.records() == records
     assert head.size + tail.size == run.size == sum(map(len, run.payloads)) + 50 * RECORD_OVERHEAD
+    for nbytes in (0, 1, run.size - 1, run.size, 10 * run.size):  # always one record or more
+        head, tail = run.split(nbytes)
+        assert 1 <= len(head) < len(run) and head.records() + tail.records() == records
+        assert head.size == sum(r.size for r in head.records())
 
 
 def test_runs_and_records_through_delivery_to_a_file(tmp_path):
     path = tmp_path / "out.json"
     runs = [make_run(1, 3000), make_run(3001, 1), make_run(3002, 500)]
     single = ExportRecord("node", "ep", 0, "", "resync", 1.5, b'{"resync":1}', "resync")
-    expected = b"".join(r.lines() for r in runs[:2]) + single.payload + b"\n" + runs[2].lines()
+    expected = b"".join(r.text for r in runs[:2]) + single.payload + b"\n" + runs[2].text
     checkpoint = Checkpoint(str(tmp_path / "state"))
 
     async def main() -> Delivery:

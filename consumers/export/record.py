@@ -117,14 +117,16 @@ class RecordRun:
     Why: an :class:`ExportRecord` per event cost about as much as rendering the
     event (its constructor, its ``size`` read at every step of delivery), and an
     exporter gets thousands of events per message.  A run keeps the message's
-    payloads in one list with their sequence numbers and actions beside them, and
-    its buffer size computed once, so the delivery buffer, the checkpoint and an
-    output that writes lines (``Output.runs``) handle a message as one item.
-    :meth:`records` gives the very records the per-event path makes, for outputs
-    that frame each record themselves.  Every record of a run is a daemon event
-    (seq > 0) of one node, epoch and map, at one time.
+    payloads as the lines of one buffer, ``text`` (each payload followed by a
+    newline; no payload holds one), as the batch renderer makes them, with their
+    sequence numbers and actions beside them and its buffer size computed once.
+    The delivery buffer, the checkpoint and the line outputs (file, stdout) handle
+    a message as one item and write ``text`` as it is; :meth:`records` gives the
+    very records the per-event path makes, for outputs that frame each record
+    themselves.  Every record of a run is a daemon event (seq > 0) of one node,
+    epoch and map, at one time.
 
-    Build it with :meth:`of`, which computes ``size``.
+    Build it with :meth:`of` (or :meth:`of_payloads`), which compute ``size``.
     """
 
     node: str
@@ -133,40 +135,54 @@ class RecordRun:
     time: float
     seqs: list[int]
     actions: list[str]
-    payloads: list[bytes]
-    size: int  # bytes it holds in a delivery buffer, as its records would
+    text: bytes
+    size: int  # bytes it holds in a delivery buffer, as its records would count
 
     @classmethod
     def of(cls, node: str, epoch: str, map_name: str, time: float, seqs: list[int],
-           actions: list[str], payloads: list[bytes]) -> RecordRun:
-        size = sum(map(len, payloads)) + RECORD_OVERHEAD * len(payloads)
-        return cls(node, epoch, map_name, time, seqs, actions, payloads, size)
+           actions: list[str], text: bytes) -> RecordRun:
+        # Its records' payloads are ``text`` less a newline each.
+        size = len(text) + (RECORD_OVERHEAD - 1) * len(seqs)
+        return cls(node, epoch, map_name, time, seqs, actions, text, size)
+
+    @classmethod
+    def of_payloads(cls, node: str, epoch: str, map_name: str, time: float, seqs: list[int],
+                    actions: list[str], payloads: list[bytes]) -> RecordRun:
+        """From separate payloads (none may hold a newline)."""
+        text = b"\n".join(payloads) + b"\n" if payloads else b""
+        return cls.of(node, epoch, map_name, time, seqs, actions, text)
 
     def __len__(self) -> int:
-        return len(self.payloads)
+        return len(self.seqs)
 
     @property
     def last_seq(self) -> int:
         return self.seqs[-1]
 
+    @property
+    def payloads(self) -> list[bytes]:
+        return self.text.split(b"\n")[:-1]
+
     def records(self) -> list[ExportRecord]:
         """The run as the records the per-event path makes (byte for byte)."""
-        n = len(self.payloads)
+        n = len(self.seqs)
         return list(map(ExportRecord, repeat(self.node, n), repeat(self.epoch, n), self.seqs,
                         repeat(self.map, n), self.actions, repeat(self.time, n),
                         self.payloads))
 
-    def lines(self) -> bytes:
-        """The payloads as newline-terminated lines, in one buffer."""
-        return b"\n".join(self.payloads) + b"\n" if self.payloads else b""
-
     def split(self, nbytes: int) -> tuple[RecordRun, RecordRun]:
-        """The first records holding about ``nbytes`` (at least one), and the rest: a
-        delivery batch stays near its byte budget when a message is larger."""
-        n = len(self.payloads)
-        k = min(n - 1, max(1, nbytes * n // max(self.size, 1)))
+        """The first records holding about ``nbytes`` (at least one), and the rest (a
+        run of two records or more): a delivery batch stays near its byte budget when
+        a message is larger.  Two C-level scans of ``text``, no object per record."""
+        text = self.text
+        at = min(max(nbytes, 1) * len(text) // max(self.size, 1), len(text) - 1)
+        cut = text.find(b"\n", max(at - 1, 0)) + 1
+        k = text.count(b"\n", 0, cut)
+        if k >= len(self.seqs):  # the budget reaches the last record: leave it for the rest
+            cut = text.rfind(b"\n", 0, len(text) - 1) + 1
+            k = len(self.seqs) - 1
         head = RecordRun.of(self.node, self.epoch, self.map, self.time, self.seqs[:k],
-                            self.actions[:k], self.payloads[:k])
+                            self.actions[:k], text[:cut])
         tail = RecordRun(self.node, self.epoch, self.map, self.time, self.seqs[k:],
-                         self.actions[k:], self.payloads[k:], self.size - head.size)
+                         self.actions[k:], text[cut:], self.size - head.size)
         return head, tail

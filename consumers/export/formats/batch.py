@@ -166,27 +166,30 @@ class BatchRenderer:
         seq0, codes = message.seq, np.unique(acts).tolist()
         seqs: list[int] = []
         actions: list[str] = []
-        payloads: list[bytes] = []
+        texts: list[bytes] = []
         for code in codes:
             index = np.flatnonzero(acts == code) + start
             action = ACTIONS[code]
-            rows = self._action_rows(view, action, index, when, info, node, epoch)
-            if rows is None:
+            text = self._action_rows(view, action, index, when, info, node, epoch)
+            if text is None:
                 return None
             seqs += (index + seq0).tolist()
-            actions += repeat(action, len(rows))
-            payloads += rows
-        self.templated += len(payloads)
-        if len(codes) > 1:  # back in the message's order
-            order = np.argsort(np.array(seqs), kind="stable").tolist()
-            seqs = list(map(seqs.__getitem__, order))
-            actions = list(map(actions.__getitem__, order))
-            payloads = list(map(payloads.__getitem__, order))
-        return RecordRun.of(node, epoch, message.map.name, when, seqs, actions, payloads)
+            actions += repeat(action, len(index))
+            texts.append(text)
+        self.templated += len(seqs)
+        name = message.map.name
+        if len(codes) == 1:  # the lines are the run's text as they are
+            return RecordRun.of(node, epoch, name, when, seqs, actions, texts[0])
+        order = np.argsort(np.array(seqs), kind="stable").tolist()  # the message's order
+        payloads = [p for t in texts for p in t.split(b"\n")[:-1]]
+        return RecordRun.of_payloads(node, epoch, name, when, list(map(seqs.__getitem__, order)),
+                                     list(map(actions.__getitem__, order)),
+                                     list(map(payloads.__getitem__, order)))
 
     def _action_rows(self, view: EntryBatch, action: str, index: np.ndarray, when: float,
-                     info: MapInfo | None, node: str, epoch: str) -> list[bytes] | None:
-        """The payloads of the events at ``index`` (all ``action``), or None."""
+                     info: MapInfo | None, node: str, epoch: str) -> bytes | None:
+        """The payloads of the events at ``index`` (all ``action``) as lines, each ended
+        by a newline, in one buffer; or None."""
         message, frames = view.message, view.frames
         ks, vs, i = message.key_size, message.value_stride, int(index[0])
         key, value = frames[1][i * ks:(i + 1) * ks], frames[2][i * vs:(i + 1) * vs]
@@ -208,11 +211,11 @@ class BatchRenderer:
                 rows = np.frombuffer(buf, np.uint8, message.count * size)
                 picked = rows.reshape(message.count, size)[index].tobytes()
                 columns[_INDEX[name]] = hex_column(picked, size, n)
-        parts: list[Part] = [b"\n" + t.texts[0]]
-        for slot, text in zip(t.slots, t.texts[1:]):
+        parts: list[Part] = [t.texts[0]]
+        for slot, text in zip(t.slots, [*t.texts[1:-1], t.texts[-1] + b"\n"]):
             parts += [columns[slot], text]
-        payloads = render_rows(parts, n).split(b"\n")[1:]
-        return payloads if payloads[0] == real else None
+        lines = render_rows(parts, n)
+        return lines if lines.startswith(real + b"\n") else None
 
     def _template(self, event: Event, info: MapInfo | None, fmt: EntryFormatter | None,
                   node: str, epoch: str) -> Template | None:

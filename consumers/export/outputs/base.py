@@ -53,7 +53,7 @@ def records(batch: Batch) -> list[ExportRecord]:
 
 def lines(batch: Batch) -> bytes:
     """``batch`` as newline-terminated payloads in one buffer (file and stdout outputs)."""
-    return b"".join([r.lines() if isinstance(r, RecordRun) else r.payload + b"\n"
+    return b"".join([r.text if isinstance(r, RecordRun) else r.payload + b"\n"
                      for r in batch])
 
 
