@@ -35,15 +35,16 @@ def test_a_run_is_its_records():
     assert [r.seq for r in records] == run.seqs and [r.payload for r in records] == run.payloads
     assert all(r.epoch == "ep" and r.map == "m" and r.time == 1.5 for r in records)
     assert run.size == sum(r.size for r in records)
+    assert run.size == sum(map(len, run.payloads)) + 50 * RECORD_OVERHEAD
     assert run.text == b"".join(r.payload + b"\n" for r in records)
-    head, tail = run.split(run.size // 3)
-    assert 1 <= len(head) < len(run) and len(head) + len(tail) == len(run)
-    assert head.records() + tail.records() == records
-    assert head.size + tail.size == run.size == sum(map(len, run.payloads)) + 50 * RECORD_OVERHEAD
-    for nbytes in (0, 1, run.size - 1, run.size, 10 * run.size):  # always one record or more
-        head, tail = run.split(nbytes)
-        assert 1 <= len(head) < len(run) and head.records() + tail.records() == records
-        assert head.size == sum(r.size for r in head.records())
+    for first, size in ((run.size // 3, run.size // 4), (0, 1), (1, run.size),
+                        (run.size, run.size), (10 * run.size, 1), (1000, 1500)):
+        parts = run.chunks(first, size)
+        assert all(len(p) >= 1 for p in parts)
+        assert [r for p in parts for r in p.records()] == records
+        assert sum(p.size for p in parts) == run.size
+        assert all(p.size == sum(r.size for r in p.records()) for p in parts)
+    assert len(run.chunks(0, 1)) == len(run) and len(run.chunks(run.size, 1)) == 1
 
 
 def test_runs_and_records_through_delivery_to_a_file(tmp_path):

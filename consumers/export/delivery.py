@@ -168,8 +168,8 @@ class Delivery:
     # --- the sender task ---
 
     def _take(self) -> list[Item]:
-        """The next batch, about ``batch_bytes``: a run larger than what is left of
-        that is split, its rest stays first in the queue."""
+        """The next batch, about ``batch_bytes`` (twice that at most, and a record): a run
+        larger than that is cut in runs of ``batch_bytes``, first in the queue."""
         batch: list[Item] = []
         size = 0
         q = self._queue
@@ -181,9 +181,9 @@ class Delivery:
                 size += taken.size
             else:
                 if (isinstance(item, RecordRun) and len(item) > 1
-                        and size + item.size > self.batch_bytes):
-                    item, rest = item.split(self.batch_bytes - size)
-                    q.appendleft(rest)
+                        and size + item.size > 2 * self.batch_bytes):
+                    item, *rest = item.chunks(self.batch_bytes - size, self.batch_bytes)
+                    q.extendleft(reversed(rest))
                 n = item.size
                 self._bytes -= n
                 size += n

@@ -170,19 +170,22 @@ class RecordRun:
                         repeat(self.map, n), self.actions, repeat(self.time, n),
                         self.payloads))
 
-    def split(self, nbytes: int) -> tuple[RecordRun, RecordRun]:
-        """The first records holding about ``nbytes`` (at least one), and the rest (a
-        run of two records or more): a delivery batch stays near its byte budget when
-        a message is larger.  Two C-level scans of ``text``, no object per record."""
-        text = self.text
-        at = min(max(nbytes, 1) * len(text) // max(self.size, 1), len(text) - 1)
-        cut = text.find(b"\n", max(at - 1, 0)) + 1
-        k = text.count(b"\n", 0, cut)
-        if k >= len(self.seqs):  # the budget reaches the last record: leave it for the rest
-            cut = text.rfind(b"\n", 0, len(text) - 1) + 1
-            k = len(self.seqs) - 1
-        head = RecordRun.of(self.node, self.epoch, self.map, self.time, self.seqs[:k],
-                            self.actions[:k], text[:cut])
-        tail = RecordRun(self.node, self.epoch, self.map, self.time, self.seqs[k:],
-                         self.actions[k:], text[cut:], self.size - head.size)
-        return head, tail
+    def chunks(self, first: int, size: int) -> list[RecordRun]:
+        """The run cut into runs of about ``first`` bytes, then ``size`` bytes each (a
+        cut ends the record that holds the byte budget; at least one record each): a
+        delivery batch stays near its byte budget when a message is larger.  One pass
+        over ``text`` (a find and a count per cut) and one copy of it, however many
+        cuts, and no object per record."""
+        text, seqs, actions = self.text, self.seqs, self.actions
+        scale = len(text) / max(self.size, 1)  # text bytes per buffer byte
+        out: list[RecordRun] = []
+        at = done = 0
+        budget = first
+        while done < len(seqs):
+            target = at + max(int(budget * scale), 1)
+            end = text.find(b"\n", target - 1) + 1 if target < len(text) else len(text)
+            k = text.count(b"\n", at, end)
+            out.append(RecordRun.of(self.node, self.epoch, self.map, self.time,
+                                    seqs[done:done + k], actions[done:done + k], text[at:end]))
+            at, done, budget = end, done + k, size
+        return out
