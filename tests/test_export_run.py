@@ -9,6 +9,7 @@ delivered event, and a file written byte for byte as from records.
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from consumers.export.checkpoint import Checkpoint
@@ -17,10 +18,10 @@ from consumers.export.outputs.file import FileOutput
 from consumers.export.record import RECORD_OVERHEAD, ExportRecord, RecordRun
 
 
-def make_run(first: int, n: int, width: int = 100) -> RecordRun:
+def make_run(first: int, n: int, width: int = 100, vary: int = 7) -> RecordRun:
     seqs = list(range(first, first + n))
     actions = ["updated" if s % 3 else "added" for s in seqs]
-    payloads = [b'{"seq":%d,"pad":"%s"}' % (s, b"x" * (width + s % 7)) for s in seqs]
+    payloads = [b'{"seq":%08d,"pad":"%s"}' % (s, b"x" * (width + s % vary)) for s in seqs]
     return RecordRun.of_payloads("node", "ep", "m", 1.5, seqs, actions, payloads)
 
 
@@ -29,8 +30,10 @@ def gap_record(gap: Gap) -> ExportRecord:
                         f"dropped.{gap.first_seq}-{gap.last_seq}")
 
 
-def test_a_run_is_its_records():
-    run = make_run(10, 50)
+@pytest.mark.parametrize("vary", [7, 1])  # lines of several lengths, or all one
+def test_a_run_is_its_records(vary):
+    run = make_run(10, 50, vary=vary)
+    assert run.width == (0 if vary > 1 else len(run.payloads[0]) + 1)
     records = run.records()
     assert [r.seq for r in records] == run.seqs and [r.payload for r in records] == run.payloads
     assert all(r.epoch == "ep" and r.map == "m" and r.time == 1.5 for r in records)

@@ -19,6 +19,7 @@ import hashlib
 from itertools import repeat
 
 import attrs
+import numpy as np
 
 from ..events import Event
 
@@ -126,7 +127,8 @@ class RecordRun:
     themselves.  Every record of a run is a daemon event (seq > 0) of one node,
     epoch and map, at one time.
 
-    Build it with :meth:`of` (or :meth:`of_payloads`), which compute ``size``.
+    Build it with :meth:`of` (or :meth:`of_payloads`), which compute ``size`` and
+    ``width``.
     """
 
     node: str
@@ -137,13 +139,20 @@ class RecordRun:
     actions: list[str]
     text: bytes
     size: int  # bytes it holds in a delivery buffer, as its records would count
+    width: int  # every line's length (newline included) when they are all one length, or 0
 
     @classmethod
     def of(cls, node: str, epoch: str, map_name: str, time: float, seqs: list[int],
            actions: list[str], text: bytes) -> RecordRun:
-        # Its records' payloads are ``text`` less a newline each.
-        size = len(text) + (RECORD_OVERHEAD - 1) * len(seqs)
-        return cls(node, epoch, map_name, time, seqs, actions, text, size)
+        n = len(seqs)
+        size = len(text) + (RECORD_OVERHEAD - 1) * n  # payloads: ``text`` less a newline each
+        # The renderer's lines are usually all one width: then cuts are arithmetic.  The n
+        # newlines of ``text`` are at every width-th byte exactly when its first line's
+        # width divides it into n lines that all end there (a C-level strided slice).
+        width = text.find(b"\n") + 1
+        if not (n and len(text) == n * width and text[width - 1::width] == b"\n" * n):
+            width = 0
+        return cls(node, epoch, map_name, time, seqs, actions, text, size, width)
 
     @classmethod
     def of_payloads(cls, node: str, epoch: str, map_name: str, time: float, seqs: list[int],
@@ -178,14 +187,23 @@ class RecordRun:
         cuts, and no object per record."""
         text, seqs, actions = self.text, self.seqs, self.actions
         scale = len(text) / max(self.size, 1)  # text bytes per buffer byte
+        ends = self._line_ends()
         out: list[RecordRun] = []
         at = done = 0
         budget = first
         while done < len(seqs):
-            target = at + max(int(budget * scale), 1)
-            end = text.find(b"\n", target - 1) + 1 if target < len(text) else len(text)
-            k = text.count(b"\n", at, end)
+            target = at + max(int(budget * scale), 1)  # the cut ends the line holding it
+            k = min(max(int(np.searchsorted(ends, target, "left")) + 1 - done, 1),
+                    len(seqs) - done)
+            end = int(ends[done + k - 1])
             out.append(RecordRun.of(self.node, self.epoch, self.map, self.time,
                                     seqs[done:done + k], actions[done:done + k], text[at:end]))
             at, done, budget = end, done + k, size
         return out
+
+    def _line_ends(self) -> np.ndarray:
+        """Where each line ends (the offset after its newline): arithmetic when the lines
+        are one width, else one vectorised pass over ``text``."""
+        if self.width:
+            return np.arange(1, len(self.seqs) + 1, dtype=np.int64) * self.width
+        return np.flatnonzero(np.frombuffer(self.text, np.uint8) == ord("\n")) + 1
