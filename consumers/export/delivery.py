@@ -21,7 +21,8 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import attrs
 import trio
@@ -29,9 +30,15 @@ import trio
 from .checkpoint import Checkpoint
 from .grouping import Grouping
 from .outputs import Output, OutputUnavailable
-from .record import ExportRecord
+from .record import ExportRecord, RecordRun
 
 GAP_BYTES = 256  # what a gap marker counts for in the buffer
+Item = ExportRecord | RecordRun  # what a batch holds: a record, or a message's records
+
+
+def count(batch: Sequence[Item]) -> int:
+    """Records in ``batch``, a run counting for its records."""
+    return sum(len(r) if isinstance(r, RecordRun) else 1 for r in batch)
 
 
 @attrs.define
@@ -91,7 +98,7 @@ class Delivery:
         self.backoff = backoff
         self.on_status = on_status or (lambda message: None)
         self.stats = DeliveryStats()
-        self._queue: collections.deque[ExportRecord | Gap] = collections.deque()
+        self._queue: collections.deque[Item | Gap] = collections.deque()
         self._bytes = 0
         self.in_flight_bytes = 0  # the batch being sent (or retried): out of _bytes
         self._wakeup = trio.Event()
@@ -135,6 +142,19 @@ class Delivery:
             self._bytes += size
         self._wakeup.set()
 
+    def put_run(self, run: RecordRun) -> None:
+        """A message's records as one item, with no object per record.  Record by
+        record (``put_many``) where each record needs a decision of its own: a rate
+        limit, a buffer too full for the whole run, or an output that groups records
+        into messages of its own (grouping.py works on records)."""
+        if (self.limit is not None or self.grouping is not None
+                or self._bytes + run.size > self.max_bytes):
+            self.put_many(run.records())
+            return
+        self._queue.append(run)
+        self._bytes += run.size
+        self._wakeup.set()
+
     def _drop(self, record: ExportRecord, reason: str) -> None:
         tail = self._queue[-1] if self._queue else None
         if isinstance(tail, Gap) and tail.reason == reason:
@@ -147,22 +167,30 @@ class Delivery:
 
     # --- the sender task ---
 
-    def _take(self) -> list[ExportRecord]:
-        batch: list[ExportRecord] = []
+    def _take(self) -> list[Item]:
+        """The next batch, about ``batch_bytes`` (twice that at most, and a record): a run
+        larger than that is cut in runs of ``batch_bytes``, first in the queue."""
+        batch: list[Item] = []
         size = 0
         q = self._queue
         while q and size < self.batch_bytes:
             item = q.popleft()
             if isinstance(item, Gap):
                 self._bytes -= GAP_BYTES
-                item_record = self.gap_record(item)
+                taken: Item = self.gap_record(item)
+                size += taken.size
             else:
-                self._bytes -= item.size
-                item_record = item
-            batch.append(item_record)
-            size += item_record.size
-        if self.grouping is not None:
-            self._whole_messages(batch)
+                if (isinstance(item, RecordRun) and len(item) > 1
+                        and size + item.size > 2 * self.batch_bytes):
+                    item, *rest = item.chunks(self.batch_bytes - size, self.batch_bytes)
+                    q.extendleft(reversed(rest))
+                n = item.size
+                self._bytes -= n
+                size += n
+                taken = item
+            batch.append(taken)
+        if self.grouping is not None:  # put_run gave such an output records only
+            self._whole_messages(cast("list[ExportRecord]", batch))
         return batch
 
     def _whole_messages(self, batch: list[ExportRecord]) -> None:
@@ -207,7 +235,7 @@ class Delivery:
         """Deliver until :meth:`close` and the buffer is empty (or cancelled)."""
         is_open = False
         delay = self.backoff[0]
-        batch: list[ExportRecord] = []
+        batch: list[Item] = []
         try:
             while True:
                 if not batch:
@@ -233,7 +261,7 @@ class Delivery:
                         is_open = True
                         if self.stats.last_error:
                             self.on_status(f"{self.output.describe()}: connected again")
-                    await self.output.send(batch)
+                    await self.output.send_batch(batch)
                 except OutputUnavailable as e:
                     if is_open:
                         await self.output.aclose()
@@ -247,7 +275,7 @@ class Delivery:
                     continue
                 delay = self.backoff[0]
                 self.stats.last_error = ""
-                self.stats.delivered += len(batch)
+                self.stats.delivered += count(batch)
                 self.in_flight_bytes = 0
                 self._advance(batch)
                 if self.grouping is not None and self.checkpoint is None:
@@ -260,12 +288,14 @@ class Delivery:
             if self.checkpoint is not None:
                 self.checkpoint.save()
 
-    def _advance(self, batch: list[ExportRecord]) -> None:
+    def _advance(self, batch: list[Item]) -> None:
+        """Once per batch: the checkpoint moves to its last daemon event (seq > 0)."""
         if self.checkpoint is None:
             return
         for r in reversed(batch):
-            if r.seq > 0:
-                self.checkpoint.advance(r.epoch, r.seq)
+            seq = r.last_seq if isinstance(r, RecordRun) else r.seq
+            if seq > 0:
+                self.checkpoint.advance(r.epoch, seq)
                 return
 
     async def close(self, timeout: float = math.inf) -> None:

@@ -28,7 +28,7 @@ from .delivery import Delivery, Gap
 from .formats import FORMATS, facts
 from .formats.base import STREAM_ACTIONS
 from .outputs import make_output
-from .record import ExportRecord, covers_dropped
+from .record import ExportRecord, RecordRun, covers_dropped
 from .resume import resuming_stream
 
 BUFFER_ACTIONS = ("record", "records")
@@ -156,7 +156,11 @@ class Exporter:
                         await self.put(event)
                 return
         info, fmt = await self.cache.lookup(Event("batch", view.map))
-        self.delivery.put_many(self.format.render_batch(view, info, fmt, self.node, self.epoch))
+        out = self.format.render_run(view, info, fmt, self.node, self.epoch)
+        if isinstance(out, RecordRun):
+            self.delivery.put_run(out)
+        else:
+            self.delivery.put_many(out)
 
     async def put(self, event: Event) -> None:
         if event.action in BUFFER_ACTIONS or event.action in STREAM_ACTIONS:

@@ -16,8 +16,10 @@ documents it for users.
 from __future__ import annotations
 
 import hashlib
+from itertools import repeat
 
 import attrs
+import numpy as np
 
 from ..events import Event
 
@@ -107,3 +109,101 @@ class ExportRecord:
     def size(self) -> int:
         """Bytes this record holds in a delivery buffer (payload plus a fixed overhead)."""
         return len(self.payload) + RECORD_OVERHEAD
+
+
+@attrs.frozen(slots=True)
+class RecordRun:
+    """The records of one map events message, carried as one object.
+
+    Why: an :class:`ExportRecord` per event cost about as much as rendering the
+    event (its constructor, its ``size`` read at every step of delivery), and an
+    exporter gets thousands of events per message.  A run keeps the message's
+    payloads as the lines of one buffer, ``text`` (each payload followed by a
+    newline; no payload holds one), as the batch renderer makes them, with their
+    sequence numbers and actions beside them and its buffer size computed once.
+    The delivery buffer, the checkpoint and the line outputs (file, stdout) handle
+    a message as one item and write ``text`` as it is; :meth:`records` gives the
+    very records the per-event path makes, for outputs that frame each record
+    themselves.  Every record of a run is a daemon event (seq > 0) of one node,
+    epoch and map, at one time.
+
+    Build it with :meth:`of` (or :meth:`of_payloads`), which compute ``size`` and
+    ``width``.
+    """
+
+    node: str
+    epoch: str
+    map: str
+    time: float
+    seqs: list[int]
+    actions: list[str]
+    text: bytes
+    size: int  # bytes it holds in a delivery buffer, as its records would count
+    width: int  # every line's length (newline included) when they are all one length, or 0
+
+    @classmethod
+    def of(cls, node: str, epoch: str, map_name: str, time: float, seqs: list[int],
+           actions: list[str], text: bytes) -> RecordRun:
+        n = len(seqs)
+        size = len(text) + (RECORD_OVERHEAD - 1) * n  # payloads: ``text`` less a newline each
+        # The renderer's lines are usually all one width: then cuts are arithmetic.  The n
+        # newlines of ``text`` are at every width-th byte exactly when its first line's
+        # width divides it into n lines that all end there (a C-level strided slice).
+        width = text.find(b"\n") + 1
+        if not (n and len(text) == n * width and text[width - 1::width] == b"\n" * n):
+            width = 0
+        return cls(node, epoch, map_name, time, seqs, actions, text, size, width)
+
+    @classmethod
+    def of_payloads(cls, node: str, epoch: str, map_name: str, time: float, seqs: list[int],
+                    actions: list[str], payloads: list[bytes]) -> RecordRun:
+        """From separate payloads (none may hold a newline)."""
+        text = b"\n".join(payloads) + b"\n" if payloads else b""
+        return cls.of(node, epoch, map_name, time, seqs, actions, text)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def last_seq(self) -> int:
+        return self.seqs[-1]
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return self.text.split(b"\n")[:-1]
+
+    def records(self) -> list[ExportRecord]:
+        """The run as the records the per-event path makes (byte for byte)."""
+        n = len(self.seqs)
+        return list(map(ExportRecord, repeat(self.node, n), repeat(self.epoch, n), self.seqs,
+                        repeat(self.map, n), self.actions, repeat(self.time, n),
+                        self.payloads))
+
+    def chunks(self, first: int, size: int) -> list[RecordRun]:
+        """The run cut into runs of about ``first`` bytes, then ``size`` bytes each (a
+        cut ends the record that holds the byte budget; at least one record each): a
+        delivery batch stays near its byte budget when a message is larger.  One pass
+        over ``text`` (a find and a count per cut) and one copy of it, however many
+        cuts, and no object per record."""
+        text, seqs, actions = self.text, self.seqs, self.actions
+        scale = len(text) / max(self.size, 1)  # text bytes per buffer byte
+        ends = self._line_ends()
+        out: list[RecordRun] = []
+        at = done = 0
+        budget = first
+        while done < len(seqs):
+            target = at + max(int(budget * scale), 1)  # the cut ends the line holding it
+            k = min(max(int(np.searchsorted(ends, target, "left")) + 1 - done, 1),
+                    len(seqs) - done)
+            end = int(ends[done + k - 1])
+            out.append(RecordRun.of(self.node, self.epoch, self.map, self.time,
+                                    seqs[done:done + k], actions[done:done + k], text[at:end]))
+            at, done, budget = end, done + k, size
+        return out
+
+    def _line_ends(self) -> np.ndarray:
+        """Where each line ends (the offset after its newline): arithmetic when the lines
+        are one width, else one vectorised pass over ``text``."""
+        if self.width:
+            return np.arange(1, len(self.seqs) + 1, dtype=np.int64) * self.width
+        return np.flatnonzero(np.frombuffer(self.text, np.uint8) == ord("\n")) + 1

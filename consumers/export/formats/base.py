@@ -12,7 +12,7 @@ from watcher.wire.schema import MapInfo
 from ...decoding import EntryFormatter
 from ...eventjson import event_json
 from ...events import EntryBatch, Event
-from ..record import ExportRecord, covers, event_id
+from ..record import ExportRecord, RecordRun, covers, event_id
 from .batch import BatchRenderer
 
 # Actions about the stream itself rather than a map: they say what the receiver missed.
@@ -94,6 +94,11 @@ class Format(abc.ABC):
                      node: str, epoch: str) -> list[ExportRecord]:
         """Every new event of ``view`` rendered, as ``render`` would render each."""
         return self._batch.render(view, info, fmt, node, epoch)
+
+    def render_run(self, view: EntryBatch, info: MapInfo | None, fmt: EntryFormatter | None,
+                   node: str, epoch: str) -> RecordRun | list[ExportRecord]:
+        """``render_batch``, as one :class:`RecordRun` where it can (no object per event)."""
+        return self._batch.render_run(view, info, fmt, node, epoch)
 
     def render(self, f: Facts) -> ExportRecord:
         e = f.event

@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from itertools import repeat
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 
 import attrs
 import numpy as np
@@ -32,7 +32,7 @@ from watcher.wire.schema import MapInfo
 from ...decoding import EntryFormatter
 from ...eventjson import formatted_entry
 from ...events import ACTIONS, EntryBatch, Event
-from ..record import ExportRecord, event_id
+from ..record import ExportRecord, RecordRun, event_id
 from . import base
 
 SLOTS = ("seq", "key", "value", "old", "fmt")
@@ -99,6 +99,13 @@ class BatchRenderer:
 
     def render(self, view: EntryBatch, info: MapInfo | None, fmt: EntryFormatter | None,
                node: str, epoch: str) -> list[ExportRecord]:
+        out = self.render_run(view, info, fmt, node, epoch)
+        return out.records() if isinstance(out, RecordRun) else out
+
+    def render_run(self, view: EntryBatch, info: MapInfo | None, fmt: EntryFormatter | None,
+                   node: str, epoch: str) -> RecordRun | list[ExportRecord]:
+        """The events of ``view``: one :class:`RecordRun` when the column path applies
+        (undecoded, templated: the common case), else one record per event."""
         message = view.message
         when = message.time or time.time()
         percpu = info is not None and info.percpu
@@ -151,29 +158,38 @@ class BatchRenderer:
         return (t if t is not None and t.fill(values) == real else None), real
 
     def _columns(self, view: EntryBatch, when: float, info: MapInfo | None, node: str,
-                 epoch: str) -> list[ExportRecord] | None:
-        """Undecoded events, each action's at once (textrows.render_rows); None when a
-        template does not apply, and the caller goes event by event."""
+                 epoch: str) -> RecordRun | None:
+        """Undecoded events, each action's at once (textrows.render_rows), as one run;
+        None when a template does not apply, and the caller goes event by event."""
         message, frames, start = view.message, view.frames, view.start
         acts = np.frombuffer(frames[0], np.uint8)[start:message.count]
-        name, seq0, codes = message.map.name, message.seq, np.unique(acts).tolist()
-        out: list[ExportRecord] = []
+        seq0, codes = message.seq, np.unique(acts).tolist()
+        seqs: list[int] = []
+        actions: list[str] = []
+        texts: list[bytes] = []
         for code in codes:
             index = np.flatnonzero(acts == code) + start
             action = ACTIONS[code]
-            payloads = self._action_rows(view, action, index, when, info, node, epoch)
-            if payloads is None:
+            text = self._action_rows(view, action, index, when, info, node, epoch)
+            if text is None:
                 return None
-            out += map(ExportRecord, repeat(node), repeat(epoch), (index + seq0).tolist(),
-                       repeat(name), repeat(action), repeat(when), payloads)
-            self.templated += len(payloads)
-        if len(codes) > 1:  # back in the message's order
-            out.sort(key=attrgetter("seq"))
-        return out
+            seqs += (index + seq0).tolist()
+            actions += repeat(action, len(index))
+            texts.append(text)
+        self.templated += len(seqs)
+        name = message.map.name
+        if len(codes) == 1:  # the lines are the run's text as they are
+            return RecordRun.of(node, epoch, name, when, seqs, actions, texts[0])
+        order = np.argsort(np.array(seqs), kind="stable").tolist()  # the message's order
+        payloads = [p for t in texts for p in t.split(b"\n")[:-1]]
+        return RecordRun.of_payloads(node, epoch, name, when, list(map(seqs.__getitem__, order)),
+                                     list(map(actions.__getitem__, order)),
+                                     list(map(payloads.__getitem__, order)))
 
     def _action_rows(self, view: EntryBatch, action: str, index: np.ndarray, when: float,
-                     info: MapInfo | None, node: str, epoch: str) -> list[bytes] | None:
-        """The payloads of the events at ``index`` (all ``action``), or None."""
+                     info: MapInfo | None, node: str, epoch: str) -> bytes | None:
+        """The payloads of the events at ``index`` (all ``action``) as lines, each ended
+        by a newline, in one buffer; or None."""
         message, frames = view.message, view.frames
         ks, vs, i = message.key_size, message.value_stride, int(index[0])
         key, value = frames[1][i * ks:(i + 1) * ks], frames[2][i * vs:(i + 1) * vs]
@@ -195,11 +211,11 @@ class BatchRenderer:
                 rows = np.frombuffer(buf, np.uint8, message.count * size)
                 picked = rows.reshape(message.count, size)[index].tobytes()
                 columns[_INDEX[name]] = hex_column(picked, size, n)
-        parts: list[Part] = [b"\n" + t.texts[0]]
-        for slot, text in zip(t.slots, t.texts[1:]):
+        parts: list[Part] = [t.texts[0]]
+        for slot, text in zip(t.slots, [*t.texts[1:-1], t.texts[-1] + b"\n"]):
             parts += [columns[slot], text]
-        payloads = render_rows(parts, n).split(b"\n")[1:]
-        return payloads if payloads[0] == real else None
+        lines = render_rows(parts, n)
+        return lines if lines.startswith(real + b"\n") else None
 
     def _template(self, event: Event, info: MapInfo | None, fmt: EntryFormatter | None,
                   node: str, epoch: str) -> Template | None:

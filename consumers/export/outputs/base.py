@@ -15,6 +15,10 @@ needs no locking.  The contract:
 - ``grouping``: None, or the :class:`~consumers.export.grouping.Grouping` of an
   output that packs several records into one message; the delivery layer then
   hands ``send`` whole messages only (the output cuts them with ``grouping.split``).
+- ``send_batch(batch)`` is what the delivery layer calls: its batch may hold
+  :class:`~consumers.export.record.RecordRun` items (a message's records as one
+  object) beside records.  By default it hands ``send`` the records; an output that
+  writes lines overrides it to write a run whole, with no object per event.
 
 Other errors (a bad URL, a certificate that cannot be read) are configuration
 mistakes: raise :class:`OutputConfigError` from the constructor with a one-line
@@ -31,7 +35,26 @@ from typing import Any, ClassVar
 from urllib.parse import SplitResult, urlsplit
 
 from ..grouping import Grouping
-from ..record import ExportRecord
+from ..record import ExportRecord, RecordRun
+
+Batch = Sequence[ExportRecord | RecordRun]  # what the delivery layer hands ``send_batch``
+
+
+def records(batch: Batch) -> list[ExportRecord]:
+    """``batch`` with each run as its records."""
+    out: list[ExportRecord] = []
+    for r in batch:
+        if isinstance(r, RecordRun):
+            out += r.records()
+        else:
+            out.append(r)
+    return out
+
+
+def lines(batch: Batch) -> bytes:
+    """``batch`` as newline-terminated payloads in one buffer (file and stdout outputs)."""
+    return b"".join([r.text if isinstance(r, RecordRun) else r.payload + b"\n"
+                     for r in batch])
 
 
 class OutputUnavailable(Exception):
@@ -60,6 +83,10 @@ class Output(abc.ABC):
     @abc.abstractmethod
     async def send(self, batch: Sequence[ExportRecord]) -> None:
         """Deliver all of ``batch`` in order, or raise OutputUnavailable."""
+
+    async def send_batch(self, batch: Batch) -> None:
+        """``send`` with every run of ``batch`` as its records (same contract)."""
+        await self.send(records(batch))
 
     @abc.abstractmethod
     async def aclose(self) -> None:
