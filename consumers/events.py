@@ -30,7 +30,7 @@ __all__ = ["ACTIONS", "EntryBatch", "Event", "MapRef", "diff_events", "events_of
 ACTIONS = ("added", "updated", "removed")
 
 
-class Event(msgspec.Struct, frozen=True, weakref=True):
+class Event(msgspec.Struct, frozen=True, gc=False):
     """One thing that happened to a map, or to the stream itself.
 
     ``action``: added, updated, removed (entries); map_created, map_removed;
@@ -58,7 +58,12 @@ class Event(msgspec.Struct, frozen=True, weakref=True):
     fills them in C (0.25 us).  What users see is unchanged: the same fields,
     positional or by keyword; assigning one raises AttributeError; ``==``, hash
     and repr by field.  A changed copy is ``msgspec.structs.replace(event, ...)``
-    (attrs.evolve takes attrs classes only).
+    (attrs.evolve takes attrs classes only).  ``gc=False``: the cyclic garbage
+    collector does not track events (a batch of thousands otherwise triggers
+    collections costing as much as building them); an event refers to nothing
+    that refers back to it, so it cannot be part of a cycle (unless one stores
+    an event inside its own ``formatted`` dict).  The price: no weak references
+    to events (msgspec allows one or the other).
     """
 
     action: str
