@@ -172,6 +172,14 @@ def test_formatted_dicts_take_any_field_names():
     rs = record_set([b"\x01\x02", b"\x03\x04"], layout=layout)
     assert rs.formatted() == [{"a": 1, "b'}; x = {'": 2}, {"a": 3, "b'}; x = {'": 4}]
 
+
+def test_iterating_records_gives_each_records_bytes():
+    """One length (cut by NumPy) or mixed (sliced): the same bytes, trailing NULs kept."""
+    for records in ([b"ab\x00", b"\x00\x00\x00", b"xyz"], [b"a", b"bc\x00", b""], [b"", b""],
+                    [b"\x01"], []):
+        got = list(record_set(records, layout=None))
+        assert got == records and all(type(r) is bytes for r in got)
+
 # --- a real ring buffer ----------------------------------------------------------------
 
 
