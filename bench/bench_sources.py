@@ -138,9 +138,7 @@ def subscriber_main(endpoint: str, topic: str, mode: str) -> int:
     scope = trio.CancelScope()
 
     def stats(tag: int) -> dict:
-        # get first: (e) calls this per record, and a setdefault would build a dict each time.
-        return per_tag.get(tag) or per_tag.setdefault(
-            tag, {"records": 0, "first": 0, "last": 0, "lat": []})
+        return per_tag.setdefault(tag, {"records": 0, "first": 0, "last": 0, "lat": []})
 
     def tally(counts: dict[int, int], now: int) -> None:
         for tag, n in counts.items():
@@ -174,23 +172,6 @@ def subscriber_main(endpoint: str, topic: str, mode: str) -> int:
             targets[msg["tag"]] = msg["total"]
             report_ready()
 
-    def record(ev) -> None:
-        """(e): one record event; the consumer's own work is as small as (f)'s per row.
-
-        The clock is read per record (C's monotonic_ns, CLOCK_MONOTONIC like mono_ns,
-        without a Python call around it), and a tag's figures are reported when its
-        count reaches the asked total instead of checking every target per record.
-        """
-        assert ev.formatted is not None
-        tag = ev.formatted["tag"]
-        s = stats(tag)
-        now = time.monotonic_ns()
-        s["first"] = s["first"] or now
-        s["last"] = now
-        s["records"] += 1
-        if tag in targets and s["records"] + lost_total[0] >= targets[tag]:
-            report_ready()
-
     async def main():
         with scope:
             await follow()
@@ -199,11 +180,22 @@ def subscriber_main(endpoint: str, topic: str, mode: str) -> int:
         async with Client(endpoint, timeout=30) as client, trio.open_nursery() as nursery:
             nursery.start_soon(read_targets)
             batches = mode != "events"
+            clock = time.monotonic_ns
             async with client.events([topic], record_batches=batches) as stream:
                 print(json.dumps({"ready": True}), flush=True)
                 async for ev in stream:
-                    if ev.action == "record":
-                        record(ev)
+                    if ev.action == "record":  # (e): the consumer's own work as small as (f)'s:
+                        # C's clock (CLOCK_MONOTONIC, as mono_ns), a count, and a report once
+                        # the tag reaches its asked total (not every target checked per record)
+                        assert ev.formatted is not None
+                        tag = ev.formatted["tag"]
+                        s = per_tag.get(tag) or stats(tag)
+                        now = clock()
+                        s["first"] = s["first"] or now
+                        s["last"] = now
+                        s["records"] += 1
+                        if tag in targets and s["records"] + lost_total[0] >= targets[tag]:
+                            report_ready()
                         continue
                     now = mono_ns()
                     if ev.action == "lost":
