@@ -10,8 +10,8 @@ touch a record individually.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
-from itertools import repeat
 
 import numpy as np
 import orjson
@@ -93,6 +93,20 @@ class RecordLayout:
         """Each record's decoded fields in layout order, from a ``rows=True`` array."""
         if all(self._plain):
             return array.tolist()
+        return list(zip(*self._decoded_columns(array)))
+
+    def dicts(self, array: np.ndarray) -> list[dict]:
+        """Each record's ``Event.formatted`` dict, from a ``rows=True`` array.
+
+        Built from the decoded columns by one comprehension with a dict display per
+        record: no tuple per record (``zip`` reuses its result tuple), a third of
+        ``dict(zip(names, row))``'s time, which matters at millions of records a second.
+        """
+        if not self.fields:
+            return [{} for _ in range(len(array))]
+        return _dict_builder(len(self.fields))(*self.names)(self._decoded_columns(array))
+
+    def _decoded_columns(self, array: np.ndarray) -> list[list]:
         columns = []
         for f, plain in zip(self.fields, self._plain):
             values = array[f.name].tolist()
@@ -100,7 +114,22 @@ class RecordLayout:
                 decode = f.decode
                 values = [decode(v, 0) for v in values]  # type: ignore[misc]
             columns.append(values)
-        return list(zip(*columns))
+        return columns
+
+
+@functools.cache
+def _dict_builder(n: int) -> Callable[..., Callable[[list[list]], list[dict]]]:
+    """names -> (columns -> one dict per row) for ``n`` fields, compiled once per ``n``.
+
+    Why generated: a dict display needs its keys written out, and ``n`` varies.
+    The source depends on ``n`` alone; the names (from the daemon's layout) are
+    arguments, never part of the source.
+    """
+    keys = ", ".join(f"k{i}" for i in range(n))
+    values = ", ".join(f"v{i}" for i in range(n))
+    pairs = ", ".join(f"k{i}: v{i}" for i in range(n))
+    source = f"lambda {keys}: lambda columns: [{{{pairs}}} for {values}, in zip(*columns)]"
+    return eval(source)  # noqa: S307  # source built from n only, see above
 
 
 _PLAIN_INTS = ("u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64", "be16", "be32", "be64")
@@ -136,6 +165,15 @@ class RecordSet:
         return self.data[start:start + int(self.lengths[i])]
 
     def __iter__(self) -> Iterator[bytes]:
+        """Each record's bytes.  Records of one length (a fixed struct: the usual
+        case) are cut by NumPy in C, a void item per record, ~6x faster than a
+        Python slice each: the per-record events' ``value`` comes from here."""
+        if self.count and int(self.lengths.min()) == int(self.lengths.max()) > 0:
+            size = int(self.lengths[0])
+            return iter(np.frombuffer(self.data, f"V{size}", self.count).tolist())
+        return self._sliced()
+
+    def _sliced(self) -> Iterator[bytes]:
         data = self.data
         for start, length in zip(self.offsets.tolist(), self.lengths.tolist()):
             yield data[start:start + length]
@@ -189,10 +227,10 @@ class RecordSet:
         if layout is None:
             return None
         try:
-            rows = self.rows()
+            array = self.array(rows=True)
         except ShortRecords:
             return [layout.format(r) for r in self]
-        return list(map(dict, map(zip, repeat(layout.names), rows)))
+        return layout.dicts(array)
 
 
 def record_layout(layout: dict | None) -> RecordLayout | None:

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 
+import msgspec
 import numpy as np
 import pytest
 import trio
@@ -22,7 +23,7 @@ from support.events import LibFollower, status, topic_key, wait_until
 from support.kernel import token
 from support.sources import REC, REC_LAYOUT_TOML, Producer, source_config
 
-from consumers.events import events_from_records
+from consumers.events import Event, events_from_records
 from consumers.recordsets import (
     FormatterCache,
     RecordSet,
@@ -142,6 +143,42 @@ def test_record_events_unchanged():
     (batch,) = events_from_records(header, frames, FormatterCache(), as_batch=True)
     assert batch.records is not None and batch.records.formatted() == one_by_one(records)
 
+
+
+def test_event_surface_is_that_of_the_frozen_attrs_class():
+    """Event is a msgspec Struct now (built in C); users see what the attrs class gave."""
+    ev = Event("record", MapRef(3, "x"), 5, value=b"\x01", formatted={"a": 1})
+    assert ev == Event("record", MapRef(3, "x"), 5, 0, 0.0, None, b"\x01", None, None, 0, "",
+                       False, {"a": 1}, None)
+    assert ev != msgspec.structs.replace(ev, seq=6)
+    assert repr(ev) == (
+        "Event(action='record', map=MapRef(id=3, name='x'), seq=5, topic_seq=0, time=0.0, "
+        "key=None, value=b'\\x01', old_value=None, info=None, missed=0, reason='', "
+        "snapshot=False, formatted={'a': 1}, records=None)")
+    with pytest.raises(AttributeError):
+        ev.seq = 6  # type: ignore[misc]
+    assert msgspec.structs.replace(ev, time=2.0).time == 2.0 and ev.time == 0.0
+    assert Event.__match_args__[:3] == ("action", "map", "seq")
+    lost = Event("lost", "ring", missed=3)  # type: ignore[arg-type]  # hashable fields
+    assert hash(lost) == hash(Event("lost", "ring", missed=3))  # type: ignore[arg-type]
+
+
+def test_formatted_dicts_take_any_field_names():
+    """The dicts are built by generated code: names are its arguments, never its source."""
+    layout = {"match": "x", "value": [
+        {"name": "a", "type": "u8"}, {"name": "b'}; x = {'", "type": "u8"}]}
+    if record_layout(layout) is None:  # the vocabulary refuses such names: nothing to build
+        return
+    rs = record_set([b"\x01\x02", b"\x03\x04"], layout=layout)
+    assert rs.formatted() == [{"a": 1, "b'}; x = {'": 2}, {"a": 3, "b'}; x = {'": 4}]
+
+
+def test_iterating_records_gives_each_records_bytes():
+    """One length (cut by NumPy) or mixed (sliced): the same bytes, trailing NULs kept."""
+    for records in ([b"ab\x00", b"\x00\x00\x00", b"xyz"], [b"a", b"bc\x00", b""], [b"", b""],
+                    [b"\x01"], []):
+        got = list(record_set(records, layout=None))
+        assert got == records and all(type(r) is bytes for r in got)
 
 # --- a real ring buffer ----------------------------------------------------------------
 

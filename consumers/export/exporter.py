@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import msgspec
 import trio
 
 from watcher.wire.schema import MapRef
@@ -168,5 +169,5 @@ class Exporter:
         else:
             info, fmt = await self.cache.lookup(event)
         if not event.time:
-            event = attrs.evolve(event, time=time.time())
+            event = msgspec.structs.replace(event, time=time.time())
         self.delivery.put(self.format.render(facts(event, info, fmt, self.node, self.epoch)))

@@ -23,6 +23,7 @@ from itertools import repeat
 from operator import itemgetter
 
 import attrs
+import msgspec
 import numpy as np
 import orjson
 
@@ -234,6 +235,6 @@ class BatchRenderer:
     def _slow(self, view: EntryBatch, when: float, info: MapInfo | None,
               fmt: EntryFormatter | None, node: str, epoch: str) -> list[ExportRecord]:
         render = self.format.render
-        return [render(base.facts(e if e.time else attrs.evolve(e, time=when), info, fmt, node,
-                             epoch))
+        return [render(base.facts(e if e.time else msgspec.structs.replace(e, time=when), info, fmt,
+                                  node, epoch))
                 for e in view.events()]
