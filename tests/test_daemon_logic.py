@@ -85,6 +85,12 @@ def make_engine(cat: Catalog, **daemon) -> tuple[Engine, Recorder]:
     return Engine(config, stream, host_features(), catalog=cat), rec
 
 
+def stream_of(engine: Engine) -> PublishedStream:
+    """The engine's stream as the real class (the engine sees it as a ``Stream``)."""
+    assert isinstance(engine.stream, PublishedStream)
+    return engine.stream
+
+
 def subscribe(engine: Engine, topic: bytes) -> None:
     engine.on_subscription([b"\x01" + topic])
 
@@ -187,7 +193,7 @@ async def test_a_gone_maps_name_is_forgotten_and_its_topic_seq_never_goes_back(m
     await engine.cycle()  # map_removed; the hold (linger 0) has expired
     assert [(m.action, m.topic_seq) for m, _ in rec.messages(schema.MapEvent)] == [
         ("map_removed", 1)]
-    assert not engine.holds and "churn_a" not in engine.stream.topic_seq
+    assert not engine.holds and "churn_a" not in stream_of(engine).topic_seq
     assert engine.recent("churn_*")[0] == []  # its recent ring went with it
 
     cat.add(record(11, "churn_a"), {})  # the name comes back: its topic_seq continues
@@ -200,21 +206,22 @@ async def test_a_gone_maps_name_is_forgotten_and_its_topic_seq_never_goes_back(m
         await engine.cycle()
         del cat.maps[20 + i]
         await engine.cycle()
-    assert "churn_a" not in engine.stream._gone and len(engine.stream._gone) == 2  # noqa: SLF001 (white-box: no stale entry)
+    gone = stream_of(engine)._gone  # noqa: SLF001 (white-box: no stale entry)
+    assert "churn_a" not in gone and len(gone) == 2
     assert engine.stream.last_topic_seq("churn_a") >= 3  # the floor: never back to 0
     cat.add(record(30, "churn_a"), {})
     await engine.cycle()
     assert [m.topic_seq for m, _ in rec.messages(schema.MapEvent)][-1] > 3
     engine.heartbeat()
     beat = rec.messages(schema.Heartbeat)[-1][0]
-    assert beat.topics["churn_a"] == engine.stream.topic_seq["churn_a"]
+    assert beat.topics["churn_a"] == stream_of(engine).topic_seq["churn_a"]
 
 
 def test_the_recent_ring_is_bounded_in_bytes_too():
     """``recent_events`` counts events; with large values 1,000 of them could hold 128 MB
     per map, so ``recent_bytes`` bounds the ring as well (the last message always stays)."""
     engine, rec = make_engine(FakeCatalog(), recent_bytes=4096)
-    stream = engine.stream
+    stream = stream_of(engine)
     for i in range(10):
         stream.publish_records("big", 7, 1, b"\x00" * 4, bytes([i]) * 1500, None, 0.0)
     kept = [frames[1] for _, frames in stream.recent("big")]
@@ -272,7 +279,7 @@ async def test_engine_query_api():
     cat.add(record(10, "flows"), {k(1): v(1)})
     cat.add(record(11, "rb", type_="ringbuf", key_size=0, value_size=0))
     engine, rec = make_engine(cat)
-    engine.stream.add_source_topics(["flows_src"])
+    stream_of(engine).add_source_topics(["flows_src"])
 
     got, snap, seq = await engine.snapshot("flows", "gap")
     assert (got.id, snap.count, bytes(snap.keys), seq) == (10, 1, k(1), 0)

@@ -50,10 +50,9 @@ from .config import Config
 from .demand import Demand, Holds, wanted
 from .diff import EngineSnapshot, choose_engine
 from .discovery import Discovery, DiscoveryStats
-from .interfaces import Catalog
+from .interfaces import Catalog, Stream
 from .inventory import Inventory
 from .polling import Poller, Watch
-from .publisher import PublishedStream
 
 if TYPE_CHECKING:  # the in-kernel engine's objects are loaded only when it runs
     from watcher.kernel.kdelta.objects import Broker
@@ -106,7 +105,7 @@ class Engine:
     ``catalog`` (a :class:`~watcher.daemon.interfaces.Catalog`: the host's, or a test's).
     """
 
-    def __init__(self, config: Config, stream: PublishedStream, features: Features,
+    def __init__(self, config: Config, stream: Stream, features: Features,
                  catalog: Catalog | None = None, discovery: Discovery | None = None,
                  broker: Broker | None = None, views: dict[bytes, View] | None = None):
         self.config = config

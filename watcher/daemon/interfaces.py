@@ -1,6 +1,8 @@
 """The daemon's seams, as ``typing.Protocol``\\ s: what the engine and the request
-server may ask of the host (:class:`Catalog`, handing out :class:`Handle`\\ s), and
-what a stream may ask of the socket owner it publishes through (:class:`Publisher`).
+server may ask of the host (:class:`Catalog`, handing out :class:`Handle`\\ s), what
+the engine asks of the event stream (:class:`Stream`, with its figures as
+:class:`StreamStats`), and what a stream may ask of the socket owner it publishes
+through (:class:`Publisher`).
 
 Why Protocols: the daemon's logic runs against the kernel in production and
 against in-memory fakes in tests (``tests/support/catalog.py``, the recorder in
@@ -15,8 +17,10 @@ that use these seams (the engine, the stream), so every one of them can.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol, Self
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+import attrs
 
 from watcher.kernel.maps.dump import Chunk
 from watcher.kernel.maps.find import MapRecord
@@ -25,7 +29,9 @@ from ..wire.schema import MapInfo
 from ..wire.transport import OutFrames
 
 if TYPE_CHECKING:
+    from .access import View
     from .config import Config
+    from .diff import Delta
 
 
 class Handle(Protocol):
@@ -114,3 +120,55 @@ class Publisher(Protocol):
     async def room(self) -> None:
         """Return once the queue is under its byte bound."""
         ...
+
+
+@attrs.frozen
+class StreamStats:
+    """The stream's figures for ``status`` and the metrics (a value, not behaviour: it is
+    what :meth:`Stream.stats` returns)."""
+
+    seq: int  # the last sequence number published
+    messages_published: int
+    events_published: int
+    # The queue to ZeroMQ (bounded by stream_queue_bytes): bytes in it now, and how
+    # often a poll or buffer read waited for room.
+    queued_bytes: int
+    publish_waits: int
+
+
+class Stream(Protocol):
+    """What the engine and its poller ask of the event stream (the real one is
+    :class:`~watcher.daemon.publisher.PublishedStream`): publish, number, remember,
+    and say how it is doing."""
+
+    @property
+    def source_topics(self) -> set[str]:
+        """Topics of the event sources (published by them, not by the engine)."""
+        ...
+
+    def set_views(self, views: dict[bytes, View]) -> None:
+        """The access views some subscriber uses: messages go out once more for each."""
+        ...
+
+    def stats(self) -> StreamStats: ...
+
+    def last_topic_seq(self, name: str) -> int: ...
+
+    def forget_topics_except(self, keep: set[str]) -> None:
+        """Drop per-topic state of every topic not in ``keep`` (its seq floor stays)."""
+        ...
+
+    async def room(self) -> None:
+        """Return once the queue to ZeroMQ is under its byte bound."""
+        ...
+
+    def publish_delta(self, record: MapRecord, key_size: int, stride: int, delta: Delta,
+                      when: float) -> None: ...
+
+    def publish_map_event(self, action: str, info: MapInfo, when: float | None = None
+                          ) -> None: ...
+
+    def heartbeat(self, watched_topics: list[str], watched: Iterable[MapRecord] = ()) -> None:
+        ...
+
+    def recent(self, pattern: str) -> list[tuple[Any, OutFrames]]: ...

@@ -24,8 +24,7 @@ from watcher.kernel.maps.kinds import DumpMethod, dump_method
 
 from .catalog import MapGone
 from .diff import Delta, EngineSnapshot, KernelDelta, poll_changes
-from .interfaces import Catalog
-from .publisher import PublishedStream
+from .interfaces import Catalog, Stream
 
 # The engine's logger: operators filter on it, and a poll is the engine's work.
 log = logging.getLogger("pymap.engine")
@@ -85,7 +84,7 @@ class Watch:
 class Poller:
     """Polls watches through ``catalog`` and publishes their deltas on ``stream``."""
 
-    def __init__(self, catalog: Catalog, stream: PublishedStream):
+    def __init__(self, catalog: Catalog, stream: Stream):
         self.catalog = catalog
         self.stream = stream
         self.errors = 0  # polls that failed (status: poll_errors, with enumerations)

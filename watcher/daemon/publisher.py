@@ -20,8 +20,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import attrs
-
 from watcher.kernel.maps.find import MapRecord
 
 from ..wire import schema
@@ -29,7 +27,7 @@ from ..wire.transport import OutFrames, frames_size
 from .access import View
 from .config import Config
 from .diff import Delta
-from .interfaces import Publisher
+from .interfaces import Publisher, StreamStats
 
 # What a message is about, for a view's decision: the map (record or MapInfo: its
 # names and pins, as list and get decide), or None: its topic name (event sources).
@@ -39,19 +37,6 @@ HEADER_ALLOWANCE = 1024  # bytes kept for a batch's JSON header within message_b
 # Topics forgotten (nobody watches the name, no source) whose last topic_seq is kept, so
 # a name that comes back continues where it was: ~150 bytes each.
 GONE_TOPICS_MAX = 65536
-
-
-@attrs.frozen
-class StreamStats:
-    """The stream's figures for ``status`` and the metrics."""
-
-    seq: int  # the last sequence number published
-    messages_published: int
-    events_published: int
-    # The queue to ZeroMQ (bounded by stream_queue_bytes): bytes in it now, and how
-    # often a poll or buffer read waited for room.
-    queued_bytes: int
-    publish_waits: int
 
 
 class PublishedStream:
