@@ -183,16 +183,22 @@ def test_iterating_records_gives_each_records_bytes():
 # --- a real ring buffer ----------------------------------------------------------------
 
 
+def serve_ring(prod: Producer, daemon_factory, bpffs_dir, tmp_path):
+    """Pin the producer's ring buffer and start a daemon publishing it with the records'
+    layout: (the topic's name, the daemon)."""
+    name = f"rb_{token()}"
+    pin = prod.pin("rb", bpffs_dir / name)
+    conf = source_config(tmp_path / "pymap.toml", [
+        f'pin = "{pin}"\nkind = "ringbuf"\nlayout = {REC_LAYOUT_TOML}'])
+    return name, daemon_factory("--config", conf)
+
+
 async def test_ringbuf_columns_field_by_field(daemon_factory, bpffs_dir, tmp_path):
     need_bcc()
     tag = int(token(), 16)
     prod = Producer(tag, rb_pages=64)
     try:
-        name = f"rb_{token()}"
-        pin = prod.pin("rb", bpffs_dir / name)
-        conf = source_config(tmp_path / "pymap.toml", [
-            f'pin = "{pin}"\nkind = "ringbuf"\nlayout = {REC_LAYOUT_TOML}'])
-        d = daemon_factory("--config", conf)
+        name, d = serve_ring(prod, daemon_factory, bpffs_dir, tmp_path)
         lib = LibFollower(d.endpoint, [name], record_batches=True)
         async with trio.open_nursery() as nursery:
             await nursery.start(lib.run)
@@ -233,11 +239,7 @@ async def test_example_prints_each_record_and_summaries(daemon_factory, bpffs_di
     tag = int(token(), 16)
     prod = Producer(tag, rb_pages=16)
     try:
-        name = f"rb_{token()}"
-        pin = prod.pin("rb", bpffs_dir / name)
-        conf = source_config(tmp_path / "pymap.toml", [
-            f'pin = "{pin}"\nkind = "ringbuf"\nlayout = {REC_LAYOUT_TOML}'])
-        d = daemon_factory("--config", conf)
+        name, d = serve_ring(prod, daemon_factory, bpffs_dir, tmp_path)
         for rows in (True, False):
             args = [sys.executable, str(REPO / "examples" / "record_columns.py"),
                     "-e", d.endpoint, *(["--rows"] if rows else []), name]

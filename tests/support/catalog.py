@@ -100,12 +100,6 @@ class FakeCatalog:
             raise MapGone
         return FakeHandle(rec, self.opened)
 
-    def read_entries(self, rec: MapRecord) -> tuple[bytearray, bytearray, int]:
-        if rec.id not in self.maps:
-            raise MapGone
-        entries = self.maps[rec.id].entries
-        return bytearray(b"".join(entries)), bytearray(b"".join(entries.values())), len(entries)
-
     def chunks(self, handle: Handle, chunk_entries: int) -> Iterator[Chunk]:
         if dump_method(handle.record.type) is DumpMethod.NONE:
             raise NotDumpable(handle.record.type)

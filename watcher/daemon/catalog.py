@@ -225,18 +225,6 @@ class HostCatalog:
                 raise MapGone from None
             raise
 
-    def read_entries(self, record: kmaps.MapRecord) -> tuple[bytearray, bytearray, int]:
-        """All entries of ``record``'s map as flat keys and values; :class:`MapGone` if freed."""
-        with self.open_watched(record) as handle:
-            # Grown in place (big buffers are mmap'd, so growing is mremap, not a copy):
-            # a list of chunks joined at the end would hold the map twice for a moment.
-            keys, values, count = bytearray(), bytearray(), 0
-            for chunk in dump(handle.fd, record):
-                keys += chunk.keys
-                values += chunk.values
-                count += chunk.count
-        return keys, values, count
-
     def chunks(self, handle: Handle, chunk_entries: int) -> Iterator[Chunk]:
         """``handle``'s entries, ``chunk_entries`` at a time (``NotDumpable`` for ring buffers...)."""
         return dump(handle.fd, handle.record, chunk_entries)

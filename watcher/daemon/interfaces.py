@@ -75,10 +75,6 @@ class Catalog(Protocol):
         """Reopen a listed map by id; ``MapGone`` if it was freed since."""
         ...
 
-    def read_entries(self, record: MapRecord) -> tuple[bytearray, bytearray, int]:
-        """All entries as flat keys, flat values and their count; ``MapGone`` if freed."""
-        ...
-
     def chunks(self, handle: Handle, chunk_entries: int) -> Iterator[Chunk]: ...
 
     def own_ids(self) -> frozenset[int]:
