@@ -226,8 +226,11 @@ def test_every_format_carries_the_same_event_id(exported):
 
     _, all_lines, _ = exported
     docs = {fmt: [record_doc(fmt, line) for line in lines] for fmt, lines in all_lines.items()}
-    ids = {fmt: {d["seq"]: d["id"] for d in ds if d["seq"]} for fmt, ds in docs.items()}
-    assert len(ids["json"]) == 36, docs["json"]  # the sentinel and 35 changes
+    # The 35 changes. The sentinel is left out: an exporter whose snapshot was still on its
+    # way when the sentinel was written gets it inside the snapshot (seq 0), not live.
+    ids = {fmt: {d["seq"]: d["id"] for d in ds if d["seq"] and d.get("key") != SENTINEL.hex()}
+           for fmt, ds in docs.items()}
+    assert len(ids["json"]) == 35, docs["json"]
     for fmt in FORMATS:
         assert ids[fmt] == ids["json"], (fmt, docs[fmt], docs["json"])
     assert all(d["id"] == f"{socket.gethostname()}.{d['epoch']}.{d['seq']}"
