@@ -105,6 +105,23 @@ def _cli(daemon, *args: str, terminal: bool = False) -> str:
     return proc.stdout
 
 
+def _imported(daemon, *args: str) -> set[str]:
+    """The modules a piped ``pymap ARGS`` imports (python's -X importtime, on stderr)."""
+    import subprocess
+
+    from conftest import PYMAP
+
+    env = {**os.environ, "PYMAP_ENDPOINT": daemon.endpoint, "PYTHONPROFILEIMPORTTIME": "1"}
+    env.pop("TTY_COMPATIBLE", None)
+    env.pop("FORCE_COLOR", None)
+    proc = subprocess.run([PYMAP, *args], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    modules = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines()
+               if line.startswith("import time:")}
+    assert "consumers.cli.app" in modules, proc.stderr[-500:]  # the profile is there
+    return modules
+
+
 @pytest.mark.kernel
 def test_list_and_status_piped_at_80_columns(daemon_factory, maps, bpffs_dir):
     tag = token()
@@ -135,6 +152,9 @@ def test_list_and_status_piped_at_80_columns(daemon_factory, maps, bpffs_dir):
     assert len(rows) == len(names)
     assert sorted(r.split()[1] for r in rows) == sorted(names)
     assert "…" not in "\n".join(status)
+    # Piped, neither imports rich (a third of their start-up: bench/bench_cli.py).
+    for args in (("list", f"cilium_*{tag}*"), ("status",)):
+        assert not {m for m in _imported(d, *args) if m == "rich" or m.startswith("rich.")}, args
 
     # In an 80-column terminal: a table, still one row per map with whole names.
     table = _cli(d, "status", terminal=True)

@@ -10,16 +10,42 @@
   columns alone are wider than the terminal, the lines are printed whole and
   the terminal wraps them: nothing is cut.
 - ``-o wide``: the ``wide`` columns too, and nothing dropped.
+
+A :class:`Piped` stands in for rich's console when stdout is certainly not a
+terminal, so that ``pymap status | ...`` and ``pymap list | ...`` never import
+rich (a third of their start-up, bench/bench_cli.py); rich is imported only to
+draw a table.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING
 
 import attrs
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+@attrs.frozen
+class Piped:
+    """stdout when it is a pipe or a file: plain columns go to ``file``, nothing else."""
+
+    file: IO[str]
+    is_terminal = False
+
+    @classmethod
+    def certainly(cls, file: IO[str]) -> Piped | None:
+        """A ``Piped`` for ``file`` when rich would certainly not treat it as a terminal:
+        not a tty, and none of the variables that make rich render as for one
+        (``TTY_COMPATIBLE``, ``FORCE_COLOR``) set; otherwise None, and rich decides."""
+        if os.environ.get("TTY_COMPATIBLE") or os.environ.get("FORCE_COLOR") is not None:
+            return None
+        isatty = getattr(file, "isatty", None)
+        return cls(file) if isatty is not None and not isatty() else None
 
 
 @attrs.frozen
@@ -41,13 +67,13 @@ def _lines(cell: Cell) -> list[str]:
     return [cell] if isinstance(cell, str) else list(cell)
 
 
-def print_table(console: Console, columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
-                title: str | None = None, caption: str | None = None,
-                wide: bool = False) -> None:
+def print_table(console: Console | Piped, columns: Sequence[Column],
+                rows: Sequence[Sequence[Cell]], title: str | None = None,
+                caption: str | None = None, wide: bool = False) -> None:
     """Print ``rows`` (one cell per column) for a person or for a pipe; see the module doc."""
-    if not console.is_terminal:
+    if isinstance(console, Piped) or not console.is_terminal:
         chosen = [i for i, c in enumerate(columns) if wide or not c.wide]
-        _print_plain(console, [columns[i] for i in chosen],
+        _print_plain(console.file, [columns[i] for i in chosen],
                      [[row[i] for i in chosen] for row in rows], title, caption)
         return
     table, needed = fit_table(console, columns, rows, console.width, title, caption, wide)
@@ -81,6 +107,9 @@ def fit_table(console: Console, columns: Sequence[Column], rows: Sequence[Sequen
 
 def _rich_table(columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
                 title: str | None, caption: str | None, **table_options) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left",
                   **table_options)
     for c in columns:
@@ -92,7 +121,7 @@ def _rich_table(columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
     return table
 
 
-def _print_plain(console: Console, columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
+def _print_plain(file: IO[str], columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
                  title: str | None, caption: str | None) -> None:
     headers = [c.header.upper().replace(" ", "_") for c in columns]
     cells = [[",".join(_lines(cell)) or "-" for cell in row] for row in rows]
@@ -106,4 +135,4 @@ def _print_plain(console: Console, columns: Sequence[Column], rows: Sequence[Seq
     out += [line(headers), *(line(r) for r in cells)]
     if caption:
         out.append(caption)
-    console.file.write("\n".join(out) + "\n")
+    file.write("\n".join(out) + "\n")

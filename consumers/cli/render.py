@@ -14,14 +14,15 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
 import orjson
-from rich.console import Console
 
 from watcher.kernel.sys.abi import percpu_slot
 from watcher.wire.schema import MapInfo
 
-from .columns import Column, print_table
+from .columns import Column, Piped, print_table
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from watcher.decode.dumptext import DumpLines
 
     from ..client import ReplyChunk
@@ -68,7 +69,7 @@ MAP_COLUMNS = (
 )
 
 
-def print_maps(console: Console, maps: list[MapInfo], wide: bool = False) -> None:
+def print_maps(console: Console | Piped, maps: list[MapInfo], wide: bool = False) -> None:
     """``pymap list``: one row per map (see columns.py for narrow terminals and pipes)."""
     rows = []
     for m in maps:
@@ -95,7 +96,7 @@ def _spaced_hex(b: bytes) -> str:
 Formatter = Callable[[bytes, bytes], dict]
 
 
-def print_entries(console: Console, m: MapInfo, rows: list[tuple[bytes, bytes, dict | None]],
+def print_entries(console: Console | Piped, m: MapInfo, rows: list[tuple[bytes, bytes, dict | None]],
                   total: int, raw: bool, decoder: str | None = None, wide: bool = False) -> None:
     """``pymap get``: entries as rows; ``decoder`` (which one was used, and why) goes in
     the caption.  A per-CPU entry takes one row per CPU (the key on each when piped, so
@@ -283,7 +284,7 @@ SOURCE_COLUMNS = (
 )
 
 
-def print_status(console: Console, st, wide: bool = False) -> None:
+def print_status(console: Console | Piped, st, wide: bool = False) -> None:
     """``pymap status``: the daemon, one row per watched map, one per event source."""
     title = (f"pymap {st.version}  epoch {st.epoch}  up {st.uptime:.0f} s  "
              f"seq {st.seq}  events {st.events_published}  "

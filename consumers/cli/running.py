@@ -23,6 +23,8 @@ from ..errors import DaemonError
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .columns import Piped
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -33,6 +35,15 @@ def out() -> Console:
     from rich.console import Console
 
     return Console()
+
+
+@functools.cache
+def table_out() -> Console | Piped:
+    """Where ``list``, ``get`` and ``status`` print their tables: plain columns, without
+    importing rich, when stdout is certainly a pipe or a file; else :func:`out`."""
+    from .columns import Piped
+
+    return Piped.certainly(sys.stdout) or out()
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from ..options import (
     TimeoutOpt,
     use_curve,
 )
-from ..running import EXIT_USAGE, fail, out, run
+from ..running import EXIT_USAGE, fail, out, run, table_out
 
 
 def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0,
@@ -65,7 +65,7 @@ def status(
             return
         from .. import render
 
-        render.print_status(out(), st, wide=output is Output.wide)
+        render.print_status(table_out(), st, wide=output is Output.wide)
 
     run(main)
 

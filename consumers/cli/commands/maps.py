@@ -25,7 +25,7 @@ from ..options import (
     use_curve,
     valid_glob,
 )
-from ..running import EXIT_ERROR, EXIT_USAGE, err, fail, out, run, run_async, say
+from ..running import EXIT_ERROR, EXIT_USAGE, err, fail, out, run, run_async, say, table_out
 
 if TYPE_CHECKING:
     from ...client import Client
@@ -61,7 +61,7 @@ def list_(
 
             sys.stdout.write(orjson.dumps([render.map_json(m) for m in maps]).decode() + "\n")
         else:
-            render.print_maps(out(), maps, wide=output is Output.wide)
+            render.print_maps(table_out(), maps, wide=output is Output.wide)
         if pattern and not maps:
             say(f"pymap: no map matches {pattern!r}")
             return EXIT_ERROR
@@ -113,7 +113,7 @@ def get(
                         key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
                         value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
                         rows.append((key, value, formatter(key, value) if formatter else None))
-            render.print_entries(out(), m, rows, dump.total or 0, raw,
+            render.print_entries(table_out(), m, rows, dump.total or 0, raw,
                                  decoding.describe() if decoding else "shown as hex (--raw)",
                                  wide=output is Output.wide)
 
