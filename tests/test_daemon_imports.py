@@ -44,3 +44,26 @@ def test_with_the_engine_off_its_program_builders_never_load():
         "assert start_broker(config.watch) is None\n"
         "assert allowed_bpf_commands(config, None)\n")
     assert not loaded & set(BUILDERS)
+
+
+# The CLI's parser and what it pulls in: `pymap daemon` parses its flags with them, then
+# exec's `python -m watcher.daemon` (watcher/daemon/__main__.py), which never loads them.
+CLI_ONLY = ("typer", "click", "rich", "shellingham")
+
+
+def test_the_daemon_entry_point_loads_no_cli():
+    loaded = loaded_after("import watcher.daemon.__main__\n"  # and what its _run imports:
+                          "import trio, zmq, watcher.daemon.main, watcher.daemon.config")
+    assert "watcher.daemon.__main__" in loaded
+    assert not {m for m in loaded if m.split(".")[0] in CLI_ONLY or m.startswith("consumers")}
+
+
+def test_pymap_daemon_hands_over_to_the_entry_point_with_its_errors_and_exit_codes(tmp_path):
+    """The handover keeps the CLI's contract: a bad flag value is one line, exit 2."""
+    pymap = [sys.executable, "-c", "import sys; from consumers.cli.app import main; "
+             "sys.argv[0] = 'pymap'; main()"]
+    proc = subprocess.run([*pymap, "daemon", "--socket-mode", "x9", "--endpoint",
+                           f"ipc://{tmp_path}/s.sock"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == "pymap: error: --socket-mode 'x9' is not an octal mode\n"
