@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from ..decode.choose import EntryFormatter, choose
 from . import catalog
 from .config import Config, MetricMap, MetricsConfig
+from .diff import EngineSnapshot
 from .engine import Engine, EngineStatus, WatchFigures
 from .subgate import SubscriptionGate
 from .zap import Authenticator
@@ -90,6 +91,7 @@ def entry_value(entry: dict, path: str) -> float:
 @attrs.define(eq=False)
 class _Decoded:
     snapshot: object  # the engine's EngineSnapshot these samples came from (held: identity check)
+    generation: int  # its in-place patches when decoded
     samples: dict[tuple[str, ...], float]
     truncated: int
     errors: int
@@ -126,11 +128,17 @@ class MapMetrics:
             return None
         cache_key = (spec.name, watch.record.id)
         cached = self._decoded.get(cache_key)
-        if cached is not None and cached.snapshot is snap:
-            return cached
+        if cached is not None and cached.snapshot is snap and cached.generation == snap.generation:
+            return cached  # the same state, not patched since (polls patch it in place)
         fmt = self._formatter(watch)
         if fmt is None:
             return None
+        with snap.lease():  # no poll patches the rows while they are read (it patches a copy)
+            return self._decode_rows(spec, watch, snap, fmt, cache_key)
+
+    def _decode_rows(self, spec: MetricMap, watch: WatchFigures, snap: EngineSnapshot,
+                     fmt: EntryFormatter, cache_key: tuple[str, int]) -> _Decoded:
+        generation = snap.generation
         samples: dict[tuple[str, ...], float] = {}
         errors = 0
         count = min(snap.count, self.config.max_series)
@@ -148,7 +156,7 @@ class MapMetrics:
                     log.warning("metric %s: an entry of %s does not fit: %s", spec.name,
                                 watch.record.name, e)
                 errors += 1
-        decoded = _Decoded(snap, samples, snap.count - count, errors)
+        decoded = _Decoded(snap, generation, samples, snap.count - count, errors)
         self.decode_errors[spec.name] = self.decode_errors.get(spec.name, 0) + errors
         self.truncated[spec.name] = decoded.truncated
         self._decoded[cache_key] = decoded
