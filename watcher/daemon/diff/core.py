@@ -60,10 +60,49 @@ class Patch:
     dump_rows: np.ndarray
 
 
-def _is_identity(rows: np.ndarray, n: int) -> bool:
-    """Is ``rows`` 0, 1, ..., n - 1 (every row once, in order)?"""
-    return len(rows) == n and (n == 0 or bool(
-        rows[0] == 0 and rows[-1] == n - 1 and np.all(np.diff(rows) == 1)))
+@attrs.frozen
+class DumpRuns:
+    """The rows of a dump's entries as runs: entry ``starts[j] + i`` is row ``rows[j] + i``.
+
+    Why: a patch keeps rows in their places, so after it most dump entries are in the
+    row after the one before them (a 1M-entry map changed in 10,000 places: some 30,000
+    runs, 0.2 MB, against 4 MB for a row per entry).  Used when it is a quarter of the
+    plain array or less (:func:`dump_order_of`).
+    """
+
+    starts: np.ndarray  # dump positions where a run starts: ascending, the first 0
+    rows: np.ndarray
+    length: int  # dump entries
+
+    @property
+    def nbytes(self) -> int:
+        return self.starts.nbytes + self.rows.nbytes
+
+    def take(self, start: int, stop: int) -> np.ndarray:
+        """Rows of dump entries ``start`` to ``stop`` (int32), expanded a slice at a time."""
+        out = np.empty(stop - start, dtype=np.int32)
+        for lo in range(start, stop, _EXPAND):
+            at = np.arange(lo, min(lo + _EXPAND, stop))
+            run = np.searchsorted(self.starts, at, side="right") - 1
+            out[lo - start:lo - start + len(at)] = self.rows[run] + (at - self.starts[run])
+        return out
+
+
+_EXPAND = 1 << 16  # dump entries expanded at a time: temporaries of half a MB
+
+
+def dump_order_of(rows: np.ndarray, n: int) -> np.ndarray | DumpRuns | None:
+    """The smallest form of ``rows`` (each dump entry's row, int32; ``n`` rows): None when
+    it is 0 .. n - 1, runs when they are at most a quarter of the array, else the array."""
+    if not len(rows):
+        return None if n == 0 else rows
+    starts = np.flatnonzero(np.diff(rows) != 1) + 1
+    if not len(starts) and len(rows) == n and rows[0] == 0:
+        return None
+    if (len(starts) + 1) * 8 > rows.nbytes // 4:
+        return rows
+    starts = np.concatenate([np.zeros(1, dtype=starts.dtype), starts]).astype(np.int32)
+    return DumpRuns(starts, rows[starts], len(rows))
 
 
 @attrs.define(eq=False)
@@ -88,9 +127,9 @@ class EngineSnapshot:
     key_size: int
     stride: int
     order: np.ndarray | None = None  # argsort of the keys, computed when first needed
-    # Row of each entry of the last dump, in the dump's order (int32); None: the rows are
-    # in the dump's order.  What lets an unchanged poll compare each chunk with its rows.
-    dump_order: np.ndarray | None = None
+    # Row of each entry of the last dump, in the dump's order (int32, or as runs); None:
+    # the rows are in the dump's order.  Lets an unchanged poll compare chunk by chunk.
+    dump_order: np.ndarray | DumpRuns | None = None
     generation: int = 0  # in-place patches so far: a reader's cache of the rows is stale
     _guard: threading.Condition = attrs.field(factory=threading.Condition, init=False,
                                               repr=False)
@@ -174,7 +213,7 @@ class EngineSnapshot:
         if len(to):
             moved = dump >= new_n
             dump[moved] = to[np.searchsorted(tail, dump[moved])]
-        self.dump_order = None if _is_identity(dump, new_n) else dump
+        self.dump_order = dump_order_of(dump, new_n)
         self.order = None
 
     @classmethod
@@ -203,6 +242,19 @@ class EngineSnapshot:
         if self.order is None:
             self.order = np.argsort(self.key_array(), kind="quicksort").astype(np.int32)
         return self.order
+
+    def dump_length(self) -> int:
+        """Entries of the last dump (rows, unless it showed a key twice)."""
+        order = self.dump_order
+        return self.count if order is None else (
+            order.length if isinstance(order, DumpRuns) else len(order))
+
+    def dump_rows(self, start: int, stop: int) -> np.ndarray:
+        """The rows of the last dump's entries ``start`` to ``stop``."""
+        order = self.dump_order
+        if order is None:
+            return np.arange(start, stop, dtype=np.int32)
+        return order.take(start, stop) if isinstance(order, DumpRuns) else order[start:stop]
 
     def key_rows(self) -> np.ndarray:
         return np.frombuffer(self.keys, dtype=np.uint8).reshape(self.count, self.key_size)

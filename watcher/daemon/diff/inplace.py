@@ -30,9 +30,9 @@ def matches(state: EngineSnapshot, at: int, chunk: Chunk) -> bool:
         k0, v0 = at * state.key_size, at * state.stride
         return (state.keys[k0:k0 + len(chunk.keys)] == chunk.keys
                 and state.values[v0:v0 + len(chunk.values)] == chunk.values)
-    if at + chunk.count > len(state.dump_order):
+    if at + chunk.count > state.dump_length():
         return False
-    rows = state.dump_order[at:at + chunk.count]
+    rows = state.dump_rows(at, at + chunk.count)
     return (state.key_rows()[rows].tobytes() == chunk.keys
             and state.value_rows()[rows].tobytes() == chunk.values)
 
@@ -62,8 +62,7 @@ class _Changes:
     def __init__(self, state: EngineSnapshot, at: int):
         self.state = state
         self.dtype = key_dtype(state.key_size)
-        prefix = (np.arange(at, dtype=np.int32) if state.dump_order is None
-                  else state.dump_order[:at])
+        prefix = state.dump_rows(0, at)
         self.present = np.zeros(state.count, dtype=bool)  # kept rows the dump has shown
         self.present[prefix] = True
         self.dump_rows = [prefix]  # per chunk: each entry's row; -1 - i: the i-th added

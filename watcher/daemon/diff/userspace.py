@@ -59,7 +59,7 @@ def poll_changes(prev: EngineSnapshot | None, chunks: Iterable[Chunk], key_size:
         if not inplace.matches(prev, at, chunk):
             return inplace.patch(prev, at, _prepend(chunk, it))
         at += chunk.count
-    if at == (prev.count if prev.dump_order is None else len(prev.dump_order)):
+    if at == prev.dump_length():
         return prev, _empty_delta()  # nothing changed: the kept state is the state
     return inplace.patch(prev, at, ())  # entries went at the end
 
