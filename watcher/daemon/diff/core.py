@@ -9,8 +9,9 @@ changes, and a state one engine left must be one the other can carry on from
 Both therefore build their deltas here, order keys with the same dtype, and
 ask the same question on a map's first poll.
 
-State per watched entry is its key and value bytes plus a 4-byte sort index:
-``key_size + value_stride + 4`` bytes (docs/architecture.md).
+State per watched entry is its key and value bytes, plus at most 4: in-kernel, a sort
+index; in user space, once a poll patched it, its place in the last dump, often as
+runs (docs/architecture.md).
 """
 
 from __future__ import annotations
