@@ -447,7 +447,8 @@ def proc_memory(pid: int) -> dict[str, float]:
 
 def sample_memory(pid: int, seconds: float = 3.0, every: float = 0.05) -> dict[str, float]:
     """VmRSS sampled over ``seconds`` (several poll intervals: a poll's chunks and, in a
-    poll that found changes, a second copy of the state come and go), and VmHWM at the end."""
+    poll that found changes, the sorted keys it looks the dump up in come and go), and
+    VmHWM at the end."""
     rss = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

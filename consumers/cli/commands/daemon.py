@@ -1,7 +1,8 @@
 """``pymap daemon``, and the commands about the daemon itself: ``ping``, ``status``, ``doctor``.
 
-``daemon`` is the only command that runs watcher code in-process (it starts
-the daemon); ``doctor`` checks the host it would run on.
+``daemon`` is the only command that runs watcher code: it parses its flags, then
+becomes the daemon's process (``python -m watcher.daemon``, same pid); ``doctor``
+checks the host it would run on.
 """
 
 from __future__ import annotations
