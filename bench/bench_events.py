@@ -302,7 +302,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     import trio
 
     from watcher.daemon.config import Config
-    from watcher.daemon.diff import userspace as diff_mod  # changes() calls its diff()
+    from watcher.daemon.diff import inplace as diff_mod  # poll_changes() calls its patch()
     from watcher.daemon.engine import Engine
     from watcher.daemon.publisher import PublishedStream
     from watcher.kernel.maps import find as kmaps
@@ -320,7 +320,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
     xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
     timings: dict[str, list[float]] = defaultdict(list)
     diff_paths: list[str] = []
-    orig_diff = diff_mod.diff
+    orig_diff = diff_mod.patch
     sub: Subscriber | None = None
     try:
         xpub.bind(endpoint)
@@ -339,17 +339,18 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
             finally:
                 timings["read"].append(time.perf_counter() - t0)
 
-        def timed_diff(prev, cur):
-            same_keys = prev.keys == cur.keys  # before: diff may set cur.order
-            had_order = prev.order is not None
+        def timed_diff(prev, at, chunks):
+            """From the first chunk that differs: the rest of the dump streamed and looked
+            up in the kept rows, then the patch (or a patched copy)."""
             t0 = time.perf_counter()
+            state = None
             try:
-                return orig_diff(prev, cur)
+                state, delta = orig_diff(prev, at, chunks)
+                return state, delta
             finally:
                 timings["diff"].append(time.perf_counter() - t0)
-                diff_paths.append("same keys: value compare" if same_keys else
-                                  "keys moved: sort + search"
-                                  + ("" if had_order else " (both sides sorted)"))
+                diff_paths.append(f"differs from entry {at:,}: "
+                                  + ("patched in place" if state is prev else "patched a copy"))
 
         def timed_publish(*args, **kwargs):
             t0 = time.perf_counter()
@@ -359,7 +360,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
                 timings["publish"].append(time.perf_counter() - t0)
 
         engine.poller.read_changes = timed_read  # type: ignore[method-assign]
-        diff_mod.diff = timed_diff
+        diff_mod.patch = timed_diff
         stream.publish_delta = timed_publish  # type: ignore[method-assign]
 
         async with trio.open_nursery() as nursery:
@@ -423,7 +424,7 @@ async def engine_phase(bm: BenchMap, tmp: Path, pin_dir: Path, out: dict) -> Non
             out["state_bytes"] = watch.snapshot.nbytes()
             nursery.cancel_scope.cancel()
     finally:
-        diff_mod.diff = orig_diff
+        diff_mod.patch = orig_diff
         if sub is not None:
             sub.stop()
         xpub.close(linger=0)
@@ -446,7 +447,8 @@ def proc_memory(pid: int) -> dict[str, float]:
 
 def sample_memory(pid: int, seconds: float = 3.0, every: float = 0.05) -> dict[str, float]:
     """VmRSS sampled over ``seconds`` (several poll intervals: a poll's chunks and, in a
-    poll that found changes, a second copy of the state come and go), and VmHWM at the end."""
+    poll that found changes, the sorted keys it looks the dump up in come and go), and
+    VmHWM at the end."""
     rss = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -563,17 +565,18 @@ def report(out: dict) -> None:
           f"{verdict(r_changed, TARGET_CHANGED)}")
     print()
     print("where the time goes (engine poll steps, seconds, each run; read = dump, compare "
-          "and diff, of which diff):")
+          "and diff, of which diff = from the first differing chunk: the rest of the dump, "
+          "its lookups, the patch):")
     for phase in ("unchanged_steps", "changed_steps"):
         steps = out[phase]
         parts = [f"{k} {', '.join(f'{x:.3f}' for x in steps.get(k, []))}"
                  for k in ("read", "diff", "publish") if steps.get(k)]
         print(f"  {phase.replace('_steps', ''):<9}: " + "; ".join(parts))
     print(f"  diff path for the changed polls: {', '.join(out['diff_paths'])}")
-    if any(p.startswith("keys moved") for p in out["diff_paths"]):
+    if any(not p.startswith("differs from entry 0:") for p in out["diff_paths"]):
         print("    (a hash map update re-links the element at the head of its bucket, so even "
-              "updates of\n     existing keys change the dump's key order: the diff cannot "
-              "take its value-compare path)")
+              "updates of\n     existing keys change the dump's key order: the entries "
+              "after it are looked up by key)")
     d = out["changed_steps"]
     if d.get("read"):
         overhead = [c["poll"] - r - p for c, r, p in

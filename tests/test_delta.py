@@ -185,11 +185,20 @@ def chunked(s: EngineSnapshot, rng: random.Random) -> list[Chunk]:
 
 def streamed(prev: EngineSnapshot | None, cur: EngineSnapshot, rng: random.Random,
              report_all: bool = False) -> tuple[EngineSnapshot, Delta | None]:
-    """poll_changes over ``cur`` in chunks; the state it keeps must be ``cur``'s."""
+    """poll_changes over ``cur`` in chunks; the state it keeps must be ``cur``'s: the same
+    rows, and read in the order the dump had them (its ``dump_order``), the dump itself."""
     kept, delta = poll_changes(prev, chunked(cur, rng), cur.key_size, cur.stride, report_all)
-    assert (bytes(kept.keys), bytes(kept.values), kept.count) == \
-        (bytes(cur.keys), bytes(cur.values), cur.count)
+    assert (dump_ordered(kept), kept.count) == ((bytes(cur.keys), bytes(cur.values)), cur.count)
     return kept, delta
+
+
+def dump_ordered(s: EngineSnapshot) -> tuple[bytes, bytes]:
+    """The kept state's keys and values in the order of the dump it was patched to."""
+    if s.dump_order is None:  # its rows are in the dump's order
+        return bytes(s.keys), bytes(s.values)
+    rows = s.dump_rows(0, s.dump_length())
+    assert sorted(set(rows.tolist())) == list(range(s.count)), "every row, once"
+    return s.key_rows()[rows].tobytes(), s.value_rows()[rows].tobytes()
 
 
 @pytest.mark.parametrize("key_size", (1, 4, 8, 12))
@@ -202,8 +211,8 @@ def test_streamed_poll_matches_brute_force(key_size):
     kept, delta = streamed(None, snap(state, key_size, stride, rng), rng)
     assert delta is None  # the first poll only records the state
     for step in range(40):
-        kept_order = [bytes(kept.keys[i * key_size:(i + 1) * key_size])
-                      for i in range(kept.count)]
+        dumped = dump_ordered(kept)[0]  # the last dump's order: the kernel's, unchanged
+        kept_order = [dumped[i * key_size:(i + 1) * key_size] for i in range(kept.count)]
         order: list[bytes] | None = kept_order
         if step % 4 == 0:  # same kernel order, some values changed
             cur = {k: (bytes(rng.randrange(256) for _ in range(stride))
@@ -263,3 +272,107 @@ def test_diff_in_small_slices_matches_brute_force(slice_rows, monkeypatch):
                 cur.update({k: bytes(8) for k in random_keys(rng, 100, key_size, dense=False)
                             if k not in prev})
             check(prev, cur, key_size, 8, rng)
+
+
+def _changed_poll_setup(rng: random.Random) -> tuple[dict, EngineSnapshot, dict, EngineSnapshot]:
+    state = {k: b"\x01" * 8 for k in random_keys(rng, 200, 8, dense=False)}
+    kept, _ = streamed(None, snap(state, 8, 8, rng), rng)
+    cur = mutate(rng, state, 8, 8)
+    return state, kept, cur, snap(cur, 8, 8, rng)
+
+
+@pytest.mark.parametrize("reader", ("shared", "leased"))
+def test_a_changed_poll_never_changes_a_state_a_reader_holds(reader):
+    """A snapshot reply (shared for good) or a metrics scrape (a lease) reads the rows
+    while the next poll runs: that poll patches a copy, and the copy is the kept state."""
+    rng = random.Random(11)
+    state, kept, cur, dump = _changed_poll_setup(rng)
+    before = (bytes(kept.keys), bytes(kept.values), kept.count, kept.generation)
+    if reader == "shared":
+        kept.share()
+        new, delta = streamed(kept, dump, rng)
+    else:
+        with kept.lease():
+            new, delta = streamed(kept, dump, rng)
+    assert new is not kept
+    assert (bytes(kept.keys), bytes(kept.values), kept.count, kept.generation) == before
+    assert delta is not None and unpack(delta, 8, 8) == expected(state, cur)
+    assert streamed(new, dump, rng)[1] == Delta(b"", b"", b"", b"", 0)  # then: unchanged
+
+
+def test_a_changed_poll_patches_its_own_state_in_place_and_the_next_poll_compares_rows():
+    rng = random.Random(12)
+    state, kept, cur, dump = _changed_poll_setup(rng)
+    generation = kept.generation
+    new, delta = streamed(kept, dump, rng)
+    assert new is kept and kept.generation == generation + 1
+    assert delta is not None and unpack(delta, 8, 8) == expected(state, cur)
+    again, delta = streamed(kept, dump, rng)  # the same dump again: no event, same state
+    assert again is kept and delta is not None and delta.count == 0
+    assert kept.generation == generation + 1  # matched chunk by chunk: not patched
+
+
+def test_a_dump_failing_half_way_leaves_the_kept_state_as_it_was():
+    """The map went away mid-dump: the poll raises, and the next poll diffs from the
+    state as it was (no half-applied patch, so no event is lost)."""
+    rng = random.Random(13)
+    state, kept, cur, dump = _changed_poll_setup(rng)
+    before = (bytes(kept.keys), bytes(kept.values), kept.count)
+
+    def failing():
+        chunks = chunked(dump, rng)
+        yield from chunks[:len(chunks) // 2]
+        raise OSError(2, "gone")
+
+    with pytest.raises(OSError):
+        poll_changes(kept, failing(), 8, 8, False)
+    assert (bytes(kept.keys), bytes(kept.values), kept.count) == before
+    _, delta = streamed(kept, dump, rng)
+    assert delta is not None and unpack(delta, 8, 8) == expected(state, cur)
+
+
+def test_a_key_the_dump_shows_twice_is_kept_once_with_its_last_value():
+    """A hash map changed under a dump can show a key twice: one row, its last value."""
+    rng = random.Random(14)
+    state = {k: b"\x01" * 8 for k in random_keys(rng, 50, 8, dense=False)}
+    kept, _ = streamed(None, snap(state, 8, 8, rng), rng)
+    new_key = next(k for k in random_keys(rng, 10, 8, dense=False) if k not in state)
+    keys = [*state, new_key, new_key]
+    values = [*state.values(), b"\x02" * 8, b"\x03" * 8]
+    chunks = [Chunk(b"".join(keys), b"".join(values), len(keys))]
+    kept, delta = poll_changes(kept, chunks, 8, 8, False)
+    assert delta is not None
+    assert unpack(delta, 8, 8) == {"added": {(new_key, b"\x03" * 8)}, "updated": set(),
+                                   "removed": set()}
+    rows = {bytes(kept.keys[i * 8:(i + 1) * 8]): bytes(kept.values[i * 8:(i + 1) * 8])
+            for i in range(kept.count)}
+    assert kept.count == 51 and rows == {**state, new_key: b"\x03" * 8}
+
+
+def test_few_changes_keep_each_dump_entrys_row_as_runs():
+    """After a patch rows keep their places, so a big map changed in a few places keeps
+    its dump order as runs of consecutive rows; polls stay exact, unchanged ones match
+    chunk by chunk."""
+    from watcher.daemon.diff.core import DumpRuns
+
+    rng = random.Random(15)
+    state = {k: b"\x01" * 8 for k in random_keys(rng, 4000, 8, dense=False)}
+    kept, _ = streamed(None, snap(state, 8, 8, rng), rng)
+    spare = [k for k in random_keys(rng, 400, 8, dense=False) if k not in state]
+    for _ in range(8):
+        dumped = dump_ordered(kept)[0]
+        order = [dumped[i * 8:(i + 1) * 8] for i in range(kept.count)]
+        gone = set(rng.sample(order, 3))
+        changed = rng.sample([k for k in order if k not in gone], 6)
+        cur = {k: v for k, v in state.items() if k not in gone}
+        order = [k for k in order if k not in gone and k not in changed]
+        for k in [*changed, *(spare.pop() for _ in range(3))]:  # relinked or new: moved
+            cur[k] = bytes(rng.randrange(256) for _ in range(8))
+            order.insert(rng.randrange(len(order) + 1), k)
+        kept, delta = streamed(kept, snap(cur, 8, 8, rng, order=order), rng)
+        assert delta is not None and unpack(delta, 8, 8) == expected(state, cur)
+        state = cur
+    assert isinstance(kept.dump_order, DumpRuns)
+    assert kept.dump_order.nbytes < kept.count  # under a byte an entry, against 4
+    again, delta = streamed(kept, snap(state, 8, 8, rng, order=order), rng)
+    assert again is kept and delta is not None and delta.count == 0

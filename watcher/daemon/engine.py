@@ -326,7 +326,9 @@ class Engine:
         async with watch.lock:
             if watch.snapshot is None:
                 raise errors.MapVanished(f"{record.name} could not be read")
-            return watch.record, watch.snapshot, self.stream.last_topic_seq(record.name)
+            # The reply streams views of its buffers across awaits: never patched again
+            # (the next changed poll patches a copy; EngineSnapshot says why).
+            return watch.record, watch.snapshot.share(), self.stream.last_topic_seq(record.name)
 
     def recent(self, pattern: str) -> tuple[list[tuple[Any, OutFrames]], list[str]]:
         """Recent stream messages of the topics ``pattern`` matches, and which of those
@@ -364,7 +366,8 @@ class Engine:
         """Each watched map's counters and cached snapshot (never a kernel read).
 
         Safe from another thread (the metrics scrape): it copies the watch table
-        first, and a snapshot is never changed once made (a poll makes a new one).
+        first; a poll patches a snapshot in place, so its rows are read under the
+        snapshot's lease (:meth:`~.diff.EngineSnapshot.lease`).
         """
         return [WatchFigures(w.record, w.snapshot, w.polls, w.poll_seconds, w.last_poll_ms,
                              w.events) for w in tuple(self.watches.values())]

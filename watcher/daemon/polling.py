@@ -25,6 +25,7 @@ from watcher.kernel.maps.kinds import DumpMethod, dump_method
 from .catalog import MapGone
 from .diff import Delta, EngineSnapshot, KernelDelta, poll_changes
 from .interfaces import Catalog, Stream
+from .memory import trim_heap
 
 # The engine's logger: operators filter on it, and a poll is the engine's work.
 log = logging.getLogger("pymap.engine")
@@ -109,6 +110,9 @@ class Poller:
             if delta is not None and delta.count:
                 self.stream.publish_delta(watch.record, snap.key_size, snap.stride, delta, when)
                 watch.count(delta)
+                # A changed poll's temporaries (a 1M-entry map: tens of MB, freed by now)
+                # go back at once, not at the next heartbeat's trim (memory.py).
+                trim_heap()
             watch.timed((time.perf_counter() - t0) * 1000)
         # The daemon's queue to ZeroMQ is bounded in bytes: no next poll while this
         # one's delta is still queued past the bound (the lock is released: a snapshot

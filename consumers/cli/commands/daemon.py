@@ -1,12 +1,12 @@
 """``pymap daemon``, and the commands about the daemon itself: ``ping``, ``status``, ``doctor``.
 
-``daemon`` is the only command that runs watcher code in-process (it starts
-the daemon); ``doctor`` checks the host it would run on.
+``daemon`` is the only command that runs watcher code: it parses its flags, then
+becomes the daemon's process (``python -m watcher.daemon``, same pid); ``doctor``
+checks the host it would run on.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Annotated
 
@@ -22,7 +22,7 @@ from ..options import (
     TimeoutOpt,
     use_curve,
 )
-from ..running import EXIT_USAGE, fail, out, run, table_out
+from ..running import fail, out, run, table_out
 
 
 def ping(endpoint: EndpointOpt = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 3.0,
@@ -115,45 +115,28 @@ def daemon(
     set_: _SetOpt = None,
 ) -> None:
     """Run the pymap daemon (as root) until SIGINT or SIGTERM; SIGHUP reloads the config."""
-    import trio
-    import zmq
+    # typer has parsed the flags; the daemon runs in a process that never imported typer,
+    # click or this package (watcher/daemon/__main__.py says why): same pid, same stdio.
+    import json
+    import os
 
-    from watcher.daemon import main as daemon_main
-    from watcher.daemon.config import ConfigError, load_config
+    import watcher
 
-    mode = None
-    if socket_mode is not None:
-        try:
-            mode = int(socket_mode, 8)
-        except ValueError:
-            fail(f"--socket-mode {socket_mode!r} is not an octal mode", EXIT_USAGE)
-    overrides = {"endpoint": endpoint, "events_endpoint": events_endpoint, "socket_mode": mode,
-                 "socket_group": socket_group, "bpffs": bpffs or None, "log_level": log_level,
-                 "log_format": log_format}
-    watch_overrides = {"interval": interval, "always": always or None}
-
-    def load():  # again on SIGHUP, with the same flags on top of the file
-        return load_config(config, overrides, watch_overrides, sources=source or None,
-                           settings=set_ or None)
-
+    options = {"config": config, "endpoint": endpoint, "events_endpoint": events_endpoint,
+               "interval": interval, "always": always, "socket_mode": socket_mode,
+               "socket_group": socket_group, "bpffs": bpffs, "log_level": log_level,
+               "log_format": log_format, "source": source, "set": set_}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(watcher.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # -P: no working directory on sys.path (a root process must not import from it).
     try:
-        conf = load()
-    except ConfigError as e:
-        fail(str(e), EXIT_USAGE)
-    daemon_main.setup_logging(conf.daemon.log_level, conf.daemon.log_format)
-    try:
-        trio.run(functools.partial(daemon_main.run, conf, reload=load))
-    except ConfigError as e:
-        fail(str(e))
-    except PermissionError as e:
-        fail(f"{e.filename or ''}: permission denied (run the daemon as root, or see "
-             "docs/operations.md for the capabilities and directories it needs)")
-    except zmq.ZMQError as e:
-        fail(f"cannot start: {e}")
+        os.execve(sys.executable, [sys.executable, "-P", "-m", "watcher.daemon",
+                                   json.dumps(options)], env)
     except OSError as e:
-        fail(f"cannot start: {e}")
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        fail(f"cannot start: {sys.executable}: {e.strerror or e}")
 
 
 def doctor(endpoint: EndpointOpt = DEFAULT_ENDPOINT) -> None:

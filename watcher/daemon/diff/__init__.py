@@ -20,6 +20,7 @@ from .core import (
     Action,
     Delta,
     EngineSnapshot,
+    Patch,
     assemble,
     first_poll_is_silent,
     key_dtype,
@@ -29,7 +30,7 @@ from .inkernel import KernelDelta, choose_engine, start_broker, supervise
 from .userspace import changes, diff, poll_changes
 
 __all__ = [
-    "Action", "Delta", "EngineSnapshot", "KernelDelta", "assemble", "changes", "choose_engine",
+    "Action", "Delta", "EngineSnapshot", "KernelDelta", "Patch", "assemble", "changes", "choose_engine",
     "diff", "first_poll_is_silent", "key_dtype", "poll_changes", "snapshot_as_added", "start_broker",
     "supervise",
 ]

@@ -92,9 +92,12 @@ class KernelDelta:
             prev = EngineSnapshot.empty(ks, stride)
         sk = prev.key_array()
         sv = prev.value_rows()
-        in_order = prev.order is None or not len(prev.order) or _is_identity(prev.order)
+        # A state this engine made is in key order (order: identity); one from the
+        # user-space engine is in its rows' order, and order None says nothing.
+        in_order = not prev.count or (prev.order is not None and _is_identity(prev.order))
         if not in_order:
-            sk, sv = sk[prev.order], sv[prev.order]  # a state from the user-space engine
+            by_key = prev.sorted_order()
+            sk, sv = sk[by_key], sv[by_key]  # a state from the user-space engine
         pos = np.searchsorted(sk, ck)
         np.minimum(pos, max(len(sk) - 1, 0), out=pos)
         found = (sk[pos] == ck) if len(sk) else np.zeros(len(ck), dtype=bool)

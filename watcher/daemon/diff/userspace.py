@@ -21,6 +21,7 @@ import numpy as np
 
 from watcher.kernel.maps.dump import Chunk
 
+from . import inplace
 from .core import Delta, EngineSnapshot, assemble, first_poll_is_silent, snapshot_as_added
 
 
@@ -43,30 +44,24 @@ def poll_changes(prev: EngineSnapshot | None, chunks: Iterable[Chunk], key_size:
 
     Why streamed: most polls change nothing, and a joined dump beside the kept
     state is a second copy of the map (24 MB of a 1M-entry map, on every poll).
-    Each chunk is compared with the kept state at the same place and dropped; the
-    kept state stays the state when every chunk matched.  At the first chunk
-    that does not, the new dump is built from the kept state's matching prefix,
-    that chunk and the rest, and diffed as before.
+    Each chunk is compared with the kept rows the last dump had at the same place
+    (:func:`.inplace.matches`) and dropped; the kept state stays the state when every
+    chunk matched.  From the first chunk that does not, the rest of the dump is looked
+    up in the kept state, which is then patched to it (:func:`.inplace.patch`): a changed
+    poll holds the map once, too.
     """
     it = iter(chunks)
     if prev is None or prev.key_size != key_size or prev.stride != stride:
-        cur = _joined(b"", b"", 0, it, key_size, stride)
+        cur = _joined(it, key_size, stride)
         return cur, changes(prev, cur, report_all)
-    at = 0  # entries of prev matched so far
+    at = 0  # dump entries matched so far
     for chunk in it:
-        k0, v0 = at * key_size, at * stride
-        if (prev.keys[k0:k0 + len(chunk.keys)] == chunk.keys
-                and prev.values[v0:v0 + len(chunk.values)] == chunk.values):
-            at += chunk.count
-            continue
-        cur = _joined(memoryview(prev.keys)[:k0], memoryview(prev.values)[:v0], at,
-                      _prepend(chunk, it), key_size, stride)
-        return cur, changes(prev, cur, report_all)
-    if at == prev.count:
+        if not inplace.matches(prev, at, chunk):
+            return inplace.patch(prev, at, _prepend(chunk, it))
+        at += chunk.count
+    if at == prev.dump_length():
         return prev, _empty_delta()  # nothing changed: the kept state is the state
-    cur = _joined(memoryview(prev.keys)[:at * key_size], memoryview(prev.values)[:at * stride],
-                  at, it, key_size, stride)  # entries went at the end
-    return cur, changes(prev, cur, report_all)
+    return inplace.patch(prev, at, ())  # entries went at the end
 
 
 def _prepend(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
@@ -74,12 +69,10 @@ def _prepend(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
     yield from rest
 
 
-def _joined(keys: bytes | memoryview, values: bytes | memoryview, count: int,
-            chunks: Iterable[Chunk], key_size: int, stride: int) -> EngineSnapshot:
-    """A snapshot of ``keys``/``values`` followed by ``chunks``: grown in place (big
-    buffers are mmap'd, so growing is mremap, not a copy), never a list joined at the end.
-    The prefix comes as memoryviews: slicing a bytearray would copy it once more."""
-    k, v = bytearray(keys), bytearray(values)
+def _joined(chunks: Iterable[Chunk], key_size: int, stride: int) -> EngineSnapshot:
+    """A first poll's state: ``chunks`` joined, grown in place (big buffers are mmap'd,
+    so growing is mremap, not a copy), never a list joined at the end."""
+    k, v, count = bytearray(), bytearray(), 0
     for chunk in chunks:
         k += chunk.keys
         v += chunk.values
