@@ -233,6 +233,50 @@ async def test_ringbuf_columns_field_by_field(daemon_factory, bpffs_dir, tmp_pat
         prod.close()
 
 
+async def test_batches_are_the_per_record_events_a_message_at_a_time(
+        daemon_factory, bpffs_dir, tmp_path):
+    """``stream.batches()`` gives exactly the events ``async for event in stream`` gives,
+    grouped: non-empty lists, in stream order, several records to a message."""
+    need_bcc()
+    tag = int(token(), 16)
+    prod = Producer(tag, rb_pages=64)
+    try:
+        name, d = serve_ring(prod, daemon_factory, bpffs_dir, tmp_path)
+        each = LibFollower(d.endpoint, [name])
+        grouped = LibFollower(d.endpoint, [name], by_batch=True)
+        async with trio.open_nursery() as nursery:
+            for follower in (each, grouped):
+                await nursery.start(follower.run)
+            await trio.to_thread.run_sync(
+                wait_until, lambda: status(d)["subscriptions"].get(topic_key(name), 0) >= 2,
+                f"two subscribers of {name}")
+            for _ in range(20):
+                prod.run_rb(100)
+                await trio.sleep(0.02)
+            produced = prod.produced_rb()
+            assert prod.dropped() == 0
+
+            def delivered(evs):
+                return sum(e.action == "record" for e in evs) >= produced
+
+            for follower in (each, grouped):
+                await follower.await_count(0, "every record", pred=delivered)
+            nursery.cancel_scope.cancel()
+        assert all(type(batch) is list and batch for batch in grouped.batches)
+        assert [e for batch in grouped.batches for e in batch] == grouped.events
+        assert not [e for e in each.events + grouped.events if e.action == "lost"]
+        records = [e for e in grouped.events if e.action == "record"]
+        assert records == [e for e in each.events if e.action == "record"]
+        assert len(records) == produced == 2000
+        assert [e.topic_seq - records[0].topic_seq for e in records] == list(range(produced))
+        assert [REC.unpack(e.value) for e in records] == [
+            tuple(e.formatted.values()) for e in records]
+        assert {e.formatted["tag"] for e in records} == {tag}
+        assert len(grouped.batches) < produced  # a message's records come as one batch
+    finally:
+        prod.close()
+
+
 async def test_example_prints_each_record_and_summaries(daemon_factory, bpffs_dir, tmp_path):
     """examples/record_columns.py against a real ring buffer: --rows, then the columns."""
     need_bcc()
