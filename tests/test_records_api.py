@@ -278,15 +278,17 @@ async def test_batches_are_the_per_record_events_a_message_at_a_time(
 
 
 async def test_example_prints_each_record_and_summaries(daemon_factory, bpffs_dir, tmp_path):
-    """examples/record_columns.py against a real ring buffer: --rows, then the columns."""
+    """examples/record_columns.py against a real ring buffer: --rows, the columns, then
+    per-record Events (--events: the same summary)."""
     need_bcc()
     tag = int(token(), 16)
     prod = Producer(tag, rb_pages=16)
     try:
         name, d = serve_ring(prod, daemon_factory, bpffs_dir, tmp_path)
-        for rows in (True, False):
+        for how in ("--rows", "", "--events"):
+            rows = how == "--rows"
             args = [sys.executable, str(REPO / "examples" / "record_columns.py"),
-                    "-e", d.endpoint, *(["--rows"] if rows else []), name]
+                    "-e", d.endpoint, *([how] if how else []), name]
             with subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
                                   stderr=subprocess.DEVNULL, cwd=REPO,
                                   env={**os.environ, "PYTHONPATH": str(REPO)}) as proc:
