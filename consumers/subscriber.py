@@ -47,7 +47,16 @@ from watcher.wire.transport import recv_multipart
 
 from . import endpoint, snapshot
 from .errors import DaemonError, DaemonUnavailable
-from .events import ACTIONS, EntryBatch, Event, check_batch, diff_events, events_of
+from .events import (
+    ACTIONS,
+    EntryBatch,
+    Event,
+    check_batch,
+    diff_events,
+    events_of,
+    in_parts,
+    record_events,
+)
 from .gaps import Gap, SequenceTracker
 from .recordsets import FormatterCache
 from .selection import Selection
@@ -188,12 +197,13 @@ class EventStream:
     def batches(self) -> AsyncIterator[list[Event]]:
         """The stream a message at a time: ``async for batch in stream.batches()``.
 
-        Each batch is a non-empty list of the events one received message carries
-        (a buffer's read: thousands of ``record`` events), or of a notice's (``lost``,
-        ``resync``, ``stalled``...), in stream order: exactly the events ``async for
-        event in stream`` yields, grouped.  Why: an ``async for`` step costs about as
-        much as building the ``Event`` itself, so a consumer of millions of records a
-        second loops over a batch with a plain ``for`` instead (docs/sources.md).
+        Each batch is a non-empty list of events, exactly those ``async for event in
+        stream`` yields, in order, grouped by the message that brought them: a notice
+        (``stalled``, ``resync``...), a map's events message, or a part of a buffer
+        read, whose records come at most 256 to a batch, each part made when asked
+        (consumers.events.RecordEvents says why).  Why batches: an ``async for`` step
+        costs about as much as building the ``Event`` itself, so a consumer of a million
+        records a second loops over a batch with a plain ``for`` (docs/sources.md).
         One stream is iterated one way: events or batches, not both.
         """
         return self._batches()
@@ -290,8 +300,7 @@ class EventStream:
         self._first_topics = dict(beat.topics)
         self._heartbeat(beat)
         if self.snapshot:
-            batch = await self._guarded(self._start)
-            if batch:
+            for batch in in_parts(await self._guarded(self._start)):
                 yield batch
         else:
             self._seqs.baseline(beat.topics)
@@ -301,13 +310,11 @@ class EventStream:
                 yield [item]
                 continue
             if self._retry is not None:  # the daemon is heard again: redo what it left undone
-                batch = await self._guarded(self._snapshot_all, self._retry)
-                if batch:
+                for batch in in_parts(await self._guarded(self._snapshot_all, self._retry)):
                     yield batch
                 if self._retry is not None:
                     continue  # still unanswered; the snapshot that succeeds covers this message
-            batch = await self._guarded(self._handle, *item)
-            if batch:
+            for batch in in_parts(await self._guarded(self._handle, *item)):
                 yield batch
 
     def _heartbeat(self, beat: schema.Heartbeat) -> None:
@@ -357,6 +364,11 @@ class EventStream:
             if self.snapshot:
                 self._apply_batch(name, view)
             return [*out, view]  # type: ignore[list-item]  # entry_batches consumers expect it
+        if isinstance(message, schema.RecordBatch) and not self.record_batches:
+            if self.snapshot:
+                self._state.setdefault(name, {})  # as _apply: records change no entries
+            records = record_events(message, frames, self._formatters, start)
+            return [*out, records]  # type: ignore[list-item]  # parts for _batches
         events = events_of(message, frames, self._formatters, self.record_batches)
         if start and not (self.record_batches and isinstance(message, schema.RecordBatch)):
             events = [e for e in events if e.topic_seq >= first + start]
