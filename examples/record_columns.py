@@ -11,7 +11,7 @@ NumPy columns viewing the received bytes, or each record's decoded fields as a
 tuple (``--rows``).  Every second it prints records/s, records lost, and per
 field a summary: min..max of a number, the most frequent value of a text.
 ``--events`` makes the same summary from per-record ``Event`` objects (each
-record's ``formatted`` fields), read a received message at a time through
+record's ``formatted`` fields), read a batch at a time through
 ``stream.batches()``: the object-per-record API at its fastest.
 See docs/sources.md ("The record API") and examples/README.md.
 """
@@ -88,7 +88,7 @@ async def follow(endpoint: str, names: list[str], how: str) -> None:
     async with Client(endpoint) as client:  # noqa: SIM117 (nested on purpose, as in the docs)
         async with client.events(names, record_batches=how != "events") as stream:
             window, started = Window(), time.monotonic()
-            async for batch in stream.batches():  # the events of one received message
+            async for batch in stream.batches():  # a message's events (a read's in parts)
                 if how == "events":
                     window.add_events(batch)
                 else:
