@@ -77,7 +77,7 @@ RECHECK_MAX = 60.0  # seconds between namespace checks during a long stall at mo
 class EventStream:
     """``async with client.events([...]) as stream: async for event in stream: ...``
 
-    or, a received message at a time (the fast way through a buffer's records),
+    or a batch at a time (the fast way through a buffer's records, see batches()),
     ``async for batch in stream.batches(): for event in batch: ...``.
 
     ``snapshot``: start with every entry as ``added`` and resync after gaps and
