@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from itertools import islice
 
 import numpy as np
 import orjson
@@ -104,7 +105,19 @@ class RecordLayout:
         """
         if not self.fields:
             return [{} for _ in range(len(array))]
-        return _dict_builder(len(self.fields))(*self.names)(self._decoded_columns(array))
+        return _dict_builder(len(self.fields))(*self.names)(zip(*self._decoded_columns(array)))
+
+    def dict_chunks(self, array: np.ndarray, size: int) -> Iterator[list[dict]]:
+        """:meth:`dicts` ``size`` records at a time (the last chunk may be shorter): each
+        field still decoded once for the whole array, each chunk's dicts made when asked."""
+        if not self.fields:
+            for start in range(0, len(array), size):
+                yield [{} for _ in range(min(size, len(array) - start))]
+            return
+        rows = zip(*self._decoded_columns(array))
+        build = _dict_builder(len(self.fields))(*self.names)
+        for _ in range(0, len(array), size):
+            yield build(islice(rows, size))
 
     def _decoded_columns(self, array: np.ndarray) -> list[list]:
         columns = []
@@ -118,8 +131,8 @@ class RecordLayout:
 
 
 @functools.cache
-def _dict_builder(n: int) -> Callable[..., Callable[[list[list]], list[dict]]]:
-    """names -> (columns -> one dict per row) for ``n`` fields, compiled once per ``n``.
+def _dict_builder(n: int) -> Callable[..., Callable[[Iterator[tuple]], list[dict]]]:
+    """names -> (rows -> one dict per row) for ``n`` fields, compiled once per ``n``.
 
     Why generated: a dict display needs its keys written out, and ``n`` varies.
     The source depends on ``n`` alone; the names (from the daemon's layout) are
@@ -128,7 +141,7 @@ def _dict_builder(n: int) -> Callable[..., Callable[[list[list]], list[dict]]]:
     keys = ", ".join(f"k{i}" for i in range(n))
     values = ", ".join(f"v{i}" for i in range(n))
     pairs = ", ".join(f"k{i}: v{i}" for i in range(n))
-    source = f"lambda {keys}: lambda columns: [{{{pairs}}} for {values}, in zip(*columns)]"
+    source = f"lambda {keys}: lambda rows: [{{{pairs}}} for {values}, in rows]"
     return eval(source)  # noqa: S307  # source built from n only, see above
 
 
@@ -165,18 +178,19 @@ class RecordSet:
         return self.data[start:start + int(self.lengths[i])]
 
     def __iter__(self) -> Iterator[bytes]:
-        """Each record's bytes.  Records of one length (a fixed struct: the usual
-        case) are cut by NumPy in C, a void item per record, ~6x faster than a
-        Python slice each: the per-record events' ``value`` comes from here."""
+        """Each record's bytes (:meth:`raw`)."""
+        return iter(self.raw())
+
+    def raw(self, start: int = 0) -> list[bytes]:
+        """Each record's bytes, from record ``start`` on.  Records of one length (a fixed
+        struct: the usual case) are cut by NumPy in C, a void item per record, ~6x faster
+        than a Python slice each: the per-record events' ``value`` comes from here."""
         if self.count and int(self.lengths.min()) == int(self.lengths.max()) > 0:
             size = int(self.lengths[0])
-            return iter(np.frombuffer(self.data, f"V{size}", self.count).tolist())
-        return self._sliced()
-
-    def _sliced(self) -> Iterator[bytes]:
+            return np.frombuffer(self.data, f"V{size}", self.count)[start:].tolist()
         data = self.data
-        for start, length in zip(self.offsets.tolist(), self.lengths.tolist()):
-            yield data[start:start + length]
+        return [data[at:at + length] for at, length in zip(self.offsets[start:].tolist(),
+                                                            self.lengths[start:].tolist())]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -231,6 +245,19 @@ class RecordSet:
         except ShortRecords:
             return [layout.format(r) for r in self]
         return layout.dicts(array)
+
+    def formatted_chunks(self, size: int, start: int = 0) -> Iterator[list[dict]] | None:
+        """:meth:`formatted` from record ``start`` on, ``size`` records at a time (None
+        without a layout), each chunk made when asked: RecordEvents' parts."""
+        layout = self.layout
+        if layout is None:
+            return None
+        try:
+            array = self.array(rows=True)
+        except ShortRecords:
+            dicts = [layout.format(r) for r in self.raw(start)]
+            return (dicts[at:at + size] for at in range(0, len(dicts), size))
+        return layout.dict_chunks(array[start:], size)
 
 
 def record_layout(layout: dict | None) -> RecordLayout | None:

@@ -23,7 +23,7 @@ from support.events import LibFollower, status, topic_key, wait_until
 from support.kernel import token
 from support.sources import REC, REC_LAYOUT_TOML, Producer, source_config
 
-from consumers.events import Event, events_from_records
+from consumers.events import Event, RecordEvents, events_from_records, in_parts, record_events
 from consumers.recordsets import (
     FormatterCache,
     RecordSet,
@@ -145,6 +145,34 @@ def test_record_events_unchanged():
 
 
 
+def test_record_events_come_in_parts_of_the_same_events():
+    """RecordEvents (the stream's per-record path): CHUNK records to a part, made when
+    asked, the same events as the list; from ``start`` on; short records; no layout."""
+    rng = random.Random(24)
+    full = [every_record(rng) for _ in range(600)]  # one length: decoded a column at a time
+    short = [*full[:400], full[400][:10], *full[401:]]  # a short record: one by one
+    for records, layout in ((full, EVERY_TYPE), (short, EVERY_TYPE), (full, None)):
+        lengths = struct.pack(f"<{len(records)}I", *map(len, records))
+        frames = [lengths, b"".join(records)]
+        header = schema.RecordBatch("e", 100, len(records), 7, 1.5, MapRef(3, "x"), layout)
+        expected = events_from_records(header, frames, FormatterCache())
+        assert [e.value for e in expected] == records
+        assert [e.formatted for e in expected] == (
+            one_by_one(records) if layout else [None] * len(records))
+        events = record_events(header, frames, FormatterCache())
+        parts = list(events.parts())
+        assert [len(p) for p in parts] == [RecordEvents.CHUNK, RecordEvents.CHUNK, 88]
+        assert [e for p in parts for e in p] == expected == list(events)
+        later = record_events(header, frames, FormatterCache(), start=300)
+        assert len(later) == 300 and list(later) == expected[300:]
+        assert [len(p) for p in later.parts()] == [RecordEvents.CHUNK, 44]
+    lost = Event("lost", MapRef(3, "x"), missed=2)
+    got = list(in_parts([lost, record_events(header, frames, FormatterCache(), start=500)]))
+    assert got == [[lost, *expected[500:]]]  # the first part with the events before it
+    assert list(in_parts([lost])) == [[lost]] and list(in_parts([])) == []
+    assert list(in_parts([record_events(header, frames, FormatterCache(), start=600)])) == []
+
+
 def test_event_surface_is_that_of_the_frozen_attrs_class():
     """Event is a msgspec Struct now (built in C); users see what the attrs class gave."""
     ev = Event("record", MapRef(3, "x"), 5, value=b"\x01", formatted={"a": 1})
@@ -233,16 +261,63 @@ async def test_ringbuf_columns_field_by_field(daemon_factory, bpffs_dir, tmp_pat
         prod.close()
 
 
+async def test_batches_are_the_per_record_events_a_message_at_a_time(
+        daemon_factory, bpffs_dir, tmp_path):
+    """``stream.batches()`` gives exactly the events ``async for event in stream`` gives,
+    grouped: non-empty lists, in stream order, several records to a message."""
+    need_bcc()
+    tag = int(token(), 16)
+    prod = Producer(tag, rb_pages=64)
+    try:
+        name, d = serve_ring(prod, daemon_factory, bpffs_dir, tmp_path)
+        each = LibFollower(d.endpoint, [name])
+        grouped = LibFollower(d.endpoint, [name], by_batch=True)
+        async with trio.open_nursery() as nursery:
+            for follower in (each, grouped):
+                await nursery.start(follower.run)
+            await trio.to_thread.run_sync(
+                wait_until, lambda: status(d)["subscriptions"].get(topic_key(name), 0) >= 2,
+                f"two subscribers of {name}")
+            for _ in range(20):
+                prod.run_rb(100)
+                await trio.sleep(0.02)
+            produced = prod.produced_rb()
+            assert prod.dropped() == 0
+
+            def delivered(evs):
+                return sum(e.action == "record" for e in evs) >= produced
+
+            for follower in (each, grouped):
+                await follower.await_count(0, "every record", pred=delivered)
+            nursery.cancel_scope.cancel()
+        assert all(type(batch) is list and batch for batch in grouped.batches)
+        assert max(map(len, grouped.batches)) <= RecordEvents.CHUNK  # a read, in parts
+        assert [e for batch in grouped.batches for e in batch] == grouped.events
+        assert not [e for e in each.events + grouped.events if e.action == "lost"]
+        records = [e for e in grouped.events if e.action == "record"]
+        assert records == [e for e in each.events if e.action == "record"]
+        assert len(records) == produced == 2000
+        assert [e.topic_seq - records[0].topic_seq for e in records] == list(range(produced))
+        assert [REC.unpack(e.value) for e in records] == [
+            tuple(e.formatted.values()) for e in records]
+        assert {e.formatted["tag"] for e in records} == {tag}
+        assert len(grouped.batches) < produced  # a message's records come as one batch
+    finally:
+        prod.close()
+
+
 async def test_example_prints_each_record_and_summaries(daemon_factory, bpffs_dir, tmp_path):
-    """examples/record_columns.py against a real ring buffer: --rows, then the columns."""
+    """examples/record_columns.py against a real ring buffer: --rows, the columns, then
+    per-record Events (--events: the same summary)."""
     need_bcc()
     tag = int(token(), 16)
     prod = Producer(tag, rb_pages=16)
     try:
         name, d = serve_ring(prod, daemon_factory, bpffs_dir, tmp_path)
-        for rows in (True, False):
+        for how in ("--rows", "", "--events"):
+            rows = how == "--rows"
             args = [sys.executable, str(REPO / "examples" / "record_columns.py"),
-                    "-e", d.endpoint, *(["--rows"] if rows else []), name]
+                    "-e", d.endpoint, *([how] if how else []), name]
             with subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
                                   stderr=subprocess.DEVNULL, cwd=REPO,
                                   env={**os.environ, "PYTHONPATH": str(REPO)}) as proc:

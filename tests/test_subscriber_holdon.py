@@ -138,9 +138,10 @@ async def _next(it, timeout: float = 10.0):
         return await it.__anext__()
 
 
-async def _started(pub: TinyPublisher, stream: EventStream):
-    """The stream's iterator, once its subscription is live (it has seen an event)."""
-    it = aiter(stream)
+async def _started(pub: TinyPublisher, stream: EventStream, batches: bool = False):
+    """The stream's iterator (of events, or of ``batches()``), once its subscription is
+    live (it has seen an event)."""
+    it = stream.batches() if batches else aiter(stream)
     async with trio.open_nursery() as nursery:  # publish until the subscription is live
         async def keep_publishing():
             key = 0
@@ -152,6 +153,8 @@ async def _started(pub: TinyPublisher, stream: EventStream):
         nursery.start_soon(keep_publishing)
         first = await _next(it)
         nursery.cancel_scope.cancel()
+    if batches:
+        (first,) = first  # one event per message here
     assert first.action == "added"
     return it
 
@@ -175,6 +178,29 @@ async def test_silence_is_a_stall_then_the_daemon_resumes_and_losses_are_counted
         assert client.gaps == [("m", 3)]
         added = await _next(it)
         assert (added.action, added.key) == ("added", (200).to_bytes(4, "little"))
+
+
+async def test_batches_are_what_each_message_or_notice_brings(wire):
+    """``stream.batches()``: the same events as above, a list per message: the stall and
+    the resume each alone, the gap's ``lost`` with the message that revealed it."""
+    pub, client, _ = wire
+    async with EventStream(client, ["m"], heartbeat_timeout=SILENCE) as stream:
+        it = await _started(pub, stream, batches=True)
+        pub.silent = True
+        (stalled,) = await _next(it)
+        assert stalled.action == "stalled"
+        for key in range(100, 103):
+            await pub.added(key, publish=False)
+        pub.silent = False
+        await pub.added(200)  # sent before the next heartbeat: it ends the stall
+        (resumed,) = await _next(it)
+        lost, added = await _next(it)
+        assert resumed.action == "resumed" and (lost.action, lost.missed) == ("lost", 3)
+        assert (added.action, added.key) == ("added", (200).to_bytes(4, "little"))
+        await pub.added(201)
+        (added,) = await _next(it)  # heartbeats in between bring nothing: no empty batch
+        assert (added.action, added.key) == ("added", (201).to_bytes(4, "little"))
+        assert client.gaps == [("m", 3)]
 
 
 async def test_a_restarted_daemon_is_a_resync_not_an_error(wire):

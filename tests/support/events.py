@@ -245,12 +245,13 @@ class LibFollower:
 
     Events are appended to ``events``; a failure of the stream is kept in ``error``
     (and ends the task) so a test can assert on it.  ``paused`` makes the task stop
-    reading the stream, a subscriber that fell behind.
+    reading the stream, a subscriber that fell behind.  ``by_batch``: read the stream
+    through ``stream.batches()``, each batch also kept in ``batches``.
     """
 
     def __init__(self, endpoint: str, names: list[str], snapshot: bool = False,
                  heartbeat_timeout: float | None = None, stream_class=None, timeout: float = 10,
-                 **options):
+                 by_batch: bool = False, **options):
         self.endpoint = endpoint
         self.names = names
         self.snapshot = snapshot
@@ -258,7 +259,9 @@ class LibFollower:
         self.stream_class = stream_class
         self.timeout = timeout
         self.options = options  # more EventStream options: hold_on, max_wait, ...
+        self.by_batch = by_batch
         self.events: list = []
+        self.batches: list[list] = []
         self.error: BaseException | None = None
         self.done = trio.Event()
         self.resume = trio.Event()
@@ -289,9 +292,15 @@ class LibFollower:
                     self.stream = stream
                     task_status.started()
                     started = True
-                    async for event in stream:
-                        self.events.append(event)
-                        await self.resume.wait()
+                    if self.by_batch:
+                        async for batch in stream.batches():
+                            self.batches.append(batch)
+                            self.events += batch
+                            await self.resume.wait()
+                    else:
+                        async for event in stream:
+                            self.events.append(event)
+                            await self.resume.wait()
         except Exception as e:  # noqa: BLE001 -- kept for the test to inspect
             self.error = e
             if not started:
