@@ -76,11 +76,16 @@ class Decimal:
             cells = cells[:, 1:]
         pairs = cells[:, self.single:].view("<u2")  # unaligned is fine: last axis contiguous
         q = self.magnitude
+        word = q.dtype.type
         for p in range(self.pairs - 1, -1, -1):
-            q, r = np.divmod(q, 100)
-            lead = np.uint32(200 if p == self.pairs - 1 else 100)  # the units pair: table 2
-            index = r + (q == 0) * lead
-            pairs[:, p] = _PAIRS[index]
+            # floor_divide by a scalar has numpy's fast path and divmod has not, and take
+            # beats fancy indexing: together 0.67 ms a 16K chunk of 5 columns instead of
+            # 1.06 (best of 15 runs); writing all pairs at once was slower.
+            above = q // word(100)
+            index = q - above * word(100)  # this pair, 0-99
+            index += (above == 0) * word(200 if p == self.pairs - 1 else 100)  # units: table 2
+            pairs[:, p] = np.take(_PAIRS, index, mode="clip")
+            q = above
         if self.single:  # what is left: one digit, shown unless a leading zero
             cells[:, 0] = q + ord("0") if not self.pairs else (q + ord("0")) * (q > 0)
 
