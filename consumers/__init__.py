@@ -1,6 +1,6 @@
 """Everything that talks to a pymap daemon: the library, the CLI, the exporters, the fleet.
 
-Owns the request client (:mod:`.client`, :mod:`.oneshot`), the event stream a subscriber
+Owns the request client (:mod:`.client`, :mod:`.oneshot`, :mod:`.dumpread`), the event stream a subscriber
 reads (:mod:`.subscriber` for the sockets and holding on, :mod:`.events` for the event
 model, :mod:`.gaps` for sequence tracking, :mod:`.snapshot` and :mod:`.startpolicy` for
 the Clone pattern's sync), record batches (:mod:`.recordsets`), selectors

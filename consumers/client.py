@@ -35,6 +35,7 @@ from watcher.wire.schema import MapInfo
 from watcher.wire.transport import recv_multipart, send_multipart
 
 from . import endpoint as _endpoint
+from .dumpread import ReplyChunk, chunk_of
 from .endpoint import DEFAULT_ENDPOINT
 from .errors import DaemonError, DaemonUnavailable
 from .replies import expect, reply_to
@@ -56,18 +57,6 @@ class Entry:
     formatted: dict | None = None
 
 
-@attrs.frozen
-class ReplyChunk:
-    """``count`` entries as two flat buffers: slice with ``key_size`` and ``value_stride``.
-
-    One ``GetChunk`` reply as the client receives it (the daemon's side has its own chunks
-    of a map dump: watcher.kernel.maps.dump)."""
-
-    keys: bytes
-    values: bytes
-    count: int
-
-
 class Dump:
     """A ``get`` in progress: the map's metadata, its BTF, then chunks of entries."""
 
@@ -84,12 +73,12 @@ class Dump:
     async def chunks(self) -> AsyncIterator[ReplyChunk]:
         while True:
             message, frames = await self._receive()
-            if isinstance(message, schema.GetEnd):
+            chunk = chunk_of(message, frames)
+            if chunk is None:
+                assert isinstance(message, schema.GetEnd)
                 self.total = message.entries
                 return
-            if not isinstance(message, schema.GetChunk) or len(frames) != 2:
-                raise DaemonError("bad_reply", f"unexpected {type(message).__name__} in a get")
-            yield ReplyChunk(frames[0], frames[1], message.count)
+            yield chunk
 
     async def entries(self, formatter: Callable[[bytes, bytes], dict] | None = None
                       ) -> AsyncIterator[Entry]:

@@ -6,6 +6,7 @@ import array
 import errno
 import json
 import os
+import socket
 import struct
 import subprocess
 import threading
@@ -104,6 +105,59 @@ def test_get_btf_maps(daemon):
         assert "bash" in proc.stdout and "1234" in proc.stdout
     finally:
         bcc.close()
+
+
+FLAT_ARRAY = """
+struct flat { u64 big; s64 neg; s32 mid; u16 port; u8 proto; u8 flags; };
+BPF_ARRAY(NAME, struct flat, ENTRIES);
+int NAME_fn(void *ctx) { u32 k = 0; return NAME.lookup(&k) ? 1 : 0; }
+"""
+FLAT = struct.Struct("<QqiHBB")
+
+
+def test_get_decodes_many_chunks_as_bpftool(daemon_factory):
+    """A BTF map in many chunks whose numbers grow from chunk to chunk, through the
+    whole-chunk renderer (watcher/decode/dumptext.py, consumers/cli/dumpjson.py): its
+    kept matrix is laid out anew for wider digits, the chunks join into one document,
+    and every entry says what bpftool says, decoded and --raw."""
+    bcc = need_bcc()
+    n = 20_000
+    d = daemon_factory("--set", "daemon.chunk_entries=2048")  # 10 chunks
+    name = f"fl{token()}"
+    b = bcc.BPF(text=FLAT_ARRAY.replace("NAME", name).replace("ENTRIES", str(n)).encode())
+    try:
+        fd = b[name.encode()].map_fd
+        keys = array.array("I", range(n))
+        values = b"".join(FLAT.pack(10 ** (1 + i * 18 // n) - 1 - i % 7,  # 1 to 18 digits
+                                    (-1) ** i * (i * 7919) ** 2, (-1) ** (i // 3) * i * 1009,
+                                    i % 65536, i % 256, i % 3) for i in range(n))
+        syscall.map_update_batch(fd, keys.tobytes(), values, n)
+        map_id = syscall.map_info(fd).id
+        doc = _get(d, f"id:{map_id}")
+        assert doc["decoder"]["source"] == "btf"
+        assert len(doc["entries"]) == n
+        assert pymap_entries(doc) == bpftool_entries(map_id)
+        assert {e["key"]: e["formatted"] for e in doc["entries"]} == bpftool_formatted(map_id)
+        raw = _get(d, f"id:{map_id}", "--raw")
+        assert pymap_entries(raw) == pymap_entries(doc)
+    finally:
+        b.cleanup()
+
+
+def test_get_from_a_silent_endpoint(tmp_path):
+    """A socket file nobody answers on: get (read without an event loop) waits --timeout,
+    then says so in one line, as the other commands do."""
+    path = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()
+    for args in ([], ["-o", "json"]):
+        proc = subprocess.run([PYMAP, "get", "anything", *args, "-e", f"ipc://{path}",
+                               "--timeout", "1"], check=False, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 1
+        one_error_line(proc.stderr)
+        assert proc.stdout == ""
 
 
 # --- names --------------------------------------------------------------------------

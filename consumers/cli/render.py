@@ -1,17 +1,14 @@
-"""Output for people (rich tables) and for machines (JSON, streamed).
+"""Output for people: tables of maps, entries and the daemon's status (rich, or plain
+columns when piped: columns.py).
 
-The JSON writer works a chunk at a time on the flat key/value buffers: it
-hex-encodes each buffer once and slices the text, because per-entry bytes
-objects and per-entry JSON serialisation are what make a million-entry dump
-slow in Python.
+``get -o json``, the output a million-entry dump takes, is
+:mod:`consumers.cli.dumpjson`'s, which needs none of rich.
 """
 
 from __future__ import annotations
 
-import gc
-import sys
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -19,25 +16,10 @@ from watcher.kernel.sys.abi import percpu_slot
 from watcher.wire.schema import MapInfo
 
 from .columns import Column, Piped, print_table
+from .dumpjson import map_json as map_json  # list -o json takes it from here
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from watcher.decode.dumptext import DumpLines
-
-    from ..client import ReplyChunk
-
-WHOLE_CHUNK_MIN = 1024  # entries in a dump's first chunk for the whole-chunk renderer
-MAP_FIELDS = ("id", "name", "type", "key_size", "value_size", "max_entries", "entries", "flags",
-              "pinned", "kernel_name", "btf_id", "memlock", "frozen", "holders")
-
-
-def map_json(m: MapInfo) -> dict:
-    d = {f: getattr(m, f) for f in MAP_FIELDS}
-    d["holders"] = [{"pid": h.pid, "comm": h.comm} for h in m.holders]
-    if not m.dumpable:
-        d["not_dumpable_reason"] = m.not_dumpable_reason
-    return d
 
 
 def size_text(n: int | None) -> str:
@@ -159,92 +141,6 @@ def compact(obj) -> str:
     if isinstance(obj, str):
         return obj
     return orjson.dumps(obj).decode()
-
-
-class JsonDumpWriter:
-    """Writes ``{"map": {...}, "decoder": {...}, "entries": [...], "count": N}`` a chunk at a time.
-
-    ``map.entries`` is null here: the count is known only once the stream ends,
-    so it follows the entries as ``count``.
-    """
-
-    def __init__(self, m: MapInfo, out: IO[str] = sys.stdout, formatter: Formatter | None = None,
-                 decoder: dict | None = None):
-        self.m = m
-        self.out = out
-        self.formatter = formatter
-        self._first = True
-        self._count = 0
-        self._lines: DumpLines | None | bool = True  # decided on the first chunk
-        head = '{"map":' + orjson.dumps(map_json(m)).decode()
-        if decoder is not None:  # which decoder made "formatted", and notes on the others
-            head += ',"decoder":' + orjson.dumps(decoder).decode()
-        out.write(head + ',"entries":[')
-
-    def chunk(self, chunk: ReplyChunk) -> None:
-        m = self.m
-        n = chunk.count
-        if n == 0:
-            return
-        if self._lines is True:  # numpy (for the whole-chunk renderer) pays off for big dumps only
-            self._lines = n >= WHOLE_CHUNK_MIN and self._whole_chunks()
-        if self._lines:  # hex, or flat integers: the whole chunk at once
-            self._write(n, [self._lines.render(chunk.keys, chunk.values, n)])
-            return
-        kw, vw = 2 * m.key_size, 2 * m.value_stride
-        khex, vhex = chunk.keys.hex(), chunk.values.hex()
-        if m.percpu:
-            slot, vs = 2 * percpu_slot(m.value_size), 2 * m.value_size
-            cpus = range(m.ncpus)
-
-            def value_json(i: int) -> str:
-                base = i * vw
-                return '"values":[' + ",".join(
-                    f'{{"cpu":{c},"value":"{vhex[base + c * slot:base + c * slot + vs]}"}}'
-                    for c in cpus) + "]"
-        else:
-            def value_json(i: int) -> str:
-                return f'"value":"{vhex[i * vw:(i + 1) * vw]}"'
-
-        if self.formatter is None:
-            lines = [f'{{"key":"{khex[i * kw:(i + 1) * kw]}",{value_json(i)}}}' for i in range(n)]
-        else:
-            ks, vs_ = m.key_size, m.value_stride
-            keys, values, fmt, dumps = chunk.keys, chunk.values, self.formatter, orjson.dumps
-            # The decoded values are short-lived acyclic objects: a cycle collection
-            # every few hundred of them would only cost time (a third of it, measured).
-            gc_was_enabled = gc.isenabled()
-            gc.disable()
-            try:
-                texts = [dumps(fmt(keys[i * ks:(i + 1) * ks],
-                                   values[i * vs_:(i + 1) * vs_])).decode() for i in range(n)]
-                if m.percpu:
-                    lines = [f'{{"key":"{khex[i * kw:(i + 1) * kw]}",{value_json(i)},'
-                             f'"formatted":{text}}}' for i, text in enumerate(texts)]
-                else:  # the same, without a call per entry
-                    lines = [f'{{"key":"{khex[i * kw:(i + 1) * kw]}","value":'
-                             f'"{vhex[i * vw:(i + 1) * vw]}","formatted":{text}}}'
-                             for i, text in enumerate(texts)]
-            finally:
-                if gc_was_enabled:
-                    gc.enable()
-        self._write(n, lines)
-
-    def _whole_chunks(self) -> DumpLines | None:
-        from watcher.decode.dumptext import dump_lines
-
-        m = self.m
-        return dump_lines(m.percpu, m.key_size, m.value_stride, self.formatter)
-
-    def _write(self, n: int, lines: list[str]) -> None:
-        self._count += n
-        sep = "\n" if self._first else ",\n"
-        self._first = False
-        self.out.write(sep + ",\n".join(lines))
-
-    def close(self) -> None:
-        self.out.write(f'\n],"count":{self._count}}}\n')
-        self.out.flush()
 
 
 STATUS_COLUMNS = (

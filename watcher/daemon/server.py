@@ -10,7 +10,11 @@ the server itself only stops when cancelled.
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import trio
@@ -303,13 +307,85 @@ class RequestServer:
             if not request.entries:
                 await self._reply(peer, schema.GetEnd(0, req=request.req))
                 return
+            reader = ReadAhead(self.catalog.chunks(handle, self.config.chunk_entries))
             try:
-                chunks = self.catalog.chunks(handle, self.config.chunk_entries)
                 total = 0
-                while (chunk := await trio.to_thread.run_sync(next, chunks, None)) is not None:
+                while (chunk := await reader.next()) is not None:
                     total += chunk.count
                     await self._reply(peer, schema.GetChunk(chunk.count, req=request.req),
                                       chunk.keys, chunk.values)
             except NotDumpable:
                 raise errors.MapNotDumpable(f"{record.type} maps hold no entries") from None
+            finally:
+                await reader.close()  # before the handle closes: the thread reads through it
             await self._reply(peer, schema.GetEnd(total, req=request.req))
+
+
+class ReadAhead:
+    """A dump's chunks read by a worker thread of their own, up to ``ahead`` chunks before
+    they are sent.
+
+    Why: read a chunk at a time from the loop (a thread hop each), the batch reads
+    waited for the loop between chunks, and the loop has the other clients and the
+    engine to serve: a million-entry ``get`` streamed in 0.44 to 0.49 s where its batch
+    reads alone took 0.37 to 0.42 s, with gaps of up to 46 ms between chunks.  Here the
+    thread reads on while the loop sends, handing each chunk over without waiting for
+    the loop (``run_sync_soon``); ``ahead`` bounds what waits in memory (the outbox
+    bounds the rest).  :meth:`close` stops the thread and waits for it: the map's fd
+    must stay open until its last read is over.
+    """
+
+    def __init__(self, chunks: Iterator, ahead: int = 4):
+        self._chunks = chunks
+        self._slots = threading.Semaphore(ahead)  # chunks the thread may read ahead
+        self._stop = threading.Event()
+        self._send, self._receive = trio.open_memory_channel[object](math.inf)
+        self._token = trio.lowlevel.current_trio_token()
+        self._outcome: Any = None  # how the thread ended: an outcome (trio's) to unwrap
+        self._done = trio.Event()
+        self._taken = False  # a chunk was handed out: its slot is free at the next one
+        trio.lowlevel.start_thread_soon(self._read, self._deliver)
+
+    def _read(self) -> None:
+        """In the worker thread: read until the dump ends or :meth:`close` says stop."""
+        while True:
+            self._slots.acquire()
+            if self._stop.is_set() or (chunk := next(self._chunks, None)) is None:
+                return
+            try:
+                self._token.run_sync_soon(self._send.send_nowait, chunk)
+            except trio.RunFinishedError:  # the daemon is gone: nobody to send to
+                return
+
+    def _deliver(self, result: Any) -> None:
+        """In the worker thread, as it ends: hand the loop how (an error, or the end)."""
+        try:
+            self._token.run_sync_soon(self._end, result)
+        except trio.RunFinishedError:
+            pass
+
+    def _end(self, result: Any) -> None:
+        self._outcome = result
+        self._send.close()  # after every chunk: run_sync_soon keeps the order
+        self._done.set()
+
+    async def next(self):
+        """The next chunk, or None at the end; the reader's error is raised here."""
+        if self._taken:
+            self._slots.release()
+        try:
+            chunk = await self._receive.receive()
+        except trio.EndOfChannel:
+            assert self._outcome is not None
+            self._outcome.unwrap()
+            return None
+        self._taken = True
+        return chunk
+
+    async def close(self) -> None:
+        """Stop the thread and wait until it has (shielded: the map's fd waits for it)."""
+        self._stop.set()
+        self._slots.release()
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from watcher.kernel.sys.abi import percpu_slot
 
-from . import cilium
 from .btf import BtfError, parse_btf
-from .layout import Layout, LayoutError, fit_note, parse_layout
+
+if TYPE_CHECKING:
+    from .cilium import CiliumLayout
+    from .layout import Layout
 
 __all__ = ["Decoding", "EntryFormatter", "choose"]
 
@@ -190,12 +192,29 @@ def _add_value_rows(decode: EntryFormatter, value_flat) -> None:
         decode.value_rows = value_flat  # type: ignore[attr-defined]
 
 
+def _cilium(names: list[str], key_size: int, value_size: int
+            ) -> tuple[CiliumLayout | None, str | None]:
+    """:func:`watcher.decode.cilium.find`, imported only for a name that can be Cilium's.
+
+    Every name Cilium's decoders know starts with ``cilium`` (kernel names cut to 15
+    characters too), and their module is the largest of the decoders: a dump of
+    another map, a million-entry ``get`` decoded from BTF, need not import it.
+    """
+    if not any(n.startswith("cilium") for n in names if n):
+        return None, None
+    from .cilium import find
+
+    return find(names, key_size, value_size)
+
+
 def choose(m, btf_blob: bytes | None = None,
            layout: Layout | Mapping | None = None) -> Decoding:
     """Pick a decoder for map ``m`` (see the module docstring for the order)."""
     notes: list[str] = []
 
     if layout is not None:
+        from .layout import Layout, LayoutError, fit_note, parse_layout
+
         try:
             parsed = layout if isinstance(layout, Layout) else parse_layout(layout)
         except LayoutError as e:
@@ -206,7 +225,7 @@ def choose(m, btf_blob: bytes | None = None,
                 return Decoding(_from_layout(m, parsed, btf_blob, notes), "layout", tuple(notes))
             notes.append(why)
 
-    known, note = cilium.find(_names(m), m.key_size, m.value_size)
+    known, note = _cilium(_names(m), m.key_size, m.value_size)
     if known is not None:
         return Decoding(_per_entry(m, known.key, known.value, known.text, known.total),
                         known.source, tuple(notes), known.what)

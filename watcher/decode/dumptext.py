@@ -23,14 +23,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .textrows import Decimal, Part, hex_column, render_rows
+from .textrows import Decimal, Part, RowMatrix, hex_column
 
-__all__ = ["Columns", "DumpLines", "columns", "dump_lines"]
+__all__ = ["SEP", "Columns", "DumpLines", "columns", "dump_lines"]
 
 _NP_INTS = {"b": "i1", "B": "u1", "h": "<i2", "H": "<u2", "i": "<i4", "I": "<u4",
             "l": "<i4", "L": "<u4", "q": "<i8", "Q": "<u8"}
 _TOKEN = re.compile(r"(\d*)([a-zA-Z?])")
-_SEP = b",\n"  # between the lines of a chunk; the writer adds it between chunks
+SEP = b",\n"  # before every line of a chunk; the writer drops the dump's first
 
 
 class Columns(NamedTuple):
@@ -96,7 +96,7 @@ class DumpLines:
         self.key_size, self.value_stride = key_size, value_stride
         self.key_cols, self.value_cols = key_cols, value_cols
         plan = _Plan()
-        plan.text(_SEP + b'{"key":"')
+        plan.text(SEP + b'{"key":"')
         plan.pieces.append(("key", None))
         plan.text('","value":"')
         plan.pieces.append(("value", None))
@@ -109,6 +109,7 @@ class DumpLines:
         else:
             plan.text('"}')
         self.pieces = _merge(plan.pieces)
+        self._matrix = RowMatrix()  # one per dump: its chunks share the constant text
 
     @property
     def decoded(self) -> bool:
@@ -116,8 +117,20 @@ class DumpLines:
 
     def render(self, keys: bytes, values: bytes, count: int) -> str:
         """The chunk's lines, joined by ``,\\n`` (no separator before the first)."""
+        return bytes(self.chunk(keys, values, count)[len(SEP):]).decode("ascii")
+
+    def chunk(self, keys: bytes, values: bytes, count: int) -> bytes | bytearray | memoryview:
+        """The chunk's lines as bytes, each after a ``,\\n`` (the first one's too); hex
+        lines are a view of this renderer's matrix, valid until its next chunk.
+
+        Bytes, not text, so that a writer hands them to the binary stdout as they are:
+        decoding a million lines to str and the text layer encoding them back, with the
+        joins around them, cost more than rendering them (measured, issue 20).  The
+        separator comes with every line so that chunks follow each other as they are;
+        the writer drops the very first one.
+        """
         if count == 0:
-            return ""
+            return b""
         sides = {"key": (keys, self.key_size, self.key_cols),
                  "value": (values, self.value_stride, self.value_cols)}
         parts: list[Part] = []
@@ -132,8 +145,7 @@ class DumpLines:
                 buf, _, cols = sides[which]
                 assert cols is not None
                 parts.append(Decimal(np.frombuffer(buf, cols.dtype, count)[field]))
-        text = render_rows(parts, count)
-        return text[len(_SEP):].decode("ascii")
+        return self._matrix.render(parts, count)
 
 
 def _merge(pieces: list[tuple[str, Any]]) -> list[tuple[str, Any]]:

@@ -88,36 +88,53 @@ def get(
     use_curve(server_key, client_cert)
     own_layouts = read_layouts(layout_file) if layout_file else []
 
-    async def main():
-        from ...client import Client
-        from .. import render
+    def main():
+        from ...dumpread import DumpRequest
 
-        async with Client(endpoint, timeout) as client, client.get(selector) as dump:
-            decoding = _decoding(dump, own_layouts, layout_file, raw)
-            formatter = decoding.formatter if decoding else None
+        with DumpRequest(endpoint, selector, timeout) as request:
+            # Sent first: the daemon reads the map while this process imports what shows it.
             if output is Output.json:
-                writer = render.JsonDumpWriter(dump.map, sys.stdout, formatter,
-                                               decoding.as_json() if decoding else None)
-                async for chunk in dump.chunks():
-                    writer.chunk(chunk)
-                writer.close()
-                return
-            rows: list[tuple[bytes, bytes, dict | None]] = []
-            m = dump.map
-            with _progress(f"reading {m.name}") as progress:
-                async for chunk in dump.chunks():
-                    progress.advance(chunk.count)
-                    for i in range(chunk.count):
-                        if limit and len(rows) >= limit:
-                            break
-                        key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
-                        value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
-                        rows.append((key, value, formatter(key, value) if formatter else None))
-            render.print_entries(table_out(), m, rows, dump.total or 0, raw,
-                                 decoding.describe() if decoding else "shown as hex (--raw)",
-                                 wide=output is Output.wide)
+                _print_json(request, own_layouts, layout_file, raw)
+            else:
+                _print_table(request, own_layouts, layout_file, raw, limit,
+                             wide=output is Output.wide)
 
-    run_async(main)
+    run(main)
+
+
+def _print_json(request, own_layouts: list, layout_file: str | None, raw: bool) -> None:
+    """``get -o json``: each chunk rendered and written to the binary stdout as it comes."""
+    from ..dumpjson import JsonDumpWriter
+
+    dump = request.begin()
+    decoding = _decoding(dump, own_layouts, layout_file, raw)
+    sys.stdout.flush()  # nothing is pending there; the dump goes to the bytes beneath
+    writer = JsonDumpWriter(dump.map, sys.stdout.buffer, decoding.formatter if decoding else None,
+                            decoding.as_json() if decoding else None)
+    for chunk in dump.chunks():
+        writer.chunk(chunk)
+    writer.close()
+
+
+def _print_table(request, own_layouts: list, layout_file: str | None, raw: bool, limit: int,
+                 wide: bool) -> None:
+    """``get``: the first ``limit`` entries (0: all) as a table, every entry counted."""
+    from .. import render
+
+    dump = request.begin()
+    decoding = _decoding(dump, own_layouts, layout_file, raw)
+    formatter = decoding.formatter if decoding else None
+    rows: list[tuple[bytes, bytes, dict | None]] = []
+    m = dump.map
+    with _progress(f"reading {m.name}") as progress:
+        for chunk in dump.chunks():
+            progress.advance(chunk.count)
+            for i in range(min(chunk.count, limit - len(rows)) if limit else chunk.count):
+                key = chunk.keys[i * m.key_size:(i + 1) * m.key_size]
+                value = chunk.values[i * m.value_stride:(i + 1) * m.value_stride]
+                rows.append((key, value, formatter(key, value) if formatter else None))
+    render.print_entries(table_out(), m, rows, dump.total or 0, raw,
+                         decoding.describe() if decoding else "shown as hex (--raw)", wide=wide)
 
 
 def _decoding(dump, own_layouts: list, layout_file: str | None, raw: bool):
