@@ -45,7 +45,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
-from _common import PYMAP, BenchError, check_root, private_bpffs, private_tmp, running_daemon
+from _common import (
+    PYMAP,
+    BenchError,
+    check_root,
+    compile_bytecode,
+    private_bpffs,
+    private_tmp,
+    running_daemon,
+)
 
 # Most times python -c pass may take, per command (issue 20).
 TARGETS = {"(b) pymap ping": 4.0, "(c) pymap status": 4.0, "(d) pymap list --no-entries": 4.0,
@@ -65,6 +73,7 @@ def main() -> int:
                         help="also run pymap ping with the typer installed in DIR")
     args = parser.parse_args()
     check_root()
+    compile_bytecode()
 
     with private_bpffs() as bpffs, private_tmp() as tmp, running_daemon(tmp, bpffs) as daemon:
         env = {**os.environ, "PYMAP_ENDPOINT": daemon.endpoint}

@@ -41,6 +41,7 @@ from _common import (
     best_of,
     big_hash,
     check_root,
+    compile_bytecode,
     private_bpffs,
     private_tmp,
     run_main,
@@ -161,6 +162,7 @@ def main() -> int:
                         help="skip (f) and (g), the map with BTF")
     args = parser.parse_args()
     check_root()
+    compile_bytecode()
 
     name = f"bench_{secrets.token_hex(3)}"
     results: dict[str, tuple[float, list[float]]] = {}
