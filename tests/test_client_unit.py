@@ -171,17 +171,20 @@ HOT_RUNS = {
 def test_hot_commands_import_only_what_they_use(args):
     """A run that fails to connect still imports all its command needs before it fails."""
     absent = HOT_RUNS[args]
-    code = ("import atexit, sys\n"
+    # The report runs as the command leaves (app.leave: no atexit hooks are run then).
+    code = ("import sys\n"
             f"absent = {absent!r}\n"
-            "def report():\n"
+            "from consumers.cli import app\n"
+            "leave = app.leave\n"
+            "def report(code):\n"
             "    found = sorted(m for m in sys.modules if m in absent\n"
             "                   or any(m.startswith(a + '.') for a in absent))\n"
             "    sys.__stderr__.write(f'IMPORTED {found}\\n')\n"
-            "atexit.register(report)\n"
+            "    leave(code)\n"
+            "app.leave = report\n"
             f"sys.argv = ['pymap', *{args!r}, *(['-e', 'ipc:///nonexistent/pymap.sock']"
             f" if {args[0]!r} != '--help' else [])]\n"
-            "from consumers.cli.app import main\n"
-            "main()\n")
+            "app.main()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert "IMPORTED []" in proc.stderr, f"pymap {' '.join(args)}: {proc.stderr}"
@@ -200,3 +203,27 @@ def test_the_async_client_still_runs_under_trio(ipc):
         assert trio.run(main).version == "t"
     finally:
         daemon.close()
+
+
+@pytest.mark.parametrize(("code", "status", "stderr"),
+                         [(None, 0, ""), (0, 0, ""), (3, 3, ""), ("pymap: bye", 1, "pymap: bye\n")])
+def test_leave_keeps_the_status_and_the_buffered_output(code, status, stderr, tmp_path):
+    """app.leave ends the process without Python's teardown: the exit status is what
+    SystemExit(code) would give, output still buffered on stdout is written, not lost
+    (it fails without the flush), and what was logged is in its file."""
+    log = tmp_path / "log"
+    script = ("import logging, sys\n"
+              "from consumers.cli.app import leave\n"
+              f"handler = logging.FileHandler({str(log)!r})\n"
+              "handler.setFormatter(logging.Formatter('%(message)s'))\n"
+              "logging.getLogger().addHandler(handler)\n"
+              "logging.getLogger().warning('logged')\n"
+              "sys.stdout.write('x' * 1000)\n"
+              f"leave({code!r})\n"
+              "sys.stdout.write('never')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered stdout
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env={**env, "PYTHONPATH": os.getcwd()})
+    assert (proc.returncode, proc.stderr) == (status, stderr)
+    assert proc.stdout == "x" * 1000
+    assert log.read_text() == "logged\n"
