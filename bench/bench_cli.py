@@ -15,9 +15,11 @@ noise:
 (f) ``python -c "import consumers.client"``: the async client library (trio);
 (h) ``python -c "import typer, zmq, attrs, cattrs"``: the floor of (b)-(d), the
     libraries a request is defined with (the CLI by typer, the protocol by
-    ZeroMQ and attrs classes through cattrs), before any pymap code runs;
+    ZeroMQ and attrs classes through cattrs), before any pymap code runs, then
+    leaving as ``pymap`` does (``os._exit``, no interpreter teardown);
 (i) ``python -c "import typer.rich_utils"``: the floor of (e), typer's rich
-    help renderer, which imports rich's markdown, syntax and traceback modules;
+    help renderer, which imports rich's markdown, syntax and traceback modules
+    (leaving the same way);
 (g) with ``--typer DIR``: ``pymap ping`` with another typer installed in DIR
     (``pip install --target DIR typer==0.29.2``), first on the path: what the
     pin ``typer<0.29`` in pyproject.toml saves.
@@ -61,6 +63,8 @@ TARGETS = {"(b) pymap ping": 4.0, "(c) pymap status": 4.0, "(d) pymap list --no-
 OTHER_TYPER = "(g) pymap ping, --typer"
 FLOOR_REQUEST = "(h) import typer,zmq,attrs,cattrs"
 FLOOR_HELP = "(i) import typer.rich_utils"
+# The floors leave as pymap does, without the interpreter's teardown (consumers.cli.app.leave).
+LEAVE = "; import os; os._exit(0)"
 # Each target's floor: what the command must import before pymap's own code runs.
 FLOORS = {"(b) pymap ping": FLOOR_REQUEST, "(c) pymap status": FLOOR_REQUEST,
           "(d) pymap list --no-entries": FLOOR_REQUEST, "(e) pymap --help": FLOOR_HELP}
@@ -84,8 +88,8 @@ def main() -> int:
             "(d) pymap list --no-entries": [PYMAP, "list", "--no-entries"],
             "(e) pymap --help": [PYMAP, "--help"],
             "(f) import consumers.client": [sys.executable, "-c", "import consumers.client"],
-            FLOOR_REQUEST: [sys.executable, "-c", "import typer, zmq, attrs, cattrs"],
-            FLOOR_HELP: [sys.executable, "-c", "import typer.rich_utils"],
+            FLOOR_REQUEST: [sys.executable, "-c", "import typer, zmq, attrs, cattrs" + LEAVE],
+            FLOOR_HELP: [sys.executable, "-c", "import typer.rich_utils" + LEAVE],
         }
         envs = {label: env for label in commands}
         if args.typer:
