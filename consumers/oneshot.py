@@ -3,8 +3,9 @@
 ``pymap ping``, ``status`` and ``list`` start several times faster this way
 than through :class:`consumers.client.Client`, which needs trio (the largest
 import of the CLI).  Replies are read and matched as the async client reads
-them (:mod:`consumers.replies`); anything that streams (``get``, ``recent``,
-events) uses the async client.
+them (:mod:`consumers.replies`).  ``get``'s stream of chunks has its own reader
+without an event loop (:mod:`consumers.dumpread`); the other streams (``recent``,
+events) use the async client.
 """
 
 from __future__ import annotations
