@@ -74,9 +74,8 @@ class Dump:
         while True:
             message, frames = await self._receive()
             chunk = chunk_of(message, frames)
-            if chunk is None:
-                assert isinstance(message, schema.GetEnd)
-                self.total = message.entries
+            if isinstance(chunk, int):  # the end
+                self.total = chunk
                 return
             yield chunk
 

@@ -43,12 +43,13 @@ class ReplyChunk:
     count: int
 
 
-def chunk_of(message, frames: list[bytes]) -> ReplyChunk | None:
-    """A get's reply after its ``GetBegin``: a chunk, or None for the ``GetEnd``.
+def chunk_of(message, frames: list[bytes]) -> ReplyChunk | int:
+    """A get's reply after its ``GetBegin``: a chunk, or for the ``GetEnd`` the number
+    of entries the dump had.
 
     Anything else is a bad reply (DaemonError)."""
     if isinstance(message, schema.GetEnd):
-        return None
+        return message.entries
     if not isinstance(message, schema.GetChunk) or len(frames) != 2:
         raise DaemonError("bad_reply", f"unexpected {type(message).__name__} in a get")
     return ReplyChunk(frames[0], frames[1], message.count)
@@ -118,8 +119,7 @@ class SyncDump:
         while True:
             message, frames = self._receive()
             chunk = chunk_of(message, frames)
-            if chunk is None:
-                assert isinstance(message, schema.GetEnd)
-                self.total = message.entries
+            if isinstance(chunk, int):  # the end
+                self.total = chunk
                 return
             yield chunk

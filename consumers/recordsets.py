@@ -96,20 +96,15 @@ class RecordLayout:
             return array.tolist()
         return list(zip(*self._decoded_columns(array)))
 
-    def dicts(self, array: np.ndarray) -> list[dict]:
-        """Each record's ``Event.formatted`` dict, from a ``rows=True`` array.
+    def dict_chunks(self, array: np.ndarray, size: int) -> Iterator[list[dict]]:
+        """Each record's ``Event.formatted`` dict, from a ``rows=True`` array, ``size``
+        records at a time (the last chunk may be shorter): each field decoded once for the
+        whole array, each chunk's dicts made when asked.
 
         Built from the decoded columns by one comprehension with a dict display per
         record: no tuple per record (``zip`` reuses its result tuple), a third of
         ``dict(zip(names, row))``'s time, which matters at millions of records a second.
         """
-        if not self.fields:
-            return [{} for _ in range(len(array))]
-        return _dict_builder(len(self.fields))(*self.names)(zip(*self._decoded_columns(array)))
-
-    def dict_chunks(self, array: np.ndarray, size: int) -> Iterator[list[dict]]:
-        """:meth:`dicts` ``size`` records at a time (the last chunk may be shorter): each
-        field still decoded once for the whole array, each chunk's dicts made when asked."""
         if not self.fields:
             for start in range(0, len(array), size):
                 yield [{} for _ in range(min(size, len(array) - start))]
@@ -237,14 +232,8 @@ class RecordSet:
 
     def formatted(self) -> list[dict] | None:
         """Each record's ``Event.formatted`` dict (None without a layout)."""
-        layout = self.layout
-        if layout is None:
-            return None
-        try:
-            array = self.array(rows=True)
-        except ShortRecords:
-            return [layout.format(r) for r in self]
-        return layout.dicts(array)
+        chunks = self.formatted_chunks(max(len(self), 1))  # the whole batch: one chunk
+        return None if chunks is None else next(chunks, [])
 
     def formatted_chunks(self, size: int, start: int = 0) -> Iterator[list[dict]] | None:
         """:meth:`formatted` from record ``start`` on, ``size`` records at a time (None

@@ -221,6 +221,22 @@ def serve_ring(prod: Producer, daemon_factory, bpffs_dir, tmp_path):
     return name, daemon_factory("--config", conf)
 
 
+async def subscribed(daemon, name: str, count: int) -> None:
+    """Wait until the daemon counts ``count`` subscribers of ``name``."""
+    await trio.to_thread.run_sync(
+        wait_until, lambda: status(daemon)["subscriptions"].get(topic_key(name), 0) >= count,
+        f"{count} subscribers of {name}")
+
+
+async def produce(prod: Producer) -> int:
+    """2,000 records, 100 at a time with pauses between, none dropped; their count."""
+    for _ in range(20):
+        prod.run_rb(100)
+        await trio.sleep(0.02)
+    assert prod.dropped() == 0
+    return prod.produced_rb()
+
+
 async def test_ringbuf_columns_field_by_field(daemon_factory, bpffs_dir, tmp_path):
     need_bcc()
     tag = int(token(), 16)
@@ -230,14 +246,8 @@ async def test_ringbuf_columns_field_by_field(daemon_factory, bpffs_dir, tmp_pat
         lib = LibFollower(d.endpoint, [name], record_batches=True)
         async with trio.open_nursery() as nursery:
             await nursery.start(lib.run)
-            await trio.to_thread.run_sync(
-                wait_until, lambda: status(d)["subscriptions"].get(topic_key(name), 0) >= 1,
-                f"a subscriber of {name}")
-            for _ in range(20):
-                prod.run_rb(100)
-                await trio.sleep(0.02)
-            produced = prod.produced_rb()
-            assert prod.dropped() == 0
+            await subscribed(d, name, 1)
+            produced = await produce(prod)
 
             def delivered(evs):
                 return sum(len(e.records) for e in evs if e.action == "records") >= produced
@@ -275,14 +285,8 @@ async def test_batches_are_the_per_record_events_a_message_at_a_time(
         async with trio.open_nursery() as nursery:
             for follower in (each, grouped):
                 await nursery.start(follower.run)
-            await trio.to_thread.run_sync(
-                wait_until, lambda: status(d)["subscriptions"].get(topic_key(name), 0) >= 2,
-                f"two subscribers of {name}")
-            for _ in range(20):
-                prod.run_rb(100)
-                await trio.sleep(0.02)
-            produced = prod.produced_rb()
-            assert prod.dropped() == 0
+            await subscribed(d, name, 2)
+            produced = await produce(prod)
 
             def delivered(evs):
                 return sum(e.action == "record" for e in evs) >= produced
