@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 # Loaded only where used: the in-kernel engine's program builders (when watch.kernel_delta
 # is not off), and no consumer-side module (the CLI's rendering, the exporters).
@@ -109,3 +112,12 @@ def test_pymap_daemon_hands_over_to_the_entry_point_with_its_errors_and_exit_cod
                           timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr == "pymap: error: --socket-mode 'x9' is not an octal mode\n"
+
+
+@pytest.mark.kernel
+def test_the_daemon_process_is_named_pymap_daemon(daemon):
+    """After the handover the process is "pymap-daemon" (ps, top, pgrep), not "python",
+    and not "pymap", the name of every client (`pkill -HUP pymap` would hang them up)."""
+    assert Path(f"/proc/{daemon.proc.pid}/comm").read_text() == "pymap-daemon\n"
+    assert "-m watcher.daemon" in " ".join(Path(f"/proc/{daemon.proc.pid}/cmdline")
+                                           .read_text().split("\0"))  # the same process

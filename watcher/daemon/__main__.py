@@ -32,11 +32,20 @@ def _fail(message: str, code: int = EXIT_ERROR) -> int:
     return code
 
 
+PROCESS_NAME = "pymap-daemon"
+
+
 def main(argv: list[str]) -> int:
     """Run the daemon from ``pymap daemon``'s parsed options (``argv[1]``, JSON)."""
     if len(argv) != 2:
         return _fail("usage: pymap daemon [OPTIONS] (this module is what it runs)", EXIT_USAGE)
     opts = json.loads(argv[1])
+    # After the exec the process would be called "python": it is "pymap-daemon" in ps, top
+    # and pgrep, and a name of its own, so that `pkill -HUP pymap-daemon` reloads the
+    # daemon and hangs up no `pymap events -f` (whose name is "pymap").
+    from watcher.kernel.sys.process import set_name
+
+    set_name(PROCESS_NAME)
     try:
         return _run(opts)
     except KeyboardInterrupt:
