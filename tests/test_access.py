@@ -155,36 +155,39 @@ while True:
     print(json.dumps({"topic": frames[0].hex(), "header": json.loads(frames[1])}), flush=True)
 """
 
+# {p}: the test's own prefix, so that maps of another run on the host never match.
 UNIX_RULES = """
 [daemon]
 socket_group = "nogroup"
 
 [[access.rules]]
 groups = ["nogroup"]
-allow = ["acl_*"]
-deny = ["acl_secret*"]
+allow = ["{p}_*"]
+deny = ["{p}_secret*"]
 
 [[access.rules]]
 clients = ["bob"]
-deny = ["acl_p_*"]
+deny = ["{p}_p_*"]
 """
 
 
 @pytest.mark.kernel
 def test_a_restricted_unix_peer_follows_only_its_maps(daemon_factory, maps, nobody_pymap,
                                                       tmp_path):
-    """nobody (its group's rule) follows acl_* and sees its maps' events only, also of maps
-    created and removed meanwhile; a denied map changed at the same time never shows, not
-    even as map_created or map_removed; root, unrestricted, sees both.  A raw SUB as
-    nobody subscribing to everything and to another view's namespace gets only its own."""
+    """nobody (its group's rule) follows this run's ``a<tag>_*`` and sees its maps' events
+    only, also of maps created and removed meanwhile; a denied map changed at the same
+    time never shows, not even as map_created or map_removed; root, unrestricted, sees
+    both.  A raw SUB as nobody subscribing to everything and to another view's namespace
+    gets only its own."""
     tag = token()
-    public, secret = f"acl_p_{tag}", f"acl_secret{tag[:4]}"
+    acl = f"a{tag[:4]}"  # this run's prefix: a map name is 15 bytes at most
+    public, secret = f"{acl}_p_{tag}", f"{acl}_secret"
     ids = {name: maps.create("hash", 4, 8, 64, name=name)[1] for name in (public, secret)}
     # pytest's temp dirs are private (0700): the socket lives where nobody can reach it.
     base = Path(tempfile.mkdtemp(prefix="pymap-acl-", dir="/tmp"))
     base.chmod(0o711)
     conf = tmp_path / "pymap.toml"
-    conf.write_text(UNIX_RULES)
+    conf.write_text(UNIX_RULES.format(p=acl))
     d = daemon_factory("-c", str(conf), "--interval", "0.2", start=False)
     d.run_dir = base / "run"
     d.endpoint = f"ipc://{d.run_dir}/pymap.sock"
@@ -193,35 +196,36 @@ def test_a_restricted_unix_peer_follows_only_its_maps(daemon_factory, maps, nobo
     events_endpoint = f"ipc://{d.run_dir}/events.sock"
     nobody_env = {"PATH": os.environ["PATH"], "PYMAP_ENDPOINT": d.endpoint}
     as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    mine, bobs = View(("acl_*",), ("acl_secret*",)).namespace, View((), ("acl_p_*",)).namespace
+    mine = View((f"{acl}_*",), (f"{acl}_secret*",)).namespace
+    bobs = View((), (f"{acl}_p_*",)).namespace
     raw = None
     try:
         d.start()
-        proc = subprocess.run([*as_nobody, nobody_pymap, "list", "-o", "json", "acl_*"],
+        proc = subprocess.run([*as_nobody, nobody_pymap, "list", "-o", "json", f"{acl}_*"],
                               capture_output=True, text=True, timeout=120, env=nobody_env)
         assert proc.returncode == 0, proc.stderr
         assert {m["name"] for m in json.loads(proc.stdout)} == {public}
-        listed = json.loads(d.cli("list", "-o", "json", "acl_*", check=True).stdout)
+        listed = json.loads(d.cli("list", "-o", "json", f"{acl}_*", check=True).stdout)
         assert {m["name"] for m in listed} == {public, secret}  # root: no rule, default allow
         assert status(d)["epoch"]
 
-        topics = [b"", b"map:", b"hb", bobs + b"map:", bobs + b"hb", mine + b"map:acl_",
+        topics = [b"", b"map:", b"hb", bobs + b"map:", bobs + b"hb", mine + f"map:{acl}_".encode(),
                   mine + b"hb"]
         raw = subprocess.Popen([*as_nobody, str(Path(nobody_pymap).parent / "python"), "-c",
                                 RAW_SUB, events_endpoint, *(t.hex() for t in topics)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=nobody_env)
-        with Follower(d, "acl_*", "-f", command=[*as_nobody, nobody_pymap],
-                      env=nobody_env) as restricted, Follower(d, "acl_*", "-f") as everyone:
-            held = mine.decode() + "map:acl_"
+        with Follower(d, f"{acl}_*", "-f", command=[*as_nobody, nobody_pymap],
+                      env=nobody_env) as restricted, Follower(d, f"{acl}_*", "-f") as everyone:
+            held = mine.decode() + f"map:{acl}_"
             wait_until(lambda: status(d)["subscriptions"].get(held, 0) >= 2
-                       and "map:acl_" in status(d)["subscriptions"],
+                       and f"map:{acl}_" in status(d)["subscriptions"],
                        "nobody's two subscribers and root's follower")
             wait_until(lambda: all((watch_of(status(d), n) or {}).get("polls", 0) >= 1
                                    for n in (public, secret)), "a baseline of both maps")
             _change_until(maps, [ids[public], ids[secret]], lambda: (
                 _names(restricted) >= {public} and _names(everyone) >= {public, secret}))
             # Maps created and removed while followed: nobody hears of its own only.
-            born, hidden_born = f"acl_n_{tag}", f"acl_secretz{tag[:4]}"
+            born, hidden_born = f"{acl}_n_{tag}", f"{acl}_secretz"
             new = {name: maps.create("hash", 4, 8, 8, name=name) for name in (born, hidden_born)}
             for fd, _ in new.values():
                 syscall.map_update_elem(fd, u32(1), u64(1))
