@@ -10,7 +10,7 @@ from conftest import require
 from support.kernel import NCPUS, bpftool_dump, percpu_value, token, u32, u64
 from support.prometheus import Prometheus, free_port, scrape
 
-from watcher.daemon.metrics import entry_value, field_at
+from watcher.daemon.metricfields import entry_value, field_at
 from watcher.kernel.sys import syscall
 
 PROTO = {1: "ICMP", 6: "TCP", 17: "UDP"}

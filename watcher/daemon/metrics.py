@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 
 from .config import Config
 from .engine import Engine
-from .metricfields import FieldError, entry_value, field_at  # the fields' API, here too
 from .subgate import SubscriptionGate
 from .zap import Authenticator
 
@@ -42,7 +41,7 @@ if TYPE_CHECKING:  # loaded only when metrics.listen is set (collectors.py says 
 
 log = logging.getLogger("pymap.metrics")
 
-__all__ = ["FieldError", "MetricsServer", "entry_value", "field_at"]
+__all__ = ["MetricsServer"]
 
 
 class MetricsServer:
