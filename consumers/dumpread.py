@@ -23,8 +23,8 @@ import zmq
 from watcher.wire import schema
 
 from . import endpoint as _endpoint
-from .errors import DaemonError, DaemonUnavailable
-from .replies import reply_to
+from .errors import DaemonError
+from .oneshot import receive
 
 __all__ = ["DumpRequest", "ReplyChunk", "SyncDump", "chunk_of"]
 
@@ -92,14 +92,7 @@ class DumpRequest:
 
     def _next(self) -> tuple[object, list[bytes]]:
         """The get's next reply, waiting at most ``timeout`` for it."""
-        ms = max(1, int(self.timeout * 1000))
-        while True:
-            if not self._sock.poll(ms):
-                raise DaemonUnavailable(f"pymap daemon at {self.endpoint} did not answer "
-                                        f"within {self.timeout:g} s")
-            reply = reply_to(_REQ, self._sock.recv_multipart())
-            if reply is not None:
-                return reply
+        return receive(self._sock, _REQ, self.endpoint, self.timeout)
 
 
 class SyncDump:

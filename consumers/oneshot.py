@@ -27,17 +27,24 @@ def call(endpoint: str, message, kind: type, timeout: float = 10.0):
     try:
         message.req = 1
         sock.send(schema.encode(message))
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
-                raise DaemonUnavailable(f"pymap daemon at {endpoint} did not answer "
-                                        f"within {timeout:g} s")
-            reply = reply_to(1, sock.recv_multipart())
-            if reply is not None:
-                return expect(reply[0], kind)
+        return expect(receive(sock, 1, endpoint, timeout)[0], kind)
     finally:
         sock.close(0)
+
+
+def receive(sock: zmq.Socket, req: int, endpoint: str,
+            timeout: float) -> tuple[object, list[bytes]]:
+    """The next reply to request ``req`` on ``sock`` (stale replies skipped), as
+    :func:`consumers.replies.reply_to` gives it, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+            raise DaemonUnavailable(f"pymap daemon at {endpoint} did not answer "
+                                    f"within {timeout:g} s")
+        reply = reply_to(req, sock.recv_multipart())
+        if reply is not None:
+            return reply
 
 
 def ping(endpoint: str = _endpoint.DEFAULT_ENDPOINT, timeout: float = 10.0) -> schema.Pong:
